@@ -1,0 +1,597 @@
+#!/usr/bin/env python3
+"""GPU benchmark of the BitNet fast path (issue 5): correctness first, then every variant and the baselines.
+
+    python benchmarks/bench_gpu.py                       # a random model of the 2B-4T shape, made here
+    python benchmarks/bench_gpu.py --file model.bin      # a converted file too (perplexity of the int8 head)
+    python benchmarks/bench_gpu.py --json out.json --compile --hf
+
+What it does, in order (each step logs one line; a short table comes last):
+1. the GPU, its device-to-device copy bandwidth (bytes read + written), and the roofline of the model
+   (weight bytes per decoded token ÷ that bandwidth);
+2. the random model: random t2 bytes, per-tensor scales and a random bf16 tied embedding written with
+   formats.PackedWriter into a temp dir, then loaded with ``bitnet158.runtime.load`` (load time, resident memory);
+3. correctness: fast-path logits against the reference path, greedy tokens of the CUDA-graph decoder against the
+   runtime's own generate loop, and what the int8 head does to the logits: PASS / FAIL;
+4. decode tok/s at batch 1 (median of runs of ``--tokens``, after a 512-token prompt) for every variant:
+   reference eager, triton eager, triton + CUDA graph, + int8 head, and with ``--compile`` torch.compile + graph;
+   prefill tok/s for 512 tokens and the time to first token; peak GPU memory;
+5. with ``--hf``: transformers' BitNetForCausalLM on the same weights (an HF packed checkpoint written here,
+   autobitlinear offline), in a subprocess with TORCHDYNAMO_DISABLE=1, decode over ``--hf-tokens`` tokens;
+6. a per-matrix microbenchmark of the 2B-4T shapes: our W2A8 GEMV vs bf16 F.linear vs unpack + F.linear, over
+   rotating weight copies larger than L2, replayed from a CUDA graph, with achieved GB/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SHAPE_2B4T = dict(hidden=2560, intermediate=6912, layers=30, heads=20, kv_heads=5, head_dim=128, vocab=128256)
+TEXT = (
+    "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined movable "
+    "metal type, oil-based inks and a wooden press adapted from those used to make wine. Within a few decades "
+    "printing shops had spread to more than two hundred cities across Europe, and the price of books fell sharply. "
+    "Scholars could compare identical copies of a text, errors were corrected in later editions, and ideas moved "
+    "faster than ever before. Historians still debate how much the press changed religion, science and politics, "
+    "but few doubt that it changed how knowledge itself was made and shared."
+)
+RESULTS: dict = {}
+DEV = "cuda"  # "cpu" only for --smoke (a tiny model through the whole script, kernels in Triton's interpreter)
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def sync() -> None:
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+# --- model files ----------------------------------------------------------------------------------------------
+def model_config(s: dict) -> dict:
+    return {
+        "family": "bitnet", "hidden_size": s["hidden"], "intermediate_size": s["intermediate"],
+        "num_hidden_layers": s["layers"], "num_attention_heads": s["heads"], "num_key_value_heads": s["kv_heads"],
+        "head_dim": s["head_dim"], "vocab_size": s["vocab"], "max_position_embeddings": 4096,
+        "rope_theta": 500000.0, "rope_style": "neox", "rope_scaling": None, "rms_norm_eps": 1e-5,
+        "hidden_act": "relu2", "sub_norms": True, "tie_word_embeddings": True, "bos_token_id": None,
+        "eos_token_id": [s["vocab"] - 1],
+    }  # fmt: skip
+
+
+def tiny_tokenizer() -> dict:
+    from tokenizers import Tokenizer, models
+
+    tok = Tokenizer(models.WordLevel({"<unk>": 0, "a": 1, "b": 2}, unk_token="<unk>"))
+    return {"tokenizer_json": tok.to_str(), "chat_template": None, "bos_token": None, "eos_token": None,
+            "add_bos_token": False, "add_eos_token": False}  # fmt: skip
+
+
+def linear_shapes(s: dict) -> dict[str, tuple[int, int]]:
+    d, i, q, kv = s["hidden"], s["intermediate"], s["heads"] * s["head_dim"], s["kv_heads"] * s["head_dim"]
+    return {"attn.q_proj": (q, d), "attn.k_proj": (kv, d), "attn.v_proj": (kv, d), "attn.o_proj": (d, q),
+            "mlp.gate_proj": (i, d), "mlp.up_proj": (i, d), "mlp.down_proj": (d, i)}  # fmt: skip
+
+
+def random_t2(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    """Random t2 bytes uint8 [n, ceil(k/4)], codes 0..2 (made on the GPU: 2·10^9 weights in seconds)."""
+    kb = (k + 3) // 4
+    codes = torch.randint(0, 3, (n, kb, 4), generator=gen, device=DEV, dtype=torch.uint8)
+    if k % 4:
+        codes[:, -1, k % 4 :] = 1  # padding codes are zeros (PACKED.md §2.1)
+    return (codes[..., 0] | (codes[..., 1] << 2) | (codes[..., 2] << 4) | (codes[..., 3] << 6)).cpu()
+
+
+def write_random_file(path: Path, s: dict, seed: int = 0) -> dict:
+    """A random model of shape ``s`` as a packed file; returns {name: (t2 bytes, scale)} kept for the HF copy."""
+    from bitnet158.formats.packed import PackedWriter, TensorSpec
+
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    specs, data = [], {}
+    d = s["hidden"]
+    specs.append(TensorSpec("embed.weight", "bf16", (s["vocab"], d)))
+    data["embed.weight"] = (torch.randn(s["vocab"], d, generator=gen, device=DEV) * 0.05).bfloat16().cpu()
+    for i in range(s["layers"]):
+        p = f"layers.{i}."
+        for name, n in (("attn_norm", d), ("mlp_norm", d), ("attn.sub_norm", s["heads"] * s["head_dim"]), ("mlp.sub_norm", s["intermediate"])):
+            specs.append(TensorSpec(p + name + ".weight", "bf16", (n,)))
+            data[p + name + ".weight"] = (1 + 0.1 * torch.randn(n, generator=gen, device=DEV)).bfloat16().cpu()
+        for name, (n, k) in linear_shapes(s).items():
+            w = p + name + ".weight"
+            specs.append(TensorSpec(w, "t2", (n, k), scale=w + "_scale", scale_granularity="tensor"))
+            specs.append(TensorSpec(w + "_scale", "f32", (1,)))
+            data[w] = random_t2(n, k, gen)
+            # a bf16-representable scale, so that the HF copy (bf16 weight_scale) holds exactly the same weights
+            data[w + "_scale"] = ((torch.rand(1, generator=gen, device=DEV) + 0.5) * 0.05).bfloat16().float().cpu()
+    specs.append(TensorSpec("norm.weight", "bf16", (d,)))
+    data["norm.weight"] = (1 + 0.1 * torch.randn(d, generator=gen, device=DEV)).bfloat16().cpu()
+    prov = {"source": "bench_gpu.py random", "revision": None, "files": {}, "converter": "bitnet158 bench",
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
+    with PackedWriter(path, config=model_config(s), tokenizer=tiny_tokenizer(), provenance=prov, tensors=specs, overwrite=True) as w:
+        for spec in specs:
+            w.write(spec.name, data[spec.name])
+    return data
+
+
+def write_hf_checkpoint(folder: Path, s: dict, data: dict) -> None:
+    """The same weights as transformers' packed BitNet checkpoint (uint8 [out/4, in] + weight_scale, offline)."""
+    from safetensors.torch import save_file
+    from transformers import BitNetConfig
+
+    from bitnet158.formats.ternary import pack_hf, unpack_t2
+
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = BitNetConfig(
+        vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["intermediate"],
+        num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
+        max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=True, rope_theta=500000.0,
+        bos_token_id=None, eos_token_id=None,
+    )  # fmt: skip
+    cfg_d = cfg.to_dict()
+    cfg_d["quantization_config"] = {"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": "offline"}
+    (folder / "config.json").write_text(json.dumps(cfg_d, indent=2))
+    hf = {"model.embed_tokens.weight": data["embed.weight"], "model.norm.weight": data["norm.weight"]}
+    names = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm",
+             "attn.sub_norm": "self_attn.attn_sub_norm", "mlp.sub_norm": "mlp.ffn_sub_norm"}  # fmt: skip
+    for i in range(s["layers"]):
+        for ours, theirs in names.items():
+            hf[f"model.layers.{i}.{theirs}.weight"] = data[f"layers.{i}.{ours}.weight"]
+        for name, (n, k) in linear_shapes(s).items():
+            w = f"layers.{i}.{name}.weight"
+            t = unpack_t2(data[w].to(DEV), k)
+            theirs = f"model.layers.{i}.{name.replace('attn.', 'self_attn.')}"
+            hf[theirs + ".weight"] = pack_hf(t).cpu()
+            hf[theirs + ".weight_scale"] = data[w + "_scale"].bfloat16()
+    save_file(hf, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+# --- measurements ---------------------------------------------------------------------------------------------
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + written), median of 20 copies of 1 GiB."""
+    n = 1 << 29  # bf16 elements: 1 GiB
+    a = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    b = torch.empty_like(a)
+    times = []
+    for i in range(25):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        b.copy_(a)
+        e1.record()
+        sync()
+        if i >= 5:
+            times.append(e0.elapsed_time(e1) / 1e3)
+    del a, b
+    return 2 * n * 2 / statistics.median(times)
+
+
+def timed(fn, runs: int) -> list[float]:
+    out = []
+    for _ in range(runs):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def decode_rate(gen_fn, n_tokens: int, runs: int) -> dict:
+    """gen_fn(n) generates n tokens after the prompt. Decode tok/s = (n - 1) / (T(n) - T(1)), medians."""
+    gen_fn(2)  # warm-up (graph capture, autotuning)
+    t1 = statistics.median(timed(lambda: gen_fn(1), runs))
+    tn = statistics.median(timed(lambda: gen_fn(n_tokens), runs))
+    return {"tok_s": (n_tokens - 1) / max(tn - t1, 1e-9), "ttft_s": t1, "tokens": n_tokens, "runs": runs}
+
+
+def bytes_per_token(net, head: str, kv_positions: int) -> dict:
+    from bitnet158.runtime.bitlinear import BitLinear
+
+    lin = sum(m.packed.numel() for m in net.modules() if isinstance(m, BitLinear))
+    v, d = net.head.shape
+    head_b = v * d * (1 if head == "int8" else net.head.element_size())
+    c = net.config
+    kv = c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * kv_positions * 2
+    return {"linear": lin, "head": head_b, "kv": kv, "total": lin + head_b}
+
+
+# --- correctness ----------------------------------------------------------------------------------------------
+def check_correctness(model, fast, prompt: list[int]) -> bool:
+    from bitnet158.runtime.fast import GraphDecoder
+    from bitnet158.runtime.generate import generate_tokens
+    from bitnet158.runtime.sampling import Sampler, SamplingParams
+
+    net = model.net
+    ok = True
+    with torch.inference_mode():
+        fast.set_backend("reference")
+        net.setup_cache(1, len(prompt) + 16)
+        ref = net(torch.tensor([prompt], device=DEV), 0)[0].float()  # [T, V]
+        ref_tokens = list(generate_tokens(net, prompt, 8, Sampler(SamplingParams())))
+        fast.set_backend("triton")
+        got = fast.logits(torch.tensor([prompt], device=DEV), 0, last_only=False)[0]
+        rel = float((got - ref).norm() / ref.norm())
+        top1 = float((got.argmax(-1) == ref.argmax(-1)).float().mean())
+        ok &= rel < 1e-2 and top1 >= 0.99
+        say(f"check: fast logits vs reference: rel err {rel:.2e}, top-1 agreement {top1:.3f} over {len(prompt)} positions")
+        dec = GraphDecoder(fast, len(prompt) + 16, use_graph=DEV == "cuda")
+        fast_tokens = list(dec.generate(prompt, 8))
+        same = fast_tokens == ref_tokens
+        ok &= same
+        say(f"check: greedy tokens, CUDA-graph decoder vs runtime reference: {'equal' if same else 'DIFFERENT'} {fast_tokens} / {ref_tokens}")
+        RESULTS["check"] = {"logits_rel_err": rel, "top1_agreement": top1, "greedy_equal": same}
+    say(f"CORRECTNESS: {'PASS' if ok else 'FAIL'}")
+    RESULTS["correct"] = ok
+    return ok
+
+
+def int8_head_effect(fast, prompt: list[int], text_ids: list[int] | None) -> None:
+    net = fast.net
+    with torch.inference_mode():
+        net.setup_cache(1, max(len(prompt), len(text_ids or [])) + 1)
+        logits = {}
+        for head in ("bf16", "int8"):
+            fast.set_head(head)
+            logits[head] = fast.logits(torch.tensor([prompt], device=DEV), 0, last_only=False)[0]
+        a, b = logits["bf16"], logits["int8"]
+        rel = float((b - a).norm() / a.norm())
+        top1 = float((a.argmax(-1) == b.argmax(-1)).float().mean())
+        kl = float(torch.nn.functional.kl_div(b.log_softmax(-1), a.log_softmax(-1), log_target=True, reduction="batchmean"))
+        res = {"logits_rel_err": rel, "top1_agreement": top1, "kl": kl}
+        say(f"int8 head: logits rel err {rel:.2e}, top-1 agreement {top1:.3f}, KL(bf16‖int8) {kl:.2e} over {len(prompt)} positions")
+        if text_ids:
+            ids = torch.tensor([text_ids], device=DEV)
+            for head in ("bf16", "int8"):
+                fast.set_head(head)
+                lg = fast.logits(ids, 0, last_only=False)[0, :-1]
+                res[f"ppl_{head}"] = float(torch.exp(torch.nn.functional.cross_entropy(lg, ids[0, 1:])))
+            say(f"int8 head: perplexity on the built-in text ({len(text_ids)} tokens): bf16 {res['ppl_bf16']:.3f}, int8 {res['ppl_int8']:.3f}")
+        fast.set_head("bf16")
+        RESULTS["int8_head"] = res
+
+
+# --- variants -------------------------------------------------------------------------------------------------
+def run_variants(fast, prompt: list[int], args) -> None:
+    from bitnet158.runtime.fast import GraphDecoder
+    from bitnet158.runtime.generate import generate_tokens
+    from bitnet158.runtime.sampling import Sampler, SamplingParams
+
+    net = fast.net
+    n = args.tokens
+    max_seq = len(prompt) + n
+    graphs = DEV == "cuda"
+    rows = RESULTS.setdefault("decode", {})
+    prompt_t = torch.tensor([prompt], device=DEV)
+
+    def runtime_gen(k):
+        list(generate_tokens(net, prompt, k, Sampler(SamplingParams())))
+
+    def measure(name, gen_fn, runs, head="bf16"):
+        t0 = time.perf_counter()
+        try:
+            r = decode_rate(gen_fn, n, runs)
+        except Exception as e:  # report the failure of one variant and go on with the others
+            say(f"decode {name}: FAILED {type(e).__name__}: {str(e)[:300]}")
+            rows[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            return
+        b = bytes_per_token(net, head, max_seq)
+        r["roofline_tok_s"] = RESULTS["bandwidth"] / b["total"]
+        r["fraction_of_roofline"] = r["tok_s"] / r["roofline_tok_s"]
+        rows[name] = r
+        say(f"decode {name}: {r['tok_s']:.1f} tok/s ({r['fraction_of_roofline']:.0%} of roofline), TTFT({len(prompt)}) {r['ttft_s'] * 1e3:.1f} ms  [{time.perf_counter() - t0:.0f} s]")
+
+    def fast_gen(dec, **kw):
+        return lambda k: list(dec.generate(prompt, k, **kw))
+
+    with torch.inference_mode():
+        fast.set_backend("reference")
+        measure("reference eager", runtime_gen, args.slow_runs)
+        fast.set_backend("triton")
+        measure("triton eager (runtime loop, unfused)", runtime_gen, args.runs)
+        measure("triton eager fused", fast_gen(GraphDecoder(fast, max_seq, use_graph=False)), args.runs)
+        if graphs:
+            torch.cuda.reset_peak_memory_stats()
+        dec = GraphDecoder(fast, max_seq, use_graph=graphs)
+        measure("triton + CUDA graph", fast_gen(dec), args.runs)
+        if graphs:
+            RESULTS["peak_mem_decode_bytes"] = torch.cuda.max_memory_allocated()
+        measure("triton + CUDA graph, sampled", fast_gen(dec, temperature=0.8, top_k=50, top_p=0.95, seed=0), args.runs)
+        del dec
+        fast.set_head("int8")
+        RESULTS["resident_int8_head_bytes"] = fast.resident_bytes()
+        measure("triton + CUDA graph + int8 head", fast_gen(GraphDecoder(fast, max_seq, use_graph=graphs)), args.runs, head="int8")
+        if args.compile:
+            fast.set_backend("triton_op")
+            for head in ("bf16", "int8"):
+                fast.set_head(head)
+                dec = GraphDecoder(fast, max_seq, use_graph=graphs, compile=True)
+                suffix = " + int8 head" if head == "int8" else ""
+                measure("triton + compile + CUDA graph" + suffix, fast_gen(dec), args.runs, head=head)
+                del dec
+            fast.set_backend("triton")
+        fast.set_head("bf16")
+
+        # prefill of the prompt (512 tokens by default): logits of the last position only
+        pre = RESULTS.setdefault("prefill", {})
+        for name in ("reference", "triton"):
+            fast.set_backend(name)
+            net.setup_cache(1, max_seq)
+            fast.logits_last(prompt_t, 0)
+            t = statistics.median(timed(lambda: fast.logits_last(prompt_t, 0), args.runs))
+            pre[name] = {"tokens": len(prompt), "tok_s": len(prompt) / t, "s": t}
+            say(f"prefill {name}: {len(prompt)} tokens in {t * 1e3:.1f} ms = {len(prompt) / t:.0f} tok/s")
+        fast.set_backend("triton")
+
+
+def run_hf(folder: Path, prompt: list[int], n: int, ours_logits: torch.Tensor | None) -> None:
+    """transformers' BitNetForCausalLM on the same weights, in a subprocess (TORCHDYNAMO_DISABLE=1)."""
+    out = folder / "hf_result.json"
+    env = dict(os.environ, TORCHDYNAMO_DISABLE="1")
+    cmd = [sys.executable, __file__, "--hf-worker", str(folder), "--tokens", str(n), "--prompt-len", str(len(prompt))]
+    if DEV == "cpu":
+        cmd.append("--smoke")
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    if p.returncode != 0 or not out.exists():
+        say(f"transformers: FAILED (exit {p.returncode}): {(p.stderr or p.stdout)[-800:]}")
+        RESULTS["transformers"] = {"error": (p.stderr or p.stdout)[-800:]}
+        return
+    r = json.loads(out.read_text())
+    if ours_logits is not None:
+        theirs = torch.load(folder / "hf_logits.pt")
+        r["logits_rel_err_vs_ours"] = float((theirs - ours_logits.cpu()).norm() / ours_logits.cpu().norm())
+    RESULTS["transformers"] = r
+    say(f"transformers BitNetForCausalLM: decode {r['tok_s']:.2f} tok/s over {n} tokens, load {r['load_s']:.1f} s, "
+        f"logits rel err vs ours {r.get('logits_rel_err_vs_ours', float('nan')):.2e}  [{time.perf_counter() - t0:.0f} s]")
+
+
+def hf_worker(folder: Path, n: int, prompt_len: int) -> None:
+    from transformers import BitNetForCausalLM
+
+    t0 = time.perf_counter()
+    m = BitNetForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16, device_map=DEV).eval()
+    sync()
+    load_s = time.perf_counter() - t0
+    prompt = torch.tensor([make_prompt(m.config.vocab_size, prompt_len)], device=DEV)
+    with torch.inference_mode():
+        torch.save(m(prompt).logits[0, -1].float().cpu(), folder / "hf_logits.pt")
+
+        def gen(k):
+            m.generate(prompt, max_new_tokens=k, min_new_tokens=k, do_sample=False, pad_token_id=0)
+
+        r = decode_rate(gen, n, 2)
+    r["load_s"] = load_s
+    (folder / "hf_result.json").write_text(json.dumps(r))
+
+
+# --- per-matrix microbenchmark --------------------------------------------------------------------------------
+def graph_time(fns: list, reps: int = 10) -> float:
+    """Seconds per call of the calls in ``fns``, replayed from one CUDA graph (no launch gaps), median."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for f in fns:
+            f()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for f in fns:
+            f()
+    g.replay()
+    sync()
+    times = []
+    for _ in range(reps):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        g.replay()
+        e1.record()
+        sync()
+        times.append(e0.elapsed_time(e1) / 1e3)
+    return statistics.median(times) / len(fns)
+
+
+def microbench(shapes: list[tuple[str, int, int]]) -> None:
+    import torch.nn.functional as F
+
+    from bitnet158.formats.ternary import unpack_t2
+    from bitnet158.runtime import kernels
+
+    rows = RESULTS.setdefault("micro", [])
+    x = torch.randn(1, max(k for _, _, k in shapes), device="cuda", dtype=torch.bfloat16)
+    for name, n, k in shapes:
+        xk = x[:, :k].contiguous()
+        kb = (k + 3) // 4
+        copies = max(2, math.ceil(256e6 / (n * kb)))  # > 5× L2 of packed bytes per sweep
+        ws = [torch.randint(0, 256, (n, kb), device="cuda", dtype=torch.uint8) & 0x66 for _ in range(copies)]  # codes 0..2
+        sc = torch.rand(1, device="cuda") + 0.5
+        row = {"matrix": name, "N": n, "K": k}
+        for w in ws[:1]:
+            kernels.bitlinear_gemv(xk, w, sc, k)  # autotune outside the graph
+        t = graph_time([lambda w=w: kernels.bitlinear_gemv(xk, w, sc, k) for w in ws])
+        row["gemv_us"], row["gemv_GBs"] = t * 1e6, n * kb / t / 1e9
+        del ws
+        copies = max(2, math.ceil(256e6 / (n * k * 2)))
+        wb = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+        t = graph_time([lambda w=w: F.linear(xk, w) for w in wb])
+        row["bf16_us"], row["bf16_GBs"] = t * 1e6, n * k * 2 / t / 1e9
+        del wb
+        wp = torch.randint(0, 256, (n, kb), device="cuda", dtype=torch.uint8) & 0x66
+        t = graph_time([lambda: F.linear(xk, unpack_t2(wp, k, dtype=torch.bfloat16))], reps=5)
+        row["unpack_us"] = t * 1e6
+        row["speedup_vs_bf16"] = row["bf16_us"] / row["gemv_us"]
+        rows.append(row)
+        say(f"micro {name} [{n}x{k}]: gemv {row['gemv_us']:.1f} us ({row['gemv_GBs']:.0f} GB/s of 2-bit weights), "
+            f"bf16 F.linear {row['bf16_us']:.1f} us ({row['bf16_GBs']:.0f} GB/s), unpack+F.linear {row['unpack_us']:.1f} us")
+    # the head: int8 GEMV vs bf16 F.linear, one matrix larger than L2
+    v, d = SHAPE_2B4T["vocab"], SHAPE_2B4T["hidden"]
+    w = torch.randn(v, d, device="cuda", dtype=torch.bfloat16)
+    wq, wsc = kernels.quantize_head(w)
+    xd = x[:, :d].contiguous()
+    kernels.head_int8(xd, wq, wsc)
+    t8 = graph_time([lambda: kernels.head_int8(xd, wq, wsc)])
+    tb = graph_time([lambda: F.linear(xd, w)])
+    RESULTS["micro_head"] = {"int8_us": t8 * 1e6, "int8_GBs": wq.numel() / t8 / 1e9, "bf16_us": tb * 1e6, "bf16_GBs": w.numel() * 2 / tb / 1e9}
+    say(f"micro head [{v}x{d}]: int8 gemv {t8 * 1e6:.1f} us ({wq.numel() / t8 / 1e9:.0f} GB/s), bf16 F.linear {tb * 1e6:.1f} us ({w.numel() * 2 / tb / 1e9:.0f} GB/s)")
+
+
+# --- main -----------------------------------------------------------------------------------------------------
+def make_prompt(vocab: int, n: int, seed: int = 1) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab - 1, (n,), generator=g).tolist()
+
+
+def bench_model(path: Path, label: str, args, hf_data: dict | None) -> None:
+    from bitnet158.runtime import load
+    from bitnet158.runtime.fast import FastModel
+
+    RESULTS["model"] = label
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() if DEV == "cuda" else 0
+    t0 = time.perf_counter()
+    model = load(str(path), device=DEV)
+    sync()
+    RESULTS["load_s"] = time.perf_counter() - t0
+    fast = FastModel(model.net, backend="triton")
+    if DEV == "cuda":
+        RESULTS["resident_bytes"] = torch.cuda.memory_allocated() - base
+        RESULTS["peak_load_bytes"] = torch.cuda.max_memory_allocated() - base
+    else:
+        RESULTS["resident_bytes"] = fast.resident_bytes()
+    b = bytes_per_token(model.net, "bf16", 0)
+    b8 = bytes_per_token(model.net, "int8", 0)
+    RESULTS["bytes_per_token"] = b
+    RESULTS["roofline_tok_s"] = RESULTS["bandwidth"] / b["total"]
+    RESULTS["roofline_int8_tok_s"] = RESULTS["bandwidth"] / b8["total"]
+    say(f"{label}: load {RESULTS['load_s']:.1f} s, resident {RESULTS['resident_bytes'] / 1e9:.3f} GB; bytes/token "
+        f"{b['total'] / 1e9:.3f} GB (linears {b['linear'] / 1e6:.0f} MB + head {b['head'] / 1e6:.0f} MB) → roofline "
+        f"{RESULTS['roofline_tok_s']:.0f} tok/s (int8 head {RESULTS['roofline_int8_tok_s']:.0f})")
+    vocab = model.config.vocab_size
+    prompt = make_prompt(vocab, args.prompt_len)
+    if not check_correctness(model, fast, prompt[:64]):
+        say("correctness failed: timing anyway, but these figures are not of a correct fast path")
+    text_ids = None
+    if args.file and model.tokenizer.vocab_size > 100:
+        text_ids = model.tokenizer.encode(TEXT, add_special_tokens=True)
+    int8_head_effect(fast, prompt[:256], text_ids)
+    run_variants(fast, prompt, args)
+    if hf_data is not None and args.hf:
+        net = model.net
+        with torch.inference_mode():
+            fast.set_backend("reference")
+            net.setup_cache(1, len(prompt) + 1)
+            ours = net(torch.tensor([prompt], device=DEV), 0)[0, -1].float()
+            fast.set_backend("triton")
+        del model, fast
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
+        hf_dir = Path(args.tmp) / "hf"
+        t0 = time.perf_counter()
+        write_hf_checkpoint(hf_dir, args.shape, hf_data)
+        say(f"wrote the HF packed checkpoint in {time.perf_counter() - t0:.1f} s")
+        run_hf(hf_dir, prompt, args.hf_tokens, ours)
+
+
+def print_table() -> None:
+    r = RESULTS
+    say("")
+    say("=" * 100)
+    say(f"GPU: {r['gpu']} | torch {r['torch']} | triton {r['triton']} | copy bandwidth {r['bandwidth'] / 1e12:.2f} TB/s")
+    say(f"model: {r.get('model')} | load {r.get('load_s', float('nan')):.1f} s | resident {r.get('resident_bytes', 0) / 1e9:.3f} GB "
+        f"(+int8 head {r.get('resident_int8_head_bytes', 0) / 1e9:.3f} GB total) | peak during decode {r.get('peak_mem_decode_bytes', 0) / 1e9:.3f} GB")
+    say(f"roofline (weights only): bf16 head {r.get('roofline_tok_s', 0):.0f} tok/s, int8 head {r.get('roofline_int8_tok_s', 0):.0f} tok/s | CORRECTNESS: {'PASS' if r.get('correct') else 'FAIL'}")
+    if "int8_head" in r:
+        h = r["int8_head"]
+        say(f"int8 head vs bf16 head: logits rel err {h['logits_rel_err']:.2e}, top-1 agree {h['top1_agreement']:.3f}"
+            + (f", ppl {h['ppl_bf16']:.3f} → {h['ppl_int8']:.3f}" if "ppl_int8" in h else ""))
+    say(f"{'variant':<46}{'decode tok/s':>14}{'of roofline':>13}{'TTFT ms':>10}")
+    for name, d in r.get("decode", {}).items():
+        if "error" in d:
+            say(f"{name:<46}{'FAILED':>14}")
+        else:
+            say(f"{name:<46}{d['tok_s']:>14.1f}{d['fraction_of_roofline']:>13.0%}{d['ttft_s'] * 1e3:>10.1f}")
+    if "transformers" in r and "tok_s" in r["transformers"]:
+        t = r["transformers"]
+        say(f"{'transformers BitNetForCausalLM':<46}{t['tok_s']:>14.2f}{'':>13}{t['ttft_s'] * 1e3:>10.1f}")
+    for name, p in r.get("prefill", {}).items():
+        say(f"prefill {name}: {p['tok_s']:.0f} tok/s ({p['tokens']} tokens)")
+    if r.get("micro"):
+        say(f"{'matrix':<14}{'N x K':>13}{'gemv us':>9}{'GB/s':>7}{'bf16 us':>9}{'GB/s':>7}{'unpack us':>11}{'x bf16':>8}")
+        for m in r["micro"]:
+            say(f"{m['matrix']:<14}{str(m['N']) + 'x' + str(m['K']):>13}{m['gemv_us']:>9.1f}{m['gemv_GBs']:>7.0f}{m['bf16_us']:>9.1f}"
+                f"{m['bf16_GBs']:>7.0f}{m['unpack_us']:>11.1f}{m['speedup_vs_bf16']:>8.2f}")
+    if "micro_head" in r:
+        h = r["micro_head"]
+        say(f"{'head':<14}{'128256x2560':>13}{h['int8_us']:>9.1f}{h['int8_GBs']:>7.0f}{h['bf16_us']:>9.1f}{h['bf16_GBs']:>7.0f}   (int8 head)")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--file", help="benchmark this converted packed file instead of the random 2B-4T-shaped one")
+    ap.add_argument("--tokens", type=int, default=256, help="decode tokens per timed run")
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--slow-runs", type=int, default=1, help="runs of the slow reference variant")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile + CUDA graph")
+    ap.add_argument("--hf", action="store_true", help="also time transformers on the random model's weights")
+    ap.add_argument("--hf-tokens", type=int, default=32)
+    ap.add_argument("--no-micro", action="store_true")
+    ap.add_argument("--json", help="write all figures here")
+    ap.add_argument("--tmp", default=None, help="scratch folder (default: a temp dir)")
+    ap.add_argument("--hf-worker", help=argparse.SUPPRESS)
+    ap.add_argument("--smoke", action="store_true", help="CPU dry run of the whole script on a tiny model (interpreter)")
+    args = ap.parse_args()
+    global DEV
+    args.shape = SHAPE_2B4T
+    if args.smoke:
+        DEV = "cpu"
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined
+        args.shape = dict(hidden=64, intermediate=160, layers=2, heads=4, kv_heads=2, head_dim=16, vocab=300)
+    if args.hf_worker:
+        hf_worker(Path(args.hf_worker), args.tokens, args.prompt_len)
+        return 0
+    if DEV == "cuda" and not torch.cuda.is_available():
+        print("error: no CUDA device (use --smoke for a CPU dry run)", file=sys.stderr)
+        return 2
+    import triton
+
+    args.tmp = args.tmp or tempfile.mkdtemp(prefix="bench_gpu_")
+    RESULTS.update(gpu=torch.cuda.get_device_name() if DEV == "cuda" else "cpu (smoke)", torch=torch.__version__, triton=triton.__version__)
+    t_all = time.perf_counter()
+    RESULTS["bandwidth"] = copy_bandwidth() if DEV == "cuda" else 1e10
+    say(f"GPU {RESULTS['gpu']}: device-to-device copy {RESULTS['bandwidth'] / 1e12:.2f} TB/s (read + write)")
+    try:
+        if not args.no_micro and DEV == "cuda":
+            microbench([(n, nn, k) for n, (nn, k) in {
+                "k/v proj": (640, 2560), "q/o proj": (2560, 2560), "qkv fused": (3840, 2560),
+                "gate|up": (6912, 2560), "gate+up fused": (13824, 2560), "down": (2560, 6912)}.items()])  # fmt: skip
+        if args.file:
+            bench_model(Path(args.file), args.file, args, None)
+        else:
+            path = Path(args.tmp) / "random_2b4t.bin"
+            t0 = time.perf_counter()
+            data = write_random_file(path, args.shape)
+            say(f"wrote the random {'2B-4T-shaped' if not args.smoke else 'tiny'} file ({path.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - t0:.1f} s")
+            bench_model(path, "random 2B-4T shape" if not args.smoke else "random tiny (smoke)", args, data if args.hf else None)
+            del data
+    finally:
+        RESULTS["wall_s"] = time.perf_counter() - t_all
+        if args.json:
+            Path(args.json).write_text(json.dumps(RESULTS, indent=2, default=str))
+        print_table()
+    return 0 if RESULTS.get("correct") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""`bitnet-compare A B`: run two models on the same token ids and report how far B is from A.
+
+A and B are each a packed file, a GGUF (detected by magic) or an HF folder (converted to a temp packed file).
+Exit codes: 0 ok, 1 an error (one `error: ...` line), 2 usage, 3 a --max-kl / --min-top1 threshold was violated.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from bitnet158.compare.core import compare_models, format_table, open_model
+
+EXIT_THRESHOLD = 3
+DEFAULT_PROMPT = "The capital of France is Paris. The capital of Germany is"
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("a")
+@click.argument("b")
+@click.option("--prompt", "-p", help="Text to compare on (default: a short sentence).")
+@click.option("--text", "text_file", type=click.Path(exists=True, dir_okay=False), help="Read the text from FILE.")
+@click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+@click.option("--max-kl", type=float, default=None, help="Fail (exit 3) when mean KL(A‖B) in nats exceeds X.")
+@click.option("--min-top1", type=float, default=None, help="Fail (exit 3) when top-1 agreement (0..1) is below Y.")
+@click.option("--gen-tokens", type=int, default=16, show_default=True,
+              help="Greedy tokens each model generates to find where they diverge (0: skip).")
+@click.option("--max-tokens", type=int, default=1024, show_default=True, help="Compare at most this many tokens.")
+@click.option("--activation-a", type=click.Choice(["relu2", "silu"]), default=None,
+              help="Override A's activation (GGUF files whose architecture mislabels it).")
+@click.option("--activation-b", type=click.Choice(["relu2", "silu"]), default=None, help="Override B's activation.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
+@click.option("-v", "--verbose", is_flag=True, help="Log progress to stderr.")
+def main(a, b, prompt, text_file, device, max_kl, min_top1, gen_tokens, max_tokens, activation_a, activation_b,
+         as_json, verbose):
+    """Compare model A with model B on the same token ids (A's tokenizer)."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    if prompt is not None and text_file is not None:
+        raise click.UsageError("give --prompt or --text, not both")
+    if min_top1 is not None and not 0.0 <= min_top1 <= 1.0:
+        raise click.UsageError("--min-top1 is a fraction between 0 and 1")
+    text = Path(text_file).read_text(encoding="utf-8") if text_file else (prompt or DEFAULT_PROMPT)
+    try:
+        with open_model(a, device=device, activation=activation_a) as ma, \
+                open_model(b, device=device, activation=activation_b) as mb:
+            res = compare_models(ma, mb, text, gen_tokens=gen_tokens, max_tokens=max_tokens, max_kl=max_kl,
+                                 min_top1=min_top1)
+    except (ValueError, OSError) as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    if as_json:
+        out = res.to_dict()
+        out["a"], out["b"] = a, b
+        click.echo(json.dumps(out))
+    else:
+        click.echo(format_table(res, a, b))
+    if res.violations:
+        sys.exit(EXIT_THRESHOLD)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""``bitnet-convert``: HF checkpoint → packed file, and inspection of packed files."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+from bitnet158.converter.hf import FLOAT_DTYPES, convert_hf
+from bitnet158.formats.packed import describe
+
+
+def _fail(e: BaseException) -> None:
+    """User errors end as one line on stderr and exit code 1, without a traceback."""
+    click.echo(f"error: {e}", err=True)
+    sys.exit(1)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Log what the converter does (skipped tensors, family, ...).")
+def main(verbose: bool) -> None:
+    """Convert BitNet b1.58 checkpoints to the bitnet158 packed format and inspect packed files."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.command("hf-to-packed")
+@click.argument("src")
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="The packed file to write.")
+@click.option("--revision", default=None, help="Hub branch, tag or commit (hub ids only).")
+@click.option("--dtype", type=click.Choice(list(FLOAT_DTYPES)), default="bf16", show_default=True,
+              help="dtype of the float tensors (embeddings, norms, an untied head).")
+@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+@click.option("--allow-pickle", is_flag=True,
+              help="Read pytorch_model.bin (a pickle) when there are no safetensors, with torch.load(weights_only=True).")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def hf_to_packed(src: str, out: str, revision: str | None, dtype: str, force: bool, allow_pickle: bool,
+                 no_progress: bool) -> None:
+    """Convert SRC (a local HF model folder or a hub id like org/name) into one packed file."""
+    try:
+        s = convert_hf(src, out, revision=revision, dtype=dtype, force=force, allow_pickle=allow_pickle,
+                       progress=not no_progress)
+    except (ValueError, OSError) as e:
+        _fail(e)
+    except KeyboardInterrupt:
+        _fail(RuntimeError("interrupted; nothing was written"))
+    kept = f", {s.kept_scaled_ternary} already ternary×c (kept c)" if s.kept_scaled_ternary else ""
+    click.echo(f"wrote {s.out}\n"
+               f"  family       {s.family} ({s.form} linear weights{kept})\n"
+               f"  tensors      {s.tensors}\n"
+               f"  parameters   {s.parameters:,} ({s.ternary_weights:,} ternary)\n"
+               f"  bits/weight  {s.bits_per_ternary_weight:.4f} per ternary weight, scales included\n"
+               f"  file size    {_human(s.file_size)} ({s.file_size:,} bytes)\n"
+               f"  time         {s.seconds:.1f} s")
+
+
+@main.command("inspect")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--verify", is_flag=True, help="Also check every tensor checksum and the ternary codes.")
+def inspect(file: str, verify: bool) -> None:
+    """Print a packed file's config, tokenizer summary and tensor table."""
+    try:
+        text = describe(file, verify=verify)
+    except (ValueError, OSError) as e:
+        _fail(e)
+    click.echo(text)
+
+
+# GGUF export/import commands (converter/gguf_cli.py)
+from bitnet158.converter.gguf_cli import COMMANDS as _GGUF_COMMANDS  # noqa: E402
+
+for _cmd in _GGUF_COMMANDS:
+    main.add_command(_cmd)

@@ -1,0 +1,796 @@
+"""Hugging Face BitNet b1.58 checkpoint → bitnet158 packed file (formats/PACKED.md).
+
+Three checkpoint families are recognised from config.json and the tensor names (shared/REFERENCE.md §1):
+
+- ``bitnet``: Microsoft 2B-4T style (``BitNetForCausalLM``, model_type ``bitnet``), relu², sub-norms
+  ``attn_sub_norm``/``ffn_sub_norm``; linears packed (uint8 [out/4, in] + ``weight_scale``) or latent masters.
+- ``1bitllm``: ``BitnetForCausalLM`` with model_type ``llama``, SiLU, sub-norms ``inner_attn_ln``/``ffn_layernorm``,
+  latent weights.
+- ``llama-bitnet``: ``LlamaForCausalLM`` with ``quantization_config.quant_method == "bitnet"``, SiLU, no sub-norms,
+  packed weights.
+
+Anything else is refused with one clear error. In particular a plain Llama config is never taken for BitNet (and
+a BitNet-looking checkpoint never falls back to plain Llama): that silent fallback is the bug this project exists
+to fix (REFERENCE.md §5).
+
+Weights are read one tensor at a time (safetensors ``safe_open``, or an mmapped ``torch.load`` behind
+``allow_pickle``), so memory stays bounded by the largest tensor. Linear weights become ternary codes with one f32
+scale each, W = scale · t:
+
+- latent masters: exactly the reference absmean ternarization (``formats.ternary.absmean_ternarize``), unless the
+  tensor already is c · t (a fake-quantized export), in which case c is kept;
+- packed HF weights: ``unpack_hf`` gives the codes with no float round trip; ``weight_scale`` multiplies for
+  ``linear_class: autobitlinear`` and divides for ``bitlinear`` (the transformers default), so the latter is
+  stored as 1/weight_scale computed in f32.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from bitnet158.converter.tokenizer import (
+    TOKENIZER_FILES,
+    TokenizerError,
+    normalize_tokenizer,
+)
+from bitnet158.formats import ternary
+from bitnet158.formats.packed import PackedWriter, TensorSpec
+
+log = logging.getLogger(__name__)
+
+FAMILIES = ("bitnet", "1bitllm", "llama-bitnet")
+FLOAT_DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
+# rope_scaling types the runtime implements; the dict is stored as transformers writes it.
+SUPPORTED_ROPE_SCALING = ("llama3", "linear")
+
+# Files fetched from the hub: config, weights (safetensors, single or sharded) and the tokenizer.
+_META_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES)
+_SAFETENSORS_PATTERNS = ("model.safetensors", "model-*.safetensors", "model.safetensors.index.json")
+_PICKLE_PATTERNS = ("pytorch_model.bin", "pytorch_model-*.bin", "pytorch_model.bin.index.json")
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class ConversionError(ValueError):
+    """The source cannot be converted; the message names the problem (a file, key or tensor)."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The name map: HF tensor name -> canonical name (PACKED.md §2.2), one table per family.
+# "{i}" is the layer index. kind "linear" becomes a t2 weight + f32 scale, "float" stays a float tensor.
+# ---------------------------------------------------------------------------------------------------------------
+_LAYER_COMMON = [
+    ("model.layers.{i}.input_layernorm.weight", "layers.{i}.attn_norm.weight", "float"),
+    ("model.layers.{i}.self_attn.q_proj.weight", "layers.{i}.attn.q_proj.weight", "linear"),
+    ("model.layers.{i}.self_attn.k_proj.weight", "layers.{i}.attn.k_proj.weight", "linear"),
+    ("model.layers.{i}.self_attn.v_proj.weight", "layers.{i}.attn.v_proj.weight", "linear"),
+    ("model.layers.{i}.self_attn.o_proj.weight", "layers.{i}.attn.o_proj.weight", "linear"),
+    ("model.layers.{i}.post_attention_layernorm.weight", "layers.{i}.mlp_norm.weight", "float"),
+    ("model.layers.{i}.mlp.gate_proj.weight", "layers.{i}.mlp.gate_proj.weight", "linear"),
+    ("model.layers.{i}.mlp.up_proj.weight", "layers.{i}.mlp.up_proj.weight", "linear"),
+    ("model.layers.{i}.mlp.down_proj.weight", "layers.{i}.mlp.down_proj.weight", "linear"),
+]
+NAME_MAPS: dict[str, list[tuple[str, str, str]]] = {
+    "bitnet": _LAYER_COMMON + [
+        ("model.layers.{i}.self_attn.attn_sub_norm.weight", "layers.{i}.attn.sub_norm.weight", "float"),
+        ("model.layers.{i}.mlp.ffn_sub_norm.weight", "layers.{i}.mlp.sub_norm.weight", "float"),
+    ],
+    "1bitllm": _LAYER_COMMON + [
+        ("model.layers.{i}.self_attn.inner_attn_ln.weight", "layers.{i}.attn.sub_norm.weight", "float"),
+        ("model.layers.{i}.mlp.ffn_layernorm.weight", "layers.{i}.mlp.sub_norm.weight", "float"),
+    ],
+    "llama-bitnet": list(_LAYER_COMMON),
+}
+_GLOBAL_MAP = [
+    ("model.embed_tokens.weight", "embed.weight", "float"),
+    ("model.norm.weight", "norm.weight", "float"),
+    ("lm_head.weight", "lm_head.weight", "float"),
+]
+# Source tensors that carry nothing the packed file needs, with the reason they are skipped.
+SKIPPED = [
+    (re.compile(r"^(model\.)?(layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq$"),
+     "rotary inv_freq is recomputed from rope_theta"),
+]
+# Canonical order of a layer's tensors in the output file.
+_CANON_ORDER = ["attn_norm.weight", "attn.q_proj.weight", "attn.k_proj.weight", "attn.v_proj.weight",
+                "attn.sub_norm.weight", "attn.o_proj.weight", "mlp_norm.weight", "mlp.gate_proj.weight",
+                "mlp.up_proj.weight", "mlp.sub_norm.weight", "mlp.down_proj.weight"]
+
+
+class CanonicalTensor(NamedTuple):
+    """One output tensor: canonical name, kind and a loader.
+
+    kind "linear": ``load()`` returns (t int8 [out, in] in {-1, 0, 1}, scale: python float of an f32 > 0),
+    meaning W = scale · t. kind "float": ``load()`` returns the source tensor in its source dtype.
+    """
+
+    name: str
+    kind: str
+    load: Callable[[], object]
+
+
+@dataclass
+class ConversionSummary:
+    """What ``convert_hf`` wrote."""
+
+    out: str
+    family: str
+    form: str                 # "packed", "latent" or "mixed": how the source stored its linear weights
+    tensors: int              # entries in the file (t2 weights, their scales and float tensors)
+    parameters: int           # logical parameters: ternary weights + float elements (scales not counted)
+    ternary_weights: int
+    bits_per_ternary_weight: float  # (t2 bytes + f32 scale bytes) · 8 / ternary weights
+    file_size: int
+    seconds: float
+    kept_scaled_ternary: int  # latent tensors that already were c · t and kept c
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading weights
+# ---------------------------------------------------------------------------------------------------------------
+class _WeightFiles:
+    """Name → tensor access over the checkpoint's weight files, one tensor at a time."""
+
+    def __init__(self, folder: Path, allow_pickle: bool):
+        self.folder = folder
+        self.files: list[str] = []
+        self._where: dict[str, str] = {}    # tensor name -> file name
+        self._handles: dict[str, object] = {}
+        self._pickled: dict[str, dict[str, torch.Tensor]] = {}
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            self._from_index(index)
+        elif (folder / "model.safetensors").is_file():
+            self._add_safetensors("model.safetensors")
+        else:
+            bins = [p for p in ("pytorch_model.bin.index.json", "pytorch_model.bin") if (folder / p).is_file()]
+            if not bins:
+                raise ConversionError(f"{folder}: no model.safetensors, model.safetensors.index.json or "
+                                      "pytorch_model.bin (a hub repo that ships only pytorch_model.bin is fetched "
+                                      "with --allow-pickle)")
+            if not allow_pickle:
+                raise ConversionError(
+                    f"{folder} has only {bins[0]}, a Python pickle: loading a pickle can run arbitrary code, so it "
+                    "is refused by default. If you trust this source, rerun with --allow-pickle (it is then read "
+                    "with torch.load(weights_only=True)).")
+            self._from_pickle(bins[0])
+
+    def _from_index(self, index: Path) -> None:
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConversionError(f"{index.name}: cannot read its weight_map ({e})") from e
+        if not isinstance(weight_map, dict):
+            raise ConversionError(f"{index.name}: weight_map is not an object")
+        self.files.append(index.name)
+        for shard in sorted(set(weight_map.values())):
+            self._add_safetensors(shard)
+        for name, shard in weight_map.items():
+            if self._where.get(name) != shard:
+                raise ConversionError(f"{index.name}: tensor {name} is mapped to {shard}, which does not hold it")
+
+    def _add_safetensors(self, fname: str) -> None:
+        from safetensors import safe_open
+
+        path = self.folder / fname
+        if "/" in fname or "\\" in fname or not path.is_file():
+            raise ConversionError(f"weight file {fname} is missing from {self.folder}")
+        try:
+            handle = safe_open(str(path), framework="pt")
+        except Exception as e:  # safetensors raises its own SafetensorError for bad headers
+            raise ConversionError(f"{fname}: not a valid safetensors file ({e})") from e
+        self._handles[fname] = handle
+        self.files.append(fname)
+        for name in handle.keys():
+            if name in self._where:
+                raise ConversionError(f"tensor {name} appears in both {self._where[name]} and {fname}")
+            self._where[name] = fname
+
+    def _from_pickle(self, first: str) -> None:
+        if first.endswith(".json"):
+            try:
+                shards = sorted(set(json.loads((self.folder / first).read_text(encoding="utf-8"))["weight_map"].values()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+                raise ConversionError(f"{first}: cannot read its weight_map ({e})") from e
+            self.files.append(first)
+        else:
+            shards = [first]
+        for fname in shards:
+            path = self.folder / fname
+            if "/" in fname or not path.is_file():
+                raise ConversionError(f"weight file {fname} is missing from {self.folder}")
+            try:
+                # weights_only: the restricted unpickler that builds tensors and plain containers only.
+                # mmap: tensors stay on disk until used (needs the zip format torch has saved since 1.6).
+                sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # torch raises UnpicklingError/RuntimeError for unsafe or old files
+                raise ConversionError(f"{fname}: torch.load(weights_only=True, mmap=True) refused it ({e})") from e
+            if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+                raise ConversionError(f"{fname}: expected a dict of tensors (a state dict)")
+            self._pickled[fname] = sd
+            self.files.append(fname)
+            for name in sd:
+                if name in self._where:
+                    raise ConversionError(f"tensor {name} appears in both {self._where[name]} and {fname}")
+                self._where[name] = fname
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        fname = self._where[name]
+        if fname in self._pickled:
+            return tuple(self._pickled[fname][name].shape)
+        return tuple(self._handles[fname].get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> str:
+        """Source dtype as a short string ("BF16", "U8", ...) without reading the data."""
+        fname = self._where[name]
+        if fname in self._pickled:
+            return str(self._pickled[fname][name].dtype).removeprefix("torch.").upper()
+        return self._handles[fname].get_slice(name).get_dtype()
+
+    def get(self, name: str) -> torch.Tensor:
+        fname = self._where[name]
+        if fname in self._pickled:
+            return self._pickled[fname][name]
+        return self._handles[fname].get_tensor(name)
+
+    def close(self) -> None:
+        self._handles.clear()
+        self._pickled.clear()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Source resolution
+# ---------------------------------------------------------------------------------------------------------------
+def _resolve(src: str, revision: str | None, allow_pickle: bool) -> tuple[Path, str, str | None]:
+    """A local folder, or a hub id fetched with snapshot_download. Returns (folder, source, revision)."""
+    path = Path(src).expanduser()
+    if path.is_dir():
+        if revision is not None:
+            raise ConversionError(f"--revision applies to hub ids, but {src} is a local folder")
+        return path.resolve(), str(path.resolve()), None
+    if path.exists():
+        raise ConversionError(f"{src} is a file; give the model folder (or a hub id like org/name)")
+    if not _HUB_ID.match(src):
+        raise ConversionError(f"{src}: no such folder, and not a hub id of the form org/name")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    def fetch(patterns) -> Path:
+        try:
+            return Path(snapshot_download(src, revision=revision, allow_patterns=list(patterns)))
+        except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
+            raise ConversionError(f"{src}: cannot fetch it from the hub ({type(e).__name__}: {e})") from e
+
+    folder = fetch(_META_FILES + _SAFETENSORS_PATTERNS)
+    has_safetensors = any((folder / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json"))
+    if allow_pickle and not has_safetensors:
+        # Only now the pickle: a repo with safetensors never needs it.
+        folder = fetch(_META_FILES + _PICKLE_PATTERNS)
+    # The snapshot folder is named by the commit hash it holds.
+    commit = folder.name if re.fullmatch(r"[0-9a-f]{40}", folder.name) else revision
+    return folder, src, commit
+
+
+def _sha256_files(folder: Path, names: list[str], progress: bool) -> dict[str, str]:
+    """SHA-256 of each source file (for the provenance), with a byte progress bar."""
+    from tqdm import tqdm
+
+    out = {}
+    total = sum((folder / n).stat().st_size for n in names)
+    with tqdm(total=total, desc="hashing", unit="B", unit_scale=True, disable=not progress) as bar:
+        for name in names:
+            h = hashlib.sha256()
+            with open(folder / name, "rb", buffering=0) as f:
+                while chunk := f.read(16 << 20):
+                    h.update(chunk)
+                    bar.update(len(chunk))
+            out[name] = h.hexdigest()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------------------------
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ConversionError(f"{path.name}: cannot read it as JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise ConversionError(f"{path.name}: expected a JSON object")
+    return data
+
+
+def _int(cfg: dict, key: str, default=None) -> int:
+    v = cfg.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise ConversionError(f"config.json: {key} must be a positive integer, found {v!r}")
+    return v
+
+
+def _detect_family(cfg: dict, names: set[str]) -> str:
+    archs = cfg.get("architectures") or []
+    model_type = cfg.get("model_type")
+    qc = cfg.get("quantization_config")
+    bitnet_quant = isinstance(qc, dict) and qc.get("quant_method") == "bitnet"
+    has = lambda frag: any(frag in n for n in names)
+    if "BitNetForCausalLM" in archs or model_type == "bitnet":
+        family = "bitnet"
+    elif "BitnetForCausalLM" in archs:
+        family = "1bitllm"
+    elif bitnet_quant and ("LlamaForCausalLM" in archs or model_type == "llama"):
+        family = "llama-bitnet"
+    elif "LlamaForCausalLM" in archs or model_type == "llama":
+        hint = (" Its tensors include inner_attn_ln/ffn_layernorm, like a 1bitLLM checkpoint: if it is one, its "
+                "config.json should say architectures [\"BitnetForCausalLM\"]." if has("inner_attn_ln") else "")
+        raise ConversionError(
+            "config.json describes a plain Llama model (LlamaForCausalLM without quantization_config.quant_method "
+            "\"bitnet\"), not a BitNet b1.58 checkpoint; refusing to guess (treating one as the other gives "
+            f"garbage).{hint}")
+    else:
+        raise ConversionError(
+            f"config.json: unsupported model (architectures {archs}, model_type {model_type!r}); supported: "
+            "BitNetForCausalLM (model_type bitnet), BitnetForCausalLM (1bitLLM, model_type llama), and "
+            "LlamaForCausalLM with quantization_config.quant_method \"bitnet\"")
+    # The tensor names must agree with the family: the sub-norms are what sets them apart.
+    if family == "bitnet" and has("inner_attn_ln"):
+        raise ConversionError("config.json says BitNetForCausalLM but the tensors use 1bitLLM names (inner_attn_ln)")
+    if family == "1bitllm" and has("attn_sub_norm"):
+        raise ConversionError("config.json says BitnetForCausalLM (1bitLLM) but the tensors use Microsoft names "
+                              "(attn_sub_norm)")
+    if family == "llama-bitnet" and (has("inner_attn_ln") or has("attn_sub_norm")):
+        raise ConversionError("config.json says LlamaForCausalLM, which has no sub-norms, but the tensors include "
+                              "attention sub-norms: the architecture in config.json is wrong")
+    return family
+
+
+def _rope(cfg: dict, family: str) -> tuple[float, dict | None]:
+    """rope_theta and rope_scaling from either transformers spelling.
+
+    v4: top-level ``rope_theta`` and ``rope_scaling`` ({"type"|"rope_type": ..., ...}).
+    v5: ``rope_parameters`` = {"rope_type": ..., "rope_theta": ..., scaling keys}.
+    The stored rope_scaling is the v4-style dict with "rope_type" (and without rope_theta), or null.
+    """
+    params = cfg.get("rope_parameters")
+    if params is not None and not isinstance(params, dict):
+        raise ConversionError("config.json: rope_parameters must be an object")
+    params = params or {}
+    theta = cfg.get("rope_theta", params.get("rope_theta"))
+    if theta is None:
+        theta = 500000.0 if family == "bitnet" else 10000.0   # the transformers class defaults
+        log.info("config.json has no rope_theta; using the %s default %s", family, theta)
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:
+        raise ConversionError(f"config.json: rope_theta must be a positive number, found {theta!r}")
+    scaling = cfg.get("rope_scaling")
+    if scaling is None and params:
+        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    if scaling is not None:
+        if not isinstance(scaling, dict):
+            raise ConversionError("config.json: rope_scaling must be an object or null")
+        kind = scaling.get("rope_type", scaling.get("type"))
+        if kind in (None, "default") and set(scaling) <= {"rope_type", "type"}:
+            scaling = None
+        elif kind in SUPPORTED_ROPE_SCALING:
+            scaling = {"rope_type": kind, **{k: v for k, v in scaling.items() if k not in ("type", "rope_type")}}
+        else:
+            raise ConversionError(f"config.json: rope scaling type {kind!r} is not supported (supported: none, "
+                                  f"{', '.join(SUPPORTED_ROPE_SCALING)})")
+    return float(theta), scaling
+
+
+def _ids(value, where: str) -> list[int]:
+    if value is None:
+        return []
+    values = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise ConversionError(f"{where}: eos_token_id must be an integer or a list of integers, found {value!r}")
+    return values
+
+
+def _model_config(cfg: dict, family: str, gen: dict, tok_facts: dict) -> dict:
+    """The PACKED.md §3 config dict."""
+    qc = cfg.get("quantization_config")
+    if qc is not None:
+        if not isinstance(qc, dict) or qc.get("quant_method") != "bitnet":
+            raise ConversionError(f"config.json: quantization_config {qc!r} is not a bitnet one")
+        if qc.get("use_rms_norm"):
+            raise ConversionError("config.json: quantization_config.use_rms_norm is true (an RMSNorm inside every "
+                                  "BitLinear); format v1 does not support it")
+        for m in qc.get("modules_to_not_convert") or []:
+            if m != "lm_head" and not str(m).startswith("lm_head"):
+                raise ConversionError(f"config.json: quantization_config.modules_to_not_convert lists {m!r}; only "
+                                      "the lm_head may stay unquantized in format v1")
+    for key in ("attention_bias", "mlp_bias"):
+        if cfg.get(key):
+            raise ConversionError(f"config.json: {key} is true; BitNet linears have no bias and format v1 has none")
+
+    default_act = "relu2" if family == "bitnet" else "silu"
+    act = cfg.get("hidden_act", default_act)
+    if act not in ("relu2", "silu"):
+        raise ConversionError(f"config.json: hidden_act {act!r} is not supported (relu2 or silu)")
+    if family != "bitnet" and act != "silu":
+        raise ConversionError(f"config.json: hidden_act {act!r}, but the {family} family uses silu")
+
+    hidden = _int(cfg, "hidden_size")
+    heads = _int(cfg, "num_attention_heads")
+    kv_heads = _int(cfg, "num_key_value_heads", heads)
+    if heads % kv_heads:
+        raise ConversionError(f"config.json: num_attention_heads {heads} is not a multiple of "
+                              f"num_key_value_heads {kv_heads}")
+    if cfg.get("head_dim") is None and hidden % heads:
+        raise ConversionError(f"config.json: hidden_size {hidden} is not a multiple of num_attention_heads {heads}")
+    head_dim = _int(cfg, "head_dim", hidden // heads)
+    if head_dim % 2:
+        raise ConversionError(f"config.json: head_dim {head_dim} is odd; rotate-half rope needs an even one")
+    theta, scaling = _rope(cfg, family)
+    eps = cfg.get("rms_norm_eps", 1e-5 if family == "bitnet" else 1e-6)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ConversionError(f"config.json: rms_norm_eps must be a positive number, found {eps!r}")
+    vocab = _int(cfg, "vocab_size")
+    if tok_facts["vocab_size"] > vocab:
+        raise ConversionError(f"the tokenizer has {tok_facts['vocab_size']} tokens but config.json vocab_size is "
+                              f"{vocab}: ids past the embedding")
+    tie = cfg.get("tie_word_embeddings", False)
+    if not isinstance(tie, bool):
+        raise ConversionError(f"config.json: tie_word_embeddings must be true or false, found {tie!r}")
+
+    bos = cfg.get("bos_token_id", tok_facts["bos_token_id"])
+    if bos is None:
+        bos = gen.get("bos_token_id")
+    if bos is not None and (isinstance(bos, bool) or not isinstance(bos, int)):
+        raise ConversionError(f"config.json: bos_token_id must be an integer, found {bos!r}")
+    # Every id that ends generation: the model config's, generation_config's (often a list: 2B-4T's chat turns
+    # end at <|eot_id|>) and the tokenizer's eos token, in that order.
+    eos: list[int] = []
+    for v in (_ids(cfg.get("eos_token_id"), "config.json") + _ids(gen.get("eos_token_id"), "generation_config.json")
+              + _ids(tok_facts["eos_token_id"], "tokenizer")):
+        if v not in eos:
+            eos.append(v)
+    bad = [v for v in eos + ([bos] if bos is not None else []) if v >= vocab]
+    if bad:
+        raise ConversionError(f"bos/eos token ids {bad} are outside the vocabulary ({vocab})")
+    if not eos:
+        log.warning("no eos_token_id in config.json, generation_config.json or the tokenizer")
+
+    return {
+        "family": family,
+        "hidden_size": hidden,
+        "intermediate_size": _int(cfg, "intermediate_size"),
+        "num_hidden_layers": _int(cfg, "num_hidden_layers"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "vocab_size": vocab,
+        "max_position_embeddings": _int(cfg, "max_position_embeddings", 2048),
+        "rope_theta": theta,
+        "rope_style": "neox",
+        "rope_scaling": scaling,
+        "rms_norm_eps": float(eps),
+        "hidden_act": act,
+        "sub_norms": family != "llama-bitnet",
+        "tie_word_embeddings": tie,
+        "bos_token_id": bos,
+        "eos_token_id": eos,
+    }
+
+
+def canonical_shapes(config: dict) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Canonical name -> (kind, logical shape) for a PACKED.md §3 config, in file order."""
+    h, inter = config["hidden_size"], config["intermediate_size"]
+    q = config["num_attention_heads"] * config["head_dim"]
+    kv = config["num_key_value_heads"] * config["head_dim"]
+    per_layer = {
+        "attn_norm.weight": ("float", (h,)), "attn.q_proj.weight": ("linear", (q, h)),
+        "attn.k_proj.weight": ("linear", (kv, h)), "attn.v_proj.weight": ("linear", (kv, h)),
+        "attn.sub_norm.weight": ("float", (q,)), "attn.o_proj.weight": ("linear", (h, q)),
+        "mlp_norm.weight": ("float", (h,)), "mlp.gate_proj.weight": ("linear", (inter, h)),
+        "mlp.up_proj.weight": ("linear", (inter, h)), "mlp.sub_norm.weight": ("float", (inter,)),
+        "mlp.down_proj.weight": ("linear", (h, inter)),
+    }
+    out = {"embed.weight": ("float", (config["vocab_size"], h))}
+    for i in range(config["num_hidden_layers"]):
+        for suffix in _CANON_ORDER:
+            if "sub_norm" in suffix and not config["sub_norms"]:
+                continue
+            out[f"layers.{i}.{suffix}"] = per_layer[suffix]
+    out["norm.weight"] = ("float", (h,))
+    if not config["tie_word_embeddings"]:
+        out["lm_head.weight"] = ("float", (config["vocab_size"], h))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The source
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class HFSource:
+    """A resolved HF checkpoint, checked and mapped, ready to stream canonical tensors.
+
+    ``tensors()`` yields CanonicalTensor(name, kind, load) in file order; ``shapes[name]`` is the logical shape.
+    Use as a context manager (or call ``close()``) to release the weight files.
+    """
+
+    folder: Path
+    source: str
+    revision: str | None
+    family: str
+    form: str
+    config: dict
+    tokenizer: dict
+    files: list[str]
+    shapes: dict[str, tuple[int, ...]]
+    kinds: dict[str, str]
+    skipped: dict[str, str]
+    _plan: dict[str, tuple] = field(repr=False)
+    _weights: _WeightFiles = field(repr=False)
+    source_dtype: str | None = None
+    kept_scaled_ternary: int = 0
+
+    def tensors(self) -> Iterator[CanonicalTensor]:
+        for name, kind in self.kinds.items():
+            yield CanonicalTensor(name, kind, lambda name=name: self._load(name))
+
+    def _load(self, name: str):
+        how = self._plan[name]
+        if how[0] == "float":
+            return self._weights.get(how[1])
+        if how[0] == "latent":
+            return self._ternarize(name, self._weights.get(how[1]))
+        return self._unpack(name, *how[1:])
+
+    def _ternarize(self, name: str, w: torch.Tensor):
+        if not torch.is_floating_point(w):
+            raise ConversionError(f"{name}: expected a float latent weight, found {w.dtype}")
+        if not _all_finite(w):
+            raise ConversionError(f"{name}: the latent weight holds inf or NaN")
+        # A c · t tensor has one non-zero magnitude: two different ones among the first 4096 values rule it out
+        # cheaply (real latent weights), before the exact full check.
+        head = w.reshape(-1)[:4096].abs()
+        head = head[head != 0]
+        maybe = head.numel() == 0 or bool((head == head[0]).all())
+        c = ternary.scaled_ternary_scale(w) if maybe else None
+        if c is not None:
+            # Already c · t (a fake-quantized export): keep c; absmean would shrink it to c · (fraction non-zero).
+            self.kept_scaled_ternary += 1
+            return torch.sign(w).to(torch.int8), float(torch.tensor(c, dtype=torch.float32))
+        t, m = ternary.absmean_ternarize(w)
+        return t, m
+
+    def _unpack(self, name: str, wname: str, sname: str, divides: bool):
+        packed = self._weights.get(wname)
+        ws = self._weights.get(sname)
+        if ws.numel() != 1:
+            raise ConversionError(f"{sname}: expected one scale per tensor, found shape {tuple(ws.shape)}")
+        ws32 = ws.reshape(1).to(torch.float32)
+        # bitlinear stores the divisor 1/mean|W|; we store the multiplier, computed in f32.
+        scale = float((1.0 / ws32) if divides else ws32)
+        if not (math.isfinite(scale) and scale > 0):
+            raise ConversionError(f"{sname}: the scale must be finite and > 0, found {float(ws32)}")
+        # Code 3 (both bits of a field set) is unused: a byte holding one is not a packed ternary weight.
+        if bool((packed & (packed >> 1) & 0x55).any()):
+            raise ConversionError(f"{wname}: holds the unused 2-bit code 3, so it is not a packed ternary weight")
+        t = ternary.unpack_hf(packed)
+        if t.shape[0] != self.shapes[name][0]:
+            raise ConversionError(f"{wname}: unpacks to {tuple(t.shape)}, expected {self.shapes[name]}")
+        return t, scale
+
+    def close(self) -> None:
+        self._weights.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _expand(template: str, n_layers: int) -> list[tuple[str, int | None]]:
+    if "{i}" not in template:
+        return [(template, None)]
+    return [(template.format(i=i), i) for i in range(n_layers)]
+
+
+def load_hf_source(src: str, revision: str | None = None, allow_pickle: bool = False) -> HFSource:
+    """Resolve ``src`` (folder or hub id), detect the family, check every tensor and map it to its canonical name.
+
+    Raises ConversionError naming the problem. Nothing is written.
+    """
+    folder, source, commit = _resolve(src, revision, allow_pickle)
+    if not (folder / "config.json").is_file():
+        raise ConversionError(f"{source}: no config.json")
+    cfg = _read_json(folder / "config.json")
+    gen = _read_json(folder / "generation_config.json") if (folder / "generation_config.json").is_file() else {}
+    weights = _WeightFiles(folder, allow_pickle)
+    try:
+        return _build_source(folder, source, commit, cfg, gen, weights)
+    except BaseException:
+        weights.close()
+        raise
+
+
+def _build_source(folder, source, commit, cfg, gen, weights: _WeightFiles) -> HFSource:
+    names = set(weights.names())
+    family = _detect_family(cfg, names)
+    try:
+        tokenizer, tok_files, tok_facts = normalize_tokenizer(folder)
+    except TokenizerError as e:
+        raise ConversionError(str(e)) from e
+    config = _model_config(cfg, family, gen, tok_facts)
+    expected = canonical_shapes(config)
+    qc = cfg.get("quantization_config") or {}
+    # transformers' default linear_class is "bitlinear" (weight_scale divides).
+    divides = qc.get("linear_class", "bitlinear") != "autobitlinear"
+
+    biases = sorted(n for n in names if n.endswith(".bias"))
+    if biases:
+        raise ConversionError(f"the checkpoint has bias tensors ({', '.join(biases[:5])}"
+                              f"{', ...' if len(biases) > 5 else ''}); BitNet linears have none and format v1 "
+                              "cannot store them")
+
+    consumed: set[str] = set()
+    skipped: dict[str, str] = {}
+    plan: dict[str, tuple] = {}
+    forms: set[str] = set()
+    n_layers = config["num_hidden_layers"]
+    for hf_t, canon_t, kind in _GLOBAL_MAP + NAME_MAPS[family]:
+        for hf_name, i in _expand(hf_t, n_layers):
+            canon = canon_t.format(i=i) if i is not None else canon_t
+            if canon not in expected:
+                # Only the untied head can be absent from the plan: a tied checkpoint may still store it.
+                if hf_name in names:
+                    skipped[hf_name] = "tie_word_embeddings is true: the head is embed.weight"
+                continue
+            if hf_name not in names:
+                raise ConversionError(f"tensor {hf_name} (for {canon}) is missing from the checkpoint")
+            shape, dtype = weights.shape(hf_name), weights.dtype(hf_name)
+            want = expected[canon][1]
+            consumed.add(hf_name)
+            if kind == "float":
+                if dtype not in ("BF16", "F16", "F32", "BFLOAT16", "FLOAT16", "FLOAT32", "F64", "FLOAT64"):
+                    raise ConversionError(f"{hf_name}: expected a float tensor, found {dtype}")
+                if shape != want:
+                    raise ConversionError(f"{hf_name}: shape {shape}, expected {want} from config.json")
+                plan[canon] = ("float", hf_name)
+                continue
+            scale_name = hf_name[: -len("weight")] + "weight_scale"
+            if dtype in ("U8", "UINT8"):
+                out_f, in_f = want
+                if out_f % 4 or shape != (out_f // 4, in_f):
+                    raise ConversionError(f"{hf_name}: packed shape {shape}, expected {(out_f // 4, in_f)} "
+                                          f"(uint8 [out/4, in] for {want})")
+                if scale_name not in names:
+                    raise ConversionError(f"{hf_name} is packed (uint8) but {scale_name} is missing")
+                if not qc:
+                    raise ConversionError(f"{hf_name} is packed but config.json has no quantization_config saying "
+                                          "whether weight_scale multiplies or divides (linear_class)")
+                consumed.add(scale_name)
+                plan[canon] = ("packed", hf_name, scale_name, divides)
+                forms.add("packed")
+            else:
+                if shape != want:
+                    raise ConversionError(f"{hf_name}: shape {shape}, expected {want} from config.json")
+                if scale_name in names:
+                    raise ConversionError(f"{hf_name} is a float weight but {scale_name} exists: a float weight "
+                                          "with an offline scale is not a form this converter knows")
+                plan[canon] = ("latent", hf_name)
+                forms.add("latent")
+
+    for n in sorted(names - consumed - set(skipped)):
+        for pattern, reason in SKIPPED:
+            if pattern.match(n):
+                skipped[n] = reason
+    unexpected = sorted(names - consumed - set(skipped))
+    if unexpected:
+        raise ConversionError(f"{len(unexpected)} unexpected tensor(s) in the checkpoint: "
+                              f"{', '.join(unexpected[:10])}{', ...' if len(unexpected) > 10 else ''}")
+    for n, reason in skipped.items():
+        log.info("skipping %s: %s", n, reason)
+
+    form = forms.pop() if len(forms) == 1 else "mixed"
+    log.info("family %s, %s linear weights, %d tensors", family, form, len(plan))
+    return HFSource(folder=folder, source=source, revision=commit, family=family, form=form, config=config,
+                    tokenizer=tokenizer,
+                    files=["config.json"] + (["generation_config.json"] if gen else []) + tok_files + weights.files,
+                    shapes={k: v[1] for k, v in expected.items()}, kinds={k: v[0] for k, v in expected.items()},
+                    skipped=skipped, _plan=plan, _weights=weights,
+                    source_dtype=cfg.get("dtype", cfg.get("torch_dtype")))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Conversion
+# ---------------------------------------------------------------------------------------------------------------
+def _all_finite(x: torch.Tensor) -> bool:
+    """min and max are NaN if any element is NaN (torch reductions propagate it), inf if any is ±inf.
+
+    One reduction pass and no temporaries: torch.isfinite on a 2B-4T bf16 embedding takes seconds and 330 MB.
+    """
+    if x.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(x)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
+def _specs(hf: HFSource, dtype: str) -> list[TensorSpec]:
+    specs = []
+    for name, kind in hf.kinds.items():
+        shape = hf.shapes[name]
+        if kind == "linear":
+            specs.append(TensorSpec(name, "t2", shape, scale=name + "_scale", scale_granularity="tensor"))
+            specs.append(TensorSpec(name + "_scale", "f32", (1,)))
+        else:
+            specs.append(TensorSpec(name, dtype, shape))
+    return specs
+
+
+def convert_hf(src: str, out: str, *, revision: str | None = None, dtype: str = "bf16", force: bool = False,
+               allow_pickle: bool = False, progress: bool = True) -> ConversionSummary:
+    """Convert a HF BitNet b1.58 checkpoint (folder or hub id) into one packed file at ``out``.
+
+    Float tensors (embeddings, norms, an untied head) are stored as ``dtype`` ("bf16", "f16" or "f32").
+    The file is written beside ``out`` and renamed when complete; an existing ``out`` is kept unless ``force``.
+    """
+    from tqdm import tqdm
+
+    if dtype not in FLOAT_DTYPES:
+        raise ConversionError(f"dtype {dtype!r}: choose one of {', '.join(FLOAT_DTYPES)}")
+    out_path = Path(out)
+    if out_path.is_dir():
+        raise ConversionError(f"{out} is a folder; give a file name")
+    if out_path.exists() and not force:
+        raise ConversionError(f"{out} exists; pass --force to overwrite it")
+    start = time.perf_counter()
+    with load_hf_source(src, revision=revision, allow_pickle=allow_pickle) as hf:
+        files = _sha256_files(hf.folder, hf.files, progress)
+        provenance = {
+            "source": hf.source,
+            "revision": hf.revision,
+            "files": files,
+            "converter": f"bitnet158 {importlib.metadata.version('bitnet158')}",
+            "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            # The dtype config.json declares (v5 "dtype", v4 "torch_dtype"); informational.
+            "source_dtype": hf.source_dtype,
+        }
+        torch_dtype = FLOAT_DTYPES[dtype]
+        n_params = n_ternary = t2_bytes = n_tensors = 0
+        with PackedWriter(out_path, config=hf.config, tokenizer=hf.tokenizer, provenance=provenance,
+                          tensors=_specs(hf, dtype), overwrite=force) as writer:
+            for name, kind, load in tqdm(list(hf.tensors()), desc="converting", unit="tensor", disable=not progress):
+                if kind == "linear":
+                    t, scale = load()
+                    packed = ternary.pack_t2(t)
+                    writer.write(name, packed)
+                    writer.write(name + "_scale", torch.tensor([scale], dtype=torch.float32))
+                    n_ternary += t.numel()
+                    t2_bytes += packed.numel() + 4
+                    n_tensors += 2
+                else:
+                    x = load().to(torch_dtype).contiguous()
+                    if not _all_finite(x):
+                        raise ConversionError(f"{name}: not finite after conversion to {dtype} "
+                                              "(out of range? try --dtype f32 or bf16)")
+                    writer.write(name, x)
+                    n_tensors += 1
+                n_params += math.prod(hf.shapes[name])
+            kept = hf.kept_scaled_ternary
+        summary = ConversionSummary(
+            out=str(out_path), family=hf.family, form=hf.form, tensors=n_tensors, parameters=n_params,
+            ternary_weights=n_ternary, bits_per_ternary_weight=(t2_bytes * 8 / n_ternary) if n_ternary else 0.0,
+            file_size=os.path.getsize(out_path), seconds=time.perf_counter() - start, kept_scaled_ternary=kept)
+    log.info("wrote %s: %d tensors, %.1f MB", out_path, n_tensors, summary.file_size / 1e6)
+    return summary

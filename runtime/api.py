@@ -1,0 +1,136 @@
+"""The Python API: ``model = load(path)``; ``model.logits`` / ``generate`` / ``perplexity`` / ``tokenizer``."""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+
+from bitnet158.runtime.config import ModelConfig
+from bitnet158.runtime.generate import (
+    ContextOverflowError,
+    GenerationStats,
+    fit_context,
+    generate_tokens,
+    stream_text,
+)
+from bitnet158.runtime.model import Transformer
+from bitnet158.runtime.perplexity import perplexity as _perplexity
+from bitnet158.runtime.sampling import Sampler, SamplingParams
+from bitnet158.runtime.tokenizer import Tokenizer
+
+
+class BitNetModel:
+    """A loaded model: the network (``net``), its ``config`` and ``tokenizer``."""
+
+    def __init__(self, net: Transformer, tokenizer: Tokenizer, config: ModelConfig):
+        self.net = net
+        self.tokenizer = tokenizer
+        self.config = config
+        self.last_stats: GenerationStats | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.net.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.net.dtype
+
+    def resident_weight_bytes(self) -> int:
+        """Bytes of weights resident on the device (packed ternary, unpacked caches if any, floats)."""
+        return self.net.resident_weight_bytes()
+
+    @torch.inference_mode()
+    def logits(self, token_ids) -> torch.Tensor:
+        """fp32 logits [len(token_ids), vocab] for a 1-D list or tensor of ids; no BOS added, no sampling."""
+        ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
+        n = ids.numel()
+        if n == 0:
+            raise ValueError("logits: token_ids is empty")
+        if n > self.config.max_position_embeddings:
+            raise ContextOverflowError(f"{n} tokens exceed the model context of {self.config.max_position_embeddings}")
+        if int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size:
+            raise ValueError(f"logits: token ids must be in [0, {self.config.vocab_size})")
+        self.net.setup_cache(1, n)
+        return self.net(ids.to(self.device)[None], 0)[0]
+
+    def encode_prompt(self, prompt: str, chat: bool = False) -> list[int]:
+        """Prompt ids. chat=True renders a one-user-message chat with the file's template first.
+
+        BOS comes from the tokenizer's post-processor, except when a rendered chat already starts with the BOS
+        string (templates that write ``{{ bos_token }}``), so that it is never doubled.
+        """
+        if not chat:
+            return self.tokenizer.encode(prompt, add_special_tokens=True)
+        text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        bos = self.tokenizer.bos_token
+        return self.tokenizer.encode(text, add_special_tokens=not (bos and text.startswith(bos)))
+
+    def generate_ids(
+        self,
+        prompt_ids: Sequence[int],
+        max_new_tokens: int = 256,
+        *,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        stop_ids: Sequence[int] | None = None,
+        truncate: bool = False,
+        stats: GenerationStats | None = None,
+    ) -> Iterator[int]:
+        """Token-level generation after ``prompt_ids``; validates everything before returning the iterator."""
+        params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
+        ids, dropped = fit_context(list(prompt_ids), max_new_tokens, self.config.max_position_embeddings, truncate)
+        stats = stats if stats is not None else GenerationStats()
+        stats.truncated_tokens = dropped
+        self.last_stats = stats
+        stops = tuple(self.config.eos_token_id) if stop_ids is None else tuple(stop_ids)
+        return generate_tokens(self.net, ids, max_new_tokens, Sampler(params, self.device), stops, stats)
+
+    def generate(
+        self,
+        prompt: str,
+        max_new_tokens: int = 256,
+        *,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        chat: bool = False,
+        truncate: bool = False,
+        stats: GenerationStats | None = None,
+    ) -> Iterator[str]:
+        """Stream generated text pieces. Stops at EOS (any of the config's ids; in chat mode also end-of-turn
+        tokens), at a ``stop`` string (not emitted), or after ``max_new_tokens``. Timing and counts land in
+        ``stats`` (or ``model.last_stats``)."""
+        prompt_ids = self.encode_prompt(prompt, chat)
+        stats = stats if stats is not None else GenerationStats()
+        stop_ids = self.tokenizer.chat_stop_ids() if chat else tuple(self.config.eos_token_id)
+        tokens = self.generate_ids(
+            prompt_ids,
+            max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+            stop_ids=stop_ids,
+            truncate=truncate,
+            stats=stats,
+        )
+        return stream_text(self.tokenizer, tokens, prompt_ids, list(stop), stats)
+
+    def perplexity(
+        self, text: str, ctx: int | None = None, stride: int | None = None, progress: bool = False
+    ) -> tuple[float, int]:
+        """(perplexity, scored tokens) of ``text`` in windows of ``ctx`` tokens (default: the model context)
+        advancing by ``stride`` (default ctx // 2); see runtime/perplexity.py for exactly which tokens count."""
+        ids = self.tokenizer.encode(text, add_special_tokens=True)
+        ctx = ctx or self.config.max_position_embeddings
+        stride = stride or max(1, ctx // 2)
+        return _perplexity(self.net, ids, ctx, stride, progress=progress)

@@ -1,0 +1,98 @@
+"""``bitnet-run``: generate text from, or measure the perplexity of, a BitNet b1.58 model file."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+
+import click
+import torch
+
+from bitnet158.runtime.generate import GenerationStats
+
+
+def _peak_memory(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**20:.1f} MiB (CUDA max allocated)"
+    # ru_maxrss is in KiB on Linux
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.1f} MiB (peak RSS)"
+
+
+def _print_stats(model, stats: GenerationStats, load_s: float) -> None:
+    lines = [
+        f"load time:        {load_s:.2f} s ({model.device}, {str(model.dtype).replace('torch.', '')})",
+        f"prompt tokens:    {stats.prompt_tokens}" + (f" ({stats.truncated_tokens} truncated)" if stats.truncated_tokens else ""),
+        f"generated tokens: {stats.generated_tokens} (stopped: {stats.stop_reason})",
+        f"prefill:          {stats.prefill_tok_s:.1f} tok/s",
+        f"decode:           {stats.decode_tok_s:.1f} tok/s",
+        f"peak memory:      {_peak_memory(model.device)}",
+        f"resident weights: {model.resident_weight_bytes() / 2**20:.1f} MiB",
+    ]
+    click.echo("\n" + "\n".join(lines), err=True)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--prompt", "-p", help="Text to continue (or, with --chat, the user message).")
+@click.option("--chat", is_flag=True, help="Wrap the prompt in the chat template carried in the file.")
+@click.option("--max-new-tokens", "-n", default=256, show_default=True, type=click.IntRange(min=1))
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0), help="0 = greedy.")
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="0 = off.")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True), help="1 = off.")
+@click.option("--repetition-penalty", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--seed", type=int, help="Seed for sampling (temperature > 0).")
+@click.option("--stop", multiple=True, help="Stop when this text is generated (not printed); repeatable.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Default: cuda when available, else cpu.")
+@click.option("--dtype", type=click.Choice(["bf16", "f16", "f32"]), help="Default: bf16 on cuda, f32 on cpu.")
+@click.option("--force-fp16", is_flag=True, help="Allow f16 with relu² activations (it overflows).")
+@click.option("--cache-unpacked", is_flag=True, help="Keep unpacked weights resident: faster, more memory.")
+@click.option("--truncate", is_flag=True, help="Drop the oldest prompt tokens when prompt + generation overflow.")
+@click.option("--quiet", "-q", is_flag=True, help="No statistics on stderr.")
+@click.option("--perplexity", "ppl_file", type=click.Path(dir_okay=False), help="Score this text file instead.")
+@click.option("--ctx", type=click.IntRange(min=2), help="Perplexity window (default: the model context).")
+@click.option("--stride", type=click.IntRange(min=1), help="Perplexity window step (default: ctx // 2).")
+def main(file, prompt, chat, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, device,
+         dtype, force_fp16, cache_unpacked, truncate, quiet, ppl_file, ctx, stride):
+    """Run the BitNet b1.58 model in FILE (a bitnet158 packed file)."""
+    from bitnet158.runtime.loader import load  # keeps `bitnet-run --help` fast
+
+    if (prompt is None) == (ppl_file is None):
+        raise click.UsageError("give exactly one of --prompt or --perplexity")
+    try:
+        t0 = time.perf_counter()
+        model = load(file, device=device, dtype=dtype, cache_unpacked=cache_unpacked, force=force_fp16)
+        load_s = time.perf_counter() - t0
+        if ppl_file is not None:
+            with open(ppl_file, encoding="utf-8") as f:
+                text = f.read()
+            ppl, n = model.perplexity(text, ctx=ctx, stride=stride, progress=not quiet)
+            click.echo(f"perplexity: {ppl:.4f} over {n} tokens")
+            return
+        stats = GenerationStats()
+        pieces = model.generate(
+            prompt,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k or None,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+            stop=list(stop),
+            chat=chat,
+            truncate=truncate,
+            stats=stats,
+        )
+        for piece in pieces:
+            click.echo(piece, nl=False)
+            sys.stdout.flush()
+        click.echo()
+        if not quiet:
+            _print_stats(model, stats, load_s)
+    except (ValueError, OSError) as e:
+        # ValueError subclasses are our "bad input" errors (file format, config, device, context, sampling)
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted", err=True)
+        sys.exit(130)

@@ -1,0 +1,462 @@
+"""Triton kernels for BitLinear on packed t2 weights (formats/PACKED.md §2.1): the CUDA fast path.
+
+The math is BitLinear's (runtime/bitlinear.py, REFERENCE §2), reproduced bit for bit:
+
+    s = 127 · (1 / max(max|x|, 1e-5))    fp32, per row of x: what torch's ``127.0 / tensor`` computes
+    q = clamp(rint(x · s), -128, 127)     int8, round half to even like torch.round
+    y = (q · tᵀ) · scale / s              q · tᵀ summed exactly in int32; scale f32 [1] or [N]
+
+Kernels
+- ``quantize_act``: the activation quantization alone (one program per row).
+- ``bitlinear_gemv`` (decode, M ≤ ``GEMV_MAX_M``): W2A8 GEMV on the packed bytes read as int32 words (16 weights
+  each, 16-byte loads along K). The quantization is fused: every program recomputes max|x| (x is a few KB and
+  sits in L2), quantizes its K chunk in registers and packs it into int8×4 words. Each 2-bit field k of a weight
+  word is masked out as four byte lanes, ``(w >> 2k) & 0x03030303`` = codes of weights k, k+4, k+8, k+12, and
+  one ``dp4a`` multiplies them with the activation word holding those four activations: 4 MACs per instruction,
+  about 0.75 integer instructions per weight, so the kernel stays bound by memory, not by unpacking. The codes
+  are t + 1, so Σ c·q − Σ q = Σ t·q; Σ q comes out of the same dp4a pass.
+- ``bitlinear_matmul`` (prefill): quantize once, then tiles of int8 x and of weights unpacked to int8 in
+  registers meet in ``tl.dot`` int8 × int8 → int32 on the tensor cores (``int8_dot=False``: fp16 operands with
+  fp32 accumulation, still exact below 2^24).
+- ``head_int8`` / ``quantize_head``: an optional int8 output head (per-row absmax scales, int8 activations),
+  the same dp4a GEMV on int8 weights.
+
+Under ``TRITON_INTERPRET=1`` (tests on the CPU) dp4a and rint are computed with plain integer / float ops
+instead of the PTX instruction and the libdevice call, which the interpreter cannot run; the arithmetic is the
+same, and the GPU tests (``pytest -m gpu``) check the device versions against the reference.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+log = logging.getLogger(__name__)
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Decode GEMV for up to this many rows of x; the tensor-core matmul above it.
+GEMV_MAX_M = 4
+
+# 1.5 · 2^23: adding and subtracting it rounds an fp32 |v| < 2^22 to an integer, half to even (interpreter rint).
+_RINT_MAGIC = 12582912.0
+
+
+class KernelShapeError(ValueError):
+    """Inputs to a kernel wrapper have shapes, dtypes or devices that do not fit together."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# device helpers
+
+
+@triton.jit
+def _rint(v, ON_GPU: tl.constexpr):
+    # round half to even; |v| ≤ ~128 here
+    if ON_GPU:
+        return libdevice.rint(v)
+    else:
+        return (v + _RINT_MAGIC) - _RINT_MAGIC
+
+
+@triton.jit
+def _dp4a(a, b, c, ON_GPU: tl.constexpr):
+    # c + Σ_i a.byte[i] · b.byte[i], bytes as signed int8; a, b, c int32 of one shape
+    if ON_GPU:
+        return tl.inline_asm_elementwise(
+            "dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32, is_pure=True, pack=1
+        )
+    else:
+        r = c
+        for i in tl.static_range(4):
+            r += ((a << (24 - 8 * i)) >> 24) * ((b << (24 - 8 * i)) >> 24)
+        return r
+
+
+@triton.jit
+def _row_scale(x_row_ptr, K, BLOCK: tl.constexpr):
+    # s = 127 · (1 / max(max|x|, 1e-5)) of one row of K floats, in fp32
+    amax = tl.zeros((BLOCK,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        xv = tl.load(x_row_ptr + offs, mask=offs < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(xv))
+    m = tl.maximum(tl.max(amax, axis=0), 1e-5)
+    return tl.div_rn(1.0, m) * 127.0
+
+
+@triton.jit
+def _quant(xv, s, ON_GPU: tl.constexpr):
+    # fp32 values → int32 in [-128, 127]
+    q = _rint(xv * s, ON_GPU)
+    return tl.minimum(tl.maximum(q, -128.0), 127.0).to(tl.int32)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# kernels
+
+
+@triton.jit
+def _quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK: tl.constexpr, ON_GPU: tl.constexpr):
+    # one program per row: x [M, K] float → q int8 [M, K], s f32 [M]
+    m = tl.program_id(0)
+    x_row = x_ptr + m.to(tl.int64) * stride_xm
+    s = _row_scale(x_row, K, BLOCK)
+    for k0 in range(0, K, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        xv = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+        tl.store(q_ptr + m.to(tl.int64) * stride_qm + offs, _quant(xv, s, ON_GPU).to(tl.int8), mask=offs < K)
+    tl.store(s_ptr + m, s)
+
+
+@triton.jit
+def _gemv_w2a8_kernel(
+    x_ptr, w_ptr, scale_ptr, y_ptr,
+    N, K, K16,
+    stride_xm, stride_wn, stride_ym,
+    SCALE_PER_ROW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, ON_GPU: tl.constexpr,
+):  # fmt: skip
+    # x [M, K] float; w: t2 bytes viewed as int32 words [N, K16] (word = 16 weights of a row); y [M, N]
+    # grid (cdiv(N, BLOCK_N), M)
+    pid_n = tl.program_id(0)
+    m = tl.program_id(1)
+    x_row = x_ptr + m.to(tl.int64) * stride_xm
+    s = _row_scale(x_row, K, BLOCK_W * 16)
+
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn  # [BLOCK_N, 1]
+    lane = tl.arange(0, 4)  # byte lane i of an activation word
+    acc = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.int32)  # Σ c·q per (row, word column)
+    qsum = tl.zeros((BLOCK_W,), dtype=tl.int32)  # Σ q
+    ones = tl.full((BLOCK_W,), 0x01010101, dtype=tl.int32)
+    for w0 in range(0, K16, BLOCK_W):
+        cols = w0 + tl.arange(0, BLOCK_W)
+        wt = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & (cols < K16)[None, :], other=0)
+        for k in tl.static_range(4):
+            # activation word for field k: byte i = q[16·col + 4i + k], the weights that field k holds
+            j = cols[:, None] * 16 + lane[None, :] * 4 + k  # [BLOCK_W, 4]
+            xv = tl.load(x_row + j, mask=j < K, other=0.0).to(tl.float32)
+            q = _quant(xv, s, ON_GPU)  # masked positions give q = 0, so padding codes never count
+            xw = tl.sum((q & 0xFF) << (lane[None, :] * 8), axis=1)  # [BLOCK_W] packed int8×4
+            qsum = _dp4a(ones, xw, qsum, ON_GPU)
+            codes = (wt >> (2 * k)) & 0x03030303  # [BLOCK_N, BLOCK_W] four codes in byte lanes
+            acc = _dp4a(codes, tl.broadcast_to(xw[None, :], (BLOCK_N, BLOCK_W)), acc, ON_GPU)
+    dot = tl.sum(acc, axis=1) - tl.sum(qsum, axis=0)  # [BLOCK_N] Σ t·q, exact
+    if SCALE_PER_ROW:
+        sc = tl.load(scale_ptr + rows, mask=row_ok, other=1.0)
+    else:
+        sc = tl.load(scale_ptr)
+    y = tl.div_rn(dot.to(tl.float32) * sc, s)
+    tl.store(y_ptr + m.to(tl.int64) * stride_ym + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit
+def _mm_w2a8_kernel(
+    q_ptr, s_ptr, w_ptr, scale_ptr, y_ptr,
+    M, N, K, KB,
+    stride_qm, stride_wn, stride_ym,
+    SCALE_PER_ROW: tl.constexpr, INT8_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    # q int8 [M, K] (quantize_act), s f32 [M]; w t2 bytes [N, KB]; y [M, N]; 1-D grid, grouped for L2 reuse
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * grid_n
+    first_m = (pid // group) * GROUP_M
+    size_m = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = rm < M
+    n_ok = rn < N
+    if INT8_DOT:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(q_ptr + rm.to(tl.int64)[:, None] * stride_qm + kk[None, :], mask=m_ok[:, None] & (kk < K)[None, :], other=0)
+        # [BLOCK_K, BLOCK_N] weight tile: element (k, n) is field k % 4 of byte k // 4 of row n. Each byte is
+        # loaded by the 4 lanes that need it (one memory transaction), then unpacked in registers.
+        wb = tl.load(w_ptr + rn.to(tl.int64)[None, :] * stride_wn + (kk // 4)[:, None], mask=n_ok[None, :] & (kk < K)[:, None], other=0x55)
+        t = ((wb.to(tl.int32) >> ((kk % 4) * 2)[:, None]) & 3) - 1
+        if INT8_DOT:
+            acc = tl.dot(a, t.to(tl.int8), acc, out_dtype=tl.int32)
+        else:
+            # fp16 holds every |q| ≤ 128 and t exactly; fp16 rather than bf16 because Triton's interpreter computes
+            # bf16 dots wrongly (triton 3.9), and both run on the same tensor cores
+            acc = tl.dot(a.to(tl.float16), t.to(tl.float16), acc, out_dtype=tl.float32)
+    s = tl.load(s_ptr + rm, mask=m_ok, other=1.0)
+    if SCALE_PER_ROW:
+        sc = tl.load(scale_ptr + rn, mask=n_ok, other=1.0)[None, :]
+    else:
+        sc = tl.load(scale_ptr)
+    y = tl.div_rn(acc.to(tl.float32) * sc, s[:, None])
+    y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
+    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _gemv_w8a8_kernel(
+    x_ptr, w_ptr, scale_ptr, y_ptr,
+    N, K, K4,
+    stride_xm, stride_wn, stride_ym,
+    BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, ON_GPU: tl.constexpr,
+):  # fmt: skip
+    # x [M, K] float; w int8 weights viewed as int32 words [N, K4] (4 weights each); scale f32 [N]; y f32 [M, N]
+    pid_n = tl.program_id(0)
+    m = tl.program_id(1)
+    x_row = x_ptr + m.to(tl.int64) * stride_xm
+    s = _row_scale(x_row, K, BLOCK_W * 4)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
+    lane = tl.arange(0, 4)
+    acc = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.int32)
+    for w0 in range(0, K4, BLOCK_W):
+        cols = w0 + tl.arange(0, BLOCK_W)
+        wt = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & (cols < K4)[None, :], other=0)
+        j = cols[:, None] * 4 + lane[None, :]  # natural order: byte i of word col is element 4·col + i
+        xv = tl.load(x_row + j, mask=j < K, other=0.0).to(tl.float32)
+        xw = tl.sum((_quant(xv, s, ON_GPU) & 0xFF) << (lane[None, :] * 8), axis=1)
+        acc = _dp4a(wt, tl.broadcast_to(xw[None, :], (BLOCK_N, BLOCK_W)), acc, ON_GPU)
+    dot = tl.sum(acc, axis=1)
+    sc = tl.load(scale_ptr + rows, mask=row_ok, other=1.0)
+    y = tl.div_rn(dot.to(tl.float32) * sc, s)
+    tl.store(y_ptr + m.to(tl.int64) * stride_ym + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# launch configurations
+#
+# On a GPU the GEMVs and the matmul autotune over a small set, keyed by shape (the first call of a shape pays
+# for it: warm up before capturing a CUDA graph). Under the interpreter one small fixed config keeps the tests
+# fast while still running several K iterations and partial tiles.
+
+_GEMV_CONFIGS = [  # BLOCK_N rows, BLOCK_W int32 words, warps
+    (4, 64, 2), (4, 128, 4), (8, 64, 4), (8, 128, 4), (16, 64, 4), (16, 128, 4), (16, 128, 8), (32, 64, 4), (32, 128, 8)
+]  # fmt: skip
+_MM_CONFIGS = [(128, 128, 128, 8, 3), (128, 64, 128, 4, 4), (64, 128, 128, 4, 4), (64, 64, 128, 4, 4), (128, 256, 64, 8, 3)]
+_INTERP_GEMV = (16, 16, 1)  # BLOCK_N, BLOCK_W, warps
+_INTERP_MM = (16, 32, 64, 1, 1)  # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages
+
+
+_gemv_w2a8_tuned = triton.autotune(
+    configs=[triton.Config({"BLOCK_N": bn, "BLOCK_W": bw}, num_warps=w) for bn, bw, w in _GEMV_CONFIGS], key=["N", "K16"]
+)(_gemv_w2a8_kernel)
+_gemv_w8a8_tuned = triton.autotune(
+    configs=[triton.Config({"BLOCK_N": bn, "BLOCK_W": bw}, num_warps=w) for bn, bw, w in _GEMV_CONFIGS], key=["N", "K4"]
+)(_gemv_w8a8_kernel)
+_mm_w2a8_tuned = triton.autotune(
+    configs=[
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=st)
+        for bm, bn, bk, w, st in _MM_CONFIGS
+    ],
+    key=["N", "K"],  # tuned on the first M seen for a shape (warm up with a prefill-sized M)
+)(_mm_w2a8_kernel)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# wrappers
+
+
+def _check_x(x: torch.Tensor, K: int, what: str) -> torch.Tensor:
+    if x.dim() != 2 or x.shape[1] != K:
+        raise KernelShapeError(f"{what}: x must be [M, {K}], got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise KernelShapeError(f"{what}: x must be a float tensor, got {x.dtype}")
+    return x if x.stride(1) == 1 else x.contiguous()
+
+
+def _check_weight(packed: torch.Tensor, scale: torch.Tensor, K: int, x: torch.Tensor, what: str) -> None:
+    kb = (K + 3) // 4
+    if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.shape[1] != kb or packed.stride(1) != 1:
+        raise KernelShapeError(f"{what}: packed must be uint8 [N, {kb}] with unit stride, got {packed.dtype} {tuple(packed.shape)}")
+    n = packed.shape[0]
+    if scale.dtype != torch.float32 or tuple(scale.shape) not in ((1,), (n,)):
+        raise KernelShapeError(f"{what}: scale must be f32 [1] or [{n}], got {scale.dtype} {tuple(scale.shape)}")
+    if not (packed.device == scale.device == x.device):
+        raise KernelShapeError(f"{what}: x, packed and scale must be on one device, got {x.device}, {packed.device}, {scale.device}")
+
+
+def gemv_compatible(packed: torch.Tensor) -> bool:
+    """True when the t2 rows can be read as int32 words: row bytes a multiple of 4 and a 4-byte aligned base."""
+    return packed.shape[1] % 4 == 0 and packed.data_ptr() % 4 == 0 and packed.stride(0) % 4 == 0
+
+
+def quantize_act(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row int8 absmax quantization: x [M, K] float → (q int8 [M, K], s f32 [M]), bit-exact with BitLinear's."""
+    if x.dim() != 2 or not x.is_floating_point():
+        raise KernelShapeError(f"quantize_act: x must be a float [M, K] tensor, got {x.dtype} {tuple(x.shape)}")
+    x = x if x.stride(1) == 1 else x.contiguous()
+    m, k = x.shape
+    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    s = torch.empty((m,), dtype=torch.float32, device=x.device)
+    if m:
+        block = min(triton.next_power_of_2(k), 64 if _INTERPRET else 4096)
+        _quant_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), BLOCK=block, ON_GPU=not _INTERPRET, num_warps=4)
+    return q, s
+
+
+def bitlinear_gemv(
+    x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, K: int, config: tuple[int, int, int] | None = None
+) -> torch.Tensor:
+    """Decode W2A8 GEMV with fused activation quantization: x [M, K] float → y [M, N] in x's dtype.
+
+    ``packed`` uint8 [N, ceil(K/4)] (t2), its row bytes a multiple of 4 (``gemv_compatible``); ``scale`` f32 [1]
+    or [N]. ``config`` = (BLOCK_N, BLOCK_W words, num_warps) bypasses the autotuner (benchmarks, tests).
+    """
+    x = _check_x(x, K, "bitlinear_gemv")
+    _check_weight(packed, scale, K, x, "bitlinear_gemv")
+    if not gemv_compatible(packed):
+        raise KernelShapeError(f"bitlinear_gemv: row bytes {packed.shape[1]} must be a multiple of 4 (use bitlinear_matmul)")
+    m, n = x.shape[0], packed.shape[0]
+    words = packed.view(torch.int32)  # [N, K16]: little-endian, weight 16w + k in bits 2k..2k+1 of word w
+    k16 = words.shape[1]
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y
+    args = (x, words, scale, y, n, K, k16, x.stride(0), words.stride(0), y.stride(0))
+    per_row = scale.numel() != 1 or n == 1
+    if config is None and not _INTERPRET:
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m)  # noqa: E731
+        _gemv_w2a8_tuned[grid](*args, SCALE_PER_ROW=per_row, ON_GPU=True)
+    else:
+        bn, bw, warps = config or _INTERP_GEMV
+        _gemv_w2a8_kernel[(triton.cdiv(n, bn), m)](
+            *args, SCALE_PER_ROW=per_row, BLOCK_N=bn, BLOCK_W=bw, ON_GPU=not _INTERPRET, num_warps=warps
+        )
+    return y
+
+
+def bitlinear_matmul(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    K: int,
+    int8_dot: bool = True,
+    config: tuple[int, int, int, int, int] | None = None,
+) -> torch.Tensor:
+    """Prefill path: quantize_act, then a tensor-core matmul on weights unpacked tile by tile in registers.
+
+    x [M, K] float, packed uint8 [N, ceil(K/4)], scale f32 [1] or [N] → y [M, N] in x's dtype. ``int8_dot``:
+    int8 × int8 → int32 MMA, else fp16 operands with fp32 accumulation. ``config`` = (BLOCK_M, BLOCK_N,
+    BLOCK_K, num_warps, num_stages) bypasses the autotuner.
+    """
+    x = _check_x(x, K, "bitlinear_matmul")
+    _check_weight(packed, scale, K, x, "bitlinear_matmul")
+    m, n = x.shape[0], packed.shape[0]
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y
+    q, s = quantize_act(x)
+    args = (q, s, packed, scale, y, m, n, K, packed.shape[1], q.stride(0), packed.stride(0), y.stride(0))
+    per_row = scale.numel() != 1 or n == 1
+    if config is None and not _INTERPRET:
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+        _mm_w2a8_tuned[grid](*args, SCALE_PER_ROW=per_row, INT8_DOT=int8_dot)
+    else:
+        bm, bn, bk, warps, stages = config or _INTERP_MM
+        grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+        _mm_w2a8_kernel[grid](
+            *args, SCALE_PER_ROW=per_row, INT8_DOT=int8_dot, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
+            num_warps=warps, num_stages=stages,
+        )  # fmt: skip
+    return y
+
+
+def bitlinear_triton(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, K: int) -> torch.Tensor:
+    """BitLinear fast path (the ``"triton"`` backend): x [M, K] float → [M, N] in x's dtype.
+
+    GEMV with fused quantization for M ≤ GEMV_MAX_M (decode), tensor-core matmul otherwise (prefill) or when
+    the row bytes are not a multiple of 4.
+    """
+    if x.dim() == 2 and x.shape[0] <= GEMV_MAX_M and gemv_compatible(packed):
+        return bitlinear_gemv(x, packed, scale, K)
+    return bitlinear_matmul(x, packed, scale, K)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# int8 output head
+
+
+def quantize_head(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row absmax int8 quantization of a head/embedding weight [V, D] float.
+
+    Returns (wq int8 [V, ceil(D/4)·4], zero-padded so rows are whole int32 words; scale f32 [V]) with
+    weight ≈ wq[:, :D] · scale[:, None]. Runs on the weight's device, one row block at a time.
+    """
+    if weight.dim() != 2 or not weight.is_floating_point():
+        raise KernelShapeError(f"quantize_head: weight must be a float [V, D] tensor, got {weight.dtype} {tuple(weight.shape)}")
+    v, d = weight.shape
+    d4 = (d + 3) // 4 * 4
+    wq = torch.zeros((v, d4), dtype=torch.int8, device=weight.device)
+    scale = torch.empty((v,), dtype=torch.float32, device=weight.device)
+    step = 8192  # rows per chunk: bounds the fp32 temporaries
+    for r0 in range(0, v, step):
+        w = weight[r0 : r0 + step].float()
+        sc = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+        wq[r0 : r0 + step, :d] = torch.round(w / sc[:, None]).clamp(-127, 127).to(torch.int8)
+        scale[r0 : r0 + step] = sc
+    return wq, scale
+
+
+def head_int8(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, config: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """Logits of the int8 head: x [M, D] float (int8-quantized per row in the kernel) · wqᵀ · scale → f32 [M, V]."""
+    if wq.dtype != torch.int8 or wq.dim() != 2 or wq.shape[1] % 4 or wq.stride(1) != 1:
+        raise KernelShapeError(f"head_int8: wq must be int8 [V, D4] with D4 % 4 == 0, got {wq.dtype} {tuple(wq.shape)}")
+    d = x.shape[-1] if x.dim() == 2 else -1
+    if d < 1 or d > wq.shape[1] or (wq.shape[1] - d) >= 4:
+        raise KernelShapeError(f"head_int8: x must be [M, D] with ceil(D/4)·4 = {wq.shape[1]}, got {tuple(x.shape)}")
+    x = _check_x(x, d, "head_int8")
+    v = wq.shape[0]
+    if scale.dtype != torch.float32 or tuple(scale.shape) != (v,):
+        raise KernelShapeError(f"head_int8: scale must be f32 [{v}], got {scale.dtype} {tuple(scale.shape)}")
+    words = wq.view(torch.int32)  # [V, D4/4]
+    m = x.shape[0]
+    y = torch.empty((m, v), dtype=torch.float32, device=x.device)
+    if m == 0:
+        return y
+    args = (x, words, scale, y, v, d, words.shape[1], x.stride(0), words.stride(0), y.stride(0))
+    if config is None and not _INTERPRET:
+        grid = lambda meta: (triton.cdiv(v, meta["BLOCK_N"]), m)  # noqa: E731
+        _gemv_w8a8_tuned[grid](*args, ON_GPU=True)
+    else:
+        bn, bw, warps = config or _INTERP_GEMV
+        _gemv_w8a8_kernel[(triton.cdiv(v, bn), m)](*args, BLOCK_N=bn, BLOCK_W=bw, ON_GPU=not _INTERPRET, num_warps=warps)
+    return y
+
+
+# --------------------------------------------------------------------------------------------------------------
+# torch.library custom ops: the same kernels, opaque to torch.compile (which then fuses the ops around them)
+
+
+@torch.library.custom_op("bitnet158::bitlinear", mutates_args=())
+def bitlinear_op(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, K: int) -> torch.Tensor:
+    """``bitlinear_triton`` as a custom op (BitLinear backend ``"triton_op"``)."""
+    return bitlinear_triton(x, packed, scale, K)
+
+
+@bitlinear_op.register_fake
+def _bitlinear_fake(x, packed, scale, K):
+    return x.new_empty((x.shape[0], packed.shape[0]))
+
+
+@torch.library.custom_op("bitnet158::head_int8", mutates_args=())
+def head_int8_op(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``head_int8`` as a custom op."""
+    return head_int8(x, wq, scale)
+
+
+@head_int8_op.register_fake
+def _head_int8_fake(x, wq, scale):
+    return x.new_empty((x.shape[0], wq.shape[0]), dtype=torch.float32)

@@ -1,0 +1,199 @@
+"""Build a runnable model from a weight source (a packed file now, GGUF through the same read surface later).
+
+The source is memory-mapped. Ternary weights go to the device as their packed bytes (a copy of the uint8 mmap view,
+never unpacked on the host); floats are cast to the compute dtype on their way to the device. Every tensor name and
+shape is checked against the config before anything is built, and the source is closed at the end: the model owns
+copies of everything it needs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from bitnet158.runtime.bitlinear import BitLinear, get_backend
+from bitnet158.runtime.config import ModelConfig
+from bitnet158.runtime.model import MLP, Attention, Block, RMSNorm, Transformer
+from bitnet158.runtime.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "f16": torch.float16, "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "f32": torch.float32, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+}  # fmt: skip
+
+
+class LoadError(ValueError):
+    """The weight source does not describe a model we can build (missing tensor, wrong shape...)."""
+
+
+class DeviceError(ValueError):
+    """The requested device or dtype is unavailable or unsafe for this model."""
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """None → CUDA when available, else CPU. An explicit CUDA request without CUDA is an error, never a fallback."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise DeviceError(f"unknown device {device!r} (use cpu or cuda)") from e
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise DeviceError(f"unsupported device {device!r} (use cpu or cuda)")
+    if not torch.cuda.is_available():
+        raise DeviceError(f"device {device!r} requested but no CUDA device is available (torch.cuda.is_available() is False)")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise DeviceError(f"device {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, config: ModelConfig, force: bool) -> torch.dtype:
+    """None → bf16 on CUDA, fp32 on CPU. fp16 with relu² is refused unless ``force`` (relu² overflows fp16)."""
+    if dtype is None:
+        dt = torch.bfloat16 if device.type == "cuda" else torch.float32
+    elif isinstance(dtype, torch.dtype):
+        dt = dtype
+    elif isinstance(dtype, str) and dtype.lower() in _DTYPES:
+        dt = _DTYPES[dtype.lower()]
+    else:
+        raise DeviceError(f"unknown dtype {dtype!r} (use bf16, f16 or f32)")
+    if dt not in (torch.bfloat16, torch.float16, torch.float32):
+        raise DeviceError(f"unsupported dtype {dt} (use bf16, f16 or f32)")
+    if dt == torch.float16 and config.hidden_act == "relu2" and not force:
+        raise DeviceError(
+            "fp16 with relu² activations overflows (the squared gate exceeds 65504); use bf16 or f32, or force it"
+        )
+    return dt
+
+
+def expected_tensors(c: ModelConfig) -> dict[str, tuple[tuple[int, ...], bool]]:
+    """Canonical name → (logical shape, is ternary) per PACKED.md §2.2 for this config."""
+    d, i, q, kv = c.hidden_size, c.intermediate_size, c.q_size, c.kv_size
+    out: dict[str, tuple[tuple[int, ...], bool]] = {"embed.weight": ((c.vocab_size, d), False)}
+    for n in range(c.num_hidden_layers):
+        p = f"layers.{n}."
+        out[p + "attn_norm.weight"] = ((d,), False)
+        out[p + "attn.q_proj.weight"] = ((q, d), True)
+        out[p + "attn.k_proj.weight"] = ((kv, d), True)
+        out[p + "attn.v_proj.weight"] = ((kv, d), True)
+        out[p + "attn.o_proj.weight"] = ((d, q), True)
+        out[p + "mlp_norm.weight"] = ((d,), False)
+        out[p + "mlp.gate_proj.weight"] = ((i, d), True)
+        out[p + "mlp.up_proj.weight"] = ((i, d), True)
+        out[p + "mlp.down_proj.weight"] = ((d, i), True)
+        if c.sub_norms:
+            out[p + "attn.sub_norm.weight"] = ((q,), False)
+            out[p + "mlp.sub_norm.weight"] = ((i,), False)
+    out["norm.weight"] = ((d,), False)
+    if not c.tie_word_embeddings:
+        out["lm_head.weight"] = ((c.vocab_size, d), False)
+    return out
+
+
+def _check_tensors(source, config: ModelConfig) -> None:
+    expected = expected_tensors(config)
+    present = source.tensors
+    missing = [n for n in expected if n not in present]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise LoadError(f"tensor {missing[0]!r} is missing{more}; the file does not match its config")
+    scales = {n + "_scale" for n, (_, tern) in expected.items() if tern}
+    unknown = [n for n in present if n not in expected and n not in scales]
+    if unknown:
+        raise LoadError(f"unexpected tensor {unknown[0]!r} for a {config.family} model with this config")
+    for name, (shape, ternary) in expected.items():
+        info = present[name]
+        if tuple(info.shape) != shape:
+            raise LoadError(f"tensor {name!r} has shape {tuple(info.shape)}, the config implies {shape}")
+        if (info.dtype == "t2") != ternary and info.dtype in ("t2", "bf16", "f16", "f32"):
+            want = "ternary" if ternary else "a float tensor"
+            raise LoadError(f"tensor {name!r} has dtype {info.dtype}, expected {want}")
+
+
+def build_model(
+    source, *, device=None, dtype=None, cache_unpacked: bool = False, force: bool = False, backend: str | None = None
+):
+    """Build a BitNetModel from an open weight source (``.config``, ``.tokenizer``, ``.tensors``, ``.torch``,
+    ``.ternary``). The caller closes the source; nothing built here points into it."""
+    from bitnet158.runtime.api import BitNetModel  # api imports this module
+
+    config = ModelConfig.from_dict(source.config)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev, config, force)
+    if backend is not None:
+        get_backend(backend)  # an unknown backend fails before minutes of loading
+    tokenizer = Tokenizer(source.tokenizer, config.eos_token_id)
+    _check_tensors(source, config)
+
+    def floats(name: str) -> torch.Tensor:
+        # copy=True: never keep a view of the read-only mmap (the source is closed after loading)
+        return source.torch(name).to(device=dev, dtype=dt, copy=True)
+
+    def linear(name: str) -> BitLinear:
+        packed, scale = source.ternary(name)
+        out_f, in_f = source.tensors[name].shape
+        if tuple(packed.shape) != (out_f, (in_f + 3) // 4) or tuple(scale.shape) not in ((1,), (out_f,)):
+            raise LoadError(f"tensor {name!r}: packed {tuple(packed.shape)} / scale {tuple(scale.shape)} do not fit {out_f}x{in_f}")
+        if not bool(torch.isfinite(scale).all() and (scale > 0).all()):
+            raise LoadError(f"tensor {name!r}: its scale must be finite and > 0")
+        lin = BitLinear(
+            packed.to(device=dev, copy=True),  # the bytes, as bytes: unpacking happens on the device
+            scale.to(device=dev, dtype=torch.float32, copy=True),
+            in_f,
+            cache_unpacked=cache_unpacked,
+        )
+        if backend is not None:
+            lin.backend = backend
+        return lin
+
+    def norm(name: str) -> RMSNorm:
+        return RMSNorm(floats(name), config.rms_norm_eps)
+
+    t0 = time.perf_counter()
+    blocks = []
+    for n in range(config.num_hidden_layers):
+        p = f"layers.{n}."
+        attn = Attention(
+            config,
+            linear(p + "attn.q_proj.weight"),
+            linear(p + "attn.k_proj.weight"),
+            linear(p + "attn.v_proj.weight"),
+            linear(p + "attn.o_proj.weight"),
+            norm(p + "attn.sub_norm.weight") if config.sub_norms else None,
+        )
+        mlp = MLP(
+            config,
+            linear(p + "mlp.gate_proj.weight"),
+            linear(p + "mlp.up_proj.weight"),
+            linear(p + "mlp.down_proj.weight"),
+            norm(p + "mlp.sub_norm.weight") if config.sub_norms else None,
+        )
+        blocks.append(Block(norm(p + "attn_norm.weight"), attn, norm(p + "mlp_norm.weight"), mlp))
+    embed = floats("embed.weight")
+    head = embed if config.tie_word_embeddings else floats("lm_head.weight")
+    net = Transformer(config, embed, blocks, norm("norm.weight"), head).eval()
+    log.info("built %s model on %s/%s in %.2fs", config.family, dev, dt, time.perf_counter() - t0)
+    return BitNetModel(net, tokenizer, config)
+
+
+def open_weights(path):
+    """Open ``path`` as a weight source (detected by its magic): a packed file now, GGUF later."""
+    from bitnet158.formats.source import open_source
+
+    return open_source(path)
+
+
+def load(path, device=None, dtype=None, cache_unpacked: bool = False, **opts):
+    """Load a model file for inference. See ``build_model`` for the options (force, backend)."""
+    source = open_weights(path)
+    try:
+        return build_model(source, device=device, dtype=dtype, cache_unpacked=cache_unpacked, **opts)
+    finally:
+        source.close()

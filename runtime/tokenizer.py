@@ -1,0 +1,155 @@
+"""Tokenizer from a weight file's tokenizer object (formats/PACKED.md §4): encode, decode, streaming, chat.
+
+The serialized HF ``tokenizers`` tokenizer carries its own post-processor, so ``encode(add_special_tokens=True)``
+adds BOS (or not) exactly as the source's HF tokenizer does. Chat templates render the way transformers renders
+them (utils/chat_template_utils.py): a jinja2 ImmutableSandboxedEnvironment with trim_blocks and lstrip_blocks,
+the loopcontrols extension, a non-escaping ``tojson`` filter and ``raise_exception`` / ``strftime_now`` globals.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from functools import cached_property
+
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as HFTokenizer
+
+# Special tokens that end an assistant turn in common chat formats; in chat mode generation also stops on the
+# ones this vocabulary has (2B-4T's config lists only <|end_of_text|> as EOS, its chat turns end in <|eot_id|>).
+_TURN_END_TOKENS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>")
+
+
+class TokenizerError(ValueError):
+    """The tokenizer in a weight file is unusable, or a chat template failed to render."""
+
+
+def _raise_exception(message):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    # Jinja's own tojson escapes HTML characters; transformers overrides it with plain json.dumps.
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt):
+    return datetime.now().strftime(fmt)
+
+
+class Tokenizer:
+    """Wraps ``tokenizers.Tokenizer`` plus the chat template and special-token strings of the file."""
+
+    def __init__(self, tok: dict, eos_token_ids: tuple[int, ...] = ()):
+        if not isinstance(tok, dict) or not isinstance(tok.get("tokenizer_json"), str):
+            raise TokenizerError("tokenizer: the file has no tokenizer_json string")
+        try:
+            self._tok = HFTokenizer.from_str(tok["tokenizer_json"])
+        except Exception as e:  # the tokenizers library raises a bare Exception on malformed JSON
+            raise TokenizerError(f"tokenizer: tokenizer_json does not load: {e}") from e
+        self.chat_template: str | None = tok.get("chat_template")
+        self.bos_token: str | None = tok.get("bos_token")
+        self.eos_token: str | None = tok.get("eos_token")
+        self.eos_token_ids: tuple[int, ...] = tuple(eos_token_ids)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text``; ``add_special_tokens`` applies the post-processor (BOS as the HF tokenizer)."""
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        """Text of ``ids`` (a list of ints or a 1-D tensor)."""
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def chat_stop_ids(self) -> tuple[int, ...]:
+        """Ids that end a chat turn: the config's EOS ids, the eos_token and known end-of-turn specials."""
+        ids = list(self.eos_token_ids)
+        for tok in (self.eos_token, *_TURN_END_TOKENS):
+            i = self._tok.token_to_id(tok) if tok else None
+            if i is not None and i not in ids:
+                ids.append(i)
+        return tuple(ids)
+
+    @cached_property
+    def _template(self) -> jinja2.Template:
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+        env.filters["tojson"] = _tojson
+        env.globals["raise_exception"] = _raise_exception
+        env.globals["strftime_now"] = _strftime_now
+        try:
+            return env.from_string(self.chat_template)
+        except jinja2.TemplateSyntaxError as e:
+            raise TokenizerError(f"chat template: syntax error at line {e.lineno}: {e.message}") from e
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """Render ``messages`` ([{"role", "content"}]) with the file's chat template, as transformers does."""
+        if not self.chat_template:
+            raise TokenizerError("this model file carries no chat template")
+        try:
+            return self._template.render(
+                messages=messages,
+                tools=None,
+                documents=None,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+            )
+        except jinja2.TemplateError as e:
+            raise TokenizerError(f"chat template: {e}") from e
+
+    def stream(self, prompt_ids: list[int] = (), skip_special_tokens: bool = True) -> "StreamDecoder":
+        """An incremental detokenizer for tokens that follow ``prompt_ids``."""
+        return StreamDecoder(self, prompt_ids, skip_special_tokens)
+
+
+class StreamDecoder:
+    """Turns a stream of token ids into text pieces, emitting text only once it is stable.
+
+    Decoding a token alone is wrong twice over: a multi-byte UTF-8 character split across byte-level tokens decodes
+    to U+FFFD until its last byte arrives, and SentencePiece-style decoders drop the leading space of the first
+    token of a sequence. So, like vLLM's detokenizer, we decode a short window that starts a few tokens back
+    (``prefix``) and emit what the new tokens added to it, holding back while the text ends in U+FFFD.
+    """
+
+    _CONTEXT = 6  # tokens of already-emitted text kept in front of the window
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids=(), skip_special_tokens: bool = True):
+        self._tok = tokenizer
+        self._skip = skip_special_tokens
+        self._ids: list[int] = list(prompt_ids)[-self._CONTEXT :]
+        self._prefix = 0  # window start
+        self._read = len(self._ids)  # tokens before this index are already emitted
+
+    def _decode(self, ids) -> str:
+        return self._tok.decode(ids, skip_special_tokens=self._skip)
+
+    def push(self, token_id: int) -> str:
+        """Add one token; return the newly stable text (possibly "")."""
+        self._ids.append(int(token_id))
+        prefix_text = self._decode(self._ids[self._prefix : self._read])
+        new_text = self._decode(self._ids[self._prefix :])
+        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
+            return ""
+        # Slide the window: the tokens emitted just now become the context for the next ones.
+        self._prefix, self._read = self._read, len(self._ids)
+        if len(self._ids) > 4 * self._CONTEXT:  # keep the list short: only the window matters
+            drop = self._prefix
+            self._ids = self._ids[drop:]
+            self._prefix -= drop
+            self._read -= drop
+        return new_text[len(prefix_text) :]
+
+    def flush(self) -> str:
+        """Whatever text is still held back at the end of the stream (e.g. an incomplete character as U+FFFD)."""
+        prefix_text = self._decode(self._ids[self._prefix : self._read])
+        new_text = self._decode(self._ids[self._prefix :])
+        self._prefix = self._read = len(self._ids)
+        return new_text[len(prefix_text) :]

@@ -1,0 +1,522 @@
+"""HF → packed converter: every family and form, exact codes and scales, tokenizer, strictness, CLI, hub cache."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from bitnet158.converter.cli import main
+from bitnet158.converter.hf import ConversionError, convert_hf, load_hf_source
+from bitnet158.formats.packed import PackedFile
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+LINEARS = ["attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+
+
+# --- independent oracles ----------------------------------------------------------------------------------------
+def decode_t2(packed: np.ndarray, in_features: int) -> np.ndarray:
+    """PACKED.md §2.1 written out in numpy: byte j of a row holds weights 4j+k at bits 2k..2k+1, code = t + 1."""
+    out = np.empty((packed.shape[0], packed.shape[1] * 4), dtype=np.int8)
+    for k in range(4):
+        out[:, k::4] = ((packed >> (2 * k)) & 3).astype(np.int8) - 1
+    return out[:, :in_features]
+
+
+def absmean(w: torch.Tensor) -> tuple[np.ndarray, np.float32]:
+    """REFERENCE §2 written out here: m = max(mean|W|, 1e-5) in fp32 (torch's reduction, as the reference
+    computes it; a float64 mean agrees to an ulp), t = clamp(round(W/m), -1, 1) with round half to even."""
+    wf = w.float()
+    m = wf.abs().mean().clamp(min=1e-5)
+    assert abs(float(m) - max(wf.double().abs().mean().item(), 1e-5)) <= 2e-7 * float(m)
+    return np.clip(np.round(wf.numpy() / m.numpy()), -1, 1).astype(np.int8), np.float32(m.item())
+
+
+def convert(ckpt_or_path, tmp_path: Path, name: str = "out.bnp", **kw) -> Path:
+    src = ckpt_or_path.path if hasattr(ckpt_or_path, "path") else ckpt_or_path
+    out = tmp_path / name
+    convert_hf(str(src), str(out), progress=False, **kw)
+    return out
+
+
+def copy_ckpt(ckpt, tmp_path: Path) -> Path:
+    dst = tmp_path / "src"
+    shutil.copytree(ckpt.path, dst)
+    return dst
+
+
+def edit_json(path: Path, **changes) -> None:
+    cfg = json.loads(path.read_text())
+    for k, v in changes.items():
+        if v is None and k.startswith("_del_"):
+            cfg.pop(k[5:], None)
+        else:
+            cfg[k] = v
+    path.write_text(json.dumps(cfg))
+
+
+CKPTS = ["ms_latent", "ms_packed_auto", "ms_packed_bitlinear", "onebitllm_ckpt", "llama_bitnet_ckpt"]
+
+
+# --- every family and form --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fixture", CKPTS)
+def test_codes_and_scales_exact(fixture, request, tmp_path):
+    ckpt = request.getfixturevalue(fixture)
+    out = convert(ckpt, tmp_path)
+    src = load_file(str(ckpt.path / "model.safetensors"))
+    with PackedFile(out) as pf:
+        cfg = pf.config
+        assert cfg["family"] == ckpt.family
+        assert cfg["sub_norms"] == (ckpt.family != "llama-bitnet")
+        assert cfg["hidden_act"] == ("relu2" if ckpt.family == "bitnet" else "silu")
+        n_linear = 0
+        for i in range(cfg["num_hidden_layers"]):
+            for lin in LINEARS:
+                name = f"layers.{i}.{lin}.weight"
+                info = pf.tensors[name]
+                assert info.dtype == "t2" and info.scale == name + "_scale" and info.scale_granularity == "tensor"
+                packed, scale = pf.ternary(name)
+                codes = decode_t2(packed.numpy(), info.shape[1])
+                if ckpt.form == "latent":
+                    want_t, want_m = absmean(ckpt.latent[name])
+                else:
+                    t, s = ckpt.ternary[name]
+                    want_t, want_m = t.numpy(), np.float32(s)
+                np.testing.assert_array_equal(codes, want_t, err_msg=name)
+                assert scale.dtype == torch.float32 and scale.shape == (1,)
+                assert scale.numpy()[0] == want_m, name
+                n_linear += 1
+        assert n_linear == 7 * cfg["num_hidden_layers"]
+        # Float tensors: the source values in bf16, under their canonical names.
+        sub = {"bitnet": ("self_attn.attn_sub_norm", "mlp.ffn_sub_norm"),
+               "1bitllm": ("self_attn.inner_attn_ln", "mlp.ffn_layernorm")}.get(ckpt.family)
+        pairs = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
+        for i in range(cfg["num_hidden_layers"]):
+            pairs[f"layers.{i}.attn_norm.weight"] = f"model.layers.{i}.input_layernorm.weight"
+            pairs[f"layers.{i}.mlp_norm.weight"] = f"model.layers.{i}.post_attention_layernorm.weight"
+            if sub:
+                pairs[f"layers.{i}.attn.sub_norm.weight"] = f"model.layers.{i}.{sub[0]}.weight"
+                pairs[f"layers.{i}.mlp.sub_norm.weight"] = f"model.layers.{i}.{sub[1]}.weight"
+            else:
+                assert f"layers.{i}.attn.sub_norm.weight" not in pf.tensors
+        if not cfg["tie_word_embeddings"]:
+            pairs["lm_head.weight"] = "lm_head.weight"
+        else:
+            assert "lm_head.weight" not in pf.tensors
+        for canon, hf in pairs.items():
+            assert pf.tensors[canon].dtype == "bf16"
+            assert torch.equal(pf.torch(canon), src[hf].to(torch.bfloat16)), canon
+        n_float = len(pairs)
+        assert len(pf.tensors) == 2 * n_linear + n_float  # nothing else in the file
+        pf.verify()
+
+
+def test_config_fields(ms_packed_auto, onebitllm_ckpt, llama_bitnet_ckpt, tmp_path):
+    with PackedFile(convert(ms_packed_auto, tmp_path, "a.bnp")) as pf:
+        c = pf.config
+        tok = json.loads(pf.tokenizer["tokenizer_json"])
+        ids = {a["content"]: a["id"] for a in tok["added_tokens"]}
+        assert c["rope_theta"] == 500000.0 and c["rope_style"] == "neox" and c["rope_scaling"] is None
+        assert (c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]) == (64, 160, 2)
+        assert (c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]) == (4, 2, 16)
+        assert c["tie_word_embeddings"] is True and c["max_position_embeddings"] == 256
+        assert c["bos_token_id"] == ids["<|begin_of_text|>"]
+        # config eos, then generation_config's list (which adds <|eot_id|>), deduplicated.
+        assert c["eos_token_id"] == [ids["<|end_of_text|>"], ids["<|eot_id|>"]]
+        assert c["vocab_size"] == ms_packed_auto.config["vocab_size"]
+        assert set(c) == {"family", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                          "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings", "rope_theta",
+                          "rope_style", "rope_scaling", "rms_norm_eps", "hidden_act", "sub_norms",
+                          "tie_word_embeddings", "bos_token_id", "eos_token_id"}
+    with PackedFile(convert(onebitllm_ckpt, tmp_path, "b.bnp")) as pf:
+        assert pf.config["rope_theta"] == 10000.0 and pf.config["bos_token_id"] == 1
+        assert pf.config["eos_token_id"] == [2]
+    with PackedFile(convert(llama_bitnet_ckpt, tmp_path, "c.bnp")) as pf:
+        assert pf.config["tie_word_embeddings"] is False and pf.config["rope_theta"] == 500000.0
+
+
+def test_provenance(ms_latent, tmp_path):
+    with PackedFile(convert(ms_latent, tmp_path)) as pf:
+        p = pf.provenance
+    assert p["source"] == str(ms_latent.path.resolve()) and p["revision"] is None
+    assert p["converter"] == f"bitnet158 {importlib.metadata.version('bitnet158')}"
+    assert p["created"].endswith("Z") and p["source_dtype"] == "bfloat16"
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(p["files"])
+    for name, digest in p["files"].items():
+        assert digest == hashlib.sha256((ms_latent.path / name).read_bytes()).hexdigest(), name
+
+
+def test_load_hf_source_api(onebitllm_ckpt):
+    with load_hf_source(str(onebitllm_ckpt.path)) as hf:
+        assert hf.family == "1bitllm" and hf.form == "latent"
+        assert set(hf.skipped) == {f"model.layers.{i}.self_attn.rotary_emb.inv_freq" for i in range(2)}
+        items = list(hf.tensors())
+        assert [n for n, _, _ in items] == list(hf.shapes)
+        name, kind, load = next(x for x in items if x.kind == "linear")
+        t, m = load()
+        want_t, want_m = absmean(onebitllm_ckpt.latent[name])
+        assert np.array_equal(t.numpy(), want_t) and np.float32(m) == want_m
+
+
+@pytest.mark.parametrize("dtype,torch_dtype", [("f32", torch.float32), ("f16", torch.float16)])
+def test_float_dtype_option(onebitllm_ckpt, tmp_path, dtype, torch_dtype):
+    src = load_file(str(onebitllm_ckpt.path / "model.safetensors"))
+    with PackedFile(convert(onebitllm_ckpt, tmp_path, dtype=dtype)) as pf:
+        assert pf.tensors["embed.weight"].dtype == dtype
+        assert torch.equal(pf.torch("embed.weight"), src["model.embed_tokens.weight"].to(torch_dtype))
+
+
+def test_already_ternary_times_c_keeps_c(tiny, tmp_path):
+    ckpt = tiny.microsoft_latent(tmp_path / "src")
+    state = load_file(str(ckpt.path / "model.safetensors"))
+    hf_name = "model.layers.1.mlp.up_proj.weight"
+    c = torch.tensor(0.0371, dtype=torch.bfloat16)
+    t = torch.sign(state[hf_name]).to(torch.int8)
+    t[::3] = 0  # a third of the rows zero: absmean would give c · (fraction non-zero) instead of c
+    state[hf_name] = t.to(torch.bfloat16) * c
+    save_file(state, str(ckpt.path / "model.safetensors"))
+    summary = convert_hf(str(ckpt.path), str(tmp_path / "o.bnp"), progress=False)
+    assert summary.kept_scaled_ternary == 1
+    with PackedFile(tmp_path / "o.bnp") as pf:
+        packed, scale = pf.ternary("layers.1.mlp.up_proj.weight")
+        assert scale.item() == float(c.float())
+        assert np.array_equal(decode_t2(packed.numpy(), 64), t.numpy())
+        _, requantized = absmean(state[hf_name])
+        assert requantized < 0.7 * float(c)  # what re-ternarizing would have stored
+
+
+@pytest.mark.parametrize("fixture", ["ms_packed_auto", "ms_packed_bitlinear", "llama_bitnet_ckpt"])
+def test_scale_conventions_match_transformers(fixture, request, tmp_path):
+    """W = scale · t from our file equals the weight transformers itself applies (multiply vs divide)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations.bitnet import (
+        AutoBitLinear,
+        BitLinear,
+        unpack_weights,
+    )
+
+    ckpt = request.getfixturevalue(fixture)
+    model, info = AutoModelForCausalLM.from_pretrained(str(ckpt.path), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    with PackedFile(convert(ckpt, tmp_path)) as pf:
+        for i, layer in enumerate(model.model.layers):
+            for lin in LINEARS:
+                mod = layer.get_submodule(lin.replace("attn.", "self_attn."))
+                ws = mod.weight_scale.float()
+                if isinstance(mod, AutoBitLinear):  # y = linear(x, t) · ws
+                    effective = mod.weight.float() * ws
+                else:
+                    assert isinstance(mod, BitLinear)  # y = linear(x, t) / ws
+                    effective = unpack_weights(mod.weight, dtype=torch.float32) / ws
+                packed, scale = pf.ternary(f"layers.{i}.{lin}.weight")
+                ours = torch.from_numpy(decode_t2(packed.numpy(), packed.shape[1] * 4)).float() * scale
+                torch.testing.assert_close(ours, effective, rtol=1e-6, atol=0)
+
+
+def test_both_conventions_same_model(ms_packed_auto, ms_packed_bitlinear, tmp_path):
+    """The same model packed with either linear_class gives the same codes and scales within bf16 storage."""
+    with PackedFile(convert(ms_packed_auto, tmp_path, "a.bnp")) as a, \
+            PackedFile(convert(ms_packed_bitlinear, tmp_path, "b.bnp")) as b:
+        for name in [n for n, i in a.tensors.items() if i.dtype == "t2"]:
+            pa, sa = a.ternary(name)
+            pb, sb = b.ternary(name)
+            assert torch.equal(pa, pb)
+            assert abs(sa.item() / sb.item() - 1) < 2 ** -7  # both from a bf16 weight_scale
+
+
+def test_transformers_loads_fixtures(tiny, ms_latent, onebitllm_ckpt, tmp_path):
+    """The latent Microsoft and 1bitLLM references load in transformers' BitNetForCausalLM without key surprises."""
+    from transformers import AutoModelForCausalLM, BitNetForCausalLM
+    from transformers.integrations.bitnet import AutoBitLinear
+
+    for path in (ms_latent.path, tiny.onebitllm_as_transformers(onebitllm_ckpt, tmp_path / "tf")):
+        model, info = AutoModelForCausalLM.from_pretrained(str(path), output_loading_info=True)
+        assert isinstance(model, BitNetForCausalLM)
+        assert not info["missing_keys"] and not info["unexpected_keys"], info
+        q = model.model.layers[0].self_attn.q_proj
+        assert isinstance(q, AutoBitLinear) and q.online_quant
+        logits = model(torch.tensor([[1, 5, 9]])).logits
+        assert torch.isfinite(logits).all()
+
+
+# --- tokenizer ----------------------------------------------------------------------------------------------------
+def _roundtrip(folder: Path, pf: PackedFile, samples):
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    ours = Tokenizer.from_str(pf.tokenizer["tokenizer_json"])
+    ref = AutoTokenizer.from_pretrained(str(folder))
+    for s in samples:
+        assert ours.encode(s).ids == ref.encode(s), repr(s)
+        assert ours.encode(s, add_special_tokens=False).ids == ref.encode(s, add_special_tokens=False), repr(s)
+    return ref
+
+
+def test_tokenizer_bpe_roundtrip_and_chat_template(tiny, ms_packed_auto, tmp_path):
+    with PackedFile(convert(ms_packed_auto, tmp_path)) as pf:
+        ref = _roundtrip(ms_packed_auto.path, pf, tiny.ENCODE_SAMPLES)
+        tok = pf.tokenizer
+        assert tok["chat_template"] == tiny.CHAT_TEMPLATE == ref.chat_template
+        assert (tok["bos_token"], tok["eos_token"]) == (tiny.BOS, tiny.EOS)
+        assert tok["add_bos_token"] is True and tok["add_eos_token"] is False
+        msgs = [{"role": "user", "content": "hi"}]
+        assert ref.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) == \
+            f"{tiny.BOS}User: hi{tiny.EOT}Assistant: "
+
+
+def test_tokenizer_sentencepiece_roundtrip(tiny, onebitllm_ckpt, tmp_path):
+    with PackedFile(convert(onebitllm_ckpt, tmp_path)) as pf:
+        _roundtrip(onebitllm_ckpt.path, pf, tiny.ENCODE_SAMPLES + ["</s> inside", "<s>"])
+        tok = pf.tokenizer
+        assert (tok["bos_token"], tok["eos_token"], tok["add_bos_token"]) == ("<s>", "</s>", True)
+        assert tok["chat_template"] is None
+
+
+def test_tokenizer_config_flags_and_jinja_file(tiny, tmp_path):
+    """With a tokenizer.json, transformers v5 keeps its post-processor whatever add_eos_token says; so do we.
+    A chat_template.jinja file wins over the config's template, as in transformers."""
+    ckpt = tiny.onebitllm(tmp_path / "src", tokenizer="bpe")
+    edit_json(ckpt.path / "tokenizer_config.json", add_bos_token=True, add_eos_token=True)
+    (ckpt.path / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    with PackedFile(convert(ckpt, tmp_path)) as pf:
+        ref = _roundtrip(ckpt.path, pf, tiny.ENCODE_SAMPLES)
+        assert pf.tokenizer["add_bos_token"] is True and pf.tokenizer["add_eos_token"] is False
+        assert pf.tokenizer["chat_template"] == "{{ messages[0]['content'] }}" == ref.chat_template
+
+
+# --- strictness ---------------------------------------------------------------------------------------------------
+def _add_tensor(folder: Path, name: str, value: torch.Tensor) -> None:
+    state = load_file(str(folder / "model.safetensors"))
+    state[name] = value
+    save_file(state, str(folder / "model.safetensors"))
+
+
+def test_unexpected_tensor_is_an_error(onebitllm_ckpt, tmp_path):
+    src = copy_ckpt(onebitllm_ckpt, tmp_path)
+    _add_tensor(src, "model.layers.0.mlp.extra_proj.weight", torch.zeros(4, 4, dtype=torch.float16))
+    with pytest.raises(ConversionError, match=r"unexpected tensor.*model\.layers\.0\.mlp\.extra_proj\.weight"):
+        convert(src, tmp_path)
+    assert not (tmp_path / "out.bnp").exists()
+
+
+def test_missing_and_misshapen_tensors(onebitllm_ckpt, tmp_path):
+    src = copy_ckpt(onebitllm_ckpt, tmp_path)
+    state = load_file(str(src / "model.safetensors"))
+    del state["model.layers.1.mlp.ffn_layernorm.weight"]
+    save_file(state, str(src / "model.safetensors"))
+    with pytest.raises(ConversionError, match=r"model\.layers\.1\.mlp\.ffn_layernorm\.weight.*missing"):
+        convert(src, tmp_path)
+    state["model.layers.1.mlp.ffn_layernorm.weight"] = torch.ones(7, dtype=torch.float16)
+    save_file(state, str(src / "model.safetensors"))
+    with pytest.raises(ConversionError, match=r"ffn_layernorm\.weight: shape \(7,\), expected \(160,\)"):
+        convert(src, tmp_path)
+
+
+def test_bias_refused(onebitllm_ckpt, tmp_path):
+    src = copy_ckpt(onebitllm_ckpt, tmp_path)
+    _add_tensor(src, "model.layers.0.self_attn.q_proj.bias", torch.zeros(64, dtype=torch.float16))
+    with pytest.raises(ConversionError, match="bias"):
+        convert(src, tmp_path)
+
+
+def test_plain_llama_refused(llama_bitnet_ckpt, onebitllm_ckpt, tmp_path):
+    src = copy_ckpt(llama_bitnet_ckpt, tmp_path)
+    edit_json(src / "config.json", _del_quantization_config=None)
+    with pytest.raises(ConversionError, match="plain Llama model"):
+        convert(src, tmp_path)
+    # A 1bitLLM checkpoint whose config lost its architecture is refused too, with a hint.
+    src2 = tmp_path / "src2"
+    shutil.copytree(onebitllm_ckpt.path, src2)
+    edit_json(src2 / "config.json", architectures=["LlamaForCausalLM"])
+    with pytest.raises(ConversionError, match="plain Llama model.*1bitLLM"):
+        convert(src2, tmp_path)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"quantization_config": {"quant_method": "bitnet", "linear_class": "bitlinear", "use_rms_norm": True}},
+     "use_rms_norm"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope scaling type 'yarn'"),
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+    ({"attention_bias": True}, "attention_bias"),
+    ({"architectures": ["MistralForCausalLM"], "model_type": "mistral"}, "unsupported model"),
+    ({"quantization_config": {"quant_method": "bitnet", "modules_to_not_convert": ["model.layers.0.mlp.up_proj"]}},
+     "modules_to_not_convert"),
+])
+def test_unsupported_configs_refused(llama_bitnet_ckpt, tmp_path, change, message):
+    src = copy_ckpt(llama_bitnet_ckpt, tmp_path)
+    edit_json(src / "config.json", **change)
+    with pytest.raises(ConversionError, match=message):
+        convert(src, tmp_path)
+
+
+def test_rope_spellings(onebitllm_ckpt, tmp_path):
+    src = copy_ckpt(onebitllm_ckpt, tmp_path)
+    # transformers v5 spelling: rope_parameters, dtype.
+    edit_json(src / "config.json", _del_rope_theta=None, _del_rope_scaling=None, _del_torch_dtype=None,
+              dtype="float16", rope_parameters={"rope_type": "default", "rope_theta": 12345.0})
+    with load_hf_source(str(src)) as hf:
+        assert hf.config["rope_theta"] == 12345.0 and hf.config["rope_scaling"] is None
+        assert hf.source_dtype == "float16"
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 128}
+    edit_json(src / "config.json", rope_parameters={"rope_theta": 500000.0, **llama3})
+    with load_hf_source(str(src)) as hf:
+        assert hf.config["rope_theta"] == 500000.0 and hf.config["rope_scaling"] == llama3
+    # v4 spelling with the old "type" key.
+    edit_json(src / "config.json", _del_rope_parameters=None, rope_theta=10000.0,
+              rope_scaling={"type": "linear", "factor": 2.0})
+    with load_hf_source(str(src)) as hf:
+        assert hf.config["rope_scaling"] == {"rope_type": "linear", "factor": 2.0}
+
+
+def test_sharded_safetensors(ms_latent, tmp_path):
+    src = copy_ckpt(ms_latent, tmp_path)
+    state = load_file(str(src / "model.safetensors"))
+    (src / "model.safetensors").unlink()
+    names = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    weight_map = {}
+    for fname, keys in shards.items():
+        save_file({k: state[k] for k in keys}, str(src / fname))
+        weight_map.update({k: fname for k in keys})
+    (src / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    a = convert(ms_latent, tmp_path, "a.bnp")
+    b = convert(src, tmp_path, "b.bnp")
+    with PackedFile(a) as pa, PackedFile(b) as pb:
+        assert list(pa.tensors) == list(pb.tensors)
+        for n in pa.tensors:
+            assert torch.equal(pa.torch(n), pb.torch(n)), n
+        assert set(shards) | {"model.safetensors.index.json"} <= set(pb.provenance["files"])
+
+
+def test_pickle_refused_then_allowed(onebitllm_ckpt, tmp_path):
+    src = copy_ckpt(onebitllm_ckpt, tmp_path)
+    state = load_file(str(src / "model.safetensors"))
+    (src / "model.safetensors").unlink()
+    torch.save(state, src / "pytorch_model.bin")
+    with pytest.raises(ConversionError, match=r"pickle.*--allow-pickle"):
+        convert(src, tmp_path)
+    assert not (tmp_path / "out.bnp").exists()
+    ref = convert(onebitllm_ckpt, tmp_path, "ref.bnp")
+    out = convert(src, tmp_path, allow_pickle=True)
+    with PackedFile(ref) as pr, PackedFile(out) as po:
+        for n in pr.tensors:
+            assert torch.equal(pr.torch(n), po.torch(n)), n
+        assert "pytorch_model.bin" in po.provenance["files"]
+
+
+def test_overwrite_needs_force(ms_packed_auto, tmp_path):
+    out = tmp_path / "out.bnp"
+    out.write_bytes(b"keep me")
+    with pytest.raises(ConversionError, match="exists.*--force"):
+        convert(ms_packed_auto, tmp_path)
+    assert out.read_bytes() == b"keep me"
+    convert(ms_packed_auto, tmp_path, force=True)
+    with PackedFile(out) as pf:
+        assert pf.config["family"] == "bitnet"
+
+
+def test_failed_conversion_leaves_nothing(tiny, tmp_path):
+    ckpt = tiny.onebitllm(tmp_path / "src")
+    state = load_file(str(ckpt.path / "model.safetensors"))
+    state["model.layers.1.mlp.down_proj.weight"][0, 0] = float("nan")  # found only when that tensor streams
+    save_file(state, str(ckpt.path / "model.safetensors"))
+    outdir = tmp_path / "outdir"
+    outdir.mkdir()
+    with pytest.raises(ConversionError, match="down_proj.*NaN"):
+        convert(ckpt, outdir)
+    assert list(outdir.iterdir()) == []
+
+
+# --- CLI ------------------------------------------------------------------------------------------------------------
+def test_cli_convert_and_inspect(ms_packed_bitlinear, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "m.bnp"
+    r = runner.invoke(main, ["hf-to-packed", str(ms_packed_bitlinear.path), "-o", str(out), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert "family       bitnet (packed" in r.output and "bits/weight" in r.output and "parameters" in r.output
+    r = runner.invoke(main, ["inspect", str(out), "--verify"])
+    assert r.exit_code == 0, r.output
+    assert "layers.1.mlp.down_proj.weight" in r.output and "verify: OK" in r.output
+    # Second run without --force: one error line, exit 1, file untouched.
+    before = out.read_bytes()
+    r = runner.invoke(main, ["hf-to-packed", str(ms_packed_bitlinear.path), "-o", str(out)])
+    assert r.exit_code == 1 and r.output.strip().startswith("error:") and len(r.output.strip().splitlines()) == 1
+    assert out.read_bytes() == before
+    r = runner.invoke(main, ["inspect", str(tmp_path / "nope.bnp")])
+    assert r.exit_code == 1 and r.output.startswith("error:")
+    r = runner.invoke(main, ["hf-to-packed", str(tmp_path / "no-such-dir"), "-o", str(tmp_path / "x.bnp")])
+    assert r.exit_code == 1 and "error:" in r.output and not (tmp_path / "x.bnp").exists()
+
+
+# --- the hub path, offline --------------------------------------------------------------------------------------
+def test_hub_id_from_offline_cache(ms_packed_auto, tmp_path, monkeypatch):
+    import huggingface_hub.constants as hc
+
+    cache = tmp_path / "hub"
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / "models--tiny-org--tiny-bitnet"
+    snap = repo / "snapshots" / sha
+    blobs = repo / "blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir()
+    for f in ms_packed_auto.path.iterdir():  # the real layout: snapshot files are links into blobs/
+        blob = blobs / hashlib.sha256(f.read_bytes()).hexdigest()
+        shutil.copy(f, blob)
+        (snap / f.name).symlink_to(Path("../../blobs") / blob.name)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads both variables at import; set its constants too.
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+
+    out = convert("tiny-org/tiny-bitnet", tmp_path)
+    with PackedFile(out) as pf:
+        assert pf.provenance["source"] == "tiny-org/tiny-bitnet" and pf.provenance["revision"] == sha
+        assert pf.provenance["files"]["model.safetensors"] == hashlib.sha256(
+            (ms_packed_auto.path / "model.safetensors").read_bytes()).hexdigest()
+        packed, scale = pf.ternary("layers.0.attn.q_proj.weight")
+        t, s = ms_packed_auto.ternary["layers.0.attn.q_proj.weight"]
+        assert np.array_equal(decode_t2(packed.numpy(), 64), t.numpy()) and scale.item() == s
+    convert("tiny-org/tiny-bitnet", tmp_path, "by_sha.bnp", revision=sha)
+    with pytest.raises(ConversionError, match="tiny-org/not-cached"):
+        convert("tiny-org/not-cached", tmp_path, "x.bnp")
+
+
+@pytest.mark.parametrize("strip_added", [False, True])
+def test_tokenizer_json_beside_sentencepiece(tiny, tmp_path, strip_added):
+    """The real 1bitLLM repos ship tokenizer.json next to tokenizer.model: the json wins. With its added-tokens
+    list emptied (older exports), the config's special tokens are registered as transformers does."""
+    from transformers import AutoTokenizer
+
+    ckpt = tiny.onebitllm(tmp_path / "src")
+    tj = json.loads(AutoTokenizer.from_pretrained(str(ckpt.path)).backend_tokenizer.to_str())
+    if strip_added:
+        tj["added_tokens"] = []
+    (ckpt.path / "tokenizer.json").write_text(json.dumps(tj))
+    with PackedFile(convert(ckpt, tmp_path)) as pf:
+        _roundtrip(ckpt.path, pf, tiny.ENCODE_SAMPLES + ["</s> inside", "<s><unk>", "x</s>"])
+        assert "tokenizer.json" in pf.provenance["files"] and "tokenizer.model" not in pf.provenance["files"]
+
+
+def test_packed_code3_and_bad_scale_refused(ms_packed_auto, tmp_path):
+    src = copy_ckpt(ms_packed_auto, tmp_path)
+    state = load_file(str(src / "model.safetensors"))
+    good = {k: v.clone() for k, v in state.items()}
+    state["model.layers.0.mlp.up_proj.weight"][3, 7] = 0b00110000  # field 2 holds code 3
+    save_file(state, str(src / "model.safetensors"))
+    with pytest.raises(ConversionError, match="up_proj.weight: holds the unused 2-bit code 3"):
+        convert(src, tmp_path)
+    good["model.layers.0.mlp.up_proj.weight_scale"] = torch.zeros(1, dtype=torch.bfloat16)
+    save_file(good, str(src / "model.safetensors"))
+    with pytest.raises(ConversionError, match="up_proj.weight_scale: the scale must be finite and > 0"):
+        convert(src, tmp_path)
+    assert not (tmp_path / "out.bnp").exists()

@@ -1,0 +1,525 @@
+"""packed -> GGUF export and GGUF -> packed import (converter/gguf_convert.py).
+
+Oracles that do not share code with the exporter: a numpy I2_S decoder written here from the layout in
+REFERENCE.md §6, a minimal GGUF container parser written here, golden bytes of one I2_S tensor, and the gguf
+package's own GGUFReader and TQ1_0/TQ2_0 quantizers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from gguf import quants
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from bitnet158.converter import gguf_convert as gc
+from bitnet158.formats.packed import PackedFile, PackedWriter, TensorSpec
+from bitnet158.formats.ternary import pack_t2
+
+LINEARS = ["attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+CORPUS = ["the quick brown fox jumps over the lazy dog", "hello world, hello bitnet", "ternary weights are small"] * 20
+
+
+def _tokenizer() -> dict:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
+    return {
+        "tokenizer_json": tok.to_str(),
+        "chat_template": "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "add_bos_token": False,
+        "add_eos_token": False,
+    }
+
+
+def _config(act: str = "silu", hidden: int = 256, inter: int = 512, layers: int = 2, tie: bool = True) -> dict:
+    return {
+        "family": "1bitllm" if act == "silu" else "bitnet",
+        "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": hidden // 4,
+        "vocab_size": 320, "max_position_embeddings": 128, "rope_theta": 10000.0, "rope_style": "neox",
+        "rope_scaling": None, "rms_norm_eps": 1e-5, "hidden_act": act, "sub_norms": True,
+        "tie_word_embeddings": tie, "bos_token_id": 0, "eos_token_id": [1],
+    }
+
+
+def _shapes(cfg: dict) -> dict[str, tuple[int, int]]:
+    h, i, hd = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
+    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
+    return {"attn.q_proj": (q, h), "attn.k_proj": (kv, h), "attn.v_proj": (kv, h), "attn.o_proj": (h, q),
+            "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h), "mlp.down_proj": (h, i)}
+
+
+def make_packed(path: Path, *, act: str = "silu", seed: int = 0, scales: str = "f16", tie: bool = True,
+                hidden: int = 256, inter: int = 512, row_scales: bool = False,
+                tokenizer: tuple[dict, dict] | None = None) -> dict[str, np.ndarray]:
+    """Write a tiny random packed model; return its ternary values {name: int8 [out, in]}.
+
+    scales: "f16" -> f16-exact scales (k/64), "f32" -> scales that f16 cannot hold.
+    tokenizer: (tokenizer dict, {"bos_token_id", "eos_token_id", "vocab_size"}) from the converter; default: ours.
+    """
+    g = torch.Generator().manual_seed(seed)
+    cfg = _config(act, hidden, inter, tie=tie)
+    tok = _tokenizer()
+    if tokenizer is not None:
+        tok, facts = tokenizer
+        cfg["vocab_size"] = max(cfg["vocab_size"], facts["vocab_size"])
+        cfg["bos_token_id"] = facts["bos_token_id"]
+        eos = facts["eos_token_id"]
+        cfg["eos_token_id"] = eos if isinstance(eos, list) else [eos]
+    specs, data, ternary = [], {}, {}
+    embed = (torch.randn(cfg["vocab_size"], hidden, generator=g) * 0.5).to(torch.bfloat16)
+    specs.append(TensorSpec("embed.weight", "bf16", tuple(embed.shape)))
+    data["embed.weight"] = embed
+    shapes = _shapes(cfg)
+    for li in range(cfg["num_hidden_layers"]):
+        for norm, n in (("attn_norm", hidden), ("attn.sub_norm", cfg["num_attention_heads"] * cfg["head_dim"]),
+                        ("mlp_norm", hidden), ("mlp.sub_norm", inter)):
+            w = (1 + 0.1 * torch.randn(n, generator=g)).to(torch.bfloat16)
+            specs.append(TensorSpec(f"layers.{li}.{norm}.weight", "bf16", (n,)))
+            data[f"layers.{li}.{norm}.weight"] = w
+        for lin in LINEARS:
+            out_f, in_f = shapes[lin]
+            t = torch.randint(-1, 2, (out_f, in_f), generator=g, dtype=torch.int8)
+            t[:, ::256] = 1  # every 256-block has a nonzero, so gguf's TQ quantizers pick d = scale
+            name = f"layers.{li}.{lin}.weight"
+            if row_scales:
+                s = (torch.randint(16, 64, (out_f,), generator=g).float() / 64)
+            elif scales == "f16":
+                s = torch.tensor([float(torch.randint(16, 64, (1,), generator=g)) / 64])
+            else:
+                s = torch.tensor([0.1 + 0.01 * li], dtype=torch.float32)  # 0.1 is not exact in f16
+            gran = "row" if row_scales else "tensor"
+            specs.append(TensorSpec(name, "t2", (out_f, in_f), scale=name + "_scale", scale_granularity=gran))
+            specs.append(TensorSpec(name + "_scale", "f32", tuple(s.shape)))
+            data[name] = pack_t2(t)
+            data[name + "_scale"] = s.to(torch.float32)
+            ternary[name] = t.numpy()
+    norm = (1 + 0.1 * torch.randn(hidden, generator=g)).to(torch.bfloat16)
+    specs.append(TensorSpec("norm.weight", "bf16", (hidden,)))
+    data["norm.weight"] = norm
+    if not tie:
+        head = (torch.randn(cfg["vocab_size"], hidden, generator=g) * 0.1).to(torch.bfloat16)
+        specs.append(TensorSpec("lm_head.weight", "bf16", tuple(head.shape)))
+        data["lm_head.weight"] = head
+    prov = {"source": str(path), "revision": None, "files": {}, "converter": "test", "created": "2026-01-01T00:00:00Z"}
+    with PackedWriter(path, config=cfg, tokenizer=tok, provenance=prov, tensors=specs) as w:
+        for s in specs:
+            w.write(s.name, data[s.name])
+    return ternary
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# independent oracles
+
+
+def parse_gguf(path: Path) -> tuple[dict, dict]:
+    """Minimal GGUF v3 parser for the tests: (kv {key: value}, tensors {name: (ggml shape, type, abs offset)})."""
+    buf = Path(path).read_bytes()
+    pos = 0
+
+    def take(fmt):
+        nonlocal pos
+        v = struct.unpack_from("<" + fmt, buf, pos)
+        pos += struct.calcsize("<" + fmt)
+        return v[0]
+
+    def string():
+        nonlocal pos
+        n = take("Q")
+        s = buf[pos:pos + n].decode()
+        pos += n
+        return s
+
+    scalar = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+    def value(t):
+        if t == 8:
+            return string()
+        if t == 9:
+            et, n = take("I"), take("Q")
+            return [value(et) for _ in range(n)]
+        return take(scalar[t])
+
+    assert buf[:4] == b"GGUF" and take("I") == 0x46554747 and take("I") == 3
+    n_t, n_kv = take("Q"), take("Q")
+    kv = {}
+    for _ in range(n_kv):
+        k = string()
+        kv[k] = value(take("I"))
+    infos = {}
+    for _ in range(n_t):
+        name = string()
+        nd = take("I")
+        dims = [take("Q") for _ in range(nd)]
+        infos[name] = (dims, take("I"), take("Q"))
+    align = kv.get("general.alignment", 32)
+    data_start = (pos + align - 1) // align * align
+    return kv, {n: (d, t, data_start + o) for n, (d, t, o) in infos.items()}
+
+
+def decode_i2s(raw: bytes, out_f: int, in_f: int) -> tuple[np.ndarray, float]:
+    """I2_S per REFERENCE §6: 32-byte blocks of 128 weights; byte b holds b, 32+b, 64+b, 96+b in bits 7-6..1-0."""
+    n = out_f * in_f
+    packed = np.frombuffer(raw[: n // 4], dtype=np.uint8).reshape(-1, 32)
+    vals = np.empty((packed.shape[0], 128), dtype=np.int8)
+    for k, shift in enumerate((6, 4, 2, 0)):
+        vals[:, 32 * k:32 * k + 32] = ((packed >> shift) & 3).astype(np.int8) - 1
+    scale = struct.unpack_from("<f", raw, n // 4)[0]
+    return vals.reshape(out_f, in_f), scale
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# I2_S
+
+
+def test_i2s_export_layout_metadata_and_independent_decode(tmp_path):
+    src = tmp_path / "m.bin"
+    tern = make_packed(src, act="relu2")
+    out = tmp_path / "m.gguf"
+    gc.packed_to_gguf(src, out, qtype="i2_s")
+    kv, tensors = parse_gguf(out)
+    arch = "bitnet-b1.58"
+    assert kv["general.architecture"] == arch
+    assert list(kv)[0] == "general.architecture"
+    assert kv[f"{arch}.block_count"] == 2 and kv[f"{arch}.embedding_length"] == 256
+    assert kv[f"{arch}.feed_forward_length"] == 512 and kv[f"{arch}.vocab_size"] == 320
+    assert kv[f"{arch}.attention.head_count"] == 4 and kv[f"{arch}.attention.head_count_kv"] == 2
+    assert kv[f"{arch}.rope.dimension_count"] == 64 and kv[f"{arch}.context_length"] == 128
+    assert kv["general.file_type"] == 40 and kv["general.quantization_version"] == 2
+    assert "general.alignment" not in kv  # Microsoft's file has none: default 32
+    assert kv["tokenizer.ggml.model"] == "gpt2" and len(kv["tokenizer.ggml.tokens"]) == 320
+    assert kv["tokenizer.ggml.bos_token_id"] == 0 and kv["tokenizer.ggml.eos_token_id"] == 1
+    tj = json.loads(_tokenizer()["tokenizer_json"])
+    assert kv["tokenizer.ggml.tokens"][5] == {v: k for k, v in tj["model"]["vocab"].items()}[5]
+    assert kv["tokenizer.ggml.token_type"][0] == 3 and kv["tokenizer.ggml.token_type"][5] == 1  # <s> CONTROL
+    assert kv["tokenizer.ggml.tokens"][319] == "[PAD319]"
+    assert kv["tokenizer.ggml.merges"][0] == " ".join(tj["model"]["merges"][0]) if isinstance(
+        tj["model"]["merges"][0], list) else tj["model"]["merges"][0]
+    assert "tokenizer.chat_template" in kv
+
+    # 1 + 2 × 11 + 1 tensors, Microsoft's names and dtypes; no output.weight for a tied head
+    assert len(tensors) == 24 and "output.weight" not in tensors
+    assert tensors["token_embd.weight"][:2] == ([256, 320], 1)  # F16, ggml dims reversed
+    assert tensors["blk.0.attn_sub_norm.weight"][1] == 0 and tensors["output_norm.weight"][1] == 0  # F32
+    raw = out.read_bytes()
+    with PackedFile(src) as pf:
+        for name, gname in (("layers.1.mlp.down_proj.weight", "blk.1.ffn_down.weight"),
+                            ("layers.0.attn.k_proj.weight", "blk.0.attn_k.weight")):
+            dims, typ, off = tensors[gname]
+            assert typ == 36 and off % 32 == 0
+            out_f, in_f = dims[1], dims[0]
+            vals, scale = decode_i2s(raw[off: off + out_f * in_f // 4 + 32], out_f, in_f)
+            np.testing.assert_array_equal(vals, tern[name])
+            assert np.float32(scale) == pf.ternary(name)[1].numpy()[0]
+        # bf16 norms -> f32 exactly; bf16 embedding -> f16 exactly (values are small)
+        _, _, off = tensors["blk.1.ffn_sub_norm.weight"]
+        np.testing.assert_array_equal(np.frombuffer(raw, np.float32, 512, off),
+                                      pf.torch("layers.1.mlp.sub_norm.weight").float().numpy())
+
+
+def test_i2s_golden_bytes():
+    """One I2_S tensor (2 × 128, pattern t = (i mod 3) − 1, scale 0.5) as the exporter's codec writes it."""
+    from bitnet158.formats import gguf as gf
+
+    t = torch.tensor([(i % 3) - 1 for i in range(256)], dtype=torch.int8).reshape(2, 128)
+    raw = gf.t2_to_i2s(pack_t2(t), (2, 128), 0.5)
+    assert len(raw) == 2 * 128 // 4 + 32
+    # block 0, byte 0 holds elements 0, 32, 64, 96 -> t = -1, +1, 0, -1 -> codes 0, 2, 1, 0 -> 0b00_10_01_00
+    assert raw[0] == 0b00100100
+    assert raw[64:68] == struct.pack("<f", 0.5) and raw[68:] == bytes(28)
+    # byte 1: elements 1, 33, 65, 97 -> t = 0, -1, +1, 0 -> codes 1, 0, 2, 1 -> 0b01_00_10_01
+    assert raw[1] == 0b01001001
+    assert raw.hex() == ("244992" * 22)[:128] + "0000003f" + "00" * 28  # golden bytes
+    vals, scale = decode_i2s(raw, 2, 128)
+    np.testing.assert_array_equal(vals, t.numpy())
+    assert scale == 0.5
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# TQ2_0 / TQ1_0
+
+
+@pytest.mark.parametrize("qtype,gtype", [("tq2_0", gguf.GGMLQuantizationType.TQ2_0),
+                                         ("tq1_0", gguf.GGMLQuantizationType.TQ1_0)])
+def test_tq_export_equals_gguf_quantizer(tmp_path, qtype, gtype):
+    """With f16-exact scales our TQ bytes equal gguf.quants.quantize(scale · t): the upstream reference codec."""
+    src = tmp_path / "m.bin"
+    tern = make_packed(src, act="silu")
+    out = tmp_path / "m.gguf"
+    gc.packed_to_gguf(src, out, qtype=qtype)
+    r = gguf.GGUFReader(out)  # the gguf package's own reader accepts the file
+    assert r.fields["general.architecture"].contents() == "bitnet"
+    assert r.fields["bitnet.attention.layer_norm_rms_epsilon"].contents() == pytest.approx(1e-5)
+    by_name = {t.name: t for t in r.tensors}
+    assert not any(n.endswith(".scale") for n in by_name)
+    with PackedFile(src) as pf:
+        for name, tq in tern.items():
+            gname = gc.gguf_tensor_name(name)
+            s = pf.ternary(name)[1].numpy()[0]
+            expect = quants.quantize(tq.astype(np.float32) * s, gtype)
+            assert by_name[gname].tensor_type == gtype
+            np.testing.assert_array_equal(np.asarray(by_name[gname].data).reshape(expect.shape), expect)
+            deq = quants.dequantize(np.asarray(by_name[gname].data), gtype).reshape(tq.shape)
+            np.testing.assert_array_equal(deq, tq.astype(np.float32) * s)
+
+
+def test_tq_non_f16_scale_goes_to_scale_tensor(tmp_path):
+    src = tmp_path / "m.bin"
+    tern = make_packed(src, act="silu", scales="f32")
+    out = tmp_path / "m.gguf"
+    gc.packed_to_gguf(src, out, qtype="tq2_0")
+    by_name = {t.name: t for t in gguf.GGUFReader(out).tensors}
+    with PackedFile(src) as pf:
+        for name, tq in tern.items():
+            gname = gc.gguf_tensor_name(name)
+            sc = by_name[gname.replace(".weight", ".scale")]
+            assert sc.tensor_type == gguf.GGMLQuantizationType.F32
+            assert np.asarray(sc.data).reshape(-1)[0] == pf.ternary(name)[1].numpy()[0]
+            deq = quants.dequantize(np.asarray(by_name[gname].data), gguf.GGMLQuantizationType.TQ2_0)
+            np.testing.assert_array_equal(deq.reshape(tq.shape), tq.astype(np.float32))  # d = 1
+
+
+def test_refusals(tmp_path):
+    relu = tmp_path / "relu.bin"
+    make_packed(relu, act="relu2")
+    with pytest.raises(gc.GGUFConversionError, match="silently run as SiLU"):
+        gc.packed_to_gguf(relu, tmp_path / "x.gguf", qtype="tq2_0")
+    odd = tmp_path / "odd.bin"
+    make_packed(odd, act="silu", hidden=256, inter=384)
+    with pytest.raises(gc.GGUFConversionError, match="multiple of 256"):
+        gc.packed_to_gguf(odd, tmp_path / "x.gguf", qtype="tq1_0")
+    untied = tmp_path / "untied.bin"
+    make_packed(untied, act="silu", tie=False)
+    with pytest.raises(gc.GGUFConversionError, match="token_embd as the output head"):
+        gc.packed_to_gguf(untied, tmp_path / "x.gguf", qtype="tq2_0")
+    rows = tmp_path / "rows.bin"
+    make_packed(rows, act="relu2", row_scales=True)
+    with pytest.raises(gc.GGUFConversionError, match="per-row scales"):
+        gc.packed_to_gguf(rows, tmp_path / "x.gguf", qtype="i2_s")
+    existing = tmp_path / "exists.gguf"
+    existing.write_bytes(b"keep")
+    with pytest.raises(gc.GGUFConversionError, match="--force"):
+        gc.packed_to_gguf(relu, existing, qtype="i2_s")
+    assert existing.read_bytes() == b"keep"
+    gc.packed_to_gguf(relu, existing, qtype="i2_s", force=True)
+    assert existing.read_bytes()[:4] == b"GGUF"
+    assert not list(tmp_path.glob(".*.tmp"))  # failed exports left no temp files
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# round trips through GGUFSource
+
+
+def _assert_same_ternary(a: Path, b: Path) -> None:
+    with PackedFile(a) as pa, PackedFile(b) as pb:
+        ta = [n for n, i in pa.tensors.items() if i.dtype == "t2"]
+        assert ta == [n for n, i in pb.tensors.items() if i.dtype == "t2"]
+        for n in ta:
+            (ca, sa), (cb, sb) = pa.ternary(n), pb.ternary(n)
+            assert torch.equal(ca, cb), n
+            assert torch.equal(sa, sb), n  # bit for bit, f32
+        assert pb.config["hidden_act"] == pa.config["hidden_act"]
+        # the GGUF carries the embedding's spare rows as [PADi] tokens; the real vocab and the encoding are the same
+        va = json.loads(pa.tokenizer["tokenizer_json"])["model"]["vocab"]
+        vb = json.loads(pb.tokenizer["tokenizer_json"])["model"]["vocab"]
+        assert {k: v for k, v in vb.items() if not k.startswith("[PAD")} == va
+        text = "hello world, the lazy fox</s>"
+        ta_, tb_ = (Tokenizer.from_str(p.tokenizer["tokenizer_json"]) for p in (pa, pb))
+        assert ta_.encode(text).ids == tb_.encode(text).ids
+        assert pb.tokenizer["chat_template"] == pa.tokenizer["chat_template"]
+
+
+@pytest.mark.parametrize("qtype,act,scales,rows", [
+    ("i2_s", "relu2", "f32", False),
+    ("i2_s", "silu", "f16", False),
+    ("tq2_0", "silu", "f16", False),
+    ("tq2_0", "silu", "f32", False),
+    ("tq1_0", "silu", "f16", True),
+    ("tq1_0", "silu", "f32", False),
+])
+def test_round_trip_bit_exact(tmp_path, qtype, act, scales, rows):
+    src = tmp_path / "m.bin"
+    make_packed(src, act=act, scales=scales, row_scales=rows)
+    g = tmp_path / "m.gguf"
+    gc.packed_to_gguf(src, g, qtype=qtype)
+    back = tmp_path / "back.bin"
+    gc.gguf_to_packed(g, back)
+    _assert_same_ternary(src, back)
+    with PackedFile(back) as pb:
+        assert pb.provenance["gguf_architecture"] == ("bitnet-b1.58" if act == "relu2" and qtype == "i2_s" else "bitnet")
+        assert pb.provenance["files"][g.name] == hashlib.sha256(g.read_bytes()).hexdigest()
+        # I2_S: F16 embedding as Microsoft's; TQ: the packed file's bf16 kept (BF16 GGUF tensor); norms F32
+        assert pb.tensors["embed.weight"].dtype == ("f16" if qtype == "i2_s" else "bf16")
+        assert pb.tensors["norm.weight"].dtype == "f32"
+        with PackedFile(src) as pa:
+            assert torch.equal(pb.torch("embed.weight").float(), pa.torch("embed.weight").float())
+    # and once more: the re-imported file exports to the same GGUF tensor bytes
+    g2 = tmp_path / "m2.gguf"
+    gc.packed_to_gguf(back, g2, qtype=qtype)
+    _, t1 = parse_gguf(g)
+    _, t2 = parse_gguf(g2)
+    assert t1.keys() == t2.keys()
+
+
+@pytest.mark.parametrize("kind", ["bpe", "sentencepiece"])
+def test_tokenizer_metadata_round_trip(tmp_path, tiny, kind):
+    """The converter's tokenizers (byte-level BPE -> gpt2; SentencePiece -> llama with scores) survive
+    packed -> GGUF -> packed: the re-imported tokenizer encodes like the original."""
+    from bitnet158.converter.tokenizer import normalize_tokenizer
+    from bitnet158.runtime.tokenizer import Tokenizer as RtTokenizer
+
+    folder = (tiny.bpe_tokenizer if kind == "bpe" else tiny.sentencepiece_tokenizer)(tmp_path / "tok")
+    tok, _, facts = normalize_tokenizer(folder)
+    src = tmp_path / "m.bin"
+    make_packed(src, act="silu", tokenizer=(tok, facts))
+    g = tmp_path / "m.gguf"
+    gc.packed_to_gguf(src, g, qtype="tq2_0")
+    kv, _ = parse_gguf(g)
+    assert kv["tokenizer.ggml.model"] == ("gpt2" if kind == "bpe" else "llama")
+    if kind == "sentencepiece":
+        assert kv["tokenizer.ggml.add_space_prefix"] is True
+        types = kv["tokenizer.ggml.token_type"]
+        assert types[0] == 2 and types[1] == 3 and types[2] == 3  # <unk> UNKNOWN, <s> </s> CONTROL
+        assert 6 in types  # byte-fallback tokens
+    back = tmp_path / "back.bin"
+    gc.gguf_to_packed(g, back)
+    with PackedFile(src) as pa, PackedFile(back) as pb:
+        ta = RtTokenizer(pa.tokenizer, pa.config["eos_token_id"])
+        tb = RtTokenizer(pb.tokenizer, pb.config["eos_token_id"])
+        for text in tiny.ENCODE_SAMPLES + ["The quick brown fox jumps over the lazy dog."]:
+            if kind == "sentencepiece" and text[:1].isspace():
+                # GGUF's llama vocab always prepends "▁" (add_space_prefix, as SentencePiece and llama.cpp do);
+                # the HF Metaspace prepend_scheme "first" skips it before a leading space: a known gap
+                continue
+            assert tb.encode(text) == ta.encode(text), text
+        assert pb.config["bos_token_id"] == pa.config["bos_token_id"]
+
+
+def test_cli_commands(tmp_path):
+    from bitnet158.converter.cli import main
+
+    src = tmp_path / "m.bin"
+    make_packed(src, act="relu2")
+    out = tmp_path / "m.gguf"
+    runner = CliRunner()
+    r = runner.invoke(main, ["packed-to-gguf", str(src), "-o", str(out), "--type", "i2_s"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(main, ["packed-to-gguf", str(src), "-o", str(out), "--type", "tq2_0", "--force"])
+    assert r.exit_code == 1 and "error:" in r.output and "SiLU" in r.output and "Traceback" not in r.output
+    back = tmp_path / "back.bin"
+    r = runner.invoke(main, ["gguf-to-packed", str(out), "-o", str(back), "--activation", "silu"])
+    assert r.exit_code == 0, r.output
+    with PackedFile(back) as pb:
+        assert pb.config["hidden_act"] == "silu"
+    r = runner.invoke(main, ["gguf-to-packed", str(out), "-o", str(back)])
+    assert r.exit_code != 0 and "--force" in r.output
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# logits: a GGUF written with gguf's own quantizers runs like the packed file
+
+
+def _runtime():
+    return pytest.importorskip("bitnet158.runtime")
+
+
+@pytest.mark.parametrize("gtype", [gguf.GGMLQuantizationType.TQ2_0, gguf.GGMLQuantizationType.TQ1_0])
+def test_oracle_gguf_logits_equal_packed(tmp_path, gtype):
+    rt = _runtime()
+    if not hasattr(rt, "load"):
+        pytest.skip("runtime.load not available yet")
+    src = tmp_path / "m.bin"
+    tern = make_packed(src, act="silu")
+    oracle = tmp_path / "oracle.gguf"
+    with PackedFile(src) as pf:
+        w = gguf.GGUFWriter(oracle, "bitnet")
+        gc._add_metadata(w, pf.config, pf.tokenizer, pf.provenance,
+                         "tq2_0" if gtype == gguf.GGMLQuantizationType.TQ2_0 else "tq1_0")
+        for name, info in pf.tensors.items():
+            if name.endswith("_scale"):
+                continue
+            gname = gc.gguf_tensor_name(name)
+            if info.dtype == "t2":
+                s = pf.ternary(name)[1].numpy()[0]
+                w.add_tensor(gname, quants.quantize(tern[name].astype(np.float32) * s, gtype), raw_dtype=gtype)
+            elif name == "embed.weight":
+                w.add_tensor(gname, pf.torch(name).float().numpy().astype(np.float16))
+            else:
+                w.add_tensor(gname, pf.torch(name).float().numpy())
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    ids = [0, 5, 17, 42, 99, 3]
+    ref = rt.load(str(src), device="cpu")
+    got = rt.load(str(oracle), device="cpu")
+    la, lb = ref.logits(ids), got.logits(ids)
+    # the embedding went bf16 -> f16 exactly, codes and scales are identical: the logits are equal
+    torch.testing.assert_close(lb, la, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# llama.cpp itself as a peer (only where llama-cpp-python is installed)
+
+
+def _q8k_fake_quant(x: torch.Tensor) -> torch.Tensor:
+    """ggml's Q8_K activation quantization, dequantized: per 256-block iscale = -127 / (largest-magnitude value),
+    q = min(127, round(iscale · x))."""
+    xb = x.float().reshape(x.shape[0], -1, 256)
+    mx = xb.gather(-1, xb.abs().argmax(-1, keepdim=True))
+    iscale = torch.where(mx == 0, torch.zeros_like(mx), -127.0 / mx)
+    q = (xb * iscale).round().clamp(max=127)
+    return torch.where(mx == 0, torch.zeros_like(xb), q / iscale).reshape(x.shape)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("qtype,scales", [("tq2_0", "f32"), ("tq1_0", "f16")])
+def test_llama_cpp_runs_our_tq_export(tmp_path, qtype, scales, monkeypatch):
+    """llama.cpp loads our TQ file and computes the same logits as our graph once both use its activation
+    quantization (Q8_K) and f32 everywhere else: the file, the .scale tensors and the two graphs agree."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    rt = _runtime()
+    from bitnet158.runtime.bitlinear import BitLinear
+
+    src = tmp_path / "m.bin"
+    make_packed(src, act="silu", scales=scales)
+    f32 = tmp_path / "m32.bin"  # the same model with an f32 embedding, so llama.cpp's head runs in f32
+    with PackedFile(src) as pf:
+        specs = [TensorSpec(i.name, "f32" if i.dtype == "bf16" else i.dtype, tuple(i.shape), i.scale,
+                            i.scale_granularity) for i in pf.tensors.values()]
+        with PackedWriter(f32, config=pf.config, tokenizer=pf.tokenizer, provenance=pf.provenance, tensors=specs) as w:
+            for i in pf.tensors.values():
+                w.write(i.name, pf.torch(i.name).float() if i.dtype == "bf16" else pf.torch(i.name))
+    g = tmp_path / "m.gguf"
+    gc.packed_to_gguf(f32, g, qtype=qtype)
+    ids = [0, 5, 17, 42, 99, 3, 200, 150, 77, 12]
+    llm = llama_cpp.Llama(model_path=str(g), n_threads=2, n_ctx=64, logits_all=True, verbose=False, type_k=0, type_v=0)
+    llm.eval(ids)
+    theirs = torch.tensor(np.array(llm.scores[: len(ids)]), dtype=torch.float32)
+    del llm
+
+    def q8k_forward(self, x):
+        x2 = x.reshape(-1, self.in_features)
+        y = _q8k_fake_quant(x2) @ self.unpacked().float().t() * self.scale
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    model = rt.load(str(f32), device="cpu")
+    ours_int8 = model.logits(ids)
+    monkeypatch.setattr(BitLinear, "forward", q8k_forward)
+    ours_q8k = model.logits(ids)
+    torch.testing.assert_close(theirs, ours_q8k, rtol=0, atol=1e-3)
+    assert bool((theirs.argmax(-1) == ours_int8.argmax(-1)).all())  # with BitNet's own int8 activations: same top-1

@@ -1,0 +1,667 @@
+"""GGUF reading (formats/gguf.py): the ternary codecs, the container reader, GGUFSource, hostile files.
+
+Oracles: gguf-py's own TQ1_0/TQ2_0 quantizers and dequantizers (gguf.quants), gguf.GGUFWriter for the files, an
+I2_S decoder written here from the layout in REFERENCE.md §6, hand-derived golden bytes, SentencePiece itself
+and a BPE tokenizer trained here with `tokenizers`.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import tracemalloc
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from gguf import quants
+
+from bitnet158.formats import gguf as G
+
+RNG = np.random.default_rng(1234)
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers independent of the module under test
+
+
+def codes_to_t2(t: np.ndarray) -> np.ndarray:
+    """int t [out, in] in {-1,0,1} -> t2 [out, ceil(in/4)] per PACKED.md §2.1 (weight 4j+k at bits 2k)."""
+    out, n = t.shape
+    c = np.ones((out, -(-n // 4) * 4), np.uint8)
+    c[:, :n] = t + 1
+    c = c.reshape(out, -1, 4).astype(np.uint32)
+    return (c[..., 0] | c[..., 1] << 2 | c[..., 2] << 4 | c[..., 3] << 6).astype(np.uint8)
+
+
+def t2_to_codes(t2: np.ndarray, n: int) -> np.ndarray:
+    b = t2.astype(np.int16)
+    c = np.stack([(b >> (2 * k)) & 3 for k in range(4)], axis=-1).reshape(t2.shape[0], -1)
+    return (c[:, :n] - 1).astype(np.int8)
+
+
+def decode_i2s_independent(raw: bytes, out: int, n: int) -> tuple[np.ndarray, float]:
+    """I2_S per REFERENCE §6, element by element: byte b of block k holds 128k + 32g + b at bits 7-6 - 2g."""
+    buf = np.frombuffer(raw, np.uint8)
+    total = out * n
+    t = np.empty(total, np.int8)
+    for e in range(total):
+        blk, within = divmod(e, 128)
+        g, b = divmod(within, 32)
+        t[e] = ((int(buf[blk * 32 + b]) >> (6 - 2 * g)) & 3) - 1
+    scale = struct.unpack_from("<f", buf, total // 4)[0]
+    return t.reshape(out, n), scale
+
+
+def random_ternary(out: int, n: int) -> np.ndarray:
+    return RNG.integers(-1, 2, size=(out, n)).astype(np.int8)
+
+
+# ------------------------------------------------------------------------------------------------
+# codecs
+
+
+@pytest.mark.parametrize("shape", [(4, 128), (3, 384), (16, 1024)])
+def test_i2s_round_trip_and_independent_decoder(shape):
+    t = random_ternary(*shape)
+    t2 = codes_to_t2(t)
+    raw = G.t2_to_i2s(t2, shape, 0.0371)
+    assert len(raw) == shape[0] * shape[1] // 4 + 32
+    assert raw[-28:] == bytes(28)  # filler is zeros when we write
+    ref_t, ref_s = decode_i2s_independent(raw, *shape)
+    assert np.array_equal(ref_t, t)
+    assert ref_s == np.float32(0.0371)
+    back, s = G.i2s_to_t2(raw, shape)
+    assert np.array_equal(back, t2) and s == float(np.float32(0.0371))
+    # torch input works the same
+    assert G.t2_to_i2s(torch.from_numpy(t2), shape, 0.0371) == raw
+
+
+def test_i2s_golden_bytes():
+    """A (1, 128) tensor: +1 at 0, -1 at 33, -1 at 64, +1 at 127, else 0; scale 0.5. Derived by hand:
+    zeros are code 1 -> 0b01 in each pair -> 0x55. Byte 0 holds elements 0 (bits 7-6), 32, 64 (bits 3-2), 96:
+    +1 -> 0b10, -1 -> 0b00 -> 0b10_01_00_01 = 0x91. Byte 1 holds 1, 33 (bits 5-4), 65, 97 -> 0b01_00_01_01 = 0x45.
+    Byte 31 holds 31, 63, 95, 127 (bits 1-0) -> 0b01_01_01_10 = 0x56. Then f32 0.5 = 00 00 00 3f, 28 zeros."""
+    t = np.zeros((1, 128), np.int8)
+    t[0, 0], t[0, 33], t[0, 64], t[0, 127] = 1, -1, -1, 1
+    golden = bytes([0x91, 0x45] + [0x55] * 29 + [0x56]) + bytes([0, 0, 0, 0x3F]) + bytes(28)
+    assert G.t2_to_i2s(codes_to_t2(t), (1, 128), 0.5) == golden
+    t2, s = G.i2s_to_t2(golden, (1, 128))
+    assert np.array_equal(t2_to_codes(t2, 128), t) and s == 0.5
+
+
+def test_i2s_refuses_bad_payloads():
+    t2 = codes_to_t2(random_ternary(2, 128))
+    raw = bytearray(G.t2_to_i2s(t2, (2, 128), 1.0))
+    with pytest.raises(G.GGUFFormatError, match="needs"):
+        G.i2s_to_t2(bytes(raw[:-1]), (2, 128))
+    with pytest.raises(G.GGUFFormatError, match="multiple of 128"):
+        G.i2s_to_t2(bytes(raw), (4, 64))
+    bad = bytearray(raw)
+    bad[5] = 0xFF
+    with pytest.raises(G.GGUFFormatError, match="code 3"):
+        G.i2s_to_t2(bytes(bad), (2, 128))
+    bad = bytearray(raw)
+    bad[64:68] = struct.pack("<f", float("nan"))
+    with pytest.raises(G.GGUFFormatError, match="scale"):
+        G.i2s_to_t2(bytes(bad), (2, 128))
+    # bitnet.cpp's scale is max|W|: 0 means an all-zero weight, which is zero codes under any positive scale
+    zero = bytearray(raw)
+    zero[64:68] = struct.pack("<f", 0.0)
+    t2z, sz = G.i2s_to_t2(bytes(zero), (2, 128))
+    assert sz == 1.0 and np.all(t2_to_codes(t2z, 128) == 0)
+
+
+@pytest.mark.parametrize("qtype", [Q.TQ2_0, Q.TQ1_0])
+def test_tq_codecs_match_gguf_quants(qtype):
+    """gguf.quants is the oracle: its bytes for d·t equal ours, and its dequant equals d·t from our decode."""
+    enc, dec = {Q.TQ2_0: (G.t2_to_tq2_0, G.tq2_0_to_t2), Q.TQ1_0: (G.t2_to_tq1_0, G.tq1_0_to_t2)}[qtype]
+    shape = (6, 768)
+    t = random_ternary(*shape)
+    t[:, ::256] = 1  # a nonzero in every block, so gguf's d = absmax = our d
+    d = (RNG.integers(1, 200, size=shape[0] * 3) / 256).astype(np.float16)  # f16-exact block scales
+    w = (d.astype(np.float32).repeat(256).reshape(shape) * t).astype(np.float32)
+    ref = quants.quantize(w, qtype)
+    ours = enc(codes_to_t2(t), shape, d)
+    assert ours == ref.tobytes()
+    t2, d_back = dec(ref, shape)
+    assert np.array_equal(t2, codes_to_t2(t))
+    assert d_back.dtype == np.float16 and np.array_equal(d_back, d)
+    deq = quants.dequantize(ref, qtype)
+    assert np.array_equal(deq, d_back.astype(np.float32).repeat(256).reshape(shape) * t2_to_codes(t2, shape[1]))
+
+
+@pytest.mark.parametrize("qtype", [Q.TQ2_0, Q.TQ1_0])
+def test_tq_round_trip_random(qtype):
+    enc, dec = {Q.TQ2_0: (G.t2_to_tq2_0, G.tq2_0_to_t2), Q.TQ1_0: (G.t2_to_tq1_0, G.tq1_0_to_t2)}[qtype]
+    shape = (5, 512)
+    t2 = codes_to_t2(random_ternary(*shape))
+    raw = enc(t2, shape, 0.25)
+    back, d = dec(raw, shape)
+    assert np.array_equal(back, t2) and np.all(d == np.float16(0.25))
+    assert G.block_scales_to_tensor_scale(d) == 0.25
+    if qtype == Q.TQ2_0:  # a 2-bit field holding 3 is no ternary code
+        bad = bytearray(raw)
+        bad[0] |= 0b11
+        with pytest.raises(G.GGUFFormatError, match="code 3"):
+            dec(bytes(bad), shape)
+
+
+def test_tq_scale_must_be_f16_exact_unless_told():
+    t2 = codes_to_t2(random_ternary(1, 256))
+    with pytest.raises(G.GGUFFormatError, match="not representable in f16"):
+        G.t2_to_tq2_0(t2, (1, 256), 0.1)
+    raw = G.t2_to_tq2_0(t2, (1, 256), 0.1, exact=False)
+    assert G.tq2_0_to_t2(raw, (1, 256))[1][0] == np.float16(0.1)
+    with pytest.raises(G.GGUFFormatError, match="multiple of 256"):
+        G.t2_to_tq1_0(codes_to_t2(random_ternary(1, 128)), (1, 128), 0.5)
+
+
+def test_block_scales_and_folding():
+    assert G.block_scales_to_tensor_scale(np.array([0.5, 0.5, 0, 0.5], np.float16)) == 0.5
+    assert G.block_scales_to_tensor_scale(np.array([0.5, 0.25], np.float16)) is None
+    assert G.block_scales_to_tensor_scale(np.zeros(3, np.float16)) is None
+    shape = (3, 512)
+    t2 = codes_to_t2(random_ternary(*shape))
+    # per-row scales (2 blocks per row), one dead block whose codes must become zero
+    d = np.array([0.5, 0.5, 0.25, 0.0, 1.0, 1.0], np.float16)
+    folded, scale = G.fold_block_scales(t2, d, shape)
+    assert scale.tolist() == [0.5, 0.25, 1.0]
+    t = t2_to_codes(folded, 512)
+    assert np.all(t[1, 256:] == 0) and np.array_equal(t[1, :256], t2_to_codes(t2, 512)[1, :256])
+    deq = d.astype(np.float32).repeat(256).reshape(shape) * t2_to_codes(t2, 512)
+    assert np.array_equal(scale[:, None] * t, deq)  # d·t == scale·t exactly
+    with pytest.raises(G.GGUFFormatError, match="vary within row 0"):
+        G.fold_block_scales(t2, np.array([0.5, 0.25, 1, 1, 1, 1], np.float16), shape)
+
+
+# ------------------------------------------------------------------------------------------------
+# tiny GGUF models written with gguf.GGUFWriter
+
+HIDDEN, INTER, LAYERS, HEADS, KV_HEADS = 256, 512, 2, 4, 2
+HEAD_DIM = HIDDEN // HEADS
+LINEARS = {  # gguf suffix -> (canonical, shape)
+    "attn_q": ("attn.q_proj", (HEADS * HEAD_DIM, HIDDEN)),
+    "attn_k": ("attn.k_proj", (KV_HEADS * HEAD_DIM, HIDDEN)),
+    "attn_v": ("attn.v_proj", (KV_HEADS * HEAD_DIM, HIDDEN)),
+    "attn_output": ("attn.o_proj", (HIDDEN, HEADS * HEAD_DIM)),
+    "ffn_gate": ("mlp.gate_proj", (INTER, HIDDEN)),
+    "ffn_up": ("mlp.up_proj", (INTER, HIDDEN)),
+    "ffn_down": ("mlp.down_proj", (HIDDEN, INTER)),
+}
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "BitNet b1.58 stores every weight as -1, 0 or +1 with one scale per tensor.",
+    "Ternary weights take two bits each; 1234 tokens per second is a fine speed!",
+    "   Spaces,\ttabs and\nnew lines   should survive the round trip.",
+    "Don't they'll we've it's I'm you'd -- quotes \"and\" (brackets) [too].",
+] * 20
+PROBES = [
+    "The quick brown fox",
+    "Ternary weights: -1, 0, +1!",
+    "  leading spaces and\nnewlines\t",
+    "unseen wordz like Zyxwv and émojis 🚀",
+    "<|bos|> inline special <|eos|>",
+    "they'll it's 12345",
+]
+
+
+# Meta-Llama-3's tokenizer.json pre-tokenizer split, copied here so the test does not trust the module's copy
+LLAMA3_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def train_bpe(llama3_split: bool):
+    """A byte-level BPE tokenizer trained here; specials <|bos|> <|eos|> <|eot_id|>."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    if llama3_split:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(LLAMA3_REGEX), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|bos|>", "<|eos|>", "<|eot_id|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
+    if llama3_split:
+        tok.model.ignore_merges = True  # as in Llama-3's tokenizer.json (and llama.cpp's llama-bpe)
+    return tok
+
+
+def gpt2_vocab_kv(tok) -> dict:
+    model = json.loads(tok.to_str())["model"]
+    vocab = tok.get_vocab()
+    tokens = [None] * len(vocab)
+    for s, i in vocab.items():
+        tokens[i] = s
+    types = [3 if s in ("<|bos|>", "<|eos|>", "<|eot_id|>") else 1 for s in tokens]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    return {"tokens": tokens, "types": types, "merges": merges,
+            "bos": vocab["<|bos|>"], "eos": vocab["<|eos|>"]}
+
+
+def write_model(path: Path, *, arch="bitnet-b1.58", qtype="i2_s", tok_kv=None, tied=True, sub_norms=True,
+                extra_scales=False, pre=None, add_bos=None, chat_template=None, row_scales=False,
+                vocab_override=None):
+    """A tiny BitNet GGUF; returns {canonical name: (t int8, scale array)} and {canonical float name: array}."""
+    w = gguf.GGUFWriter(str(path), arch)
+    a = arch
+    tok_kv = tok_kv or gpt2_vocab_kv(train_bpe(False))
+    vocab = vocab_override or len(tok_kv["tokens"])
+    w.add_uint32(f"{a}.block_count", LAYERS)
+    w.add_uint32(f"{a}.context_length", 512)
+    w.add_uint32(f"{a}.embedding_length", HIDDEN)
+    w.add_uint32(f"{a}.feed_forward_length", INTER)
+    w.add_uint32(f"{a}.attention.head_count", HEADS)
+    w.add_uint32(f"{a}.attention.head_count_kv", KV_HEADS)
+    w.add_float32(f"{a}.attention.layer_norm_rms_epsilon", 1e-5)
+    w.add_float32(f"{a}.rope.freq_base", 500000.0)
+    w.add_uint32(f"{a}.vocab_size", vocab)
+    w.add_tokenizer_model(tok_kv.get("model", "gpt2"))
+    if pre is not None:
+        w.add_tokenizer_pre(pre)
+    w.add_token_list(tok_kv["tokens"])
+    w.add_token_types(tok_kv["types"])
+    if "merges" in tok_kv:
+        w.add_token_merges(tok_kv["merges"])
+    if "scores" in tok_kv:
+        w.add_token_scores(tok_kv["scores"])
+    w.add_bos_token_id(tok_kv["bos"])
+    w.add_eos_token_id(tok_kv["eos"])
+    if add_bos is not None:
+        w.add_add_bos_token(add_bos)
+    if chat_template is not None:
+        w.add_chat_template(chat_template)
+
+    ternary, floats = {}, {}
+
+    def add_float(gname, canon, arr, dtype=np.float32):
+        arr = arr.astype(dtype)
+        w.add_tensor(gname, arr)
+        floats[canon] = arr
+
+    add_float("token_embd.weight", "embed.weight", RNG.standard_normal((vocab, HIDDEN)), np.float16)
+    for i in range(LAYERS):
+        add_float(f"blk.{i}.attn_norm.weight", f"layers.{i}.attn_norm.weight", RNG.random(HIDDEN) + 0.5)
+        add_float(f"blk.{i}.ffn_norm.weight", f"layers.{i}.mlp_norm.weight", RNG.random(HIDDEN) + 0.5)
+        if sub_norms:
+            add_float(f"blk.{i}.attn_sub_norm.weight", f"layers.{i}.attn.sub_norm.weight", RNG.random(HIDDEN) + 0.5)
+            add_float(f"blk.{i}.ffn_sub_norm.weight", f"layers.{i}.mlp.sub_norm.weight", RNG.random(INTER) + 0.5)
+        for suffix, (canon, shape) in LINEARS.items():
+            t = random_ternary(*shape)
+            t[:, ::256] = 1
+            name = f"blk.{i}.{suffix}.weight"
+            cname = f"layers.{i}.{canon}.weight"
+            if qtype == "i2_s":
+                s = np.float32(RNG.uniform(0.01, 0.1))
+                raw = np.frombuffer(G.t2_to_i2s(codes_to_t2(t), shape, s), np.uint8)
+                # REFERENCE §6: GGUFWriter takes an unknown type only with a non-uint8 view + raw_dtype
+                w.add_tensor(name, raw.view(np.float32), raw_shape=shape, raw_dtype=36)
+                scale = np.array([s], np.float32)
+            elif qtype == "f16":  # upstream's unquantized export: the values c·t themselves
+                scale = np.array([np.float16(RNG.uniform(0.01, 0.1))], np.float32)
+                w.add_tensor(name, (scale[0] * t).astype(np.float16))
+            else:
+                if row_scales:
+                    scale = (RNG.integers(1, 64, size=shape[0]) / 512).astype(np.float32)
+                else:
+                    scale = np.array([RNG.integers(1, 64) / 512], np.float32)  # f16-exact
+                wf = (np.broadcast_to(scale[:, None] if row_scales else scale, (shape[0], 1)) * t).astype(np.float32)
+                gq = Q.TQ2_0 if qtype == "tq2_0" else Q.TQ1_0
+                w.add_tensor(name, quants.quantize(wf, gq), raw_dtype=gq)
+            if extra_scales:
+                e = np.float32(RNG.uniform(0.5, 2.0))
+                w.add_tensor(f"blk.{i}.{suffix}.scale", np.array([e], np.float32))
+                scale = (scale * e).astype(np.float32)
+            ternary[cname] = (t, scale)
+    add_float("output_norm.weight", "norm.weight", RNG.random(HIDDEN) + 0.5)
+    if not tied:
+        add_float("output.weight", "lm_head.weight", RNG.standard_normal((vocab, HIDDEN)), np.float16)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return ternary, floats
+
+
+@pytest.mark.parametrize("qtype", ["i2_s", "tq2_0", "tq1_0"])
+def test_source_2b4t_weights_and_config(tmp_path, qtype):
+    path = tmp_path / "m.gguf"
+    ternary, floats = write_model(path, qtype=qtype)
+    with G.GGUFSource(path) as src:
+        c = src.config
+        assert c["family"] == "bitnet" and c["hidden_act"] == "relu2" and c["sub_norms"] is True
+        assert c["tie_word_embeddings"] is True and "lm_head.weight" not in src.tensors
+        assert (c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]) == (HIDDEN, INTER, LAYERS)
+        assert (c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]) == (HEADS, KV_HEADS, HEAD_DIM)
+        assert c["vocab_size"] == floats["embed.weight"].shape[0] and c["max_position_embeddings"] == 512
+        assert c["rope_theta"] == 500000.0 and c["rope_style"] == "neox" and c["rope_scaling"] is None
+        assert c["rms_norm_eps"] == pytest.approx(1e-5) and c["bos_token_id"] == 0
+        assert set(c) == {"family", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                          "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings", "rope_theta",
+                          "rope_style", "rope_scaling", "rms_norm_eps", "hidden_act", "sub_norms",
+                          "tie_word_embeddings", "bos_token_id", "eos_token_id"}
+        assert set(src.tensors) == set(ternary) | set(floats)
+        for name, (t, scale) in ternary.items():
+            info = src.tensors[name]
+            assert info.dtype == "t2" and info.shape == t.shape
+            packed, s = src.ternary(name)
+            assert packed.dtype == torch.uint8 and s.dtype == torch.float32
+            assert np.array_equal(packed.numpy(), codes_to_t2(t)), name
+            assert np.array_equal(s.numpy(), scale), name
+        for name, arr in floats.items():
+            v = src.torch(name)
+            assert tuple(v.shape) == arr.shape and np.array_equal(v.numpy(), arr)
+            assert src.tensors[name].dtype == {np.float16: "f16", np.float32: "f32"}[arr.dtype.type]
+        with pytest.raises(G.GGUFFormatError, match="ternary"):
+            src.torch("layers.0.attn.q_proj.weight")
+
+
+def test_source_tq_row_scales_and_dequant_oracle(tmp_path):
+    """Per-row TQ scales become a [out] scale; scale·t equals gguf.quants.dequantize of the stored tensor."""
+    path = tmp_path / "m.gguf"
+    ternary, _ = write_model(path, qtype="tq2_0", row_scales=True, arch="bitnet")
+    reader = {t.name: t for t in gguf.GGUFReader(path).tensors}  # upstream's reader handles TQ2_0
+    with G.GGUFSource(path) as src:
+        for name, (t, scale) in ternary.items():
+            packed, s = src.ternary(name)
+            assert s.shape == (t.shape[0],) and np.array_equal(s.numpy(), scale)
+            gname = src.tensors[name].gguf_name
+            deq = quants.dequantize(np.asarray(reader[gname].data), Q.TQ2_0).reshape(t.shape)
+            ours = s.numpy()[:, None] * t2_to_codes(packed.numpy(), t.shape[1])
+            assert np.array_equal(deq, ours)
+
+
+def test_source_upstream_bitnet_arch(tmp_path):
+    """arch `bitnet`: SiLU, 1bitLLM family, *.scale tensors multiply, an untied output head is honoured."""
+    path = tmp_path / "m.gguf"
+    ternary, floats = write_model(path, arch="bitnet", qtype="tq1_0", extra_scales=True, tied=False)
+    with G.GGUFSource(path) as src:
+        assert src.config["hidden_act"] == "silu" and src.config["family"] == "1bitllm"
+        assert src.config["tie_word_embeddings"] is False
+        assert np.array_equal(src.torch("lm_head.weight").numpy(), floats["lm_head.weight"])
+        for name, (t, scale) in ternary.items():
+            packed, s = src.ternary(name)
+            assert np.array_equal(s.numpy(), scale) and np.array_equal(packed.numpy(), codes_to_t2(t))
+
+
+def test_source_activation_override_and_bad_arch(tmp_path):
+    path = tmp_path / "m.gguf"
+    write_model(path)
+    with G.GGUFSource(path, activation="silu") as src:
+        assert src.config["hidden_act"] == "silu" and src.config["family"] == "1bitllm"
+    with pytest.raises(G.GGUFFormatError, match="activation"):
+        G.GGUFSource(path, activation="gelu")
+    other = tmp_path / "llama.gguf"
+    write_model(other, arch="llama")
+    with pytest.raises(G.GGUFFormatError, match="unsupported architecture 'llama'"):
+        G.GGUFSource(other)
+    nosub = tmp_path / "nosub.gguf"
+    write_model(nosub, sub_norms=False)
+    with pytest.raises(G.GGUFFormatError, match="sub_norm"):
+        G.GGUFSource(nosub)
+    nosub_up = tmp_path / "nosub_up.gguf"
+    write_model(nosub_up, arch="bitnet", sub_norms=False, qtype="tq2_0")
+    with G.GGUFSource(nosub_up) as src:
+        assert src.config["sub_norms"] is False and src.config["family"] == "llama-bitnet"
+
+
+# ------------------------------------------------------------------------------------------------
+# tokenizer
+
+
+@pytest.mark.parametrize("llama3", [False, True])
+def test_gpt2_tokenizer_matches_source(tmp_path, llama3):
+    from tokenizers import Tokenizer
+
+    src_tok = train_bpe(llama3)
+    path = tmp_path / "m.gguf"
+    write_model(path, tok_kv=gpt2_vocab_kv(src_tok), pre="llama-bpe" if llama3 else "gpt-2",
+                chat_template="{{ messages[0]['content'] }}")
+    with G.GGUFSource(path) as src:
+        td = src.tokenizer
+        tok = Tokenizer.from_str(td["tokenizer_json"])
+        for text in PROBES:
+            want = src_tok.encode(text, add_special_tokens=False).ids
+            assert tok.encode(text, add_special_tokens=False).ids == want, text
+            assert tok.decode(want, skip_special_tokens=False) == src_tok.decode(want, skip_special_tokens=False)
+        bos = src_tok.token_to_id("<|bos|>")
+        assert tok.encode("<|eot_id|>", add_special_tokens=False).ids == [src_tok.token_to_id("<|eot_id|>")]
+        assert td["bos_token"] == "<|bos|>" and td["eos_token"] == "<|eos|>"
+        assert td["add_bos_token"] is llama3 and td["add_eos_token"] is False
+        assert (tok.encode("hi").ids[0] == bos) is llama3
+        assert td["chat_template"] == "{{ messages[0]['content'] }}"
+
+
+def test_2b4t_defaults_without_pre_or_template(tmp_path):
+    """Microsoft's file: no tokenizer.ggml.pre, no chat template, a 128256-token Llama-3 vocab."""
+    from tokenizers import Tokenizer
+
+    src_tok = train_bpe(True)
+    kv = gpt2_vocab_kv(src_tok)
+    n0 = len(kv["tokens"])
+    # pad to Llama-3's size with reserved specials, and name bos like Llama-3
+    kv["tokens"] = kv["tokens"] + [f"<|reserved_special_token_{i}|>" for i in range(G.LLAMA3_VOCAB_SIZE - n0 - 1)]
+    kv["tokens"].append("<|begin_of_text|>")
+    kv["types"] = kv["types"] + [3] * (G.LLAMA3_VOCAB_SIZE - n0)
+    kv["bos"] = G.LLAMA3_VOCAB_SIZE - 1
+    path = tmp_path / "m.gguf"
+    write_model(path, tok_kv=kv)
+    with G.GGUFSource(path) as src:
+        td = src.tokenizer
+        assert td["chat_template"] == G.BITNET_2B4T_CHAT_TEMPLATE
+        eot = kv["tokens"].index("<|eot_id|>")
+        assert src.config["eos_token_id"] == [kv["eos"], eot]
+        tok = Tokenizer.from_str(td["tokenizer_json"])
+        for text in PROBES:
+            assert tok.encode(text, add_special_tokens=False).ids == src_tok.encode(text, add_special_tokens=False).ids
+        assert td["add_bos_token"] is True and tok.encode("hi").ids[0] == kv["bos"]
+        import jinja2
+
+        rendered = jinja2.Template(td["chat_template"]).render(
+            messages=[{"role": "user", "content": "Hello"}], bos_token=td["bos_token"], add_generation_prompt=True)
+        assert rendered == "User: Hello<|eot_id|>Assistant: "  # REFERENCE §6; BOS comes from the post-processor
+
+
+def test_llama_sentencepiece_tokenizer_matches_sentencepiece(tmp_path):
+    import sentencepiece as spm
+    from tokenizers import Tokenizer
+
+    model_prefix = tmp_path / "sp"
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS), model_prefix=str(model_prefix), vocab_size=500, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        user_defined_symbols=["<special>"], minloglevel=2,
+        normalization_rule_name="identity", remove_extra_whitespaces=False)  # as LLaMA's tokenizer.model
+    sp = spm.SentencePieceProcessor(model_file=str(model_prefix) + ".model")
+    n = sp.get_piece_size()
+    tokens = [sp.id_to_piece(i) for i in range(n)]
+    scores = [sp.get_score(i) for i in range(n)]
+    types = []
+    for i in range(n):
+        types.append(2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i)
+                     else 4 if tokens[i] == "<special>" else 5 if sp.is_unused(i) else 1)
+    kv = {"model": "llama", "tokens": tokens, "types": types, "scores": scores, "bos": 1, "eos": 2}
+    path = tmp_path / "m.gguf"
+    write_model(path, arch="bitnet", qtype="tq2_0", tok_kv=kv)
+    with G.GGUFSource(path) as src:
+        td = src.tokenizer
+        tok = Tokenizer.from_str(td["tokenizer_json"])
+        for text in PROBES[:4] + ["Hello world", "a  b", " x"]:
+            want = sp.encode(text)
+            got = tok.encode(text, add_special_tokens=False).ids
+            assert got == want, text
+            assert tok.decode(got) == sp.decode(want), text
+        # like llama.cpp (and HF's legacy Llama tokenizer), the text after an added token gets its own "▁" prefix
+        special = tokens.index("<special>")
+        assert tok.encode("x<special>y", add_special_tokens=False).ids == sp.encode("x") + [special] + sp.encode("y")
+        assert td["add_bos_token"] is True and tok.encode("Hello").ids[0] == 1
+        assert tok.encode("<special>", add_special_tokens=False).ids == [tokens.index("<special>")]
+
+
+# ------------------------------------------------------------------------------------------------
+# hostile files: a serializer written here so each field can be made to lie
+
+
+def gguf_bytes(*, version=3, kvs=(), tensors=(), alignment=32, n_tensors=None, n_kv=None, magic=b"GGUF"):
+    """kvs: (key, vtype, payload bytes); tensors: (name, dims (ggml order), type, rel offset, data bytes)."""
+
+    def s(x: str | bytes) -> bytes:
+        b = x.encode() if isinstance(x, str) else x
+        return struct.pack("<Q", len(b)) + b
+
+    out = bytearray(magic + struct.pack("<IQQ", version, len(tensors) if n_tensors is None else n_tensors,
+                                        len(kvs) if n_kv is None else n_kv))
+    for key, vtype, payload in kvs:
+        out += s(key) + struct.pack("<I", vtype) + payload
+    for name, dims, ttype, rel, _ in tensors:
+        out += s(name) + struct.pack("<I", len(dims)) + b"".join(struct.pack("<Q", d) for d in dims)
+        out += struct.pack("<IQ", ttype, rel)
+    data_start = -(-len(out) // alignment) * alignment
+    out += bytes(data_start - len(out))
+    for _, _, _, rel, data in tensors:
+        if not data:
+            continue
+        need = data_start + rel + len(data)
+        if len(out) < need:
+            out += bytes(need - len(out))
+        out[data_start + rel : data_start + rel + len(data)] = data
+    return bytes(out)
+
+
+def str_kv(key, value):
+    b = value.encode()
+    return (key, 8, struct.pack("<Q", len(b)) + b)
+
+
+F32_TENSOR = ("a", [8], 0, 0, np.arange(8, dtype=np.float32).tobytes())
+F32_TENSOR_B = ("b", [8], 0, 32, np.ones(8, dtype=np.float32).tobytes())
+GOOD = dict(kvs=[str_kv("general.architecture", "bitnet-b1.58")], tensors=[F32_TENSOR, F32_TENSOR_B])
+
+
+def open_small(path: Path, data: bytes):
+    """Open the bytes as a GGUF, asserting no big allocation happens on the way to the error."""
+    path.write_bytes(data)
+    tracemalloc.start()
+    try:
+        G.GGUFFile(path).close()
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < 4 << 20, f"opening allocated {peak} bytes"
+
+
+def test_good_container_parses(tmp_path):
+    for version in (2, 3):
+        path = tmp_path / f"v{version}.gguf"
+        path.write_bytes(gguf_bytes(version=version, **GOOD))
+        with G.GGUFFile(path) as f:
+            assert f.version == version and f.metadata == {"general.architecture": "bitnet-b1.58"}
+            assert list(f.tensors) == ["a", "b"]
+            assert f.float_tensor("a").tolist() == list(range(8))
+            assert f.tensors["b"].offset == f.data_offset + 32
+
+
+HUGE = 1 << 60
+ARRAY_KV = ("tokenizer.ggml.tokens", 9, struct.pack("<IQ", 8, 2) + struct.pack("<Q", 1) + b"a"
+            + struct.pack("<Q", 1) + b"b")
+
+
+@pytest.mark.parametrize("case,data,match", [
+    ("empty", b"", "truncated"),
+    ("bad magic", gguf_bytes(magic=b"GGML", **GOOD), "not a GGUF file"),
+    ("version 1", gguf_bytes(version=1, **GOOD), "unsupported GGUF version 1"),
+    ("version 4", gguf_bytes(version=4, **GOOD), "unsupported GGUF version 4"),
+    ("truncated mid-table", gguf_bytes(**GOOD)[:60], "truncated|cannot fit"),
+    ("truncated data", gguf_bytes(**GOOD)[:-4], "past the end"),
+    ("lying n_tensors", gguf_bytes(n_tensors=HUGE, **GOOD), "n_tensors"),
+    ("lying n_kv", gguf_bytes(n_kv=1 << 40, **GOOD), "n_kv"),
+    ("n_kv one too many", gguf_bytes(n_kv=2, kvs=GOOD["kvs"]), "truncated|cannot fit|empty"),
+    ("huge string length", gguf_bytes(kvs=[("k", 8, struct.pack("<Q", HUGE) + b"x" * 16)]), "truncated"),
+    ("huge key length", gguf_bytes(kvs=[("k", 8, b"")])[:24] + struct.pack("<Q", HUGE) + bytes(64),
+     "exceeds the limit"),
+    ("huge array length", gguf_bytes(kvs=[("a", 9, struct.pack("<IQ", 4, HUGE) + bytes(16))]), "cannot fit"),
+    ("huge string array", gguf_bytes(kvs=[("a", 9, struct.pack("<IQ", 8, 1 << 32) + bytes(16))]), "cannot fit"),
+    ("huge string in array", gguf_bytes(kvs=[("a", 9, struct.pack("<IQ", 8, 1) + struct.pack("<Q", HUGE) + bytes(8))]),
+     "truncated"),
+    ("unknown value type", gguf_bytes(kvs=[("k", 77, b"\0" * 8)]), "unknown value type 77"),
+    ("duplicate key", gguf_bytes(kvs=[str_kv("k", "a"), str_kv("k", "b")]), "duplicate metadata key 'k'"),
+    ("offset past EOF", gguf_bytes(kvs=[], tensors=[("a", [8], 0, 1 << 40, b"")]), "past the end"),
+    ("absurd dims", gguf_bytes(tensors=[("a", [1 << 30, 1 << 30, 1 << 30], 0, 0, b"")]), "too many elements"),
+    ("zero dim", gguf_bytes(tensors=[("a", [0, 4], 0, 0, b"")]), "dims"),
+    ("too many dims", gguf_bytes(tensors=[("a", [1, 1, 1, 1, 1], 0, 0, b"")]), "n_dims 5"),
+    ("unknown type", gguf_bytes(tensors=[("w", [32, 2], 8, 0, bytes(68))]),
+     "unsupported tensor type Q8_0 in tensor 'w'"),
+    ("unknown type id", gguf_bytes(tensors=[("w", [32, 2], 99, 0, bytes(68))]),
+     "unsupported tensor type 99 in tensor 'w'"),
+    ("misaligned data", gguf_bytes(tensors=[("a", [4], 0, 16, bytes(16))]), "not a multiple of the alignment"),
+    ("duplicate names", gguf_bytes(tensors=[F32_TENSOR, ("a", [8], 0, 32, bytes(32))]), "duplicate tensor name 'a'"),
+    ("overlap", gguf_bytes(tensors=[("a", [16], 0, 0, bytes(64)), ("b", [8], 0, 32, bytes(32))]), "overlap"),
+    ("bad alignment", gguf_bytes(kvs=[("general.alignment", 4, struct.pack("<I", 24))], tensors=[F32_TENSOR]),
+     "power of two"),
+    ("I2_S row", gguf_bytes(tensors=[("w", [64, 2], 36, 0, bytes(64))]), "multiple of 128"),
+    ("TQ row", gguf_bytes(tensors=[("w", [128, 2], 35, 0, bytes(66))]), "multiple of 256"),
+    ("bad utf-8", gguf_bytes(kvs=[("k", 8, struct.pack("<Q", 2) + b"\xff\xfe")]), "invalid UTF-8"),
+    ("deep arrays", gguf_bytes(kvs=[("a", 9, struct.pack("<IQ", 9, 1) * 6 + bytes(32))]), "nested deeper"),
+])
+def test_hostile_files_raise_one_clear_error(tmp_path, case, data, match):
+    with pytest.raises(G.GGUFFormatError, match=match):
+        open_small(tmp_path / "x.gguf", data)
+
+
+def test_array_kv_and_alignment_key_are_honoured(tmp_path):
+    path = tmp_path / "a.gguf"
+    align = ("general.alignment", 4, struct.pack("<I", 64))
+    path.write_bytes(gguf_bytes(kvs=[ARRAY_KV, align], tensors=[("a", [8], 0, 64, bytes(32))], alignment=64))
+    with G.GGUFFile(path) as f:
+        assert f.metadata["tokenizer.ggml.tokens"] == ["a", "b"] and f.alignment == 64
+        assert f.data_offset % 64 == 0
+    # the same file with tensors at offset 32 is misaligned under alignment 64
+    path.write_bytes(gguf_bytes(kvs=[align], tensors=[("a", [8], 0, 32, bytes(32))], alignment=64))
+    with pytest.raises(G.GGUFFormatError, match="alignment 64"):
+        G.GGUFFile(path)
+
+
+def test_source_refuses_inconsistent_models(tmp_path):
+    path = tmp_path / "m.gguf"
+    write_model(path)
+    data = bytearray(path.read_bytes())
+    # rename one tensor into something unknown: a clear error, not a silent skip
+    i = data.find(b"blk.0.attn_q.weight")
+    data[i : i + len(b"blk.0.attn_q.weight")] = b"blk.0.attn_x.weight"
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(G.GGUFFormatError, match="unexpected tensor 'blk.0.attn_x.weight'"):
+        G.GGUFSource(bad)
+    # a wrong head count makes the q shape disagree with the config
+    data = bytearray(path.read_bytes())
+    key = b"bitnet-b1.58.attention.head_count\x04\x00\x00\x00"
+    i = data.find(key) + len(key)
+    data[i : i + 4] = struct.pack("<I", 2)
+    bad.write_bytes(bytes(data))
+    with pytest.raises(G.GGUFFormatError, match="shape"):
+        G.GGUFSource(bad)
+
+
+def test_source_float_ternary_linears(tmp_path):
+    """F16 linears holding exact c·t (upstream convert_hf_to_gguf output) come back as t2 + c; others refuse."""
+    path = tmp_path / "m.gguf"
+    ternary, _ = write_model(path, arch="bitnet", qtype="f16")
+    with G.GGUFSource(path) as src:
+        for name, (t, scale) in ternary.items():
+            packed, s = src.ternary(name)
+            assert np.array_equal(packed.numpy(), codes_to_t2(t)) and np.array_equal(s.numpy(), scale)
+    w = np.array([[0.5, -0.5, 0.0], [0.25, 0.0, 0.5]], np.float32)
+    with pytest.raises(G.GGUFFormatError, match="not ternary"):
+        G.float_to_t2(w)
+    t2, c = G.float_to_t2(w[:1])
+    assert c == 0.5 and t2.tolist() == [[0b01_00_10 | 0b01 << 6]]  # +1, -1, 0 and a zero pad code

@@ -1,0 +1,352 @@
+"""The Triton kernels and the fast path against the pure-torch reference.
+
+Without CUDA the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set below before any kernel is
+defined). Integer results must match exactly; float outputs are compared bit for bit where the arithmetic is the
+same (fp32 outputs), and to one bf16 ulp for bf16 outputs in the interpreter (its fp32 → bf16 cast truncates
+where the GPU rounds to nearest even). Tests marked ``gpu`` run the compiled kernels on a CUDA device.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"  # read when a @triton.jit function is defined, i.e. on import below
+triton = pytest.importorskip("triton")
+
+if "bitnet158.runtime.kernels" in sys.modules and not HAS_CUDA:
+    importlib.reload(sys.modules["bitnet158.runtime.kernels"])  # defined before the interpreter was switched on
+from bitnet158.formats.ternary import pack_t2, unpack_t2  # noqa: E402
+from bitnet158.runtime import kernels  # noqa: E402
+from bitnet158.runtime.bitlinear import BitLinear, quantize_activations  # noqa: E402
+
+interp = pytest.mark.skipif(HAS_CUDA, reason="interpreter tests run where there is no CUDA device")
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+DEV = "cuda" if HAS_CUDA else "cpu"
+
+
+# --- reference ------------------------------------------------------------------------------------------------
+def ref_int(x: torch.Tensor, packed: torch.Tensor, K: int):
+    """(Σ t·q [M, N] as float64, exact: |Σ| < 2^53; s f32 [M, 1]) from the torch quantizer and unpack_t2."""
+    q, s = quantize_activations(x)
+    t = unpack_t2(packed, K).double()
+    return q.double() @ t.T, s
+
+
+def ref_y(x, packed, scale, K):
+    acc, s = ref_int(x, packed, K)
+    return (acc.float() * scale / s).to(x.dtype)
+
+
+def rand_case(M, N, K, *, per_row: bool, dtype=torch.float32, seed=0, device=DEV):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randint(-1, 2, (N, K), generator=g)
+    packed = pack_t2(t)
+    scale = torch.rand(N if per_row else 1, generator=g) + 0.5
+    x = torch.randn(M, K, generator=g) * 3
+    x[0, K // 2] = 40.0  # one outlier per first row: most q small, like real activations
+    return x.to(device, dtype), packed.to(device), scale.to(device)
+
+
+def assert_out(y, ref):
+    assert y.dtype == ref.dtype and y.shape == ref.shape
+    y, ref = y.cpu(), ref.cpu()
+    if y.dtype == torch.float32 or HAS_CUDA:
+        assert torch.equal(y, ref), f"max diff {(y.float() - ref.float()).abs().max()}"
+    else:
+        ulp = ref.float().abs().clamp(min=1e-30) * 2.0**-7  # one bf16 ulp (bound)
+        assert bool(((y.float() - ref.float()).abs() <= ulp).all())
+
+
+# --- activation quantization ----------------------------------------------------------------------------------
+@interp
+@pytest.mark.parametrize("M,K,dtype", [(1, 7, torch.float32), (3, 300, torch.bfloat16), (17, 130, torch.float32)])
+def test_quantize_act_exact(M, K, dtype):
+    x = (torch.randn(M, K) * 5).to(dtype)
+    q, s = kernels.quantize_act(x)
+    qr, sr = quantize_activations(x)
+    assert q.dtype == torch.int8 and torch.equal(q, qr)
+    assert torch.equal(s, sr[:, 0])
+
+
+@interp
+def test_quantize_act_rounds_half_to_even():
+    # max 127 → s = 127 · (1/127); x · s then lands on exact halves for these values when s == 1
+    x = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.49, 126.5, -128.0]])
+    q, s = kernels.quantize_act(x)
+    qr, sr = quantize_activations(x)
+    assert torch.equal(q, qr) and torch.equal(s, sr[:, 0])
+    if float(s) == 1.0:
+        assert q[0, 1:8].tolist() == [0, 2, 2, 0, -2, -2, 3]
+
+
+# --- decode GEMV ----------------------------------------------------------------------------------------------
+GEMV_CASES = [(1, 37, 320), (1, 5, 301), (3, 33, 64), (2, 16, 1040), (4, 9, 16)]
+
+
+@interp
+@pytest.mark.parametrize("M,N,K", GEMV_CASES)
+@pytest.mark.parametrize("per_row", [False, True])
+def test_gemv_exact(M, N, K, per_row):
+    x, packed, scale = rand_case(M, N, K, per_row=per_row, seed=M * 1000 + N + K)
+    assert kernels.gemv_compatible(packed)
+    y = kernels.bitlinear_gemv(x, packed, scale, K)
+    assert_out(y, ref_y(x, packed, scale, K))
+
+
+@interp
+def test_gemv_bf16_input_and_strided_x():
+    x, packed, scale = rand_case(2, 21, 320, per_row=True, dtype=torch.bfloat16, seed=3)
+    wide = torch.zeros(2, 400, dtype=torch.bfloat16)
+    wide[:, :320] = x
+    y = kernels.bitlinear_gemv(wide[:, :320], packed, scale, 320)  # row stride 400
+    assert_out(y, ref_y(x, packed, scale, 320))
+
+
+@interp
+def test_gemv_refuses_rows_not_whole_words():
+    x, packed, scale = rand_case(1, 4, 290, per_row=False)  # 73 bytes per row
+    assert not kernels.gemv_compatible(packed)
+    with pytest.raises(kernels.KernelShapeError):
+        kernels.bitlinear_gemv(x, packed, scale, 290)
+    assert_out(kernels.bitlinear_triton(x, packed, scale, 290), ref_y(x, packed, scale, 290))
+
+
+# --- prefill matmul -------------------------------------------------------------------------------------------
+@interp
+@pytest.mark.parametrize("M,N,K", [(17, 45, 300), (5, 33, 290), (32, 64, 128), (1, 3, 5)])
+@pytest.mark.parametrize("int8_dot", [True, False])
+def test_matmul_exact(M, N, K, int8_dot):
+    x, packed, scale = rand_case(M, N, K, per_row=(N % 2 == 1), seed=N + K)
+    y = kernels.bitlinear_matmul(x, packed, scale, K, int8_dot=int8_dot)
+    assert_out(y, ref_y(x, packed, scale, K))
+
+
+@interp
+@pytest.mark.parametrize("M", [1, 3, 17])
+def test_bitlinear_backend_equals_reference_module(M):
+    x, packed, scale = rand_case(M, 27, 192, per_row=True, seed=M)
+    lin = BitLinear(packed, scale, 192)
+    ref = lin(x.view(1, M, 192))
+    lin.backend = "triton"
+    y = lin(x.view(1, M, 192))
+    assert_out(y, ref)
+
+
+# --- fused segments keep their own scales ---------------------------------------------------------------------
+@interp
+@pytest.mark.parametrize("M", [1, 6])
+def test_fused_segments_keep_their_scales(M):
+    from bitnet158.runtime.fast import fuse_bitlinears
+
+    K = 128
+    parts = []
+    for i, (n, sc) in enumerate([(40, 0.25), (12, 3.0), (12, 1.7)]):  # q, k, v with distinct per-tensor scales
+        t = torch.randint(-1, 2, (n, K), generator=torch.Generator().manual_seed(i))
+        parts.append(BitLinear(pack_t2(t), torch.tensor([sc]), K))
+    x = torch.randn(M, K)
+    separate = torch.cat([p(x) for p in parts], dim=-1)
+    fused = fuse_bitlinears(parts)
+    assert fused.scale.shape == (64,) and torch.equal(fused.scale[40:52], torch.full((12,), 3.0))
+    for backend in ("reference", "triton"):
+        fused.backend = backend
+        assert_out(fused(x), separate)
+    # the parts now view the fused bytes and still compute what they did
+    assert parts[1].packed.data_ptr() == fused.packed[40:].data_ptr()
+    assert_out(torch.cat([p(x) for p in parts], dim=-1), separate)
+    # the bug this guards against: one scale for every row changes the k and v segments
+    wrong = BitLinear(fused.packed, torch.tensor([0.25]), K)(x)
+    assert not torch.allclose(wrong[:, 40:], separate[:, 40:])
+
+
+# --- int8 head ------------------------------------------------------------------------------------------------
+@interp
+@pytest.mark.parametrize("D", [64, 30])
+def test_head_int8(D):
+    w = torch.randn(50, D)
+    wq, ws = kernels.quantize_head(w)
+    assert wq.shape == (50, (D + 3) // 4 * 4) and wq.dtype == torch.int8
+    assert bool(((wq[:, :D].float() * ws[:, None] - w).abs() <= ws[:, None] / 2 + 1e-6).all())
+    x = torch.randn(3, D)
+    q, s = quantize_activations(x)
+    ref = (q.long() @ wq[:, :D].long().T).float() * ws / s
+    assert torch.equal(kernels.head_int8(x, wq, ws), ref)
+
+
+# --- the fast model against the reference network -------------------------------------------------------------
+class _MemSource:
+    """The weight-source read surface (PACKED.md names) over in-memory tensors: floats, or (packed, scale, K)."""
+
+    def __init__(self, config: dict, tokenizer: dict, tensors: dict):
+        self.config, self.tokenizer, self._t = config, tokenizer, tensors
+        self.tensors = {
+            n: SimpleNamespace(dtype="t2" if isinstance(v, tuple) else "f32", shape=_shape(v)) for n, v in tensors.items()
+        }
+
+    def torch(self, name):
+        return self._t[name]
+
+    def ternary(self, name):
+        packed, scale, _ = self._t[name]
+        return packed, scale
+
+    def close(self):
+        pass
+
+
+def _shape(v):
+    return (v[0].shape[0], v[2]) if isinstance(v, tuple) else tuple(v.shape)
+
+
+def tiny_model(device=DEV, dtype=torch.float32, seed=0, vocab=61, hidden=64, inter=160, layers=2, relu2=True):
+    from tokenizers import Tokenizer, models
+
+    from bitnet158.runtime.loader import build_model
+
+    heads, kv, hd = 4, 2, 16
+    config = {
+        "family": "bitnet", "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": hd, "vocab_size": vocab,
+        "max_position_embeddings": 256, "rope_theta": 10000.0, "rope_style": "neox", "rope_scaling": None,
+        "rms_norm_eps": 1e-5, "hidden_act": "relu2" if relu2 else "silu", "sub_norms": True,
+        "tie_word_embeddings": True, "bos_token_id": 0, "eos_token_id": [1],
+    }  # fmt: skip
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w0"))
+    tokenizer = {"tokenizer_json": tok.to_str(), "chat_template": None, "bos_token": None, "eos_token": None,
+                 "add_bos_token": False, "add_eos_token": False}  # fmt: skip
+    g = torch.Generator().manual_seed(seed)
+    tensors: dict = {"embed.weight": torch.randn(vocab, hidden, generator=g), "norm.weight": 1 + 0.1 * torch.randn(hidden, generator=g)}
+    shapes = {"attn.q_proj": (heads * hd, hidden), "attn.k_proj": (kv * hd, hidden), "attn.v_proj": (kv * hd, hidden),
+              "attn.o_proj": (hidden, heads * hd), "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden),
+              "mlp.down_proj": (hidden, inter)}  # fmt: skip
+    for i in range(layers):
+        for name, (n, k) in shapes.items():
+            t = torch.randint(-1, 2, (n, k), generator=g)
+            scale = torch.rand(n if name == "attn.k_proj" else 1, generator=g) + 0.5  # one per-row-scaled matrix
+            tensors[f"layers.{i}.{name}.weight"] = (pack_t2(t), scale, k)
+        for name, n in (("attn_norm", hidden), ("mlp_norm", hidden), ("attn.sub_norm", heads * hd), ("mlp.sub_norm", inter)):
+            tensors[f"layers.{i}.{name}.weight"] = 1 + 0.1 * torch.randn(n, generator=g)
+    return build_model(_MemSource(config, tokenizer, tensors), device=device, dtype=dtype)
+
+
+def _ref_last_logits(net, ids):
+    net.setup_cache(1, 64)
+    return net(torch.tensor([ids], device=net.device), 0)[0, -1]
+
+
+@interp
+def test_fast_model_matches_reference_network():
+    from bitnet158.runtime.fast import FastModel, GraphDecoder
+    from bitnet158.runtime.generate import generate_tokens
+    from bitnet158.runtime.sampling import Sampler, SamplingParams
+
+    model = tiny_model()
+    net = model.net
+    ids = [3, 14, 15, 9, 26, 5, 35]
+    with torch.inference_mode():
+        ref = _ref_last_logits(net, ids)
+        ref_tokens = list(generate_tokens(net, ids, 6, Sampler(SamplingParams())))
+        dec = GraphDecoder(FastModel(net, backend="reference"), 64, use_graph=False, chunk=4)
+        torch.testing.assert_close(dec.prefill(ids), ref, rtol=1e-5, atol=1e-5)
+        assert list(dec.generate(ids, 6)) == ref_tokens
+        # stop ids end the stream before the stop token
+        assert list(dec.generate(ids, 6, stop_ids=[ref_tokens[3]])) == ref_tokens[: ref_tokens.index(ref_tokens[3])]
+        # sampling is seeded and reproducible; top_k=1 is greedy
+        a = list(dec.generate(ids, 5, temperature=0.8, top_p=0.9, seed=7))
+        assert a == list(dec.generate(ids, 5, temperature=0.8, top_p=0.9, seed=7))
+        assert list(dec.generate(ids, 5, temperature=0.8, top_k=1, seed=1)) == ref_tokens[:5]
+
+
+@interp
+def test_fast_model_triton_backend():
+    # the kernels inside the whole forward (prefill: matmul; decode: GEMV); one layer keeps the interpreter quick
+    from bitnet158.runtime.fast import FastModel, GraphDecoder
+    from bitnet158.runtime.generate import generate_tokens
+    from bitnet158.runtime.sampling import Sampler, SamplingParams
+
+    net = tiny_model(layers=1, seed=2).net
+    ids = [3, 14, 15, 9, 26]
+    with torch.inference_mode():
+        ref = _ref_last_logits(net, ids)
+        ref_tokens = list(generate_tokens(net, ids, 3, Sampler(SamplingParams())))
+        dec = GraphDecoder(FastModel(net, backend="triton"), 64, use_graph=False)
+        torch.testing.assert_close(dec.prefill(ids), ref, rtol=1e-5, atol=1e-5)
+        assert list(dec.generate(ids, 3)) == ref_tokens
+
+
+@interp
+def test_int8_head_logits_close_to_float_head():
+    from bitnet158.runtime.fast import FastModel
+
+    model = tiny_model(seed=1)
+    ids = [2, 7, 1, 8, 28]
+    with torch.inference_mode():
+        ref = _ref_last_logits(model.net, ids)
+        fast = FastModel(model.net, head="int8", backend="reference")
+        fast.net.setup_cache(1, 64)
+        got = fast.logits_last(torch.tensor([ids]), 0)[0]
+    rel = float((got - ref).norm() / ref.norm())
+    assert 0 < rel < 0.05, rel  # quantized, so not equal, but close
+
+
+# --- on a CUDA device -----------------------------------------------------------------------------------------
+SHAPES_2B = [(640, 2560), (2560, 2560), (3840, 2560), (13824, 2560), (2560, 6912)]  # k/v, q/o, qkv, gate|up, down
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("N,K", SHAPES_2B + [(37, 320), (33, 290)])
+@pytest.mark.parametrize("M", [1, 3, 17, 512])
+def test_gpu_bitlinear_exact(M, N, K):
+    if M == 512 and N * K > 2560 * 2560:
+        pytest.skip("one large prefill shape is enough")
+    for dtype, per_row in ((torch.bfloat16, False), (torch.float32, True)):
+        x, packed, scale = rand_case(M, N, K, per_row=per_row, dtype=dtype, seed=N + K + M)
+        ref = ref_y(x, packed, scale, K)
+        if M <= kernels.GEMV_MAX_M and kernels.gemv_compatible(packed):
+            assert_out(kernels.bitlinear_gemv(x, packed, scale, K), ref)
+        assert_out(kernels.bitlinear_matmul(x, packed, scale, K), ref)
+        assert_out(kernels.bitlinear_matmul(x, packed, scale, K, int8_dot=False), ref)
+        assert_out(kernels.bitlinear_triton(x, packed, scale, K), ref)
+
+
+@gpu
+@needs_cuda
+def test_gpu_quantize_and_head_exact():
+    x = torch.randn(5, 2560, device="cuda", dtype=torch.bfloat16) * 4
+    q, s = kernels.quantize_act(x)
+    qr, sr = quantize_activations(x)
+    assert torch.equal(q, qr) and torch.equal(s, sr[:, 0])
+    w = torch.randn(1000, 2560, device="cuda", dtype=torch.bfloat16)
+    wq, ws = kernels.quantize_head(w)
+    ref = (q.double() @ wq.double().T).float() * ws / sr
+    assert torch.equal(kernels.head_int8(x, wq, ws), ref)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("compile", [False, True])
+def test_gpu_graph_decoder_matches_eager(compile):
+    from bitnet158.runtime.fast import FastModel, GraphDecoder
+    from bitnet158.runtime.generate import generate_tokens
+    from bitnet158.runtime.sampling import Sampler, SamplingParams
+
+    model = tiny_model(device="cuda", dtype=torch.bfloat16)
+    ids = [3, 14, 15, 9, 26]
+    with torch.inference_mode():
+        ref_tokens = list(generate_tokens(model.net, ids, 12, Sampler(SamplingParams())))
+        ref = _ref_last_logits(model.net, ids)
+        fast = FastModel(model.net, backend="triton_op" if compile else "triton")
+        dec = GraphDecoder(fast, 64, compile=compile)
+        torch.testing.assert_close(dec.prefill(ids), ref, rtol=2e-2, atol=2e-2)
+        assert list(dec.generate(ids, 12)) == ref_tokens
+        a = list(dec.generate(ids, 8, temperature=0.9, top_k=20, top_p=0.95, seed=3))
+        assert a == list(dec.generate(ids, 8, temperature=0.9, top_k=20, top_p=0.95, seed=3))
