@@ -51,19 +51,19 @@ def _tokenizer() -> dict:
             "add_bos_token": False, "add_eos_token": False}
 
 
-def make_random_1bitllm_large(path: Path, seed: int = 0) -> None:
-    """Random ternary codes (about 1/3 zeros), f32 scales in [0.02, 0.1), bf16 embedding and norms."""
+def make_random_1bitllm_large(path: Path, seed: int = 0, layers: int = LAYERS, embed_dtype: str = "bf16") -> None:
+    """Random ternary codes (about 1/3 zeros), f32 scales in [0.02, 0.1), bf16 norms and embedding (or f32)."""
     from bitnet158.formats.packed import PackedWriter, TensorSpec
     from bitnet158.formats.ternary import pack_t2
 
     g = torch.Generator().manual_seed(seed)
-    cfg = {"family": "1bitllm", "hidden_size": HIDDEN, "intermediate_size": INTER, "num_hidden_layers": LAYERS,
+    cfg = {"family": "1bitllm", "hidden_size": HIDDEN, "intermediate_size": INTER, "num_hidden_layers": layers,
            "num_attention_heads": HEADS, "num_key_value_heads": HEADS, "head_dim": HIDDEN // HEADS,
            "vocab_size": VOCAB, "max_position_embeddings": CTX, "rope_theta": 10000.0, "rope_style": "neox",
            "rope_scaling": None, "rms_norm_eps": 1e-5, "hidden_act": "silu", "sub_norms": True,
            "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": [2]}
-    specs = [TensorSpec("embed.weight", "bf16", (VOCAB, HIDDEN))]
-    for i in range(LAYERS):
+    specs = [TensorSpec("embed.weight", embed_dtype, (VOCAB, HIDDEN))]
+    for i in range(layers):
         norms = (("attn_norm", HIDDEN), ("attn.sub_norm", HIDDEN), ("mlp_norm", HIDDEN), ("mlp.sub_norm", INTER))
         for norm, n in norms:
             specs.append(TensorSpec(f"layers.{i}.{norm}.weight", "bf16", (n,)))
@@ -81,7 +81,8 @@ def make_random_1bitllm_large(path: Path, seed: int = 0) -> None:
             elif s.name.endswith("_scale"):
                 w.write(s.name, (0.02 + 0.08 * torch.rand(1, generator=g)).to(torch.float32))
             elif s.name == "embed.weight":
-                w.write(s.name, (torch.randn(s.shape, generator=g) * 0.5).to(torch.bfloat16))
+                w.write(s.name, (torch.randn(s.shape, generator=g) * 0.5).to(torch.bfloat16).to(
+                    torch.float32 if embed_dtype == "f32" else torch.bfloat16))
             else:
                 w.write(s.name, (1 + 0.1 * torch.randn(s.shape, generator=g)).to(torch.bfloat16))
 
@@ -185,6 +186,9 @@ def main() -> None:
     ap.add_argument("--types", default="tq2_0,tq1_0")
     ap.add_argument("--repeats", type=int, default=3, help="Timed decode runs per type (best and median reported).")
     ap.add_argument("--speed-only", action="store_true", help="Skip our runtime and the logit comparison.")
+    ap.add_argument("--layers", type=int, default=LAYERS, help="Fewer layers: a less chaotic random model.")
+    ap.add_argument("--f32-embed", action="store_true",
+                    help="f32 embedding, so llama.cpp's head runs in f32 (isolates the activation quantization).")
     args = ap.parse_args()
 
     import llama_cpp
@@ -192,10 +196,10 @@ def main() -> None:
     from bitnet158.converter.gguf_convert import packed_to_gguf
 
     args.dir.mkdir(parents=True, exist_ok=True)
-    packed = args.dir / "model.bin"
+    packed = args.dir / f"model-{args.layers}l{'-f32' if args.f32_embed else ''}.bin"
     if not packed.exists():
         t0 = time.perf_counter()
-        make_random_1bitllm_large(packed)
+        make_random_1bitllm_large(packed, layers=args.layers, embed_dtype="f32" if args.f32_embed else "bf16")
         print(json.dumps({"made": str(packed), "seconds": round(time.perf_counter() - t0, 1)}), flush=True)
 
     rng = np.random.default_rng(0)
@@ -207,7 +211,7 @@ def main() -> None:
         ours = ours_reference(packed, ids, args.ours_tokens)
 
     for q in args.types.split(","):
-        g = args.dir / f"model-{q}.gguf"
+        g = packed.with_name(f"{packed.stem}-{q}.gguf")
         t0 = time.perf_counter()
         s = packed_to_gguf(packed, g, qtype=q, force=True)
         rec = {"type": q, "arch": s["arch"], "gguf_bytes": g.stat().st_size,

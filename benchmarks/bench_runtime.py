@@ -1,8 +1,8 @@
 """Runtime benchmark: load time, time to first token, prefill and decode speed, peak memory of one model file.
 
     python benchmarks/bench_runtime.py MODEL.bin [--device cpu|cuda] [--cache-unpacked] [--runs 5]
-    python benchmarks/bench_runtime.py --make-random-1bitllm-large DIR   # then: bitnet-convert hf-to-packed DIR -o x.bin
-    python benchmarks/bench_runtime.py --make-random-packed-large x.bin  # same shape, written directly
+    python benchmarks/bench_runtime.py --make-random-1bitllm-large DIR  # then bitnet-convert hf-to-packed DIR -o x.bin
+    python benchmarks/bench_runtime.py --make-random-packed-large x.bin # same shape, written directly
 
 What is measured (device synchronised around every timed region; token ids are random, sampling is greedy):
 - load: ``bitnet158.runtime.load`` from a cold start of the call (mmap, copies to the device, building modules);
@@ -41,8 +41,16 @@ def _peak_mib(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def bench(path: str, device: str | None, dtype: str | None, cache_unpacked: bool, runs: int, decode_tokens: int,
-          prefill_tokens: int, backend: str | None) -> dict:
+def bench(
+    path: str,
+    device: str | None,
+    dtype: str | None,
+    cache_unpacked: bool,
+    runs: int,
+    decode_tokens: int,
+    prefill_tokens: int,
+    backend: str | None,
+) -> dict:
     from bitnet158.runtime import load
     from bitnet158.runtime.generate import GenerationStats, generate_tokens
     from bitnet158.runtime.sampling import Sampler, SamplingParams
@@ -84,7 +92,9 @@ def bench(path: str, device: str | None, dtype: str | None, cache_unpacked: bool
     ttft(), prefill(), decode()  # warm-up (allocator, kernels, caches)
     out = {
         "file": str(path),
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
+        "device": torch.cuda.get_device_name(dev)
+        if dev.type == "cuda"
+        else f"cpu ({platform.processor() or platform.machine()})",
         "threads": torch.get_num_threads(),
         "dtype": str(model.dtype).replace("torch.", ""),
         "cache_unpacked": cache_unpacked,
@@ -116,8 +126,11 @@ def _sentencepiece_model(path: Path, n_pieces: int) -> None:
     m.normalizer_spec.name = "identity"
     m.normalizer_spec.add_dummy_prefix = True
     m.normalizer_spec.remove_extra_whitespaces = False
-    for piece, kind in (("<unk>", pb.ModelProto.SentencePiece.UNKNOWN), ("<s>", pb.ModelProto.SentencePiece.CONTROL),
-                        ("</s>", pb.ModelProto.SentencePiece.CONTROL)):
+    for piece, kind in (
+        ("<unk>", pb.ModelProto.SentencePiece.UNKNOWN),
+        ("<s>", pb.ModelProto.SentencePiece.CONTROL),
+        ("</s>", pb.ModelProto.SentencePiece.CONTROL),
+    ):
         m.pieces.add(piece=piece, score=0.0, type=kind)
     for b in range(256):
         m.pieces.add(piece=f"<0x{b:02X}>", score=0.0, type=pb.ModelProto.SentencePiece.BYTE)
@@ -141,16 +154,42 @@ def make_random_1bitllm_large(out: Path, seed: int = 0) -> None:
     s = LARGE
     out.mkdir(parents=True, exist_ok=True)
     _sentencepiece_model(out / "tokenizer.model", 32000)
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-        "add_bos_token": True, "add_eos_token": False, "legacy": False, "model_max_length": s["context"]}, indent=2))
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "LlamaTokenizer",
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+                "add_bos_token": True,
+                "add_eos_token": False,
+                "legacy": False,
+                "model_max_length": s["context"],
+            },
+            indent=2,
+        )
+    )
     cfg = {
-        "architectures": ["BitnetForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-        "hidden_size": s["hidden"], "intermediate_size": s["intermediate"], "num_hidden_layers": s["layers"],
-        "num_attention_heads": s["heads"], "num_key_value_heads": s["heads"], "vocab_size": s["vocab"],
-        "max_position_embeddings": s["context"], "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "rope_scaling": None,
-        "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float16",
-        "attention_bias": False, "input_bits": 8, "weight_bits": 1,
+        "architectures": ["BitnetForCausalLM"],
+        "model_type": "llama",
+        "hidden_act": "silu",
+        "hidden_size": s["hidden"],
+        "intermediate_size": s["intermediate"],
+        "num_hidden_layers": s["layers"],
+        "num_attention_heads": s["heads"],
+        "num_key_value_heads": s["heads"],
+        "vocab_size": s["vocab"],
+        "max_position_embeddings": s["context"],
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "rope_scaling": None,
+        "tie_word_embeddings": True,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": "float16",
+        "attention_bias": False,
+        "input_bits": 8,
+        "weight_bits": 1,
     }
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     gen = torch.Generator().manual_seed(seed)
@@ -159,9 +198,15 @@ def make_random_1bitllm_large(out: Path, seed: int = 0) -> None:
     state = {"model.embed_tokens.weight": rnd(s["vocab"], h, std=0.02), "model.norm.weight": 1 + rnd(h)}
     for n in range(s["layers"]):
         p = f"model.layers.{n}."
-        for name, shape in (("self_attn.q_proj", (h, h)), ("self_attn.k_proj", (h, h)), ("self_attn.v_proj", (h, h)),
-                            ("self_attn.o_proj", (h, h)), ("mlp.gate_proj", (i, h)), ("mlp.up_proj", (i, h)),
-                            ("mlp.down_proj", (h, i))):
+        for name, shape in (
+            ("self_attn.q_proj", (h, h)),
+            ("self_attn.k_proj", (h, h)),
+            ("self_attn.v_proj", (h, h)),
+            ("self_attn.o_proj", (h, h)),
+            ("mlp.gate_proj", (i, h)),
+            ("mlp.up_proj", (i, h)),
+            ("mlp.down_proj", (h, i)),
+        ):
             state[p + name + ".weight"] = rnd(*shape)
         state[p + "input_layernorm.weight"] = 1 + rnd(h)
         state[p + "post_attention_layernorm.weight"] = 1 + rnd(h)
@@ -183,8 +228,14 @@ def _byte_tokenizer() -> dict:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return {"tokenizer_json": tok.to_str(), "chat_template": None, "bos_token": "<s>", "eos_token": "</s>",
-            "add_bos_token": True, "add_eos_token": False}
+    return {
+        "tokenizer_json": tok.to_str(),
+        "chat_template": None,
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "add_bos_token": True,
+        "add_eos_token": False,
+    }
 
 
 def make_random_packed(out: Path, seed: int = 0) -> None:
@@ -198,19 +249,38 @@ def make_random_packed(out: Path, seed: int = 0) -> None:
     s = LARGE
     h, i, hd = s["hidden"], s["intermediate"], s["hidden"] // s["heads"]
     config = {
-        "family": "1bitllm", "hidden_size": h, "intermediate_size": i, "num_hidden_layers": s["layers"],
-        "num_attention_heads": s["heads"], "num_key_value_heads": s["heads"], "head_dim": hd,
-        "vocab_size": s["vocab"], "max_position_embeddings": s["context"], "rope_theta": 10000.0,
-        "rope_style": "neox", "rope_scaling": None, "rms_norm_eps": 1e-5, "hidden_act": "silu", "sub_norms": True,
-        "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": [2],
+        "family": "1bitllm",
+        "hidden_size": h,
+        "intermediate_size": i,
+        "num_hidden_layers": s["layers"],
+        "num_attention_heads": s["heads"],
+        "num_key_value_heads": s["heads"],
+        "head_dim": hd,
+        "vocab_size": s["vocab"],
+        "max_position_embeddings": s["context"],
+        "rope_theta": 10000.0,
+        "rope_style": "neox",
+        "rope_scaling": None,
+        "rms_norm_eps": 1e-5,
+        "hidden_act": "silu",
+        "sub_norms": True,
+        "tie_word_embeddings": True,
+        "bos_token_id": 1,
+        "eos_token_id": [2],
     }
     shapes: dict[str, tuple[tuple[int, ...], bool]] = {"embed.weight": ((s["vocab"], h), False)}
     for n in range(s["layers"]):
         p = f"layers.{n}."
         shapes[p + "attn_norm.weight"] = ((h,), False)
-        for name, shape in (("attn.q_proj", (h, h)), ("attn.k_proj", (h, h)), ("attn.v_proj", (h, h)),
-                            ("attn.o_proj", (h, h)), ("mlp.gate_proj", (i, h)), ("mlp.up_proj", (i, h)),
-                            ("mlp.down_proj", (h, i))):
+        for name, shape in (
+            ("attn.q_proj", (h, h)),
+            ("attn.k_proj", (h, h)),
+            ("attn.v_proj", (h, h)),
+            ("attn.o_proj", (h, h)),
+            ("mlp.gate_proj", (i, h)),
+            ("mlp.up_proj", (i, h)),
+            ("mlp.down_proj", (h, i)),
+        ):
             shapes[p + name + ".weight"] = (shape, True)
         shapes[p + "attn.sub_norm.weight"] = ((h,), False)
         shapes[p + "mlp_norm.weight"] = ((h,), False)
@@ -219,11 +289,19 @@ def make_random_packed(out: Path, seed: int = 0) -> None:
     specs = []
     for name, (shape, tern) in shapes.items():
         if tern:
-            specs += [TensorSpec(name, "t2", shape, name + "_scale", "tensor"), TensorSpec(name + "_scale", "f32", (1,))]
+            specs += [
+                TensorSpec(name, "t2", shape, name + "_scale", "tensor"),
+                TensorSpec(name + "_scale", "f32", (1,)),
+            ]
         else:
             specs.append(TensorSpec(name, "bf16", shape))
-    provenance = {"source": "random (benchmarks/bench_runtime.py)", "revision": None, "files": {},
-                  "converter": "bitnet158 bench_runtime", "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+    provenance = {
+        "source": "random (benchmarks/bench_runtime.py)",
+        "revision": None,
+        "files": {},
+        "converter": "bitnet158 bench_runtime",
+        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
     gen = torch.Generator().manual_seed(seed)
     with PackedWriter(out, config=config, tokenizer=_byte_tokenizer(), provenance=provenance, tensors=specs) as w:
         for name, (shape, tern) in shapes.items():
@@ -248,8 +326,12 @@ def main() -> None:
     ap.add_argument("--prefill-tokens", type=int, default=512)
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--make-random-1bitllm-large", metavar="DIR", type=Path)
-    ap.add_argument("--make-random-packed-large", metavar="FILE", type=Path,
-                    help="write a random packed file of the same shape directly (no transformers/converter needed)")
+    ap.add_argument(
+        "--make-random-packed-large",
+        metavar="FILE",
+        type=Path,
+        help="write a random packed file of the same shape directly (no transformers/converter needed)",
+    )
     a = ap.parse_args()
     if a.make_random_packed_large:
         make_random_packed(a.make_random_packed_large)
@@ -257,8 +339,10 @@ def main() -> None:
         return
     if a.make_random_1bitllm_large:
         make_random_1bitllm_large(a.make_random_1bitllm_large)
-        print(f"wrote {a.make_random_1bitllm_large}; convert it with: bitnet-convert hf-to-packed "
-              f"{a.make_random_1bitllm_large} -o large.bin")
+        print(
+            f"wrote {a.make_random_1bitllm_large}; convert it with: bitnet-convert hf-to-packed "
+            f"{a.make_random_1bitllm_large} -o large.bin"
+        )
         return
     if not a.file:
         ap.error("give a model file (or --make-random-1bitllm-large DIR)")

@@ -17,6 +17,15 @@ layout). Otherwise every ``d`` is 1.0 and the f32 scale goes into an optional ``
 scale is never rounded. Per-row scales are written as per-block ``d`` when every row scale is f16-exact, and refused
 otherwise (the ``.scale`` tensor holds one number).
 
+Float tensors: norms are F32 (exact from bf16/f16). The embedding (and an untied head) is F16 for I2_S, as in
+Microsoft's file, with a warning if a value rounds; TQ exports keep the packed file's dtype (BF16 included, which
+llama.cpp reads), so every value survives a TQ round trip exactly.
+
+Tokenizer metadata comes from the packed file's tokenizer.json: byte-level BPE -> ``gpt2`` (tokens, types, merges,
+``pre`` = ``llama-bpe`` for the Llama-3 split regex, ``gpt-2`` for a plain ByteLevel); SentencePiece-style BPE or
+Unigram -> ``llama`` (tokens, scores, types, add_space_prefix); ids the embedding has beyond the tokenizer become
+``[PADi]`` tokens, as Microsoft's converter writes them.
+
 Import (``gguf_to_packed``) goes through ``bitnet158.formats.gguf.GGUFSource``, which presents a GGUF with the same
 read surface as a packed file; codes and scales are copied over unchanged, float tensors keep their dtype.
 """
@@ -98,10 +107,6 @@ def gguf_tensor_name(canonical: str) -> str:
 # gguf TokenType values (llama.cpp llama_token_type)
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 _BYTE_TOKEN = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
-# The Llama-3 pre-tokenizer split regex; llama.cpp calls this pre-tokenizer "llama-bpe".
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
 
 
 def _walk(node: Any):
@@ -202,8 +207,12 @@ def tokenizer_metadata(tokenizer: dict, vocab_size: int) -> TokenizerMetadata:
     pre = None
     if kind == "gpt2":
         regexes = [d.get("pattern", {}).get("Regex") for d in _walk(tj.get("pre_tokenizer")) if d.get("type") == "Split"]
-        if _LLAMA3_SPLIT in regexes:
+        if gguf_fmt.LLAMA3_SPLIT_REGEX in regexes:  # llama.cpp's name for the Llama-3 split
             pre = "llama-bpe"
+        elif not regexes and any(
+            d.get("type") == "ByteLevel" and d.get("use_regex", True) for d in _walk(tj.get("pre_tokenizer"))
+        ):
+            pre = "gpt-2"  # a plain ByteLevel pre-tokenizer splits with the GPT-2 regex
 
     add_space_prefix = None
     if kind == "llama":

@@ -40,6 +40,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from bitnet158.converter.tokenizer import (
     TOKENIZER_FILES,
@@ -552,7 +553,20 @@ class HFSource:
             return self._weights.get(how[1])
         if how[0] == "latent":
             return self._ternarize(name, self._weights.get(how[1]))
-        return self._unpack(name, *how[1:])
+        packed, scale = self._packed(name, *how[1:])
+        return ternary.unpack_hf(packed), scale
+
+    def t2(self, name: str) -> tuple[torch.Tensor, float]:
+        """A linear weight as t2 bytes: (uint8 [out, ceil(in/4)], scale) with W = scale · t.
+
+        HF-packed weights are transcoded byte to byte (``hf_to_t2``), never unpacked to one int8 per weight.
+        """
+        how = self._plan[name]
+        if how[0] == "packed":
+            packed, scale = self._packed(name, *how[1:])
+            return ternary.hf_to_t2(packed), scale
+        t, scale = self._load(name)
+        return ternary.pack_t2(t), scale
 
     def _ternarize(self, name: str, w: torch.Tensor):
         if not torch.is_floating_point(w):
@@ -572,7 +586,8 @@ class HFSource:
         t, m = ternary.absmean_ternarize(w)
         return t, m
 
-    def _unpack(self, name: str, wname: str, sname: str, divides: bool):
+    def _packed(self, name: str, wname: str, sname: str, divides: bool) -> tuple[torch.Tensor, float]:
+        """The HF-packed uint8 [out/4, in] weight, checked, and its scale as a multiplier."""
         packed = self._weights.get(wname)
         ws = self._weights.get(sname)
         if ws.numel() != 1:
@@ -582,13 +597,11 @@ class HFSource:
         scale = float((1.0 / ws32) if divides else ws32)
         if not (math.isfinite(scale) and scale > 0):
             raise ConversionError(f"{sname}: the scale must be finite and > 0, found {float(ws32)}")
+        p = packed.numpy()
         # Code 3 (both bits of a field set) is unused: a byte holding one is not a packed ternary weight.
-        if bool((packed & (packed >> 1) & 0x55).any()):
+        if np.bitwise_and(p & (p >> 1), 0x55).any():
             raise ConversionError(f"{wname}: holds the unused 2-bit code 3, so it is not a packed ternary weight")
-        t = ternary.unpack_hf(packed)
-        if t.shape[0] != self.shapes[name][0]:
-            raise ConversionError(f"{wname}: unpacks to {tuple(t.shape)}, expected {self.shapes[name]}")
-        return t, scale
+        return packed, scale
 
     def close(self) -> None:
         self._weights.close()
@@ -752,6 +765,8 @@ def convert_hf(src: str, out: str, *, revision: str | None = None, dtype: str = 
     out_path = Path(out)
     if out_path.is_dir():
         raise ConversionError(f"{out} is a folder; give a file name")
+    if not out_path.absolute().parent.is_dir():
+        raise ConversionError(f"{out}: the folder {out_path.absolute().parent} does not exist")
     if out_path.exists() and not force:
         raise ConversionError(f"{out} exists; pass --force to overwrite it")
     start = time.perf_counter()
@@ -772,11 +787,10 @@ def convert_hf(src: str, out: str, *, revision: str | None = None, dtype: str = 
                           tensors=_specs(hf, dtype), overwrite=force) as writer:
             for name, kind, load in tqdm(list(hf.tensors()), desc="converting", unit="tensor", disable=not progress):
                 if kind == "linear":
-                    t, scale = load()
-                    packed = ternary.pack_t2(t)
+                    packed, scale = hf.t2(name)
                     writer.write(name, packed)
                     writer.write(name + "_scale", torch.tensor([scale], dtype=torch.float32))
-                    n_ternary += t.numel()
+                    n_ternary += math.prod(hf.shapes[name])
                     t2_bytes += packed.numel() + 4
                     n_tensors += 2
                 else:

@@ -83,9 +83,13 @@ def _chat_template(folder: Path, tcfg: dict) -> str | None:
 
 def _from_sentencepiece(folder: Path) -> Tokenizer:
     """Convert tokenizer.model with transformers' slow→fast conversion (the oracle users compare against)."""
+    import importlib.util
+
     try:
-        import sentencepiece
         from transformers import AutoTokenizer
+
+        if importlib.util.find_spec("sentencepiece") is None:  # transformers needs it for the conversion
+            raise ImportError("sentencepiece")
     except ImportError as e:
         raise TokenizerError(
             "this source has only a SentencePiece tokenizer.model; converting it needs transformers and "

@@ -7,7 +7,8 @@
 The weights stay on the device as the packed t2 bytes of the file (formats/PACKED.md §2.1, uint8 [out, ceil(in/4)]).
 The reference path computes q · tᵀ with exact integer sums: on CUDA it unpacks on the device at every call (bf16
 operands, fp32 accumulation and output); on the CPU it multiplies the 2-bit planes of the packed bytes directly
-(int8 × int8 → int32, ``int_dot_packed``). ``cache_unpacked=True`` unpacks once at load and keeps t resident. Fast paths plug in behind the same ``forward`` through named backends:
+(int8 × int8 → int32, ``int_dot_packed``). ``cache_unpacked=True`` unpacks once at load and keeps t resident.
+Fast paths plug in behind the same ``forward`` through named backends:
 
     BitLinear.backend = "triton"          # every layer (class attribute), or
     set_backend(model, "triton")          # the BitLinear layers of one module tree
@@ -100,7 +101,9 @@ def int_dot_packed(q: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     for k in range(4):
         codes = ((packed >> (2 * k)) & 3).view(torch.int8)  # [N, rb] in {0, 1, 2}
         acc = acc + torch._int_mm(codes, planes[k].contiguous())  # [N, M] int32
-    return acc.t().float().contiguous()  # [M, N]; contiguous keeps the later kernels (and their float order) as on the other paths
+    return (
+        acc.t().float().contiguous()
+    )  # [M, N]; contiguous keeps the later kernels (and their float order) as on the other paths
 
 
 class BitLinear(nn.Module):
@@ -111,12 +114,13 @@ class BitLinear(nn.Module):
     def __init__(self, packed: torch.Tensor, scale: torch.Tensor, in_features: int, cache_unpacked: bool = False):
         super().__init__()
         if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.shape[1] != (in_features + 3) // 4:
-            raise ValueError(
-                f"BitLinear: packed must be uint8 [out, {(in_features + 3) // 4}], got {packed.dtype} {tuple(packed.shape)}"
-            )
+            want = f"uint8 [out, {(in_features + 3) // 4}]"
+            raise ValueError(f"BitLinear: packed must be {want}, got {packed.dtype} {tuple(packed.shape)}")
         out_features = packed.shape[0]
         if scale.dtype != torch.float32 or tuple(scale.shape) not in ((1,), (out_features,)):
-            raise ValueError(f"BitLinear: scale must be f32 [1] or [{out_features}], got {scale.dtype} {tuple(scale.shape)}")
+            raise ValueError(
+                f"BitLinear: scale must be f32 [1] or [{out_features}], got {scale.dtype} {tuple(scale.shape)}"
+            )
         self.in_features = in_features
         self.out_features = out_features
         self.register_buffer("packed", packed, persistent=False)  # uint8 [N, ceil(K/4)]

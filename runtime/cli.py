@@ -22,7 +22,8 @@ def _peak_memory(device: torch.device) -> str:
 def _print_stats(model, stats: GenerationStats, load_s: float) -> None:
     lines = [
         f"load time:        {load_s:.2f} s ({model.device}, {str(model.dtype).replace('torch.', '')})",
-        f"prompt tokens:    {stats.prompt_tokens}" + (f" ({stats.truncated_tokens} truncated)" if stats.truncated_tokens else ""),
+        f"prompt tokens:    {stats.prompt_tokens}"
+        + (f" ({stats.truncated_tokens} truncated)" if stats.truncated_tokens else ""),
         f"generated tokens: {stats.generated_tokens} (stopped: {stats.stop_reason})",
         f"prefill:          {stats.prefill_tok_s:.1f} tok/s",
         f"decode:           {stats.decode_tok_s:.1f} tok/s",
@@ -46,19 +47,47 @@ def _print_stats(model, stats: GenerationStats, load_s: float) -> None:
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Default: cuda when available, else cpu.")
 @click.option("--dtype", type=click.Choice(["bf16", "f16", "f32"]), help="Default: bf16 on cuda, f32 on cpu.")
 @click.option("--force-fp16", is_flag=True, help="Allow f16 with relu² activations (it overflows).")
-@click.option("--cache-unpacked", is_flag=True, help="Keep unpacked weights resident: faster, more memory.")
+@click.option(
+    "--cache-unpacked",
+    is_flag=True,
+    help="Keep unpacked weights resident: more memory; faster on CUDA and for CPU prefill.",
+)
 @click.option("--truncate", is_flag=True, help="Drop the oldest prompt tokens when prompt + generation overflow.")
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch (default: torch's choice).")
 @click.option("--quiet", "-q", is_flag=True, help="No statistics on stderr.")
 @click.option("--perplexity", "ppl_file", type=click.Path(dir_okay=False), help="Score this text file instead.")
 @click.option("--ctx", type=click.IntRange(min=2), help="Perplexity window (default: the model context).")
 @click.option("--stride", type=click.IntRange(min=1), help="Perplexity window step (default: ctx // 2).")
-def main(file, prompt, chat, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, device,
-         dtype, force_fp16, cache_unpacked, truncate, quiet, ppl_file, ctx, stride):
+def main(
+    file,
+    prompt,
+    chat,
+    max_new_tokens,
+    temperature,
+    top_k,
+    top_p,
+    repetition_penalty,
+    seed,
+    stop,
+    device,
+    dtype,
+    force_fp16,
+    cache_unpacked,
+    truncate,
+    threads,
+    quiet,
+    ppl_file,
+    ctx,
+    stride,
+):
     """Run the BitNet b1.58 model in FILE (a bitnet158 packed file)."""
     from bitnet158.runtime.loader import load  # keeps `bitnet-run --help` fast
 
     if (prompt is None) == (ppl_file is None):
-        raise click.UsageError("give exactly one of --prompt or --perplexity")
+        click.echo("error: give exactly one of --prompt or --perplexity", err=True)
+        sys.exit(2)
+    if threads:
+        torch.set_num_threads(threads)
     try:
         t0 = time.perf_counter()
         model = load(file, device=device, dtype=dtype, cache_unpacked=cache_unpacked, force=force_fp16)
@@ -96,3 +125,7 @@ def main(file, prompt, chat, max_new_tokens, temperature, top_k, top_p, repetiti
     except KeyboardInterrupt:
         click.echo("\ninterrupted", err=True)
         sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -10,6 +10,8 @@ What it changes, and why:
   scale vector (REFERENCE §8: Microsoft's kernel applies one scale to the wrong rows). The original BitLinear
   layers are re-pointed at their rows of the fused bytes, so the weights stay in memory once and the reference
   network still runs unchanged.
+- **Fewer launches per token.** With the "triton" backend the RMSNorms (the one after attention together with
+  the residual add) and the MLP's act(gate)·up + sub-norm run as single Triton kernels.
 - **Fewer bytes per token.** Decode only computes the head for the last position; ``head="int8"`` replaces the
   bf16 head (56 % of the bytes of a 2B-4T token) by per-row int8 weights and the dp4a GEMV of kernels.py.
 - **No host work per token.** ``GraphDecoder`` captures one decode step (forward at a position tensor, sampling
@@ -24,11 +26,10 @@ the fusions; tests/test_kernels.py checks it against the reference network.
 from __future__ import annotations
 
 import logging
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-
 from bitnet158.runtime.bitlinear import BitLinear, get_backend, register_backend
 from bitnet158.runtime.model import Transformer, rotate_half
 
@@ -105,6 +106,9 @@ class FastModel:
             _register_op_backend()
         get_backend(backend)
         self.backend = backend
+        # the Triton norm / activation kernels go with the eager Triton backend; torch.compile ("triton_op")
+        # fuses those ops itself, and the reference backend keeps the model's own torch ops
+        self.fused_elementwise = backend == "triton"
         for lin in [*self.qkv, *self.gate_up, *(m for m in self.net.modules() if isinstance(m, BitLinear))]:
             lin.backend = backend
 
@@ -115,13 +119,24 @@ class FastModel:
             n += self.head_q.numel() + self.head_scale.numel() * 4
         return n
 
+    def _norm(self, norm, x: torch.Tensor, residual: torch.Tensor | None = None):
+        # RMSNorm module ``norm`` of x, or with ``residual``: (h = residual + x, norm(h))
+        if self.fused_elementwise:
+            from bitnet158.runtime.kernels import rmsnorm
+
+            return rmsnorm(x, norm.weight, norm.eps, residual)
+        if residual is None:
+            return norm(x)
+        h = residual + x
+        return h, norm(h)
+
     def _layer(self, i: int, x: torch.Tensor, cos, sin, pos, mask) -> torch.Tensor:
         # x [B, T, D] → [B, T, D]; the operations of Block/Attention/MLP.forward with fused projections
         layer = self.net.layers[i]
         a, m = layer.attn, layer.mlp
         b, t, _ = x.shape
         nq, nkv = a.n_heads * a.head_dim, a.n_kv * a.head_dim
-        qkv = self.qkv[i](layer.attn_norm(x))  # [B, T, Nq + 2·Nkv]
+        qkv = self.qkv[i](self._norm(layer.attn_norm, x))  # [B, T, Nq + 2·Nkv]
         q, k, v = qkv.split([nq, nkv, nkv], dim=-1)
         q = q.reshape(b, t, a.n_heads, a.head_dim).transpose(1, 2)  # [B, H, T, Dh]
         k = k.reshape(b, t, a.n_kv, a.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
@@ -134,14 +149,20 @@ class FastModel:
         )  # [B, H, T, Dh]
         y = y.transpose(1, 2).reshape(b, t, nq)
         if a.sub_norm is not None:
-            y = a.sub_norm(y)
-        h = x + a.o_proj(y)
-        inter = m.down_proj.in_features
-        g, u = self.gate_up[i](layer.mlp_norm(h)).split([inter, inter], dim=-1)  # [B, T, I] each
-        g = torch.square(F.relu(g)) if m.relu2 else F.silu(g)
-        z = g * u
-        if m.sub_norm is not None:
-            z = m.sub_norm(z)
+            y = self._norm(a.sub_norm, y)
+        h, n = self._norm(layer.mlp_norm, a.o_proj(y), residual=x)  # h = x + attn; n = mlp_norm(h)
+        gu = self.gate_up[i](n)  # [B, T, 2·I]
+        if self.fused_elementwise:
+            from bitnet158.runtime.kernels import act_mul_norm
+
+            sub = m.sub_norm
+            z = act_mul_norm(gu, sub.weight if sub is not None else None, sub.eps if sub is not None else 0.0, m.relu2)
+        else:
+            g, u = gu.split([gu.shape[-1] // 2] * 2, dim=-1)  # [B, T, I] each
+            g = torch.square(F.relu(g)) if m.relu2 else F.silu(g)
+            z = g * u
+            if m.sub_norm is not None:
+                z = m.sub_norm(z)
         return h + m.down_proj(z)
 
     def logits_last(self, tokens: torch.Tensor, start_pos: int | torch.Tensor) -> torch.Tensor:

@@ -63,9 +63,7 @@ def decode_one_token(net: Transformer, token: torch.Tensor, pos: int) -> torch.T
     return net(token, pos)[0, -1]
 
 
-def fit_context(
-    prompt_ids: list[int], max_new_tokens: int, context: int, truncate: bool
-) -> tuple[list[int], int]:
+def fit_context(prompt_ids: list[int], max_new_tokens: int, context: int, truncate: bool) -> tuple[list[int], int]:
     """Check that prompt + max_new_tokens fits in ``context``; with ``truncate`` drop the oldest prompt tokens.
 
     Returns (prompt ids to use, number of dropped tokens).

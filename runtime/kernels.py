@@ -13,13 +13,17 @@ Kernels
   sits in L2), quantizes its K chunk in registers and packs it into int8×4 words. Each 2-bit field k of a weight
   word is masked out as four byte lanes, ``(w >> 2k) & 0x03030303`` = codes of weights k, k+4, k+8, k+12, and
   one ``dp4a`` multiplies them with the activation word holding those four activations: 4 MACs per instruction,
-  about 0.75 integer instructions per weight, so the kernel stays bound by memory, not by unpacking. The codes
+  about 0.75 integer instructions per weight (plus the activation packing, shared by the BLOCK_N rows of a
+  program), so the kernel stays bound by memory, not by unpacking. The codes
   are t + 1, so Σ c·q − Σ q = Σ t·q; Σ q comes out of the same dp4a pass.
 - ``bitlinear_matmul`` (prefill): quantize once, then tiles of int8 x and of weights unpacked to int8 in
   registers meet in ``tl.dot`` int8 × int8 → int32 on the tensor cores (``int8_dot=False``: fp16 operands with
   fp32 accumulation, still exact below 2^24).
 - ``head_int8`` / ``quantize_head``: an optional int8 output head (per-row absmax scales, int8 activations),
   the same dp4a GEMV on int8 weights.
+- ``rmsnorm`` (optionally with the residual add) and ``act_mul_norm`` (relu²/SiLU gate · up + the MLP sub-norm):
+  one launch each instead of the handful of torch ops they replace in the decode step.
+- ``bitlinear_op`` / ``head_int8_op``: the same as torch.library custom ops, opaque to torch.compile.
 
 Under ``TRITON_INTERPRET=1`` (tests on the CPU) dp4a and rint are computed with plain integer / float ops
 instead of the PTX instruction and the libdevice call, which the interpreter cannot run; the arithmetic is the
@@ -28,15 +32,12 @@ same, and the GPU tests (``pytest -m gpu``) check the device versions against th
 
 from __future__ import annotations
 
-import logging
 import os
 
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
-
-log = logging.getLogger(__name__)
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -161,6 +162,7 @@ def _mm_w2a8_kernel(
     q_ptr, s_ptr, w_ptr, scale_ptr, y_ptr,
     M, N, K, KB,
     stride_qm, stride_wn, stride_ym,
+    M_BUCKET,  # unused in the body: the autotuner's key, so that a 16-row and a 512-row prefill tune apart
     SCALE_PER_ROW: tl.constexpr, INT8_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
@@ -235,6 +237,52 @@ def _gemv_w8a8_kernel(
     tl.store(y_ptr + m.to(tl.int64) * stride_ym + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
+@triton.jit
+def _rmsnorm_kernel(
+    x_ptr, res_ptr, h_ptr, w_ptr, y_ptr, D, eps,
+    stride_x, stride_res, stride_h, stride_y,
+    HAS_RES: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    # one program per row: [h = x + res;] y = w · (h · rsqrt(mean(h²) + eps)).to(dtype), rounding like
+    # runtime/model.py's RMSNorm (the sum of squares is reduced in another order: fp32 rounding differs)
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    ok = offs < D
+    dt = y_ptr.dtype.element_ty
+    x = tl.load(x_ptr + row * stride_x + offs, mask=ok, other=0.0).to(tl.float32)
+    if HAS_RES:
+        r = tl.load(res_ptr + row * stride_res + offs, mask=ok, other=0.0).to(tl.float32)
+        x = (x + r).to(dt).to(tl.float32)  # the residual add rounds to the model dtype
+        tl.store(h_ptr + row * stride_h + offs, x.to(dt), mask=ok)
+    n = (x * tl.math.rsqrt(tl.sum(x * x, axis=0) / D + eps)).to(dt).to(tl.float32)
+    w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * stride_y + offs, (w * n).to(dt), mask=ok)
+
+
+@triton.jit
+def _act_mul_norm_kernel(
+    gu_ptr, w_ptr, y_ptr, I, eps, stride_gu, stride_y,
+    RELU2: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    # one program per row of the fused gate|up output [M, 2I]: z = act(g) · u, then the MLP sub-norm
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    ok = offs < I
+    dt = y_ptr.dtype.element_ty
+    g = tl.load(gu_ptr + row * stride_gu + offs, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + row * stride_gu + I + offs, mask=ok, other=0.0).to(tl.float32)
+    if RELU2:
+        a = tl.maximum(g, 0.0)
+        a = (a * a).to(dt).to(tl.float32)  # torch.square(F.relu(g)) in the model dtype
+    else:
+        a = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)  # SiLU (rounding may differ from torch's)
+    z = (a * u).to(dt).to(tl.float32)
+    if HAS_NORM:
+        z = (z * tl.math.rsqrt(tl.sum(z * z, axis=0) / I + eps)).to(dt).to(tl.float32)
+        z = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32) * z
+    tl.store(y_ptr + row * stride_y + offs, z.to(dt), mask=ok)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # launch configurations
 #
@@ -261,7 +309,7 @@ _mm_w2a8_tuned = triton.autotune(
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=st)
         for bm, bn, bk, w, st in _MM_CONFIGS
     ],
-    key=["N", "K"],  # tuned on the first M seen for a shape (warm up with a prefill-sized M)
+    key=["M_BUCKET", "N", "K"],
 )(_mm_w2a8_kernel)
 
 
@@ -328,7 +376,7 @@ def bitlinear_gemv(
     args = (x, words, scale, y, n, K, k16, x.stride(0), words.stride(0), y.stride(0))
     per_row = scale.numel() != 1 or n == 1
     if config is None and not _INTERPRET:
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m)  # noqa: E731
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m)
         _gemv_w2a8_tuned[grid](*args, SCALE_PER_ROW=per_row, ON_GPU=True)
     else:
         bn, bw, warps = config or _INTERP_GEMV
@@ -359,10 +407,11 @@ def bitlinear_matmul(
     if m == 0:
         return y
     q, s = quantize_act(x)
-    args = (q, s, packed, scale, y, m, n, K, packed.shape[1], q.stride(0), packed.stride(0), y.stride(0))
+    m_bucket = next(b for b in (16, 64, 256, 1024, 1 << 31) if m <= b)
+    args = (q, s, packed, scale, y, m, n, K, packed.shape[1], q.stride(0), packed.stride(0), y.stride(0), m_bucket)
     per_row = scale.numel() != 1 or n == 1
     if config is None and not _INTERPRET:
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
         _mm_w2a8_tuned[grid](*args, SCALE_PER_ROW=per_row, INT8_DOT=int8_dot)
     else:
         bm, bn, bk, warps, stages = config or _INTERP_MM
@@ -428,7 +477,7 @@ def head_int8(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, config: tu
         return y
     args = (x, words, scale, y, v, d, words.shape[1], x.stride(0), words.stride(0), y.stride(0))
     if config is None and not _INTERPRET:
-        grid = lambda meta: (triton.cdiv(v, meta["BLOCK_N"]), m)  # noqa: E731
+        grid = lambda meta: (triton.cdiv(v, meta["BLOCK_N"]), m)
         _gemv_w8a8_tuned[grid](*args, ON_GPU=True)
     else:
         bn, bw, warps = config or _INTERP_GEMV
@@ -460,3 +509,60 @@ def head_int8_op(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor) -> torc
 @head_int8_op.register_fake
 def _head_int8_fake(x, wq, scale):
     return x.new_empty((x.shape[0], wq.shape[0]), dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# fused elementwise ops of the decoder layer (fewer launches per decoded token)
+
+
+def _rows(x: torch.Tensor, what: str) -> torch.Tensor:
+    if not x.is_floating_point():
+        raise KernelShapeError(f"{what}: expected a float tensor, got {x.dtype}")
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def rmsnorm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm of x [..., D] in one kernel (runtime/model.py's rounding steps, fp32 statistics).
+
+    With ``residual``: h = x + residual first, and returns (h, norm(h)), both in x's dtype.
+    """
+    x2 = _rows(x, "rmsnorm")
+    d = x2.shape[1]
+    if weight.shape != (d,):
+        raise KernelShapeError(f"rmsnorm: weight must be [{d}], got {tuple(weight.shape)}")
+    y = torch.empty_like(x2)
+    h = torch.empty_like(x2) if residual is not None else y
+    r2 = _rows(residual, "rmsnorm") if residual is not None else x2
+    if r2.shape != x2.shape:
+        raise KernelShapeError(f"rmsnorm: residual {tuple(residual.shape)} does not match x {tuple(x.shape)}")
+    if x2.shape[0]:
+        _rmsnorm_kernel[(x2.shape[0],)](
+            x2, r2, h, weight, y, d, eps, x2.stride(0), r2.stride(0), h.stride(0), y.stride(0),
+            HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(d), num_warps=8,
+        )  # fmt: skip
+    if residual is None:
+        return y.view(x.shape)
+    return h.view(x.shape), y.view(x.shape)
+
+
+def act_mul_norm(gu: torch.Tensor, weight: torch.Tensor | None, eps: float, relu2: bool) -> torch.Tensor:
+    """The MLP middle in one kernel: gu [..., 2I] (gate | up) → sub_norm(act(gate) · up) [..., I].
+
+    act = relu² (bit-exact with the torch ops in the model dtype) or SiLU; ``weight`` None: no sub-norm.
+    """
+    g2 = _rows(gu, "act_mul_norm")
+    if g2.shape[1] % 2:
+        raise KernelShapeError(f"act_mul_norm: the last dim must be 2·I, got {g2.shape[1]}")
+    inter = g2.shape[1] // 2
+    if weight is not None and weight.shape != (inter,):
+        raise KernelShapeError(f"act_mul_norm: weight must be [{inter}], got {tuple(weight.shape)}")
+    y = torch.empty((g2.shape[0], inter), dtype=gu.dtype, device=gu.device)
+    if g2.shape[0]:
+        _act_mul_norm_kernel[(g2.shape[0],)](
+            g2, weight if weight is not None else g2, y, inter, eps, g2.stride(0), y.stride(0),
+            RELU2=relu2, HAS_NORM=weight is not None, BLOCK=triton.next_power_of_2(inter), num_warps=8,
+        )  # fmt: skip
+    return y.view(*gu.shape[:-1], inter)

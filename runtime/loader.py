@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from bitnet158.runtime.api import BitNetModel
 from bitnet158.runtime.bitlinear import BitLinear, get_backend
 from bitnet158.runtime.config import ModelConfig
 from bitnet158.runtime.model import MLP, Attention, Block, RMSNorm, Transformer
@@ -48,13 +49,17 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if dev.type != "cuda":
         raise DeviceError(f"unsupported device {device!r} (use cpu or cuda)")
     if not torch.cuda.is_available():
-        raise DeviceError(f"device {device!r} requested but no CUDA device is available (torch.cuda.is_available() is False)")
+        raise DeviceError(
+            f"device {device!r} requested but no CUDA device is available (torch.cuda.is_available() is False)"
+        )
     if dev.index is not None and dev.index >= torch.cuda.device_count():
         raise DeviceError(f"device {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
     return dev
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, config: ModelConfig, force: bool) -> torch.dtype:
+def resolve_dtype(
+    dtype: str | torch.dtype | None, device: torch.device, config: ModelConfig, force: bool
+) -> torch.dtype:
     """None → bf16 on CUDA, fp32 on CPU. fp16 with relu² is refused unless ``force`` (relu² overflows fp16)."""
     if dtype is None:
         dt = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -122,8 +127,6 @@ def build_model(
 ):
     """Build a BitNetModel from an open weight source (``.config``, ``.tokenizer``, ``.tensors``, ``.torch``,
     ``.ternary``). The caller closes the source; nothing built here points into it."""
-    from bitnet158.runtime.api import BitNetModel  # api imports this module
-
     config = ModelConfig.from_dict(source.config)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev, config, force)
@@ -140,7 +143,9 @@ def build_model(
         packed, scale = source.ternary(name)
         out_f, in_f = source.tensors[name].shape
         if tuple(packed.shape) != (out_f, (in_f + 3) // 4) or tuple(scale.shape) not in ((1,), (out_f,)):
-            raise LoadError(f"tensor {name!r}: packed {tuple(packed.shape)} / scale {tuple(scale.shape)} do not fit {out_f}x{in_f}")
+            raise LoadError(
+                f"tensor {name!r}: packed {tuple(packed.shape)} / scale {tuple(scale.shape)} do not fit {out_f}x{in_f}"
+            )
         if not bool(torch.isfinite(scale).all() and (scale > 0).all()):
             raise LoadError(f"tensor {name!r}: its scale must be finite and > 0")
         lin = BitLinear(

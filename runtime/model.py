@@ -146,7 +146,9 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """Embedding → blocks → norm → head. ``forward(tokens [B, T], start_pos)`` returns fp32 logits [B, T, V]."""
 
-    def __init__(self, config: ModelConfig, embed: torch.Tensor, blocks: list[Block], norm: RMSNorm, head: torch.Tensor):
+    def __init__(
+        self, config: ModelConfig, embed: torch.Tensor, blocks: list[Block], norm: RMSNorm, head: torch.Tensor
+    ):
         super().__init__()
         self.config = config
         self.register_buffer("embed", embed, persistent=False)  # [V, D]

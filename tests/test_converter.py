@@ -453,20 +453,22 @@ def test_cli_convert_and_inspect(ms_packed_bitlinear, tmp_path):
     assert r.exit_code == 1 and r.output.startswith("error:")
     r = runner.invoke(main, ["hf-to-packed", str(tmp_path / "no-such-dir"), "-o", str(tmp_path / "x.bnp")])
     assert r.exit_code == 1 and "error:" in r.output and not (tmp_path / "x.bnp").exists()
+    r = runner.invoke(main, ["hf-to-packed", str(ms_packed_bitlinear.path), "-o", str(tmp_path / "no" / "x.bnp")])
+    assert r.exit_code == 1 and "does not exist" in r.output
 
 
 # --- the hub path, offline --------------------------------------------------------------------------------------
-def test_hub_id_from_offline_cache(ms_packed_auto, tmp_path, monkeypatch):
+def _offline_hub_cache(files: Path, repo_id: str, sha: str, tmp_path: Path, monkeypatch) -> None:
+    """A huggingface_hub cache holding `files` as repo_id@sha (refs/main), with the hub set offline."""
     import huggingface_hub.constants as hc
 
     cache = tmp_path / "hub"
-    sha = "0123456789abcdef0123456789abcdef01234567"
-    repo = cache / "models--tiny-org--tiny-bitnet"
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
     snap = repo / "snapshots" / sha
     blobs = repo / "blobs"
     snap.mkdir(parents=True)
-    blobs.mkdir()
-    for f in ms_packed_auto.path.iterdir():  # the real layout: snapshot files are links into blobs/
+    blobs.mkdir(exist_ok=True)
+    for f in files.iterdir():  # the real layout: snapshot files are links into blobs/
         blob = blobs / hashlib.sha256(f.read_bytes()).hexdigest()
         shutil.copy(f, blob)
         (snap / f.name).symlink_to(Path("../../blobs") / blob.name)
@@ -477,6 +479,11 @@ def test_hub_id_from_offline_cache(ms_packed_auto, tmp_path, monkeypatch):
     # huggingface_hub reads both variables at import; set its constants too.
     monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+
+
+def test_hub_id_from_offline_cache(ms_packed_auto, tmp_path, monkeypatch):
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    _offline_hub_cache(ms_packed_auto.path, "tiny-org/tiny-bitnet", sha, tmp_path, monkeypatch)
 
     out = convert("tiny-org/tiny-bitnet", tmp_path)
     with PackedFile(out) as pf:
@@ -520,3 +527,50 @@ def test_packed_code3_and_bad_scale_refused(ms_packed_auto, tmp_path):
     with pytest.raises(ConversionError, match="up_proj.weight_scale: the scale must be finite and > 0"):
         convert(src, tmp_path)
     assert not (tmp_path / "out.bnp").exists()
+
+
+@pytest.mark.parametrize("shape", [(4, 1), (8, 7), (12, 13), (64, 160), (160, 64)])
+def test_hf_to_t2_transcode_equals_unpack_then_pack(shape):
+    """The converter's byte-to-byte HF → t2 transcoder against the independent numpy t2 decoder."""
+    from bitnet158.formats.ternary import hf_to_t2, pack_hf
+
+    g = torch.Generator().manual_seed(shape[0] * 1000 + shape[1])
+    t = torch.randint(-1, 2, shape, generator=g, dtype=torch.int8)
+    t2 = hf_to_t2(pack_hf(t))
+    assert t2.shape == (shape[0], (shape[1] + 3) // 4) and t2.dtype == torch.uint8
+    assert np.array_equal(decode_t2(t2.numpy(), shape[1]), t.numpy())
+    if shape[1] % 4:  # padding fields are code 1 (zero)
+        pad = (t2[:, -1].numpy() >> (2 * (shape[1] % 4))) & ((1 << (2 * (4 - shape[1] % 4))) - 1)
+        assert np.all(pad == int("01" * (4 - shape[1] % 4), 2))
+
+
+def test_load_hf_source_packed_gives_codes(ms_packed_bitlinear):
+    with load_hf_source(str(ms_packed_bitlinear.path)) as hf:
+        for name, kind, load in hf.tensors():
+            if kind == "linear":
+                t, s = load()
+                want_t, want_s = ms_packed_bitlinear.ternary[name]
+                assert torch.equal(t, want_t) and s == want_s, name
+
+
+def test_sentencepiece_missing_is_a_clear_error(onebitllm_ckpt, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sentencepiece" else real(name, *a))
+    with pytest.raises(ConversionError, match=r"pip install 'bitnet158\[sentencepiece\]'"):
+        convert(onebitllm_ckpt, tmp_path)
+
+
+
+def test_hub_pickle_only_repo(onebitllm_ckpt, tmp_path, monkeypatch):
+    src = copy_ckpt(onebitllm_ckpt, tmp_path)
+    torch.save(load_file(str(src / "model.safetensors")), src / "pytorch_model.bin")
+    (src / "model.safetensors").unlink()
+    sha = "89abcdef0123456789abcdef0123456789abcdef"
+    _offline_hub_cache(src, "tiny-org/pickled", sha, tmp_path, monkeypatch)
+    with pytest.raises(ConversionError, match="--allow-pickle"):
+        convert("tiny-org/pickled", tmp_path)
+    with PackedFile(convert("tiny-org/pickled", tmp_path, allow_pickle=True)) as pf:
+        assert pf.config["family"] == "1bitllm" and pf.provenance["revision"] == sha
+        assert "pytorch_model.bin" in pf.provenance["files"]

@@ -390,6 +390,7 @@ def test_tokenizer_metadata_round_trip(tmp_path, tiny, kind):
     gc.packed_to_gguf(src, g, qtype="tq2_0")
     kv, _ = parse_gguf(g)
     assert kv["tokenizer.ggml.model"] == ("gpt2" if kind == "bpe" else "llama")
+    assert kv.get("tokenizer.ggml.pre") == ("gpt-2" if kind == "bpe" else None)
     if kind == "sentencepiece":
         assert kv["tokenizer.ggml.add_space_prefix"] is True
         types = kv["tokenizer.ggml.token_type"]
@@ -407,6 +408,23 @@ def test_tokenizer_metadata_round_trip(tmp_path, tiny, kind):
                 continue
             assert tb.encode(text) == ta.encode(text), text
         assert pb.config["bos_token_id"] == pa.config["bos_token_id"]
+
+
+def test_llama3_pre_tokenizer_detected():
+    from tokenizers import Regex
+
+    from bitnet158.formats.gguf import LLAMA3_SPLIT_REGEX
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=280, show_progress=False,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    meta = gc.tokenizer_metadata({"tokenizer_json": tok.to_str()}, 300)
+    assert (meta.model, meta.pre) == ("gpt2", "llama-bpe")
 
 
 def test_cli_commands(tmp_path):
@@ -523,3 +541,53 @@ def test_llama_cpp_runs_our_tq_export(tmp_path, qtype, scales, monkeypatch):
     ours_q8k = model.logits(ids)
     torch.testing.assert_close(theirs, ours_q8k, rtol=0, atol=1e-3)
     assert bool((theirs.argmax(-1) == ours_int8.argmax(-1)).all())  # with BitNet's own int8 activations: same top-1
+
+
+def test_compare_packed_with_its_gguf_exports(tmp_path):
+    """bitnet-compare on a packed file and its own exports: the runtime reads the GGUFs to the same model."""
+    _runtime()
+    from bitnet158.compare.core import compare_models, open_model
+
+    src = tmp_path / "m.bin"
+    make_packed(src, act="silu", scales="f32")
+    for q in ("tq2_0", "tq1_0", "i2_s"):
+        g = tmp_path / f"m-{q}.gguf"
+        gc.packed_to_gguf(src, g, qtype=q)
+        with open_model(str(src), device="cpu") as a, open_model(str(g), device="cpu") as b:
+            res = compare_models(a, b, "hello world, the lazy fox", gen_tokens=3, max_kl=0.0, min_top1=1.0)
+        # I2_S stores the embedding as F16 (Microsoft's layout): exact here only because these values fit f16
+        assert res.max_abs_logit_diff == 0.0 and res.violations == [] and res.divergence.first_diff is None, q
+
+
+def test_gguf_to_packed_refuses_varying_block_scales(tmp_path):
+    """A TQ2_0 tensor quantized by gguf from non-ternary floats has a different d per block: no packed scale
+    can carry that, so the import stops with one clear error and leaves no file."""
+    from bitnet158.converter.cli import main
+
+    src = tmp_path / "m.bin"
+    tern = make_packed(src, act="silu")
+    g = tmp_path / "varying.gguf"
+    rng = np.random.default_rng(0)
+    with PackedFile(src) as pf:
+        w = gguf.GGUFWriter(g, "bitnet")
+        gc._add_metadata(w, pf.config, pf.tokenizer, pf.provenance, "tq2_0")
+        for name, info in pf.tensors.items():
+            if name.endswith("_scale"):
+                continue
+            gname = gc.gguf_tensor_name(name)
+            if info.dtype == "t2":
+                x = tern[name].astype(np.float32) * rng.uniform(0.5, 1.5, (tern[name].shape[0], 1)).astype(np.float32)
+                if name == "layers.1.mlp.down_proj.weight":  # 512 columns: two blocks per row
+                    x = rng.standard_normal(tern[name].shape).astype(np.float32)  # block absmax varies in a row
+                w.add_tensor(gname, quants.quantize(x, gguf.GGMLQuantizationType.TQ2_0),
+                             raw_dtype=gguf.GGMLQuantizationType.TQ2_0)
+            else:
+                w.add_tensor(gname, pf.torch(name).float().numpy())
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    out = tmp_path / "out.bin"
+    r = CliRunner().invoke(main, ["gguf-to-packed", str(g), "-o", str(out)])
+    assert r.exit_code == 1 and "error:" in r.output and "blk.1.ffn_down.weight" in r.output, r.output
+    assert "vary within row" in r.output and not out.exists() and not list(tmp_path.glob(".*tmp*"))

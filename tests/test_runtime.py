@@ -54,7 +54,7 @@ def _hf_tokenizer(path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Reference checkpoints: (converted file, transformers model in fp32) per family / form.
+# Reference checkpoints per family / form: (converted file, transformers model in fp32, HF folder, our model).
 @pytest.fixture(scope="module")
 def ms_latent_pair(ms_latent, tmp_path_factory):
     from transformers import BitNetForCausalLM
@@ -191,7 +191,7 @@ def test_greedy_continuation_and_perplexity_match_transformers(pair, request):
         ids = list(prompt)
         for _ in range(32):
             ids.append(int(_ref_logits(ref, ids)[-1].argmax()))
-        theirs = ids[len(prompt):]
+        theirs = ids[len(prompt) :]
         if ours == theirs:
             identical += 1
             continue
@@ -310,19 +310,20 @@ def test_generate_stops_at_eos_and_stop_string(ms_model):
     prompt = "The quick brown fox"
     full_ids = list(ms_model.generate_ids(tok.encode(prompt), 24, stop_ids=()))
     text = "".join(ms_model.generate(prompt, 24, stop=[]))
-    # with no EOS in the way, the text stream is exactly the decoded ids
-    if not set(full_ids) & set(ms_model.config.eos_token_id):
-        assert text == tok.decode(full_ids, skip_special_tokens=True)
+    # with no EOS in the way (none is generated here), the text stream is exactly the decoded ids
+    assert not set(full_ids) & set(ms_model.config.eos_token_id)
+    assert text == tok.decode(full_ids, skip_special_tokens=True)
+    assert ms_model.last_stats.generated_tokens == 24 and ms_model.last_stats.stop_reason == "length"
     # EOS: pretend the 5th generated token is an end-of-sequence id
     ids = list(ms_model.generate_ids(tok.encode(prompt), 24, stop_ids=(full_ids[4],)))
     assert ids == full_ids[: full_ids.index(full_ids[4])]
     # a stop string from the middle of the text: everything before it, and not the stop string itself
     plain = tok.decode(full_ids, skip_special_tokens=True)
     stop = plain[len(plain) // 2 : len(plain) // 2 + 3]
-    if stop.strip():
-        out = "".join(ms_model.generate(prompt, 24, stop=[stop]))
-        assert out == plain[: plain.index(stop)]
-        assert ms_model.last_stats.stop_reason == "stop string"
+    assert stop.strip()
+    out = "".join(ms_model.generate(prompt, 24, stop=[stop, "never generated"]))
+    assert out == plain[: plain.index(stop)]
+    assert ms_model.last_stats.stop_reason == "stop string"
 
 
 def test_streaming_detokenizer_multibyte(ms_model, onebitllm_pair):
@@ -347,8 +348,12 @@ def test_chat_template_matches_transformers(ms_model, ms_packed_auto):
     hf_tok = _hf_tokenizer(ms_packed_auto.path)
     convs = [
         [{"role": "user", "content": "hi there"}],
-        [{"role": "system", "content": "be brief"}, {"role": "user", "content": "naïve 🙂?"},
-         {"role": "assistant", "content": "ok"}, {"role": "user", "content": "more"}],
+        [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "naïve 🙂?"},
+            {"role": "assistant", "content": "ok"},
+            {"role": "user", "content": "more"},
+        ],
     ]
     for msgs in convs:
         for agp in (True, False):
@@ -377,17 +382,35 @@ def test_chat_template_sandbox_and_tojson(ms_model):
 
 def test_config_validation():
     good = {
-        "family": "bitnet", "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 300,
-        "max_position_embeddings": 256, "rope_theta": 500000.0, "rope_style": "neox", "rope_scaling": None,
-        "rms_norm_eps": 1e-5, "hidden_act": "relu2", "sub_norms": True, "tie_word_embeddings": True,
-        "bos_token_id": 0, "eos_token_id": [1], "some_future_key": 1,
+        "family": "bitnet",
+        "hidden_size": 64,
+        "intermediate_size": 160,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "vocab_size": 300,
+        "max_position_embeddings": 256,
+        "rope_theta": 500000.0,
+        "rope_style": "neox",
+        "rope_scaling": None,
+        "rms_norm_eps": 1e-5,
+        "hidden_act": "relu2",
+        "sub_norms": True,
+        "tie_word_embeddings": True,
+        "bos_token_id": 0,
+        "eos_token_id": [1],
+        "some_future_key": 1,
     }
     assert ModelConfig.from_dict(good).eos_token_id == (1,)
     bad = [
-        ("hidden_act", "gelu", "hidden_act"), ("num_key_value_heads", 3, "multiple"), ("hidden_size", 0, "hidden_size"),
-        ("max_position_embeddings", 1 << 40, "max_position_embeddings"), ("eos_token_id", [300], "eos_token_id"),
-        ("sub_norms", 1, "sub_norms"), ("rope_scaling", {"rope_type": "yarn", "factor": 2.0}, "yarn"),
+        ("hidden_act", "gelu", "hidden_act"),
+        ("num_key_value_heads", 3, "multiple"),
+        ("hidden_size", 0, "hidden_size"),
+        ("max_position_embeddings", 1 << 40, "max_position_embeddings"),
+        ("eos_token_id", [300], "eos_token_id"),
+        ("sub_norms", 1, "sub_norms"),
+        ("rope_scaling", {"rope_type": "yarn", "factor": 2.0}, "yarn"),
         ("family", "gpt2", "family"),
     ]
     for key, value, msg in bad:
@@ -395,20 +418,47 @@ def test_config_validation():
             ModelConfig.from_dict({**good, key: value})
     with pytest.raises(ConfigError, match="missing key 'rope_theta'"):
         ModelConfig.from_dict({k: v for k, v in good.items() if k != "rope_theta"})
-    cfg = ModelConfig.from_dict({**good, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                                           "high_freq_factor": 4.0,
-                                                           "original_max_position_embeddings": 64}})
+    cfg = ModelConfig.from_dict(
+        {
+            **good,
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        }
+    )
     from bitnet158.runtime.model import rope_inv_freq
 
     # transformers' llama3 rope, as an oracle
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    hf_cfg = LlamaConfig(hidden_size=64, num_attention_heads=4, head_dim=16, rope_parameters={
-        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 64})
+    hf_cfg = LlamaConfig(
+        hidden_size=64,
+        num_attention_heads=4,
+        head_dim=16,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    )
     want, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_cfg, "cpu")
     assert torch.equal(rope_inv_freq(cfg), want)
+    cfg = ModelConfig.from_dict({**good, "rope_scaling": {"type": "linear", "factor": 4.0}})
+    hf_cfg = LlamaConfig(
+        hidden_size=64,
+        num_attention_heads=4,
+        head_dim=16,
+        rope_parameters={"rope_type": "linear", "rope_theta": 500000.0, "factor": 4.0},
+    )
+    assert torch.equal(rope_inv_freq(cfg), ROPE_INIT_FUNCTIONS["linear"](hf_cfg, "cpu")[0])
 
 
 def test_errors_are_one_line(ms_file, tmp_path):

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The one device check of the GPU fast path (issue 5): run from the repository root on the GPU machine.
+#
+#   bash benchmarks/device_check.sh            # carry: .whl (the gguf wheel); logs and bench.json under $OUT
+#
+# Steps, each under its own timeout (about 6-8 minutes in all):
+#   1. environment: GPU, driver, python, torch, triton, transformers              (-> $OUT/env.txt)
+#   2. carried wheels (.whl/*.whl, e.g. gguf) into /tmp/site; our package (no deps) into /tmp/site
+#   3. the GPU tests: pytest -m gpu tests/test_kernels.py (+ tests/test_runtime_gpu.py) (-> $OUT/pytest_gpu.log)
+#   4. the benchmark on a random 2B-4T-shaped model, with transformers and torch.compile
+#                                                                                    (-> $OUT/bench.log, bench.json)
+# The benchmark prints PASS/FAIL of its correctness check and a short table last.
+set -u -o pipefail
+OUT=${OUT:-/tmp/device_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+cd "$(dirname "$0")/.."
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv 2>&1
+  python3 --version
+  python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| triton', triton.__version__, '| transformers', transformers.__version__)"
+} 2>&1 | tee "$OUT/env.txt"
+
+# 2. packages: the carried wheels, then this repository without its dependencies (all present there but gguf)
+mkdir -p /tmp/site
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || echo "warning: installing the carried wheels failed" | tee -a "$OUT/env.txt"
+fi
+if ! timeout 120 python3 -m pip install -q --no-deps --no-build-isolation --no-index --no-cache-dir --target /tmp/site . \
+    > "$OUT/pip.log" 2>&1; then
+  # fallback: the package-dir mapping (bitnet158.runtime -> runtime/ ...) by hand, as symlinks
+  echo "pip install of the package failed (see pip.log); using symlinks" | tee -a "$OUT/env.txt"
+  mkdir -p /tmp/site/bitnet158
+  for p in formats runtime converter compare; do ln -sfn "$PWD/$p" "/tmp/site/bitnet158/$p"; done
+fi
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+python3 -c "import bitnet158.runtime.kernels as k, bitnet158.formats.packed; print('bitnet158 from', k.__file__)" 2>&1 | tee -a "$OUT/env.txt"
+
+# 3. kernel tests on the GPU (the interpreter tests skip themselves where CUDA exists), then the runtime's
+# (the compile case is skipped here: the benchmark compiles the full-size model and checks it)
+timeout 180 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py \
+  --deselect "tests/test_kernels.py::test_gpu_graph_decoder_matches_eager[True]" 2>&1 | tee "$OUT/pytest_gpu.log" | tail -n 25
+echo "pytest -m gpu tests/test_kernels.py exit: ${PIPESTATUS[0]}" | tee -a "$OUT/pytest_gpu.log"
+if [ -f tests/test_runtime_gpu.py ]; then
+  timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_runtime_gpu.py 2>&1 | tee -a "$OUT/pytest_gpu.log" | tail -n 10
+  echo "pytest -m gpu tests/test_runtime_gpu.py exit: ${PIPESTATUS[0]}" | tee -a "$OUT/pytest_gpu.log"
+fi
+
+# 4. the benchmark; its table comes last in the output
+timeout -k 10 420 python3 benchmarks/bench_gpu.py --hf --compile --budget-s 330 --json "$OUT/bench.json" 2>&1 \
+  | tee "$OUT/bench.log"
+echo "bench exit: ${PIPESTATUS[0]}"
