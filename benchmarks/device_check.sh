@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/device_check.sh            # carry: .whl (the gguf wheel); logs and bench.json under $OUT
 #
-# Steps, each under its own timeout (about 6-8 minutes in all):
+# Steps, each under its own timeout (about 6-7 minutes in all, at most 9.5; give the run timeout_s=600):
 #   1. environment: GPU, driver, python, torch, triton, transformers              (-> $OUT/env.txt)
 #   2. carried wheels (.whl/*.whl, e.g. gguf) into /tmp/site; our package (no deps) into /tmp/site
 #   3. the GPU tests: pytest -m gpu tests/test_kernels.py (+ tests/test_runtime_gpu.py) (-> $OUT/pytest_gpu.log)
@@ -41,15 +41,15 @@ python3 -c "import bitnet158.runtime.kernels as k, bitnet158.formats.packed; pri
 
 # 3. kernel tests on the GPU (the interpreter tests skip themselves where CUDA exists), then the runtime's
 # (the compile case is skipped here: the benchmark compiles the full-size model and checks it)
-timeout 180 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py \
+timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py \
   --deselect "tests/test_kernels.py::test_gpu_graph_decoder_matches_eager[True]" 2>&1 | tee "$OUT/pytest_gpu.log" | tail -n 25
 echo "pytest -m gpu tests/test_kernels.py exit: ${PIPESTATUS[0]}" | tee -a "$OUT/pytest_gpu.log"
 if [ -f tests/test_runtime_gpu.py ]; then
-  timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_runtime_gpu.py 2>&1 | tee -a "$OUT/pytest_gpu.log" | tail -n 10
+  timeout 60 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_runtime_gpu.py 2>&1 | tee -a "$OUT/pytest_gpu.log" | tail -n 10
   echo "pytest -m gpu tests/test_runtime_gpu.py exit: ${PIPESTATUS[0]}" | tee -a "$OUT/pytest_gpu.log"
 fi
 
 # 4. the benchmark; its table comes last in the output
-timeout -k 10 420 python3 benchmarks/bench_gpu.py --hf --compile --budget-s 330 --json "$OUT/bench.json" 2>&1 \
+timeout -k 10 360 python3 benchmarks/bench_gpu.py --hf --compile --budget-s 300 --json "$OUT/bench.json" 2>&1 \
   | tee "$OUT/bench.log"
 echo "bench exit: ${PIPESTATUS[0]}"

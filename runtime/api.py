@@ -19,6 +19,9 @@ from bitnet158.runtime.perplexity import perplexity as _perplexity
 from bitnet158.runtime.sampling import Sampler, SamplingParams
 from bitnet158.runtime.tokenizer import Tokenizer
 
+# Generated tokens when the caller gives no max_new_tokens (capped by the room left in the context).
+DEFAULT_MAX_NEW_TOKENS = 256
+
 
 class BitNetModel:
     """A loaded model: the network (``net``), its ``config`` and ``tokenizer``."""
@@ -70,7 +73,7 @@ class BitNetModel:
     def generate_ids(
         self,
         prompt_ids: Sequence[int],
-        max_new_tokens: int = 256,
+        max_new_tokens: int | None = None,
         *,
         temperature: float = 0.0,
         top_k: int | None = None,
@@ -81,8 +84,15 @@ class BitNetModel:
         truncate: bool = False,
         stats: GenerationStats | None = None,
     ) -> Iterator[int]:
-        """Token-level generation after ``prompt_ids``; validates everything before returning the iterator."""
+        """Token-level generation after ``prompt_ids``; validates everything before returning the iterator.
+
+        ``max_new_tokens=None`` means up to DEFAULT_MAX_NEW_TOKENS, fewer when the context has less room left;
+        an explicit number that does not fit is an error (or, with ``truncate``, drops the oldest prompt tokens).
+        """
         params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
+        if max_new_tokens is None:
+            room = self.config.max_position_embeddings - len(prompt_ids)
+            max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, room) if room > 0 else DEFAULT_MAX_NEW_TOKENS
         ids, dropped = fit_context(list(prompt_ids), max_new_tokens, self.config.max_position_embeddings, truncate)
         stats = stats if stats is not None else GenerationStats()
         stats.truncated_tokens = dropped
@@ -93,7 +103,7 @@ class BitNetModel:
     def generate(
         self,
         prompt: str,
-        max_new_tokens: int = 256,
+        max_new_tokens: int | None = None,
         *,
         temperature: float = 0.0,
         top_k: int | None = None,

@@ -37,7 +37,12 @@ def _print_stats(model, stats: GenerationStats, load_s: float) -> None:
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--prompt", "-p", help="Text to continue (or, with --chat, the user message).")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the chat template carried in the file.")
-@click.option("--max-new-tokens", "-n", default=256, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--max-new-tokens",
+    "-n",
+    type=click.IntRange(min=1),
+    help="Default: 256, or fewer when the context has less room left.",
+)
 @click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0), help="0 = greedy.")
 @click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="0 = off.")
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True), help="1 = off.")
