@@ -40,7 +40,6 @@ import re
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from importlib.metadata import version as _pkg_version
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +47,7 @@ import gguf
 import numpy as np
 import torch
 
+from bitnet158.converter import converter_version
 from bitnet158.formats import gguf as gguf_fmt
 from bitnet158.formats.packed import PackedFile, PackedWriter, TensorSpec
 
@@ -551,7 +551,7 @@ def gguf_to_packed(src_path: str | os.PathLike, out_path: str | os.PathLike, *, 
             "source": str(src_path),
             "revision": None,
             "files": {src_path.name: _sha256(src_path)},
-            "converter": f"bitnet158 {_pkg_version('bitnet158')}",
+            "converter": converter_version(),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "gguf_architecture": src.arch,
         }

@@ -27,7 +27,6 @@ scale each, W = scale · t:
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import logging
 import math
@@ -42,6 +41,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from bitnet158.converter import converter_version
 from bitnet158.converter.tokenizer import (
     TOKENIZER_FILES,
     TokenizerError,
@@ -776,7 +776,7 @@ def convert_hf(src: str, out: str, *, revision: str | None = None, dtype: str = 
             "source": hf.source,
             "revision": hf.revision,
             "files": files,
-            "converter": f"bitnet158 {importlib.metadata.version('bitnet158')}",
+            "converter": converter_version(),
             "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             # The dtype config.json declares (v5 "dtype", v4 "torch_dtype"); informational.
             "source_dtype": hf.source_dtype,

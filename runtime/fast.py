@@ -229,7 +229,9 @@ def sample_on_device(
     if top_p is not None:
         sorted_logits, idx = torch.sort(logits, descending=False)
         remove = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
-        remove[-1] = False
+        # keep the most likely token; fill_ with a Python scalar, since `remove[-1] = False` copies a CPU tensor,
+        # which CUDA graph capture refuses (seen on the H200)
+        remove[-1:].fill_(False)
         logits = logits.masked_fill(remove.scatter(0, idx, remove), float("-inf"))
     probs = logits.softmax(-1)
     race = probs / torch.empty_like(probs).exponential_(1.0)
