@@ -173,25 +173,12 @@ def format_table(res: CompareResult, name_a: str, name_b: str) -> str:
     return "\n".join(lines)
 
 
-class _ActivationOverride:
-    """A weight source whose config says `activation` instead of what the file says (same read surface)."""
-
-    def __init__(self, source, activation: str):
-        self._source = source
-        self.config = {**source.config, "hidden_act": activation}
-
-    def __getattr__(self, name):
-        return getattr(self._source, name)
-
-
 def _load(path: str, device: str | None, activation: str | None):
     from bitnet158.formats.source import open_source
     from bitnet158.runtime.loader import build_model
 
-    source = open_source(path)
+    source = open_source(path, activation=activation)
     try:
-        if activation is not None:
-            source = _ActivationOverride(source, activation)
         return build_model(source, device=device)
     finally:
         source.close()

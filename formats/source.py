@@ -20,9 +20,30 @@ class SourceError(ValueError):
     """The path cannot be opened as a weight source (missing, unreadable, or neither packed nor GGUF)."""
 
 
-def open_source(path: str | os.PathLike):
-    """Opens `path` as a :class:`PackedFile` or a ``GGUFSource``, chosen by the file's first bytes."""
+ACTIVATIONS = ("relu2", "silu")
+
+
+class _ActivationOverride:
+    """A packed file read as if its config said ``hidden_act = activation`` (same read surface)."""
+
+    def __init__(self, source: PackedFile, activation: str):
+        self._source = source
+        self.config = {**source.config, "hidden_act": activation}
+
+    def __getattr__(self, name):
+        return getattr(self._source, name)
+
+
+def open_source(path: str | os.PathLike, activation: str | None = None):
+    """Opens `path` as a :class:`PackedFile` or a ``GGUFSource``, chosen by the file's first bytes.
+
+    ``activation`` ("relu2" or "silu") overrides the activation the file records. GGUF needs it because
+    Microsoft's converter labels 1bitLLM (SiLU) models ``bitnet-b1.58`` and records no activation; for a packed
+    file it is an explicit what-if (the file's own config is right by construction).
+    """
     path = os.fspath(path)
+    if activation not in (None, *ACTIVATIONS):
+        raise SourceError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
     try:
         with open(path, "rb") as f:
             magic = f.read(len(MAGIC))
@@ -31,7 +52,8 @@ def open_source(path: str | os.PathLike):
     except OSError as e:
         raise SourceError(f"cannot read {path}: {e.strerror or e}") from e
     if magic == MAGIC:
-        return PackedFile(path)
+        packed = PackedFile(path)
+        return packed if activation is None else _ActivationOverride(packed, activation)
     if magic[: len(GGUF_MAGIC)] == GGUF_MAGIC:
         try:
             gguf = importlib.import_module("bitnet158.formats.gguf")
@@ -41,5 +63,5 @@ def open_source(path: str | os.PathLike):
             raise SourceError(
                 f"{path} is a GGUF file, but this build has no GGUF reader (bitnet158.formats.gguf)"
             ) from None
-        return gguf.GGUFSource(path)
+        return gguf.GGUFSource(path, activation=activation)
     raise SourceError(f"{path} is not a bitnet158 packed file or a GGUF file (magic {magic!r})")

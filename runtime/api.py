@@ -6,7 +6,9 @@ from typing import Iterator, Sequence
 
 import torch
 
+from bitnet158.runtime.bitlinear import BitLinear
 from bitnet158.runtime.config import ModelConfig
+from bitnet158.runtime.fast import FastModel, GraphDecoder
 from bitnet158.runtime.generate import (
     ContextOverflowError,
     GenerationStats,
@@ -24,12 +26,18 @@ DEFAULT_MAX_NEW_TOKENS = 256
 
 
 class BitNetModel:
-    """A loaded model: the network (``net``), its ``config`` and ``tokenizer``."""
+    """A loaded model: the network (``net``), its ``config`` and ``tokenizer``.
 
-    def __init__(self, net: Transformer, tokenizer: Tokenizer, config: ModelConfig):
+    With ``fast`` (a FastModel over ``net``: the default on CUDA) logits and perplexity run its forward, and
+    generation decodes through a GraphDecoder (CUDA graphs on CUDA, the same steps eagerly elsewhere).
+    """
+
+    def __init__(self, net: Transformer, tokenizer: Tokenizer, config: ModelConfig, fast: FastModel | None = None):
         self.net = net
         self.tokenizer = tokenizer
         self.config = config
+        self.fast = fast
+        self._decoder: GraphDecoder | None = None
         self.last_stats: GenerationStats | None = None
 
     @property
@@ -41,8 +49,28 @@ class BitNetModel:
         return self.net.dtype
 
     def resident_weight_bytes(self) -> int:
-        """Bytes of weights resident on the device (packed ternary, unpacked caches if any, floats)."""
-        return self.net.resident_weight_bytes()
+        """Bytes of weights resident on the device (packed ternary, unpacked caches if any, floats, int8 head)."""
+        return self.fast.resident_bytes() if self.fast is not None else self.net.resident_weight_bytes()
+
+    @property
+    def backend(self) -> str:
+        """The BitLinear backend the network runs ("reference", "triton", ...)."""
+        return next(m for m in self.net.modules() if isinstance(m, BitLinear)).backend
+
+    def _forward(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+        # fp32 logits [B, T, V] of every position, through the fast forward when there is one (it has the int8 head)
+        if self.fast is not None:
+            return self.fast.logits(tokens, start_pos, last_only=False)
+        return self.net(tokens, start_pos)
+
+    def _graph_decoder(self, need: int) -> GraphDecoder:
+        # A decoder's graphs point at the KV cache it was captured on, so make a new one when it is too small or
+        # when logits()/perplexity() have grown (reallocated) the network's cache since.
+        dec = self._decoder
+        if dec is None or dec.max_seq < need or dec.max_seq != self.net.max_seq:
+            self._decoder = None  # drop the old graphs before capturing new ones
+            dec = self._decoder = GraphDecoder(self.fast, need, use_graph=self.device.type == "cuda")
+        return dec
 
     @torch.inference_mode()
     def logits(self, token_ids) -> torch.Tensor:
@@ -56,7 +84,7 @@ class BitNetModel:
         if int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size:
             raise ValueError(f"logits: token ids must be in [0, {self.config.vocab_size})")
         self.net.setup_cache(1, n)
-        return self.net(ids.to(self.device)[None], 0)[0]
+        return self._forward(ids.to(self.device)[None], 0)[0]
 
     def encode_prompt(self, prompt: str, chat: bool = False) -> list[int]:
         """Prompt ids. chat=True renders a one-user-message chat with the file's template first.
@@ -98,6 +126,15 @@ class BitNetModel:
         stats.truncated_tokens = dropped
         self.last_stats = stats
         stops = tuple(self.config.eos_token_id) if stop_ids is None else tuple(stop_ids)
+        # the graph decoder samples on the device and has no repetition penalty (it needs the history on the host)
+        if self.fast is not None and repetition_penalty == 1.0:
+            dec = self._graph_decoder(len(ids) + max_new_tokens)
+            stats.path = f"{self.backend} + CUDA graph" if dec.use_graph else f"{self.backend} + device sampling"
+            return dec.generate(
+                ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop_ids=stops,
+                stats=stats,
+            )  # fmt: skip
+        stats.path = self.backend
         return generate_tokens(self.net, ids, max_new_tokens, Sampler(params, self.device), stops, stats)
 
     def generate(
@@ -143,4 +180,4 @@ class BitNetModel:
         ids = self.tokenizer.encode(text, add_special_tokens=True)
         ctx = ctx or self.config.max_position_embeddings
         stride = stride or max(1, ctx // 2)
-        return _perplexity(self.net, ids, ctx, stride, progress=progress)
+        return _perplexity(self.net, ids, ctx, stride, progress=progress, forward=self._forward)

@@ -29,6 +29,7 @@ def _print_stats(model, stats: GenerationStats, load_s: float) -> None:
         f"decode:           {stats.decode_tok_s:.1f} tok/s",
         f"peak memory:      {_peak_memory(model.device)}",
         f"resident weights: {model.resident_weight_bytes() / 2**20:.1f} MiB",
+        f"path:             {stats.path}",
     ]
     click.echo("\n" + "\n".join(lines), err=True)
 
@@ -57,6 +58,20 @@ def _print_stats(model, stats: GenerationStats, load_s: float) -> None:
     is_flag=True,
     help="Keep unpacked weights resident: more memory; faster on CUDA and for CPU prefill.",
 )
+@click.option("--reference", is_flag=True, help="Force the pure-torch reference path (default on CUDA: triton).")
+@click.option(
+    "--head",
+    type=click.Choice(["bf16", "int8"]),
+    default="bf16",
+    show_default=True,
+    help="Output head precision; int8 (per-row scales) needs the CUDA fast path.",
+)
+@click.option(
+    "--activation",
+    type=click.Choice(["relu2", "silu"]),
+    help="Override the activation the file records (Microsoft's GGUF converter labels 1bitLLM SiLU models "
+    "bitnet-b1.58, which reads as relu²).",
+)
 @click.option("--truncate", is_flag=True, help="Drop the oldest prompt tokens when prompt + generation overflow.")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch (default: torch's choice).")
 @click.option("--quiet", "-q", is_flag=True, help="No statistics on stderr.")
@@ -78,6 +93,9 @@ def main(
     dtype,
     force_fp16,
     cache_unpacked,
+    reference,
+    head,
+    activation,
     truncate,
     threads,
     quiet,
@@ -85,7 +103,7 @@ def main(
     ctx,
     stride,
 ):
-    """Run the BitNet b1.58 model in FILE (a bitnet158 packed file)."""
+    """Run the BitNet b1.58 model in FILE (a bitnet158 packed file, or a GGUF: I2_S, TQ1_0, TQ2_0)."""
     from bitnet158.runtime.loader import load  # keeps `bitnet-run --help` fast
 
     if (prompt is None) == (ppl_file is None):
@@ -95,7 +113,10 @@ def main(
         torch.set_num_threads(threads)
     try:
         t0 = time.perf_counter()
-        model = load(file, device=device, dtype=dtype, cache_unpacked=cache_unpacked, force=force_fp16)
+        model = load(
+            file, device=device, dtype=dtype, cache_unpacked=cache_unpacked, force=force_fp16, reference=reference,
+            head=head, activation=activation,
+        )  # fmt: skip
         load_s = time.perf_counter() - t0
         if ppl_file is not None:
             with open(ppl_file, encoding="utf-8") as f:

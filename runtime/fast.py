@@ -26,11 +26,13 @@ the fusions; tests/test_kernels.py checks it against the reference network.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from bitnet158.runtime.bitlinear import BitLinear, get_backend, register_backend
+from bitnet158.runtime.generate import GenerationStats, _sync
 from bitnet158.runtime.model import Transformer, rotate_half
 
 log = logging.getLogger(__name__)
@@ -325,10 +327,12 @@ class GraphDecoder:
         top_p: float | None = None,
         seed: int | None = None,
         stop_ids: Sequence[int] = (),
+        stats: GenerationStats | None = None,
     ) -> Iterator[int]:
         """Yield up to ``max_new_tokens`` ids after the prompt, stopping before any of ``stop_ids``.
 
         The device runs ahead by up to ``chunk`` steps between host reads; ids past a stop are discarded.
+        ``stats`` is filled as ``generate_tokens`` fills it (decode time includes the discarded run-ahead steps).
         """
         n_prompt = len(prompt_ids)
         if n_prompt == 0 or max_new_tokens < 1:
@@ -345,25 +349,36 @@ class GraphDecoder:
             self._top_p.fill_(top_p if use_top_p else 1.0)
         if seed is not None:
             torch.manual_seed(seed)  # seeds the CUDA generator too, which graph replays draw from
+        stats = stats if stats is not None else GenerationStats()
+        stats.prompt_tokens = n_prompt
+        t0 = time.perf_counter()
         logits = self.prefill(prompt_ids)
         first = sample_on_device(logits, None if greedy else self._temp, key[1], self._top_p if use_top_p else None)
         self._tok.copy_(first.view(1, 1))
         self._pos.fill_(n_prompt)
-        self._n.zero_()
         self._out[0:1].copy_(first)
         self._n.fill_(1)
+        _sync(self.fast.device)  # the prefill time must include the device work, as in generate_tokens
+        stats.prefill_s = time.perf_counter() - t0
+        stats.stop_reason = "length"
+        t1 = time.perf_counter()
         stops = set(stop_ids)
         done = 0  # ids already yielded
         made = 1  # ids the device has produced
-        while done < max_new_tokens:
-            steps = min(self.chunk, max_new_tokens - made)
-            for _ in range(steps):
-                self._replay(key)
-            made += steps
-            for tok in self._out[done:made].tolist():  # the one host sync per chunk
-                if tok in stops:
-                    return
-                done += 1
-                yield tok
-            if made >= max_new_tokens and done >= made:
-                return
+        try:
+            while done < max_new_tokens:
+                steps = min(self.chunk, max_new_tokens - made)
+                for _ in range(steps):
+                    self._replay(key)
+                made += steps
+                for tok in self._out[done:made].tolist():  # the one host sync per chunk
+                    if tok in stops:
+                        stats.stop_reason = "eos"
+                        return
+                    done += 1
+                    stats.generated_tokens += 1
+                    stats.token_ids.append(tok)
+                    yield tok
+        finally:
+            _sync(self.fast.device)
+            stats.decode_s = time.perf_counter() - t1

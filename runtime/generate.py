@@ -33,6 +33,7 @@ class GenerationStats:
     decode_s: float = 0.0
     truncated_tokens: int = 0
     stop_reason: str = ""
+    path: str = ""  # which implementation ran: "reference", "triton" or "triton + CUDA graph"
     token_ids: list[int] = field(default_factory=list)
 
     @property

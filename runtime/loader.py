@@ -16,6 +16,7 @@ import torch
 from bitnet158.runtime.api import BitNetModel
 from bitnet158.runtime.bitlinear import BitLinear, get_backend
 from bitnet158.runtime.config import ModelConfig
+from bitnet158.runtime.fast import HEADS, FastModel
 from bitnet158.runtime.model import MLP, Attention, Block, RMSNorm, Transformer
 from bitnet158.runtime.tokenizer import Tokenizer
 
@@ -122,16 +123,49 @@ def _check_tensors(source, config: ModelConfig) -> None:
             raise LoadError(f"tensor {name!r} has dtype {info.dtype}, expected {want}")
 
 
+def use_fast_path(device: torch.device, reference: bool, head: str, backend: str | None) -> bool:
+    """Whether to run the fast path: on CUDA unless ``reference`` or an explicit ``backend`` is asked for, and
+    when triton imports (else a warning and the reference path). ``head="int8"`` exists only on the fast path."""
+    if head not in HEADS:
+        raise DeviceError(f"unknown head {head!r} (use {' or '.join(HEADS)})")
+    fast = device.type == "cuda" and not reference and backend is None
+    if fast:
+        try:
+            get_backend("triton")
+        except ImportError as e:
+            log.warning("the triton fast path is unavailable (%s); running the reference path", e)
+            fast = False
+    if head != "bf16" and not fast:
+        if reference or backend is not None:
+            why = "the reference path was asked for"
+        else:
+            why = f"the device is {device.type}" if device.type != "cuda" else "triton is unavailable"
+        raise DeviceError(f"head {head!r} needs the fast path (CUDA with triton), but {why}")
+    return fast
+
+
 def build_model(
-    source, *, device=None, dtype=None, cache_unpacked: bool = False, force: bool = False, backend: str | None = None
+    source,
+    *,
+    device=None,
+    dtype=None,
+    cache_unpacked: bool = False,
+    force: bool = False,
+    backend: str | None = None,
+    reference: bool = False,
+    head: str = "bf16",
 ):
     """Build a BitNetModel from an open weight source (``.config``, ``.tokenizer``, ``.tensors``, ``.torch``,
-    ``.ternary``). The caller closes the source; nothing built here points into it."""
+    ``.ternary``). The caller closes the source; nothing built here points into it.
+
+    On CUDA the fast path is the default (triton BitLinears, fused projections, CUDA-graph decode, ``head`` bf16
+    or int8); ``reference=True`` or an explicit ``backend`` keeps the plain network."""
     config = ModelConfig.from_dict(source.config)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev, config, force)
     if backend is not None:
         get_backend(backend)  # an unknown backend fails before minutes of loading
+    fast = use_fast_path(dev, reference, head, backend)
     tokenizer = Tokenizer(source.tokenizer, config.eos_token_id)
     _check_tensors(source, config)
 
@@ -185,19 +219,22 @@ def build_model(
     head = embed if config.tie_word_embeddings else floats("lm_head.weight")
     net = Transformer(config, embed, blocks, norm("norm.weight"), head).eval()
     log.info("built %s model on %s/%s in %.2fs", config.family, dev, dt, time.perf_counter() - t0)
-    return BitNetModel(net, tokenizer, config)
+    # FastModel routes every BitLinear of net through triton too, so the eager fallbacks (repetition penalty) run fast
+    return BitNetModel(net, tokenizer, config, FastModel(net, head=head) if fast else None)
 
 
-def open_weights(path):
-    """Open ``path`` as a weight source (detected by its magic): a packed file now, GGUF later."""
+def open_weights(path, activation: str | None = None):
+    """Open ``path`` as a weight source, detected by its magic: a packed file or a GGUF file. ``activation``
+    ("relu2"|"silu") overrides the file's activation (GGUF files that mislabel 1bitLLM models need it)."""
     from bitnet158.formats.source import open_source
 
-    return open_source(path)
+    return open_source(path, activation=activation)
 
 
-def load(path, device=None, dtype=None, cache_unpacked: bool = False, **opts):
-    """Load a model file for inference. See ``build_model`` for the options (force, backend)."""
-    source = open_weights(path)
+def load(path, device=None, dtype=None, cache_unpacked: bool = False, activation: str | None = None, **opts):
+    """Load a packed or GGUF model file for inference. ``activation`` overrides the file's (see open_weights);
+    see ``build_model`` for the other options (force, backend, reference, head)."""
+    source = open_weights(path, activation)
     try:
         return build_model(source, device=device, dtype=dtype, cache_unpacked=cache_unpacked, **opts)
     finally:

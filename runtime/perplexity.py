@@ -47,8 +47,13 @@ def window_plan(n: int, ctx: int, stride: int) -> list[tuple[int, int, int]]:
 
 
 @torch.inference_mode()
-def perplexity(net: Transformer, ids: list[int], ctx: int, stride: int, progress: bool = False) -> tuple[float, int]:
-    """Perplexity exp(mean NLL) over ``ids`` and the number of scored tokens."""
+def perplexity(
+    net: Transformer, ids: list[int], ctx: int, stride: int, progress: bool = False, forward=None
+) -> tuple[float, int]:
+    """Perplexity exp(mean NLL) over ``ids`` and the number of scored tokens.
+
+    ``forward(tokens [1, T], start_pos) -> fp32 logits [1, T, V]`` replaces ``net``'s own (the fast path's)."""
+    forward = forward or net
     if ctx > net.config.max_position_embeddings:
         raise PerplexityError(f"ctx={ctx} exceeds the model context {net.config.max_position_embeddings}")
     plan = window_plan(len(ids), ctx, stride)
@@ -56,7 +61,7 @@ def perplexity(net: Transformer, ids: list[int], ctx: int, stride: int, progress
     tokens = torch.tensor(ids, dtype=torch.long, device=net.device)
     nll, count = 0.0, 0
     for b, e, first in tqdm(plan, desc="perplexity", unit="window", disable=not progress, file=sys.stderr):
-        logits = net(tokens[b:e][None], 0)[0]  # [e-b, V] fp32; row i predicts position b+i+1
+        logits = forward(tokens[b:e][None], 0)[0]  # [e-b, V] fp32; row i predicts position b+i+1
         logprobs = torch.log_softmax(logits[first - 1 - b : e - 1 - b], dim=-1)  # rows predicting first..e-1
         target = tokens[first:e]
         nll -= logprobs.gather(1, target[:, None]).double().sum().item()

@@ -509,3 +509,36 @@ def test_cli_generate_and_perplexity(ms_file, tmp_path):
     assert r.exit_code == 0, r.output
     ppl, n = model.perplexity(TEXT, ctx=32, stride=16)
     assert r.output.strip() == f"perplexity: {ppl:.4f} over {n} tokens"
+
+
+def test_activation_override(ms_file, ms_latent_pair):
+    """load(activation=...) runs the file with another activation: the config says so, and the logits equal
+    transformers' model run with that activation (so the override really reaches the MLP)."""
+    import copy
+
+    from bitnet158.formats.source import SourceError
+
+    _, ref, _, _ = ms_latent_pair
+    file = ms_latent_pair[0]
+    ids = _hf_tokenizer(ms_latent_pair[2])(TEXT)["input_ids"][:24]
+    relu2, silu = load(file, device="cpu"), load(file, device="cpu", activation="silu")
+    assert (relu2.config.hidden_act, silu.config.hidden_act) == ("relu2", "silu")
+    ref_silu = copy.deepcopy(ref)
+    for layer in ref_silu.model.layers:
+        layer.mlp.act_fn = torch.nn.SiLU()
+    want = _ref_logits(ref_silu, ids)
+    got = silu.logits(ids)
+    assert (got - want).abs().max() <= 1e-2 * want.abs().max()
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+    assert not torch.allclose(got, relu2.logits(ids), atol=1e-3)
+    with pytest.raises(SourceError, match="activation must be one of"):
+        load(ms_file, device="cpu", activation="gelu")
+
+
+def test_default_max_new_tokens_fits_the_context(ms_model):
+    """Without max_new_tokens, generation stops where the context ends instead of refusing the request."""
+    prompt = ms_model.tokenizer.encode("word " * 300)[:200]
+    room = ms_model.config.max_position_embeddings - len(prompt)
+    assert 0 < room < 256
+    ids = list(ms_model.generate_ids(prompt, stop_ids=()))
+    assert len(ids) == room
