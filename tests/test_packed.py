@@ -700,13 +700,20 @@ def test_open_source_dispatches_on_magic(tmp_path, monkeypatch):
     src = open_source(packed)
     assert isinstance(src, PackedFile)
     src.close()
+    # an activation override on a packed file changes what its config says, and nothing else
+    src = open_source(packed, activation="silu")
+    assert src.config["hidden_act"] == "silu" and src.tensors == PackedFile(packed).tensors
+    src.close()
+    with pytest.raises(SourceError, match="activation must be one of"):
+        open_source(packed, activation="gelu")
 
     gguf_path = tmp_path / "m.gguf"
     gguf_path.write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(24))
     fake = types.ModuleType("bitnet158.formats.gguf")
-    fake.GGUFSource = lambda p: ("gguf", p)
+    fake.GGUFSource = lambda p, activation=None: ("gguf", p, activation)
     monkeypatch.setitem(sys.modules, "bitnet158.formats.gguf", fake)
-    assert open_source(gguf_path) == ("gguf", str(gguf_path))
+    assert open_source(gguf_path) == ("gguf", str(gguf_path), None)
+    assert open_source(gguf_path, activation="silu") == ("gguf", str(gguf_path), "silu")  # the override reaches it
 
     other = tmp_path / "model.safetensors"
     other.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
