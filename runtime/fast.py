@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from bitnet158.runtime.bitlinear import BitLinear, get_backend, register_backend
 from bitnet158.runtime.generate import GenerationStats, _sync
-from bitnet158.runtime.model import Transformer, rotate_half
+from bitnet158.runtime.model import Transformer
 
 log = logging.getLogger(__name__)
 
@@ -136,20 +136,9 @@ class FastModel:
         # x [B, T, D] → [B, T, D]; the operations of Block/Attention/MLP.forward with fused projections
         layer = self.net.layers[i]
         a, m = layer.attn, layer.mlp
-        b, t, _ = x.shape
         nq, nkv = a.n_heads * a.head_dim, a.n_kv * a.head_dim
         qkv = self.qkv[i](self._norm(layer.attn_norm, x))  # [B, T, Nq + 2·Nkv]
-        q, k, v = qkv.split([nq, nkv, nkv], dim=-1)
-        q = q.reshape(b, t, a.n_heads, a.head_dim).transpose(1, 2)  # [B, H, T, Dh]
-        k = k.reshape(b, t, a.n_kv, a.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
-        v = v.reshape(b, t, a.n_kv, a.head_dim).transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        k, v = a.cache.update(pos, k, v)  # [B, Hkv, L, Dh]
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, scale=a.head_dim**-0.5, enable_gqa=a.n_kv != a.n_heads
-        )  # [B, H, T, Dh]
-        y = y.transpose(1, 2).reshape(b, t, nq)
+        y = a.attend(*qkv.split([nq, nkv, nkv], dim=-1), cos, sin, pos, mask)  # [B, T, Nq]
         if a.sub_norm is not None:
             y = self._norm(a.sub_norm, y)
         h, n = self._norm(layer.mlp_norm, a.o_proj(y), residual=x)  # h = x + attn; n = mlp_norm(h)

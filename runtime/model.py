@@ -99,10 +99,18 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, pos, mask):
         # x [B, T, D]; cos/sin [T, Dh]; mask: None (attend to every cached key) or bool [T, L]
-        b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, Dh]
-        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
-        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
+        y = self.attend(self.q_proj(x), self.k_proj(x), self.v_proj(x), cos, sin, pos, mask)
+        if self.sub_norm is not None:
+            y = self.sub_norm(y)
+        return self.o_proj(y)  # [B, T, D]
+
+    def attend(self, q, k, v, cos, sin, pos, mask):
+        """Rope, KV-cache write and causal attention of projected q [B, T, H·Dh], k/v [B, T, Hkv·Dh] →
+        [B, T, H·Dh] (before the sub-norm). The fast path (runtime/fast.py) shares it with its fused projections."""
+        b, t, _ = q.shape
+        q = q.reshape(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, Dh]
+        k = k.reshape(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
+        v = v.reshape(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         k, v = self.cache.update(pos, k, v)  # [B, Hkv, L, Dh]
@@ -110,10 +118,7 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, scale=self.head_dim**-0.5, enable_gqa=self.n_kv != self.n_heads
         )  # [B, H, T, Dh]
-        y = y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)  # [B, T, H·Dh]
-        if self.sub_norm is not None:
-            y = self.sub_norm(y)
-        return self.o_proj(y)  # [B, T, D]
+        return y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)  # [B, T, H·Dh]
 
 
 class MLP(nn.Module):
