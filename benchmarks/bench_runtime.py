@@ -1,15 +1,18 @@
 """Runtime benchmark: load time, time to first token, prefill and decode speed, peak memory of one model file.
 
-    python benchmarks/bench_runtime.py MODEL.bin [--device cpu|cuda] [--cache-unpacked] [--runs 5]
+    python benchmarks/bench_runtime.py MODEL.bin [--device cpu|cuda] [--reference] [--cache-unpacked] [--runs 5]
     python benchmarks/bench_runtime.py --make-random-1bitllm-large DIR  # then bitnet-convert hf-to-packed DIR -o x.bin
     python benchmarks/bench_runtime.py --make-random-packed-large x.bin # same shape, written directly
 
-What is measured (device synchronised around every timed region; token ids are random, sampling is greedy):
+What is measured, through the path ``load`` picks (the fast path on CUDA and, where torch.compile works, on the
+CPU; ``--reference`` for the plain network), with the device synchronised around every timed region; token ids
+are random, sampling is greedy:
 - load: ``bitnet158.runtime.load`` from a cold start of the call (mmap, copies to the device, building modules);
-- ttft: a fresh 16-token prompt → first sampled token (prefill + sampling), median over runs;
-- prefill: one forward of 512 tokens from position 0, tok/s, median over runs (one warm-up first);
-- decode: batch 1, ``--decode-tokens`` greedy tokens after a 16-token prompt through the static KV cache,
-  tok/s over the decode loop only, median over runs (one warm-up first);
+- ttft: a fresh 16-token prompt → first generated token (``generate_ids``: prefill + sampling), median over runs;
+- prefill: one forward of 512 tokens from position 0 to the last position's logits, tok/s, median over runs
+  (one warm-up first);
+- decode: batch 1, ``--decode-tokens`` greedy tokens after a 16-token prompt (``generate_ids``, static KV
+  cache), tok/s over the decode loop only, median over runs (one warm-up first, which also compiles);
 - peak memory: CUDA max_memory_allocated, or the process's peak RSS on the CPU (includes Python and torch);
 - resident weights: bytes of weights kept on the device (packed ternary, + unpacked caches, + floats).
 """
@@ -50,13 +53,15 @@ def bench(
     decode_tokens: int,
     prefill_tokens: int,
     backend: str | None,
+    reference: bool = False,
 ) -> dict:
     from bitnet158.runtime import load
-    from bitnet158.runtime.generate import GenerationStats, generate_tokens
-    from bitnet158.runtime.sampling import Sampler, SamplingParams
+    from bitnet158.runtime.generate import GenerationStats
 
     t0 = time.perf_counter()
-    model = load(path, device=device, dtype=dtype, cache_unpacked=cache_unpacked, backend=backend)
+    model = load(
+        path, device=device, dtype=dtype, cache_unpacked=cache_unpacked, backend=backend, reference=reference
+    )
     dev = model.device
     _sync(dev)
     load_s = time.perf_counter() - t0
@@ -65,27 +70,30 @@ def bench(
     rand = lambda n: torch.randint(3, cfg.vocab_size, (n,), generator=gen).tolist()  # noqa: E731
     prefill_tokens = min(prefill_tokens, cfg.max_position_embeddings)
     net.setup_cache(1, max(prefill_tokens, 16 + decode_tokens))
-    greedy = Sampler(SamplingParams(), dev)
+
+    def last_logits(ids: torch.Tensor) -> torch.Tensor:
+        # what generation runs for a prompt: the fast path's forward when the model has one, else the network
+        return model.fast.logits_last(ids, 0) if model.fast is not None else net(ids, 0)[:, -1]
 
     def ttft() -> float:
-        ids = rand(16)
+        # a fresh prompt → first token, through the model's own generation path (prefill + sampling)
+        stats = GenerationStats()
         _sync(dev)
         t = time.perf_counter()
-        logits = net(torch.tensor([ids], device=dev), 0)[0, -1]
-        int(greedy(logits, torch.tensor(ids, device=dev)))
+        next(iter(model.generate_ids(rand(16), 1, stop_ids=(), stats=stats)))
         return time.perf_counter() - t
 
     def prefill() -> float:
         ids = torch.tensor([rand(prefill_tokens)], device=dev)
         _sync(dev)
         t = time.perf_counter()
-        net(ids, 0)
+        last_logits(ids)
         _sync(dev)
         return prefill_tokens / (time.perf_counter() - t)
 
     def decode() -> float:
         stats = GenerationStats()
-        for _ in generate_tokens(net, rand(16), decode_tokens, greedy, (), stats):
+        for _ in model.generate_ids(rand(16), decode_tokens, stop_ids=(), stats=stats):
             pass
         return stats.decode_tok_s
 
@@ -98,7 +106,8 @@ def bench(
         "threads": torch.get_num_threads(),
         "dtype": str(model.dtype).replace("torch.", ""),
         "cache_unpacked": cache_unpacked,
-        "backend": backend or "reference",
+        "backend": model.backend,
+        "path": model.last_stats.path if model.last_stats else None,
         "load_s": round(load_s, 2),
         "ttft_ms": round(1000 * statistics.median(ttft() for _ in range(runs)), 1),
         f"prefill{prefill_tokens}_tok_s": round(statistics.median(prefill() for _ in range(runs)), 1),
@@ -320,7 +329,8 @@ def main() -> None:
     ap.add_argument("--device", choices=["cpu", "cuda"])
     ap.add_argument("--dtype", choices=["bf16", "f16", "f32"])
     ap.add_argument("--cache-unpacked", action="store_true")
-    ap.add_argument("--backend", help="BitLinear backend (reference, triton)")
+    ap.add_argument("--backend", help="BitLinear backend on the plain network (reference, triton, cpu)")
+    ap.add_argument("--reference", action="store_true", help="the reference path (no fast path)")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--prefill-tokens", type=int, default=512)
@@ -348,7 +358,7 @@ def main() -> None:
         ap.error("give a model file (or --make-random-1bitllm-large DIR)")
     if a.threads:
         torch.set_num_threads(a.threads)
-    r = bench(a.file, a.device, a.dtype, a.cache_unpacked, a.runs, a.decode_tokens, a.prefill_tokens, a.backend)
+    r = bench(a.file, a.device, a.dtype, a.cache_unpacked, a.runs, a.decode_tokens, a.prefill_tokens, a.backend, a.reference)
     json.dump(r, sys.stdout, indent=2)
     print()
 

@@ -15,7 +15,8 @@ Fast paths plug in behind the same ``forward`` through named backends:
     register_backend("name", fn)          # fn(x2d [M, K] float, packed uint8 [N, ceil(K/4)], scale f32 [1]|[N], K)
                                           #    -> [M, N] in x's dtype
 
-"triton" resolves lazily to ``bitnet158.runtime.kernels.bitlinear_triton``.
+"triton" resolves lazily to ``bitnet158.runtime.kernels.bitlinear_triton``, "cpu" to
+``bitnet158.runtime.cpu.bitlinear_cpu``.
 """
 
 from __future__ import annotations
@@ -45,8 +46,13 @@ def get_backend(name: str) -> Backend | None:
         from bitnet158.runtime.kernels import bitlinear_triton  # needs triton + CUDA; imported only when asked
 
         _BACKENDS["triton"] = bitlinear_triton
+    if name not in _BACKENDS and name == "cpu":
+        from bitnet158.runtime.cpu import bitlinear_cpu  # torch.compile'd GEMV, imported only when asked
+
+        _BACKENDS["cpu"] = bitlinear_cpu
     if name not in _BACKENDS:
-        raise ValueError(f"unknown BitLinear backend {name!r} (known: reference, triton, {', '.join(_BACKENDS)})")
+        known = ", ".join(sorted({"reference", "triton", "cpu", *_BACKENDS}))
+        raise ValueError(f"unknown BitLinear backend {name!r} (known: {known})")
     return _BACKENDS[name]
 
 

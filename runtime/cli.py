@@ -58,7 +58,11 @@ def _print_stats(model, stats: GenerationStats, load_s: float) -> None:
     is_flag=True,
     help="Keep unpacked weights resident: more memory; faster on CUDA and for CPU prefill.",
 )
-@click.option("--reference", is_flag=True, help="Force the pure-torch reference path (default on CUDA: triton).")
+@click.option(
+    "--reference",
+    is_flag=True,
+    help="Force the pure-torch reference path (default: triton on CUDA, the compiled CPU step on the CPU).",
+)
 @click.option(
     "--head",
     type=click.Choice(["bf16", "int8"]),

@@ -1,6 +1,8 @@
-"""The GPU fast path around a loaded ``Transformer``: fused projections, an int8 head, CUDA-graph decode.
+"""The fast path around a loaded ``Transformer``: fused projections, an int8 head, CUDA-graph decode (GPU), and
+the compiled decode step of runtime/cpu.py (CPU).
 
     fast = FastModel(net, head="bf16" | "int8", backend="triton")   # fuses q/k/v and gate/up at load time
+    fast = FastModel(net, backend="cpu")                           # CPU: decode steps through runtime/cpu.py
     dec = GraphDecoder(fast, max_seq=1024, compile=False)          # static KV cache, one decode step per replay
     for tok in dec.generate(prompt_ids, 256, temperature=0.7, seed=0): ...
 
@@ -18,6 +20,10 @@ What it changes, and why:
   on the device, next token and position written into static buffers) in a ``torch.cuda.CUDAGraph`` and replays
   it; generated ids are copied to the host in chunks. ``compile=True`` first passes the forward through
   ``torch.compile`` (the BitLinear kernels as opaque custom ops) so that the small elementwise ops fuse.
+- **CPU** (``backend="cpu"``): a one-token step runs each layer as the two compiled functions of runtime/cpu.py
+  around the eager attention, and the head reads a bf16 copy of its weights when that copy is lossless. Prompts
+  (several tokens) run ``_layer`` with the reference arithmetic. If compiling fails on the first step, the model
+  falls back to the reference backend with a warning.
 
 The forward here mirrors ``Transformer.forward`` (runtime/model.py) operation for operation, only reordered by
 the fusions; tests/test_kernels.py checks it against the reference network.
@@ -83,6 +89,11 @@ class FastModel:
             self.qkv.append(fuse_bitlinears([a.q_proj, a.k_proj, a.v_proj]))
             self.gate_up.append(fuse_bitlinears([m.gate_proj, m.up_proj]))
         self.set_backend(backend)
+        self._cpu_compiled = False  # runtime/cpu.py's functions ran once (compiled) on this model
+        self.cpu_head: torch.Tensor | None = None  # the head's weights for runtime/cpu.py (bf16 when lossless)
+        if backend == "cpu":
+            hb = net.head.to(torch.bfloat16)
+            self.cpu_head = hb if torch.equal(hb.to(net.head.dtype), net.head) else net.head
         self.head = "bf16"
         self.head_q: torch.Tensor | None = None  # int8 [V, ceil(D/4)·4], made on the first set_head("int8")
         self.head_scale: torch.Tensor | None = None  # f32 [V]
@@ -106,6 +117,8 @@ class FastModel:
         """Route every BitLinear of the network and the fused ones through ``backend``."""
         if backend == "triton_op":
             _register_op_backend()
+        if backend != "cpu":
+            self.cpu_head = None
         get_backend(backend)
         self.backend = backend
         # the Triton norm / activation kernels go with the eager Triton backend; torch.compile ("triton_op")
@@ -119,6 +132,8 @@ class FastModel:
         n = self.net.resident_weight_bytes()
         if self.head_q is not None:
             n += self.head_q.numel() + self.head_scale.numel() * 4
+        if self.cpu_head is not None and self.cpu_head is not self.net.head:
+            n += self.cpu_head.numel() * self.cpu_head.element_size()
         return n
 
     def _norm(self, norm, x: torch.Tensor, residual: torch.Tensor | None = None):
@@ -160,12 +175,24 @@ class FastModel:
         """fp32 logits [B, V] of the last position of tokens [B, T] run at positions start_pos..."""
         return self.logits(tokens, start_pos)[:, -1]
 
+    @torch.inference_mode()  # the KV cache holds inference tensors
     def logits(self, tokens: torch.Tensor, start_pos: int | torch.Tensor, last_only: bool = True) -> torch.Tensor:
         """fp32 logits [B, T', V] for tokens [B, T] run at positions start_pos.. (T' = 1 with ``last_only``).
 
         ``start_pos`` int: eager path over the cache prefix (prefill, any T). Tensor [T]: static shapes over the
         whole cache with a mask (the CUDA-graph decode step). Keys/values are written into the network's caches.
         """
+        b, t = tokens.shape
+        if self.backend == "cpu" and b == 1 and last_only and isinstance(start_pos, int):
+            return self._cpu_logits(tokens, start_pos)
+        x = self._hidden(tokens, start_pos)  # [B, T, D]
+        x = self.net.norm(x[:, -1:] if last_only else x)  # [B, T', D]: decode only needs the last position
+        if self.head == "bf16":
+            return F.linear(x, self.net.head).float()
+        return self._int8_head(x.reshape(-1, x.shape[-1])).view(b, x.shape[1], -1)
+
+    def _hidden(self, tokens: torch.Tensor, start_pos: int | torch.Tensor) -> torch.Tensor:
+        # tokens [B, T] → the last layer's output [B, T, D] (before the final norm); see logits()
         net = self.net
         b, t = tokens.shape
         if isinstance(start_pos, int):
@@ -185,10 +212,50 @@ class FastModel:
         x = F.embedding(tokens, net.embed)  # [B, T, D]
         for i in range(len(net.layers)):
             x = self._layer(i, x, cos, sin, start_pos, mask)
-        x = net.norm(x[:, -1:] if last_only else x)  # [B, T', D]: decode only needs the last position
-        if self.head == "bf16":
-            return F.linear(x, net.head).float()
-        return self._int8_head(x.reshape(-1, x.shape[-1])).view(b, x.shape[1], -1)
+        return x
+
+    def _cpu_logits(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """fp32 logits [1, 1, V] of the last of tokens [1, T] on the CPU backend: one token through runtime/cpu.py's
+        compiled step, several through ``_hidden`` (prefill), then the compiled head."""
+        from bitnet158.runtime import cpu
+
+        net = self.net
+        if start_pos + tokens.shape[1] > net.max_seq:
+            raise FastPathError(f"positions up to {start_pos + tokens.shape[1]} exceed the cache ({net.max_seq})")
+        try:
+            x = self._cpu_step(tokens, start_pos) if tokens.shape[1] == 1 else self._hidden(tokens, start_pos)[0, -1]
+            out = cpu.kernels().head(x, net.norm.weight, net.norm.eps, self.cpu_head)  # [V]
+        except Exception as e:
+            if self._cpu_compiled:
+                raise
+            # compiling failed (no working C++ toolchain...); the reference arithmetic rewrites the same cache slots
+            log.warning("the compiled CPU path failed (%s: %s); using the reference path", type(e).__name__, e)
+            self.set_backend("reference")
+            return self.logits(tokens, start_pos)
+        self._cpu_compiled = True
+        return out[None, None]
+
+    def _cpu_step(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
+        # one token [1, 1] at position pos → the last layer's output [D]
+        from bitnet158.runtime import cpu
+
+        net = self.net
+        k = cpu.kernels()
+        cos, sin = net.cos[pos : pos + 1], net.sin[pos : pos + 1]  # [1, Dh]
+        x = net.embed[tokens[0, 0]]  # [D]
+        for i, layer in enumerate(net.layers):
+            a, m = layer.attn, layer.mlp
+            nq, nkv = a.n_heads * a.head_dim, a.n_kv * a.head_dim
+            qkv = k.pre(x, layer.attn_norm.weight, layer.attn_norm.eps, self.qkv[i].packed, self.qkv[i].scale)
+            y = a.attend(*qkv.view(1, 1, -1).split([nq, nkv, nkv], dim=-1), cos, sin, pos, None)  # [1, 1, Nq]
+            sa, sm = a.sub_norm, m.sub_norm
+            x = k.post(
+                x, y.view(-1), sa.weight if sa is not None else None, a.o_proj.packed, a.o_proj.scale,
+                layer.mlp_norm.weight, self.gate_up[i].packed, self.gate_up[i].scale,
+                sm.weight if sm is not None else None, m.down_proj.packed, m.down_proj.scale,
+                layer.mlp_norm.eps, m.relu2,
+            )  # fmt: skip
+        return x
 
     def _int8_head(self, x: torch.Tensor) -> torch.Tensor:
         # x [B, D] → fp32 logits [B, V] through the int8 head
@@ -248,6 +315,7 @@ class GraphDecoder:
         self.chunk = chunk
         self._tok = torch.zeros((1, 1), dtype=torch.long, device=dev)  # the token to run next
         self._pos = torch.zeros((1,), dtype=torch.long, device=dev)  # its position
+        self._host_pos = 0  # the same, on the host (the step without a graph)
         self._n = torch.zeros((1,), dtype=torch.long, device=dev)  # how many ids are in _out
         self._out = torch.zeros((self.max_seq,), dtype=torch.long, device=dev)  # generated ids, in order
         self._temp = torch.ones((1,), dtype=torch.float32, device=dev)
@@ -258,9 +326,11 @@ class GraphDecoder:
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
 
     def _step(self, key: tuple) -> None:
-        # one decode step on the static buffers; everything stays on the device
+        # one decode step on the static buffers; everything stays on the device. Without a graph the position
+        # goes in as a Python int, so attention reads only the filled part of the cache.
         greedy, top_k, use_top_p = key
-        logits = self._logits_fn(self._tok, self._pos)[0]  # [V]
+        logits = self._logits_fn(self._tok, self._pos if self.use_graph else self._host_pos)[0]  # [V]
+        self._host_pos += 1
         nxt = sample_on_device(logits, None if greedy else self._temp, top_k, self._top_p if use_top_p else None)
         self._out.index_copy_(0, self._n, nxt)
         self._tok.copy_(nxt.view(1, 1))
@@ -345,6 +415,7 @@ class GraphDecoder:
         first = sample_on_device(logits, None if greedy else self._temp, key[1], self._top_p if use_top_p else None)
         self._tok.copy_(first.view(1, 1))
         self._pos.fill_(n_prompt)
+        self._host_pos = n_prompt
         self._out[0:1].copy_(first)
         self._n.fill_(1)
         _sync(self.fast.device)  # the prefill time must include the device work, as in generate_tokens

@@ -33,7 +33,7 @@ class GenerationStats:
     decode_s: float = 0.0
     truncated_tokens: int = 0
     stop_reason: str = ""
-    path: str = ""  # which implementation ran: "reference", "triton" or "triton + CUDA graph"
+    path: str = ""  # which implementation ran: "reference", "triton + CUDA graph", "cpu + device sampling"…
     token_ids: list[int] = field(default_factory=list)
 
     @property

@@ -123,19 +123,29 @@ def _check_tensors(source, config: ModelConfig) -> None:
             raise LoadError(f"tensor {name!r} has dtype {info.dtype}, expected {want}")
 
 
-def use_fast_path(device: torch.device, reference: bool, head: str, backend: str | None) -> bool:
-    """Whether to run the fast path: on CUDA unless ``reference`` or an explicit ``backend`` is asked for, and
-    when triton imports (else a warning and the reference path). ``head="int8"`` exists only on the fast path."""
+def fast_backend(device: torch.device, reference: bool, head: str, backend: str | None) -> str | None:
+    """The fast path's backend, or None for the plain network. CUDA: "triton" when triton imports; CPU: "cpu"
+    (runtime/cpu.py) when torch.compile can build kernels here; else a log line and the reference path. Never
+    when ``reference`` or an explicit ``backend`` is asked for. ``head="int8"`` exists only on the CUDA fast path."""
     if head not in HEADS:
         raise DeviceError(f"unknown head {head!r} (use {' or '.join(HEADS)})")
-    fast = device.type == "cuda" and not reference and backend is None
-    if fast:
-        try:
-            get_backend("triton")
-        except ImportError as e:
-            log.warning("the triton fast path is unavailable (%s); running the reference path", e)
-            fast = False
-    if head != "bf16" and not fast:
+    fast = None
+    if not reference and backend is None:
+        if device.type == "cuda":
+            try:
+                get_backend("triton")
+                fast = "triton"
+            except ImportError as e:
+                log.warning("the triton fast path is unavailable (%s); running the reference path", e)
+        else:
+            from bitnet158.runtime.cpu import unavailable_reason
+
+            why = unavailable_reason()
+            if why is None:
+                fast = "cpu"
+            else:
+                log.info("the compiled CPU path is unavailable (%s); running the reference path", why)
+    if head != "bf16" and fast != "triton":
         if reference or backend is not None:
             why = "the reference path was asked for"
         else:
@@ -158,14 +168,15 @@ def build_model(
     """Build a BitNetModel from an open weight source (``.config``, ``.tokenizer``, ``.tensors``, ``.torch``,
     ``.ternary``). The caller closes the source; nothing built here points into it.
 
-    On CUDA the fast path is the default (triton BitLinears, fused projections, CUDA-graph decode, ``head`` bf16
-    or int8); ``reference=True`` or an explicit ``backend`` keeps the plain network."""
+    The fast path is the default: on CUDA triton BitLinears, fused projections, CUDA-graph decode, ``head`` bf16
+    or int8; on the CPU the compiled decode step of runtime/cpu.py. ``reference=True`` or an explicit ``backend``
+    keeps the plain network."""
     config = ModelConfig.from_dict(source.config)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev, config, force)
     if backend is not None:
         get_backend(backend)  # an unknown backend fails before minutes of loading
-    fast = use_fast_path(dev, reference, head, backend)
+    fast = fast_backend(dev, reference, head, backend)
     tokenizer = Tokenizer(source.tokenizer, config.eos_token_id)
     _check_tensors(source, config)
 
@@ -216,11 +227,12 @@ def build_model(
         )
         blocks.append(Block(norm(p + "attn_norm.weight"), attn, norm(p + "mlp_norm.weight"), mlp))
     embed = floats("embed.weight")
-    head = embed if config.tie_word_embeddings else floats("lm_head.weight")
-    net = Transformer(config, embed, blocks, norm("norm.weight"), head).eval()
+    head_w = embed if config.tie_word_embeddings else floats("lm_head.weight")
+    net = Transformer(config, embed, blocks, norm("norm.weight"), head_w).eval()
     log.info("built %s model on %s/%s in %.2fs", config.family, dev, dt, time.perf_counter() - t0)
-    # FastModel routes every BitLinear of net through triton too, so the eager fallbacks (repetition penalty) run fast
-    return BitNetModel(net, tokenizer, config, FastModel(net, head=head) if fast else None)
+    # FastModel routes every BitLinear of net through its backend too, so the eager fallbacks (repetition penalty)
+    # run fast
+    return BitNetModel(net, tokenizer, config, FastModel(net, head=head, backend=fast) if fast else None)
 
 
 def open_weights(path, activation: str | None = None):

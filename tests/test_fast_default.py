@@ -48,7 +48,12 @@ def _greedy(model, n=16, **kw):
 
 
 # --- dispatch ---------------------------------------------------------------------------------------------------
-def test_cpu_load_is_reference(tiny_file):
+def test_cpu_load_without_torch_compile_is_reference(tiny_file, monkeypatch):
+    # the CPU fast path (tests/test_cpu_fast.py) needs torch.compile; TORCHDYNAMO_DISABLE=1 turns it off
+    from bitnet158.runtime import cpu
+
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "1")
+    cpu.unavailable_reason.cache_clear()
     model = load(tiny_file, device="cpu")
     assert model.fast is None and model.backend == "reference"
     _, stats = _greedy(model, 3)

@@ -1,0 +1,156 @@
+"""The compiled CPU fast path (runtime/cpu.py): the GEMV against the reference BitLinear bit for bit, the decode
+step against the reference network on the three families, the dispatch in load(), and the fallback when
+compiling fails.
+
+The test command sets TORCHDYNAMO_DISABLE=1 (it keeps transformers fast), which also turns this path off; the
+``compiled`` fixture lifts it for these tests only."""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from bitnet158.converter.hf import convert_hf
+from bitnet158.formats.ternary import pack_t2
+from bitnet158.runtime import cpu, load
+from bitnet158.runtime.bitlinear import BitLinear
+from bitnet158.runtime.cli import main as cli_main
+from bitnet158.runtime.generate import GenerationStats
+from click.testing import CliRunner
+
+PROMPT = [1, 5, 9, 2, 7, 3]
+
+
+@pytest.fixture
+def compiled(monkeypatch):
+    """torch.compile on for one test (the suite runs with TORCHDYNAMO_DISABLE=1)."""
+    monkeypatch.delenv("TORCHDYNAMO_DISABLE", raising=False)
+    cpu.unavailable_reason.cache_clear()
+    why = cpu.unavailable_reason()
+    if why is not None and "compiler" in why.lower():
+        pytest.skip(why)  # no C++ toolchain on this machine: the fallback test below still runs
+    assert why is None, why
+    yield
+    cpu.unavailable_reason.cache_clear()  # before monkeypatch restores the variable: recomputed on the next call
+
+
+@pytest.fixture(scope="module")
+def files(tiny, tmp_path_factory) -> dict[str, str]:
+    """One converted tiny model per family (hidden 64, 2 layers, GQA 4/2 heads), f32 floats."""
+    root = tmp_path_factory.mktemp("cpufast")
+    made = {
+        "microsoft": tiny.microsoft_latent(root / "ms"),  # relu², sub-norms, tied head
+        "1bitllm": tiny.onebitllm(root / "obl"),  # SiLU, sub-norms
+        "llama-bitnet": tiny.llama_bitnet(root / "llama"),  # SiLU, no sub-norms, untied head
+    }
+    out = {}
+    for name, ckpt in made.items():
+        out[name] = str(root / f"{name}.bin")
+        convert_hf(str(ckpt.path), out[name], dtype="f32", progress=False)
+    return out
+
+
+# --- the GEMV ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("k", [64, 37])  # 37: padding columns in the last byte
+@pytest.mark.parametrize("per_row", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemv_equals_reference_bitlinear(compiled, k, per_row, dtype):
+    gen = torch.Generator().manual_seed(k + per_row)
+    n = 24
+    t = torch.randint(-1, 2, (n, k), generator=gen, dtype=torch.int8)
+    scale = torch.rand(n if per_row else 1, generator=gen) + 0.5
+    ref = BitLinear(pack_t2(t), scale, k)
+    xs = [torch.randn(k, generator=gen) * 3 for _ in range(20)]
+    # rounding ties: max|x| = 127 makes s = 1, so x·s lands exactly on .5 (round half to even)
+    xs.append(torch.tensor([127.0] + [(i % 9) - 4.5 for i in range(k - 1)]))
+    xs.append(torch.zeros(k))  # max|x| = 0: s = 127 / 1e-5
+    for x in xs:
+        x = x.to(dtype)
+        got = cpu.kernels().bitlinear(x, ref.packed, ref.scale)
+        want = ref(x[None])[0]
+        assert got.dtype == dtype
+        assert torch.equal(got, want), (x, got, want)
+
+
+# --- the decode step against the reference network ------------------------------------------------------------
+@pytest.mark.parametrize("family", ["microsoft", "1bitllm", "llama-bitnet"])
+def test_decode_matches_reference(compiled, files, family):
+    fast, ref = load(files[family], device="cpu"), load(files[family], device="cpu", reference=True)
+    assert fast.fast is not None and fast.backend == "cpu" and ref.fast is None
+    stats = GenerationStats()
+    got = list(fast.generate_ids(PROMPT, 16, stop_ids=(), stats=stats))
+    assert stats.path == "cpu + device sampling"
+    assert got == list(ref.generate_ids(PROMPT, 16, stop_ids=()))
+    # teacher-forced: the logits of every decode step along the reference's sequence
+    seq = PROMPT + got
+    for m in (fast, ref):
+        m.net.setup_cache(1, len(seq))
+    with torch.inference_mode():
+        a = fast.fast.logits(torch.tensor([PROMPT]), 0)[0, -1]
+        b = ref.net(torch.tensor([PROMPT]), 0)[0, -1]
+        steps = [(a, b)]
+        for pos in range(len(PROMPT), len(seq) - 1):
+            tok = torch.tensor([[seq[pos]]])
+            steps.append((fast.fast.logits(tok, pos)[0, -1], ref.net(tok, pos)[0, -1]))
+    for a, b in steps:
+        assert a.argmax() == b.argmax()
+        assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+
+
+def test_head_reads_a_lossless_bf16_copy(compiled, files):
+    # the converted floats came from bf16 masters, so the f32 head is exact in bf16: a copy at half the bytes
+    model = load(files["llama-bitnet"], device="cpu")
+    head = model.fast.cpu_head
+    assert head.dtype == torch.bfloat16 and torch.equal(head.float(), model.net.head)
+    plain = load(files["llama-bitnet"], device="cpu", reference=True)
+    assert model.resident_weight_bytes() == plain.resident_weight_bytes() + head.numel() * 2
+    # a head that is not exact in bf16 is used as it is
+    model.net.head.add_(1e-4)
+    assert type(model.fast)(model.net, backend="cpu").cpu_head is model.net.head
+
+
+def test_prefill_and_repetition_penalty_paths(compiled, files):
+    # prompts run the fused layers with the reference arithmetic and the compiled head; the repetition penalty
+    # runs the plain network with every BitLinear on the "cpu" backend (one row: the compiled GEMV)
+    fast, ref = load(files["microsoft"], device="cpu"), load(files["microsoft"], device="cpu", reference=True)
+    kw = dict(stop_ids=(), repetition_penalty=1.3)
+    stats = GenerationStats()
+    assert list(fast.generate_ids(PROMPT, 12, stats=stats, **kw)) == list(ref.generate_ids(PROMPT, 12, **kw))
+    assert stats.path == "cpu"
+    assert torch.allclose(fast.logits(PROMPT * 3), ref.logits(PROMPT * 3), rtol=0, atol=1e-5)
+
+
+# --- dispatch and fallback --------------------------------------------------------------------------------------
+def test_dispatch(compiled, files, monkeypatch, caplog):
+    assert load(files["microsoft"], device="cpu").backend == "cpu"
+    assert load(files["microsoft"], device="cpu", reference=True).backend == "reference"
+    with pytest.raises(ValueError, match="head 'int8' needs the fast path"):
+        load(files["microsoft"], device="cpu", head="int8")
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "1")
+    cpu.unavailable_reason.cache_clear()
+    with caplog.at_level(logging.INFO, logger="bitnet158.runtime.loader"):
+        model = load(files["microsoft"], device="cpu")
+    assert model.fast is None and model.backend == "reference"
+    assert "compiled CPU path is unavailable (TorchDynamo is disabled" in caplog.text
+
+
+def test_compile_failure_falls_back_to_reference(compiled, files, monkeypatch, caplog):
+    def broken(*args):
+        raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
+
+    monkeypatch.setattr(cpu, "kernels", lambda: SimpleNamespace(pre=broken, post=broken, head=broken))
+    fast, ref = load(files["1bitllm"], device="cpu"), load(files["1bitllm"], device="cpu", reference=True)
+    with caplog.at_level(logging.WARNING):
+        got = list(fast.generate_ids(PROMPT, 8, stop_ids=()))
+    assert "the compiled CPU path failed (RuntimeError: InvalidCxxCompiler" in caplog.text
+    assert fast.backend == "reference"
+    assert got == list(ref.generate_ids(PROMPT, 8, stop_ids=()))
+
+
+def test_cli_reference_flag(compiled, files):
+    run = CliRunner().invoke(cli_main, [files["microsoft"], "--prompt", "ab", "-n", "4", "--reference"])
+    assert run.exit_code == 0, run.output
+    assert "reference" in run.output
