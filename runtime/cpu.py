@@ -1,31 +1,37 @@
 """The CPU fast path: batch-1 decode compiled by torch.compile (Inductor's C++/OpenMP code) on the 2-bit bytes.
 
 Why: on a CPU one decode step of the reference path expands every weight to int8 (or re-expands each 2-bit
-plane) and runs ~4,000 small torch ops. Here the step reads the packed t2 bytes once and runs two compiled
-functions per layer, shared by all layers (one graph each, the weights are arguments):
+plane) and runs ~4,000 small torch ops. Here the step reads the packed t2 bytes once and runs one compiled
+function per layer, the same graph for all layers (the weights and the cache are arguments):
 
-    pre  = norm → quantize → t2 GEMV (fused q/k/v rows)                   → rope, KV write, SDPA (eager, attend)
-    post = sub-norm → quantize → GEMV o → + residual → norm → quantize → GEMV gate/up → act · up → sub-norm
-           → quantize → GEMV down → + residual
+    norm → quantize → t2 GEMV (fused q/k/v rows) → model.attend (rope, KV-cache write, SDPA over the filled
+    prefix) → sub-norm → quantize → GEMV o → + residual → norm → quantize → GEMV gate/up → act · up → sub-norm
+    → quantize → GEMV down → + residual
 
-and the head reads its weights in bf16 when that is lossless (half the bytes of fp32, the same products).
+and one more for the final norm and the head, which reads its weights in bf16 when that is lossless (half the
+bytes of fp32, the same products). The position is a Python int: torch.compile makes it symbolic after the
+second position it sees, so one graph serves every step and attention reads only the filled part of the cache.
 
 The GEMV, for x [K] and t2 bytes p [N, rb] (formats/PACKED.md §2.1: bit pair k of byte j is column 4j + k,
 code c = t + 1), with the activation quantization of runtime/bitlinear.py:
 
     s = 127 / max(max|x|, 1e-5);  q = clamp(round(x · s), -128, 127)         integer-valued fp32 [K]
-    plane_k = q[k::4]  [rb]                                                  (contiguous, realised once)
-    acc[n] = Σ_j Σ_k ((p[n, j] >> 2k) & 3) · plane_k[j]  −  Σ q              = q · t[n]
+    q_k = q[k::4]  [rb]                                                     activation planes
+    a_0 = q_0,  a_k = q_k − 4·q_{k−1}  (k = 1..3)                           [4, rb], realised once
+    acc[n] = Σ_j Σ_k (p[n, j] >> 2k) · a_k[j]  −  Σ q                       = q · t[n]
     y = acc · scale / s
 
-Every product is an integer of magnitude ≤ 256 and every partial sum stays below 2^24 for K < 65,536, so the fp32
-sums are exact in any order: acc equals the reference's int32 sum. Inductor vectorises the inner loop over j
-(16 bytes = 64 weights per AVX-512 iteration). Norm reductions may sum in another order than eager torch, so
-the step agrees with the reference path to float rounding, not bit for bit (tests/test_cpu_fast.py).
+The shifted byte p >> 2k = c_k + 4·c_{k+1} + 16·c_{k+2} + … holds the higher codes too, and the a_k telescope
+them away: Σ_k a_k·(p >> 2k) = Σ_k c_k·q_k. So each plane costs a shift, a conversion and a fused multiply-add,
+with no mask. All values are integers: per byte the four terms stay below 2^17 and sum to at most 4·2·128 in
+magnitude, and the running sums below 2^24 for K < 65,536, so the fp32 arithmetic is exact in any order and
+acc equals the reference's int32 sum. Inductor vectorises the loop over j (16 bytes = 64 weights per AVX-512
+iteration). The norms' reductions may sum in another order than eager torch, so the step agrees with the
+reference path to float rounding, not bit for bit (tests/test_cpu_fast.py).
 
-Inductor inlines cheap elementwise producers into their consumers. For the GEMV that would recompute the
-quantization of x for every output row, so the planes go through ``prims.inductor_force_stride_order``, which makes
-Inductor store them as a buffer first.
+Inductor inlines cheap elementwise producers into their consumers. For a GEMV that would recompute the
+quantization (or the final norm, for the head) of x for every output row, so those vectors go through
+``prims.inductor_force_stride_order``, which makes Inductor store them as a buffer first.
 
 Requirements: TorchDynamo enabled (not ``TORCHDYNAMO_DISABLE=1``) and a C++ compiler. ``unavailable_reason()``
 says why not; callers then use the reference path. Compiling takes seconds on the first run; Inductor caches the
@@ -39,11 +45,13 @@ import importlib
 import logging
 import os
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from bitnet158.runtime.bitlinear import int_dot_packed, quantize_activations
+from bitnet158.runtime.model import attend
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +75,8 @@ def unavailable_reason() -> str | None:
 
 
 def _realize(t: torch.Tensor) -> torch.Tensor:
-    # A contiguous copy of t that Inductor keeps as its own buffer (see the module docstring).
+    # A contiguous copy of t that Inductor keeps as its own buffer instead of recomputing it inside the loop of a
+    # GEMV that reads it (see the module docstring).
     return torch.ops.prims.inductor_force_stride_order(t, t.contiguous().stride())
 
 
@@ -84,45 +93,65 @@ def _bitlinear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> to
     s = 127.0 / xf.abs().amax().clamp(min=1e-5)
     q = (xf * s).round().clamp(-128, 127)  # integer-valued fp32 [K]
     q = F.pad(q, (0, 4 * rb - q.shape[0]))  # padding columns have code 1 and q = 0: they add nothing
-    planes = _realize(q.view(rb, 4).t())  # [4, rb]: plane k = q[k::4]
+    planes = q.view(rb, 4).t()  # [4, rb]: plane k = q[k::4]
+    a = _realize(torch.cat([planes[:1], planes[1:] - 4 * planes[:-1]]))  # [4, rb] telescoped, see above
     p = packed.to(torch.int32)
     acc = (
-        ((p & 3).float() * planes[0] + ((p >> 2) & 3).float() * planes[1])
-        + (((p >> 4) & 3).float() * planes[2] + ((p >> 6) & 3).float() * planes[3])
+        (p.float() * a[0] + (p >> 2).float() * a[1]) + ((p >> 4).float() * a[2] + (p >> 6).float() * a[3])
     ).sum(-1)  # [N] Σ c·q, exact
     return ((acc - q.sum()) * scale / s).to(x.dtype)
 
 
-def _pre(x, norm_w, eps: float, qkv_packed, qkv_scale):
-    # x [D] → fused q/k/v projections [Nq + 2·Nkv] of norm(x)
-    return _bitlinear(_rms(x, norm_w, eps), qkv_packed, qkv_scale)
+class LayerWeights(NamedTuple):
+    """One layer's tensors as the compiled step takes them (q/k/v and gate/up fused, runtime/fast.py)."""
+
+    attn_norm: torch.Tensor  # [D]
+    qkv_packed: torch.Tensor  # uint8 [Nq + 2·Nkv, ceil(D/4)]
+    qkv_scale: torch.Tensor  # f32 [Nq + 2·Nkv]
+    attn_sub_norm: torch.Tensor | None  # [Nq]
+    o_packed: torch.Tensor  # uint8 [D, ceil(Nq/4)]
+    o_scale: torch.Tensor  # f32 [1] or [D]
+    mlp_norm: torch.Tensor  # [D]
+    gu_packed: torch.Tensor  # uint8 [2·I, ceil(D/4)]
+    gu_scale: torch.Tensor  # f32 [2·I]
+    mlp_sub_norm: torch.Tensor | None  # [I]
+    down_packed: torch.Tensor  # uint8 [D, ceil(I/4)]
+    down_scale: torch.Tensor  # f32 [1] or [D]
 
 
-def _post(x, y, attn_sub_w, o_packed, o_scale, mlp_norm_w, gu_packed, gu_scale, mlp_sub_w, d_packed, d_scale,
-          eps: float, relu2: bool):  # fmt: skip
-    # x [D] the layer input, y [Nq] the attention output → the layer output [D] (Block.forward after attention)
-    if attn_sub_w is not None:
-        y = _rms(y, attn_sub_w, eps)
-    h = x + _bitlinear(y, o_packed, o_scale)
-    g, u = _bitlinear(_rms(h, mlp_norm_w, eps), gu_packed, gu_scale).chunk(2)  # [I] each
+def _layer(x, cos, sin, pos: int, cache_k, cache_v, w: LayerWeights, eps: float, relu2: bool, heads: tuple):
+    # x [D] at position pos → the layer output [D] (Block.forward for one token); heads = (H, Hkv, Dh)
+    n_heads, n_kv, head_dim = heads
+    nq, nkv = n_heads * head_dim, n_kv * head_dim
+    qkv = _bitlinear(_rms(x, w.attn_norm, eps), w.qkv_packed, w.qkv_scale).view(1, 1, -1)
+    q, k, v = qkv.split([nq, nkv, nkv], dim=-1)
+    y = attend(q, k, v, cos, sin, pos, None, cache_k, cache_v, n_heads, n_kv, head_dim).view(-1)  # [Nq]
+    if w.attn_sub_norm is not None:
+        y = _rms(y, w.attn_sub_norm, eps)
+    h = x + _bitlinear(y, w.o_packed, w.o_scale)
+    g, u = _bitlinear(_rms(h, w.mlp_norm, eps), w.gu_packed, w.gu_scale).chunk(2)  # [I] each
     z = (torch.square(F.relu(g)) if relu2 else F.silu(g)) * u
-    if mlp_sub_w is not None:
-        z = _rms(z, mlp_sub_w, eps)
-    return h + _bitlinear(z, d_packed, d_scale)
+    if w.mlp_sub_norm is not None:
+        z = _rms(z, w.mlp_sub_norm, eps)
+    return h + _bitlinear(z, w.down_packed, w.down_scale)
 
 
 def _head(x, norm_w, eps: float, head_w):
     # final norm and head: x [D] → fp32 logits [V], the products in fp32 whatever head_w's dtype
-    return (head_w.float() * _rms(x, norm_w, eps).float()).sum(-1)
+    return (head_w.float() * _realize(_rms(x, norm_w, eps).float())).sum(-1)  # the norm once, not once per row
 
 
 @functools.cache
 def kernels() -> SimpleNamespace:
-    """The compiled functions ``pre``, ``post``, ``head`` and ``bitlinear``, wrapped on first use (after
+    """The compiled functions ``layer``, ``head`` and ``bitlinear``, wrapped on first use (after
     ``unavailable_reason()`` said yes); each compiles at its first call for each new set of shapes."""
-    compiled = functools.partial(torch.compile, dynamic=False, fullgraph=True)
+    # fp contraction: the GEMV's multiply-adds become FMAs (exact on these integers); the norms may round differently
+    opts = {"cpp.enable_floating_point_contract_flag": "fast"}
+    static = functools.partial(torch.compile, dynamic=False, fullgraph=True, options=opts)
     return SimpleNamespace(
-        pre=compiled(_pre), post=compiled(_post), head=compiled(_head), bitlinear=compiled(_bitlinear)
+        layer=torch.compile(_layer, fullgraph=True, options=opts),  # default dynamic: pos becomes symbolic
+        head=static(_head),
+        bitlinear=static(_bitlinear),
     )
 
 

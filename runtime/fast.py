@@ -20,8 +20,8 @@ What it changes, and why:
   on the device, next token and position written into static buffers) in a ``torch.cuda.CUDAGraph`` and replays
   it; generated ids are copied to the host in chunks. ``compile=True`` first passes the forward through
   ``torch.compile`` (the BitLinear kernels as opaque custom ops) so that the small elementwise ops fuse.
-- **CPU** (``backend="cpu"``): a one-token step runs each layer as the two compiled functions of runtime/cpu.py
-  around the eager attention, and the head reads a bf16 copy of its weights when that copy is lossless. Prompts
+- **CPU** (``backend="cpu"``): a one-token step runs each layer as one compiled function of runtime/cpu.py (the
+  shared ``model.attend`` inside), and the head reads a bf16 copy of its weights when that copy is lossless. Prompts
   (several tokens) run ``_layer`` with the reference arithmetic. If compiling fails on the first step, the model
   falls back to the reference backend with a warning.
 
@@ -90,6 +90,7 @@ class FastModel:
             self.gate_up.append(fuse_bitlinears([m.gate_proj, m.up_proj]))
         self.set_backend(backend)
         self._cpu_compiled = False  # runtime/cpu.py's functions ran once (compiled) on this model
+        self._cpu_weights: list | None = None  # per layer cpu.LayerWeights, made at the first CPU step
         self.cpu_head: torch.Tensor | None = None  # the head's weights for runtime/cpu.py (bf16 when lossless)
         if backend == "cpu":
             hb = net.head.to(torch.bfloat16)
@@ -240,22 +241,28 @@ class FastModel:
         from bitnet158.runtime import cpu
 
         net = self.net
-        k = cpu.kernels()
+        if self._cpu_weights is None:
+            self._cpu_weights = [self._cpu_layer_weights(i) for i in range(len(net.layers))]
+        layer_fn = cpu.kernels().layer
         cos, sin = net.cos[pos : pos + 1], net.sin[pos : pos + 1]  # [1, Dh]
         x = net.embed[tokens[0, 0]]  # [D]
-        for i, layer in enumerate(net.layers):
-            a, m = layer.attn, layer.mlp
-            nq, nkv = a.n_heads * a.head_dim, a.n_kv * a.head_dim
-            qkv = k.pre(x, layer.attn_norm.weight, layer.attn_norm.eps, self.qkv[i].packed, self.qkv[i].scale)
-            y = a.attend(*qkv.view(1, 1, -1).split([nq, nkv, nkv], dim=-1), cos, sin, pos, None)  # [1, 1, Nq]
-            sa, sm = a.sub_norm, m.sub_norm
-            x = k.post(
-                x, y.view(-1), sa.weight if sa is not None else None, a.o_proj.packed, a.o_proj.scale,
-                layer.mlp_norm.weight, self.gate_up[i].packed, self.gate_up[i].scale,
-                sm.weight if sm is not None else None, m.down_proj.packed, m.down_proj.scale,
-                layer.mlp_norm.eps, m.relu2,
-            )  # fmt: skip
+        for layer, w in zip(net.layers, self._cpu_weights):
+            a = layer.attn
+            x = layer_fn(x, cos, sin, pos, a.cache.k, a.cache.v, w, layer.mlp_norm.eps, layer.mlp.relu2,
+                         (a.n_heads, a.n_kv, a.head_dim))  # fmt: skip
         return x
+
+    def _cpu_layer_weights(self, i: int):
+        from bitnet158.runtime.cpu import LayerWeights
+
+        layer = self.net.layers[i]
+        a, m = layer.attn, layer.mlp
+        return LayerWeights(
+            layer.attn_norm.weight, self.qkv[i].packed, self.qkv[i].scale,
+            a.sub_norm.weight if a.sub_norm is not None else None, a.o_proj.packed, a.o_proj.scale,
+            layer.mlp_norm.weight, self.gate_up[i].packed, self.gate_up[i].scale,
+            m.sub_norm.weight if m.sub_norm is not None else None, m.down_proj.packed, m.down_proj.scale,
+        )  # fmt: skip
 
     def _int8_head(self, x: torch.Tensor) -> torch.Tensor:
         # x [B, D] → fp32 logits [B, V] through the int8 head

@@ -71,20 +71,39 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, pos: torch.Tensor | int, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v [B, Hkv, T, Dh] at positions ``pos``; return the keys/values to attend to.
 
-        int pos: slots pos..pos+T-1 are written and the filled prefix [B, Hkv, pos+T, Dh] comes back (eager path).
-        tensor pos [T]: index_copy_ into the slots and the whole cache comes back, static shapes (CUDA graphs).
-        """
-        b, t = k.shape[0], k.shape[2]
-        if isinstance(pos, int):
-            self.k[:b, :, pos : pos + t] = k
-            self.v[:b, :, pos : pos + t] = v
-            return self.k[:b, :, : pos + t], self.v[:b, :, : pos + t]
-        self.k[:b].index_copy_(2, pos, k)
-        self.v[:b].index_copy_(2, pos, v)
-        return self.k[:b], self.v[:b]
+def write_kv(cache_k: torch.Tensor, cache_v: torch.Tensor, pos: torch.Tensor | int, k: torch.Tensor, v: torch.Tensor):
+    """Write k, v [B, Hkv, T, Dh] into a layer's cache at positions ``pos``; return the keys/values to attend to.
+
+    int pos: slots pos..pos+T-1 are written and the filled prefix [B, Hkv, pos+T, Dh] comes back (eager path).
+    tensor pos [T]: index_copy_ into the slots and the whole cache comes back, static shapes (CUDA graphs).
+    """
+    b, t = k.shape[0], k.shape[2]
+    if isinstance(pos, int):
+        cache_k[:b, :, pos : pos + t] = k
+        cache_v[:b, :, pos : pos + t] = v
+        return cache_k[:b, :, : pos + t], cache_v[:b, :, : pos + t]
+    cache_k[:b].index_copy_(2, pos, k)
+    cache_v[:b].index_copy_(2, pos, v)
+    return cache_k[:b], cache_v[:b]
+
+
+def attend(q, k, v, cos, sin, pos, mask, cache_k, cache_v, n_heads: int, n_kv: int, head_dim: int) -> torch.Tensor:
+    """Rope, KV-cache write and causal attention of projected q [B, T, H·Dh], k/v [B, T, Hkv·Dh] →
+    [B, T, H·Dh] (before the sub-norm). A free function so that the fast paths (runtime/fast.py, runtime/cpu.py)
+    run exactly this with their fused projections."""
+    b, t, _ = q.shape
+    q = q.reshape(b, t, n_heads, head_dim).transpose(1, 2)  # [B, H, T, Dh]
+    k = k.reshape(b, t, n_kv, head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
+    v = v.reshape(b, t, n_kv, head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
+    q = q * cos + rotate_half(q) * sin
+    k = k * cos + rotate_half(k) * sin
+    k, v = write_kv(cache_k, cache_v, pos, k, v)  # [B, Hkv, L, Dh]
+    # Query head h reads kv head h // (H / Hkv), as transformers' repeat_kv does.
+    y = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, scale=head_dim**-0.5, enable_gqa=n_kv != n_heads
+    )  # [B, H, T, Dh]
+    return y.transpose(1, 2).reshape(b, t, n_heads * head_dim)  # [B, T, H·Dh]
 
 
 class Attention(nn.Module):
@@ -105,20 +124,9 @@ class Attention(nn.Module):
         return self.o_proj(y)  # [B, T, D]
 
     def attend(self, q, k, v, cos, sin, pos, mask):
-        """Rope, KV-cache write and causal attention of projected q [B, T, H·Dh], k/v [B, T, Hkv·Dh] →
-        [B, T, H·Dh] (before the sub-norm). The fast path (runtime/fast.py) shares it with its fused projections."""
-        b, t, _ = q.shape
-        q = q.reshape(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, Dh]
-        k = k.reshape(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
-        v = v.reshape(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        k, v = self.cache.update(pos, k, v)  # [B, Hkv, L, Dh]
-        # Query head h reads kv head h // (H / Hkv), as transformers' repeat_kv does.
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, scale=self.head_dim**-0.5, enable_gqa=self.n_kv != self.n_heads
-        )  # [B, H, T, Dh]
-        return y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)  # [B, T, H·Dh]
+        """``attend`` on this layer's cache: q [B, T, H·Dh], k/v [B, T, Hkv·Dh] → [B, T, H·Dh]."""
+        c = self.cache
+        return attend(q, k, v, cos, sin, pos, mask, c.k, c.v, self.n_heads, self.n_kv, self.head_dim)
 
 
 class MLP(nn.Module):

@@ -141,7 +141,7 @@ def test_compile_failure_falls_back_to_reference(compiled, files, monkeypatch, c
     def broken(*args):
         raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
 
-    monkeypatch.setattr(cpu, "kernels", lambda: SimpleNamespace(pre=broken, post=broken, head=broken))
+    monkeypatch.setattr(cpu, "kernels", lambda: SimpleNamespace(layer=broken, head=broken))
     fast, ref = load(files["1bitllm"], device="cpu"), load(files["1bitllm"], device="cpu", reference=True)
     with caplog.at_level(logging.WARNING):
         got = list(fast.generate_ids(PROMPT, 8, stop_ids=()))
