@@ -358,7 +358,9 @@ def main() -> None:
         ap.error("give a model file (or --make-random-1bitllm-large DIR)")
     if a.threads:
         torch.set_num_threads(a.threads)
-    r = bench(a.file, a.device, a.dtype, a.cache_unpacked, a.runs, a.decode_tokens, a.prefill_tokens, a.backend, a.reference)
+    r = bench(
+        a.file, a.device, a.dtype, a.cache_unpacked, a.runs, a.decode_tokens, a.prefill_tokens, a.backend, a.reference
+    )
     json.dump(r, sys.stdout, indent=2)
     print()
 

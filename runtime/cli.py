@@ -64,6 +64,12 @@ def _print_stats(model, stats: GenerationStats, load_s: float) -> None:
     help="Force the pure-torch reference path (default: triton on CUDA, the compiled CPU step on the CPU).",
 )
 @click.option(
+    "--compile/--no-compile",
+    "compile_cpu",
+    default=None,
+    help="CPU: run decode steps as torch.compile'd kernels (default: for models of 100M+ ternary weights).",
+)
+@click.option(
     "--head",
     type=click.Choice(["bf16", "int8"]),
     default="bf16",
@@ -98,6 +104,7 @@ def main(
     force_fp16,
     cache_unpacked,
     reference,
+    compile_cpu,
     head,
     activation,
     truncate,
@@ -119,7 +126,7 @@ def main(
         t0 = time.perf_counter()
         model = load(
             file, device=device, dtype=dtype, cache_unpacked=cache_unpacked, force=force_fp16, reference=reference,
-            head=head, activation=activation,
+            head=head, activation=activation, compile_cpu=compile_cpu,
         )  # fmt: skip
         load_s = time.perf_counter() - t0
         if ppl_file is not None:

@@ -4,9 +4,9 @@ Why: on a CPU one decode step of the reference path expands every weight to int8
 plane) and runs ~4,000 small torch ops. Here the step reads the packed t2 bytes once and runs one compiled
 function per layer, the same graph for all layers (the weights and the cache are arguments):
 
-    norm → quantize → t2 GEMV (fused q/k/v rows) → model.attend (rope, KV-cache write, SDPA over the filled
-    prefix) → sub-norm → quantize → GEMV o → + residual → norm → quantize → GEMV gate/up → act · up → sub-norm
-    → quantize → GEMV down → + residual
+    norm → quantize → t2 GEMV (fused q/k/v rows) → model.attend (rope, KV-cache write, SDPA over
+    the filled prefix) → sub-norm → quantize → GEMV o → + residual → norm → quantize → GEMV gate/up
+    → act · up → sub-norm → quantize → GEMV down → + residual
 
 and one more for the final norm and the head, which reads its weights in bf16 when that is lossless (half the
 bytes of fp32, the same products). The position is a Python int: torch.compile makes it symbolic after the
@@ -24,10 +24,11 @@ code c = t + 1), with the activation quantization of runtime/bitlinear.py:
 The shifted byte p >> 2k = c_k + 4·c_{k+1} + 16·c_{k+2} + … holds the higher codes too, and the a_k telescope
 them away: Σ_k a_k·(p >> 2k) = Σ_k c_k·q_k. So each plane costs a shift, a conversion and a fused multiply-add,
 with no mask. All values are integers: per byte the four terms stay below 2^17 and sum to at most 4·2·128 in
-magnitude, and the running sums below 2^24 for K < 65,536, so the fp32 arithmetic is exact in any order and
-acc equals the reference's int32 sum. Inductor vectorises the loop over j (16 bytes = 64 weights per AVX-512
-iteration). The norms' reductions may sum in another order than eager torch, so the step agrees with the
-reference path to float rounding, not bit for bit (tests/test_cpu_fast.py).
+magnitude, so for K ≤ MAX_K = 32,768 every running sum stays below 2^24 and the fp32 arithmetic is exact in any
+order: acc equals the reference's int32 sum (2B-4T's largest K is 6,912, Llama3-8B-1.58's 14,336; a larger K
+fails at compile time and the caller falls back to the reference path). Inductor vectorises the loop over j
+(16 bytes = 64 weights per AVX-512 iteration). The norms' reductions may sum in another order than eager torch,
+so the step agrees with the reference path to float rounding, not bit for bit (tests/test_cpu_fast.py).
 
 Inductor inlines cheap elementwise producers into their consumers. For a GEMV that would recompute the
 quantization (or the final norm, for the head) of x for every output row, so those vectors go through
@@ -86,9 +87,14 @@ def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
+MAX_K = 32_768  # the largest input width whose fp32 sums stay exact (see the module docstring)
+
+
 def _bitlinear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     # x [K] → y [N] in x's dtype; packed uint8 [N, rb], scale f32 [1] or [N]
     rb = packed.shape[1]
+    if 4 * rb > MAX_K:  # checked while tracing (static shapes)
+        raise ValueError(f"the compiled CPU GEMV is exact only for K <= {MAX_K}, got {4 * rb}")
     xf = x.float()
     s = 127.0 / xf.abs().amax().clamp(min=1e-5)
     q = (xf * s).round().clamp(-128, 127)  # integer-valued fp32 [K]
@@ -159,9 +165,9 @@ _vec_state = {"ok": False, "failed": False}  # kernels().bitlinear ran / failed 
 
 
 def bitlinear_cpu(x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, k: int) -> torch.Tensor:
-    """BitLinear backend "cpu": x2 [M, K] → [M, N]. One row: the compiled GEMV; more rows (prefill), or when
-    compiling failed: the reference arithmetic (int8 × int8 → int32 on the 2-bit planes)."""
-    if x2.shape[0] == 1 and not _vec_state["failed"]:
+    """BitLinear backend "cpu": x2 [M, K] → [M, N]. One row: the compiled GEMV; more rows (prefill), K > MAX_K,
+    or when compiling failed: the reference arithmetic (int8 × int8 → int32 on the 2-bit planes)."""
+    if x2.shape[0] == 1 and k <= MAX_K and not _vec_state["failed"]:
         try:
             y = kernels().bitlinear(x2[0], packed, scale)[None]
         except Exception as e:

@@ -223,8 +223,9 @@ class FastModel:
         net = self.net
         if start_pos + tokens.shape[1] > net.max_seq:
             raise FastPathError(f"positions up to {start_pos + tokens.shape[1]} exceed the cache ({net.max_seq})")
+        step = tokens.shape[1] == 1
         try:
-            x = self._cpu_step(tokens, start_pos) if tokens.shape[1] == 1 else self._hidden(tokens, start_pos)[0, -1]
+            x = self._cpu_step(tokens, start_pos) if step else self._hidden(tokens, start_pos)[0, -1]
             out = cpu.kernels().head(x, net.norm.weight, net.norm.eps, self.cpu_head)  # [V]
         except Exception as e:
             if self._cpu_compiled:
@@ -233,7 +234,7 @@ class FastModel:
             log.warning("the compiled CPU path failed (%s: %s); using the reference path", type(e).__name__, e)
             self.set_backend("reference")
             return self.logits(tokens, start_pos)
-        self._cpu_compiled = True
+        self._cpu_compiled = self._cpu_compiled or step  # the layer and head functions have both compiled
         return out[None, None]
 
     def _cpu_step(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:

@@ -9,6 +9,7 @@ copies of everything it needs.
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import torch
@@ -123,14 +124,25 @@ def _check_tensors(source, config: ModelConfig) -> None:
             raise LoadError(f"tensor {name!r} has dtype {info.dtype}, expected {want}")
 
 
-def fast_backend(device: torch.device, reference: bool, head: str, backend: str | None) -> str | None:
-    """The fast path's backend, or None for the plain network. CUDA: "triton" when triton imports; CPU: "cpu"
-    (runtime/cpu.py) when torch.compile can build kernels here; else a log line and the reference path. Never
+# Below this many ternary weights the CPU default stays on the reference path: compiling costs a few seconds per
+# run (less once torch's cache holds the kernels), more than it saves on a small model's decode.
+CPU_COMPILE_MIN_WEIGHTS = 100_000_000
+
+
+def fast_backend(
+    device: torch.device, reference: bool, head: str, backend: str | None, compile_cpu: bool | None = None,
+    ternary_weights: int = 0,
+) -> str | None:  # fmt: skip
+    """The fast path's backend, or None for the plain network. CUDA: "triton" when triton imports. CPU: "cpu"
+    (runtime/cpu.py) when ``compile_cpu`` is True, or None and the model has at least CPU_COMPILE_MIN_WEIGHTS
+    ternary weights, and torch.compile can build kernels here. Else a log line and the reference path. Never
     when ``reference`` or an explicit ``backend`` is asked for. ``head="int8"`` exists only on the CUDA fast path."""
     if head not in HEADS:
         raise DeviceError(f"unknown head {head!r} (use {' or '.join(HEADS)})")
     fast = None
-    if not reference and backend is None:
+    if compile_cpu is None:
+        compile_cpu = ternary_weights >= CPU_COMPILE_MIN_WEIGHTS
+    if not reference and backend is None and (device.type == "cuda" or compile_cpu):
         if device.type == "cuda":
             try:
                 get_backend("triton")
@@ -144,7 +156,7 @@ def fast_backend(device: torch.device, reference: bool, head: str, backend: str 
             if why is None:
                 fast = "cpu"
             else:
-                log.info("the compiled CPU path is unavailable (%s); running the reference path", why)
+                log.warning("the compiled CPU path is unavailable (%s); running the reference path", why)
     if head != "bf16" and fast != "triton":
         if reference or backend is not None:
             why = "the reference path was asked for"
@@ -164,19 +176,28 @@ def build_model(
     backend: str | None = None,
     reference: bool = False,
     head: str = "bf16",
+    compile_cpu: bool | None = None,
 ):
     """Build a BitNetModel from an open weight source (``.config``, ``.tokenizer``, ``.tensors``, ``.torch``,
     ``.ternary``). The caller closes the source; nothing built here points into it.
 
     The fast path is the default: on CUDA triton BitLinears, fused projections, CUDA-graph decode, ``head`` bf16
-    or int8; on the CPU the compiled decode step of runtime/cpu.py. ``reference=True`` or an explicit ``backend``
-    keeps the plain network."""
+    or int8; on the CPU the compiled decode step of runtime/cpu.py (``compile_cpu``: None = for models of at least
+    CPU_COMPILE_MIN_WEIGHTS ternary weights, True / False = always / never). ``reference=True`` or an explicit
+    ``backend`` keeps the plain network."""
     config = ModelConfig.from_dict(source.config)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev, config, force)
     if backend is not None:
         get_backend(backend)  # an unknown backend fails before minutes of loading
-    fast = fast_backend(dev, reference, head, backend)
+    ternary = [shape for shape, is_ternary in expected_tensors(config).values() if is_ternary]
+    fast = fast_backend(dev, reference, head, backend, compile_cpu, sum(math.prod(s) for s in ternary))
+    if fast == "cpu":
+        from bitnet158.runtime.cpu import MAX_K
+
+        if max(s[1] for s in ternary) > MAX_K:
+            log.warning("a linear has more than %d inputs, beyond the compiled CPU path; running the reference", MAX_K)
+            fast = None
     tokenizer = Tokenizer(source.tokenizer, config.eos_token_id)
     _check_tensors(source, config)
 
@@ -245,7 +266,7 @@ def open_weights(path, activation: str | None = None):
 
 def load(path, device=None, dtype=None, cache_unpacked: bool = False, activation: str | None = None, **opts):
     """Load a packed or GGUF model file for inference. ``activation`` overrides the file's (see open_weights);
-    see ``build_model`` for the other options (force, backend, reference, head)."""
+    see ``build_model`` for the other options (force, backend, reference, head, compile_cpu)."""
     source = open_weights(path, activation)
     try:
         return build_model(source, device=device, dtype=dtype, cache_unpacked=cache_unpacked, **opts)

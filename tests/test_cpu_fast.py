@@ -75,10 +75,19 @@ def test_gemv_equals_reference_bitlinear(compiled, k, per_row, dtype):
         assert torch.equal(got, want), (x, got, want)
 
 
+def test_gemv_beyond_max_k_uses_the_reference_arithmetic(compiled, monkeypatch):
+    k = cpu.MAX_K + 4  # fp32 sums could round beyond MAX_K, so the int32 reference arithmetic runs instead
+    t = torch.randint(-1, 2, (3, k), dtype=torch.int8)
+    ref = BitLinear(pack_t2(t), torch.ones(1), k)
+    monkeypatch.setattr(cpu, "kernels", None)  # calling the compiled functions would fail
+    x = torch.randn(1, k)
+    assert torch.equal(cpu.bitlinear_cpu(x, ref.packed, ref.scale, k), ref(x))
+
+
 # --- the decode step against the reference network ------------------------------------------------------------
 @pytest.mark.parametrize("family", ["microsoft", "1bitllm", "llama-bitnet"])
 def test_decode_matches_reference(compiled, files, family):
-    fast, ref = load(files[family], device="cpu"), load(files[family], device="cpu", reference=True)
+    fast, ref = load(files[family], device="cpu", compile_cpu=True), load(files[family], device="cpu", reference=True)
     assert fast.fast is not None and fast.backend == "cpu" and ref.fast is None
     stats = GenerationStats()
     got = list(fast.generate_ids(PROMPT, 16, stop_ids=(), stats=stats))
@@ -102,7 +111,7 @@ def test_decode_matches_reference(compiled, files, family):
 
 def test_head_reads_a_lossless_bf16_copy(compiled, files):
     # the converted floats came from bf16 masters, so the f32 head is exact in bf16: a copy at half the bytes
-    model = load(files["llama-bitnet"], device="cpu")
+    model = load(files["llama-bitnet"], device="cpu", compile_cpu=True)
     head = model.fast.cpu_head
     assert head.dtype == torch.bfloat16 and torch.equal(head.float(), model.net.head)
     plain = load(files["llama-bitnet"], device="cpu", reference=True)
@@ -115,7 +124,8 @@ def test_head_reads_a_lossless_bf16_copy(compiled, files):
 def test_prefill_and_repetition_penalty_paths(compiled, files):
     # prompts run the fused layers with the reference arithmetic and the compiled head; the repetition penalty
     # runs the plain network with every BitLinear on the "cpu" backend (one row: the compiled GEMV)
-    fast, ref = load(files["microsoft"], device="cpu"), load(files["microsoft"], device="cpu", reference=True)
+    fast = load(files["microsoft"], device="cpu", compile_cpu=True)
+    ref = load(files["microsoft"], device="cpu", reference=True)
     kw = dict(stop_ids=(), repetition_penalty=1.3)
     stats = GenerationStats()
     assert list(fast.generate_ids(PROMPT, 12, stats=stats, **kw)) == list(ref.generate_ids(PROMPT, 12, **kw))
@@ -125,14 +135,21 @@ def test_prefill_and_repetition_penalty_paths(compiled, files):
 
 # --- dispatch and fallback --------------------------------------------------------------------------------------
 def test_dispatch(compiled, files, monkeypatch, caplog):
-    assert load(files["microsoft"], device="cpu").backend == "cpu"
-    assert load(files["microsoft"], device="cpu", reference=True).backend == "reference"
+    from bitnet158.runtime import loader
+
+    f = files["microsoft"]
+    assert load(f, device="cpu").backend == "reference"  # a tiny model: compiling would cost more than it saves
+    assert load(f, device="cpu", compile_cpu=True).backend == "cpu"
+    assert load(f, device="cpu", compile_cpu=True, reference=True).backend == "reference"
+    monkeypatch.setattr(loader, "CPU_COMPILE_MIN_WEIGHTS", 1000)
+    assert load(f, device="cpu").backend == "cpu"  # a model above the threshold compiles by default
+    assert load(f, device="cpu", compile_cpu=False).backend == "reference"
     with pytest.raises(ValueError, match="head 'int8' needs the fast path"):
-        load(files["microsoft"], device="cpu", head="int8")
+        load(f, device="cpu", head="int8")
     monkeypatch.setenv("TORCHDYNAMO_DISABLE", "1")
     cpu.unavailable_reason.cache_clear()
-    with caplog.at_level(logging.INFO, logger="bitnet158.runtime.loader"):
-        model = load(files["microsoft"], device="cpu")
+    with caplog.at_level(logging.WARNING, logger="bitnet158.runtime.loader"):
+        model = load(f, device="cpu")
     assert model.fast is None and model.backend == "reference"
     assert "compiled CPU path is unavailable (TorchDynamo is disabled" in caplog.text
 
@@ -142,7 +159,8 @@ def test_compile_failure_falls_back_to_reference(compiled, files, monkeypatch, c
         raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
 
     monkeypatch.setattr(cpu, "kernels", lambda: SimpleNamespace(layer=broken, head=broken))
-    fast, ref = load(files["1bitllm"], device="cpu"), load(files["1bitllm"], device="cpu", reference=True)
+    fast = load(files["1bitllm"], device="cpu", compile_cpu=True)
+    ref = load(files["1bitllm"], device="cpu", reference=True)
     with caplog.at_level(logging.WARNING):
         got = list(fast.generate_ids(PROMPT, 8, stop_ids=()))
     assert "the compiled CPU path failed (RuntimeError: InvalidCxxCompiler" in caplog.text
@@ -150,7 +168,8 @@ def test_compile_failure_falls_back_to_reference(compiled, files, monkeypatch, c
     assert got == list(ref.generate_ids(PROMPT, 8, stop_ids=()))
 
 
-def test_cli_reference_flag(compiled, files):
-    run = CliRunner().invoke(cli_main, [files["microsoft"], "--prompt", "ab", "-n", "4", "--reference"])
+@pytest.mark.parametrize("flag, path", [("--compile", "cpu + device sampling"), ("--reference", "reference")])
+def test_cli_flags(compiled, files, flag, path):
+    run = CliRunner().invoke(cli_main, [files["microsoft"], "--prompt", "ab", "-n", "4", flag])
     assert run.exit_code == 0, run.output
-    assert "reference" in run.output
+    assert f"path:             {path}" in run.output
