@@ -101,6 +101,17 @@ def test_triton_backend_logits_match_reference(tiny_file, ref_model):
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
+def test_load_builds_the_triton_fast_model(tiny_file, ref_model, monkeypatch):
+    # build_model's own wiring of the CUDA default (it once passed the head tensor as FastModel's head mode)
+    from bitnet158.runtime import loader
+
+    monkeypatch.setattr(loader, "fast_backend", lambda *a, **k: "triton")
+    model = load(tiny_file, device=ref_model.device)
+    assert model.fast is not None and model.fast.backend == "triton" and model.fast.head == "bf16"
+    ids = PROMPT + [11, 3, 4]
+    torch.testing.assert_close(model.logits(ids), ref_model.logits(ids), rtol=1e-4, atol=1e-4)
+
+
 def test_fast_model_logits_generation_and_stops(tiny_file, ref_model):
     # the same BitNetModel the CUDA default builds, with the decode steps run eagerly where there is no CUDA
     base = load(tiny_file, device=ref_model.device, reference=True)
