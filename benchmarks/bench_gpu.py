@@ -326,6 +326,20 @@ def run_variants(fast, prompt: list[int], args) -> None:
             RESULTS["peak_mem_decode_bytes"] = torch.cuda.max_memory_allocated()
         measure("triton + CUDA graph, sampled", fast_gen(dec, temperature=0.8, top_k=50, top_p=0.95, seed=0), args.runs)
         del dec
+        # the one-kernel decode attention (opt-in): same greedy tokens as the torch attention, and its speed
+        fast.attention = "triton"
+        dec = GraphDecoder(fast, max_seq, use_graph=graphs)
+        n = min(32, args.tokens)
+        same = list(dec.generate(prompt, n)) == list(GraphDecoder(fast, max_seq, use_graph=False).generate(prompt, n))
+        fast.attention = "torch"
+        want = list(GraphDecoder(fast, max_seq, use_graph=graphs).generate(prompt, n))
+        fast.attention = "triton"
+        agree = list(dec.generate(prompt, n)) == want
+        say(f"triton attention kernel: graph = eager {same}, greedy {n} tokens = torch attention's {agree}")
+        RESULTS.setdefault("checks", {})["attention_kernel_greedy_equal"] = agree
+        measure("triton + CUDA graph + attention kernel", fast_gen(dec), args.runs)
+        fast.attention = "torch"
+        del dec
         fast.set_head("int8")
         RESULTS["resident_int8_head_bytes"] = fast.resident_bytes()
         measure("triton + CUDA graph + int8 head", fast_gen(GraphDecoder(fast, max_seq, use_graph=graphs)), args.runs, head="int8")

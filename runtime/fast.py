@@ -14,6 +14,9 @@ What it changes, and why:
   network still runs unchanged.
 - **Fewer launches per token.** With the "triton" backend the RMSNorms (the one after attention together with
   the residual add) and the MLP's act(gate)·up + sub-norm run as single Triton kernels.
+- **One attention kernel** (``attention="triton"``, opt-in until measured on a GPU): in the graph decode step
+  (one token, batch 1, position on the device) rope, the KV-cache write and the attention over the filled
+  positions run as ``kernels.decode_attention`` instead of about fifteen torch ops over the whole static cache.
 - **Fewer bytes per token.** Decode only computes the head for the last position; ``head="int8"`` replaces the
   bf16 head (56 % of the bytes of a 2B-4T token) by per-row int8 weights and the dp4a GEMV of kernels.py.
 - **No host work per token.** ``GraphDecoder`` captures one decode step (forward at a position tensor, sampling
@@ -44,6 +47,7 @@ from bitnet158.runtime.model import Transformer
 log = logging.getLogger(__name__)
 
 HEADS = ("bf16", "int8")
+ATTENTIONS = ("torch", "triton")
 
 
 class FastPathError(ValueError):
@@ -79,7 +83,10 @@ def _register_op_backend() -> None:
 class FastModel:
     """Decode/prefill forward over a loaded ``Transformer`` with fused projections and an optional int8 head."""
 
-    def __init__(self, net: Transformer, *, head: str = "bf16", backend: str = "triton"):
+    def __init__(self, net: Transformer, *, head: str = "bf16", backend: str = "triton", attention: str = "torch"):
+        if attention not in ATTENTIONS:
+            raise FastPathError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+        self.attention = attention  # "triton": the graph decode step's attention as one kernel (kernels.py)
         self.net = net
         self.config = net.config
         self.qkv: list[BitLinear] = []
@@ -154,7 +161,13 @@ class FastModel:
         a, m = layer.attn, layer.mlp
         nq, nkv = a.n_heads * a.head_dim, a.n_kv * a.head_dim
         qkv = self.qkv[i](self._norm(layer.attn_norm, x))  # [B, T, Nq + 2·Nkv]
-        y = a.attend(*qkv.split([nq, nkv, nkv], dim=-1), cos, sin, pos, mask)  # [B, T, Nq]
+        if self.attention == "triton" and not isinstance(pos, int) and qkv.shape[:2] == (1, 1):
+            from bitnet158.runtime.kernels import decode_attention
+
+            c = a.cache
+            y = decode_attention(qkv, cos, sin, pos, c.k, c.v, a.n_heads, a.n_kv, a.head_dim)  # [1, 1, Nq]
+        else:
+            y = a.attend(*qkv.split([nq, nkv, nkv], dim=-1), cos, sin, pos, mask)  # [B, T, Nq]
         if a.sub_norm is not None:
             y = self._norm(a.sub_norm, y)
         h, n = self._norm(layer.mlp_norm, a.o_proj(y), residual=x)  # h = x + attn; n = mlp_norm(h)

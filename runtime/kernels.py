@@ -283,6 +283,80 @@ def _act_mul_norm_kernel(
     tl.store(y_ptr + row * stride_y + offs, z.to(dt), mask=ok)
 
 
+@triton.jit
+def _rope_half(lo, hi, c_lo, c_hi, s_lo, s_hi, dt: tl.constexpr):
+    # runtime/model.py's rope on the two halves of one head: x·cos + rotate_half(x)·sin, each op rounded to dt
+    # (rotate_half(x) = (−hi, lo)); returns the roped (lo, hi) in fp32
+    r_lo = ((lo * c_lo).to(dt).to(tl.float32) + (-hi * s_lo).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+    r_hi = ((hi * c_hi).to(dt).to(tl.float32) + (lo * s_hi).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+    return r_lo, r_hi
+
+
+@triton.jit
+def _decode_attention_kernel(
+    qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, y_ptr,
+    NQ, NKV, stride_kh, stride_ks, scale,
+    GROUP: tl.constexpr, DH: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    # one program per query head h (kv head h // GROUP), batch 1, one new token at position pos (read from the
+    # device, so a CUDA graph replays it): rope of q and k, the k/v write into the cache (by the group's first
+    # head), then softmax(q·kᵀ · scale) · v over keys 0..pos with an online softmax in fp32.
+    h = tl.program_id(0)
+    kvh = h // GROUP
+    dt = y_ptr.dtype.element_ty
+    pos = tl.load(pos_ptr)
+    offs = tl.arange(0, HALF)
+    ok = offs < DH // 2
+    half = DH // 2
+    c_lo = tl.load(cos_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    c_hi = tl.load(cos_ptr + half + offs, mask=ok, other=0.0).to(tl.float32)
+    s_lo = tl.load(sin_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    s_hi = tl.load(sin_ptr + half + offs, mask=ok, other=0.0).to(tl.float32)
+    q_lo = tl.load(qkv_ptr + h * DH + offs, mask=ok, other=0.0).to(tl.float32)
+    q_hi = tl.load(qkv_ptr + h * DH + half + offs, mask=ok, other=0.0).to(tl.float32)
+    q_lo, q_hi = _rope_half(q_lo, q_hi, c_lo, c_hi, s_lo, s_hi, dt)
+    k_base = qkv_ptr + NQ + kvh * DH
+    v_base = qkv_ptr + NQ + NKV + kvh * DH
+    kn_lo = tl.load(k_base + offs, mask=ok, other=0.0).to(tl.float32)
+    kn_hi = tl.load(k_base + half + offs, mask=ok, other=0.0).to(tl.float32)
+    kn_lo, kn_hi = _rope_half(kn_lo, kn_hi, c_lo, c_hi, s_lo, s_hi, dt)
+    vn_lo = tl.load(v_base + offs, mask=ok, other=0.0).to(tl.float32)
+    vn_hi = tl.load(v_base + half + offs, mask=ok, other=0.0).to(tl.float32)
+    cache_k = k_ptr + kvh.to(tl.int64) * stride_kh
+    cache_v = v_ptr + kvh.to(tl.int64) * stride_kh
+    if h % GROUP == 0:
+        slot = pos.to(tl.int64) * stride_ks
+        tl.store(cache_k + slot + offs, kn_lo.to(dt), mask=ok)
+        tl.store(cache_k + slot + half + offs, kn_hi.to(dt), mask=ok)
+        tl.store(cache_v + slot + offs, vn_lo.to(dt), mask=ok)
+        tl.store(cache_v + slot + half + offs, vn_hi.to(dt), mask=ok)
+    # the new token's own score starts the running max (every other program uses it from registers, not the cache)
+    m = tl.sum(q_lo * kn_lo + q_hi * kn_hi, axis=0) * scale
+    l = m * 0.0 + 1.0
+    acc_lo = vn_lo
+    acc_hi = vn_hi
+    for start in range(0, pos, BLOCK_N):  # keys 0..pos-1 from the cache
+        rows = start + tl.arange(0, BLOCK_N)
+        live = rows < pos
+        at = rows.to(tl.int64)[:, None] * stride_ks + offs[None, :]
+        both = live[:, None] & ok[None, :]
+        kb_lo = tl.load(cache_k + at, mask=both, other=0.0).to(tl.float32)
+        kb_hi = tl.load(cache_k + half + at, mask=both, other=0.0).to(tl.float32)
+        sc = (tl.sum(kb_lo * q_lo[None, :], axis=1) + tl.sum(kb_hi * q_hi[None, :], axis=1)) * scale
+        sc = tl.where(live, sc, float("-inf"))
+        m_new = tl.maximum(m, tl.max(sc, axis=0))
+        p = tl.exp(sc - m_new)
+        alpha = tl.exp(m - m_new)
+        vb_lo = tl.load(cache_v + at, mask=both, other=0.0).to(tl.float32)
+        vb_hi = tl.load(cache_v + half + at, mask=both, other=0.0).to(tl.float32)
+        l = l * alpha + tl.sum(p, axis=0)
+        acc_lo = acc_lo * alpha + tl.sum(p[:, None] * vb_lo, axis=0)
+        acc_hi = acc_hi * alpha + tl.sum(p[:, None] * vb_hi, axis=0)
+        m = m_new
+    tl.store(y_ptr + h * DH + offs, (acc_lo / l).to(dt), mask=ok)
+    tl.store(y_ptr + h * DH + half + offs, (acc_hi / l).to(dt), mask=ok)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # launch configurations
 #
@@ -566,3 +640,31 @@ def act_mul_norm(gu: torch.Tensor, weight: torch.Tensor | None, eps: float, relu
             RELU2=relu2, HAS_NORM=weight is not None, BLOCK=triton.next_power_of_2(inter), num_warps=8,
         )  # fmt: skip
     return y.view(*gu.shape[:-1], inter)
+
+
+def decode_attention(
+    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor, cache_k: torch.Tensor,
+    cache_v: torch.Tensor, n_heads: int, n_kv: int, head_dim: int,
+) -> torch.Tensor:  # fmt: skip
+    """``model.attend`` for one token of batch 1 in one kernel: qkv [1, 1, (H + 2·Hkv)·Dh] (the fused projection's
+    output), cos/sin [1, Dh], pos int64 [1] on the device, caches [≥1, Hkv, S, Dh] → y [1, 1, H·Dh].
+
+    Rope and the cache write round like the torch ops (the cache gets the same bytes); the attention sums in
+    fp32 with an online softmax, so y agrees with SDPA to rounding."""
+    width = (n_heads + 2 * n_kv) * head_dim
+    if qkv.dim() != 3 or qkv.shape[:2] != (1, 1) or qkv.shape[2] != width:
+        raise KernelShapeError(f"decode_attention: qkv must be [1, 1, {width}], got {tuple(qkv.shape)}")
+    bad_cache = cache_k.shape != cache_v.shape or cache_k.dim() != 4 or cache_k.shape[1] != n_kv
+    if n_heads % n_kv or head_dim % 2 or bad_cache or cache_k.shape[3] != head_dim:
+        raise KernelShapeError(f"decode_attention: heads {n_heads}/{n_kv}, Dh {head_dim}, cache {tuple(cache_k.shape)}")
+    if cache_k.stride(3) != 1 or cache_k.stride() != cache_v.stride() or pos.numel() != 1 or pos.dtype != torch.long:
+        raise KernelShapeError("decode_attention: caches must share a layout with contiguous rows; pos int64 [1]")
+    qkv = qkv.contiguous()
+    y = torch.empty((1, 1, n_heads * head_dim), dtype=qkv.dtype, device=qkv.device)
+    _decode_attention_kernel[(n_heads,)](
+        qkv, cos.contiguous(), sin.contiguous(), pos, cache_k, cache_v, y,
+        n_heads * head_dim, n_kv * head_dim, cache_k.stride(1), cache_k.stride(2), head_dim**-0.5,
+        GROUP=n_heads // n_kv, DH=head_dim, HALF=triton.next_power_of_2(head_dim // 2),
+        BLOCK_N=16 if _INTERPRET else 64, num_warps=4,
+    )  # fmt: skip
+    return y

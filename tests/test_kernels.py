@@ -308,6 +308,66 @@ def test_fast_model_triton_backend():
         assert list(dec.generate(ids, 3)) == ref_tokens
 
 
+def _attention_case(dtype, heads, kv, dh, slots, pos, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(1, 1, (heads + 2 * kv) * dh, generator=g).to(dtype).to(DEV)
+    cache_k, cache_v = (torch.randn(1, kv, slots, dh, generator=g).to(dtype).to(DEV) for _ in range(2))
+    ang = torch.rand(1, dh // 2, generator=g) * 6
+    ang = torch.cat([ang, ang], -1)
+    cos, sin = ang.cos().to(dtype).to(DEV), ang.sin().to(dtype).to(DEV)
+    return qkv, cos, sin, torch.tensor([pos], device=DEV), cache_k, cache_v
+
+
+def _attention_ref(qkv, cos, sin, pos, cache_k, cache_v, heads, kv, dh):
+    from bitnet158.runtime.model import attend
+
+    k2, v2 = cache_k.clone(), cache_v.clone()
+    mask = (torch.arange(k2.shape[2], device=DEV) <= pos)[None]  # the graph step's mask: keys 0..pos
+    y = attend(*qkv.split([heads * dh, kv * dh, kv * dh], -1), cos, sin, pos, mask, k2, v2, heads, kv, dh)
+    return y, k2, v2
+
+
+@pytest.mark.parametrize("heads,kv,dh,slots,pos", [(4, 2, 16, 40, 0), (4, 2, 16, 40, 23), (4, 4, 12, 40, 39),
+                                                    (6, 2, 12, 70, 65)])  # fmt: skip
+def test_decode_attention_kernel(heads, kv, dh, slots, pos):
+    # fp32: rope and the cache write are the torch ops bit for bit; the attention sums in another order
+    case = _attention_case(torch.float32, heads, kv, dh, slots, pos)
+    want, k2, v2 = _attention_ref(*case, heads, kv, dh)
+    got = kernels.decode_attention(*case, heads, kv, dh)
+    assert torch.equal(case[4], k2) and torch.equal(case[5], v2)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    # bf16: to bf16 rounding (the interpreter's casts truncate; tests/test_kernels.py's docstring)
+    case = _attention_case(torch.bfloat16, heads, kv, dh, slots, pos, seed=1)
+    want, k2, v2 = _attention_ref(*case, heads, kv, dh)
+    got = kernels.decode_attention(*case, heads, kv, dh)
+    torch.testing.assert_close(case[4].float(), k2.float(), rtol=0, atol=0.04)
+    torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=0.04)
+    with pytest.raises(kernels.KernelShapeError):
+        kernels.decode_attention(case[0][..., :-1], *case[1:], heads, kv, dh)
+
+
+@interp
+def test_fast_model_attention_kernel_in_the_graph_step():
+    # the tensor-position step (the one CUDA graphs capture) with the attention kernel equals the torch attention
+    from bitnet158.runtime.fast import FastModel, FastPathError
+
+    net = tiny_model(layers=2, seed=3).net
+    ids = [3, 14, 15, 9, 26]
+    with pytest.raises(FastPathError, match="attention must be one of"):
+        FastModel(net, backend="reference", attention="flash")
+    with torch.inference_mode():
+        steps = {}
+        for attention in ("torch", "triton"):
+            fast = FastModel(net, backend="reference", attention=attention)
+            net.setup_cache(1, 32)
+            fast.logits_last(torch.tensor([ids]), 0)
+            steps[attention] = [
+                fast.logits_last(torch.tensor([[t]]), torch.tensor([5 + i])) for i, t in enumerate([7, 1, 8])
+            ]
+    for a, b in zip(steps["torch"], steps["triton"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 @interp
 def test_int8_head_logits_close_to_float_head():
     from bitnet158.runtime.fast import FastModel
@@ -373,6 +433,18 @@ def test_gpu_quantize_and_head_exact():
     wq, ws = kernels.quantize_head(w)
     ref = (q.double() @ wq.double().T).float() * ws / sr
     assert torch.equal(kernels.head_int8(x, wq, ws), ref)
+
+
+
+@gpu
+@needs_cuda
+def test_gpu_decode_attention_bf16():
+    # on the GPU the casts round to nearest even like torch: the cache gets the same bf16 bytes
+    case = _attention_case(torch.bfloat16, 20, 5, 128, 300, 257)
+    want, k2, v2 = _attention_ref(*case, 20, 5, 128)
+    got = kernels.decode_attention(*case, 20, 5, 128)
+    assert torch.equal(case[4], k2) and torch.equal(case[5], v2)
+    torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=1e-2)
 
 
 @gpu
