@@ -112,6 +112,20 @@ def int_dot_packed(q: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     )  # [M, N]; contiguous keeps the later kernels (and their float order) as on the other paths
 
 
+def reference_bitlinear(
+    x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, k: int, unpacked: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The reference arithmetic: x2 [M, K] → [M, N] in x2's dtype. ``unpacked``: t [N, K] kept resident, else the
+    2-bit planes on the CPU (``int_dot_packed``) or an unpack on the device at every call."""
+    q, s = quantize_activations(x2)  # [M, K] int8, [M, 1] f32
+    if unpacked is None and packed.device.type == "cpu":
+        acc = int_dot_packed(q, packed)
+    else:
+        t = unpacked if unpacked is not None else unpack_t2(packed, k, dtype=_unpack_dtype(packed.device))
+        acc = int_dot(q, t)
+    return (acc * scale / s).to(x2.dtype)  # [M, N]
+
+
 class BitLinear(nn.Module):
     """Ternary linear layer on packed t2 weights; see the module docstring for the math and the backends."""
 
@@ -158,12 +172,7 @@ class BitLinear(nn.Module):
         if fast is not None:
             y = fast(x2, self.packed, self.scale, self.in_features)
         else:
-            q, s = quantize_activations(x2)  # [M, K] int8, [M, 1] f32
-            if self._unpacked is None and self.packed.device.type == "cpu":
-                acc = int_dot_packed(q, self.packed)
-            else:
-                acc = int_dot(q, self.unpacked())
-            y = (acc * self.scale / s).to(x.dtype)  # [M, N]
+            y = reference_bitlinear(x2, self.packed, self.scale, self.in_features, self._unpacked)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:

@@ -51,7 +51,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from bitnet158.runtime.bitlinear import int_dot_packed, quantize_activations
+from bitnet158.runtime.bitlinear import reference_bitlinear
 from bitnet158.runtime.model import attend
 
 log = logging.getLogger(__name__)
@@ -178,5 +178,4 @@ def bitlinear_cpu(x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, k
         else:
             _vec_state["ok"] = True
             return y
-    q, s = quantize_activations(x2)
-    return (int_dot_packed(q, packed) * scale / s).to(x2.dtype)
+    return reference_bitlinear(x2, packed, scale, k)

@@ -95,13 +95,10 @@ class FastModel:
             a, m = layer.attn, layer.mlp
             self.qkv.append(fuse_bitlinears([a.q_proj, a.k_proj, a.v_proj]))
             self.gate_up.append(fuse_bitlinears([m.gate_proj, m.up_proj]))
-        self.set_backend(backend)
         self._cpu_compiled = False  # runtime/cpu.py's functions ran once (compiled) on this model
         self._cpu_weights: list | None = None  # per layer cpu.LayerWeights, made at the first CPU step
-        self.cpu_head: torch.Tensor | None = None  # the head's weights for runtime/cpu.py (bf16 when lossless)
-        if backend == "cpu":
-            hb = net.head.to(torch.bfloat16)
-            self.cpu_head = hb if torch.equal(hb.to(net.head.dtype), net.head) else net.head
+        self.cpu_head: torch.Tensor | None = None  # the head's weights for runtime/cpu.py, while on backend "cpu"
+        self.set_backend(backend)
         self.head = "bf16"
         self.head_q: torch.Tensor | None = None  # int8 [V, ceil(D/4)·4], made on the first set_head("int8")
         self.head_scale: torch.Tensor | None = None  # f32 [V]
@@ -125,9 +122,13 @@ class FastModel:
         """Route every BitLinear of the network and the fused ones through ``backend``."""
         if backend == "triton_op":
             _register_op_backend()
+        get_backend(backend)
         if backend != "cpu":
             self.cpu_head = None
-        get_backend(backend)
+        elif self.cpu_head is None:
+            # a bf16 copy when it is lossless (a bf16 file's embedding upcast): half the bytes, the same products
+            hb = self.net.head.to(torch.bfloat16)
+            self.cpu_head = hb if torch.equal(hb.to(self.net.head.dtype), self.net.head) else self.net.head
         self.backend = backend
         # the Triton norm / activation kernels go with the eager Triton backend; torch.compile ("triton_op")
         # fuses those ops itself, and the reference backend keeps the model's own torch ops
