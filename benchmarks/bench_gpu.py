@@ -7,8 +7,8 @@
 
 What it does, in order (each step logs one line; a short table comes last):
 1. the GPU and its device-to-device copy bandwidth (bytes read + written);
-2. a per-matrix microbenchmark of the 2B-4T shapes (which also autotunes the decode kernels): our W2A8 GEMV vs
-   bf16 F.linear vs unpack + F.linear, over rotating weight copies larger than L2, replayed from a CUDA graph,
+2. a per-matrix microbenchmark of the 2B-4T shapes (which also autotunes the decode kernels): our W2A8 GEMV, the
+   packed GEMV (activations packed once: gemv="packed") and its pack_act launch vs bf16 F.linear vs unpack + F.linear, over rotating weight copies larger than L2, replayed from a CUDA graph,
    with achieved GB/s; and the int8 head GEMV vs the bf16 head;
 3. the random model: random t2 bytes, per-tensor scales and a random bf16 tied embedding written with
    formats.PackedWriter into a temp dir, then loaded with ``bitnet158.runtime.load`` (load time, resident
@@ -16,8 +16,10 @@ What it does, in order (each step logs one line; a short table comes last):
 4. correctness: fast-path logits against the reference path, greedy tokens of the CUDA-graph decoder against the
    runtime's own generate loop: PASS / FAIL; then what the int8 head does to the logits (and, for a real
    ``--file``, to the perplexity of a built-in paragraph);
-5. decode tok/s at batch 1 (median of runs of ``--tokens``, after a 512-token prompt) for every variant:
-   reference eager, triton eager (runtime loop; fused), triton + CUDA graph (greedy; sampled), + int8 head;
+5. decode tok/s at batch 1 (median of runs of ``--tokens``, after a 512-token prompt) for every variant: the
+   CUDA-graph step with each attention / GEMV variant of FastModel (GRAPH_VARIANTS: each first checked to give the
+   default's greedy tokens) and the int8 head, sampled decoding, then the eager baselines over ``--slow-tokens``
+   (reference; triton runtime loop; triton fused);
    prefill tok/s for 512 tokens, the time to first token, peak GPU memory;
 6. with ``--hf``: transformers' BitNetForCausalLM on the same weights (an HF packed checkpoint written here,
    autobitlinear offline), in a subprocess with TORCHDYNAMO_DISABLE=1, decode over ``--hf-tokens`` tokens;
@@ -280,6 +282,28 @@ def int8_head_effect(fast, prompt: list[int], text_ids: list[int] | None) -> Non
 
 
 # --- variants -------------------------------------------------------------------------------------------------
+# the CUDA-graph decode variants of FastModel: (attention, gemv, pdl, head); the first is the default
+GRAPH_VARIANTS = [
+    ("torch", "plain", False, "bf16"), ("triton", "plain", False, "bf16"), ("split", "plain", False, "bf16"),
+    ("triton", "packed", False, "bf16"), ("split", "packed", True, "bf16"), ("triton", "fused", False, "bf16"),
+    ("split", "fused", True, "bf16"), ("triton", "packed", True, "bf16"), ("triton", "fused", True, "bf16"),
+    ("split", "packed", True, "int8"), ("split", "fused", True, "int8"), ("torch", "plain", False, "int8"),
+]  # fmt: skip
+
+
+def variant_name(attention: str, gemv: str, pdl: bool, head: str) -> str:
+    parts = ["triton + CUDA graph"]
+    if attention != "torch":
+        parts.append("attention kernel" + (" (split)" if attention == "split" else ""))
+    if gemv != "plain":
+        parts.append(f"{gemv} GEMVs")
+    if pdl:
+        parts.append("PDL")
+    if head == "int8":
+        parts.append("int8 head")
+    return " + ".join(parts)
+
+
 def run_variants(fast, prompt: list[int], args) -> None:
     from bitnet158.runtime.fast import GraphDecoder
     from bitnet158.runtime.generate import generate_tokens
@@ -290,15 +314,16 @@ def run_variants(fast, prompt: list[int], args) -> None:
     max_seq = len(prompt) + n
     graphs = DEV == "cuda"
     rows = RESULTS.setdefault("decode", {})
+    agree = RESULTS.setdefault("checks", {}).setdefault("greedy_equal_to_default", {})
     prompt_t = torch.tensor([prompt], device=DEV)
 
     def runtime_gen(k):
         list(generate_tokens(net, prompt, k, Sampler(SamplingParams())))
 
-    def measure(name, gen_fn, runs, head="bf16"):
+    def measure(name, gen_fn, runs, head="bf16", tokens=n):
         t0 = time.perf_counter()
         try:
-            r = decode_rate(gen_fn, n, runs)
+            r = decode_rate(gen_fn, tokens, runs)
         except Exception as e:  # noqa: BLE001 - report the failure of one variant and go on with the others
             say(f"decode {name}: FAILED {type(e).__name__}: {str(e)[:300]}")
             rows[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
@@ -312,38 +337,48 @@ def run_variants(fast, prompt: list[int], args) -> None:
     def fast_gen(dec, **kw):
         return lambda k: list(dec.generate(prompt, k, **kw))
 
+    def configure(attention, gemv, pdl, head):
+        fast.attention, fast.gemv, fast.pdl = attention, gemv, pdl
+        fast.set_head(head)
+
     with torch.inference_mode():
-        fast.set_backend("reference")
-        measure("reference eager", runtime_gen, args.slow_runs)
         fast.set_backend("triton")
-        measure("triton eager (runtime loop, unfused)", runtime_gen, args.slow_runs)
-        measure("triton eager fused", fast_gen(GraphDecoder(fast, max_seq, use_graph=False)), args.slow_runs)
-        if graphs:
-            torch.cuda.reset_peak_memory_stats()
-        dec = GraphDecoder(fast, max_seq, use_graph=graphs)
-        measure("triton + CUDA graph", fast_gen(dec), args.runs)
-        if graphs:
-            RESULTS["peak_mem_decode_bytes"] = torch.cuda.max_memory_allocated()
-        measure("triton + CUDA graph, sampled", fast_gen(dec, temperature=0.8, top_k=50, top_p=0.95, seed=0), args.runs)
-        del dec
-        # the one-kernel decode attention (opt-in): same greedy tokens as the torch attention, and its speed
-        fast.attention = "triton"
-        dec = GraphDecoder(fast, max_seq, use_graph=graphs)
-        n = min(32, args.tokens)
-        same = list(dec.generate(prompt, n)) == list(GraphDecoder(fast, max_seq, use_graph=False).generate(prompt, n))
-        fast.attention = "torch"
-        want = list(GraphDecoder(fast, max_seq, use_graph=graphs).generate(prompt, n))
-        fast.attention = "triton"
-        agree = list(dec.generate(prompt, n)) == want
-        say(f"triton attention kernel: graph = eager {same}, greedy {n} tokens = torch attention's {agree}")
-        RESULTS.setdefault("checks", {})["attention_kernel_greedy_equal"] = agree
-        measure("triton + CUDA graph + attention kernel", fast_gen(dec), args.runs)
-        fast.attention = "torch"
-        del dec
-        fast.set_head("int8")
-        RESULTS["resident_int8_head_bytes"] = fast.resident_bytes()
-        measure("triton + CUDA graph + int8 head", fast_gen(GraphDecoder(fast, max_seq, use_graph=graphs)), args.runs, head="int8")
-        fast.set_head("bf16")
+        # every graph variant first: the same greedy tokens as the default step (bf16 heads; the int8 head
+        # changes the logits, so its variants are only timed), then its speed
+        n_check = min(32, n)
+        want = None
+        for variant in GRAPH_VARIANTS:
+            name, head = variant_name(*variant), variant[-1]
+            configure(*variant)
+            try:
+                dec = GraphDecoder(fast, max_seq, use_graph=graphs)
+                if head == "bf16":
+                    got = list(dec.generate(prompt, n_check))
+                    want = want or got
+                    agree[name] = got == want
+                    say(f"check: {name}: greedy {n_check} tokens {'equal to' if got == want else 'DIFFER from'} the default's")
+            except Exception as e:  # noqa: BLE001
+                say(f"decode {name}: FAILED {type(e).__name__}: {str(e)[:300]}")
+                rows[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+                continue
+            if graphs and variant == GRAPH_VARIANTS[0]:
+                torch.cuda.reset_peak_memory_stats()
+            measure(name, fast_gen(dec), args.runs, head=head)
+            if graphs and variant == GRAPH_VARIANTS[0]:
+                RESULTS["peak_mem_decode_bytes"] = torch.cuda.max_memory_allocated()
+            if head == "int8":
+                RESULTS["resident_int8_head_bytes"] = fast.resident_bytes()
+            del dec
+        configure(*GRAPH_VARIANTS[0])
+        measure("triton + CUDA graph, sampled", fast_gen(GraphDecoder(fast, max_seq, use_graph=graphs), temperature=0.8,
+                top_k=50, top_p=0.95, seed=0), args.runs)  # fmt: skip
+        # the launch-bound eager baselines, over fewer tokens (their rate hardly depends on it)
+        slow = min(n, args.slow_tokens)
+        fast.set_backend("reference")
+        measure("reference eager", runtime_gen, args.slow_runs, tokens=slow)
+        fast.set_backend("triton")
+        measure("triton eager (runtime loop, unfused)", runtime_gen, args.slow_runs, tokens=slow)
+        measure("triton eager fused", fast_gen(GraphDecoder(fast, max_seq, use_graph=False)), args.slow_runs, tokens=slow)
 
         # prefill of the prompt (512 tokens by default): logits of the last position only
         pre = RESULTS.setdefault("prefill", {})
@@ -493,6 +528,12 @@ def microbench(shapes: list[tuple[str, int, int]]) -> None:
             kernels.bitlinear_gemv(xk, w, sc, k)  # autotune outside the graph
         t = graph_time([lambda w=w, xk=xk, sc=sc, k=k: kernels.bitlinear_gemv(xk, w, sc, k) for w in ws])
         row["gemv_us"], row["gemv_GBs"] = t * 1e6, n * kb / t / 1e9
+        # the lean loop on activations packed once (gemv="packed"), and the packing launch on its own
+        act = kernels.pack_act(xk, k)
+        kernels.bitlinear_gemv_packed(act, ws[0], sc, xk.dtype)
+        t = graph_time([lambda w=w, sc=sc: kernels.bitlinear_gemv_packed(act, w, sc, xk.dtype) for w in ws])
+        row["packed_us"], row["packed_GBs"] = t * 1e6, n * kb / t / 1e9
+        row["pack_act_us"] = graph_time([lambda xk=xk, k=k: kernels.pack_act(xk, k)] * 8) * 1e6
         del ws
         copies = max(2, math.ceil(256e6 / (n * k * 2)))
         wb = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
@@ -505,7 +546,8 @@ def microbench(shapes: list[tuple[str, int, int]]) -> None:
         row["unpack_us"] = t * 1e6
         row["speedup_vs_bf16"] = row["bf16_us"] / row["gemv_us"]
         rows.append(row)
-        say(f"micro {name} [{n}x{k}]: gemv {row['gemv_us']:.1f} us ({row['gemv_GBs']:.0f} GB/s of 2-bit weights), "
+        say(f"micro {name} [{n}x{k}]: gemv {row['gemv_us']:.1f} us ({row['gemv_GBs']:.0f} GB/s of 2-bit weights), packed gemv "
+            f"{row['packed_us']:.1f} us ({row['packed_GBs']:.0f} GB/s) + pack_act {row['pack_act_us']:.1f} us, "
             f"bf16 F.linear {row['bf16_us']:.1f} us ({row['bf16_GBs']:.0f} GB/s), unpack+F.linear {row['unpack_us']:.1f} us")
     # the head: int8 GEMV vs bf16 F.linear, one matrix larger than L2
     v, d = SHAPE_2B4T["vocab"], SHAPE_2B4T["hidden"]
@@ -602,24 +644,26 @@ def print_table() -> None:
         h = r["int8_head"]
         say(f"int8 head vs bf16 head: logits rel err {h['logits_rel_err']:.2e}, top-1 agree {h['top1_agreement']:.3f}"
             + (f", ppl {h['ppl_bf16']:.3f} → {h['ppl_int8']:.3f}" if "ppl_int8" in h else ""))
-    say(f"{'variant':<46}{'decode tok/s':>14}{'of roofline':>13}{'TTFT ms':>10}")
+    say(f"{'variant':<82}{'decode tok/s':>14}{'of roofline':>13}{'TTFT ms':>10}")
     for name, d in r.get("decode", {}).items():
         if "error" in d:
-            say(f"{name:<46}{'FAILED':>14}")
+            say(f"{name:<82}{'FAILED':>14}")
         else:
-            say(f"{name:<46}{d['tok_s']:>14.1f}{d['fraction_of_roofline']:>13.0%}{d['ttft_s'] * 1e3:>10.1f}")
+            say(f"{name:<82}{d['tok_s']:>14.1f}{d['fraction_of_roofline']:>13.0%}{d['ttft_s'] * 1e3:>10.1f}")
     if "transformers" in r and "tok_s" in r["transformers"]:
         t = r["transformers"]
-        say(f"{'transformers BitNetForCausalLM':<46}{t['tok_s']:>14.2f}{'':>13}{t['ttft_s'] * 1e3:>10.1f}")
+        say(f"{'transformers BitNetForCausalLM':<82}{t['tok_s']:>14.2f}{'':>13}{t['ttft_s'] * 1e3:>10.1f}")
     for name, p in r.get("prefill", {}).items():
         say(f"prefill {name}: {p['tok_s']:.0f} tok/s ({p['tokens']} tokens)")
     for name, err in r.get("failed_stages", {}).items():
         say(f"FAILED stage {name}: {err[:200]}")
     if r.get("micro"):
-        say(f"{'matrix':<14}{'N x K':>13}{'gemv us':>9}{'GB/s':>7}{'bf16 us':>9}{'GB/s':>7}{'unpack us':>11}{'x bf16':>8}")
+        say(f"{'matrix':<14}{'N x K':>13}{'gemv us':>9}{'GB/s':>7}{'packed us':>11}{'GB/s':>7}{'pack us':>9}{'bf16 us':>9}{'GB/s':>7}"
+            f"{'unpack us':>11}{'x bf16':>8}")
         for m in r["micro"]:
-            say(f"{m['matrix']:<14}{str(m['N']) + 'x' + str(m['K']):>13}{m['gemv_us']:>9.1f}{m['gemv_GBs']:>7.0f}{m['bf16_us']:>9.1f}"
-                f"{m['bf16_GBs']:>7.0f}{m['unpack_us']:>11.1f}{m['speedup_vs_bf16']:>8.2f}")
+            say(f"{m['matrix']:<14}{str(m['N']) + 'x' + str(m['K']):>13}{m['gemv_us']:>9.1f}{m['gemv_GBs']:>7.0f}{m['packed_us']:>11.1f}"
+                f"{m['packed_GBs']:>7.0f}{m['pack_act_us']:>9.1f}{m['bf16_us']:>9.1f}{m['bf16_GBs']:>7.0f}{m['unpack_us']:>11.1f}"
+                f"{m['speedup_vs_bf16']:>8.2f}")
     if "micro_head" in r:
         h = r["micro_head"]
         say(f"{'head':<14}{'128256x2560':>13}{h['int8_us']:>9.1f}{h['int8_GBs']:>7.0f}{h['bf16_us']:>9.1f}{h['bf16_GBs']:>7.0f}   (int8 head)")
@@ -632,6 +676,7 @@ def main() -> int:
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--slow-runs", type=int, default=2, help="runs of the eager (launch-bound, slow) variants")
+    ap.add_argument("--slow-tokens", type=int, default=48, help="decode tokens per run of the eager variants")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile + CUDA graph (last)")
     ap.add_argument("--budget-s", type=float, default=300, help="skip the compile variant past this much wall time")
     ap.add_argument("--hf", action="store_true", help="also time transformers on the random model's weights")

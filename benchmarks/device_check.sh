@@ -3,13 +3,15 @@
 #
 #   bash benchmarks/device_check.sh            # carry: .whl (the gguf wheel); logs and bench.json under $OUT
 #
-# Steps, each under its own timeout (about 6-7 minutes in all, at most 9.5; give the run timeout_s=600):
+# Steps, each under its own timeout (about 7 minutes in all, at most 9.5; give the run timeout_s=600):
 #   1. environment: GPU, driver, python, torch, triton, transformers              (-> $OUT/env.txt)
 #   2. carried wheels (.whl/*.whl, e.g. gguf) into /tmp/site; our package (no deps) into /tmp/site
 #   3. the GPU tests: pytest -m gpu tests/test_kernels.py (+ tests/test_runtime_gpu.py) (-> $OUT/pytest_gpu.log)
-#   4. the benchmark on a random 2B-4T-shaped model, with transformers and torch.compile
+#   4. the trained demo model (examples/tiny-bitnet, converted here): the correctness checks and every decode
+#      variant on a network whose logits have real margins                        (-> $OUT/bench_demo.log, .json)
+#   5. the benchmark on a random 2B-4T-shaped model, with transformers and torch.compile
 #                                                                                    (-> $OUT/bench.log, bench.json)
-# The benchmark prints PASS/FAIL of its correctness check and a short table last.
+# Each benchmark prints PASS/FAIL of its correctness check and a short table last.
 set -u -o pipefail
 OUT=${OUT:-/tmp/device_out}
 mkdir -p "$OUT"
@@ -41,15 +43,23 @@ python3 -c "import bitnet158.runtime.kernels as k, bitnet158.formats.packed; pri
 
 # 3. kernel tests on the GPU (the interpreter tests skip themselves where CUDA exists), then the runtime's
 # (the compile case is skipped here: the benchmark compiles the full-size model and checks it)
-timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py \
+timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py \
   --deselect "tests/test_kernels.py::test_gpu_graph_decoder_matches_eager[True]" 2>&1 | tee "$OUT/pytest_gpu.log" | tail -n 25
 echo "pytest -m gpu tests/test_kernels.py exit: ${PIPESTATUS[0]}" | tee -a "$OUT/pytest_gpu.log"
 if [ -f tests/test_runtime_gpu.py ]; then
-  timeout 60 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_runtime_gpu.py 2>&1 | tee -a "$OUT/pytest_gpu.log" | tail -n 10
+  timeout 45 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_runtime_gpu.py 2>&1 | tee -a "$OUT/pytest_gpu.log" | tail -n 10
   echo "pytest -m gpu tests/test_runtime_gpu.py exit: ${PIPESTATUS[0]}" | tee -a "$OUT/pytest_gpu.log"
 fi
 
-# 4. the benchmark; its table comes last in the output
-timeout -k 10 360 python3 benchmarks/bench_gpu.py --hf --compile --budget-s 300 --json "$OUT/bench.json" 2>&1 \
+# 4. the demo model: correctness with real logit margins, and every variant's greedy tokens against the default's
+python3 -c "import sys; from bitnet158.converter.cli import main; sys.argv[1:] = ['hf-to-packed', 'examples/tiny-bitnet', \
+  '-o', '/tmp/tiny.bin', '--force']; main()" > "$OUT/convert_demo.log" 2>&1 || echo "demo conversion failed" | tee -a "$OUT/env.txt"
+timeout -k 10 90 python3 benchmarks/bench_gpu.py --file /tmp/tiny.bin --no-micro --prompt-len 64 --tokens 128 --runs 1 \
+  --slow-runs 1 --slow-tokens 16 --json "$OUT/bench_demo.json" > "$OUT/bench_demo.log" 2>&1
+echo "demo bench exit: $?" | tee -a "$OUT/bench_demo.log"
+grep -E "^check:|CORRECTNESS|FAILED" "$OUT/bench_demo.log"
+
+# 5. the benchmark; its table comes last in the output
+timeout -k 10 330 python3 benchmarks/bench_gpu.py --hf --compile --budget-s 240 --json "$OUT/bench.json" 2>&1 \
   | tee "$OUT/bench.log"
 echo "bench exit: ${PIPESTATUS[0]}"

@@ -17,6 +17,20 @@ What it changes, and why:
 - **One attention kernel** (``attention="triton"``, opt-in until measured on a GPU): in the graph decode step
   (one token, batch 1, position on the device) rope, the KV-cache write and the attention over the filled
   positions run as ``kernels.decode_attention`` instead of about fifteen torch ops over the whole static cache.
+  ``attention="split"``: the same as flash-decoding, H × up to 16 programs over chunks of the cache and a
+  combine kernel, so that more than H multiprocessors read the cache.
+- **Decode GEMV variants** (``gemv=``, for up to ``GEMV_MAX_M`` rows; the non-default ones are opt-in until
+  measured on a GPU):
+  - "plain": norm kernels, then GEMVs that quantize their input inside the weight loop (ten launches a layer);
+  - "fused": the norms, the MLP's act(gate)·up and the residual adds inside the GEMV launches
+    (``kernels.bitlinear_gemv``'s ``norm`` / ``act`` / ``residual``): five launches a layer (norm+q/k/v,
+    attention, sub-norm+o+residual, norm+gate/up, act·up+sub-norm+down+residual), each GEMV program recomputing
+    its input's statistics from L2, at the price of more instructions per weight;
+  - "packed": ``kernels.pack_act`` (norm / act·up, quantization, packing: once per input) before each GEMV,
+    whose loop is then a shift, a mask and a dp4a per field (``kernels.bitlinear_gemv_packed``, residual adds in
+    its epilogue): nine launches a layer, the leanest weight loop (benchmarks/kernel_resources.py counts them).
+  ``pdl=True`` launches those kernels, the attention kernels and the int8 head with programmatic dependent
+  launch (sm_90+), so that each launch overlaps the end of the kernel before it.
 - **Fewer bytes per token.** Decode only computes the head for the last position; ``head="int8"`` replaces the
   bf16 head (56 % of the bytes of a 2B-4T token) by per-row int8 weights and the dp4a GEMV of kernels.py.
 - **No host work per token.** ``GraphDecoder`` captures one decode step (forward at a position tensor, sampling
@@ -47,7 +61,8 @@ from bitnet158.runtime.model import Transformer
 log = logging.getLogger(__name__)
 
 HEADS = ("bf16", "int8")
-ATTENTIONS = ("torch", "triton")
+ATTENTIONS = ("torch", "triton", "split")
+GEMVS = ("plain", "fused", "packed")
 
 
 class FastPathError(ValueError):
@@ -83,10 +98,18 @@ def _register_op_backend() -> None:
 class FastModel:
     """Decode/prefill forward over a loaded ``Transformer`` with fused projections and an optional int8 head."""
 
-    def __init__(self, net: Transformer, *, head: str = "bf16", backend: str = "triton", attention: str = "torch"):
+    def __init__(
+        self, net: Transformer, *, head: str = "bf16", backend: str = "triton", attention: str = "torch",
+        gemv: str = "plain", pdl: bool = False,
+    ):  # fmt: skip
         if attention not in ATTENTIONS:
             raise FastPathError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
-        self.attention = attention  # "triton": the graph decode step's attention as one kernel (kernels.py)
+        if gemv not in GEMVS:
+            raise FastPathError(f"gemv must be one of {GEMVS}, got {gemv!r}")
+        self.attention = attention  # "triton" / "split": the graph decode step's attention kernel(s) (kernels.py)
+        self.gemv = gemv  # the decode GEMV variant (the module docstring)
+        self.pdl = pdl  # programmatic dependent launch for the fused / packed / attention / int8 head kernels
+        self._fusable: list[bool] | None = None  # per layer: every matrix readable by the GEMV (made when needed)
         self.net = net
         self.config = net.config
         self.qkv: list[BitLinear] = []
@@ -158,17 +181,12 @@ class FastModel:
 
     def _layer(self, i: int, x: torch.Tensor, cos, sin, pos, mask) -> torch.Tensor:
         # x [B, T, D] → [B, T, D]; the operations of Block/Attention/MLP.forward with fused projections
+        if self._fused_gemv(i, x):
+            return self._fused_layer(i, x, cos, sin, pos, mask)
         layer = self.net.layers[i]
         a, m = layer.attn, layer.mlp
-        nq, nkv = a.n_heads * a.head_dim, a.n_kv * a.head_dim
         qkv = self.qkv[i](self._norm(layer.attn_norm, x))  # [B, T, Nq + 2·Nkv]
-        if self.attention == "triton" and not isinstance(pos, int) and qkv.shape[:2] == (1, 1):
-            from bitnet158.runtime.kernels import decode_attention
-
-            c = a.cache
-            y = decode_attention(qkv, cos, sin, pos, c.k, c.v, a.n_heads, a.n_kv, a.head_dim)  # [1, 1, Nq]
-        else:
-            y = a.attend(*qkv.split([nq, nkv, nkv], dim=-1), cos, sin, pos, mask)  # [B, T, Nq]
+        y = self._attend(i, qkv, cos, sin, pos, mask)  # [B, T, Nq]
         if a.sub_norm is not None:
             y = self._norm(a.sub_norm, y)
         h, n = self._norm(layer.mlp_norm, a.o_proj(y), residual=x)  # h = x + attn; n = mlp_norm(h)
@@ -186,6 +204,58 @@ class FastModel:
                 z = m.sub_norm(z)
         return h + m.down_proj(z)
 
+    def _attend(self, i: int, qkv: torch.Tensor, cos, sin, pos, mask) -> torch.Tensor:
+        # qkv [B, T, Nq + 2·Nkv] → attention output [B, T, Nq] (before the sub-norm), keys/values into the cache
+        a = self.net.layers[i].attn
+        if self.attention != "torch" and not isinstance(pos, int) and qkv.shape[:2] == (1, 1):
+            from bitnet158.runtime.kernels import decode_attention
+
+            c = a.cache
+            split = self.attention == "split"
+            return decode_attention(qkv, cos, sin, pos, c.k, c.v, a.n_heads, a.n_kv, a.head_dim, pdl=self.pdl, split=split)
+        nq, nkv = a.n_heads * a.head_dim, a.n_kv * a.head_dim
+        return a.attend(*qkv.split([nq, nkv, nkv], dim=-1), cos, sin, pos, mask)
+
+    def _fused_gemv(self, i: int, x: torch.Tensor) -> bool:
+        # gemv="fused" / "packed" apply to decode-sized inputs on the triton backend, for layers whose rows are
+        # whole int32 words
+        from bitnet158.runtime import kernels
+
+        if self.gemv == "plain" or self.backend != "triton" or x.shape[0] * x.shape[1] > kernels.GEMV_MAX_M:
+            return False
+        if self._fusable is None:
+            self._fusable = [
+                all(kernels.gemv_compatible(lin.packed) for lin in (self.qkv[j], layer.attn.o_proj, self.gate_up[j], layer.mlp.down_proj))
+                for j, layer in enumerate(self.net.layers)
+            ]  # fmt: skip
+            if not all(self._fusable):
+                log.info("gemv=%r: some layers' rows are not whole int32 words; those run the plain path", self.gemv)
+        return self._fusable[i]
+
+    def _fused_layer(self, i: int, x: torch.Tensor, cos, sin, pos, mask) -> torch.Tensor:
+        # the same layer with gemv="fused" (five launches) or "packed" (nine): x [B, T, D] with B·T ≤ GEMV_MAX_M
+        from bitnet158.runtime import kernels
+
+        def gemv(lin: BitLinear, inp: torch.Tensor, norm=None, act=None, residual=None) -> torch.Tensor:
+            # lin(norm?(act?(inp))) (+ residual), inp [B·T, K] (gate | up [B·T, 2K] with act)
+            w, eps = (norm.weight, norm.eps) if norm is not None else (None, 0.0)
+            if self.gemv == "packed":
+                a = kernels.pack_act(inp, lin.in_features, norm=w, eps=eps, act=act, pdl=self.pdl)
+                return kernels.bitlinear_gemv_packed(a, lin.packed, lin.scale, inp.dtype, residual=residual, pdl=self.pdl)
+            return kernels.bitlinear_gemv(inp, lin.packed, lin.scale, lin.in_features, norm=w, eps=eps, act=act,
+                                          residual=residual, pdl=self.pdl)  # fmt: skip
+
+        layer = self.net.layers[i]
+        a, m = layer.attn, layer.mlp
+        b, t, d = x.shape
+        x2 = x.reshape(b * t, d)
+        qkv = gemv(self.qkv[i], x2, layer.attn_norm)  # [B·T, Nq + 2·Nkv]
+        y = self._attend(i, qkv.view(b, t, -1), cos, sin, pos, mask)  # [B, T, Nq]
+        h = gemv(a.o_proj, y.reshape(b * t, -1), a.sub_norm, residual=x2)  # x + o_proj(sub_norm(y))
+        gu = gemv(self.gate_up[i], h, layer.mlp_norm)  # [B·T, 2·I]
+        out = gemv(m.down_proj, gu, m.sub_norm, act="relu2" if m.relu2 else "silu", residual=h)  # h + mlp
+        return out.view(b, t, d)
+
     def logits_last(self, tokens: torch.Tensor, start_pos: int | torch.Tensor) -> torch.Tensor:
         """fp32 logits [B, V] of the last position of tokens [B, T] run at positions start_pos..."""
         return self.logits(tokens, start_pos)[:, -1]
@@ -201,7 +271,14 @@ class FastModel:
         if self.backend == "cpu" and b == 1 and last_only and isinstance(start_pos, int):
             return self._cpu_logits(tokens, start_pos)
         x = self._hidden(tokens, start_pos)  # [B, T, D]
-        x = self.net.norm(x[:, -1:] if last_only else x)  # [B, T', D]: decode only needs the last position
+        x = x[:, -1:] if last_only else x  # [B, T', D]: decode only needs the last position
+        if self.head == "int8" and self.backend in ("triton", "triton_op"):
+            from bitnet158.runtime.kernels import head_int8_op
+
+            n = self.net.norm  # the final norm runs inside the head's kernel
+            logits = head_int8_op(x.reshape(-1, x.shape[-1]), self.head_q, self.head_scale, n.weight, n.eps, self.pdl)
+            return logits.view(b, x.shape[1], -1)
+        x = self._norm(self.net.norm, x)
         if self.head == "bf16":
             return F.linear(x, self.net.head).float()
         return self._int8_head(x.reshape(-1, x.shape[-1])).view(b, x.shape[1], -1)
@@ -280,12 +357,7 @@ class FastModel:
         )  # fmt: skip
 
     def _int8_head(self, x: torch.Tensor) -> torch.Tensor:
-        # x [B, D] → fp32 logits [B, V] through the int8 head
-        if x.is_cuda and self.backend != "reference":
-            from bitnet158.runtime.kernels import head_int8_op
-
-            return head_int8_op(x, self.head_q, self.head_scale)
-        # reference: the same arithmetic in torch (int64 dot on the CPU)
+        # normed x [B, D] → fp32 logits [B, V]: the int8 head's arithmetic in torch (int64 dot), off the fast path
         from bitnet158.runtime.bitlinear import quantize_activations
 
         q, s = quantize_activations(x)

@@ -32,12 +32,19 @@ same, and the GPU tests (``pytest -m gpu``) check the device versions against th
 
 from __future__ import annotations
 
+import functools
 import os
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
+
+try:  # programmatic dependent launch (sm_90+): in triton ≥ 3.4
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - older triton: pdl=True is refused by _use_pdl
+    gdc_launch_dependents = gdc_wait = None
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -80,15 +87,68 @@ def _dp4a(a, b, c, ON_GPU: tl.constexpr):
 
 
 @triton.jit
-def _row_scale(x_row_ptr, K, BLOCK: tl.constexpr):
-    # s = 127 · (1 / max(max|x|, 1e-5)) of one row of K floats, in fp32
+def _pdl_enter(PDL: tl.constexpr):
+    # Launched with programmatic dependent launch, a kernel may start while the previous one still runs (hiding
+    # the launch gap). It waits here, before any read of the previous kernels' outputs or any write, until that
+    # kernel has finished and its writes are visible, then lets the next kernel start launching: that one becomes
+    # resident only once every block of this grid is running, and waits the same way.
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+
+
+@triton.jit
+def _act_mul(g, u, RELU2: tl.constexpr, dt: tl.constexpr):
+    # act(gate) · up in fp32, each op rounded to the model dtype dt like MLP.forward's torch ops
+    if RELU2:
+        a = tl.maximum(g, 0.0)
+        a = (a * a).to(dt).to(tl.float32)  # torch.square(F.relu(g))
+    else:
+        a = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)  # SiLU (rounding may differ from torch's)
+    return (a * u).to(dt).to(tl.float32)
+
+
+@triton.jit
+def _norm_apply(v, rstd, w, dt: tl.constexpr):
+    # RMSNorm's last steps on fp32 values: w · (v · rstd).to(dt), rounded to dt, back in fp32
+    return (w * (v * rstd).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+
+
+@triton.jit
+def _gemv_input(x_row, nw_ptr, j, ok, K, rstd, ACT: tl.constexpr, NORM: tl.constexpr, RELU2: tl.constexpr):
+    # fp32 values at element indices j of a GEMV's input row: x, or with ACT (x_row = gate | up, 2K wide)
+    # act(gate)·up; then with NORM the RMSNorm (weight nw_ptr [K], 1/rms = rstd). Masked elements give 0.
+    dt = x_row.dtype.element_ty
+    if ACT:
+        g = tl.load(x_row + j, mask=ok, other=0.0).to(tl.float32)
+        u = tl.load(x_row + K + j, mask=ok, other=0.0).to(tl.float32)
+        v = _act_mul(g, u, RELU2, dt)
+    else:
+        v = tl.load(x_row + j, mask=ok, other=0.0).to(tl.float32)
+    if NORM:
+        v = _norm_apply(v, rstd, tl.load(nw_ptr + j, mask=ok, other=0.0).to(tl.float32), dt)
+    return v
+
+
+@triton.jit
+def _input_scale(x_row, nw_ptr, K, eps, ACT: tl.constexpr, NORM: tl.constexpr, RELU2: tl.constexpr, BLOCK: tl.constexpr):
+    # (s, rstd) of one input row of K values (_gemv_input): s = 127 · (1 / max(max|in|, 1e-5)) in fp32, and
+    # with NORM rstd = rsqrt(mean(v²) + eps) of the values before the norm. Every program of a GEMV recomputes
+    # them (the row is a few KB and sits in L2), so the norm costs no launch of its own.
+    rstd = 1.0
+    if NORM:
+        ss = tl.zeros((BLOCK,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK):
+            offs = k0 + tl.arange(0, BLOCK)
+            v = _gemv_input(x_row, nw_ptr, offs, offs < K, K, rstd, ACT, False, RELU2)
+            ss += v * v
+        rstd = tl.math.rsqrt(tl.sum(ss, axis=0) / K + eps)
     amax = tl.zeros((BLOCK,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK):
         offs = k0 + tl.arange(0, BLOCK)
-        xv = tl.load(x_row_ptr + offs, mask=offs < K, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(xv))
+        amax = tl.maximum(amax, tl.abs(_gemv_input(x_row, nw_ptr, offs, offs < K, K, rstd, ACT, NORM, RELU2)))
     m = tl.maximum(tl.max(amax, axis=0), 1e-5)
-    return tl.div_rn(1.0, m) * 127.0
+    return tl.div_rn(1.0, m) * 127.0, rstd
 
 
 @triton.jit
@@ -107,7 +167,7 @@ def _quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK: tl.conste
     # one program per row: x [M, K] float → q int8 [M, K], s f32 [M]
     m = tl.program_id(0)
     x_row = x_ptr + m.to(tl.int64) * stride_xm
-    s = _row_scale(x_row, K, BLOCK)
+    s, _ = _input_scale(x_row, x_row, K, 0.0, False, False, False, BLOCK)
     for k0 in range(0, K, BLOCK):
         offs = k0 + tl.arange(0, BLOCK)
         xv = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
@@ -117,17 +177,21 @@ def _quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK: tl.conste
 
 @triton.jit
 def _gemv_w2a8_kernel(
-    x_ptr, w_ptr, scale_ptr, y_ptr,
-    N, K, K16,
-    stride_xm, stride_wn, stride_ym,
+    x_ptr, nw_ptr, res_ptr, w_ptr, scale_ptr, y_ptr,
+    N, K, K16, eps,
+    stride_xm, stride_rm, stride_wn, stride_ym,
+    ACT: tl.constexpr, NORM: tl.constexpr, RELU2: tl.constexpr, HAS_RES: tl.constexpr,
     SCALE_PER_ROW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, ON_GPU: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):  # fmt: skip
-    # x [M, K] float; w: t2 bytes viewed as int32 words [N, K16] (word = 16 weights of a row); y [M, N]
-    # grid (cdiv(N, BLOCK_N), M)
+    # x [M, K] float (gate | up [M, 2K] with ACT); w: t2 bytes viewed as int32 words [N, K16] (word = 16 weights
+    # of a row); y [M, N] (= res + x·Wᵀ with HAS_RES); grid (cdiv(N, BLOCK_N), M)
+    _pdl_enter(PDL)
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
+    dt = x_ptr.dtype.element_ty
     x_row = x_ptr + m.to(tl.int64) * stride_xm
-    s = _row_scale(x_row, K, BLOCK_W * 16)
+    s, rstd = _input_scale(x_row, nw_ptr, K, eps, ACT, NORM, RELU2, BLOCK_W * 16)
 
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
@@ -142,7 +206,7 @@ def _gemv_w2a8_kernel(
         for k in tl.static_range(4):
             # activation word for field k: byte i = q[16·col + 4i + k], the weights that field k holds
             j = cols[:, None] * 16 + lane[None, :] * 4 + k  # [BLOCK_W, 4]
-            xv = tl.load(x_row + j, mask=j < K, other=0.0).to(tl.float32)
+            xv = _gemv_input(x_row, nw_ptr, j, j < K, K, rstd, ACT, NORM, RELU2)
             q = _quant(xv, s, ON_GPU)  # masked positions give q = 0, so padding codes never count
             xw = tl.sum((q & 0xFF) << (lane[None, :] * 8), axis=1)  # [BLOCK_W] packed int8×4
             qsum = _dp4a(ones, xw, qsum, ON_GPU)
@@ -154,7 +218,78 @@ def _gemv_w2a8_kernel(
     else:
         sc = tl.load(scale_ptr)
     y = tl.div_rn(dot.to(tl.float32) * sc, s)
+    if HAS_RES:  # the block's residual add: both terms in the model dtype, the sum rounded to it
+        r = tl.load(res_ptr + m.to(tl.int64) * stride_rm + rows, mask=row_ok, other=0.0).to(tl.float32)
+        y = r + y.to(dt).to(tl.float32)
     tl.store(y_ptr + m.to(tl.int64) * stride_ym + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit
+def _pack_act_kernel(
+    x_ptr, nw_ptr, xq_ptr, s_ptr, qs_ptr,
+    K, K16, eps, stride_xm, stride_xq,
+    ACT: tl.constexpr, NORM: tl.constexpr, RELU2: tl.constexpr, BLOCK_C: tl.constexpr, ON_GPU: tl.constexpr,
+    PDL: tl.constexpr = False,
+):  # fmt: skip
+    # one program per row: a GEMV input (x, norm(x), or [norm](act(gate)·up), _gemv_input) quantized once and
+    # packed the way the dp4a loop reads it: xq [M, 4, K16] int32, word (k, c) holds q[16c + 4i + k] in byte i;
+    # s f32 [M] (the row's scale); qs int32 [M] = Σ q (the t = code − 1 correction)
+    _pdl_enter(PDL)
+    m = tl.program_id(0)
+    x_row = x_ptr + m.to(tl.int64) * stride_xm
+    xq_row = xq_ptr + m.to(tl.int64) * stride_xq
+    s, rstd = _input_scale(x_row, nw_ptr, K, eps, ACT, NORM, RELU2, BLOCK_C * 16)
+    i = tl.arange(0, 4)  # byte lane
+    k = tl.arange(0, 4)  # 2-bit field
+    qsum = tl.zeros((BLOCK_C, 4), dtype=tl.int32)
+    for c0 in range(0, K16, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        j = cols[:, None, None] * 16 + i[None, :, None] * 4 + k[None, None, :]  # [C, i, k] element indices
+        q = _quant(_gemv_input(x_row, nw_ptr, j, j < K, K, rstd, ACT, NORM, RELU2), s, ON_GPU)
+        words = tl.sum((q & 0xFF) << (i[None, :, None] * 8), axis=1)  # [C, k]
+        qsum += tl.sum(q, axis=1)
+        tl.store(xq_row + k[None, :] * K16 + cols[:, None], words, mask=(cols < K16)[:, None])
+    tl.store(s_ptr + m, s)
+    tl.store(qs_ptr + m, tl.sum(tl.sum(qsum, axis=1), axis=0))
+
+
+@triton.jit
+def _gemv_packed_kernel(
+    xq_ptr, s_ptr, qs_ptr, w_ptr, scale_ptr, res_ptr, y_ptr,
+    N, K16, stride_xq, stride_wn, stride_rm, stride_ym,
+    HAS_RES: tl.constexpr, SCALE_PER_ROW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+    ON_GPU: tl.constexpr, PDL: tl.constexpr = False,
+):  # fmt: skip
+    # _gemv_w2a8_kernel's loop on activations _pack_act_kernel prepared: per weight word one shift, one mask
+    # and one dp4a per 2-bit field, nothing else (about 0.9 SASS instructions a weight at BLOCK_N 16, against
+    # about 2 with the quantization in the loop: benchmarks/kernel_resources.py). y [M, N] (+ res)
+    _pdl_enter(PDL)
+    pid_n = tl.program_id(0)
+    m = tl.program_id(1)
+    xq_row = xq_ptr + m.to(tl.int64) * stride_xq
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn  # [BLOCK_N, 1]
+    acc = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.int32)  # Σ c·q per (row, word column)
+    for w0 in range(0, K16, BLOCK_W):
+        cols = w0 + tl.arange(0, BLOCK_W)
+        col_ok = cols < K16
+        wt = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0)
+        for k in tl.static_range(4):
+            xw = tl.load(xq_row + k * K16 + cols, mask=col_ok, other=0)  # [BLOCK_W] activations of field k
+            codes = (wt >> (2 * k)) & 0x03030303
+            acc = _dp4a(codes, tl.broadcast_to(xw[None, :], (BLOCK_N, BLOCK_W)), acc, ON_GPU)
+    dot = tl.sum(acc, axis=1) - tl.load(qs_ptr + m)  # [BLOCK_N] Σ t·q, exact
+    if SCALE_PER_ROW:
+        sc = tl.load(scale_ptr + rows, mask=row_ok, other=1.0)
+    else:
+        sc = tl.load(scale_ptr)
+    y = tl.div_rn(dot.to(tl.float32) * sc, tl.load(s_ptr + m))
+    dt = y_ptr.dtype.element_ty
+    if HAS_RES:
+        r = tl.load(res_ptr + m.to(tl.int64) * stride_rm + rows, mask=row_ok, other=0.0).to(tl.float32)
+        y = r + y.to(dt).to(tl.float32)
+    tl.store(y_ptr + m.to(tl.int64) * stride_ym + rows, y.to(dt), mask=row_ok)
 
 
 @triton.jit
@@ -209,16 +344,18 @@ def _mm_w2a8_kernel(
 
 @triton.jit
 def _gemv_w8a8_kernel(
-    x_ptr, w_ptr, scale_ptr, y_ptr,
-    N, K, K4,
+    x_ptr, nw_ptr, w_ptr, scale_ptr, y_ptr,
+    N, K, K4, eps,
     stride_xm, stride_wn, stride_ym,
-    BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, ON_GPU: tl.constexpr,
+    NORM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, ON_GPU: tl.constexpr, PDL: tl.constexpr = False,
 ):  # fmt: skip
-    # x [M, K] float; w int8 weights viewed as int32 words [N, K4] (4 weights each); scale f32 [N]; y f32 [M, N]
+    # x [M, K] float (the final RMSNorm applied here with NORM); w int8 weights viewed as int32 words [N, K4]
+    # (4 weights each); scale f32 [N]; y f32 [M, N]
+    _pdl_enter(PDL)
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
     x_row = x_ptr + m.to(tl.int64) * stride_xm
-    s = _row_scale(x_row, K, BLOCK_W * 4)
+    s, rstd = _input_scale(x_row, nw_ptr, K, eps, False, NORM, False, BLOCK_W * 4)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
@@ -228,7 +365,7 @@ def _gemv_w8a8_kernel(
         cols = w0 + tl.arange(0, BLOCK_W)
         wt = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & (cols < K4)[None, :], other=0)
         j = cols[:, None] * 4 + lane[None, :]  # natural order: byte i of word col is element 4·col + i
-        xv = tl.load(x_row + j, mask=j < K, other=0.0).to(tl.float32)
+        xv = _gemv_input(x_row, nw_ptr, j, j < K, K, rstd, False, NORM, False)
         xw = tl.sum((_quant(xv, s, ON_GPU) & 0xFF) << (lane[None, :] * 8), axis=1)
         acc = _dp4a(wt, tl.broadcast_to(xw[None, :], (BLOCK_N, BLOCK_W)), acc, ON_GPU)
     dot = tl.sum(acc, axis=1)
@@ -254,9 +391,9 @@ def _rmsnorm_kernel(
         r = tl.load(res_ptr + row * stride_res + offs, mask=ok, other=0.0).to(tl.float32)
         x = (x + r).to(dt).to(tl.float32)  # the residual add rounds to the model dtype
         tl.store(h_ptr + row * stride_h + offs, x.to(dt), mask=ok)
-    n = (x * tl.math.rsqrt(tl.sum(x * x, axis=0) / D + eps)).to(dt).to(tl.float32)
     w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    tl.store(y_ptr + row * stride_y + offs, (w * n).to(dt), mask=ok)
+    y = _norm_apply(x, tl.math.rsqrt(tl.sum(x * x, axis=0) / D + eps), w, dt)
+    tl.store(y_ptr + row * stride_y + offs, y.to(dt), mask=ok)
 
 
 @triton.jit
@@ -271,15 +408,10 @@ def _act_mul_norm_kernel(
     dt = y_ptr.dtype.element_ty
     g = tl.load(gu_ptr + row * stride_gu + offs, mask=ok, other=0.0).to(tl.float32)
     u = tl.load(gu_ptr + row * stride_gu + I + offs, mask=ok, other=0.0).to(tl.float32)
-    if RELU2:
-        a = tl.maximum(g, 0.0)
-        a = (a * a).to(dt).to(tl.float32)  # torch.square(F.relu(g)) in the model dtype
-    else:
-        a = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)  # SiLU (rounding may differ from torch's)
-    z = (a * u).to(dt).to(tl.float32)
+    z = _act_mul(g, u, RELU2, dt)
     if HAS_NORM:
-        z = (z * tl.math.rsqrt(tl.sum(z * z, axis=0) / I + eps)).to(dt).to(tl.float32)
-        z = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32) * z
+        w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        z = _norm_apply(z, tl.math.rsqrt(tl.sum(z * z, axis=0) / I + eps), w, dt)
     tl.store(y_ptr + row * stride_y + offs, z.to(dt), mask=ok)
 
 
@@ -294,16 +426,22 @@ def _rope_half(lo, hi, c_lo, c_hi, s_lo, s_hi, dt: tl.constexpr):
 
 @triton.jit
 def _decode_attention_kernel(
-    qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, y_ptr,
-    NQ, NKV, stride_kh, stride_ks, scale,
-    GROUP: tl.constexpr, DH: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
+    qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, y_ptr, pm_ptr, pl_ptr, pacc_ptr,
+    NQ, NKV, stride_kh, stride_ks, scale, CHUNK, S,
+    GROUP: tl.constexpr, DH: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):  # fmt: skip
-    # one program per query head h (kv head h // GROUP), batch 1, one new token at position pos (read from the
-    # device, so a CUDA graph replays it): rope of q and k, the k/v write into the cache (by the group's first
-    # head), then softmax(q·kᵀ · scale) · v over keys 0..pos with an online softmax in fp32.
+    # program (h, s): query head h (kv head h // GROUP), batch 1, one new token at position pos (read from the
+    # device, so a CUDA graph replays it), keys s·CHUNK .. min((s+1)·CHUNK, pos) − 1 of the cache: rope of q and
+    # k, the k/v write into the cache (split 0 of the group's first head), then softmax(q·kᵀ · scale) · v with
+    # an online softmax in fp32. Split 0 also counts the new token itself, from registers. SPLIT: the partial
+    # (max m, sum l, Σ p·v [DH]) goes to pm/pl/pacc [H, S(, DH)] for _attention_combine_kernel (flash-decoding:
+    # H·S programs instead of H share the cache reads); else one split covers every key and y is written here.
+    _pdl_enter(PDL)
     h = tl.program_id(0)
+    s = tl.program_id(1)
     kvh = h // GROUP
-    dt = y_ptr.dtype.element_ty
+    dt = qkv_ptr.dtype.element_ty
     pos = tl.load(pos_ptr)
     offs = tl.arange(0, HALF)
     ok = offs < DH // 2
@@ -324,20 +462,23 @@ def _decode_attention_kernel(
     vn_hi = tl.load(v_base + half + offs, mask=ok, other=0.0).to(tl.float32)
     cache_k = k_ptr + kvh.to(tl.int64) * stride_kh
     cache_v = v_ptr + kvh.to(tl.int64) * stride_kh
-    if h % GROUP == 0:
+    first = s == 0
+    if (h % GROUP == 0) & first:
         slot = pos.to(tl.int64) * stride_ks
         tl.store(cache_k + slot + offs, kn_lo.to(dt), mask=ok)
         tl.store(cache_k + slot + half + offs, kn_hi.to(dt), mask=ok)
         tl.store(cache_v + slot + offs, vn_lo.to(dt), mask=ok)
         tl.store(cache_v + slot + half + offs, vn_hi.to(dt), mask=ok)
-    # the new token's own score starts the running max (every other program uses it from registers, not the cache)
-    m = tl.sum(q_lo * kn_lo + q_hi * kn_hi, axis=0) * scale
-    l = m * 0.0 + 1.0
-    acc_lo = vn_lo
-    acc_hi = vn_hi
-    for start in range(0, pos, BLOCK_N):  # keys 0..pos-1 from the cache
+    # split 0 starts from the new token's own score; the others from nothing (m = −inf, l = 0)
+    m = tl.where(first, tl.sum(q_lo * kn_lo + q_hi * kn_hi, axis=0) * scale, float("-inf"))
+    l = tl.where(first, 1.0, 0.0)
+    acc_lo = tl.where(first, vn_lo, 0.0)
+    acc_hi = tl.where(first, vn_hi, 0.0)
+    lo = s * CHUNK
+    hi = tl.minimum(lo + CHUNK, pos)
+    for start in range(lo, hi, BLOCK_N):  # cached keys of this split (every block has a live key: no NaN)
         rows = start + tl.arange(0, BLOCK_N)
-        live = rows < pos
+        live = rows < hi
         at = rows.to(tl.int64)[:, None] * stride_ks + offs[None, :]
         both = live[:, None] & ok[None, :]
         kb_lo = tl.load(cache_k + at, mask=both, other=0.0).to(tl.float32)
@@ -353,8 +494,35 @@ def _decode_attention_kernel(
         acc_lo = acc_lo * alpha + tl.sum(p[:, None] * vb_lo, axis=0)
         acc_hi = acc_hi * alpha + tl.sum(p[:, None] * vb_hi, axis=0)
         m = m_new
-    tl.store(y_ptr + h * DH + offs, (acc_lo / l).to(dt), mask=ok)
-    tl.store(y_ptr + h * DH + half + offs, (acc_hi / l).to(dt), mask=ok)
+    if SPLIT:
+        part = h * S + s
+        tl.store(pm_ptr + part, m)
+        tl.store(pl_ptr + part, l)
+        tl.store(pacc_ptr + part.to(tl.int64) * DH + offs, acc_lo, mask=ok)
+        tl.store(pacc_ptr + part.to(tl.int64) * DH + half + offs, acc_hi, mask=ok)
+    else:
+        tl.store(y_ptr + h * DH + offs, (acc_lo / l).to(dt), mask=ok)
+        tl.store(y_ptr + h * DH + half + offs, (acc_hi / l).to(dt), mask=ok)
+
+
+@triton.jit
+def _attention_combine_kernel(
+    pm_ptr, pl_ptr, pacc_ptr, y_ptr, S,
+    DH: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False,
+):  # fmt: skip
+    # one program per query head: y = Σ_s e^(m_s − M) · acc_s / Σ_s e^(m_s − M) · l_s over the S partials
+    _pdl_enter(PDL)
+    h = tl.program_id(0)
+    ss = tl.arange(0, BLOCK_S)
+    s_ok = ss < S
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < DH
+    m = tl.load(pm_ptr + h * S + ss, mask=s_ok, other=float("-inf"))
+    l = tl.load(pl_ptr + h * S + ss, mask=s_ok, other=0.0)
+    w = tl.exp(m - tl.max(m, axis=0))  # empty splits (m = −inf) weigh 0; split 0 is never empty
+    acc = tl.load(pacc_ptr + (h * S + ss).to(tl.int64)[:, None] * DH + d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+    y = tl.sum(w[:, None] * acc, axis=0) / tl.sum(w * l, axis=0)
+    tl.store(y_ptr + h * DH + d, y.to(y_ptr.dtype.element_ty), mask=d_ok)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -367,16 +535,22 @@ def _decode_attention_kernel(
 _GEMV_CONFIGS = [  # BLOCK_N rows, BLOCK_W int32 words, warps
     (4, 64, 2), (4, 128, 4), (8, 64, 4), (8, 128, 4), (16, 64, 4), (16, 128, 4), (16, 128, 8), (32, 64, 4), (32, 128, 8)
 ]  # fmt: skip
+_PACKED_EXTRA = [(64, 64, 4), (64, 128, 8), (16, 32, 4), (32, 32, 4), (8, 32, 2)]  # the lean loop affords taller tiles (fewer, fuller programs)
 _MM_CONFIGS = [(128, 128, 128, 8, 3), (128, 64, 128, 4, 4), (64, 128, 128, 4, 4), (64, 64, 128, 4, 4), (128, 256, 64, 8, 3)]
 _INTERP_GEMV = (16, 16, 1)  # BLOCK_N, BLOCK_W, warps
 _INTERP_MM = (16, 32, 64, 1, 1)  # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages
 
 
 _gemv_w2a8_tuned = triton.autotune(
-    configs=[triton.Config({"BLOCK_N": bn, "BLOCK_W": bw}, num_warps=w) for bn, bw, w in _GEMV_CONFIGS], key=["N", "K16"]
+    configs=[triton.Config({"BLOCK_N": bn, "BLOCK_W": bw}, num_warps=w) for bn, bw, w in _GEMV_CONFIGS],
+    key=["N", "K16", "ACT", "NORM", "HAS_RES"],  # the fused prologues change the best tile
 )(_gemv_w2a8_kernel)
+_gemv_packed_tuned = triton.autotune(
+    configs=[triton.Config({"BLOCK_N": bn, "BLOCK_W": bw}, num_warps=w) for bn, bw, w in _GEMV_CONFIGS + _PACKED_EXTRA],
+    key=["N", "K16", "HAS_RES"],
+)(_gemv_packed_kernel)
 _gemv_w8a8_tuned = triton.autotune(
-    configs=[triton.Config({"BLOCK_N": bn, "BLOCK_W": bw}, num_warps=w) for bn, bw, w in _GEMV_CONFIGS], key=["N", "K4"]
+    configs=[triton.Config({"BLOCK_N": bn, "BLOCK_W": bw}, num_warps=w) for bn, bw, w in _GEMV_CONFIGS], key=["N", "K4", "NORM"]
 )(_gemv_w8a8_kernel)
 _mm_w2a8_tuned = triton.autotune(
     configs=[
@@ -410,6 +584,17 @@ def _check_weight(packed: torch.Tensor, scale: torch.Tensor, K: int, x: torch.Te
         raise KernelShapeError(f"{what}: x, packed and scale must be on one device, got {x.device}, {packed.device}, {scale.device}")
 
 
+def _use_pdl(t: torch.Tensor, pdl: bool) -> bool:
+    # programmatic dependent launch where asked for and available (a CUDA sm_90+ device, triton with gdc_*); an
+    # optimization only, so elsewhere the kernel launches normally
+    return pdl and not _INTERPRET and gdc_wait is not None and t.is_cuda and _sm90(t.device.index)
+
+
+@functools.cache
+def _sm90(index: int | None) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
 def gemv_compatible(packed: torch.Tensor) -> bool:
     """True when the t2 rows can be read as int32 words: row bytes a multiple of 4 and a 4-byte aligned base."""
     return packed.shape[1] % 4 == 0 and packed.data_ptr() % 4 == 0 and packed.stride(0) % 4 == 0
@@ -430,33 +615,140 @@ def quantize_act(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def bitlinear_gemv(
-    x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, K: int, config: tuple[int, int, int] | None = None
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    K: int,
+    config: tuple[int, int, int] | None = None,
+    *,
+    norm: torch.Tensor | None = None,
+    eps: float = 0.0,
+    act: str | None = None,
+    residual: torch.Tensor | None = None,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """Decode W2A8 GEMV with fused activation quantization: x [M, K] float → y [M, N] in x's dtype.
 
     ``packed`` uint8 [N, ceil(K/4)] (t2), its row bytes a multiple of 4 (``gemv_compatible``); ``scale`` f32 [1]
     or [N]. ``config`` = (BLOCK_N, BLOCK_W words, num_warps) bypasses the autotuner (benchmarks, tests).
+
+    The decode step's other ops can run inside the same launch (FastModel(gemv="fused"): five launches a layer):
+    - ``act`` "relu2" | "silu": x is gate | up [M, 2K] and the GEMV's input is act(gate) · up;
+    - ``norm`` weight [K] (with ``eps``): the input is RMSNorm of x (or of act(gate) · up: the MLP sub-norm),
+      with runtime/model.py's rounding steps;
+    - ``residual`` [M, N]: returns residual + y, the block's residual add.
+
+    ``pdl``: launch with programmatic dependent launch (sm_90+; ignored elsewhere), so that the launch overlaps
+    the previous kernel's end; every kernel launched so in a sequence must be one of this module's.
     """
-    x = _check_x(x, K, "bitlinear_gemv")
+    if act not in (None, "relu2", "silu"):
+        raise KernelShapeError(f"bitlinear_gemv: act must be None, 'relu2' or 'silu', got {act!r}")
+    x = _check_x(x, 2 * K if act else K, "bitlinear_gemv")
     _check_weight(packed, scale, K, x, "bitlinear_gemv")
     if not gemv_compatible(packed):
         raise KernelShapeError(f"bitlinear_gemv: row bytes {packed.shape[1]} must be a multiple of 4 (use bitlinear_matmul)")
     m, n = x.shape[0], packed.shape[0]
+    if norm is not None and (norm.shape != (K,) or norm.device != x.device):
+        raise KernelShapeError(f"bitlinear_gemv: norm weight must be [{K}] on {x.device}, got {tuple(norm.shape)}")
+    if residual is not None:
+        if residual.shape != (m, n) or residual.dtype != x.dtype or residual.stride(1) != 1 or residual.device != x.device:
+            raise KernelShapeError(f"bitlinear_gemv: residual must be {x.dtype} [{m}, {n}] with unit stride, got "
+                                   f"{residual.dtype} {tuple(residual.shape)}")  # fmt: skip
     words = packed.view(torch.int32)  # [N, K16]: little-endian, weight 16w + k in bits 2k..2k+1 of word w
     k16 = words.shape[1]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return y
-    args = (x, words, scale, y, n, K, k16, x.stride(0), words.stride(0), y.stride(0))
-    per_row = scale.numel() != 1 or n == 1
+    res = residual if residual is not None else y
+    args = (x, norm if norm is not None else x, res, words, scale, y, n, K, k16, eps,
+            x.stride(0), res.stride(0), words.stride(0), y.stride(0))  # fmt: skip
+    use_pdl = _use_pdl(x, pdl)
+    flags = dict(ACT=act is not None, NORM=norm is not None, RELU2=act == "relu2", HAS_RES=residual is not None,
+                 SCALE_PER_ROW=scale.numel() != 1 or n == 1, PDL=use_pdl, launch_pdl=use_pdl)  # fmt: skip
     if config is None and not _INTERPRET:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m)
-        _gemv_w2a8_tuned[grid](*args, SCALE_PER_ROW=per_row, ON_GPU=True)
+        _gemv_w2a8_tuned[grid](*args, **flags, ON_GPU=True)
     else:
         bn, bw, warps = config or _INTERP_GEMV
         _gemv_w2a8_kernel[(triton.cdiv(n, bn), m)](
-            *args, SCALE_PER_ROW=per_row, BLOCK_N=bn, BLOCK_W=bw, ON_GPU=not _INTERPRET, num_warps=warps
+            *args, **flags, BLOCK_N=bn, BLOCK_W=bw, ON_GPU=not _INTERPRET, num_warps=warps
         )
+    return y
+
+
+class PackedAct(NamedTuple):
+    """A GEMV input quantized and packed once (``pack_act``): xq int32 [M, 4, K16], s f32 [M], qsum int32 [M]."""
+
+    xq: torch.Tensor
+    s: torch.Tensor
+    qsum: torch.Tensor
+    K: int
+
+
+def pack_act(
+    x: torch.Tensor,
+    K: int,
+    *,
+    norm: torch.Tensor | None = None,
+    eps: float = 0.0,
+    act: str | None = None,
+    pdl: bool = False,
+) -> PackedAct:
+    """Quantize a GEMV input once for ``bitlinear_gemv_packed``: x [M, K] float (gate | up [M, 2K] with
+    ``act``), with ``norm`` / ``act`` / ``pdl`` as in ``bitlinear_gemv``. One program per row (decode)."""
+    if act not in (None, "relu2", "silu"):
+        raise KernelShapeError(f"pack_act: act must be None, 'relu2' or 'silu', got {act!r}")
+    x = _check_x(x, 2 * K if act else K, "pack_act")
+    if norm is not None and (norm.shape != (K,) or norm.device != x.device):
+        raise KernelShapeError(f"pack_act: norm weight must be [{K}] on {x.device}, got {tuple(norm.shape)}")
+    m, k16 = x.shape[0], (K + 15) // 16
+    xq = torch.empty((m, 4, k16), dtype=torch.int32, device=x.device)
+    s = torch.empty((m,), dtype=torch.float32, device=x.device)
+    qsum = torch.empty((m,), dtype=torch.int32, device=x.device)
+    if m:
+        block_c = 16 if _INTERPRET else 128  # 16·BLOCK_C elements per step (the interpreter: as _INTERP_GEMV)
+        _pack_act_kernel[(m,)](
+            x, norm if norm is not None else x, xq, s, qsum, K, k16, eps, x.stride(0), xq.stride(0),
+            ACT=act is not None, NORM=norm is not None, RELU2=act == "relu2", BLOCK_C=block_c,
+            ON_GPU=not _INTERPRET, PDL=_use_pdl(x, pdl), launch_pdl=_use_pdl(x, pdl), num_warps=4,
+        )  # fmt: skip
+    return PackedAct(xq, s, qsum, K)
+
+
+def bitlinear_gemv_packed(
+    a: PackedAct,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    dtype: torch.dtype,
+    residual: torch.Tensor | None = None,
+    config: tuple[int, int, int] | None = None,
+    pdl: bool = False,
+) -> torch.Tensor:
+    """The decode GEMV on a ``pack_act`` input: → y [M, N] in ``dtype`` (residual + y with ``residual`` [M, N]),
+    equal to ``bitlinear_gemv`` on the same input. ``packed`` and ``pdl`` as for ``bitlinear_gemv``."""
+    m, k16 = a.xq.shape[0], a.xq.shape[2]
+    _check_weight(packed, scale, a.K, a.xq, "bitlinear_gemv_packed")
+    if not gemv_compatible(packed) or packed.shape[1] != 4 * k16:
+        raise KernelShapeError(f"bitlinear_gemv_packed: row bytes {packed.shape[1]} must be {4 * k16} (whole words)")
+    n = packed.shape[0]
+    if residual is not None:
+        if residual.shape != (m, n) or residual.dtype != dtype or residual.stride(1) != 1 or residual.device != a.xq.device:
+            raise KernelShapeError(f"bitlinear_gemv_packed: residual must be {dtype} [{m}, {n}] with unit stride, got "
+                                   f"{residual.dtype} {tuple(residual.shape)}")  # fmt: skip
+    words = packed.view(torch.int32)  # [N, K16]
+    y = torch.empty((m, n), dtype=dtype, device=a.xq.device)
+    if m == 0:
+        return y
+    res = residual if residual is not None else y
+    args = (a.xq, a.s, a.qsum, words, scale, res, y, n, k16, a.xq.stride(0), words.stride(0), res.stride(0), y.stride(0))
+    use_pdl = _use_pdl(a.xq, pdl)
+    flags = dict(HAS_RES=residual is not None, SCALE_PER_ROW=scale.numel() != 1 or n == 1, PDL=use_pdl, launch_pdl=use_pdl)
+    if config is None and not _INTERPRET:
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m)
+        _gemv_packed_tuned[grid](*args, **flags, ON_GPU=True)
+    else:
+        bn, bw, warps = config or _INTERP_GEMV
+        _gemv_packed_kernel[(triton.cdiv(n, bn), m)](*args, **flags, BLOCK_N=bn, BLOCK_W=bw, ON_GPU=not _INTERPRET, num_warps=warps)
     return y
 
 
@@ -533,8 +825,21 @@ def quantize_head(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return wq, scale
 
 
-def head_int8(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, config: tuple[int, int, int] | None = None) -> torch.Tensor:
-    """Logits of the int8 head: x [M, D] float (int8-quantized per row in the kernel) · wqᵀ · scale → f32 [M, V]."""
+def head_int8(
+    x: torch.Tensor,
+    wq: torch.Tensor,
+    scale: torch.Tensor,
+    config: tuple[int, int, int] | None = None,
+    *,
+    norm: torch.Tensor | None = None,
+    eps: float = 0.0,
+    pdl: bool = False,
+) -> torch.Tensor:
+    """Logits of the int8 head: x [M, D] float (int8-quantized per row in the kernel) · wqᵀ · scale → f32 [M, V].
+
+    ``norm`` weight [D] (with ``eps``): the model's final RMSNorm is applied to x inside the kernel. ``pdl`` as
+    for ``bitlinear_gemv``.
+    """
     if wq.dtype != torch.int8 or wq.dim() != 2 or wq.shape[1] % 4 or wq.stride(1) != 1:
         raise KernelShapeError(f"head_int8: wq must be int8 [V, D4] with D4 % 4 == 0, got {wq.dtype} {tuple(wq.shape)}")
     d = x.shape[-1] if x.dim() == 2 else -1
@@ -544,18 +849,25 @@ def head_int8(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, config: tu
     v = wq.shape[0]
     if scale.dtype != torch.float32 or tuple(scale.shape) != (v,):
         raise KernelShapeError(f"head_int8: scale must be f32 [{v}], got {scale.dtype} {tuple(scale.shape)}")
+    if norm is not None and (norm.shape != (d,) or norm.device != x.device):
+        raise KernelShapeError(f"head_int8: norm weight must be [{d}] on {x.device}, got {tuple(norm.shape)}")
     words = wq.view(torch.int32)  # [V, D4/4]
     m = x.shape[0]
     y = torch.empty((m, v), dtype=torch.float32, device=x.device)
     if m == 0:
         return y
-    args = (x, words, scale, y, v, d, words.shape[1], x.stride(0), words.stride(0), y.stride(0))
+    args = (x, norm if norm is not None else x, words, scale, y, v, d, words.shape[1], eps,
+            x.stride(0), words.stride(0), y.stride(0))  # fmt: skip
+    use_pdl = _use_pdl(x, pdl)
     if config is None and not _INTERPRET:
         grid = lambda meta: (triton.cdiv(v, meta["BLOCK_N"]), m)
-        _gemv_w8a8_tuned[grid](*args, ON_GPU=True)
+        _gemv_w8a8_tuned[grid](*args, NORM=norm is not None, ON_GPU=True, PDL=use_pdl, launch_pdl=use_pdl)
     else:
         bn, bw, warps = config or _INTERP_GEMV
-        _gemv_w8a8_kernel[(triton.cdiv(v, bn), m)](*args, BLOCK_N=bn, BLOCK_W=bw, ON_GPU=not _INTERPRET, num_warps=warps)
+        _gemv_w8a8_kernel[(triton.cdiv(v, bn), m)](
+            *args, NORM=norm is not None, BLOCK_N=bn, BLOCK_W=bw, ON_GPU=not _INTERPRET, num_warps=warps,
+            PDL=use_pdl, launch_pdl=use_pdl,
+        )  # fmt: skip
     return y
 
 
@@ -575,13 +887,20 @@ def _bitlinear_fake(x, packed, scale, K):
 
 
 @torch.library.custom_op("bitnet158::head_int8", mutates_args=())
-def head_int8_op(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def head_int8_op(
+    x: torch.Tensor,
+    wq: torch.Tensor,
+    scale: torch.Tensor,
+    norm: torch.Tensor | None = None,
+    eps: float = 0.0,
+    pdl: bool = False,
+) -> torch.Tensor:
     """``head_int8`` as a custom op."""
-    return head_int8(x, wq, scale)
+    return head_int8(x, wq, scale, norm=norm, eps=eps, pdl=pdl)
 
 
 @head_int8_op.register_fake
-def _head_int8_fake(x, wq, scale):
+def _head_int8_fake(x, wq, scale, norm=None, eps=0.0, pdl=False):
     return x.new_empty((x.shape[0], wq.shape[0]), dtype=torch.float32)
 
 
@@ -644,13 +963,16 @@ def act_mul_norm(gu: torch.Tensor, weight: torch.Tensor | None, eps: float, relu
 
 def decode_attention(
     qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor, cache_k: torch.Tensor,
-    cache_v: torch.Tensor, n_heads: int, n_kv: int, head_dim: int,
+    cache_v: torch.Tensor, n_heads: int, n_kv: int, head_dim: int, pdl: bool = False, split: bool = False,
 ) -> torch.Tensor:  # fmt: skip
-    """``model.attend`` for one token of batch 1 in one kernel: qkv [1, 1, (H + 2·Hkv)·Dh] (the fused projection's
-    output), cos/sin [1, Dh], pos int64 [1] on the device, caches [≥1, Hkv, S, Dh] → y [1, 1, H·Dh].
+    """``model.attend`` for one token of batch 1: qkv [1, 1, (H + 2·Hkv)·Dh] (the fused projection's output),
+    cos/sin [1, Dh], pos int64 [1] on the device, caches [≥1, Hkv, S, Dh] → y [1, 1, H·Dh].
 
     Rope and the cache write round like the torch ops (the cache gets the same bytes); the attention sums in
-    fp32 with an online softmax, so y agrees with SDPA to rounding."""
+    fp32 with an online softmax, so y agrees with SDPA to rounding. One kernel with H programs, or with ``split``
+    two (flash-decoding): H × up to 16 programs each over a chunk of the cache, then a combine. The chunking
+    depends only on the cache size, so a CUDA graph replays it at every position. ``pdl`` as for
+    ``bitlinear_gemv``."""
     width = (n_heads + 2 * n_kv) * head_dim
     if qkv.dim() != 3 or qkv.shape[:2] != (1, 1) or qkv.shape[2] != width:
         raise KernelShapeError(f"decode_attention: qkv must be [1, 1, {width}], got {tuple(qkv.shape)}")
@@ -660,11 +982,28 @@ def decode_attention(
     if cache_k.stride(3) != 1 or cache_k.stride() != cache_v.stride() or pos.numel() != 1 or pos.dtype != torch.long:
         raise KernelShapeError("decode_attention: caches must share a layout with contiguous rows; pos int64 [1]")
     qkv = qkv.contiguous()
-    y = torch.empty((1, 1, n_heads * head_dim), dtype=qkv.dtype, device=qkv.device)
-    _decode_attention_kernel[(n_heads,)](
-        qkv, cos.contiguous(), sin.contiguous(), pos, cache_k, cache_v, y,
-        n_heads * head_dim, n_kv * head_dim, cache_k.stride(1), cache_k.stride(2), head_dim**-0.5,
-        GROUP=n_heads // n_kv, DH=head_dim, HALF=triton.next_power_of_2(head_dim // 2),
-        BLOCK_N=16 if _INTERPRET else 64, num_warps=4,
+    dev = qkv.device
+    y = torch.empty((1, 1, n_heads * head_dim), dtype=qkv.dtype, device=dev)
+    slots = cache_k.shape[2]
+    block_n = 16 if _INTERPRET else 64
+    if split:  # chunks of whole blocks, at most 16 of them
+        chunk = block_n * triton.cdiv(slots, block_n * 16)
+        n_split = triton.cdiv(slots, chunk)
+        pm = torch.empty((n_heads, n_split), dtype=torch.float32, device=dev)
+        pl = torch.empty_like(pm)
+        pacc = torch.empty((n_heads, n_split, head_dim), dtype=torch.float32, device=dev)
+    else:
+        chunk, n_split, pm, pl, pacc = slots, 1, y, y, y
+    use_pdl = _use_pdl(qkv, pdl)
+    _decode_attention_kernel[(n_heads, n_split)](
+        qkv, cos.contiguous(), sin.contiguous(), pos, cache_k, cache_v, y, pm, pl, pacc,
+        n_heads * head_dim, n_kv * head_dim, cache_k.stride(1), cache_k.stride(2), head_dim**-0.5, chunk, n_split,
+        GROUP=n_heads // n_kv, DH=head_dim, HALF=triton.next_power_of_2(head_dim // 2), BLOCK_N=block_n, SPLIT=split,
+        PDL=use_pdl, launch_pdl=use_pdl, num_warps=4,
     )  # fmt: skip
+    if split:
+        _attention_combine_kernel[(n_heads,)](
+            pm, pl, pacc, y, n_split, DH=head_dim, BLOCK_S=triton.next_power_of_2(n_split),
+            BLOCK_D=triton.next_power_of_2(head_dim), PDL=use_pdl, launch_pdl=use_pdl, num_warps=4,
+        )  # fmt: skip
     return y

@@ -120,6 +120,121 @@ def test_gemv_refuses_rows_not_whole_words():
     assert_out(kernels.bitlinear_triton(x, packed, scale, 290), ref_y(x, packed, scale, 290))
 
 
+# --- decode GEMV with the layer's other ops fused in -------------------------------------------------------------
+def _fused_case(M, N, K, dtype, seed):
+    x, packed, scale = rand_case(M, N, K, per_row=seed % 2 == 1, dtype=dtype, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    w = (1 + 0.1 * torch.randn(K, generator=g)).to(DEV, dtype)
+    gu = (torch.randn(M, 2 * K, generator=g) * 2).to(DEV, dtype)
+    res = torch.randn(M, N, generator=g).to(DEV, dtype)
+    return x, packed, scale, w, gu, res
+
+
+# (M, N, K, seed, dtype): K = 528 in fp32 only, to keep the interpreter's time down
+FUSED_CASES = [(1, 37, 160, 0, torch.float32), (1, 37, 160, 0, torch.bfloat16), (2, 21, 528, 1, torch.float32)]
+
+
+@interp
+@pytest.mark.parametrize("M,N,K,seed,dtype", FUSED_CASES)
+def test_gemv_fused_ops_equal_the_separate_kernels(M, N, K, seed, dtype):
+    # norm / act·up / sub-norm / residual inside the GEMV give what the separate kernels (rmsnorm, act_mul_norm,
+    # then the plain GEMV, then the add) give. K = 160 fits one reduction block, so even the fp32 statistics
+    # are summed in the same order: bit for bit. K = 528 sums in 256-element chunks: equal to fp32 rounding.
+    x, packed, scale, w, gu, res = _fused_case(M, N, K, dtype, seed)
+
+    def gemv(inp, **kw):
+        return kernels.bitlinear_gemv(inp, packed, scale, K, **kw)
+
+    cases = {
+        "norm": (gemv(x, norm=w, eps=1e-5), gemv(kernels.rmsnorm(x, w, 1e-5))),
+        "norm + residual": (gemv(x, norm=w, eps=1e-5, residual=res), res + gemv(kernels.rmsnorm(x, w, 1e-5))),
+        "relu2 + norm + residual": (
+            gemv(gu, act="relu2", norm=w, eps=1e-5, residual=res),
+            res + gemv(kernels.act_mul_norm(gu, w, 1e-5, relu2=True)),
+        ),
+        "silu": (gemv(gu, act="silu"), gemv(kernels.act_mul_norm(gu, None, 0.0, relu2=False))),
+    }
+    for name, (got, want) in cases.items():
+        assert got.dtype == dtype and got.shape == (M, N), name
+        if dtype == torch.float32 and K <= 256:
+            assert torch.equal(got, want), name
+        elif dtype == torch.float32:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()), msg=name)
+        elif "residual" not in name:
+            assert torch.equal(got, want), name  # the same bf16 casts on both sides (the interpreter's)
+        else:  # torch's bf16 add rounds to nearest, the interpreter's cast truncates: one bf16 ulp
+            assert_out(got, want)
+    if dtype == torch.float32:  # and against the torch modules (RMSNorm, BitLinear's quantizer, unpack_t2)
+        from bitnet158.runtime.model import RMSNorm
+
+        want = ref_y(RMSNorm(w, 1e-5)(x), packed, scale, K)
+        torch.testing.assert_close(cases["norm"][0], want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+@interp
+@pytest.mark.parametrize("M,N,K,seed,dtype", FUSED_CASES + [(2, 5, 13, 2, torch.bfloat16)])
+def test_packed_gemv_equals_the_fused_gemv(M, N, K, seed, dtype):
+    # pack_act + bitlinear_gemv_packed compute what bitlinear_gemv computes with the same options, bit for bit
+    # (the statistics are reduced in the same 256-element steps in the interpreter); K = 13: one padded word
+    x, packed, scale, w, gu, res = _fused_case(M, N, K, dtype, seed)
+    options = [({}, x), (dict(norm=w, eps=1e-5), x), (dict(act="relu2", norm=w, eps=1e-5), gu), (dict(act="silu"), gu)]
+    for kw, inp in options:
+        a = kernels.pack_act(inp, K, **kw)
+        assert a.xq.shape == (M, 4, (K + 15) // 16) and a.xq.dtype == torch.int32
+        for r in (None, res):
+            got = kernels.bitlinear_gemv_packed(a, packed, scale, dtype, residual=r)
+            assert torch.equal(got, kernels.bitlinear_gemv(inp, packed, scale, K, residual=r, **kw)), (kw, r is not None)
+    # the packed words themselves: word (k, c) holds q[16c + 4i + k] in byte i; qsum = Σ q
+    q, s = quantize_activations(x)
+    a = kernels.pack_act(x, K)
+    qp = torch.nn.functional.pad(q.long(), (0, 16 * a.xq.shape[2] - K)).view(M, -1, 4, 4)  # [M, c, i, k]
+    words = ((qp & 0xFF) << (8 * torch.arange(4)[:, None])).sum(2).transpose(1, 2)  # [M, k, c]
+    assert torch.equal(a.xq.long() & 0xFFFFFFFF, words & 0xFFFFFFFF)
+    assert torch.equal(a.s, s[:, 0]) and torch.equal(a.qsum.long(), q.long().sum(1))
+
+
+@interp
+def test_gemv_fused_refuses_bad_operands():
+    x, packed, scale, w, gu, res = _fused_case(1, 37, 160, torch.float32, 0)
+    bad = {
+        "act": dict(act="gelu"),
+        "gate|up width": dict(act="relu2"),  # x is [1, K], not [1, 2K]
+        "norm shape": dict(norm=w[:-1]),
+        "residual shape": dict(residual=res[:, :-1]),
+        "residual dtype": dict(residual=res.double()),
+    }
+    for name, kw in bad.items():
+        with pytest.raises(kernels.KernelShapeError):
+            kernels.bitlinear_gemv(x, packed, scale, 160, **kw)
+            pytest.fail(name)
+    for name, kw in bad.items():
+        if "residual" not in name:
+            with pytest.raises(kernels.KernelShapeError):
+                kernels.pack_act(x, 160, **kw)
+                pytest.fail(name)
+    a = kernels.pack_act(x, 160)
+    for name, call in {
+        "residual shape": lambda: kernels.bitlinear_gemv_packed(a, packed, scale, x.dtype, residual=res[:, :-1]),
+        "weights of another K": lambda: kernels.bitlinear_gemv_packed(a, packed[:, :-4], scale, x.dtype),
+    }.items():
+        with pytest.raises(kernels.KernelShapeError):
+            call()
+            pytest.fail(name)
+    wq, ws = kernels.quantize_head(torch.randn(9, 160))
+    with pytest.raises(kernels.KernelShapeError):
+        kernels.head_int8(x, wq, ws, norm=w[:-1])
+
+
+@interp
+def test_head_int8_with_the_final_norm():
+    g = torch.Generator().manual_seed(4)
+    x, w = torch.randn(2, 160, generator=g), 1 + 0.1 * torch.randn(160, generator=g)
+    wq, ws = kernels.quantize_head(torch.randn(37, 160, generator=g))
+    want = kernels.head_int8(kernels.rmsnorm(x, w, 1e-5), wq, ws)
+    assert torch.equal(kernels.head_int8(x, wq, ws, config=(16, 64, 1), norm=w, eps=1e-5), want)  # one block
+    assert torch.equal(kernels.head_int8_op(x, wq, ws, w, 1e-5), kernels.head_int8(x, wq, ws, norm=w, eps=1e-5))
+
+
 # --- prefill matmul -------------------------------------------------------------------------------------------
 @interp
 @pytest.mark.parametrize("M,N,K", [(17, 45, 300), (5, 33, 290), (32, 64, 128), (1, 3, 5)])
@@ -233,7 +348,7 @@ def _shape(v):
     return (v[0].shape[0], v[2]) if isinstance(v, tuple) else tuple(v.shape)
 
 
-def tiny_model(device=DEV, dtype=torch.float32, seed=0, vocab=61, hidden=64, inter=160, layers=2, relu2=True):
+def tiny_model(device=DEV, dtype=torch.float32, seed=0, vocab=61, hidden=64, inter=160, layers=2, relu2=True, sub_norms=True):
     from bitnet158.runtime.loader import build_model
     from tokenizers import Tokenizer, models
 
@@ -242,7 +357,7 @@ def tiny_model(device=DEV, dtype=torch.float32, seed=0, vocab=61, hidden=64, int
         "family": "bitnet", "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
         "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": hd, "vocab_size": vocab,
         "max_position_embeddings": 256, "rope_theta": 10000.0, "rope_style": "neox", "rope_scaling": None,
-        "rms_norm_eps": 1e-5, "hidden_act": "relu2" if relu2 else "silu", "sub_norms": True,
+        "rms_norm_eps": 1e-5, "hidden_act": "relu2" if relu2 else "silu", "sub_norms": sub_norms,
         "tie_word_embeddings": True, "bos_token_id": 0, "eos_token_id": [1],
     }  # fmt: skip
     tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w0"))
@@ -259,6 +374,8 @@ def tiny_model(device=DEV, dtype=torch.float32, seed=0, vocab=61, hidden=64, int
             scale = torch.rand(n if name == "attn.k_proj" else 1, generator=g) + 0.5  # one per-row-scaled matrix
             tensors[f"layers.{i}.{name}.weight"] = (pack_t2(t), scale, k)
         for name, n in (("attn_norm", hidden), ("mlp_norm", hidden), ("attn.sub_norm", heads * hd), ("mlp.sub_norm", inter)):
+            if "sub_norm" in name and not sub_norms:
+                continue
             tensors[f"layers.{i}.{name}.weight"] = 1 + 0.1 * torch.randn(n, generator=g)
     return build_model(_MemSource(config, tokenizer, tensors), device=device, dtype=dtype)
 
@@ -329,17 +446,19 @@ def _attention_ref(qkv, cos, sin, pos, cache_k, cache_v, heads, kv, dh):
 
 @pytest.mark.parametrize("heads,kv,dh,slots,pos", [(4, 2, 16, 40, 0), (4, 2, 16, 40, 23), (4, 4, 12, 40, 39),
                                                     (6, 2, 12, 70, 65)])  # fmt: skip
-def test_decode_attention_kernel(heads, kv, dh, slots, pos):
-    # fp32: rope and the cache write are the torch ops bit for bit; the attention sums in another order
+@pytest.mark.parametrize("split", [False, True])
+def test_decode_attention_kernel(heads, kv, dh, slots, pos, split):
+    # fp32: rope and the cache write are the torch ops bit for bit; the attention sums in another order. split:
+    # flash-decoding over chunks of 16 keys in the interpreter (3 or 5 chunks here, some empty at small pos)
     case = _attention_case(torch.float32, heads, kv, dh, slots, pos)
     want, k2, v2 = _attention_ref(*case, heads, kv, dh)
-    got = kernels.decode_attention(*case, heads, kv, dh)
+    got = kernels.decode_attention(*case, heads, kv, dh, split=split)
     assert torch.equal(case[4], k2) and torch.equal(case[5], v2)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     # bf16: to bf16 rounding (the interpreter's casts truncate; tests/test_kernels.py's docstring)
     case = _attention_case(torch.bfloat16, heads, kv, dh, slots, pos, seed=1)
     want, k2, v2 = _attention_ref(*case, heads, kv, dh)
-    got = kernels.decode_attention(*case, heads, kv, dh)
+    got = kernels.decode_attention(*case, heads, kv, dh, split=split)
     torch.testing.assert_close(case[4].float(), k2.float(), rtol=0, atol=0.04)
     torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=0.04)
     with pytest.raises(kernels.KernelShapeError):
@@ -357,15 +476,62 @@ def test_fast_model_attention_kernel_in_the_graph_step():
         FastModel(net, backend="reference", attention="flash")
     with torch.inference_mode():
         steps = {}
-        for attention in ("torch", "triton"):
+        for attention in ("torch", "triton", "split"):
             fast = FastModel(net, backend="reference", attention=attention)
             net.setup_cache(1, 32)
             fast.logits_last(torch.tensor([ids]), 0)
             steps[attention] = [
                 fast.logits_last(torch.tensor([[t]]), torch.tensor([5 + i])) for i, t in enumerate([7, 1, 8])
             ]
-    for a, b in zip(steps["torch"], steps["triton"]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for attention in ("triton", "split"):
+        for a, b in zip(steps["torch"], steps[attention]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@interp
+@pytest.mark.parametrize("relu2,sub_norms", [(True, True), (False, False)])
+def test_fast_model_fused_and_packed_gemv_steps(relu2, sub_norms):
+    # gemv="fused" (five launches a layer) and "packed" (pack_act + lean GEMV) against the separate kernels, in
+    # the tensor-position step that CUDA graphs capture (with the attention kernel) and in the host-position
+    # step; and greedy tokens as the reference network's
+    from bitnet158.runtime.fast import FastModel, FastPathError, GraphDecoder
+    from bitnet158.runtime.generate import generate_tokens
+    from bitnet158.runtime.sampling import Sampler, SamplingParams
+
+    net = tiny_model(layers=1, seed=6, relu2=relu2, sub_norms=sub_norms).net
+    with pytest.raises(FastPathError, match="gemv must be one of"):
+        FastModel(net, gemv="fast")
+    ref_tokens = list(generate_tokens(net, [3], 3, Sampler(SamplingParams()))) if relu2 else None
+    with torch.inference_mode():  # (short: every GEMV runs in Triton's interpreter)
+        steps = {}
+        for gemv in ("plain", "fused", "packed"):
+            fast = FastModel(net, backend="triton", attention="triton" if relu2 else "split", gemv=gemv)
+            net.setup_cache(1, 16)
+            steps[gemv] = [fast.logits_last(torch.tensor([[7]]), torch.tensor([0])), fast.logits_last(torch.tensor([[1]]), 1)]
+            if gemv != "plain":
+                assert fast._fusable == [True]
+                if relu2:
+                    assert list(GraphDecoder(fast, 16, use_graph=False).generate([3], 3)) == ref_tokens, gemv
+    for gemv in ("fused", "packed"):
+        for a, b in zip(steps["plain"], steps[gemv]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@interp
+def test_fast_model_int8_head_kernel_with_the_final_norm():
+    # the triton backend's int8 head applies the final norm in its kernel: the same logits as the torch int8
+    # arithmetic on the normed hidden state (the reference backend's)
+    from bitnet158.runtime.fast import FastModel
+
+    net = tiny_model(layers=1, seed=7).net
+    ids = [2, 7]
+    with torch.inference_mode():
+        got = {}
+        for backend in ("reference", "triton"):
+            fast = FastModel(net, head="int8", backend=backend)
+            net.setup_cache(1, 16)
+            got[backend] = fast.logits(torch.tensor([ids]), 0, last_only=False)[0]
+    torch.testing.assert_close(got["triton"], got["reference"], rtol=1e-4, atol=1e-4)
 
 
 @interp
@@ -440,11 +606,12 @@ def test_gpu_quantize_and_head_exact():
 @needs_cuda
 def test_gpu_decode_attention_bf16():
     # on the GPU the casts round to nearest even like torch: the cache gets the same bf16 bytes
-    case = _attention_case(torch.bfloat16, 20, 5, 128, 300, 257)
-    want, k2, v2 = _attention_ref(*case, 20, 5, 128)
-    got = kernels.decode_attention(*case, 20, 5, 128)
-    assert torch.equal(case[4], k2) and torch.equal(case[5], v2)
-    torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=1e-2)
+    for split in (False, True):
+        case = _attention_case(torch.bfloat16, 20, 5, 128, 300, 257)
+        want, k2, v2 = _attention_ref(*case, 20, 5, 128)
+        got = kernels.decode_attention(*case, 20, 5, 128, split=split)
+        assert torch.equal(case[4], k2) and torch.equal(case[5], v2)
+        torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=1e-2)
 
 
 @gpu
@@ -471,3 +638,46 @@ def test_gpu_graph_decoder_matches_eager(compile):
         assert got[:6] == ref_tokens[:6]
         a = list(dec.generate(ids, 8, temperature=0.9, top_k=20, top_p=0.95, seed=3))
         assert a == list(dec.generate(ids, 8, temperature=0.9, top_k=20, top_p=0.95, seed=3))
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("N,K", [(3840, 2560), (2560, 6912), (37, 320)])
+def test_gpu_packed_and_fused_gemv(N, K):
+    # the input quantization does not depend on the tile: the packed GEMV equals the plain one and the reference
+    # bit for bit; with a norm the three kernels reduce the statistics in other orders, so rarely one q step
+    for dtype in (torch.bfloat16, torch.float32):
+        x, packed, scale, w, gu, res = _fused_case(2, N, K, dtype, seed=N + K)
+        want = ref_y(x, packed, scale, K)
+        assert_out(kernels.bitlinear_gemv_packed(kernels.pack_act(x, K), packed, scale, dtype), want)
+        chain = res + kernels.bitlinear_gemv(kernels.act_mul_norm(gu, w, 1e-5, relu2=True), packed, scale, K)
+        fused = kernels.bitlinear_gemv(gu, packed, scale, K, act="relu2", norm=w, eps=1e-5, residual=res)
+        a = kernels.pack_act(gu, K, act="relu2", norm=w, eps=1e-5)
+        packed_y = kernels.bitlinear_gemv_packed(a, packed, scale, dtype, residual=res)
+        for got in (fused, packed_y):
+            torch.testing.assert_close(got.float(), chain.float(), rtol=2e-2, atol=2e-2 * float(chain.float().abs().max()))
+
+
+@gpu
+@needs_cuda
+def test_gpu_decode_variants_follow_the_default():
+    # every FastModel decode variant (attention kernel, fused / packed GEMVs, PDL, int8 head) runs in a CUDA graph; the
+    # bf16-head ones give the default step's greedy tokens, and without the attention kernel (which only the
+    # tensor-position step uses) the graph replays what the step computes eagerly
+    from bitnet158.runtime.fast import FastModel, GraphDecoder
+
+    model = tiny_model(device="cuda", dtype=torch.bfloat16, seed=8)
+    ids = [3, 14, 15, 9, 26]
+    with torch.inference_mode():
+        fast = FastModel(model.net, backend="triton")
+        want = list(GraphDecoder(fast, 64).generate(ids, 10))
+        variants = [("triton", "plain", False, "bf16"), ("split", "plain", False, "bf16"), ("triton", "fused", False, "bf16"),
+                    ("torch", "packed", False, "bf16"), ("triton", "packed", False, "bf16"), ("split", "packed", True, "bf16"),
+                    ("split", "fused", True, "bf16"), ("torch", "packed", True, "bf16"), ("split", "packed", True, "int8")]  # fmt: skip
+        for attention, gemv, pdl, head in variants:
+            fast = FastModel(model.net, backend="triton", attention=attention, gemv=gemv, pdl=pdl, head=head)
+            got = list(GraphDecoder(fast, 64).generate(ids, 10))
+            if attention == "torch":
+                assert got == list(GraphDecoder(fast, 64, use_graph=False).generate(ids, 10)), (attention, gemv, pdl, head)
+            if head == "bf16":
+                assert got[:6] == want[:6], (attention, gemv, pdl, head)

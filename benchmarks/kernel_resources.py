@@ -1,0 +1,208 @@
+#!/usr/bin/env python3
+"""Compile every Triton kernel of runtime/kernels.py for an NVIDIA GPU on a machine without one, and report what
+each launch configuration costs in registers, spills and SASS instructions.
+
+    python benchmarks/kernel_resources.py                 # every kernel, every autotune config, sm_90 (H100/H200)
+    python benchmarks/kernel_resources.py --quick --json   # one config per kernel variant (tests/test_kernel_compile.py)
+    python benchmarks/kernel_resources.py --arch 80        # A100
+
+Why: Triton's interpreter (the CPU tests) runs the kernels' Python, not the compiler, so a kernel can pass every
+interpreter test and still fail to compile on the GPU, or compile into a kernel that spills registers. Triton
+compiles for a given target without a device (its wheel carries ptxas and cuobjdump), which settles both before
+a device session is spent on it. The scalar arguments are specialised as at run time for the 2B-4T shapes
+(integers divisible by 16 marked so, pointers 16-byte aligned), so loads vectorise as they will on the GPU.
+Nothing is run and nothing here is a timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("kernel_resources: unset TRITON_INTERPRET: the interpreter replaces the kernels this script compiles")
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+
+from bitnet158.runtime import kernels as K  # noqa: E402
+
+BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+D, I, V, NQ, NKV = 2560, 6912, 128256, 2560, 640  # the 2B-4T shape
+
+
+def variants(quick: bool) -> list[tuple[str, object, dict, dict, dict]]:
+    """(label, jit function, pointer / scalar arguments, constexprs, launch options) to compile."""
+    bf = "*bf16"
+    out = []
+    gemv_cfgs = K._GEMV_CONFIGS[3:4] if quick else K._GEMV_CONFIGS
+    w2a8 = {  # label → (K, ACT, NORM, HAS_RES): the plain GEMV and the four fused ones of FastModel(gemv="fused")
+        "plain": (D, False, False, False),
+        "norm (qkv, gate|up)": (D, False, True, False),
+        "norm + residual (o)": (NQ, False, True, True),
+        "relu2 + norm + residual (down)": (I, True, True, True),
+    }
+    for label, (k, act, norm, res) in w2a8.items():
+        for bn, bw, warps in gemv_cfgs:
+            args = {"x_ptr": bf, "nw_ptr": bf, "res_ptr": bf, "w_ptr": "*i32", "scale_ptr": "*fp32", "y_ptr": bf,
+                    "N": D, "K": k, "K16": k // 16, "eps": 1e-5, "stride_xm": 2 * k if act else k, "stride_rm": D,
+                    "stride_wn": k // 16, "stride_ym": D}  # fmt: skip
+            const = dict(ACT=act, NORM=norm, RELU2=act, HAS_RES=res, SCALE_PER_ROW=False, BLOCK_N=bn, BLOCK_W=bw, ON_GPU=True)
+            out.append((f"gemv_w2a8 {label} {bn}x{bw} w{warps}", K._gemv_w2a8_kernel, args, const, {"num_warps": warps}))
+    for label, (n, k, res) in {"(qkv)": (3840, D, False), "+ residual (down)": (D, I, True)}.items():
+        for bn, bw, warps in gemv_cfgs + ([] if quick else K._PACKED_EXTRA):
+            args = {"xq_ptr": "*i32", "s_ptr": "*fp32", "qs_ptr": "*i32", "w_ptr": "*i32", "scale_ptr": "*fp32",
+                    "res_ptr": bf, "y_ptr": bf, "N": n, "K16": k // 16, "stride_xq": k // 4, "stride_wn": k // 16,
+                    "stride_rm": n, "stride_ym": n}  # fmt: skip
+            const = dict(HAS_RES=res, SCALE_PER_ROW=False, BLOCK_N=bn, BLOCK_W=bw, ON_GPU=True)
+            out.append((f"gemv_packed {label} {bn}x{bw} w{warps}", K._gemv_packed_kernel, args, const, {"num_warps": warps}))
+    for label, (k, act, norm) in {"norm": (D, False, True), "relu2 + norm": (I, True, True)}.items():
+        args = {"x_ptr": bf, "nw_ptr": bf, "xq_ptr": "*i32", "s_ptr": "*fp32", "qs_ptr": "*i32", "K": k,
+                "K16": k // 16, "eps": 1e-5, "stride_xm": 2 * k if act else k, "stride_xq": k // 4}  # fmt: skip
+        const = dict(ACT=act, NORM=norm, RELU2=act, BLOCK_C=128, ON_GPU=True)
+        out.append((f"pack_act {label}", K._pack_act_kernel, args, const, {"num_warps": 4}))
+    for norm in (False, True):
+        for bn, bw, warps in gemv_cfgs:
+            args = {"x_ptr": bf, "nw_ptr": bf, "w_ptr": "*i32", "scale_ptr": "*fp32", "y_ptr": "*fp32", "N": V, "K": D,
+                    "K4": D // 4, "eps": 1e-5, "stride_xm": D, "stride_wn": D // 4, "stride_ym": V}  # fmt: skip
+            const = dict(NORM=norm, BLOCK_N=bn, BLOCK_W=bw, ON_GPU=True)
+            label = f"head_int8{' + norm' if norm else ''} {bn}x{bw} w{warps}"
+            out.append((label, K._gemv_w8a8_kernel, args, const, {"num_warps": warps}))
+    for bm, bn, bk, warps, stages in K._MM_CONFIGS[: 1 if quick else None]:
+        args = {"q_ptr": "*i8", "s_ptr": "*fp32", "w_ptr": "*u8", "scale_ptr": "*fp32", "y_ptr": bf, "M": 512, "N": D,
+                "K": D, "KB": D // 4, "stride_qm": D, "stride_wn": D // 4, "stride_ym": D, "M_BUCKET": 1024}  # fmt: skip
+        const = dict(SCALE_PER_ROW=False, INT8_DOT=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8)
+        out.append((f"matmul_w2a8 {bm}x{bn}x{bk} w{warps} s{stages}", K._mm_w2a8_kernel, args, const,
+                    {"num_warps": warps, "num_stages": stages}))  # fmt: skip
+    out.append(("quantize_act", K._quant_kernel, {"x_ptr": bf, "q_ptr": "*i8", "s_ptr": "*fp32", "K": D, "stride_xm": D,
+                "stride_qm": D}, dict(BLOCK=4096, ON_GPU=True), {"num_warps": 4}))  # fmt: skip
+    for res in (False, True):
+        args = {"x_ptr": bf, "res_ptr": bf, "h_ptr": bf, "w_ptr": bf, "y_ptr": bf, "D": D, "eps": 1e-5,
+                "stride_x": D, "stride_res": D, "stride_h": D, "stride_y": D}  # fmt: skip
+        out.append((f"rmsnorm{' + residual' if res else ''}", K._rmsnorm_kernel, args,
+                    dict(HAS_RES=res, BLOCK=4096), {"num_warps": 8}))  # fmt: skip
+    args = {"gu_ptr": bf, "w_ptr": bf, "y_ptr": bf, "I": I, "eps": 1e-5, "stride_gu": 2 * I, "stride_y": I}
+    out.append(("act_mul_norm", K._act_mul_norm_kernel, args, dict(RELU2=True, HAS_NORM=True, BLOCK=8192), {"num_warps": 8}))
+    args = {"qkv_ptr": bf, "cos_ptr": bf, "sin_ptr": bf, "pos_ptr": "*i64", "k_ptr": bf, "v_ptr": bf, "y_ptr": bf,
+            "pm_ptr": "*fp32", "pl_ptr": "*fp32", "pacc_ptr": "*fp32", "NQ": NQ, "NKV": NKV, "stride_kh": 4096 * 128,
+            "stride_ks": 128, "scale": 128**-0.5, "CHUNK": 256, "S": 16}  # fmt: skip
+    for split in (False, True):
+        const = dict(GROUP=4, DH=128, HALF=64, BLOCK_N=64, SPLIT=split)
+        out.append((f"decode_attention{' split' if split else ''}", K._decode_attention_kernel, args, const, {"num_warps": 4}))
+    args = {"pm_ptr": "*fp32", "pl_ptr": "*fp32", "pacc_ptr": "*fp32", "y_ptr": bf, "S": 16}
+    out.append(("attention_combine", K._attention_combine_kernel, args, dict(DH=128, BLOCK_S=16, BLOCK_D=128), {"num_warps": 4}))
+    # the kernels that take programmatic dependent launch (FastModel(pdl=True)), once per variant with it on
+    seen = set()
+    for label, fn, a, const, opts in list(out):
+        variant = (fn, label.rsplit(" ", 2)[0] if "BLOCK_W" in const else label)
+        if "PDL" in fn.arg_names and variant not in seen:
+            seen.add(variant)
+            out.append((f"{label} +pdl", fn, a, {**const, "PDL": True}, {**opts, "launch_pdl": True}))
+    return out
+
+
+def compile_one(fn, args: dict, const: dict, opts: dict, arch: int) -> dict:
+    names = fn.arg_names
+    const = {"PDL": False, **const} if "PDL" in names else const
+    missing = set(names) - set(args) - set(const)
+    if missing:
+        raise ValueError(f"{fn.__name__}: no value for {sorted(missing)}")
+    sig, attrs = {}, {}
+    for i, name in enumerate(names):
+        if name in const:
+            sig[name] = "constexpr"
+            continue
+        v = args[name]
+        if isinstance(v, str):  # a pointer: torch allocations are 256-byte aligned
+            sig[name] = v
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, float):
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+            if v % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = triton.compiler.ASTSource(fn, sig, const, attrs)
+    t0 = time.perf_counter()
+    ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
+    row = {"compile_s": round(time.perf_counter() - t0, 2), "shared_bytes": ck.metadata.shared}
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        cubin.write_bytes(ck.asm["cubin"])
+        usage = subprocess.run([str(BIN / "cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True).stdout
+        sass = subprocess.run([str(BIN / "nvdisasm"), str(cubin)], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
+    if m:
+        row.update(registers=int(m[1]), stack_bytes=int(m[2]), local_bytes=int(m[4]))
+    row["sass_instructions"] = sum(1 for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", line))
+    row["loop_bodies"] = loop_bodies(sass)
+    return row
+
+
+def loop_bodies(sass: str) -> list[int]:
+    """Instructions in the body of each loop of a disassembly (a branch back to an earlier label), in code order."""
+    labels, pending, bodies = {}, [], []
+    for line in sass.splitlines():
+        m = re.match(r"(\.L_x_\d+):", line)
+        if m:
+            pending.append(m[1])
+            continue
+        m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*)", line)
+        if not m:
+            continue
+        addr = int(m[1], 16)
+        labels.update((name, addr) for name in pending)
+        pending = []
+        b = re.search(r"BRA.*`\((\.L_x_\d+)\)", m[2])
+        if b and b[1] in labels and labels[b[1]] <= addr:
+            bodies.append((addr - labels[b[1]]) // 16 + 1)
+    return bodies
+
+
+def per_weight(fn, const: dict, opts: dict, bodies: list[int]) -> float | None:
+    """SASS instructions a thread issues per weight in a GEMV's main loop (its last loop of more than one
+    instruction): the loop body over the weights one thread covers per iteration (BLOCK_N rows × BLOCK_W int32
+    words, 16 weights a word for t2, 4 for int8)."""
+    per_word = {K._gemv_w2a8_kernel: 16, K._gemv_packed_kernel: 16, K._gemv_w8a8_kernel: 4}.get(fn)
+    loops = [b for b in bodies if b > 1]
+    if per_word is None or not loops:
+        return None
+    weights = const["BLOCK_N"] * const["BLOCK_W"] * per_word / (32 * opts["num_warps"])
+    return loops[-1] / weights
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", type=int, default=90, help="compute capability ×10 (90: H100/H200, 80: A100)")
+    ap.add_argument("--quick", action="store_true", help="one launch configuration per kernel variant")
+    ap.add_argument("--json", action="store_true", help="print one JSON list instead of the table")
+    args = ap.parse_args()
+    rows = []
+    for label, fn, a, const, opts in variants(args.quick):
+        try:
+            row = {"kernel": label, **compile_one(fn, a, const, opts, args.arch)}
+            row["instr_per_weight"] = per_weight(fn, const, opts, row["loop_bodies"])
+        except Exception as e:  # noqa: BLE001 - report every kernel that fails, not just the first
+            row = {"kernel": label, "error": f"{type(e).__name__}: {str(e)[:400]}"}
+        rows.append(row)
+        if not args.json:
+            if "error" in row:
+                print(f"{label:<58} FAILED {row['error']}", flush=True)
+            else:
+                ipw = f"{row['instr_per_weight']:.2f}" if row["instr_per_weight"] is not None else ""
+                print(f"{label:<58} regs {row.get('registers', '?'):>4}  spill(local) {row.get('local_bytes', '?'):>4} B  "
+                      f"smem {row['shared_bytes']:>6} B  sass {row['sass_instructions']:>5}  loop/weight {ipw:>5}", flush=True)  # fmt: skip
+    if args.json:
+        print(json.dumps(rows))
+    return 1 if any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
