@@ -66,8 +66,9 @@ def variants(quick: bool) -> list[tuple[str, object, dict, dict, dict]]:
     for label, (k, act, norm) in {"norm": (D, False, True), "relu2 + norm": (I, True, True)}.items():
         args = {"x_ptr": bf, "nw_ptr": bf, "xq_ptr": "*i32", "s_ptr": "*fp32", "qs_ptr": "*i32", "K": k,
                 "K16": k // 16, "eps": 1e-5, "stride_xm": 2 * k if act else k, "stride_xq": k // 4}  # fmt: skip
-        const = dict(ACT=act, NORM=norm, RELU2=act, BLOCK_C=128, ON_GPU=True)
-        out.append((f"pack_act {label}", K._pack_act_kernel, args, const, {"num_warps": 4}))
+        block_c, warps = K.pack_act_launch(k // 16, act)
+        const = dict(ACT=act, NORM=norm, RELU2=act, BLOCK_C=block_c, ON_GPU=True)
+        out.append((f"pack_act {label} w{warps}", K._pack_act_kernel, args, const, {"num_warps": warps}))
     for norm in (False, True):
         for bn, bw, warps in gemv_cfgs:
             args = {"x_ptr": bf, "nw_ptr": bf, "w_ptr": "*i32", "scale_ptr": "*fp32", "y_ptr": "*fp32", "N": V, "K": D,
@@ -197,7 +198,8 @@ def main() -> int:
                 print(f"{label:<58} FAILED {row['error']}", flush=True)
             else:
                 ipw = f"{row['instr_per_weight']:.2f}" if row["instr_per_weight"] is not None else ""
-                print(f"{label:<58} regs {row.get('registers', '?'):>4}  spill(local) {row.get('local_bytes', '?'):>4} B  "
+                print(f"{label:<58} regs {row.get('registers', '?'):>4}  stack {row.get('stack_bytes', '?'):>4} B  "
+                      f"local {row.get('local_bytes', '?'):>4} B  "
                       f"smem {row['shared_bytes']:>6} B  sass {row['sass_instructions']:>5}  loop/weight {ipw:>5}", flush=True)  # fmt: skip
     if args.json:
         print(json.dumps(rows))

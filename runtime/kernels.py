@@ -98,6 +98,36 @@ def _pdl_enter(PDL: tl.constexpr):
 
 
 @triton.jit
+def _row_block(w_ptr, N, stride_wn, BLOCK_N: tl.constexpr):
+    # a GEMV program's rows: (input row m, output rows [BLOCK_N], their mask, weight row pointers [BLOCK_N, 1])
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return tl.program_id(1), rows, rows < N, w_ptr + rows.to(tl.int64)[:, None] * stride_wn
+
+
+@triton.jit
+def _gemv_store(dot, s, m, rows, row_ok, scale_ptr, res_ptr, y_ptr, stride_rm, stride_ym,
+                SCALE_PER_ROW: tl.constexpr, HAS_RES: tl.constexpr):  # fmt: skip
+    # y = dot · scale / s rounded to y's dtype (+ the residual: both terms in that dtype, the sum rounded to it)
+    if SCALE_PER_ROW:
+        sc = tl.load(scale_ptr + rows, mask=row_ok, other=1.0)
+    else:
+        sc = tl.load(scale_ptr)
+    y = tl.div_rn(dot.to(tl.float32) * sc, s)
+    dt = y_ptr.dtype.element_ty
+    if HAS_RES:
+        r = tl.load(res_ptr + m.to(tl.int64) * stride_rm + rows, mask=row_ok, other=0.0).to(tl.float32)
+        y = r + y.to(dt).to(tl.float32)
+    tl.store(y_ptr + m.to(tl.int64) * stride_ym + rows, y.to(dt), mask=row_ok)
+
+
+@triton.jit
+def _weight_tile(w_rows, row_ok, w0, K16, BLOCK_W: tl.constexpr):
+    # int32 weight words [BLOCK_N, BLOCK_W] of columns w0.. (0 past K16 or past the last row: no memory access)
+    cols = w0 + tl.arange(0, BLOCK_W)
+    return tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & (cols < K16)[None, :], other=0)
+
+
+@triton.jit
 def _act_mul(g, u, RELU2: tl.constexpr, dt: tl.constexpr):
     # act(gate) · up in fp32, each op rounded to the model dtype dt like MLP.forward's torch ops
     if RELU2:
@@ -186,23 +216,22 @@ def _gemv_w2a8_kernel(
 ):  # fmt: skip
     # x [M, K] float (gate | up [M, 2K] with ACT); w: t2 bytes viewed as int32 words [N, K16] (word = 16 weights
     # of a row); y [M, N] (= res + x·Wᵀ with HAS_RES); grid (cdiv(N, BLOCK_N), M)
+    m, rows, row_ok, w_rows = _row_block(w_ptr, N, stride_wn, BLOCK_N)
+    # the first weight tile is fetched before anything else: weights do not depend on earlier kernels (so this
+    # may run before _pdl_enter's wait), and the fetch overlaps the input statistics below
+    wt_next = _weight_tile(w_rows, row_ok, 0, K16, BLOCK_W)
     _pdl_enter(PDL)
-    pid_n = tl.program_id(0)
-    m = tl.program_id(1)
-    dt = x_ptr.dtype.element_ty
     x_row = x_ptr + m.to(tl.int64) * stride_xm
     s, rstd = _input_scale(x_row, nw_ptr, K, eps, ACT, NORM, RELU2, BLOCK_W * 16)
 
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn  # [BLOCK_N, 1]
     lane = tl.arange(0, 4)  # byte lane i of an activation word
     acc = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.int32)  # Σ c·q per (row, word column)
     qsum = tl.zeros((BLOCK_W,), dtype=tl.int32)  # Σ q
     ones = tl.full((BLOCK_W,), 0x01010101, dtype=tl.int32)
     for w0 in range(0, K16, BLOCK_W):
         cols = w0 + tl.arange(0, BLOCK_W)
-        wt = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & (cols < K16)[None, :], other=0)
+        wt = wt_next
+        wt_next = _weight_tile(w_rows, row_ok, w0 + BLOCK_W, K16, BLOCK_W)  # in flight during this tile's math
         for k in tl.static_range(4):
             # activation word for field k: byte i = q[16·col + 4i + k], the weights that field k holds
             j = cols[:, None] * 16 + lane[None, :] * 4 + k  # [BLOCK_W, 4]
@@ -213,15 +242,7 @@ def _gemv_w2a8_kernel(
             codes = (wt >> (2 * k)) & 0x03030303  # [BLOCK_N, BLOCK_W] four codes in byte lanes
             acc = _dp4a(codes, tl.broadcast_to(xw[None, :], (BLOCK_N, BLOCK_W)), acc, ON_GPU)
     dot = tl.sum(acc, axis=1) - tl.sum(qsum, axis=0)  # [BLOCK_N] Σ t·q, exact
-    if SCALE_PER_ROW:
-        sc = tl.load(scale_ptr + rows, mask=row_ok, other=1.0)
-    else:
-        sc = tl.load(scale_ptr)
-    y = tl.div_rn(dot.to(tl.float32) * sc, s)
-    if HAS_RES:  # the block's residual add: both terms in the model dtype, the sum rounded to it
-        r = tl.load(res_ptr + m.to(tl.int64) * stride_rm + rows, mask=row_ok, other=0.0).to(tl.float32)
-        y = r + y.to(dt).to(tl.float32)
-    tl.store(y_ptr + m.to(tl.int64) * stride_ym + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
+    _gemv_store(dot, s, m, rows, row_ok, scale_ptr, res_ptr, y_ptr, stride_rm, stride_ym, SCALE_PER_ROW, HAS_RES)
 
 
 @triton.jit
@@ -231,26 +252,32 @@ def _pack_act_kernel(
     ACT: tl.constexpr, NORM: tl.constexpr, RELU2: tl.constexpr, BLOCK_C: tl.constexpr, ON_GPU: tl.constexpr,
     PDL: tl.constexpr = False,
 ):  # fmt: skip
-    # one program per row: a GEMV input (x, norm(x), or [norm](act(gate)·up), _gemv_input) quantized once and
+    # one program per row: a GEMV input (x, norm(x), or [norm](act(gate)·up), as _gemv_input) quantized once and
     # packed the way the dp4a loop reads it: xq [M, 4, K16] int32, word (k, c) holds q[16c + 4i + k] in byte i;
-    # s f32 [M] (the row's scale); qs int32 [M] = Σ q (the t = code − 1 correction)
+    # s f32 [M] (the row's scale); qs int32 [M] = Σ q (the t = code − 1 correction). The whole row is loaded
+    # once (BLOCK_C ≥ K16 word columns): the statistics and the packing work on registers, so the kernel waits
+    # on memory once, not once per pass and chunk.
     _pdl_enter(PDL)
     m = tl.program_id(0)
     x_row = x_ptr + m.to(tl.int64) * stride_xm
     xq_row = xq_ptr + m.to(tl.int64) * stride_xq
-    s, rstd = _input_scale(x_row, nw_ptr, K, eps, ACT, NORM, RELU2, BLOCK_C * 16)
+    dt = x_ptr.dtype.element_ty
     i = tl.arange(0, 4)  # byte lane
     k = tl.arange(0, 4)  # 2-bit field
-    qsum = tl.zeros((BLOCK_C, 4), dtype=tl.int32)
-    for c0 in range(0, K16, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        j = cols[:, None, None] * 16 + i[None, :, None] * 4 + k[None, None, :]  # [C, i, k] element indices
-        q = _quant(_gemv_input(x_row, nw_ptr, j, j < K, K, rstd, ACT, NORM, RELU2), s, ON_GPU)
-        words = tl.sum((q & 0xFF) << (i[None, :, None] * 8), axis=1)  # [C, k]
-        qsum += tl.sum(q, axis=1)
-        tl.store(xq_row + k[None, :] * K16 + cols[:, None], words, mask=(cols < K16)[:, None])
+    cols = tl.arange(0, BLOCK_C)
+    j = cols[:, None, None] * 16 + i[None, :, None] * 4 + k[None, None, :]  # [C, i, k] element indices
+    ok = j < K
+    v = _gemv_input(x_row, nw_ptr, j, ok, K, 1.0, ACT, False, RELU2)
+    if NORM:
+        rstd = tl.math.rsqrt(tl.sum(tl.sum(tl.sum(v * v, axis=2), axis=1), axis=0) / K + eps)
+        v = _norm_apply(v, rstd, tl.load(nw_ptr + j, mask=ok, other=0.0).to(tl.float32), dt)
+    amax = tl.max(tl.max(tl.max(tl.abs(v), axis=2), axis=1), axis=0)
+    s = tl.div_rn(1.0, tl.maximum(amax, 1e-5)) * 127.0
+    q = _quant(v, s, ON_GPU)  # [C, i, k]; 0 past K
+    words = tl.sum((q & 0xFF) << (i[None, :, None] * 8), axis=1)  # [C, k]
+    tl.store(xq_row + k[None, :] * K16 + cols[:, None], words, mask=(cols < K16)[:, None])
     tl.store(s_ptr + m, s)
-    tl.store(qs_ptr + m, tl.sum(tl.sum(qsum, axis=1), axis=0))
+    tl.store(qs_ptr + m, tl.sum(tl.sum(tl.sum(q, axis=2), axis=1), axis=0))
 
 
 @triton.jit
@@ -263,33 +290,22 @@ def _gemv_packed_kernel(
     # _gemv_w2a8_kernel's loop on activations _pack_act_kernel prepared: per weight word one shift, one mask
     # and one dp4a per 2-bit field, nothing else (about 0.9 SASS instructions a weight at BLOCK_N 16, against
     # about 2 with the quantization in the loop: benchmarks/kernel_resources.py). y [M, N] (+ res)
+    m, rows, row_ok, w_rows = _row_block(w_ptr, N, stride_wn, BLOCK_N)
+    wt_next = _weight_tile(w_rows, row_ok, 0, K16, BLOCK_W)  # before the wait, as in _gemv_w2a8_kernel
     _pdl_enter(PDL)
-    pid_n = tl.program_id(0)
-    m = tl.program_id(1)
     xq_row = xq_ptr + m.to(tl.int64) * stride_xq
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn  # [BLOCK_N, 1]
     acc = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.int32)  # Σ c·q per (row, word column)
     for w0 in range(0, K16, BLOCK_W):
         cols = w0 + tl.arange(0, BLOCK_W)
         col_ok = cols < K16
-        wt = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0)
+        wt = wt_next
+        wt_next = _weight_tile(w_rows, row_ok, w0 + BLOCK_W, K16, BLOCK_W)
         for k in tl.static_range(4):
             xw = tl.load(xq_row + k * K16 + cols, mask=col_ok, other=0)  # [BLOCK_W] activations of field k
             codes = (wt >> (2 * k)) & 0x03030303
             acc = _dp4a(codes, tl.broadcast_to(xw[None, :], (BLOCK_N, BLOCK_W)), acc, ON_GPU)
     dot = tl.sum(acc, axis=1) - tl.load(qs_ptr + m)  # [BLOCK_N] Σ t·q, exact
-    if SCALE_PER_ROW:
-        sc = tl.load(scale_ptr + rows, mask=row_ok, other=1.0)
-    else:
-        sc = tl.load(scale_ptr)
-    y = tl.div_rn(dot.to(tl.float32) * sc, tl.load(s_ptr + m))
-    dt = y_ptr.dtype.element_ty
-    if HAS_RES:
-        r = tl.load(res_ptr + m.to(tl.int64) * stride_rm + rows, mask=row_ok, other=0.0).to(tl.float32)
-        y = r + y.to(dt).to(tl.float32)
-    tl.store(y_ptr + m.to(tl.int64) * stride_ym + rows, y.to(dt), mask=row_ok)
+    _gemv_store(dot, tl.load(s_ptr + m), m, rows, row_ok, scale_ptr, res_ptr, y_ptr, stride_rm, stride_ym, SCALE_PER_ROW, HAS_RES)
 
 
 @triton.jit
@@ -676,6 +692,13 @@ def bitlinear_gemv(
     return y
 
 
+def pack_act_launch(k16: int, act: bool) -> tuple[int, int]:
+    """(BLOCK_C, num_warps) of _pack_act_kernel for K16 word columns: the whole row at once (16·BLOCK_C values,
+    twice that with act), about 32 values per thread and tensor."""
+    block_c = triton.next_power_of_2(k16)
+    return block_c, max(4, min(16, block_c * (32 if act else 16) // 1024))
+
+
 class PackedAct(NamedTuple):
     """A GEMV input quantized and packed once (``pack_act``): xq int32 [M, 4, K16], s f32 [M], qsum int32 [M]."""
 
@@ -706,11 +729,11 @@ def pack_act(
     s = torch.empty((m,), dtype=torch.float32, device=x.device)
     qsum = torch.empty((m,), dtype=torch.int32, device=x.device)
     if m:
-        block_c = 16 if _INTERPRET else 128  # 16·BLOCK_C elements per step (the interpreter: as _INTERP_GEMV)
+        block_c, warps = pack_act_launch(k16, act is not None)
         _pack_act_kernel[(m,)](
             x, norm if norm is not None else x, xq, s, qsum, K, k16, eps, x.stride(0), xq.stride(0),
             ACT=act is not None, NORM=norm is not None, RELU2=act == "relu2", BLOCK_C=block_c,
-            ON_GPU=not _INTERPRET, PDL=_use_pdl(x, pdl), launch_pdl=_use_pdl(x, pdl), num_warps=4,
+            ON_GPU=not _INTERPRET, PDL=_use_pdl(x, pdl), launch_pdl=_use_pdl(x, pdl), num_warps=warps,
         )  # fmt: skip
     return PackedAct(xq, s, qsum, K)
 

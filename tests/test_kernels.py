@@ -174,8 +174,10 @@ def test_gemv_fused_ops_equal_the_separate_kernels(M, N, K, seed, dtype):
 @interp
 @pytest.mark.parametrize("M,N,K,seed,dtype", FUSED_CASES + [(2, 5, 13, 2, torch.bfloat16)])
 def test_packed_gemv_equals_the_fused_gemv(M, N, K, seed, dtype):
-    # pack_act + bitlinear_gemv_packed compute what bitlinear_gemv computes with the same options, bit for bit
-    # (the statistics are reduced in the same 256-element steps in the interpreter); K = 13: one padded word
+    # pack_act + bitlinear_gemv_packed compute what bitlinear_gemv computes with the same options: bit for bit
+    # without a norm; with one, the sum of squares is reduced in another order (pack_act holds the whole row),
+    # which may move a rounding tie of the quantization: then at most a q step or two on an output. K = 13: one
+    # padded word
     x, packed, scale, w, gu, res = _fused_case(M, N, K, dtype, seed)
     options = [({}, x), (dict(norm=w, eps=1e-5), x), (dict(act="relu2", norm=w, eps=1e-5), gu), (dict(act="silu"), gu)]
     for kw, inp in options:
@@ -183,7 +185,12 @@ def test_packed_gemv_equals_the_fused_gemv(M, N, K, seed, dtype):
         assert a.xq.shape == (M, 4, (K + 15) // 16) and a.xq.dtype == torch.int32
         for r in (None, res):
             got = kernels.bitlinear_gemv_packed(a, packed, scale, dtype, residual=r)
-            assert torch.equal(got, kernels.bitlinear_gemv(inp, packed, scale, K, residual=r, **kw)), (kw, r is not None)
+            want = kernels.bitlinear_gemv(inp, packed, scale, K, residual=r, **kw)
+            if "norm" not in kw:
+                assert torch.equal(got, want), (kw, r is not None)
+            else:
+                step = (scale.max() / a.s)[:, None]  # one q step on one input, in output units
+                assert bool(((got.float() - want.float()).abs() <= 2 * step + want.float().abs() * 2**-7).all()), kw
     # the packed words themselves: word (k, c) holds q[16c + 4i + k] in byte i; qsum = Σ q
     q, s = quantize_activations(x)
     a = kernels.pack_act(x, K)
