@@ -54,7 +54,8 @@ def variants(quick: bool) -> list[tuple[str, object, dict, dict, dict]]:
             args = {"x_ptr": bf, "nw_ptr": bf, "res_ptr": bf, "w_ptr": "*i32", "scale_ptr": "*fp32", "y_ptr": bf,
                     "N": D, "K": k, "K16": k // 16, "eps": 1e-5, "stride_xm": 2 * k if act else k, "stride_rm": D,
                     "stride_wn": k // 16, "stride_ym": D}  # fmt: skip
-            const = dict(ACT=act, NORM=norm, RELU2=act, HAS_RES=res, SCALE_PER_ROW=False, BLOCK_N=bn, BLOCK_W=bw, ON_GPU=True)
+            const = dict(ACT=act, NORM=norm, RELU2=act, HAS_RES=res, SCALE_PER_ROW=False, BLOCK_N=bn, BLOCK_W=bw,
+                         BLOCK_P=K.prologue_block(k), ON_GPU=True)  # fmt: skip
             out.append((f"gemv_w2a8 {label} {bn}x{bw} w{warps}", K._gemv_w2a8_kernel, args, const, {"num_warps": warps}))
     for label, (n, k, res) in {"(qkv)": (3840, D, False), "+ residual (down)": (D, I, True)}.items():
         for bn, bw, warps in gemv_cfgs + ([] if quick else K._PACKED_EXTRA):
@@ -73,7 +74,7 @@ def variants(quick: bool) -> list[tuple[str, object, dict, dict, dict]]:
         for bn, bw, warps in gemv_cfgs:
             args = {"x_ptr": bf, "nw_ptr": bf, "w_ptr": "*i32", "scale_ptr": "*fp32", "y_ptr": "*fp32", "N": V, "K": D,
                     "K4": D // 4, "eps": 1e-5, "stride_xm": D, "stride_wn": D // 4, "stride_ym": V}  # fmt: skip
-            const = dict(NORM=norm, BLOCK_N=bn, BLOCK_W=bw, ON_GPU=True)
+            const = dict(NORM=norm, BLOCK_N=bn, BLOCK_W=bw, BLOCK_P=K.prologue_block(D), ON_GPU=True)
             label = f"head_int8{' + norm' if norm else ''} {bn}x{bw} w{warps}"
             out.append((label, K._gemv_w8a8_kernel, args, const, {"num_warps": warps}))
     for bm, bn, bk, warps, stages in K._MM_CONFIGS[: 1 if quick else None]:

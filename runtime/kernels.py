@@ -211,18 +211,19 @@ def _gemv_w2a8_kernel(
     N, K, K16, eps,
     stride_xm, stride_rm, stride_wn, stride_ym,
     ACT: tl.constexpr, NORM: tl.constexpr, RELU2: tl.constexpr, HAS_RES: tl.constexpr,
-    SCALE_PER_ROW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, ON_GPU: tl.constexpr,
-    PDL: tl.constexpr = False,
+    SCALE_PER_ROW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_P: tl.constexpr,
+    ON_GPU: tl.constexpr, PDL: tl.constexpr = False,
 ):  # fmt: skip
     # x [M, K] float (gate | up [M, 2K] with ACT); w: t2 bytes viewed as int32 words [N, K16] (word = 16 weights
-    # of a row); y [M, N] (= res + x·Wᵀ with HAS_RES); grid (cdiv(N, BLOCK_N), M)
+    # of a row); y [M, N] (= res + x·Wᵀ with HAS_RES); grid (cdiv(N, BLOCK_N), M). BLOCK_P: the input
+    # statistics' chunk (prologue_block), as large as registers allow, since each chunk is a wait on memory
     m, rows, row_ok, w_rows = _row_block(w_ptr, N, stride_wn, BLOCK_N)
     # the first weight tile is fetched before anything else: weights do not depend on earlier kernels (so this
     # may run before _pdl_enter's wait), and the fetch overlaps the input statistics below
     wt_next = _weight_tile(w_rows, row_ok, 0, K16, BLOCK_W)
     _pdl_enter(PDL)
     x_row = x_ptr + m.to(tl.int64) * stride_xm
-    s, rstd = _input_scale(x_row, nw_ptr, K, eps, ACT, NORM, RELU2, BLOCK_W * 16)
+    s, rstd = _input_scale(x_row, nw_ptr, K, eps, ACT, NORM, RELU2, BLOCK_P)
 
     lane = tl.arange(0, 4)  # byte lane i of an activation word
     acc = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.int32)  # Σ c·q per (row, word column)
@@ -363,7 +364,8 @@ def _gemv_w8a8_kernel(
     x_ptr, nw_ptr, w_ptr, scale_ptr, y_ptr,
     N, K, K4, eps,
     stride_xm, stride_wn, stride_ym,
-    NORM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, ON_GPU: tl.constexpr, PDL: tl.constexpr = False,
+    NORM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_P: tl.constexpr, ON_GPU: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):  # fmt: skip
     # x [M, K] float (the final RMSNorm applied here with NORM); w int8 weights viewed as int32 words [N, K4]
     # (4 weights each); scale f32 [N]; y f32 [M, N]
@@ -371,7 +373,7 @@ def _gemv_w8a8_kernel(
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
     x_row = x_ptr + m.to(tl.int64) * stride_xm
-    s, rstd = _input_scale(x_row, nw_ptr, K, eps, False, NORM, False, BLOCK_W * 4)
+    s, rstd = _input_scale(x_row, nw_ptr, K, eps, False, NORM, False, BLOCK_P)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
@@ -611,6 +613,13 @@ def _sm90(index: int | None) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9
 
 
+def prologue_block(K: int) -> int:
+    """The GEMVs' input-statistics chunk for K inputs: the whole row up to 4,096 values (gate|up: pairs), so that
+    each pass of the prologue waits on memory once at K = 2,560 and twice at 6,912; no tile spills with it
+    (benchmarks/kernel_resources.py)."""
+    return min(triton.next_power_of_2(K), 4096)
+
+
 def gemv_compatible(packed: torch.Tensor) -> bool:
     """True when the t2 rows can be read as int32 words: row bytes a multiple of 4 and a 4-byte aligned base."""
     return packed.shape[1] % 4 == 0 and packed.data_ptr() % 4 == 0 and packed.stride(0) % 4 == 0
@@ -680,7 +689,8 @@ def bitlinear_gemv(
             x.stride(0), res.stride(0), words.stride(0), y.stride(0))  # fmt: skip
     use_pdl = _use_pdl(x, pdl)
     flags = dict(ACT=act is not None, NORM=norm is not None, RELU2=act == "relu2", HAS_RES=residual is not None,
-                 SCALE_PER_ROW=scale.numel() != 1 or n == 1, PDL=use_pdl, launch_pdl=use_pdl)  # fmt: skip
+                 SCALE_PER_ROW=scale.numel() != 1 or n == 1, BLOCK_P=prologue_block(K),
+                 PDL=use_pdl, launch_pdl=use_pdl)  # fmt: skip
     if config is None and not _INTERPRET:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m)
         _gemv_w2a8_tuned[grid](*args, **flags, ON_GPU=True)
@@ -884,12 +894,12 @@ def head_int8(
     use_pdl = _use_pdl(x, pdl)
     if config is None and not _INTERPRET:
         grid = lambda meta: (triton.cdiv(v, meta["BLOCK_N"]), m)
-        _gemv_w8a8_tuned[grid](*args, NORM=norm is not None, ON_GPU=True, PDL=use_pdl, launch_pdl=use_pdl)
+        _gemv_w8a8_tuned[grid](*args, NORM=norm is not None, BLOCK_P=prologue_block(d), ON_GPU=True, PDL=use_pdl, launch_pdl=use_pdl)
     else:
         bn, bw, warps = config or _INTERP_GEMV
         _gemv_w8a8_kernel[(triton.cdiv(v, bn), m)](
-            *args, NORM=norm is not None, BLOCK_N=bn, BLOCK_W=bw, ON_GPU=not _INTERPRET, num_warps=warps,
-            PDL=use_pdl, launch_pdl=use_pdl,
+            *args, NORM=norm is not None, BLOCK_N=bn, BLOCK_W=bw, BLOCK_P=prologue_block(d), ON_GPU=not _INTERPRET,
+            num_warps=warps, PDL=use_pdl, launch_pdl=use_pdl,
         )  # fmt: skip
     return y
 
