@@ -15,7 +15,12 @@ Kernels
   one ``dp4a`` multiplies them with the activation word holding those four activations: 4 MACs per instruction,
   about 0.75 integer instructions per weight (plus the activation packing, shared by the BLOCK_N rows of a
   program), so the kernel stays bound by memory, not by unpacking. The codes
-  are t + 1, so Σ c·q − Σ q = Σ t·q; Σ q comes out of the same dp4a pass.
+  are t + 1, so Σ c·q − Σ q = Σ t·q; Σ q comes out of the same dp4a pass. Options fuse the decode step's
+  neighbouring ops into the launch (``norm``, ``act`` for gate|up, ``residual``; FastModel(gemv="fused")).
+  The first weight tile is fetched before the input statistics, the next one during each tile's math.
+- ``pack_act`` + ``bitlinear_gemv_packed`` (FastModel(gemv="packed")): the input (with its norm / act) quantized
+  and packed into dp4a words once per row, then a GEMV whose loop is only shift, mask and dp4a: about one SASS
+  instruction per weight instead of two to four (benchmarks/kernel_resources.py counts them offline).
 - ``bitlinear_matmul`` (prefill): quantize once, then tiles of int8 x and of weights unpacked to int8 in
   registers meet in ``tl.dot`` int8 × int8 → int32 on the tensor cores (``int8_dot=False``: fp16 operands with
   fp32 accumulation, still exact below 2^24).
@@ -23,7 +28,11 @@ Kernels
   the same dp4a GEMV on int8 weights.
 - ``rmsnorm`` (optionally with the residual add) and ``act_mul_norm`` (relu²/SiLU gate · up + the MLP sub-norm):
   one launch each instead of the handful of torch ops they replace in the decode step.
+- ``decode_attention``: rope, the KV-cache write and the attention of one decode token, one kernel or split over
+  chunks of the cache plus a combine (flash-decoding).
 - ``bitlinear_op`` / ``head_int8_op``: the same as torch.library custom ops, opaque to torch.compile.
+
+``pdl=True`` (the decode-step kernels): programmatic dependent launch on sm_90+, see ``_pdl_enter``.
 
 Under ``TRITON_INTERPRET=1`` (tests on the CPU) dp4a and rint are computed with plain integer / float ops
 instead of the PTX instruction and the libdevice call, which the interpreter cannot run; the arithmetic is the
