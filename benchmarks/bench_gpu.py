@@ -650,6 +650,11 @@ def print_table() -> None:
             say(f"{name:<82}{'FAILED':>14}")
         else:
             say(f"{name:<82}{d['tok_s']:>14.1f}{d['fraction_of_roofline']:>13.0%}{d['ttft_s'] * 1e3:>10.1f}")
+    agree = r.get("checks", {}).get("greedy_equal_to_default", {})
+    ok = {n: d["tok_s"] for n, d in r.get("decode", {}).items() if agree.get(n) and "tok_s" in d}
+    if ok:  # the candidate for FastModel's default: the fastest bf16-head variant that decodes the default's tokens
+        best = max(ok, key=ok.get)
+        say(f"fastest variant with the default's greedy tokens: {best} ({ok[best]:.1f} tok/s)")
     if "transformers" in r and "tok_s" in r["transformers"]:
         t = r["transformers"]
         say(f"{'transformers BitNetForCausalLM':<82}{t['tok_s']:>14.2f}{'':>13}{t['ttft_s'] * 1e3:>10.1f}")
