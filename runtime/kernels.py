@@ -130,10 +130,10 @@ def _gemv_store(dot, s, m, rows, row_ok, scale_ptr, res_ptr, y_ptr, stride_rm, s
 
 
 @triton.jit
-def _weight_tile(w_rows, row_ok, w0, K16, BLOCK_W: tl.constexpr):
-    # int32 weight words [BLOCK_N, BLOCK_W] of columns w0.. (0 past K16 or past the last row: no memory access)
+def _weight_tile(w_rows, row_ok, w0, n_words, BLOCK_W: tl.constexpr):
+    # int32 weight words [BLOCK_N, BLOCK_W] of columns w0.. (0 past n_words or past the last row: no memory access)
     cols = w0 + tl.arange(0, BLOCK_W)
-    return tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & (cols < K16)[None, :], other=0)
+    return tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & (cols < n_words)[None, :], other=0)
 
 
 @triton.jit
@@ -379,26 +379,20 @@ def _gemv_w8a8_kernel(
     # x [M, K] float (the final RMSNorm applied here with NORM); w int8 weights viewed as int32 words [N, K4]
     # (4 weights each); scale f32 [N]; y f32 [M, N]
     _pdl_enter(PDL)
-    pid_n = tl.program_id(0)
-    m = tl.program_id(1)
+    m, rows, row_ok, w_rows = _row_block(w_ptr, N, stride_wn, BLOCK_N)
     x_row = x_ptr + m.to(tl.int64) * stride_xm
     s, rstd = _input_scale(x_row, nw_ptr, K, eps, False, NORM, False, BLOCK_P)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
     lane = tl.arange(0, 4)
     acc = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.int32)
     for w0 in range(0, K4, BLOCK_W):
         cols = w0 + tl.arange(0, BLOCK_W)
-        wt = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & (cols < K4)[None, :], other=0)
+        wt = _weight_tile(w_rows, row_ok, w0, K4, BLOCK_W)
         j = cols[:, None] * 4 + lane[None, :]  # natural order: byte i of word col is element 4·col + i
         xv = _gemv_input(x_row, nw_ptr, j, j < K, K, rstd, False, NORM, False)
         xw = tl.sum((_quant(xv, s, ON_GPU) & 0xFF) << (lane[None, :] * 8), axis=1)
         acc = _dp4a(wt, tl.broadcast_to(xw[None, :], (BLOCK_N, BLOCK_W)), acc, ON_GPU)
-    dot = tl.sum(acc, axis=1)
-    sc = tl.load(scale_ptr + rows, mask=row_ok, other=1.0)
-    y = tl.div_rn(dot.to(tl.float32) * sc, s)
-    tl.store(y_ptr + m.to(tl.int64) * stride_ym + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
+    # per-row scales, f32 logits, no residual
+    _gemv_store(tl.sum(acc, axis=1), s, m, rows, row_ok, scale_ptr, y_ptr, y_ptr, 0, stride_ym, True, False)
 
 
 @triton.jit
