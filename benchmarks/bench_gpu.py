@@ -7,19 +7,22 @@
 
 What it does, in order (each step logs one line; a short table comes last):
 1. the GPU and its device-to-device copy bandwidth (bytes read + written);
-2. a per-matrix microbenchmark of the 2B-4T shapes (which also autotunes the decode kernels): our W2A8 GEMV, the
-   packed GEMV (activations packed once: gemv="packed") and its pack_act launch vs bf16 F.linear vs unpack + F.linear, over rotating weight copies larger than L2, replayed from a CUDA graph,
-   with achieved GB/s; and the int8 head GEMV vs the bf16 head;
+2. the launch floor (benchmarks/launch_floor.py: µs per dependent launch in a graph, with and without PDL); and,
+   last in the run (8.), a per-matrix microbenchmark of the 2B-4T shapes: our W2A8 GEMV, the packed GEMV
+   (activations packed once: gemv="packed", autotuned and each tile on its own) and its pack_act launch vs bf16
+   F.linear vs unpack + F.linear, over rotating weight copies larger than L2, replayed from a CUDA graph, with
+   achieved GB/s; and the int8 head GEMV vs the bf16 head;
 3. the random model: random t2 bytes, per-tensor scales and a random bf16 tied embedding written with
    formats.PackedWriter into a temp dir, then loaded with ``bitnet158.runtime.load`` (load time, resident
    memory), and the roofline (weight bytes per decoded token ÷ the copy bandwidth);
-4. correctness: fast-path logits against the reference path, greedy tokens of the CUDA-graph decoder against the
-   runtime's own generate loop: PASS / FAIL; then what the int8 head does to the logits (and, for a real
-   ``--file``, to the perplexity of a built-in paragraph);
+4. correctness: fast-path prefill logits against the reference path, and the default decode step in its CUDA
+   graph teacher-forced against the reference network (``step_check``): PASS / FAIL; then what the int8 head does
+   to the logits (and, for a real ``--file``, to the perplexity of a built-in paragraph);
 5. decode tok/s at batch 1 (median of runs of ``--tokens``, after a 512-token prompt) for every variant: the
-   CUDA-graph step with each attention / GEMV variant of FastModel (GRAPH_VARIANTS: each first checked to give the
-   default's greedy tokens) and the int8 head, sampled decoding, then the eager baselines over ``--slow-tokens``
-   (reference; triton runtime loop; triton fused);
+   CUDA-graph step with each attention / GEMV variant of FastModel (GRAPH_VARIANTS or ``--variants``: each first
+   passes ``step_check``) and the int8 head, sampled decoding, then the eager baselines over ``--slow-tokens``
+   (reference; triton runtime loop; the first graph step run eagerly; ``--no-eager`` skips them); with
+   ``--profile`` the kernels inside the default's graph step (torch.profiler);
    prefill tok/s for 512 tokens, the time to first token, peak GPU memory;
 6. with ``--hf``: transformers' BitNetForCausalLM on the same weights (an HF packed checkpoint written here,
    autobitlinear offline), in a subprocess with TORCHDYNAMO_DISABLE=1, decode over ``--hf-tokens`` tokens;
@@ -55,6 +58,7 @@ TEXT = (
 )
 RESULTS: dict = {}
 DEV = "cuda"  # "cpu" only for --smoke (a tiny model through the whole script, kernels in Triton's interpreter)
+TRAINED = False  # a converted model (--file) or the smoke run's tiny fp32 one: step_check judges logits there
 
 
 def say(msg: str) -> None:
@@ -231,26 +235,16 @@ def check_correctness(model, fast, prompt: list[int]) -> bool:
         top1 = float((got.argmax(-1) == ref.argmax(-1)).float().mean())
         ok &= rel < 1e-2 and top1 >= 0.99
         say(f"check: fast logits vs reference: rel err {rel:.2e}, top-1 agreement {top1:.3f} over {len(prompt)} positions")
-        # the captured graph must replay exactly what the same step computes eagerly
-        graph_tokens = list(GraphDecoder(fast, len(prompt) + 16, use_graph=DEV == "cuda").generate(prompt, 8))
-        eager_tokens = list(GraphDecoder(fast, len(prompt) + 16, use_graph=False).generate(prompt, 8))
-        same = graph_tokens == eager_tokens
-        ok &= same
-        say(f"check: greedy tokens, CUDA graph vs the same step eagerly: {'equal' if same else 'DIFFERENT'} {graph_tokens} / {eager_tokens}")
-        # the cached decode against the reference network teacher-forced on those tokens (a random 30-layer
-        # network is chaotic: bf16 differences between attention kernels may flip a near tie, so ≥ 75 %, and
-        # the runtime's own greedy loop is reported for information)
-        full = prompt + graph_tokens
-        fast.set_backend("reference")
-        net.setup_cache(1, len(full))
-        ref_next = net(torch.tensor([full], device=DEV), 0)[0, len(prompt) - 1 : -1].argmax(-1).tolist()
-        fast.set_backend("triton")
-        agree = sum(a == b for a, b in zip(ref_next, graph_tokens)) / len(graph_tokens)
-        ok &= agree >= 0.75
-        say(f"check: reference next-token argmax on the decoded sequence agrees at {agree:.0%} of {len(graph_tokens)} steps; "
-            f"runtime reference greedy loop {'equal' if ref_tokens == graph_tokens else 'differs: ' + str(ref_tokens)}")
-        RESULTS["check"] = {"logits_rel_err": rel, "top1_agreement": top1, "graph_equals_eager": same,
-                            "teacher_forced_agreement": agree, "runtime_greedy_equal": ref_tokens == graph_tokens}  # fmt: skip
+        # the default decode step in its CUDA graph, teacher-forced against the reference network (step_check)
+        graph_tokens = list(GraphDecoder(fast, len(prompt) + 16, use_graph=DEV == "cuda").generate(prompt, 12))
+        c = step_check(fast, prompt, graph_tokens)
+        ok &= c["pass"]
+        say(f"check: default decode step: graph replays its step {'exactly' if c['replay_exact'] else 'NOT EXACTLY'}; "
+            f"teacher-forced vs the reference network: logits rel err {c['rel_err']:.2e}, top-1 {c['top1']:.0%} of {c['steps']} "
+            f"steps{'' if c['judged'] else ' (random model: not judged, see step_check)'}; runtime reference greedy loop "
+            f"{'equal' if ref_tokens == graph_tokens[:8] else 'differs: ' + str(ref_tokens)}")
+        RESULTS["check"] = {"logits_rel_err": rel, "top1_agreement": top1, "default_step": c,
+                            "runtime_greedy_equal": ref_tokens == graph_tokens[:8]}  # fmt: skip
     say(f"CORRECTNESS: {'PASS' if ok else 'FAIL'}")
     RESULTS["correct"] = ok
     return ok
@@ -281,14 +275,107 @@ def int8_head_effect(fast, prompt: list[int], text_ids: list[int] | None) -> Non
         RESULTS["int8_head"] = res
 
 
+def step_check(fast, prompt: list[int], tokens: list[int]) -> dict:
+    """The current decode variant's step against the reference network, teacher-forced on ``tokens`` (the greedy
+    tokens its CUDA graph produced after ``prompt``).
+
+    The step runs eagerly at tensor positions, the function the graph captured: its argmax must reproduce the
+    graph's next tokens exactly (the graph replays the step). Its logits are compared with the reference path's
+    (backend "reference", torch ops) over the same sequence in one prefill: relative error of all logits, and
+    top-1 agreement (with the int8 head the reference applies the same int8 head in torch).
+
+    Pass: the replay is exact and, on a trained model (``--file``), rel err < 5e-2 with top-1 ≥ 90 %. On the random
+    2B-4T-shaped model the comparison is reported, not judged: its 30 random layers amplify any change in float
+    order through the int8 quantization of each layer's input. Measured on the CPU with the reference path on both
+    sides (2026-11-26): decode steps against one prefill of the same tokens differ by 0.18 relative in float32 and
+    by exactly 0 in float64. So there only the kernel tests and the trained model can judge the variants.
+    """
+    net = fast.net
+    full = prompt + tokens[:-1]  # the step at position len(prompt) + i runs tokens[i] and predicts tokens[i + 1]
+    net.setup_cache(1, len(full) + 1)
+    fast.logits_last(torch.tensor([prompt], device=DEV), 0)
+    steps = []
+    for i, t in enumerate(tokens[:-1]):
+        pos = torch.tensor([len(prompt) + i], device=DEV)
+        steps.append(fast.logits_last(torch.tensor([[t]], device=DEV), pos)[0])
+    got = torch.stack(steps)  # [n - 1, V]
+    backend = fast.backend
+    fast.set_backend("reference")
+    try:
+        net.setup_cache(1, len(full) + 1)
+        ids = torch.tensor([full], device=DEV)
+        if fast.head == "bf16":
+            ref = net(ids, 0)[0, len(prompt) :].float()  # [n - 1, V]: the network's own forward
+        else:  # the int8 head's arithmetic in torch (exact dots) on the reference network's hidden states
+            ref = fast.logits(ids, 0, last_only=False)[0, len(prompt) :]
+    finally:  # a failure here must not leave the next variants on the reference backend
+        fast.set_backend(backend)
+    rel = float((got - ref).norm() / ref.norm())
+    top1 = float((got.argmax(-1) == ref.argmax(-1)).float().mean())
+    exact = got.argmax(-1).tolist() == tokens[1:]
+    judged = TRAINED
+    ok = exact and (not judged or (rel < 5e-2 and top1 >= 0.9))
+    return {"replay_exact": exact, "rel_err": rel, "top1": top1, "steps": len(steps), "judged": judged, "pass": ok}
+
+
+def profile_step(dec, prompt: list[int], tok_s: float | None, steps: int = 20) -> None:
+    """Kernel time inside the default's CUDA-graph step (torch.profiler; CUPTI records the kernels of a graph
+    replay): per kernel name, launches and µs per token, and their sum against the measured time per token."""
+    from torch.profiler import ProfilerActivity, profile
+
+    list(dec.generate(prompt, 2))  # captured already; the state is at the prompt's end + 2
+    steps = min(steps, dec.max_seq - len(prompt) - 3)  # replays past the cache would index out of it
+    key = (True, None, False)  # the greedy step's graph
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            dec._replay(key)
+        sync()
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t > 0 and e.count >= steps:
+            rows.append((e.key, e.count / steps, t / steps))
+    rows.sort(key=lambda r: -r[2])
+    total = sum(r[2] for r in rows)
+    per_token = 1e6 / tok_s if tok_s else float("nan")
+    RESULTS["profile"] = {"kernels": [{"name": k, "launches_per_token": c, "us_per_token": t} for k, c, t in rows],
+                          "kernel_us_per_token": total, "measured_us_per_token": per_token}  # fmt: skip
+    say(f"profile of the default step ({steps} graph replays): {sum(r[1] for r in rows):.0f} launches and {total:.0f} us of "
+        f"kernel time per token, against {per_token:.0f} us per token measured")
+    for k, c, t in rows[:14]:
+        say(f"  {t:8.1f} us/token {c:6.0f} launches  {t / c:6.2f} us each  {k[:90]}")
+
+
 # --- variants -------------------------------------------------------------------------------------------------
-# the CUDA-graph decode variants of FastModel: (attention, gemv, pdl, head); the first is the default
+# the CUDA-graph decode variants of FastModel: (attention, gemv, pdl, head). The first is the first graph step
+# (torch attention ops, GEMVs that quantize in their loop): the baseline the others are timed against.
 GRAPH_VARIANTS = [
     ("torch", "plain", False, "bf16"), ("triton", "plain", False, "bf16"), ("split", "plain", False, "bf16"),
-    ("triton", "packed", False, "bf16"), ("split", "packed", True, "bf16"), ("triton", "fused", False, "bf16"),
-    ("split", "fused", True, "bf16"), ("triton", "packed", True, "bf16"), ("triton", "fused", True, "bf16"),
-    ("split", "packed", True, "int8"), ("split", "fused", True, "int8"), ("torch", "plain", False, "int8"),
+    ("triton", "packed", False, "bf16"), ("split", "packed", False, "bf16"), ("split", "packed", True, "bf16"),
+    ("triton", "fused", False, "bf16"), ("split", "fused", True, "bf16"), ("triton", "packed", True, "bf16"),
+    ("triton", "fused", True, "bf16"), ("split", "packed", True, "int8"), ("split", "fused", True, "int8"),
+    ("torch", "plain", False, "int8"),
 ]  # fmt: skip
+
+
+def default_variant() -> tuple[str, str, bool, str]:
+    """FastModel's own defaults (attention, gemv, pdl, head): what ``load()`` runs on CUDA."""
+    import inspect
+
+    from bitnet158.runtime.fast import FastModel
+
+    p = inspect.signature(FastModel.__init__).parameters
+    return p["attention"].default, p["gemv"].default, p["pdl"].default, p["head"].default
+
+
+def parse_variant(spec: str) -> tuple[str, str, bool, str]:
+    """'attention/gemv[/pdl][/int8]' (e.g. 'split/packed/pdl') → (attention, gemv, pdl, head); 'default' too."""
+    if spec == "default":
+        return default_variant()
+    parts = spec.split("/")
+    if len(parts) < 2 or not set(parts[2:]) <= {"pdl", "int8"}:
+        raise SystemExit(f"--variants: bad variant {spec!r} (attention/gemv[/pdl][/int8], or default)")
+    return parts[0], parts[1], "pdl" in parts[2:], "int8" if "int8" in parts[2:] else "bf16"
 
 
 def variant_name(attention: str, gemv: str, pdl: bool, head: str) -> str:
@@ -301,7 +388,7 @@ def variant_name(attention: str, gemv: str, pdl: bool, head: str) -> str:
         parts.append("PDL")
     if head == "int8":
         parts.append("int8 head")
-    return " + ".join(parts)
+    return " + ".join(parts) + (" (default)" if (attention, gemv, pdl, head) == default_variant() else "")
 
 
 def run_variants(fast, prompt: list[int], args) -> None:
@@ -314,7 +401,7 @@ def run_variants(fast, prompt: list[int], args) -> None:
     max_seq = len(prompt) + n
     graphs = DEV == "cuda"
     rows = RESULTS.setdefault("decode", {})
-    agree = RESULTS.setdefault("checks", {}).setdefault("greedy_equal_to_default", {})
+    checks = RESULTS.setdefault("checks", {}).setdefault("variants", {})
     prompt_t = torch.tensor([prompt], device=DEV)
 
     def runtime_gen(k):
@@ -341,44 +428,54 @@ def run_variants(fast, prompt: list[int], args) -> None:
         fast.attention, fast.gemv, fast.pdl = attention, gemv, pdl
         fast.set_head(head)
 
+    variants = [parse_variant(v) for v in args.variants.split(",")] if args.variants else GRAPH_VARIANTS
     with torch.inference_mode():
         fast.set_backend("triton")
-        # every graph variant first: the same greedy tokens as the default step (bf16 heads; the int8 head
-        # changes the logits, so its variants are only timed), then its speed
+        # every graph variant: first its step checked against the reference network (step_check), then its speed
         n_check = min(32, n)
-        want = None
-        for variant in GRAPH_VARIANTS:
+        first = None  # the first variant's greedy tokens: how long each other variant's sequence stays equal
+        for variant in variants:
             name, head = variant_name(*variant), variant[-1]
             configure(*variant)
             try:
                 dec = GraphDecoder(fast, max_seq, use_graph=graphs)
-                if head == "bf16":
-                    got = list(dec.generate(prompt, n_check))
-                    want = want or got
-                    agree[name] = got == want
-                    say(f"check: {name}: greedy {n_check} tokens {'equal to' if got == want else 'DIFFER from'} the default's")
+                got = list(dec.generate(prompt, n_check))
+                c = step_check(fast, prompt, got)
+                first = first or got
+                c["greedy_prefix_equal_to_first"] = next((i for i, (a, b) in enumerate(zip(got, first)) if a != b), len(got))
+                checks[name] = c
+                say(f"check: {name}: graph replays its step {'exactly' if c['replay_exact'] else 'NOT EXACTLY'}; teacher-forced "
+                    f"vs the reference network: logits rel err {c['rel_err']:.2e}, top-1 {c['top1']:.0%} of {c['steps']} steps"
+                    f"{'' if c['judged'] else ' (random model: not judged)'} -> {'PASS' if c['pass'] else 'FAIL'} "
+                    f"(greedy equal to the first variant's for {c['greedy_prefix_equal_to_first']}/{len(got)})")
             except Exception as e:  # noqa: BLE001
                 say(f"decode {name}: FAILED {type(e).__name__}: {str(e)[:300]}")
                 rows[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
                 continue
-            if graphs and variant == GRAPH_VARIANTS[0]:
+            if graphs and variant == variants[0]:
                 torch.cuda.reset_peak_memory_stats()
             measure(name, fast_gen(dec), args.runs, head=head)
-            if graphs and variant == GRAPH_VARIANTS[0]:
+            if graphs and variant == variants[0]:
                 RESULTS["peak_mem_decode_bytes"] = torch.cuda.max_memory_allocated()
             if head == "int8":
                 RESULTS["resident_int8_head_bytes"] = fast.resident_bytes()
+            if args.profile and variant == default_variant() and graphs:
+                stage("profile", profile_step, dec, prompt, rows[name].get("tok_s"))
             del dec
-        configure(*GRAPH_VARIANTS[0])
-        measure("triton + CUDA graph, sampled", fast_gen(GraphDecoder(fast, max_seq, use_graph=graphs), temperature=0.8,
-                top_k=50, top_p=0.95, seed=0), args.runs)  # fmt: skip
+        configure(*default_variant())
+        measure("triton + CUDA graph (default), sampled", fast_gen(GraphDecoder(fast, max_seq, use_graph=graphs),
+                temperature=0.8, top_k=50, top_p=0.95, seed=0), args.runs)  # fmt: skip
+        if args.no_eager:
+            return
         # the launch-bound eager baselines, over fewer tokens (their rate hardly depends on it)
         slow = min(n, args.slow_tokens)
         fast.set_backend("reference")
         measure("reference eager", runtime_gen, args.slow_runs, tokens=slow)
         fast.set_backend("triton")
         measure("triton eager (runtime loop, unfused)", runtime_gen, args.slow_runs, tokens=slow)
+        configure(*GRAPH_VARIANTS[0])  # the first graph step, run eagerly (the launch gaps a graph removes)
         measure("triton eager fused", fast_gen(GraphDecoder(fast, max_seq, use_graph=False)), args.slow_runs, tokens=slow)
+        configure(*default_variant())
 
         # prefill of the prompt (512 tokens by default): logits of the last position only
         pre = RESULTS.setdefault("prefill", {})
@@ -534,6 +631,14 @@ def microbench(shapes: list[tuple[str, int, int]]) -> None:
         t = graph_time([lambda w=w, sc=sc: kernels.bitlinear_gemv_packed(act, w, sc, xk.dtype) for w in ws])
         row["packed_us"], row["packed_GBs"] = t * 1e6, n * kb / t / 1e9
         row["pack_act_us"] = graph_time([lambda xk=xk, k=k: kernels.pack_act(xk, k)] * 8) * 1e6
+        # each tile of the packed GEMV's autotune set on its own: which wins, and what the whole-row tiles add
+        per_cfg = {}
+        for cfg in kernels.PACKED_GEMV_CONFIGS:
+            per_cfg[cfg] = graph_time([lambda w=w, sc=sc, cfg=cfg: kernels.bitlinear_gemv_packed(act, w, sc, xk.dtype, config=cfg)
+                                       for w in ws]) * 1e6  # fmt: skip
+        best = min(per_cfg, key=per_cfg.get)
+        row["packed_best_config"], row["packed_best_us"] = list(best), per_cfg[best]
+        row["packed_best_not_wide_us"] = min(t for c, t in per_cfg.items() if c not in kernels._PACKED_WIDE)
         del ws
         copies = max(2, math.ceil(256e6 / (n * k * 2)))
         wb = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
@@ -547,7 +652,8 @@ def microbench(shapes: list[tuple[str, int, int]]) -> None:
         row["speedup_vs_bf16"] = row["bf16_us"] / row["gemv_us"]
         rows.append(row)
         say(f"micro {name} [{n}x{k}]: gemv {row['gemv_us']:.1f} us ({row['gemv_GBs']:.0f} GB/s of 2-bit weights), packed gemv "
-            f"{row['packed_us']:.1f} us ({row['packed_GBs']:.0f} GB/s) + pack_act {row['pack_act_us']:.1f} us, "
+            f"{row['packed_us']:.1f} us ({row['packed_GBs']:.0f} GB/s; best tile {best} {row['packed_best_us']:.1f} us, best "
+            f"without the whole-row tiles {row['packed_best_not_wide_us']:.1f} us) + pack_act {row['pack_act_us']:.1f} us, "
             f"bf16 F.linear {row['bf16_us']:.1f} us ({row['bf16_GBs']:.0f} GB/s), unpack+F.linear {row['unpack_us']:.1f} us")
     # the head: int8 GEMV vs bf16 F.linear, one matrix larger than L2
     v, d = SHAPE_2B4T["vocab"], SHAPE_2B4T["hidden"]
@@ -592,7 +698,9 @@ def bench_model(path: Path, label: str, args, hf_data: dict | None, t_start: flo
     model = load(str(path), device=DEV)
     sync()
     RESULTS["load_s"] = time.perf_counter() - t0
-    fast = FastModel(model.net, backend="triton")
+    # load()'s own fast path (fusing q/k/v and gate/up twice would hold those bytes twice); the CPU smoke run
+    # builds a triton one (kernels in the interpreter)
+    fast = model.fast if model.fast is not None and model.fast.backend == "triton" else FastModel(model.net, backend="triton")
     if DEV == "cuda":
         RESULTS["resident_bytes"] = torch.cuda.memory_allocated() - base
         RESULTS["peak_load_bytes"] = torch.cuda.max_memory_allocated() - base
@@ -650,11 +758,20 @@ def print_table() -> None:
             say(f"{name:<82}{'FAILED':>14}")
         else:
             say(f"{name:<82}{d['tok_s']:>14.1f}{d['fraction_of_roofline']:>13.0%}{d['ttft_s'] * 1e3:>10.1f}")
-    agree = r.get("checks", {}).get("greedy_equal_to_default", {})
-    ok = {n: d["tok_s"] for n, d in r.get("decode", {}).items() if agree.get(n) and "tok_s" in d}
-    if ok:  # the candidate for FastModel's default: the fastest bf16-head variant that decodes the default's tokens
+    checks = r.get("checks", {}).get("variants", {})
+    ok = {n: d["tok_s"] for n, d in r.get("decode", {}).items() if checks.get(n, {}).get("pass") and "tok_s" in d}
+    if checks:
+        say(f"step checks against the reference network: {sum(c['pass'] for c in checks.values())} of {len(checks)} pass; "
+            + "; ".join(f"{n.replace('triton + CUDA graph', 'graph')}: {c['rel_err']:.1e}/{c['top1']:.0%}"
+                        + ("" if c["replay_exact"] else " (replay differs)") for n, c in checks.items()))
+    if ok:  # the candidate for FastModel's default: the fastest variant whose step passes its check
         best = max(ok, key=ok.get)
-        say(f"fastest variant with the default's greedy tokens: {best} ({ok[best]:.1f} tok/s)")
+        judged = all(c["judged"] for c in checks.values())
+        say(f"fastest variant that passes its step check{'' if judged else ' (replay only: random model)'}: {best} ({ok[best]:.1f} tok/s)")
+    if "profile" in r:
+        p = r["profile"]
+        say(f"default step: {p['kernel_us_per_token']:.0f} us of kernels per token of {p['measured_us_per_token']:.0f} us measured; "
+            + ", ".join(f"{k['name'][:28]} {k['us_per_token']:.0f}" for k in p["kernels"][:6]))
     if "transformers" in r and "tok_s" in r["transformers"]:
         t = r["transformers"]
         say(f"{'transformers BitNetForCausalLM':<82}{t['tok_s']:>14.2f}{'':>13}{t['ttft_s'] * 1e3:>10.1f}")
@@ -663,12 +780,14 @@ def print_table() -> None:
     for name, err in r.get("failed_stages", {}).items():
         say(f"FAILED stage {name}: {err[:200]}")
     if r.get("micro"):
-        say(f"{'matrix':<14}{'N x K':>13}{'gemv us':>9}{'GB/s':>7}{'packed us':>11}{'GB/s':>7}{'pack us':>9}{'bf16 us':>9}{'GB/s':>7}"
-            f"{'unpack us':>11}{'x bf16':>8}")
+        say(f"{'matrix':<14}{'N x K':>13}{'gemv us':>9}{'GB/s':>7}{'packed us':>11}{'GB/s':>7}{'not wide':>10}{'pack us':>9}"
+            f"{'bf16 us':>9}{'GB/s':>7}{'unpack us':>11}{'x bf16':>8}")
         for m in r["micro"]:
             say(f"{m['matrix']:<14}{str(m['N']) + 'x' + str(m['K']):>13}{m['gemv_us']:>9.1f}{m['gemv_GBs']:>7.0f}{m['packed_us']:>11.1f}"
-                f"{m['packed_GBs']:>7.0f}{m['pack_act_us']:>9.1f}{m['bf16_us']:>9.1f}{m['bf16_GBs']:>7.0f}{m['unpack_us']:>11.1f}"
-                f"{m['speedup_vs_bf16']:>8.2f}")
+                f"{m['packed_GBs']:>7.0f}{m['packed_best_not_wide_us']:>10.1f}{m['pack_act_us']:>9.1f}{m['bf16_us']:>9.1f}"
+                f"{m['bf16_GBs']:>7.0f}{m['unpack_us']:>11.1f}{m['speedup_vs_bf16']:>8.2f}")
+    if "launch_floor_us" in r:
+        say("launch floor, µs per dependent launch in a graph: " + ", ".join(f"{k} {v:.2f}" for k, v in r["launch_floor_us"].items()))
     if "micro_head" in r:
         h = r["micro_head"]
         say(f"{'head':<14}{'128256x2560':>13}{h['int8_us']:>9.1f}{h['int8_GBs']:>7.0f}{h['bf16_us']:>9.1f}{h['bf16_GBs']:>7.0f}   (int8 head)")
@@ -687,13 +806,18 @@ def main() -> int:
     ap.add_argument("--hf", action="store_true", help="also time transformers on the random model's weights")
     ap.add_argument("--hf-tokens", type=int, default=32)
     ap.add_argument("--no-micro", action="store_true")
+    ap.add_argument("--variants", help="comma-separated graph variants to run, attention/gemv[/pdl][/int8] or default "
+                    "(e.g. torch/plain,default,split/packed/pdl/int8); all of GRAPH_VARIANTS if not given")
+    ap.add_argument("--no-eager", action="store_true", help="skip the eager baselines (reference, triton eager)")
+    ap.add_argument("--profile", action="store_true", help="kernel times inside the default's graph step (torch.profiler)")
     ap.add_argument("--json", help="write all figures here")
     ap.add_argument("--tmp", default=None, help="scratch folder (default: a temp dir)")
     ap.add_argument("--hf-worker", help=argparse.SUPPRESS)
     ap.add_argument("--smoke", action="store_true", help="CPU dry run of the whole script on a tiny model (interpreter)")
     args = ap.parse_args()
-    global DEV
+    global DEV, TRAINED
     args.shape = SHAPE_2B4T
+    TRAINED = bool(args.file) or args.smoke
     if args.smoke:
         DEV = "cpu"
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined
@@ -714,10 +838,11 @@ def main() -> int:
     RESULTS["bandwidth"] = copy_bandwidth() if DEV == "cuda" else 1e10
     say(f"GPU {RESULTS['gpu']}: device-to-device copy {RESULTS['bandwidth'] / 1e12:.2f} TB/s (read + write)")
     try:
-        if not args.no_micro and DEV == "cuda":
-            stage("microbench", microbench, [(n, nn, k) for n, (nn, k) in {
-                "k/v proj": (640, 2560), "q/o proj": (2560, 2560), "qkv fused": (3840, 2560),
-                "gate|up": (6912, 2560), "gate+up fused": (13824, 2560), "down": (2560, 6912)}.items()])  # fmt: skip
+        if DEV == "cuda":
+            from launch_floor import launch_floor  # benchmarks/launch_floor.py (imported here: after --smoke's setup)
+
+            RESULTS["launch_floor_us"] = {}
+            stage("launch floor", launch_floor, graph_time, RESULTS["launch_floor_us"])
         if args.file:
             bench_model(Path(args.file), args.file, args, None, t_all)
         else:
@@ -727,6 +852,10 @@ def main() -> int:
             say(f"wrote the random {'2B-4T-shaped' if not args.smoke else 'tiny'} file ({path.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - t0:.1f} s")
             bench_model(path, "random 2B-4T shape" if not args.smoke else "random tiny (smoke)", args, data if args.hf else None, t_all)
             del data
+        if not args.no_micro and DEV == "cuda":  # last: the whole-model figures come first if time runs short
+            stage("microbench", microbench, [(n, nn, k) for n, (nn, k) in {
+                "k/v proj": (640, 2560), "q/o proj": (2560, 2560), "qkv fused": (3840, 2560),
+                "gate|up": (6912, 2560), "gate+up fused": (13824, 2560), "down": (2560, 6912)}.items()])  # fmt: skip
     finally:
         RESULTS["wall_s"] = time.perf_counter() - t_all
         if args.json:

@@ -58,7 +58,7 @@ def variants(quick: bool) -> list[tuple[str, object, dict, dict, dict]]:
                          BLOCK_P=K.prologue_block(k), ON_GPU=True)  # fmt: skip
             out.append((f"gemv_w2a8 {label} {bn}x{bw} w{warps}", K._gemv_w2a8_kernel, args, const, {"num_warps": warps}))
     for label, (n, k, res) in {"(qkv)": (3840, D, False), "+ residual (down)": (D, I, True)}.items():
-        for bn, bw, warps in gemv_cfgs + ([] if quick else K._PACKED_EXTRA):
+        for bn, bw, warps in gemv_cfgs + ([] if quick else K._PACKED_EXTRA + K._PACKED_WIDE):
             args = {"xq_ptr": "*i32", "s_ptr": "*fp32", "qs_ptr": "*i32", "w_ptr": "*i32", "scale_ptr": "*fp32",
                     "res_ptr": bf, "y_ptr": bf, "N": n, "K16": k // 16, "stride_xq": k // 4, "stride_wn": k // 16,
                     "stride_rm": n, "stride_ym": n}  # fmt: skip
@@ -143,7 +143,8 @@ def compile_one(fn, args: dict, const: dict, opts: dict, arch: int) -> dict:
     m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
     if m:
         row.update(registers=int(m[1]), stack_bytes=int(m[2]), local_bytes=int(m[4]))
-    row["sass_instructions"] = sum(1 for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", line))
+    # instructions only: nvdisasm also prints the cubin's data sections (.nv.info, constants) as `.byte` lines
+    row["sass_instructions"] = sum(1 for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/\s+[A-Z@{]", line))
     row["loop_bodies"] = loop_bodies(sass)
     return row
 

@@ -14,23 +14,24 @@ What it changes, and why:
   network still runs unchanged.
 - **Fewer launches per token.** With the "triton" backend the RMSNorms (the one after attention together with
   the residual add) and the MLP's act(gate)·up + sub-norm run as single Triton kernels.
-- **One attention kernel** (``attention="triton"``, opt-in until measured on a GPU): in the graph decode step
-  (one token, batch 1, position on the device) rope, the KV-cache write and the attention over the filled
-  positions run as ``kernels.decode_attention`` instead of about fifteen torch ops over the whole static cache.
-  ``attention="split"``: the same as flash-decoding, H × up to 16 programs over chunks of the cache and a
-  combine kernel, so that more than H multiprocessors read the cache.
-- **Decode GEMV variants** (``gemv=``, for up to ``GEMV_MAX_M`` rows; the non-default ones are opt-in until
-  measured on a GPU):
-  - "plain": norm kernels, then GEMVs that quantize their input inside the weight loop (ten launches a layer);
-  - "fused": the norms, the MLP's act(gate)·up and the residual adds inside the GEMV launches
-    (``kernels.bitlinear_gemv``'s ``norm`` / ``act`` / ``residual``): five launches a layer (norm+q/k/v,
-    attention, sub-norm+o+residual, norm+gate/up, act·up+sub-norm+down+residual), each GEMV program recomputing
-    its input's statistics from L2, at the price of more instructions per weight;
-  - "packed": ``kernels.pack_act`` (norm / act·up, quantization, packing: once per input) before each GEMV,
-    whose loop is then a shift, a mask and a dp4a per field (``kernels.bitlinear_gemv_packed``, residual adds in
-    its epilogue): nine launches a layer, the leanest weight loop (benchmarks/kernel_resources.py counts them).
-  ``pdl=True`` launches those kernels, the attention kernels and the int8 head with programmatic dependent
-  launch (sm_90+), so that each launch overlaps the end of the kernel before it.
+- **Decode-step kernels** (the "triton" backend; the defaults are the fastest combination measured on an H200,
+  benchmarks/RESULTS.md: 834 tok/s at the 2B-4T shape against 396 for the first graph step):
+  - ``attention="split"`` (default): in the graph decode step (one token, batch 1, position on the device) rope,
+    the KV-cache write and the attention over the filled positions run as ``kernels.decode_attention``,
+    flash-decoding style: H × up to 16 programs over chunks of the cache, then a combine kernel. "triton" is the
+    same in one kernel of H programs; "torch" the model's own ops over the whole static cache (~15 launches).
+  - ``gemv=`` (inputs of up to ``GEMV_MAX_M`` rows):
+    - "packed" (default): ``kernels.pack_act`` (norm / act·up, quantization, packing: once per input) before
+      each GEMV, whose loop is then a shift, a mask and a dp4a per field (``kernels.bitlinear_gemv_packed``,
+      residual adds in its epilogue): ten launches a layer with the split attention;
+    - "fused": the norms, the MLP's act(gate)·up and the residual adds inside the GEMV launches
+      (``kernels.bitlinear_gemv``'s ``norm`` / ``act`` / ``residual``): five launches a layer, but each GEMV
+      program recomputes its input's statistics and quantizes in its loop (slower on the H200);
+    - "plain": norm kernels, then GEMVs that quantize their input inside the weight loop.
+  - ``pdl=True`` (default) launches those kernels, the attention kernels and the int8 head with programmatic
+    dependent launch (sm_90+; ignored elsewhere), so that each launch overlaps the end of the kernel before it.
+  Other backends ("reference", "triton_op" under torch.compile, "cpu") run the model's attention ops and the
+  plain BitLinear path whatever these options say.
 - **Fewer bytes per token.** Decode only computes the head for the last position; ``head="int8"`` replaces the
   bf16 head (56 % of the bytes of a 2B-4T token) by per-row int8 weights and the dp4a GEMV of kernels.py.
 - **No host work per token.** ``GraphDecoder`` captures one decode step (forward at a position tensor, sampling
@@ -99,8 +100,8 @@ class FastModel:
     """Decode/prefill forward over a loaded ``Transformer`` with fused projections and an optional int8 head."""
 
     def __init__(
-        self, net: Transformer, *, head: str = "bf16", backend: str = "triton", attention: str = "torch",
-        gemv: str = "plain", pdl: bool = False,
+        self, net: Transformer, *, head: str = "bf16", backend: str = "triton", attention: str = "split",
+        gemv: str = "packed", pdl: bool = True,
     ):  # fmt: skip
         if attention not in ATTENTIONS:
             raise FastPathError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
@@ -207,7 +208,7 @@ class FastModel:
     def _attend(self, i: int, qkv: torch.Tensor, cos, sin, pos, mask) -> torch.Tensor:
         # qkv [B, T, Nq + 2·Nkv] → attention output [B, T, Nq] (before the sub-norm), keys/values into the cache
         a = self.net.layers[i].attn
-        if self.attention != "torch" and not isinstance(pos, int) and qkv.shape[:2] == (1, 1):
+        if self.attention != "torch" and self.backend == "triton" and not isinstance(pos, int) and qkv.shape[:2] == (1, 1):
             from bitnet158.runtime.kernels import decode_attention
 
             c = a.cache
@@ -233,7 +234,7 @@ class FastModel:
         return self._fusable[i]
 
     def _fused_layer(self, i: int, x: torch.Tensor, cos, sin, pos, mask) -> torch.Tensor:
-        # the same layer with gemv="fused" (five launches) or "packed" (nine): x [B, T, D] with B·T ≤ GEMV_MAX_M
+        # the same layer with gemv="fused" (four GEMV launches) or "packed" (eight): x [B, T, D], B·T ≤ GEMV_MAX_M
         from bitnet158.runtime import kernels
 
         def gemv(lin: BitLinear, inp: torch.Tensor, norm=None, act=None, residual=None) -> torch.Tensor:
@@ -357,12 +358,13 @@ class FastModel:
         )  # fmt: skip
 
     def _int8_head(self, x: torch.Tensor) -> torch.Tensor:
-        # normed x [B, D] → fp32 logits [B, V]: the int8 head's arithmetic in torch (int64 dot), off the fast path
+        # normed x [B, D] → fp32 logits [B, V]: the int8 head's arithmetic in torch, off the fast path. The dot
+        # runs in float64, exact for |Σ| ≤ 128·127·D < 2^53 (CUDA has no int64 matmul; seen on an H200)
         from bitnet158.runtime.bitlinear import quantize_activations
 
         q, s = quantize_activations(x)
         d = x.shape[-1]
-        dot = (q.long() @ self.head_q[:, :d].long().T).float()
+        dot = (q.double() @ self.head_q[:, :d].double().T).float()
         return dot * self.head_scale / s
 
 

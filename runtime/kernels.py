@@ -18,9 +18,11 @@ Kernels
   are t + 1, so Σ c·q − Σ q = Σ t·q; Σ q comes out of the same dp4a pass. Options fuse the decode step's
   neighbouring ops into the launch (``norm``, ``act`` for gate|up, ``residual``; FastModel(gemv="fused")).
   The first weight tile is fetched before the input statistics, the next one during each tile's math.
-- ``pack_act`` + ``bitlinear_gemv_packed`` (FastModel(gemv="packed")): the input (with its norm / act) quantized
-  and packed into dp4a words once per row, then a GEMV whose loop is only shift, mask and dp4a: about one SASS
-  instruction per weight instead of two to four (benchmarks/kernel_resources.py counts them offline).
+- ``pack_act`` + ``bitlinear_gemv_packed`` (FastModel(gemv="packed"), the CUDA default): the input (with its
+  norm / act) quantized and packed into dp4a words once per row, then a GEMV whose loop is only shift, mask and
+  dp4a: about one SASS instruction per weight instead of two to four (benchmarks/kernel_resources.py counts them
+  offline). Its tiles go up to a whole row (one weight fetch per program, no K loop), which the autotuner picks
+  where it measures faster.
 - ``bitlinear_matmul`` (prefill): quantize once, then tiles of int8 x and of weights unpacked to int8 in
   registers meet in ``tl.dot`` int8 × int8 → int32 on the tensor cores (``int8_dot=False``: fp16 operands with
   fp32 accumulation, still exact below 2^24).
@@ -263,31 +265,30 @@ def _pack_act_kernel(
     PDL: tl.constexpr = False,
 ):  # fmt: skip
     # one program per row: a GEMV input (x, norm(x), or [norm](act(gate)·up), as _gemv_input) quantized once and
-    # packed the way the dp4a loop reads it: xq [M, 4, K16] int32, word (k, c) holds q[16c + 4i + k] in byte i;
-    # s f32 [M] (the row's scale); qs int32 [M] = Σ q (the t = code − 1 correction). The whole row is loaded
-    # once (BLOCK_C ≥ K16 word columns): the statistics and the packing work on registers, so the kernel waits
-    # on memory once, not once per pass and chunk.
+    # packed the way the dp4a loop reads it: xq [M, 4, K16] int32, word (k, c) holds q[16c + 4i + k] in byte i
+    # (field-major, so that the GEMV loop reads one contiguous vector per field); s f32 [M] (the row's scale);
+    # qs int32 [M] = Σ q (the t = code − 1 correction). The whole row is loaded at once (16·BLOCK_C ≥ K values)
+    # as one contiguous vector: wide loads, one wait on memory, the statistics and the packing on registers.
     _pdl_enter(PDL)
     m = tl.program_id(0)
     x_row = x_ptr + m.to(tl.int64) * stride_xm
-    xq_row = xq_ptr + m.to(tl.int64) * stride_xq
     dt = x_ptr.dtype.element_ty
-    i = tl.arange(0, 4)  # byte lane
-    k = tl.arange(0, 4)  # 2-bit field
-    cols = tl.arange(0, BLOCK_C)
-    j = cols[:, None, None] * 16 + i[None, :, None] * 4 + k[None, None, :]  # [C, i, k] element indices
-    ok = j < K
-    v = _gemv_input(x_row, nw_ptr, j, ok, K, 1.0, ACT, False, RELU2)
+    offs = tl.arange(0, BLOCK_C * 16)
+    ok = offs < K
+    v = _gemv_input(x_row, nw_ptr, offs, ok, K, 1.0, ACT, False, RELU2)
     if NORM:
-        rstd = tl.math.rsqrt(tl.sum(tl.sum(tl.sum(v * v, axis=2), axis=1), axis=0) / K + eps)
-        v = _norm_apply(v, rstd, tl.load(nw_ptr + j, mask=ok, other=0.0).to(tl.float32), dt)
-    amax = tl.max(tl.max(tl.max(tl.abs(v), axis=2), axis=1), axis=0)
+        rstd = tl.math.rsqrt(tl.sum(v * v, axis=0) / K + eps)
+        v = _norm_apply(v, rstd, tl.load(nw_ptr + offs, mask=ok, other=0.0).to(tl.float32), dt)
+    amax = tl.max(tl.abs(v), axis=0)
     s = tl.div_rn(1.0, tl.maximum(amax, 1e-5)) * 127.0
-    q = _quant(v, s, ON_GPU)  # [C, i, k]; 0 past K
-    words = tl.sum((q & 0xFF) << (i[None, :, None] * 8), axis=1)  # [C, k]
-    tl.store(xq_row + k[None, :] * K16 + cols[:, None], words, mask=(cols < K16)[:, None])
+    q = _quant(v, s, ON_GPU)  # [16·C]; 0 past K
+    i = tl.arange(0, 4)  # byte lane
+    words = tl.sum(tl.reshape(q & 0xFF, (BLOCK_C, 4, 4)) << (i[None, :, None] * 8), axis=1)  # [C, k] of [c, i, k]
+    cols = tl.arange(0, BLOCK_C)
+    k = tl.arange(0, 4)
+    tl.store(xq_ptr + m.to(tl.int64) * stride_xq + k[None, :] * K16 + cols[:, None], words, mask=(cols < K16)[:, None])
     tl.store(s_ptr + m, s)
-    tl.store(qs_ptr + m, tl.sum(tl.sum(tl.sum(q, axis=2), axis=1), axis=0))
+    tl.store(qs_ptr + m, tl.sum(q, axis=0))
 
 
 @triton.jit
@@ -556,7 +557,12 @@ def _attention_combine_kernel(
 _GEMV_CONFIGS = [  # BLOCK_N rows, BLOCK_W int32 words, warps
     (4, 64, 2), (4, 128, 4), (8, 64, 4), (8, 128, 4), (16, 64, 4), (16, 128, 4), (16, 128, 8), (32, 64, 4), (32, 128, 8)
 ]  # fmt: skip
-_PACKED_EXTRA = [(64, 64, 4), (64, 128, 8), (16, 32, 4), (32, 32, 4), (8, 32, 2)]  # the lean loop affords taller tiles (fewer, fuller programs)
+# the packed GEMV's lean loop affords taller tiles (_PACKED_EXTRA: fewer, fuller programs) and tiles as wide as a
+# whole row (_PACKED_WIDE; 2B-4T: 160 words at K = 2,560, 432 at 6,912), so that a program issues all its weight
+# loads at once and waits on memory once: at decode sizes each K iteration is a memory latency it cannot hide
+_PACKED_EXTRA = [(64, 64, 4), (64, 128, 8), (16, 32, 4), (32, 32, 4), (8, 32, 2)]
+_PACKED_WIDE = [(4, 256, 4), (8, 256, 4), (16, 256, 8), (4, 512, 8), (8, 512, 8)]
+PACKED_GEMV_CONFIGS = _GEMV_CONFIGS + _PACKED_EXTRA + _PACKED_WIDE  # what the packed GEMV autotunes over
 _MM_CONFIGS = [(128, 128, 128, 8, 3), (128, 64, 128, 4, 4), (64, 128, 128, 4, 4), (64, 64, 128, 4, 4), (128, 256, 64, 8, 3)]
 _INTERP_GEMV = (16, 16, 1)  # BLOCK_N, BLOCK_W, warps
 _INTERP_MM = (16, 32, 64, 1, 1)  # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages
@@ -567,7 +573,7 @@ _gemv_w2a8_tuned = triton.autotune(
     key=["N", "K16", "ACT", "NORM", "HAS_RES"],  # the fused prologues change the best tile
 )(_gemv_w2a8_kernel)
 _gemv_packed_tuned = triton.autotune(
-    configs=[triton.Config({"BLOCK_N": bn, "BLOCK_W": bw}, num_warps=w) for bn, bw, w in _GEMV_CONFIGS + _PACKED_EXTRA],
+    configs=[triton.Config({"BLOCK_N": bn, "BLOCK_W": bw}, num_warps=w) for bn, bw, w in PACKED_GEMV_CONFIGS],
     key=["N", "K16", "HAS_RES"],
 )(_gemv_packed_kernel)
 _gemv_w8a8_tuned = triton.autotune(

@@ -12,6 +12,7 @@ import importlib
 import os
 import sys
 from types import SimpleNamespace
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -477,14 +478,15 @@ def test_fast_model_attention_kernel_in_the_graph_step():
     # the tensor-position step (the one CUDA graphs capture) with the attention kernel equals the torch attention
     from bitnet158.runtime.fast import FastModel, FastPathError
 
-    net = tiny_model(layers=2, seed=3).net
+    net = tiny_model(layers=1, seed=3).net
     ids = [3, 14, 15, 9, 26]
     with pytest.raises(FastPathError, match="attention must be one of"):
         FastModel(net, backend="reference", attention="flash")
     with torch.inference_mode():
         steps = {}
         for attention in ("torch", "triton", "split"):
-            fast = FastModel(net, backend="reference", attention=attention)
+            # the kernels go with the triton backend (the reference backend keeps the torch attention: below)
+            fast = FastModel(net, backend="triton", attention=attention, gemv="plain")
             net.setup_cache(1, 32)
             fast.logits_last(torch.tensor([ids]), 0)
             steps[attention] = [
@@ -493,6 +495,12 @@ def test_fast_model_attention_kernel_in_the_graph_step():
     for attention in ("triton", "split"):
         for a, b in zip(steps["torch"], steps[attention]):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # the reference backend never calls a kernel, whatever the attention option says (``--reference`` A/B checks)
+    with torch.inference_mode(), patch.object(kernels, "decode_attention", side_effect=AssertionError("kernel called")):
+        fast = FastModel(net, backend="reference", attention="split")
+        net.setup_cache(1, 32)
+        fast.logits_last(torch.tensor([ids]), 0)
+        torch.testing.assert_close(fast.logits_last(torch.tensor([[7]]), torch.tensor([5])), steps["torch"][0], rtol=1e-5, atol=1e-5)
 
 
 @interp
@@ -635,7 +643,8 @@ def test_gpu_graph_decoder_matches_eager(compile):
     with torch._dynamo.config.patch(disable=False), torch.inference_mode():
         ref_tokens = list(generate_tokens(model.net, ids, 12, Sampler(SamplingParams())))
         ref = _ref_last_logits(model.net, ids)
-        fast = FastModel(model.net, backend="triton_op" if compile else "triton")
+        # torch attention: the eager step (host positions) runs it too, so graph and eager are the same function
+        fast = FastModel(model.net, backend="triton_op" if compile else "triton", attention="torch")
         dec = GraphDecoder(fast, 64, compile=compile)
         torch.testing.assert_close(dec.prefill(ids), ref, rtol=2e-2, atol=2e-2)
         got = list(dec.generate(ids, 12))
@@ -669,15 +678,17 @@ def test_gpu_packed_and_fused_gemv(N, K):
 @needs_cuda
 def test_gpu_decode_variants_follow_the_default():
     # every FastModel decode variant (attention kernel, fused / packed GEMVs, PDL, int8 head) runs in a CUDA graph; the
-    # bf16-head ones give the default step's greedy tokens, and without the attention kernel (which only the
-    # tensor-position step uses) the graph replays what the step computes eagerly
+    # bf16-head ones give the first graph step's greedy tokens (torch attention, plain GEMVs), and without the
+    # attention kernel (which only the tensor-position step uses) the graph replays what the step computes eagerly
     from bitnet158.runtime.fast import FastModel, GraphDecoder
 
     model = tiny_model(device="cuda", dtype=torch.bfloat16, seed=8)
     ids = [3, 14, 15, 9, 26]
     with torch.inference_mode():
-        fast = FastModel(model.net, backend="triton")
+        fast = FastModel(model.net, backend="triton", attention="torch", gemv="plain", pdl=False)  # the first graph step
         want = list(GraphDecoder(fast, 64).generate(ids, 10))
+        assert want == list(GraphDecoder(fast, 64, use_graph=False).generate(ids, 10))
+        assert list(GraphDecoder(FastModel(model.net, backend="triton"), 64).generate(ids, 10))[:6] == want[:6]  # the default
         variants = [("triton", "plain", False, "bf16"), ("split", "plain", False, "bf16"), ("triton", "fused", False, "bf16"),
                     ("torch", "packed", False, "bf16"), ("triton", "packed", False, "bf16"), ("split", "packed", True, "bf16"),
                     ("split", "fused", True, "bf16"), ("torch", "packed", True, "bf16"), ("split", "packed", True, "int8")]  # fmt: skip
