@@ -566,6 +566,12 @@ PACKED_GEMV_CONFIGS = _GEMV_CONFIGS + _PACKED_EXTRA + _PACKED_WIDE  # what the p
 _MM_CONFIGS = [(128, 128, 128, 8, 3), (128, 64, 128, 4, 4), (64, 128, 128, 4, 4), (64, 64, 128, 4, 4), (128, 256, 64, 8, 3)]
 _INTERP_GEMV = (16, 16, 1)  # BLOCK_N, BLOCK_W, warps
 _INTERP_MM = (16, 32, 64, 1, 1)  # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages
+# BITNET158_AUTOTUNE=0 on a GPU: one fixed config per kernel instead of the autotuner, so that a first call
+# compiles one kernel, not every config (GPU tests under a short time budget: on an H200 the autotuner's
+# compilation alone outlasted a 40 s test budget). Correct either way; only the tuned configs are fast.
+_TUNE = not _INTERPRET and os.environ.get("BITNET158_AUTOTUNE", "1") != "0"
+_FIXED_GEMV = _INTERP_GEMV if _INTERPRET else (16, 128, 4)
+_FIXED_MM = _INTERP_MM if _INTERPRET else _MM_CONFIGS[0]
 
 
 _gemv_w2a8_tuned = triton.autotune(
@@ -700,11 +706,11 @@ def bitlinear_gemv(
     flags = dict(ACT=act is not None, NORM=norm is not None, RELU2=act == "relu2", HAS_RES=residual is not None,
                  SCALE_PER_ROW=scale.numel() != 1 or n == 1, BLOCK_P=prologue_block(K),
                  PDL=use_pdl, launch_pdl=use_pdl)  # fmt: skip
-    if config is None and not _INTERPRET:
+    if config is None and _TUNE:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m)
         _gemv_w2a8_tuned[grid](*args, **flags, ON_GPU=True)
     else:
-        bn, bw, warps = config or _INTERP_GEMV
+        bn, bw, warps = config or _FIXED_GEMV
         _gemv_w2a8_kernel[(triton.cdiv(n, bn), m)](
             *args, **flags, BLOCK_N=bn, BLOCK_W=bw, ON_GPU=not _INTERPRET, num_warps=warps
         )
@@ -785,11 +791,11 @@ def bitlinear_gemv_packed(
     args = (a.xq, a.s, a.qsum, words, scale, res, y, n, k16, a.xq.stride(0), words.stride(0), res.stride(0), y.stride(0))
     use_pdl = _use_pdl(a.xq, pdl)
     flags = dict(HAS_RES=residual is not None, SCALE_PER_ROW=scale.numel() != 1 or n == 1, PDL=use_pdl, launch_pdl=use_pdl)
-    if config is None and not _INTERPRET:
+    if config is None and _TUNE:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m)
         _gemv_packed_tuned[grid](*args, **flags, ON_GPU=True)
     else:
-        bn, bw, warps = config or _INTERP_GEMV
+        bn, bw, warps = config or _FIXED_GEMV
         _gemv_packed_kernel[(triton.cdiv(n, bn), m)](*args, **flags, BLOCK_N=bn, BLOCK_W=bw, ON_GPU=not _INTERPRET, num_warps=warps)
     return y
 
@@ -818,11 +824,11 @@ def bitlinear_matmul(
     m_bucket = next(b for b in (16, 64, 256, 1024, 1 << 31) if m <= b)
     args = (q, s, packed, scale, y, m, n, K, packed.shape[1], q.stride(0), packed.stride(0), y.stride(0), m_bucket)
     per_row = scale.numel() != 1 or n == 1
-    if config is None and not _INTERPRET:
+    if config is None and _TUNE:
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
         _mm_w2a8_tuned[grid](*args, SCALE_PER_ROW=per_row, INT8_DOT=int8_dot)
     else:
-        bm, bn, bk, warps, stages = config or _INTERP_MM
+        bm, bn, bk, warps, stages = config or _FIXED_MM
         grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
         _mm_w2a8_kernel[grid](
             *args, SCALE_PER_ROW=per_row, INT8_DOT=int8_dot, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
@@ -901,11 +907,11 @@ def head_int8(
     args = (x, norm if norm is not None else x, words, scale, y, v, d, words.shape[1], eps,
             x.stride(0), words.stride(0), y.stride(0))  # fmt: skip
     use_pdl = _use_pdl(x, pdl)
-    if config is None and not _INTERPRET:
+    if config is None and _TUNE:
         grid = lambda meta: (triton.cdiv(v, meta["BLOCK_N"]), m)
         _gemv_w8a8_tuned[grid](*args, NORM=norm is not None, BLOCK_P=prologue_block(d), ON_GPU=True, PDL=use_pdl, launch_pdl=use_pdl)
     else:
-        bn, bw, warps = config or _INTERP_GEMV
+        bn, bw, warps = config or _FIXED_GEMV
         _gemv_w8a8_kernel[(triton.cdiv(v, bn), m)](
             *args, NORM=norm is not None, BLOCK_N=bn, BLOCK_W=bw, BLOCK_P=prologue_block(d), ON_GPU=not _INTERPRET,
             num_warps=warps, PDL=use_pdl, launch_pdl=use_pdl,

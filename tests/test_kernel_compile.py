@@ -4,7 +4,8 @@ Triton's interpreter (tests/test_kernels.py) runs the kernels' Python but not th
 there and still fail to compile for the GPU. benchmarks/kernel_resources.py compiles every kernel for sm_90
 (H100/H200) with the shapes of the 2B-4T model; this test runs its quick mode in a subprocess (the interpreter
 must be off there) and asserts only that everything compiled. Registers and instruction counts are reported by
-the script, not asserted: speed belongs to the benchmarks.
+the script, not asserted: speed belongs to the benchmarks. Also the switch that replaces the GPU autotuner by
+fixed configs, which is read at import, so it is checked in subprocesses too.
 """
 
 from __future__ import annotations
@@ -37,3 +38,15 @@ def test_every_kernel_compiles_for_sm90():
     assert kinds >= {"gemv_w2a8", "gemv_packed", "pack_act", "head_int8", "matmul_w2a8", "decode_attention", "attention_combine"}, kinds
     assert any(r["kernel"].endswith("+pdl") for r in rows)  # programmatic dependent launch compiles too
     assert all(r["registers"] > 0 and r["sass_instructions"] > 100 for r in rows)
+
+
+def test_autotune_can_be_switched_off():
+    # BITNET158_AUTOTUNE=0 (benchmarks/device_check.sh's test stages): one fixed config per kernel on a GPU, read
+    # at import; the interpreter always runs its own small config
+    code = "import bitnet158.runtime.kernels as k; print(k._TUNE, k._FIXED_GEMV, k._FIXED_MM == k._MM_CONFIGS[0])"
+    base = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "BITNET158_AUTOTUNE")}
+    for env, want in [({}, "True (16, 128, 4) True"), ({"BITNET158_AUTOTUNE": "0"}, "False (16, 128, 4) True"),
+                      ({"BITNET158_AUTOTUNE": "0", "TRITON_INTERPRET": "1"}, "False (16, 16, 1) False")]:  # fmt: skip
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**base, **env}, timeout=120)
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert run.stdout.strip() == want, env
