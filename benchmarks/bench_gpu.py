@@ -22,7 +22,8 @@ What it does, in order (each step logs one line; a short table comes last):
    CUDA-graph step with each attention / GEMV variant of FastModel (GRAPH_VARIANTS or ``--variants``: each first
    passes ``step_check``) and the int8 head, sampled decoding, then the eager baselines over ``--slow-tokens``
    (reference; triton runtime loop; the first graph step run eagerly; ``--no-eager`` skips them); with
-   ``--profile`` the kernels inside the default's graph step (torch.profiler);
+   ``--profile`` the kernels inside the graph step of the default and of the default without PDL (torch.profiler;
+   with PDL a kernel's span includes its wait for the previous one, without it only its own run);
    prefill tok/s for 512 tokens, the time to first token, peak GPU memory;
 6. with ``--hf``: transformers' BitNetForCausalLM on the same weights (an HF packed checkpoint written here,
    autobitlinear offline), in a subprocess with TORCHDYNAMO_DISABLE=1, decode over ``--hf-tokens`` tokens;
@@ -318,8 +319,8 @@ def step_check(fast, prompt: list[int], tokens: list[int]) -> dict:
     return {"replay_exact": exact, "rel_err": rel, "top1": top1, "steps": len(steps), "judged": judged, "pass": ok}
 
 
-def profile_step(dec, prompt: list[int], tok_s: float | None, steps: int = 20) -> None:
-    """Kernel time inside the default's CUDA-graph step (torch.profiler; CUPTI records the kernels of a graph
+def profile_step(dec, prompt: list[int], name: str, tok_s: float | None, steps: int = 20) -> None:
+    """Kernel time inside variant ``name``'s CUDA-graph step (torch.profiler; CUPTI records the kernels of a graph
     replay): per kernel name, launches and µs per token, and their sum against the measured time per token."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -338,9 +339,11 @@ def profile_step(dec, prompt: list[int], tok_s: float | None, steps: int = 20) -
     rows.sort(key=lambda r: -r[2])
     total = sum(r[2] for r in rows)
     per_token = 1e6 / tok_s if tok_s else float("nan")
-    RESULTS["profile"] = {"kernels": [{"name": k, "launches_per_token": c, "us_per_token": t} for k, c, t in rows],
-                          "kernel_us_per_token": total, "measured_us_per_token": per_token}  # fmt: skip
-    say(f"profile of the default step ({steps} graph replays): {sum(r[1] for r in rows):.0f} launches and {total:.0f} us of "
+    RESULTS.setdefault("profile", {})[name] = {
+        "kernels": [{"name": k, "launches_per_token": c, "us_per_token": t} for k, c, t in rows],
+        "kernel_us_per_token": total, "measured_us_per_token": per_token,
+    }  # fmt: skip
+    say(f"profile of {name} ({steps} graph replays): {sum(r[1] for r in rows):.0f} launches and {total:.0f} us of "
         f"kernel time per token, against {per_token:.0f} us per token measured")
     for k, c, t in rows[:14]:
         say(f"  {t:8.1f} us/token {c:6.0f} launches  {t / c:6.2f} us each  {k[:90]}")
@@ -429,6 +432,8 @@ def run_variants(fast, prompt: list[int], args) -> None:
         fast.set_head(head)
 
     variants = [parse_variant(v) for v in args.variants.split(",")] if args.variants else GRAPH_VARIANTS
+    attention, gemv, _, head = default_variant()
+    profiled = {default_variant(), (attention, gemv, False, head)}  # with and without PDL
     with torch.inference_mode():
         fast.set_backend("triton")
         # every graph variant: first its step checked against the reference network (step_check), then its speed
@@ -459,8 +464,8 @@ def run_variants(fast, prompt: list[int], args) -> None:
                 RESULTS["peak_mem_decode_bytes"] = torch.cuda.max_memory_allocated()
             if head == "int8":
                 RESULTS["resident_int8_head_bytes"] = fast.resident_bytes()
-            if args.profile and variant == default_variant() and graphs:
-                stage("profile", profile_step, dec, prompt, rows[name].get("tok_s"))
+            if args.profile and variant in profiled and graphs:
+                stage("profile", profile_step, dec, prompt, name, rows[name].get("tok_s"))
             del dec
         configure(*default_variant())
         measure("triton + CUDA graph (default), sampled", fast_gen(GraphDecoder(fast, max_seq, use_graph=graphs),
@@ -768,10 +773,9 @@ def print_table() -> None:
         best = max(ok, key=ok.get)
         judged = all(c["judged"] for c in checks.values())
         say(f"fastest variant that passes its step check{'' if judged else ' (replay only: random model)'}: {best} ({ok[best]:.1f} tok/s)")
-    if "profile" in r:
-        p = r["profile"]
-        say(f"default step: {p['kernel_us_per_token']:.0f} us of kernels per token of {p['measured_us_per_token']:.0f} us measured; "
-            + ", ".join(f"{k['name'][:28]} {k['us_per_token']:.0f}" for k in p["kernels"][:6]))
+    for name, p in r.get("profile", {}).items():
+        say(f"profile of {name}: {p['kernel_us_per_token']:.0f} us of kernels per token of {p['measured_us_per_token']:.0f} us "
+            "measured; " + ", ".join(f"{k['name'][:28]} {k['us_per_token']:.0f}" for k in p["kernels"][:6]))
     if "transformers" in r and "tok_s" in r["transformers"]:
         t = r["transformers"]
         say(f"{'transformers BitNetForCausalLM':<82}{t['tok_s']:>14.2f}{'':>13}{t['ttft_s'] * 1e3:>10.1f}")
@@ -809,7 +813,8 @@ def main() -> int:
     ap.add_argument("--variants", help="comma-separated graph variants to run, attention/gemv[/pdl][/int8] or default "
                     "(e.g. torch/plain,default,split/packed/pdl/int8); all of GRAPH_VARIANTS if not given")
     ap.add_argument("--no-eager", action="store_true", help="skip the eager baselines (reference, triton eager)")
-    ap.add_argument("--profile", action="store_true", help="kernel times inside the default's graph step (torch.profiler)")
+    ap.add_argument("--profile", action="store_true",
+                    help="kernel times inside the default's graph step, and without PDL if that variant runs (torch.profiler)")
     ap.add_argument("--json", help="write all figures here")
     ap.add_argument("--tmp", default=None, help="scratch folder (default: a temp dir)")
     ap.add_argument("--hf-worker", help=argparse.SUPPRESS)
