@@ -240,9 +240,7 @@ def check_correctness(model, fast, prompt: list[int]) -> bool:
         graph_tokens = list(GraphDecoder(fast, len(prompt) + 16, use_graph=DEV == "cuda").generate(prompt, 12))
         c = step_check(fast, prompt, graph_tokens)
         ok &= c["pass"]
-        say(f"check: default decode step: graph replays its step {'exactly' if c['replay_exact'] else 'NOT EXACTLY'}; "
-            f"teacher-forced vs the reference network: logits rel err {c['rel_err']:.2e}, top-1 {c['top1']:.0%} of {c['steps']} "
-            f"steps{'' if c['judged'] else ' (random model: not judged, see step_check)'}; runtime reference greedy loop "
+        say(f"check: default decode step: {step_summary(c)}; runtime reference greedy loop "
             f"{'equal' if ref_tokens == graph_tokens[:8] else 'differs: ' + str(ref_tokens)}")
         RESULTS["check"] = {"logits_rel_err": rel, "top1_agreement": top1, "default_step": c,
                             "runtime_greedy_equal": ref_tokens == graph_tokens[:8]}  # fmt: skip
@@ -317,6 +315,13 @@ def step_check(fast, prompt: list[int], tokens: list[int]) -> dict:
     judged = TRAINED
     ok = exact and (not judged or (rel < 5e-2 and top1 >= 0.9))
     return {"replay_exact": exact, "rel_err": rel, "top1": top1, "steps": len(steps), "judged": judged, "pass": ok}
+
+
+def step_summary(c: dict) -> str:
+    """One line of a step_check result."""
+    return (f"graph replays its step {'exactly' if c['replay_exact'] else 'NOT EXACTLY'}; teacher-forced vs the reference "
+            f"network: logits rel err {c['rel_err']:.2e}, top-1 {c['top1']:.0%} of {c['steps']} steps"
+            + ("" if c["judged"] else " (random model: not judged, see step_check)"))  # fmt: skip
 
 
 def profile_step(dec, prompt: list[int], name: str, tok_s: float | None, steps: int = 20) -> None:
@@ -449,9 +454,7 @@ def run_variants(fast, prompt: list[int], args) -> None:
                 first = first or got
                 c["greedy_prefix_equal_to_first"] = next((i for i, (a, b) in enumerate(zip(got, first)) if a != b), len(got))
                 checks[name] = c
-                say(f"check: {name}: graph replays its step {'exactly' if c['replay_exact'] else 'NOT EXACTLY'}; teacher-forced "
-                    f"vs the reference network: logits rel err {c['rel_err']:.2e}, top-1 {c['top1']:.0%} of {c['steps']} steps"
-                    f"{'' if c['judged'] else ' (random model: not judged)'} -> {'PASS' if c['pass'] else 'FAIL'} "
+                say(f"check: {name}: {step_summary(c)} -> {'PASS' if c['pass'] else 'FAIL'} "
                     f"(greedy equal to the first variant's for {c['greedy_prefix_equal_to_first']}/{len(got)})")
             except Exception as e:  # noqa: BLE001
                 say(f"decode {name}: FAILED {type(e).__name__}: {str(e)[:300]}")

@@ -428,9 +428,7 @@ def _act_mul_norm_kernel(
     offs = tl.arange(0, BLOCK)
     ok = offs < I
     dt = y_ptr.dtype.element_ty
-    g = tl.load(gu_ptr + row * stride_gu + offs, mask=ok, other=0.0).to(tl.float32)
-    u = tl.load(gu_ptr + row * stride_gu + I + offs, mask=ok, other=0.0).to(tl.float32)
-    z = _act_mul(g, u, RELU2, dt)
+    z = _gemv_input(gu_ptr + row * stride_gu, w_ptr, offs, ok, I, 1.0, True, False, RELU2)  # act(g) · u
     if HAS_NORM:
         w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         z = _norm_apply(z, tl.math.rsqrt(tl.sum(z * z, axis=0) / I + eps), w, dt)
@@ -617,6 +615,24 @@ def _check_weight(packed: torch.Tensor, scale: torch.Tensor, K: int, x: torch.Te
         raise KernelShapeError(f"{what}: x, packed and scale must be on one device, got {x.device}, {packed.device}, {scale.device}")
 
 
+def _check_act(act: str | None, what: str) -> None:
+    if act not in (None, "relu2", "silu"):
+        raise KernelShapeError(f"{what}: act must be None, 'relu2' or 'silu', got {act!r}")
+
+
+def _check_norm(norm: torch.Tensor | None, K: int, x: torch.Tensor, what: str) -> None:
+    if norm is not None and (norm.shape != (K,) or norm.device != x.device):
+        raise KernelShapeError(f"{what}: norm weight must be [{K}] on {x.device}, got {tuple(norm.shape)}")
+
+
+def _check_residual(residual: torch.Tensor | None, m: int, n: int, dtype: torch.dtype, device, what: str) -> None:
+    if residual is not None and (
+        residual.shape != (m, n) or residual.dtype != dtype or residual.stride(1) != 1 or residual.device != device
+    ):
+        raise KernelShapeError(f"{what}: residual must be {dtype} [{m}, {n}] with unit stride, got "
+                               f"{residual.dtype} {tuple(residual.shape)}")  # fmt: skip
+
+
 def _use_pdl(t: torch.Tensor, pdl: bool) -> bool:
     # programmatic dependent launch where asked for and available (a CUDA sm_90+ device, triton with gdc_*); an
     # optimization only, so elsewhere the kernel launches normally
@@ -681,19 +697,14 @@ def bitlinear_gemv(
     ``pdl``: launch with programmatic dependent launch (sm_90+; ignored elsewhere), so that the launch overlaps
     the previous kernel's end; every kernel launched so in a sequence must be one of this module's.
     """
-    if act not in (None, "relu2", "silu"):
-        raise KernelShapeError(f"bitlinear_gemv: act must be None, 'relu2' or 'silu', got {act!r}")
+    _check_act(act, "bitlinear_gemv")
     x = _check_x(x, 2 * K if act else K, "bitlinear_gemv")
     _check_weight(packed, scale, K, x, "bitlinear_gemv")
     if not gemv_compatible(packed):
         raise KernelShapeError(f"bitlinear_gemv: row bytes {packed.shape[1]} must be a multiple of 4 (use bitlinear_matmul)")
     m, n = x.shape[0], packed.shape[0]
-    if norm is not None and (norm.shape != (K,) or norm.device != x.device):
-        raise KernelShapeError(f"bitlinear_gemv: norm weight must be [{K}] on {x.device}, got {tuple(norm.shape)}")
-    if residual is not None:
-        if residual.shape != (m, n) or residual.dtype != x.dtype or residual.stride(1) != 1 or residual.device != x.device:
-            raise KernelShapeError(f"bitlinear_gemv: residual must be {x.dtype} [{m}, {n}] with unit stride, got "
-                                   f"{residual.dtype} {tuple(residual.shape)}")  # fmt: skip
+    _check_norm(norm, K, x, "bitlinear_gemv")
+    _check_residual(residual, m, n, x.dtype, x.device, "bitlinear_gemv")
     words = packed.view(torch.int32)  # [N, K16]: little-endian, weight 16w + k in bits 2k..2k+1 of word w
     k16 = words.shape[1]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -744,11 +755,9 @@ def pack_act(
 ) -> PackedAct:
     """Quantize a GEMV input once for ``bitlinear_gemv_packed``: x [M, K] float (gate | up [M, 2K] with
     ``act``), with ``norm`` / ``act`` / ``pdl`` as in ``bitlinear_gemv``. One program per row (decode)."""
-    if act not in (None, "relu2", "silu"):
-        raise KernelShapeError(f"pack_act: act must be None, 'relu2' or 'silu', got {act!r}")
+    _check_act(act, "pack_act")
     x = _check_x(x, 2 * K if act else K, "pack_act")
-    if norm is not None and (norm.shape != (K,) or norm.device != x.device):
-        raise KernelShapeError(f"pack_act: norm weight must be [{K}] on {x.device}, got {tuple(norm.shape)}")
+    _check_norm(norm, K, x, "pack_act")
     m, k16 = x.shape[0], (K + 15) // 16
     xq = torch.empty((m, 4, k16), dtype=torch.int32, device=x.device)
     s = torch.empty((m,), dtype=torch.float32, device=x.device)
@@ -779,10 +788,7 @@ def bitlinear_gemv_packed(
     if not gemv_compatible(packed) or packed.shape[1] != 4 * k16:
         raise KernelShapeError(f"bitlinear_gemv_packed: row bytes {packed.shape[1]} must be {4 * k16} (whole words)")
     n = packed.shape[0]
-    if residual is not None:
-        if residual.shape != (m, n) or residual.dtype != dtype or residual.stride(1) != 1 or residual.device != a.xq.device:
-            raise KernelShapeError(f"bitlinear_gemv_packed: residual must be {dtype} [{m}, {n}] with unit stride, got "
-                                   f"{residual.dtype} {tuple(residual.shape)}")  # fmt: skip
+    _check_residual(residual, m, n, dtype, a.xq.device, "bitlinear_gemv_packed")
     words = packed.view(torch.int32)  # [N, K16]
     y = torch.empty((m, n), dtype=dtype, device=a.xq.device)
     if m == 0:
@@ -897,8 +903,7 @@ def head_int8(
     v = wq.shape[0]
     if scale.dtype != torch.float32 or tuple(scale.shape) != (v,):
         raise KernelShapeError(f"head_int8: scale must be f32 [{v}], got {scale.dtype} {tuple(scale.shape)}")
-    if norm is not None and (norm.shape != (d,) or norm.device != x.device):
-        raise KernelShapeError(f"head_int8: norm weight must be [{d}] on {x.device}, got {tuple(norm.shape)}")
+    _check_norm(norm, d, x, "head_int8")
     words = wq.view(torch.int32)  # [V, D4/4]
     m = x.shape[0]
     y = torch.empty((m, v), dtype=torch.float32, device=x.device)
