@@ -45,6 +45,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -355,48 +356,61 @@ def profile_step(dec, prompt: list[int], name: str, tok_s: float | None, steps: 
 
 
 # --- variants -------------------------------------------------------------------------------------------------
-# the CUDA-graph decode variants of FastModel: (attention, gemv, pdl, head). The first is the first graph step
-# (torch attention ops, GEMVs that quantize in their loop): the baseline the others are timed against.
-GRAPH_VARIANTS = [
+# the CUDA-graph decode variants of FastModel: (attention, gemv, pdl, head, argmax). The first is the first graph
+# step (torch attention ops, GEMVs that quantize in their loop): the baseline the others are timed against.
+class Variant(NamedTuple):
+    attention: str
+    gemv: str
+    pdl: bool
+    head: str
+    argmax: str = "torch"
+
+
+GRAPH_VARIANTS = [Variant(*v) for v in [
     ("torch", "plain", False, "bf16"), ("triton", "plain", False, "bf16"), ("split", "plain", False, "bf16"),
     ("triton", "packed", False, "bf16"), ("split", "packed", False, "bf16"), ("split", "packed", True, "bf16"),
     ("triton", "fused", False, "bf16"), ("split", "fused", True, "bf16"), ("triton", "packed", True, "bf16"),
     ("triton", "fused", True, "bf16"), ("split", "packed", True, "int8"), ("split", "fused", True, "int8"),
-    ("torch", "plain", False, "int8"),
-]  # fmt: skip
+    ("torch", "plain", False, "int8"), ("split", "packed", True, "bf16", "triton"), ("split", "folded", True, "bf16"),
+    ("split", "folded", True, "bf16", "triton"), ("split", "folded", True, "int8", "triton"),
+]]  # fmt: skip
 
 
-def default_variant() -> tuple[str, str, bool, str]:
-    """FastModel's own defaults (attention, gemv, pdl, head): what ``load()`` runs on CUDA."""
+def default_variant() -> Variant:
+    """FastModel's own defaults: what ``load()`` runs on CUDA."""
     import inspect
 
     from bitnet158.runtime.fast import FastModel
 
     p = inspect.signature(FastModel.__init__).parameters
-    return p["attention"].default, p["gemv"].default, p["pdl"].default, p["head"].default
+    return Variant(*(p[f].default for f in Variant._fields))
 
 
-def parse_variant(spec: str) -> tuple[str, str, bool, str]:
-    """'attention/gemv[/pdl][/int8]' (e.g. 'split/packed/pdl') → (attention, gemv, pdl, head); 'default' too."""
+def parse_variant(spec: str) -> Variant:
+    """'attention/gemv[/pdl][/int8][/argmax]' (e.g. 'split/folded/pdl/argmax') → a Variant; 'default' too.
+    'argmax': FastModel(argmax="triton"), the greedy step's argmax as one kernel."""
     if spec == "default":
         return default_variant()
     parts = spec.split("/")
-    if len(parts) < 2 or not set(parts[2:]) <= {"pdl", "int8"}:
-        raise SystemExit(f"--variants: bad variant {spec!r} (attention/gemv[/pdl][/int8], or default)")
-    return parts[0], parts[1], "pdl" in parts[2:], "int8" if "int8" in parts[2:] else "bf16"
+    flags = set(parts[2:])
+    if len(parts) < 2 or not flags <= {"pdl", "int8", "argmax"}:
+        raise SystemExit(f"--variants: bad variant {spec!r} (attention/gemv[/pdl][/int8][/argmax], or default)")
+    return Variant(parts[0], parts[1], "pdl" in flags, "int8" if "int8" in flags else "bf16", "triton" if "argmax" in flags else "torch")
 
 
-def variant_name(attention: str, gemv: str, pdl: bool, head: str) -> str:
+def variant_name(v: Variant) -> str:
     parts = ["triton + CUDA graph"]
-    if attention != "torch":
-        parts.append("attention kernel" + (" (split)" if attention == "split" else ""))
-    if gemv != "plain":
-        parts.append(f"{gemv} GEMVs")
-    if pdl:
+    if v.attention != "torch":
+        parts.append("attention kernel" + (" (split)" if v.attention == "split" else ""))
+    if v.gemv != "plain":
+        parts.append(f"{v.gemv} GEMVs")
+    if v.pdl:
         parts.append("PDL")
-    if head == "int8":
+    if v.head == "int8":
         parts.append("int8 head")
-    return " + ".join(parts) + (" (default)" if (attention, gemv, pdl, head) == default_variant() else "")
+    if v.argmax == "triton":
+        parts.append("argmax kernel")
+    return " + ".join(parts) + (" (default)" if v == default_variant() else "")
 
 
 def run_variants(fast, prompt: list[int], args) -> None:
@@ -432,21 +446,21 @@ def run_variants(fast, prompt: list[int], args) -> None:
     def fast_gen(dec, **kw):
         return lambda k: list(dec.generate(prompt, k, **kw))
 
-    def configure(attention, gemv, pdl, head):
-        fast.attention, fast.gemv, fast.pdl = attention, gemv, pdl
-        fast.set_head(head)
+    def configure(v: Variant):
+        fast.attention, fast.gemv, fast.pdl, fast.argmax = v.attention, v.gemv, v.pdl, v.argmax
+        fast.set_head(v.head)
 
     variants = [parse_variant(v) for v in args.variants.split(",")] if args.variants else GRAPH_VARIANTS
-    attention, gemv, _, head = default_variant()
-    profiled = {default_variant(), (attention, gemv, False, head)}  # with and without PDL
+    profiled = {default_variant(), default_variant()._replace(pdl=False)}  # with and without PDL
+    profiled |= {v for v in variants if v.gemv == "folded"}  # the folded step's kernels against the default's
     with torch.inference_mode():
         fast.set_backend("triton")
         # every graph variant: first its step checked against the reference network (step_check), then its speed
         n_check = min(32, n)
         first = None  # the first variant's greedy tokens: how long each other variant's sequence stays equal
         for variant in variants:
-            name, head = variant_name(*variant), variant[-1]
-            configure(*variant)
+            name, head = variant_name(variant), variant.head
+            configure(variant)
             try:
                 dec = GraphDecoder(fast, max_seq, use_graph=graphs)
                 got = list(dec.generate(prompt, n_check))
@@ -470,7 +484,7 @@ def run_variants(fast, prompt: list[int], args) -> None:
             if args.profile and variant in profiled and graphs:
                 stage("profile", profile_step, dec, prompt, name, rows[name].get("tok_s"))
             del dec
-        configure(*default_variant())
+        configure(default_variant())
         measure("triton + CUDA graph (default), sampled", fast_gen(GraphDecoder(fast, max_seq, use_graph=graphs),
                 temperature=0.8, top_k=50, top_p=0.95, seed=0), args.runs)  # fmt: skip
         if args.no_eager:
@@ -481,9 +495,9 @@ def run_variants(fast, prompt: list[int], args) -> None:
         measure("reference eager", runtime_gen, args.slow_runs, tokens=slow)
         fast.set_backend("triton")
         measure("triton eager (runtime loop, unfused)", runtime_gen, args.slow_runs, tokens=slow)
-        configure(*GRAPH_VARIANTS[0])  # the first graph step, run eagerly (the launch gaps a graph removes)
+        configure(GRAPH_VARIANTS[0])  # the first graph step, run eagerly (the launch gaps a graph removes)
         measure("triton eager fused", fast_gen(GraphDecoder(fast, max_seq, use_graph=False)), args.slow_runs, tokens=slow)
-        configure(*default_variant())
+        configure(default_variant())
 
         # prefill of the prompt (512 tokens by default): logits of the last position only
         pre = RESULTS.setdefault("prefill", {})
@@ -760,12 +774,13 @@ def print_table() -> None:
         h = r["int8_head"]
         say(f"int8 head vs bf16 head: logits rel err {h['logits_rel_err']:.2e}, top-1 agree {h['top1_agreement']:.3f}"
             + (f", ppl {h['ppl_bf16']:.3f} → {h['ppl_int8']:.3f}" if "ppl_int8" in h else ""))
-    say(f"{'variant':<82}{'decode tok/s':>14}{'of roofline':>13}{'TTFT ms':>10}")
+    w = max([82, *map(len, r.get("decode", {}))])  # the name column
+    say(f"{'variant':<{w}}{'decode tok/s':>14}{'of roofline':>13}{'TTFT ms':>10}")
     for name, d in r.get("decode", {}).items():
         if "error" in d:
-            say(f"{name:<82}{'FAILED':>14}")
+            say(f"{name:<{w}}{'FAILED':>14}")
         else:
-            say(f"{name:<82}{d['tok_s']:>14.1f}{d['fraction_of_roofline']:>13.0%}{d['ttft_s'] * 1e3:>10.1f}")
+            say(f"{name:<{w}}{d['tok_s']:>14.1f}{d['fraction_of_roofline']:>13.0%}{d['ttft_s'] * 1e3:>10.1f}")
     checks = r.get("checks", {}).get("variants", {})
     ok = {n: d["tok_s"] for n, d in r.get("decode", {}).items() if checks.get(n, {}).get("pass") and "tok_s" in d}
     if checks:
@@ -781,7 +796,7 @@ def print_table() -> None:
             "measured; " + ", ".join(f"{k['name'][:28]} {k['us_per_token']:.0f}" for k in p["kernels"][:6]))
     if "transformers" in r and "tok_s" in r["transformers"]:
         t = r["transformers"]
-        say(f"{'transformers BitNetForCausalLM':<82}{t['tok_s']:>14.2f}{'':>13}{t['ttft_s'] * 1e3:>10.1f}")
+        say(f"{'transformers BitNetForCausalLM':<{w}}{t['tok_s']:>14.2f}{'':>13}{t['ttft_s'] * 1e3:>10.1f}")
     for name, p in r.get("prefill", {}).items():
         say(f"prefill {name}: {p['tok_s']:.0f} tok/s ({p['tokens']} tokens)")
     for name, err in r.get("failed_stages", {}).items():

@@ -17,6 +17,7 @@ Nothing is run and nothing here is a timing.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import re
@@ -57,12 +58,26 @@ def variants(quick: bool) -> list[tuple[str, object, dict, dict, dict]]:
             const = dict(ACT=act, NORM=norm, RELU2=act, HAS_RES=res, SCALE_PER_ROW=False, BLOCK_N=bn, BLOCK_W=bw,
                          BLOCK_P=K.prologue_block(k), ON_GPU=True)  # fmt: skip
             out.append((f"gemv_w2a8 {label} {bn}x{bw} w{warps}", K._gemv_w2a8_kernel, args, const, {"num_warps": warps}))
-    for label, (n, k, res) in {"(qkv)": (3840, D, False), "+ residual (down)": (D, I, True)}.items():
-        for bn, bw, warps in gemv_cfgs + ([] if quick else K._PACKED_EXTRA + K._PACKED_WIDE):
+    packed = {  # label → (N, K, HAS_RES, the folded tail's (P_K, P_ACT) or None): FastModel(gemv="packed" / "folded")
+        "(qkv)": (3840, D, False, None),
+        "+ residual (down)": (D, I, True, None),
+        "+ residual, packs norm (o → gate|up)": (D, NQ, True, (D, False)),
+        "packs relu2·up + norm (gate|up → down)": (2 * I, D, False, (I, True)),
+        "+ residual, packs norm (down → next qkv)": (D, I, True, (D, False)),
+    }
+    for label, (n, k, res, tail) in packed.items():
+        cfgs = gemv_cfgs + ([] if quick else K._PACKED_EXTRA + K._PACKED_WIDE)
+        for bn, bw, warps in K.PACKED_GEMV_CONFIGS[-1:] if quick and tail else cfgs:
+            p_k = tail[0] if tail else 16
             args = {"xq_ptr": "*i32", "s_ptr": "*fp32", "qs_ptr": "*i32", "w_ptr": "*i32", "scale_ptr": "*fp32",
                     "res_ptr": bf, "y_ptr": bf, "N": n, "K16": k // 16, "stride_xq": k // 4, "stride_wn": k // 16,
-                    "stride_rm": n, "stride_ym": n}  # fmt: skip
+                    "stride_rm": n, "stride_ym": n, "cnt_ptr": "*i32", "p_nw_ptr": bf, "p_xq_ptr": "*i32",
+                    "p_s_ptr": "*fp32", "p_qs_ptr": "*i32", "P_K": p_k, "P_K16": p_k // 16, "p_eps": 1e-5,
+                    "p_stride_xq": p_k // 4}  # fmt: skip
             const = dict(HAS_RES=res, SCALE_PER_ROW=False, BLOCK_N=bn, BLOCK_W=bw, ON_GPU=True)
+            if tail:
+                const.update(PACK=True, P_ACT=tail[1], P_NORM=True, P_RELU2=tail[1],
+                             P_BLOCK_C=K.pack_act_launch(p_k // 16, tail[1])[0])  # fmt: skip
             out.append((f"gemv_packed {label} {bn}x{bw} w{warps}", K._gemv_packed_kernel, args, const, {"num_warps": warps}))
     for label, (k, act, norm) in {"norm": (D, False, True), "relu2 + norm": (I, True, True)}.items():
         args = {"x_ptr": bf, "nw_ptr": bf, "xq_ptr": "*i32", "s_ptr": "*fp32", "qs_ptr": "*i32", "K": k,
@@ -94,12 +109,17 @@ def variants(quick: bool) -> list[tuple[str, object, dict, dict, dict]]:
     out.append(("act_mul_norm", K._act_mul_norm_kernel, args, dict(RELU2=True, HAS_NORM=True, BLOCK=8192), {"num_warps": 8}))
     args = {"qkv_ptr": bf, "cos_ptr": bf, "sin_ptr": bf, "pos_ptr": "*i64", "k_ptr": bf, "v_ptr": bf, "y_ptr": bf,
             "pm_ptr": "*fp32", "pl_ptr": "*fp32", "pacc_ptr": "*fp32", "NQ": NQ, "NKV": NKV, "stride_kh": 4096 * 128,
-            "stride_ks": 128, "scale": 128**-0.5, "CHUNK": 256, "S": 16}  # fmt: skip
-    for split in (False, True):
-        const = dict(GROUP=4, DH=128, HALF=64, BLOCK_N=64, SPLIT=split)
-        out.append((f"decode_attention{' split' if split else ''}", K._decode_attention_kernel, args, const, {"num_warps": 4}))
+            "stride_ks": 128, "scale": 128**-0.5, "CHUNK": 256, "S": 16, "cnt_ptr": "*i32", "p_nw_ptr": bf,
+            "p_xq_ptr": "*i32", "p_s_ptr": "*fp32", "p_qs_ptr": "*i32", "P_K16": NQ // 16, "p_eps": 1e-5}  # fmt: skip
+    for label, split, fold in (("", False, False), (" split", True, False), (" split + combine + pack (folded)", True, True)):
+        const = dict(GROUP=4, DH=128, HALF=64, BLOCK_N=64, SPLIT=split, ON_GPU=True)
+        if fold:
+            const.update(FOLD=True, P_NORM=True, P_BLOCK_C=K.pack_act_launch(NQ // 16, False)[0], BLOCK_S=16, BLOCK_D=128)
+        out.append((f"decode_attention{label}", K._decode_attention_kernel, args, const, {"num_warps": 4}))
     args = {"pm_ptr": "*fp32", "pl_ptr": "*fp32", "pacc_ptr": "*fp32", "y_ptr": bf, "S": 16}
     out.append(("attention_combine", K._attention_combine_kernel, args, dict(DH=128, BLOCK_S=16, BLOCK_D=128), {"num_warps": 4}))
+    args = {"x_ptr": "*fp32", "N": V, "pv_ptr": "*fp32", "pi_ptr": "*i32", "cnt_ptr": "*i32", "out_ptr": "*i64"}
+    out.append(("argmax", K._argmax_kernel, args, dict(BLOCK=4096, BLOCK_P=32), {"num_warps": 8}))
     # the kernels that take programmatic dependent launch (FastModel(pdl=True)), once per variant with it on
     seen = set()
     for label, fn, a, const, opts in list(out):
@@ -112,7 +132,9 @@ def variants(quick: bool) -> list[tuple[str, object, dict, dict, dict]]:
 
 def compile_one(fn, args: dict, const: dict, opts: dict, arch: int) -> dict:
     names = fn.arg_names
-    const = {"PDL": False, **const} if "PDL" in names else const
+    # constexprs with a default in the kernel's signature (PDL, the folded tails' options) take it unless given
+    defaults = {k: p.default for k, p in inspect.signature(fn.fn).parameters.items() if p.default is not p.empty}
+    const = {**defaults, **const}
     missing = set(names) - set(args) - set(const)
     if missing:
         raise ValueError(f"{fn.__name__}: no value for {sorted(missing)}")
@@ -146,7 +168,22 @@ def compile_one(fn, args: dict, const: dict, opts: dict, arch: int) -> dict:
     # instructions only: nvdisasm also prints the cubin's data sections (.nv.info, constants) as `.byte` lines
     row["sass_instructions"] = sum(1 for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/\s+[A-Z@{]", line))
     row["loop_bodies"] = loop_bodies(sass)
+    row["atomics_ordered"] = atomics_ordered(sass)
     return row
+
+
+def atomics_ordered(sass: str) -> list[bool]:
+    """For each global atomic of a disassembly (kernels._last_arrival's counter), whether it has the ordering that
+    the folded kernels rely on: a CTA barrier before it (every thread's stores first), a GPU-scope memory barrier
+    right before it (release) and an L1 invalidation right after it (acquire)."""
+    lines = [m[1] for m in re.finditer(r"^\s+/\*[0-9a-f]{4,}\*/\s+(.*)$", sass, re.M)]
+    out = []
+    for i, ins in enumerate(lines):
+        if re.search(r"\bATOMG?\b|\bATOMG\.", ins):
+            before = lines[max(0, i - 24) : i]
+            out.append(any("BAR.SYNC" in b for b in before) and any("MEMBAR" in b and "GPU" in b for b in before[-4:])
+                       and any("CCTL.IVALL" in a for a in lines[i + 1 : i + 3]))  # fmt: skip
+    return out
 
 
 def loop_bodies(sass: str) -> list[int]:

@@ -27,9 +27,15 @@ What it changes, and why:
     - "fused": the norms, the MLP's act(gate)·up and the residual adds inside the GEMV launches
       (``kernels.bitlinear_gemv``'s ``norm`` / ``act`` / ``residual``): five launches a layer, but each GEMV
       program recomputes its input's statistics and quantizes in its loop (slower on the H200);
-    - "plain": norm kernels, then GEMVs that quantize their input inside the weight loop.
+    - "plain": norm kernels, then GEMVs that quantize their input inside the weight loop;
+    - "folded" (built without a GPU, not yet measured: benchmarks/RESULTS.md): "packed" with each ``pack_act``
+      done by the last program of the kernel that produces its input (``kernels.NextPack``, an atomic counter
+      per launch): with the split attention, five launches a layer (qkv, attention + combine + pack, o,
+      gate|up, down), and the layer's input packed by the layer before.
   - ``pdl=True`` (default) launches those kernels, the attention kernels and the int8 head with programmatic
     dependent launch (sm_90+; ignored elsewhere), so that each launch overlaps the end of the kernel before it.
+  - ``argmax="triton"`` (not yet measured): the greedy step's argmax over the vocabulary as one launch
+    (``kernels.argmax``) instead of torch's reduction (28 µs a token on an H200).
   Other backends ("reference", "triton_op" under torch.compile, "cpu") run the model's attention ops and the
   plain BitLinear path whatever these options say.
 - **Fewer bytes per token.** Decode only computes the head for the last position; ``head="int8"`` replaces the
@@ -63,7 +69,8 @@ log = logging.getLogger(__name__)
 
 HEADS = ("bf16", "int8")
 ATTENTIONS = ("torch", "triton", "split")
-GEMVS = ("plain", "fused", "packed")
+GEMVS = ("plain", "fused", "packed", "folded")
+ARGMAXES = ("torch", "triton")
 
 
 class FastPathError(ValueError):
@@ -101,16 +108,21 @@ class FastModel:
 
     def __init__(
         self, net: Transformer, *, head: str = "bf16", backend: str = "triton", attention: str = "split",
-        gemv: str = "packed", pdl: bool = True,
+        gemv: str = "packed", pdl: bool = True, argmax: str = "torch",
     ):  # fmt: skip
         if attention not in ATTENTIONS:
             raise FastPathError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
         if gemv not in GEMVS:
             raise FastPathError(f"gemv must be one of {GEMVS}, got {gemv!r}")
+        if argmax not in ARGMAXES:
+            raise FastPathError(f"argmax must be one of {ARGMAXES}, got {argmax!r}")
+        self.argmax = argmax  # the greedy step's argmax: torch's, or kernels.argmax (one launch) on backend "triton"
+        self._argmax_counter: torch.Tensor | None = None  # its int32 counter (zero), made on first use
         self.attention = attention  # "triton" / "split": the graph decode step's attention kernel(s) (kernels.py)
         self.gemv = gemv  # the decode GEMV variant (the module docstring)
         self.pdl = pdl  # programmatic dependent launch for the fused / packed / attention / int8 head kernels
         self._fusable: list[bool] | None = None  # per layer: every matrix readable by the GEMV (made when needed)
+        self._counters: torch.Tensor | None = None  # gemv="folded": int32 [layers, 4 sites, width], all zero
         self.net = net
         self.config = net.config
         self.qkv: list[BitLinear] = []
@@ -180,10 +192,13 @@ class FastModel:
         h = residual + x
         return h, norm(h)
 
-    def _layer(self, i: int, x: torch.Tensor, cos, sin, pos, mask) -> torch.Tensor:
-        # x [B, T, D] → [B, T, D]; the operations of Block/Attention/MLP.forward with fused projections
+    def _layer(self, i: int, x: torch.Tensor, cos, sin, pos, mask, carry=None):
+        # x [B, T, D] → ([B, T, D], carry); the operations of Block/Attention/MLP.forward with fused projections.
+        # carry: with gemv="folded", layer i's input already normed and packed (kernels.PackedAct) by layer i − 1
         if self._fused_gemv(i, x):
-            return self._fused_layer(i, x, cos, sin, pos, mask)
+            if self.gemv == "folded":
+                return self._folded_layer(i, x, cos, sin, pos, mask, carry)
+            return self._fused_layer(i, x, cos, sin, pos, mask), None
         layer = self.net.layers[i]
         a, m = layer.attn, layer.mlp
         qkv = self.qkv[i](self._norm(layer.attn_norm, x))  # [B, T, Nq + 2·Nkv]
@@ -203,12 +218,16 @@ class FastModel:
             z = g * u
             if m.sub_norm is not None:
                 z = m.sub_norm(z)
-        return h + m.down_proj(z)
+        return h + m.down_proj(z), None
+
+    def _attention_kernel(self, qkv: torch.Tensor, pos) -> bool:
+        # the attention kernels apply to the graph decode step (one token, position on the device), triton backend
+        return self.attention != "torch" and self.backend == "triton" and not isinstance(pos, int) and qkv.shape[:2] == (1, 1)
 
     def _attend(self, i: int, qkv: torch.Tensor, cos, sin, pos, mask) -> torch.Tensor:
         # qkv [B, T, Nq + 2·Nkv] → attention output [B, T, Nq] (before the sub-norm), keys/values into the cache
         a = self.net.layers[i].attn
-        if self.attention != "torch" and self.backend == "triton" and not isinstance(pos, int) and qkv.shape[:2] == (1, 1):
+        if self._attention_kernel(qkv, pos):
             from bitnet158.runtime.kernels import decode_attention
 
             c = a.cache
@@ -257,6 +276,56 @@ class FastModel:
         out = gemv(m.down_proj, gu, m.sub_norm, act="relu2" if m.relu2 else "silu", residual=h)  # h + mlp
         return out.view(b, t, d)
 
+    def _folded_layer(self, i: int, x: torch.Tensor, cos, sin, pos, mask, carry):
+        # gemv="packed" with each pack_act folded into the kernel that produces its input (kernels.NextPack): the
+        # last program of the attention (split, graph step), the o, gate|up and down GEMVs packs the next GEMV's
+        # input. Five launches a layer in the graph step: qkv, attention (+ combine + pack), o, gate|up, down.
+        # x [B, T, D], B·T ≤ GEMV_MAX_M → ([B, T, D], the next layer's packed input or None)
+        from bitnet158.runtime import kernels
+
+        layer = self.net.layers[i]
+        a, m = layer.attn, layer.mlp
+        b, t, d = x.shape
+        x2 = x.reshape(b * t, d)
+        pdl = self.pdl
+        cnt = self._counter_block(i)  # [4, width]: attention, o, gate|up, down
+
+        def nxt(site: int, norm, act=None) -> kernels.NextPack:
+            return kernels.NextPack(cnt[site], norm.weight if norm is not None else None, norm.eps if norm is not None else 0.0, act)
+
+        def gemv(act_in: kernels.PackedAct, lin: BitLinear, residual=None, pack_next=None):
+            return kernels.bitlinear_gemv_packed(act_in, lin.packed, lin.scale, x.dtype, residual=residual, pdl=pdl, pack_next=pack_next)
+
+        if carry is None:
+            carry = kernels.pack_act(x2, d, norm=layer.attn_norm.weight, eps=layer.attn_norm.eps, pdl=pdl)
+        qkv = gemv(carry, self.qkv[i]).view(b, t, -1)  # [B, T, Nq + 2·Nkv]
+        nq = a.n_heads * a.head_dim
+        if self.attention == "split" and self._attention_kernel(qkv, pos):
+            c = a.cache
+            _, act_o = kernels.decode_attention(qkv, cos, sin, pos, c.k, c.v, a.n_heads, a.n_kv, a.head_dim, pdl=pdl,
+                                                split=True, pack_next=nxt(0, a.sub_norm))  # fmt: skip
+        else:
+            y = self._attend(i, qkv, cos, sin, pos, mask).reshape(b * t, nq)
+            w, eps = (a.sub_norm.weight, a.sub_norm.eps) if a.sub_norm is not None else (None, 0.0)
+            act_o = kernels.pack_act(y, nq, norm=w, eps=eps, pdl=pdl)
+        h, act_gu = gemv(act_o, a.o_proj, residual=x2, pack_next=nxt(1, layer.mlp_norm))  # h = x + attention
+        gu, act_d = gemv(act_gu, self.gate_up[i], pack_next=nxt(2, m.sub_norm, "relu2" if m.relu2 else "silu"))
+        if i + 1 < len(self.net.layers) and self._fused_gemv(i + 1, x):  # the next layer takes a folded input
+            out, carry = gemv(act_d, m.down_proj, residual=h, pack_next=nxt(3, self.net.layers[i + 1].attn_norm))
+        else:
+            out, carry = gemv(act_d, m.down_proj, residual=h), None
+        return out.view(b, t, d), carry
+
+    def _counter_block(self, i: int) -> torch.Tensor:
+        # layer i's zeroed int32 counters of the folded kernels [4, max(H + 1, GEMV_MAX_M)], made once per model:
+        # each launch leaves its counter at zero, so the same ones serve every step and CUDA graph replay
+        from bitnet158.runtime.kernels import GEMV_MAX_M
+
+        if self._counters is None:
+            width = max(self.config.num_attention_heads + 1, GEMV_MAX_M)
+            self._counters = torch.zeros((len(self.net.layers), 4, width), dtype=torch.int32, device=self.device)
+        return self._counters[i]
+
     def logits_last(self, tokens: torch.Tensor, start_pos: int | torch.Tensor) -> torch.Tensor:
         """fp32 logits [B, V] of the last position of tokens [B, T] run at positions start_pos..."""
         return self.logits(tokens, start_pos)[:, -1]
@@ -303,8 +372,9 @@ class FastModel:
             cos, sin = net.cos[start_pos], net.sin[start_pos]
             mask = torch.arange(net.max_seq, device=tokens.device)[None, :] <= start_pos[:, None]  # [T, max_seq]
         x = F.embedding(tokens, net.embed)  # [B, T, D]
+        carry = None  # gemv="folded": the next layer's input, packed by the layer before
         for i in range(len(net.layers)):
-            x = self._layer(i, x, cos, sin, start_pos, mask)
+            x, carry = self._layer(i, x, cos, sin, start_pos, mask, carry)
         return x
 
     def _cpu_logits(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
@@ -356,6 +426,17 @@ class FastModel:
             layer.mlp_norm.weight, self.gate_up[i].packed, self.gate_up[i].scale,
             m.sub_norm.weight if m.sub_norm is not None else None, m.down_proj.packed, m.down_proj.scale,
         )  # fmt: skip
+
+    def greedy(self, logits: torch.Tensor) -> torch.Tensor:
+        """The greedy next id (int64 [1]) of fp32 logits [V], on the device: ``argmax="triton"`` on the triton
+        backend runs ``kernels.argmax`` (one launch), else torch's argmax; both give the first maximal index."""
+        if self.argmax == "triton" and self.backend == "triton":
+            from bitnet158.runtime.kernels import argmax
+
+            if self._argmax_counter is None:
+                self._argmax_counter = torch.zeros((1,), dtype=torch.int32, device=logits.device)
+            return argmax(logits, self._argmax_counter, pdl=self.pdl)
+        return logits.argmax(-1, keepdim=True)
 
     def _int8_head(self, x: torch.Tensor) -> torch.Tensor:
         # normed x [B, D] → fp32 logits [B, V]: the int8 head's arithmetic in torch, off the fast path. The dot
@@ -427,7 +508,10 @@ class GraphDecoder:
         greedy, top_k, use_top_p = key
         logits = self._logits_fn(self._tok, self._pos if self.use_graph else self._host_pos)[0]  # [V]
         self._host_pos += 1
-        nxt = sample_on_device(logits, None if greedy else self._temp, top_k, self._top_p if use_top_p else None)
+        if greedy:
+            nxt = self.fast.greedy(logits)
+        else:
+            nxt = sample_on_device(logits, self._temp, top_k, self._top_p if use_top_p else None)
         self._out.index_copy_(0, self._n, nxt)
         self._tok.copy_(nxt.view(1, 1))
         self._pos.add_(1)

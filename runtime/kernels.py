@@ -23,6 +23,11 @@ Kernels
   dp4a: about one SASS instruction per weight instead of two to four (benchmarks/kernel_resources.py counts them
   offline). Its tiles go up to a whole row (one weight fetch per program, no K loop), which the autotuner picks
   where it measures faster.
+- Folded packing (``NextPack``; FastModel(gemv="folded")): the packed GEMV and the split attention take the
+  ``pack_act`` of their own output into the same launch. Each program arrives on an atomic counter after its
+  stores (``_last_arrival``: a barrier, then one acq_rel atomic per program), and the last to arrive, which then
+  sees every other program's output, packs the row for the next GEMV and sets the counter back to zero. In the
+  attention a first counter per head makes the head's last split run its combine.
 - ``bitlinear_matmul`` (prefill): quantize once, then tiles of int8 x and of weights unpacked to int8 in
   registers meet in ``tl.dot`` int8 × int8 → int32 on the tensor cores (``int8_dot=False``: fp16 operands with
   fp32 accumulation, still exact below 2^24).
@@ -32,6 +37,7 @@ Kernels
   one launch each instead of the handful of torch ops they replace in the decode step.
 - ``decode_attention``: rope, the KV-cache write and the attention of one decode token, one kernel or split over
   chunks of the cache plus a combine (flash-decoding).
+- ``argmax``: the greedy step's argmax in one launch (block maxima, then the last program reduces them).
 - ``bitlinear_op`` / ``head_int8_op``: the same as torch.library custom ops, opaque to torch.compile.
 
 ``pdl=True`` (the decode-step kernels): programmatic dependent launch on sm_90+, see ``_pdl_enter``.
@@ -156,16 +162,19 @@ def _norm_apply(v, rstd, w, dt: tl.constexpr):
 
 
 @triton.jit
-def _gemv_input(x_row, nw_ptr, j, ok, K, rstd, ACT: tl.constexpr, NORM: tl.constexpr, RELU2: tl.constexpr):
+def _gemv_input(x_row, nw_ptr, j, ok, K, rstd, ACT: tl.constexpr, NORM: tl.constexpr, RELU2: tl.constexpr,
+                CG: tl.constexpr = False):  # fmt: skip
     # fp32 values at element indices j of a GEMV's input row: x, or with ACT (x_row = gate | up, 2K wide)
     # act(gate)·up; then with NORM the RMSNorm (weight nw_ptr [K], 1/rms = rstd). Masked elements give 0.
+    # CG: read x from L2 (ld.cg), not through L1: x was written by other programs of the same launch (_last_arrival)
     dt = x_row.dtype.element_ty
+    cm: tl.constexpr = ".cg" if CG else ""
     if ACT:
-        g = tl.load(x_row + j, mask=ok, other=0.0).to(tl.float32)
-        u = tl.load(x_row + K + j, mask=ok, other=0.0).to(tl.float32)
+        g = tl.load(x_row + j, mask=ok, other=0.0, cache_modifier=cm).to(tl.float32)
+        u = tl.load(x_row + K + j, mask=ok, other=0.0, cache_modifier=cm).to(tl.float32)
         v = _act_mul(g, u, RELU2, dt)
     else:
-        v = tl.load(x_row + j, mask=ok, other=0.0).to(tl.float32)
+        v = tl.load(x_row + j, mask=ok, other=0.0, cache_modifier=cm).to(tl.float32)
     if NORM:
         v = _norm_apply(v, rstd, tl.load(nw_ptr + j, mask=ok, other=0.0).to(tl.float32), dt)
     return v
@@ -258,24 +267,17 @@ def _gemv_w2a8_kernel(
 
 
 @triton.jit
-def _pack_act_kernel(
-    x_ptr, nw_ptr, xq_ptr, s_ptr, qs_ptr,
-    K, K16, eps, stride_xm, stride_xq,
-    ACT: tl.constexpr, NORM: tl.constexpr, RELU2: tl.constexpr, BLOCK_C: tl.constexpr, ON_GPU: tl.constexpr,
-    PDL: tl.constexpr = False,
-):  # fmt: skip
-    # one program per row: a GEMV input (x, norm(x), or [norm](act(gate)·up), as _gemv_input) quantized once and
-    # packed the way the dp4a loop reads it: xq [M, 4, K16] int32, word (k, c) holds q[16c + 4i + k] in byte i
-    # (field-major, so that the GEMV loop reads one contiguous vector per field); s f32 [M] (the row's scale);
-    # qs int32 [M] = Σ q (the t = code − 1 correction). The whole row is loaded at once (16·BLOCK_C ≥ K values)
-    # as one contiguous vector: wide loads, one wait on memory, the statistics and the packing on registers.
-    _pdl_enter(PDL)
-    m = tl.program_id(0)
-    x_row = x_ptr + m.to(tl.int64) * stride_xm
-    dt = x_ptr.dtype.element_ty
+def _pack_row(x_row, nw_ptr, xq_row, s_ptr, qs_ptr, K, K16, eps, ACT: tl.constexpr, NORM: tl.constexpr,
+              RELU2: tl.constexpr, BLOCK_C: tl.constexpr, ON_GPU: tl.constexpr, CG: tl.constexpr):  # fmt: skip
+    # one GEMV input row (x, norm(x), or [norm](act(gate)·up), as _gemv_input) quantized once and packed the way
+    # the dp4a loop reads it: xq_row [4, K16] int32, word (k, c) holds q[16c + 4i + k] in byte i (field-major, so
+    # that the GEMV loop reads one contiguous vector per field); s_ptr ← the row's scale; qs_ptr ← Σ q (the
+    # t = code − 1 correction). The whole row is loaded at once (16·BLOCK_C ≥ K values) as one contiguous vector:
+    # wide loads, one wait on memory, the statistics and the packing on registers.
+    dt = x_row.dtype.element_ty
     offs = tl.arange(0, BLOCK_C * 16)
     ok = offs < K
-    v = _gemv_input(x_row, nw_ptr, offs, ok, K, 1.0, ACT, False, RELU2)
+    v = _gemv_input(x_row, nw_ptr, offs, ok, K, 1.0, ACT, False, RELU2, CG)
     if NORM:
         rstd = tl.math.rsqrt(tl.sum(v * v, axis=0) / K + eps)
         v = _norm_apply(v, rstd, tl.load(nw_ptr + offs, mask=ok, other=0.0).to(tl.float32), dt)
@@ -286,21 +288,53 @@ def _pack_act_kernel(
     words = tl.sum(tl.reshape(q & 0xFF, (BLOCK_C, 4, 4)) << (i[None, :, None] * 8), axis=1)  # [C, k] of [c, i, k]
     cols = tl.arange(0, BLOCK_C)
     k = tl.arange(0, 4)
-    tl.store(xq_ptr + m.to(tl.int64) * stride_xq + k[None, :] * K16 + cols[:, None], words, mask=(cols < K16)[:, None])
-    tl.store(s_ptr + m, s)
-    tl.store(qs_ptr + m, tl.sum(q, axis=0))
+    tl.store(xq_row + k[None, :] * K16 + cols[:, None], words, mask=(cols < K16)[:, None])
+    tl.store(s_ptr, s)
+    tl.store(qs_ptr, tl.sum(q, axis=0))
+
+
+@triton.jit
+def _last_arrival(cnt_ptr, n):
+    # True in the last of the n programs that call this on one int32 counter (zero before the launch), which then
+    # sees every other caller's global writes made before its call; it sets the counter back to zero for the next
+    # launch (a CUDA graph replays the same counter). The barrier puts all of this program's stores before its
+    # release (the atomic runs once per program); the acquire puts the other programs' before the last one's reads.
+    tl.debug_barrier()
+    last = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu") == n - 1
+    if last:
+        tl.store(cnt_ptr, 0)
+    return last
+
+
+@triton.jit
+def _pack_act_kernel(
+    x_ptr, nw_ptr, xq_ptr, s_ptr, qs_ptr,
+    K, K16, eps, stride_xm, stride_xq,
+    ACT: tl.constexpr, NORM: tl.constexpr, RELU2: tl.constexpr, BLOCK_C: tl.constexpr, ON_GPU: tl.constexpr,
+    PDL: tl.constexpr = False,
+):  # fmt: skip
+    # one program per row m: _pack_row of x [M, K] (gate | up [M, 2K] with ACT) into xq [M, 4, K16], s, qs [M]
+    _pdl_enter(PDL)
+    m = tl.program_id(0)
+    _pack_row(x_ptr + m.to(tl.int64) * stride_xm, nw_ptr, xq_ptr + m.to(tl.int64) * stride_xq, s_ptr + m, qs_ptr + m,
+              K, K16, eps, ACT, NORM, RELU2, BLOCK_C, ON_GPU, False)  # fmt: skip
 
 
 @triton.jit
 def _gemv_packed_kernel(
     xq_ptr, s_ptr, qs_ptr, w_ptr, scale_ptr, res_ptr, y_ptr,
     N, K16, stride_xq, stride_wn, stride_rm, stride_ym,
+    cnt_ptr, p_nw_ptr, p_xq_ptr, p_s_ptr, p_qs_ptr, P_K, P_K16, p_eps, p_stride_xq,
     HAS_RES: tl.constexpr, SCALE_PER_ROW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
-    ON_GPU: tl.constexpr, PDL: tl.constexpr = False,
+    ON_GPU: tl.constexpr, PDL: tl.constexpr = False, PACK: tl.constexpr = False, P_ACT: tl.constexpr = False,
+    P_NORM: tl.constexpr = False, P_RELU2: tl.constexpr = False, P_BLOCK_C: tl.constexpr = 1,
 ):  # fmt: skip
-    # _gemv_w2a8_kernel's loop on activations _pack_act_kernel prepared: per weight word one shift, one mask
-    # and one dp4a per 2-bit field, nothing else (about 0.9 SASS instructions a weight at BLOCK_N 16, against
-    # about 2 with the quantization in the loop: benchmarks/kernel_resources.py). y [M, N] (+ res)
+    # _gemv_w2a8_kernel's loop on activations _pack_row prepared: per weight word one shift, one mask and one
+    # dp4a per 2-bit field, nothing else (about 0.9 SASS instructions a weight at BLOCK_N 16, against about 2
+    # with the quantization in the loop: benchmarks/kernel_resources.py). y [M, N] (+ res). PACK (the folded
+    # decode step, FastModel(gemv="folded")): the last program to finish row m (cnt_ptr [M]) packs y's row for
+    # the next GEMV (_pack_row with the P_* options: P_K = N, or N / 2 with P_ACT) into p_xq / p_s / p_qs, the
+    # work of one pack_act launch without the launch
     m, rows, row_ok, w_rows = _row_block(w_ptr, N, stride_wn, BLOCK_N)
     wt_next = _weight_tile(w_rows, row_ok, 0, K16, BLOCK_W)  # before the wait, as in _gemv_w2a8_kernel
     _pdl_enter(PDL)
@@ -317,6 +351,10 @@ def _gemv_packed_kernel(
             acc = _dp4a(codes, tl.broadcast_to(xw[None, :], (BLOCK_N, BLOCK_W)), acc, ON_GPU)
     dot = tl.sum(acc, axis=1) - tl.load(qs_ptr + m)  # [BLOCK_N] Σ t·q, exact
     _gemv_store(dot, tl.load(s_ptr + m), m, rows, row_ok, scale_ptr, res_ptr, y_ptr, stride_rm, stride_ym, SCALE_PER_ROW, HAS_RES)
+    if PACK:
+        if _last_arrival(cnt_ptr + m, tl.num_programs(0)):
+            _pack_row(y_ptr + m.to(tl.int64) * stride_ym, p_nw_ptr, p_xq_ptr + m.to(tl.int64) * p_stride_xq, p_s_ptr + m,
+                      p_qs_ptr + m, P_K, P_K16, p_eps, P_ACT, P_NORM, P_RELU2, P_BLOCK_C, ON_GPU, True)  # fmt: skip
 
 
 @triton.jit
@@ -445,11 +483,31 @@ def _rope_half(lo, hi, c_lo, c_hi, s_lo, s_hi, dt: tl.constexpr):
 
 
 @triton.jit
+def _combine_head(pm_ptr, pl_ptr, pacc_ptr, y_ptr, h, S, DH: tl.constexpr, BLOCK_S: tl.constexpr,
+                  BLOCK_D: tl.constexpr, CG: tl.constexpr):  # fmt: skip
+    # y[h] = Σ_s e^(m_s − M) · acc_s / Σ_s e^(m_s − M) · l_s over head h's S partials (CG: as _gemv_input's)
+    cm: tl.constexpr = ".cg" if CG else ""
+    ss = tl.arange(0, BLOCK_S)
+    s_ok = ss < S
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < DH
+    m = tl.load(pm_ptr + h * S + ss, mask=s_ok, other=float("-inf"), cache_modifier=cm)
+    l = tl.load(pl_ptr + h * S + ss, mask=s_ok, other=0.0, cache_modifier=cm)
+    w = tl.exp(m - tl.max(m, axis=0))  # empty splits (m = −inf) weigh 0; split 0 is never empty
+    at = (h * S + ss).to(tl.int64)[:, None] * DH + d[None, :]
+    acc = tl.load(pacc_ptr + at, mask=s_ok[:, None] & d_ok[None, :], other=0.0, cache_modifier=cm)
+    y = tl.sum(w[:, None] * acc, axis=0) / tl.sum(w * l, axis=0)
+    tl.store(y_ptr + h * DH + d, y.to(y_ptr.dtype.element_ty), mask=d_ok)
+
+
+@triton.jit
 def _decode_attention_kernel(
     qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, y_ptr, pm_ptr, pl_ptr, pacc_ptr,
     NQ, NKV, stride_kh, stride_ks, scale, CHUNK, S,
+    cnt_ptr, p_nw_ptr, p_xq_ptr, p_s_ptr, p_qs_ptr, P_K16, p_eps,
     GROUP: tl.constexpr, DH: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = False, FOLD: tl.constexpr = False, P_NORM: tl.constexpr = False,
+    P_BLOCK_C: tl.constexpr = 1, BLOCK_S: tl.constexpr = 1, BLOCK_D: tl.constexpr = 1, ON_GPU: tl.constexpr = False,
 ):  # fmt: skip
     # program (h, s): query head h (kv head h // GROUP), batch 1, one new token at position pos (read from the
     # device, so a CUDA graph replays it), keys s·CHUNK .. min((s+1)·CHUNK, pos) − 1 of the cache: rope of q and
@@ -457,6 +515,9 @@ def _decode_attention_kernel(
     # an online softmax in fp32. Split 0 also counts the new token itself, from registers. SPLIT: the partial
     # (max m, sum l, Σ p·v [DH]) goes to pm/pl/pacc [H, S(, DH)] for _attention_combine_kernel (flash-decoding:
     # H·S programs instead of H share the cache reads); else one split covers every key and y is written here.
+    # FOLD (with SPLIT; FastModel(gemv="folded")): the last split of head h to finish (counter cnt_ptr[h]) runs
+    # the combine of head h, and the last head to be combined (counter cnt_ptr[H]) packs y for the o projection
+    # (_pack_row, the sub-norm with P_NORM) into p_xq / p_s / p_qs: one launch instead of three.
     _pdl_enter(PDL)
     h = tl.program_id(0)
     s = tl.program_id(1)
@@ -520,6 +581,13 @@ def _decode_attention_kernel(
         tl.store(pl_ptr + part, l)
         tl.store(pacc_ptr + part.to(tl.int64) * DH + offs, acc_lo, mask=ok)
         tl.store(pacc_ptr + part.to(tl.int64) * DH + half + offs, acc_hi, mask=ok)
+        if FOLD:
+            if _last_arrival(cnt_ptr + h, S):
+                _combine_head(pm_ptr, pl_ptr, pacc_ptr, y_ptr, h, S, DH, BLOCK_S, BLOCK_D, True)
+                n_heads = tl.num_programs(0)
+                if _last_arrival(cnt_ptr + n_heads, n_heads):
+                    _pack_row(y_ptr, p_nw_ptr, p_xq_ptr, p_s_ptr, p_qs_ptr, NQ, P_K16, p_eps, False, P_NORM, False,
+                              P_BLOCK_C, ON_GPU, True)  # fmt: skip
     else:
         tl.store(y_ptr + h * DH + offs, (acc_lo / l).to(dt), mask=ok)
         tl.store(y_ptr + h * DH + half + offs, (acc_hi / l).to(dt), mask=ok)
@@ -530,19 +598,30 @@ def _attention_combine_kernel(
     pm_ptr, pl_ptr, pacc_ptr, y_ptr, S,
     DH: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False,
 ):  # fmt: skip
-    # one program per query head: y = Σ_s e^(m_s − M) · acc_s / Σ_s e^(m_s − M) · l_s over the S partials
+    # one program per query head: _combine_head
     _pdl_enter(PDL)
-    h = tl.program_id(0)
-    ss = tl.arange(0, BLOCK_S)
-    s_ok = ss < S
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < DH
-    m = tl.load(pm_ptr + h * S + ss, mask=s_ok, other=float("-inf"))
-    l = tl.load(pl_ptr + h * S + ss, mask=s_ok, other=0.0)
-    w = tl.exp(m - tl.max(m, axis=0))  # empty splits (m = −inf) weigh 0; split 0 is never empty
-    acc = tl.load(pacc_ptr + (h * S + ss).to(tl.int64)[:, None] * DH + d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
-    y = tl.sum(w[:, None] * acc, axis=0) / tl.sum(w * l, axis=0)
-    tl.store(y_ptr + h * DH + d, y.to(y_ptr.dtype.element_ty), mask=d_ok)
+    _combine_head(pm_ptr, pl_ptr, pacc_ptr, y_ptr, tl.program_id(0), S, DH, BLOCK_S, BLOCK_D, False)
+
+
+@triton.jit
+def _argmax_kernel(x_ptr, N, pv_ptr, pi_ptr, cnt_ptr, out_ptr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr,
+                   PDL: tl.constexpr = False):  # fmt: skip
+    # argmax of x [N] in one launch: program p writes its block's (max, first index of it) to pv / pi [P], and the
+    # last program to finish (_last_arrival) reduces the P partials into out int64 [1]. Ties go to the lowest
+    # index at both levels, as torch.argmax; NaN is not handled as torch does (it treats NaN as the maximum).
+    _pdl_enter(PDL)
+    p = tl.program_id(0)
+    offs = p * BLOCK + tl.arange(0, BLOCK)
+    v = tl.load(x_ptr + offs, mask=offs < N, other=float("-inf")).to(tl.float32)
+    best, at = tl.max(v, axis=0, return_indices=True, return_indices_tie_break_left=True)
+    tl.store(pv_ptr + p, best)
+    tl.store(pi_ptr + p, p * BLOCK + at)
+    n_prog = tl.num_programs(0)
+    if _last_arrival(cnt_ptr, n_prog):
+        j = tl.arange(0, BLOCK_P)
+        pv = tl.load(pv_ptr + j, mask=j < n_prog, other=float("-inf"), cache_modifier=".cg")
+        _, jb = tl.max(pv, axis=0, return_indices=True, return_indices_tie_break_left=True)
+        tl.store(out_ptr, tl.load(pi_ptr + jb, cache_modifier=".cg").to(tl.int64))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -578,7 +657,7 @@ _gemv_w2a8_tuned = triton.autotune(
 )(_gemv_w2a8_kernel)
 _gemv_packed_tuned = triton.autotune(
     configs=[triton.Config({"BLOCK_N": bn, "BLOCK_W": bw}, num_warps=w) for bn, bw, w in PACKED_GEMV_CONFIGS],
-    key=["N", "K16", "HAS_RES"],
+    key=["N", "K16", "HAS_RES", "PACK"],
 )(_gemv_packed_kernel)
 _gemv_w8a8_tuned = triton.autotune(
     configs=[triton.Config({"BLOCK_N": bn, "BLOCK_W": bw}, num_warps=w) for bn, bw, w in _GEMV_CONFIGS], key=["N", "K4", "NORM"]
@@ -772,6 +851,41 @@ def pack_act(
     return PackedAct(xq, s, qsum, K)
 
 
+class NextPack(NamedTuple):
+    """What a producer kernel's last program packs for the next GEMV (FastModel(gemv="folded")): ``pack_act`` of
+    the producer's output with these options, and the int32 counter the producer's programs arrive on (zero before
+    the launch, left zero after it, so a CUDA graph replays it; one counter per row, or per head plus one for
+    ``decode_attention``). Counters must not be shared by launches that can run at the same time."""
+
+    counter: torch.Tensor
+    norm: torch.Tensor | None = None
+    eps: float = 0.0
+    act: str | None = None
+
+
+def _next_pack(nxt: NextPack, m: int, k: int, n_counters: int, y: torch.Tensor, what: str) -> tuple[PackedAct, dict]:
+    # the PackedAct a folded producer fills for K = k inputs of y's rows, and the kernel arguments that say so
+    _check_act(nxt.act, what)
+    _check_norm(nxt.norm, k, y, what)
+    c = nxt.counter
+    if c.dtype != torch.int32 or c.dim() != 1 or c.numel() < n_counters or c.device != y.device or c.stride(0) != 1:
+        raise KernelShapeError(f"{what}: the counter must be int32 [≥ {n_counters}] on {y.device}, got {c.dtype} {tuple(c.shape)}")
+    k16 = (k + 15) // 16
+    out = PackedAct(torch.empty((m, 4, k16), dtype=torch.int32, device=y.device),
+                    torch.empty((m,), dtype=torch.float32, device=y.device),
+                    torch.empty((m,), dtype=torch.int32, device=y.device), k)  # fmt: skip
+    return out, dict(
+        cnt_ptr=c, p_nw_ptr=nxt.norm if nxt.norm is not None else y, p_xq_ptr=out.xq, p_s_ptr=out.s, p_qs_ptr=out.qsum,
+        P_K=k, P_K16=k16, p_eps=nxt.eps, p_stride_xq=out.xq.stride(0), P_ACT=nxt.act is not None,
+        P_NORM=nxt.norm is not None, P_RELU2=nxt.act == "relu2", P_BLOCK_C=pack_act_launch(k16, nxt.act is not None)[0],
+    )  # fmt: skip
+
+
+def _no_pack(y: torch.Tensor) -> dict:
+    # the folded producers' pack arguments when they do not pack (PACK / FOLD off: never read)
+    return dict(cnt_ptr=y, p_nw_ptr=y, p_xq_ptr=y, p_s_ptr=y, p_qs_ptr=y, P_K=1, P_K16=1, p_eps=0.0, p_stride_xq=0)
+
+
 def bitlinear_gemv_packed(
     a: PackedAct,
     packed: torch.Tensor,
@@ -780,9 +894,13 @@ def bitlinear_gemv_packed(
     residual: torch.Tensor | None = None,
     config: tuple[int, int, int] | None = None,
     pdl: bool = False,
-) -> torch.Tensor:
+    pack_next: NextPack | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, PackedAct]:
     """The decode GEMV on a ``pack_act`` input: → y [M, N] in ``dtype`` (residual + y with ``residual`` [M, N]),
-    equal to ``bitlinear_gemv`` on the same input. ``packed`` and ``pdl`` as for ``bitlinear_gemv``."""
+    equal to ``bitlinear_gemv`` on the same input. ``packed`` and ``pdl`` as for ``bitlinear_gemv``.
+
+    ``pack_next`` (counter int32 [≥ M]): also returns ``pack_act(y, …)`` with its options (K = N, or N / 2 with
+    ``act``), made by the last program of each row in the same launch: (y, PackedAct)."""
     m, k16 = a.xq.shape[0], a.xq.shape[2]
     _check_weight(packed, scale, a.K, a.xq, "bitlinear_gemv_packed")
     if not gemv_compatible(packed) or packed.shape[1] != 4 * k16:
@@ -791,19 +909,27 @@ def bitlinear_gemv_packed(
     _check_residual(residual, m, n, dtype, a.xq.device, "bitlinear_gemv_packed")
     words = packed.view(torch.int32)  # [N, K16]
     y = torch.empty((m, n), dtype=dtype, device=a.xq.device)
+    nxt = None
+    if pack_next is not None:
+        if pack_next.act is not None and n % 2:
+            raise KernelShapeError(f"bitlinear_gemv_packed: pack_next with act needs gate | up rows, got N = {n}")
+        nxt, tail = _next_pack(pack_next, m, n // 2 if pack_next.act else n, m, y, "bitlinear_gemv_packed")
+    else:
+        tail = _no_pack(y)
     if m == 0:
-        return y
+        return y if nxt is None else (y, nxt)
     res = residual if residual is not None else y
     args = (a.xq, a.s, a.qsum, words, scale, res, y, n, k16, a.xq.stride(0), words.stride(0), res.stride(0), y.stride(0))
     use_pdl = _use_pdl(a.xq, pdl)
-    flags = dict(HAS_RES=residual is not None, SCALE_PER_ROW=scale.numel() != 1 or n == 1, PDL=use_pdl, launch_pdl=use_pdl)
+    flags = dict(HAS_RES=residual is not None, SCALE_PER_ROW=scale.numel() != 1 or n == 1, PDL=use_pdl, launch_pdl=use_pdl,
+                 PACK=nxt is not None, **tail)  # fmt: skip
     if config is None and _TUNE:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m)
         _gemv_packed_tuned[grid](*args, **flags, ON_GPU=True)
     else:
         bn, bw, warps = config or _FIXED_GEMV
         _gemv_packed_kernel[(triton.cdiv(n, bn), m)](*args, **flags, BLOCK_N=bn, BLOCK_W=bw, ON_GPU=not _INTERPRET, num_warps=warps)
-    return y
+    return y if nxt is None else (y, nxt)
 
 
 def bitlinear_matmul(
@@ -1017,7 +1143,8 @@ def act_mul_norm(gu: torch.Tensor, weight: torch.Tensor | None, eps: float, relu
 def decode_attention(
     qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor, cache_k: torch.Tensor,
     cache_v: torch.Tensor, n_heads: int, n_kv: int, head_dim: int, pdl: bool = False, split: bool = False,
-) -> torch.Tensor:  # fmt: skip
+    pack_next: NextPack | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, PackedAct]:  # fmt: skip
     """``model.attend`` for one token of batch 1: qkv [1, 1, (H + 2·Hkv)·Dh] (the fused projection's output),
     cos/sin [1, Dh], pos int64 [1] on the device, caches [≥1, Hkv, S, Dh] → y [1, 1, H·Dh].
 
@@ -1025,7 +1152,11 @@ def decode_attention(
     fp32 with an online softmax, so y agrees with SDPA to rounding. One kernel with H programs, or with ``split``
     two (flash-decoding): H × up to 16 programs each over a chunk of the cache, then a combine. The chunking
     depends only on the cache size, so a CUDA graph replays it at every position. ``pdl`` as for
-    ``bitlinear_gemv``."""
+    ``bitlinear_gemv``.
+
+    ``pack_next`` (with ``split``; counter int32 [≥ H + 1], no ``act``): one launch does it all: the last split
+    of each head combines it, and the last head combined packs y for the o projection (``pack_act`` of y [1, H·Dh]
+    with ``norm``, the attention sub-norm): returns (y, PackedAct)."""
     width = (n_heads + 2 * n_kv) * head_dim
     if qkv.dim() != 3 or qkv.shape[:2] != (1, 1) or qkv.shape[2] != width:
         raise KernelShapeError(f"decode_attention: qkv must be [1, 1, {width}], got {tuple(qkv.shape)}")
@@ -1034,6 +1165,8 @@ def decode_attention(
         raise KernelShapeError(f"decode_attention: heads {n_heads}/{n_kv}, Dh {head_dim}, cache {tuple(cache_k.shape)}")
     if cache_k.stride(3) != 1 or cache_k.stride() != cache_v.stride() or pos.numel() != 1 or pos.dtype != torch.long:
         raise KernelShapeError("decode_attention: caches must share a layout with contiguous rows; pos int64 [1]")
+    if pack_next is not None and (not split or pack_next.act is not None):
+        raise KernelShapeError("decode_attention: pack_next needs split=True and no act")
     qkv = qkv.contiguous()
     dev = qkv.device
     y = torch.empty((1, 1, n_heads * head_dim), dtype=qkv.dtype, device=dev)
@@ -1047,16 +1180,48 @@ def decode_attention(
         pacc = torch.empty((n_heads, n_split, head_dim), dtype=torch.float32, device=dev)
     else:
         chunk, n_split, pm, pl, pacc = slots, 1, y, y, y
+    nxt = None
+    if pack_next is not None:
+        nxt, tail = _next_pack(pack_next, 1, n_heads * head_dim, n_heads + 1, y, "decode_attention")
+    else:
+        tail = _no_pack(y)
+    # the kernel's pack arguments (its input row is y: K = NQ, one row, no act)
+    tail = {k: v for k, v in tail.items() if k not in ("P_K", "p_stride_xq", "P_ACT", "P_RELU2")}
     use_pdl = _use_pdl(qkv, pdl)
+    combine = dict(BLOCK_S=triton.next_power_of_2(n_split), BLOCK_D=triton.next_power_of_2(head_dim))
     _decode_attention_kernel[(n_heads, n_split)](
         qkv, cos.contiguous(), sin.contiguous(), pos, cache_k, cache_v, y, pm, pl, pacc,
         n_heads * head_dim, n_kv * head_dim, cache_k.stride(1), cache_k.stride(2), head_dim**-0.5, chunk, n_split,
         GROUP=n_heads // n_kv, DH=head_dim, HALF=triton.next_power_of_2(head_dim // 2), BLOCK_N=block_n, SPLIT=split,
-        PDL=use_pdl, launch_pdl=use_pdl, num_warps=4,
+        PDL=use_pdl, launch_pdl=use_pdl, ON_GPU=not _INTERPRET, FOLD=nxt is not None, **combine, **tail, num_warps=4,
     )  # fmt: skip
+    if nxt is not None:
+        return y, nxt
     if split:
         _attention_combine_kernel[(n_heads,)](
-            pm, pl, pacc, y, n_split, DH=head_dim, BLOCK_S=triton.next_power_of_2(n_split),
-            BLOCK_D=triton.next_power_of_2(head_dim), PDL=use_pdl, launch_pdl=use_pdl, num_warps=4,
+            pm, pl, pacc, y, n_split, DH=head_dim, **combine, PDL=use_pdl, launch_pdl=use_pdl, num_warps=4,
         )  # fmt: skip
     return y
+
+
+def argmax(x: torch.Tensor, counter: torch.Tensor, block: int | None = None, pdl: bool = False) -> torch.Tensor:
+    """``x.argmax(-1, keepdim=True)`` of a 1-D float x as int64 [1], in one launch (the greedy decode step's:
+    torch's reduction takes 28 µs over 128,256 logits on an H200, benchmarks/RESULTS.md). ``counter``: int32
+    [≥ 1], zero, left zero (``NextPack``'s). ``block``: values per program (default 4,096; the tests use small
+    blocks for several programs). Ties give the first index; NaN is not treated as torch treats it."""
+    if x.dim() != 1 or not x.is_floating_point() or x.numel() == 0:
+        raise KernelShapeError(f"argmax: x must be a non-empty 1-D float tensor, got {x.dtype} {tuple(x.shape)}")
+    if counter.dtype != torch.int32 or counter.numel() < 1 or counter.device != x.device:
+        raise KernelShapeError(f"argmax: the counter must be int32 [≥ 1] on {x.device}, got {counter.dtype} {tuple(counter.shape)}")
+    x = x.contiguous()
+    block = block or min(4096, triton.next_power_of_2(x.numel()))
+    n_prog = triton.cdiv(x.numel(), block)
+    pv = torch.empty((n_prog,), dtype=torch.float32, device=x.device)
+    pi = torch.empty((n_prog,), dtype=torch.int32, device=x.device)
+    out = torch.empty((1,), dtype=torch.long, device=x.device)
+    use_pdl = _use_pdl(x, pdl)
+    _argmax_kernel[(n_prog,)](
+        x, x.numel(), pv, pi, counter, out, BLOCK=block, BLOCK_P=triton.next_power_of_2(n_prog), PDL=use_pdl,
+        launch_pdl=use_pdl, num_warps=4 if block <= 1024 else 8,
+    )  # fmt: skip
+    return out

@@ -3,7 +3,8 @@
 Triton's interpreter (tests/test_kernels.py) runs the kernels' Python but not the compiler, so a kernel can pass
 there and still fail to compile for the GPU. benchmarks/kernel_resources.py compiles every kernel for sm_90
 (H100/H200) with the shapes of the 2B-4T model; this test runs its quick mode in a subprocess (the interpreter
-must be off there) and asserts only that everything compiled. Registers and instruction counts are reported by
+must be off there) and asserts that everything compiled, and that the atomics of the kernels that arrive on a
+counter keep their memory ordering in the machine code. Registers and instruction counts are reported by
 the script, not asserted: speed belongs to the benchmarks. Also the switch that replaces the GPU autotuner by
 fixed configs, which is read at import, so it is checked in subprocesses too.
 """
@@ -35,8 +36,14 @@ def test_every_kernel_compiles_for_sm90():
     failed = {r["kernel"]: r["error"] for r in rows if "error" in r}
     assert not failed, failed
     kinds = {r["kernel"].split()[0] for r in rows}
-    assert kinds >= {"gemv_w2a8", "gemv_packed", "pack_act", "head_int8", "matmul_w2a8", "decode_attention", "attention_combine"}, kinds
+    assert kinds >= {"gemv_w2a8", "gemv_packed", "pack_act", "head_int8", "matmul_w2a8", "decode_attention", "attention_combine",
+                     "argmax"}, kinds  # fmt: skip
     assert any(r["kernel"].endswith("+pdl") for r in rows)  # programmatic dependent launch compiles too
+    # the folded kernels (FastModel(gemv="folded")) and the argmax arrive on counters: each atomic keeps the
+    # barrier / release / acquire that lets the last program read the others' output (kernels._last_arrival)
+    counted = [r for r in rows if "packs" in r["kernel"] or "folded" in r["kernel"] or r["kernel"].startswith("argmax")]
+    assert len(counted) >= 5 and all(r["atomics_ordered"] and all(r["atomics_ordered"]) for r in counted), counted
+    assert not any(r["atomics_ordered"] for r in rows if r not in counted)
     assert all(r["registers"] > 0 and r["sass_instructions"] > 100 for r in rows)
 
 

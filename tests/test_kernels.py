@@ -243,6 +243,90 @@ def test_head_int8_with_the_final_norm():
     assert torch.equal(kernels.head_int8_op(x, wq, ws, w, 1e-5), kernels.head_int8(x, wq, ws, norm=w, eps=1e-5))
 
 
+def _same_pack(got: kernels.PackedAct, want: kernels.PackedAct) -> bool:
+    return got.K == want.K and all(torch.equal(a, b) for a, b in zip(got[:3], want[:3]))
+
+
+@interp
+@pytest.mark.parametrize("M,N,K,seed,dtype", [(1, 48, 160, 0, torch.float32), (3, 40, 64, 1, torch.bfloat16),
+                                              (2, 98, 48, 2, torch.float32)])  # fmt: skip
+def test_folded_gemv_packs_what_pack_act_packs(M, N, K, seed, dtype):
+    # pack_next: the GEMV's last program per row packs y for the next GEMV: the same y, and bit for bit the
+    # PackedAct that pack_act makes of it (the same _pack_row code), for each option; the counter ends at zero,
+    # so the next launch (a graph replay) reuses it. The fixed interpreter tile gives 3 to 7 programs a row.
+    x, packed, scale, _, _, res = _fused_case(M, N, K, dtype, seed)
+    a = kernels.pack_act(x, K)
+    g = torch.Generator().manual_seed(seed)
+    w_full, w_half = ((1 + 0.1 * torch.randn(n, generator=g)).to(DEV, dtype) for n in (N, N // 2))
+    counter = torch.zeros(8, dtype=torch.int32, device=DEV)
+    options = [{}, dict(norm=w_full, eps=1e-5), dict(act="relu2", norm=w_half, eps=1e-6), dict(act="silu")]
+    for kw in options:
+        for r in (None, res):
+            y, nxt = kernels.bitlinear_gemv_packed(a, packed, scale, dtype, residual=r, pack_next=kernels.NextPack(counter, **kw))
+            assert torch.equal(y, kernels.bitlinear_gemv_packed(a, packed, scale, dtype, residual=r)), kw
+            assert _same_pack(nxt, kernels.pack_act(y, N // 2 if "act" in kw else N, **kw)), kw
+            assert not counter.any()
+    bad = {
+        "counter dtype": kernels.NextPack(counter.long()),
+        "counter too short": kernels.NextPack(counter[: M - 1]),
+        "norm shape": kernels.NextPack(counter, norm=w_half),
+        "act": kernels.NextPack(counter, act="gelu"),
+    }
+    for name, nxt in bad.items():
+        with pytest.raises(kernels.KernelShapeError):
+            kernels.bitlinear_gemv_packed(a, packed, scale, dtype, pack_next=nxt)
+            pytest.fail(name)
+    with pytest.raises(kernels.KernelShapeError, match="gate"):  # act needs an even N (gate | up)
+        kernels.bitlinear_gemv_packed(a, packed[:-1], scale[:-1] if scale.numel() > 1 else scale, dtype,
+                                      pack_next=kernels.NextPack(counter, act="relu2"))  # fmt: skip
+
+
+@interp
+@pytest.mark.parametrize("pos", [0, 23, 65])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_folded_attention_combines_and_packs(pos, dtype):
+    # pack_next: one launch runs the splits, each head's combine (its last split) and the packing of y with the
+    # sub-norm (the last head): the same y, cache and PackedAct as split attention + combine + pack_act
+    heads, kv, dh = 6, 2, 12
+    case = _attention_case(dtype, heads, kv, dh, 70, pos, seed=pos)
+    caches = case[4].clone(), case[5].clone()
+    want = kernels.decode_attention(*case, heads, kv, dh, split=True)
+    w = (1 + 0.1 * torch.randn(heads * dh, generator=torch.Generator().manual_seed(pos))).to(DEV, dtype)
+    counter = torch.zeros(heads + 1, dtype=torch.int32, device=DEV)
+    for norm in (w, None):
+        y, nxt = kernels.decode_attention(*case[:4], *caches, heads, kv, dh, split=True,
+                                          pack_next=kernels.NextPack(counter, norm, 1e-5))  # fmt: skip
+        assert torch.equal(y, want) and torch.equal(caches[0], case[4]) and torch.equal(caches[1], case[5])
+        assert _same_pack(nxt, kernels.pack_act(want.view(1, -1), heads * dh, norm=norm, eps=1e-5))
+        assert not counter.any()
+    for kw in (dict(split=False, pack_next=kernels.NextPack(counter)), dict(split=True, pack_next=kernels.NextPack(counter[:heads]))):
+        with pytest.raises(kernels.KernelShapeError):
+            kernels.decode_attention(*case, heads, kv, dh, **kw)
+
+
+@interp
+def test_argmax_kernel():
+    # one launch, several programs (block 16): torch.argmax's index, ties to the first maximal index across and
+    # within blocks; the counter ends at zero
+    g = torch.Generator().manual_seed(0)
+    counter = torch.zeros(1, dtype=torch.int32, device=DEV)
+    cases = [torch.randn(n, generator=g) for n in (1, 15, 16, 17, 200)]
+    tie = torch.randn(100, generator=g)
+    tie[[40, 7, 71]] = 9.0  # ties in two blocks: the first index wins
+    cases += [tie, torch.full((50,), float("-inf")), torch.randn(33, generator=g).to(torch.bfloat16)]
+    for x in cases:
+        got = kernels.argmax(x.to(DEV), counter, block=16)
+        assert got.dtype == torch.long and got.shape == (1,)
+        assert int(got) == int(x.float().argmax()), x
+        assert not counter.any()
+    assert int(kernels.argmax(tie.to(DEV), counter)) == 7  # the default block: one program
+    for bad in (torch.zeros(2, 3), torch.zeros(0), torch.zeros(3, dtype=torch.long)):
+        with pytest.raises(kernels.KernelShapeError):
+            kernels.argmax(bad.to(DEV), counter)
+    with pytest.raises(kernels.KernelShapeError):
+        kernels.argmax(tie.to(DEV), counter.float())
+
+
 # --- prefill matmul -------------------------------------------------------------------------------------------
 @interp
 @pytest.mark.parametrize("M,N,K", [(17, 45, 300), (5, 33, 290), (32, 64, 128), (1, 3, 5)])
@@ -533,6 +617,35 @@ def test_fast_model_fused_and_packed_gemv_steps(relu2, sub_norms):
 
 
 @interp
+def test_fast_model_folded_step_equals_packed():
+    # gemv="folded" computes exactly what "packed" computes: in a 2-token prefill (folded GEMVs, pack_act after the
+    # torch attention), the host-position step, and the graph step (split attention with combine + pack folded in),
+    # over two layers so that the first packs the second's input; every counter ends at zero. argmax="triton":
+    # the greedy tokens of torch's argmax
+    from bitnet158.runtime.fast import FastModel, FastPathError, GraphDecoder
+
+    net = tiny_model(layers=2, seed=6).net
+    with pytest.raises(FastPathError, match="argmax must be one of"):
+        FastModel(net, argmax="cuda")
+    with torch.inference_mode():
+        steps = {}
+        for gemv in ("packed", "folded"):
+            fast = FastModel(net, backend="triton", attention="split", gemv=gemv)
+            net.setup_cache(1, 16)
+            steps[gemv] = [fast.logits_last(torch.tensor([[3, 5]]), 0), fast.logits_last(torch.tensor([[7]]), 2),
+                           fast.logits_last(torch.tensor([[1]]), torch.tensor([3]))]  # fmt: skip
+        assert fast._counters is not None and not fast._counters.any()
+        for a, b in zip(steps["packed"], steps["folded"]):
+            assert torch.equal(a, b)
+        tokens = {}
+        for argmax in ("torch", "triton"):
+            fast = FastModel(net, backend="triton", gemv="folded", argmax=argmax)
+            tokens[argmax] = list(GraphDecoder(fast, 16, use_graph=False).generate([3, 1], 3))
+        assert fast._argmax_counter is not None and not fast._argmax_counter.any()
+    assert tokens["torch"] == tokens["triton"]
+
+
+@interp
 def test_fast_model_int8_head_kernel_with_the_final_norm():
     # the triton backend's int8 head applies the final norm in its kernel: the same logits as the torch int8
     # arithmetic on the normed hidden state (the reference backend's)
@@ -676,6 +789,56 @@ def test_gpu_packed_and_fused_gemv(N, K):
 
 @gpu
 @needs_cuda
+def test_gpu_folded_kernels_and_argmax_in_a_graph():
+    # the folded producers (atomic counters, the last program reads what the others wrote) and the argmax, at the
+    # 2B-4T shapes, replayed from one CUDA graph over fresh inputs: each replay bit for bit what the separate
+    # kernels give. A missing barrier or acquire shows up here as a replay that differs (METHOD.md: a race).
+    torch.manual_seed(0)
+    d, inter, heads, kv, dh = 2560, 6912, 20, 5, 128
+    w_o, w_gu = (torch.randint(0, 256, (n, k // 4), device="cuda", dtype=torch.uint8) & 0x66 for n, k in ((d, d), (2 * inter, d)))
+    sc_o, sc_gu = torch.rand(1, device="cuda") + 0.5, torch.rand(2 * inter, device="cuda") + 0.5
+    n_mlp, n_sub = ((1 + 0.1 * torch.randn(n, device="cuda")).bfloat16() for n in (d, inter))
+    x = torch.randn(1, d, device="cuda", dtype=torch.bfloat16)
+    res = torch.randn(1, d, device="cuda", dtype=torch.bfloat16)
+    case = list(_attention_case(torch.bfloat16, heads, kv, dh, 1024, 700))
+    logits = torch.randn(128256, device="cuda")
+    counters = torch.zeros(3, heads + 1, dtype=torch.int32, device="cuda")
+
+    def folded():
+        _, a_o = kernels.decode_attention(*case, heads, kv, dh, split=True, pack_next=kernels.NextPack(counters[0], n_mlp, 1e-5))
+        h, a_gu = kernels.bitlinear_gemv_packed(kernels.pack_act(x, d), w_o, sc_o, x.dtype, residual=res,
+                                                pack_next=kernels.NextPack(counters[1], n_mlp, 1e-5))  # fmt: skip
+        gu, a_d = kernels.bitlinear_gemv_packed(a_gu, w_gu, sc_gu, x.dtype, pack_next=kernels.NextPack(counters[2], n_sub, 1e-5, "relu2"))
+        return a_o, h, a_gu, gu, a_d, kernels.argmax(logits, counters[2, -1:])
+
+    def separate():
+        y = kernels.decode_attention(*case, heads, kv, dh, split=True)
+        h = kernels.bitlinear_gemv_packed(kernels.pack_act(x, d), w_o, sc_o, x.dtype, residual=res)
+        gu = kernels.bitlinear_gemv_packed(kernels.pack_act(h, d, norm=n_mlp, eps=1e-5), w_gu, sc_gu, x.dtype)
+        return (kernels.pack_act(y.view(1, -1), d, norm=n_mlp, eps=1e-5), h, kernels.pack_act(h, d, norm=n_mlp, eps=1e-5),
+                gu, kernels.pack_act(gu, inter, norm=n_sub, eps=1e-5, act="relu2"), logits.argmax(-1, keepdim=True))  # fmt: skip
+
+    with torch.inference_mode():
+        folded()  # compile outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = folded()
+        for rep in range(20):
+            for t in (x, res, case[0], logits):
+                t.copy_(torch.randn_like(t, dtype=torch.float32).to(t.dtype))
+            logits[rep * 977] = 99.0  # a known maximum, and a tie behind it
+            logits[rep * 977 + 5000] = 99.0
+            graph.replay()
+            want = separate()
+            for got, ref in zip(out, want):
+                same = _same_pack(got, ref) if isinstance(got, kernels.PackedAct) else torch.equal(got, ref)
+                assert same, rep
+            assert int(out[-1]) == rep * 977
+        assert not counters.any()
+
+
+@gpu
+@needs_cuda
 def test_gpu_decode_variants_follow_the_default():
     # every FastModel decode variant (attention kernel, fused / packed GEMVs, PDL, int8 head) runs in a CUDA graph; the
     # bf16-head ones give the first graph step's greedy tokens (torch attention, plain GEMVs), and without the
@@ -691,9 +854,11 @@ def test_gpu_decode_variants_follow_the_default():
         assert list(GraphDecoder(FastModel(model.net, backend="triton"), 64).generate(ids, 10))[:6] == want[:6]  # the default
         variants = [("triton", "plain", False, "bf16"), ("split", "plain", False, "bf16"), ("triton", "fused", False, "bf16"),
                     ("torch", "packed", False, "bf16"), ("triton", "packed", False, "bf16"), ("split", "packed", True, "bf16"),
-                    ("split", "fused", True, "bf16"), ("torch", "packed", True, "bf16"), ("split", "packed", True, "int8")]  # fmt: skip
+                    ("split", "fused", True, "bf16"), ("torch", "packed", True, "bf16"), ("split", "packed", True, "int8"),
+                    ("split", "folded", True, "bf16"), ("torch", "folded", False, "bf16"), ("split", "folded", True, "int8")]  # fmt: skip
         for attention, gemv, pdl, head in variants:
-            fast = FastModel(model.net, backend="triton", attention=attention, gemv=gemv, pdl=pdl, head=head)
+            argmax = "triton" if gemv == "folded" else "torch"
+            fast = FastModel(model.net, backend="triton", attention=attention, gemv=gemv, pdl=pdl, head=head, argmax=argmax)
             got = list(GraphDecoder(fast, 64).generate(ids, 10))
             if attention == "torch":
                 assert got == list(GraphDecoder(fast, 64, use_graph=False).generate(ids, 10)), (attention, gemv, pdl, head)
