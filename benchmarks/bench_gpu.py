@@ -19,11 +19,12 @@ What it does, in order (each step logs one line; a short table comes last):
    graph teacher-forced against the reference network (``step_check``): PASS / FAIL; then what the int8 head does
    to the logits (and, for a real ``--file``, to the perplexity of a built-in paragraph);
 5. decode tok/s at batch 1 (median of runs of ``--tokens``, after a 512-token prompt) for every variant: the
-   CUDA-graph step with each attention / GEMV variant of FastModel (GRAPH_VARIANTS or ``--variants``: each first
+   CUDA-graph step with each attention / GEMV / argmax variant of FastModel (GRAPH_VARIANTS or ``--variants``: each first
    passes ``step_check``) and the int8 head, sampled decoding, then the eager baselines over ``--slow-tokens``
    (reference; triton runtime loop; the first graph step run eagerly; ``--no-eager`` skips them); with
-   ``--profile`` the kernels inside the graph step of the default and of the default without PDL (torch.profiler;
-   with PDL a kernel's span includes its wait for the previous one, without it only its own run);
+   ``--profile`` the kernels inside the graph step of the default, of the default without PDL and of the
+   folded variants run (torch.profiler; with PDL a kernel's span includes its wait for the previous one, without
+   it only its own run);
    prefill tok/s for 512 tokens, the time to first token, peak GPU memory;
 6. with ``--hf``: transformers' BitNetForCausalLM on the same weights (an HF packed checkpoint written here,
    autobitlinear offline), in a subprocess with TORCHDYNAMO_DISABLE=1, decode over ``--hf-tokens`` tokens;
@@ -828,8 +829,8 @@ def main() -> int:
     ap.add_argument("--hf", action="store_true", help="also time transformers on the random model's weights")
     ap.add_argument("--hf-tokens", type=int, default=32)
     ap.add_argument("--no-micro", action="store_true")
-    ap.add_argument("--variants", help="comma-separated graph variants to run, attention/gemv[/pdl][/int8] or default "
-                    "(e.g. torch/plain,default,split/packed/pdl/int8); all of GRAPH_VARIANTS if not given")
+    ap.add_argument("--variants", help="comma-separated graph variants to run, attention/gemv[/pdl][/int8][/argmax] or "
+                    "default (e.g. torch/plain,default,split/folded/pdl/argmax); all of GRAPH_VARIANTS if not given")
     ap.add_argument("--no-eager", action="store_true", help="skip the eager baselines (reference, triton eager)")
     ap.add_argument("--profile", action="store_true",
                     help="kernel times inside the default's graph step, and without PDL if that variant runs (torch.profiler)")

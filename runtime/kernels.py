@@ -655,9 +655,18 @@ _gemv_w2a8_tuned = triton.autotune(
     configs=[triton.Config({"BLOCK_N": bn, "BLOCK_W": bw}, num_warps=w) for bn, bw, w in _GEMV_CONFIGS],
     key=["N", "K16", "ACT", "NORM", "HAS_RES"],  # the fused prologues change the best tile
 )(_gemv_w2a8_kernel)
+
+
+def _prune_folded(configs: list, named_args: dict, **kwargs) -> list:
+    # the folded tail (PACK) holds a whole row on the program's threads: at 2 warps the gate|up tail takes 244
+    # registers a thread (benchmarks/kernel_resources.py), so those tiles are not worth compiling there
+    return [c for c in configs if c.num_warps >= 4] if kwargs.get("PACK") else configs
+
+
 _gemv_packed_tuned = triton.autotune(
     configs=[triton.Config({"BLOCK_N": bn, "BLOCK_W": bw}, num_warps=w) for bn, bw, w in PACKED_GEMV_CONFIGS],
     key=["N", "K16", "HAS_RES", "PACK"],
+    prune_configs_by={"early_config_prune": _prune_folded},
 )(_gemv_packed_kernel)
 _gemv_w8a8_tuned = triton.autotune(
     configs=[triton.Config({"BLOCK_N": bn, "BLOCK_W": bw}, num_warps=w) for bn, bw, w in _GEMV_CONFIGS], key=["N", "K4", "NORM"]
