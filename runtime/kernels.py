@@ -483,6 +483,33 @@ def _rope_half(lo, hi, c_lo, c_hi, s_lo, s_hi, dt: tl.constexpr):
 
 
 @triton.jit
+def _kv_block(cache_k, cache_v, start, hi, stride_ks, offs, ok, half, BLOCK_N: tl.constexpr):
+    # cached keys and values of rows start .. start + BLOCK_N − 1 below hi, as stored: 4 × [BLOCK_N, HALF] (the
+    # lo / hi halves of each head dim; 0 past hi, with no memory access)
+    rows = start + tl.arange(0, BLOCK_N)
+    at = rows.to(tl.int64)[:, None] * stride_ks + offs[None, :]
+    both = (rows < hi)[:, None] & ok[None, :]
+    return (tl.load(cache_k + at, mask=both, other=0.0), tl.load(cache_k + half + at, mask=both, other=0.0),
+            tl.load(cache_v + at, mask=both, other=0.0), tl.load(cache_v + half + at, mask=both, other=0.0))  # fmt: skip
+
+
+@triton.jit
+def _attend_block(kv, start, hi, q_lo, q_hi, scale, m, l, acc_lo, acc_hi, BLOCK_N: tl.constexpr):
+    # the online softmax over one _kv_block of keys start .. (live below hi): → the updated (m, l, acc_lo, acc_hi)
+    kb_lo, kb_hi, vb_lo, vb_hi = kv
+    live = start + tl.arange(0, BLOCK_N) < hi
+    sc = (tl.sum(kb_lo.to(tl.float32) * q_lo[None, :], axis=1) + tl.sum(kb_hi.to(tl.float32) * q_hi[None, :], axis=1)) * scale
+    sc = tl.where(live, sc, float("-inf"))
+    m_new = tl.maximum(m, tl.max(sc, axis=0))
+    p = tl.exp(sc - m_new)
+    alpha = tl.exp(m - m_new)
+    l = l * alpha + tl.sum(p, axis=0)
+    acc_lo = acc_lo * alpha + tl.sum(p[:, None] * vb_lo.to(tl.float32), axis=0)
+    acc_hi = acc_hi * alpha + tl.sum(p[:, None] * vb_hi.to(tl.float32), axis=0)
+    return m_new, l, acc_lo, acc_hi
+
+
+@triton.jit
 def _combine_head(pm_ptr, pl_ptr, pacc_ptr, y_ptr, h, S, DH: tl.constexpr, BLOCK_S: tl.constexpr,
                   BLOCK_D: tl.constexpr, CG: tl.constexpr):  # fmt: skip
     # y[h] = Σ_s e^(m_s − M) · acc_s / Σ_s e^(m_s − M) · l_s over head h's S partials (CG: as _gemv_input's)
@@ -518,7 +545,10 @@ def _decode_attention_kernel(
     # FOLD (with SPLIT; FastModel(gemv="folded")): the last split of head h to finish (counter cnt_ptr[h]) runs
     # the combine of head h, and the last head to be combined (counter cnt_ptr[H]) packs y for the o projection
     # (_pack_row, the sub-norm with P_NORM) into p_xq / p_s / p_qs: one launch instead of three.
-    _pdl_enter(PDL)
+    # Before the PDL wait the program reads what no kernel of this step writes before it (pos, cos / sin and the
+    # first block of cached keys / values, all made by kernels that completed before the previous one started):
+    # the cache's memory latency overlaps the q/k/v GEMV's end, as the GEMVs' first weight tile does (at the
+    # 2B-4T shape a split is one block: 64 keys).
     h = tl.program_id(0)
     s = tl.program_id(1)
     kvh = h // GROUP
@@ -531,6 +561,12 @@ def _decode_attention_kernel(
     c_hi = tl.load(cos_ptr + half + offs, mask=ok, other=0.0).to(tl.float32)
     s_lo = tl.load(sin_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     s_hi = tl.load(sin_ptr + half + offs, mask=ok, other=0.0).to(tl.float32)
+    cache_k = k_ptr + kvh.to(tl.int64) * stride_kh
+    cache_v = v_ptr + kvh.to(tl.int64) * stride_kh
+    lo = s * CHUNK
+    hi = tl.minimum(lo + CHUNK, pos)  # keys < pos only: slot pos is the one this step writes
+    kv_first = _kv_block(cache_k, cache_v, lo, hi, stride_ks, offs, ok, half, BLOCK_N)
+    _pdl_enter(PDL)
     q_lo = tl.load(qkv_ptr + h * DH + offs, mask=ok, other=0.0).to(tl.float32)
     q_hi = tl.load(qkv_ptr + h * DH + half + offs, mask=ok, other=0.0).to(tl.float32)
     q_lo, q_hi = _rope_half(q_lo, q_hi, c_lo, c_hi, s_lo, s_hi, dt)
@@ -541,8 +577,6 @@ def _decode_attention_kernel(
     kn_lo, kn_hi = _rope_half(kn_lo, kn_hi, c_lo, c_hi, s_lo, s_hi, dt)
     vn_lo = tl.load(v_base + offs, mask=ok, other=0.0).to(tl.float32)
     vn_hi = tl.load(v_base + half + offs, mask=ok, other=0.0).to(tl.float32)
-    cache_k = k_ptr + kvh.to(tl.int64) * stride_kh
-    cache_v = v_ptr + kvh.to(tl.int64) * stride_kh
     first = s == 0
     if (h % GROUP == 0) & first:
         slot = pos.to(tl.int64) * stride_ks
@@ -555,26 +589,12 @@ def _decode_attention_kernel(
     l = tl.where(first, 1.0, 0.0)
     acc_lo = tl.where(first, vn_lo, 0.0)
     acc_hi = tl.where(first, vn_hi, 0.0)
-    lo = s * CHUNK
-    hi = tl.minimum(lo + CHUNK, pos)
-    for start in range(lo, hi, BLOCK_N):  # cached keys of this split (every block has a live key: no NaN)
-        rows = start + tl.arange(0, BLOCK_N)
-        live = rows < hi
-        at = rows.to(tl.int64)[:, None] * stride_ks + offs[None, :]
-        both = live[:, None] & ok[None, :]
-        kb_lo = tl.load(cache_k + at, mask=both, other=0.0).to(tl.float32)
-        kb_hi = tl.load(cache_k + half + at, mask=both, other=0.0).to(tl.float32)
-        sc = (tl.sum(kb_lo * q_lo[None, :], axis=1) + tl.sum(kb_hi * q_hi[None, :], axis=1)) * scale
-        sc = tl.where(live, sc, float("-inf"))
-        m_new = tl.maximum(m, tl.max(sc, axis=0))
-        p = tl.exp(sc - m_new)
-        alpha = tl.exp(m - m_new)
-        vb_lo = tl.load(cache_v + at, mask=both, other=0.0).to(tl.float32)
-        vb_hi = tl.load(cache_v + half + at, mask=both, other=0.0).to(tl.float32)
-        l = l * alpha + tl.sum(p, axis=0)
-        acc_lo = acc_lo * alpha + tl.sum(p[:, None] * vb_lo, axis=0)
-        acc_hi = acc_hi * alpha + tl.sum(p[:, None] * vb_hi, axis=0)
-        m = m_new
+    # cached keys of this split, block by block (each block has a live key, so no NaN: an empty split skips them)
+    if lo < hi:
+        m, l, acc_lo, acc_hi = _attend_block(kv_first, lo, hi, q_lo, q_hi, scale, m, l, acc_lo, acc_hi, BLOCK_N)
+    for start in range(lo + BLOCK_N, hi, BLOCK_N):
+        kv = _kv_block(cache_k, cache_v, start, hi, stride_ks, offs, ok, half, BLOCK_N)
+        m, l, acc_lo, acc_hi = _attend_block(kv, start, hi, q_lo, q_hi, scale, m, l, acc_lo, acc_hi, BLOCK_N)
     if SPLIT:
         part = h * S + s
         tl.store(pm_ptr + part, m)
@@ -1161,7 +1181,8 @@ def decode_attention(
     fp32 with an online softmax, so y agrees with SDPA to rounding. One kernel with H programs, or with ``split``
     two (flash-decoding): H × up to 16 programs each over a chunk of the cache, then a combine. The chunking
     depends only on the cache size, so a CUDA graph replays it at every position. ``pdl`` as for
-    ``bitlinear_gemv``.
+    ``bitlinear_gemv``; with it the kernel reads pos, cos / sin and the cached keys / values below pos before
+    waiting for the previous kernel, so that kernel must not write them (the decode step's q/k/v GEMV does not).
 
     ``pack_next`` (with ``split``; counter int32 [≥ H + 1], no ``act``): one launch does it all: the last split
     of each head combines it, and the last head combined packs y for the o projection (``pack_act`` of y [1, H·Dh]
