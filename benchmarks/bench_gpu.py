@@ -630,6 +630,28 @@ def event_time(fn, reps: int = 20) -> float:
     return statistics.median(times)
 
 
+# the matrices whose output FastModel(gemv="folded") packs in the same launch: the next GEMV's input act
+FOLDED_TAILS = {"q/o proj": None, "gate+up fused": "relu2", "down": None}
+
+
+def folded_micro(row: dict, a, ws: list, sc: torch.Tensor, dtype: torch.dtype, act: str | None) -> None:
+    """The packed GEMV of ``row``'s matrix with its output packed by its last program (``kernels.NextPack``: a
+    norm, or relu²·up + norm for gate+up), against the packed GEMV plus a pack_act launch of the same output."""
+    from bitnet158.runtime import kernels
+
+    n = ws[0].shape[0]
+    k_next = n // 2 if act else n
+    norm = (1 + 0.1 * torch.randn(k_next, device="cuda")).to(dtype)
+    nxt = kernels.NextPack(torch.zeros(1, dtype=torch.int32, device="cuda"), norm, 1e-5, act)
+    kernels.bitlinear_gemv_packed(a, ws[0], sc, dtype, pack_next=nxt)  # autotune outside the graph
+    t = graph_time([lambda w=w: kernels.bitlinear_gemv_packed(a, w, sc, dtype, pack_next=nxt) for w in ws])
+    y = torch.randn(1, n, device="cuda", dtype=dtype)
+    row["folded_us"] = t * 1e6
+    row["pack_next_us"] = graph_time([lambda: kernels.pack_act(y, k_next, norm=norm, eps=1e-5, act=act)] * 8) * 1e6
+    say(f"micro {row['matrix']}: folded (packs its {k_next}-wide output{' with relu2·up' if act else ''}) {row['folded_us']:.1f} us "
+        f"against packed {row['packed_us']:.1f} + pack_act {row['pack_next_us']:.1f} us")
+
+
 def microbench(shapes: list[tuple[str, int, int]]) -> None:
     import torch.nn.functional as F
     from bitnet158.formats.ternary import unpack_t2
@@ -662,6 +684,8 @@ def microbench(shapes: list[tuple[str, int, int]]) -> None:
         best = min(per_cfg, key=per_cfg.get)
         row["packed_best_config"], row["packed_best_us"] = list(best), per_cfg[best]
         row["packed_best_not_wide_us"] = min(t for c, t in per_cfg.items() if c not in kernels._PACKED_WIDE)
+        if name in FOLDED_TAILS:  # gemv="folded": the GEMV packs its output for the next one (+ that pack_act's time)
+            folded_micro(row, act, ws, sc, xk.dtype, FOLDED_TAILS[name])
         del ws
         copies = max(2, math.ceil(256e6 / (n * k * 2)))
         wb = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
@@ -804,11 +828,12 @@ def print_table() -> None:
         say(f"FAILED stage {name}: {err[:200]}")
     if r.get("micro"):
         say(f"{'matrix':<14}{'N x K':>13}{'gemv us':>9}{'GB/s':>7}{'packed us':>11}{'GB/s':>7}{'not wide':>10}{'pack us':>9}"
-            f"{'bf16 us':>9}{'GB/s':>7}{'unpack us':>11}{'x bf16':>8}")
+            f"{'bf16 us':>9}{'GB/s':>7}{'unpack us':>11}{'x bf16':>8}{'folded us':>11}{'vs packed+pack':>16}")
         for m in r["micro"]:
+            fold = f"{m['folded_us']:>11.1f}{m['packed_us'] + m['pack_next_us']:>16.1f}" if "folded_us" in m else ""
             say(f"{m['matrix']:<14}{str(m['N']) + 'x' + str(m['K']):>13}{m['gemv_us']:>9.1f}{m['gemv_GBs']:>7.0f}{m['packed_us']:>11.1f}"
                 f"{m['packed_GBs']:>7.0f}{m['packed_best_not_wide_us']:>10.1f}{m['pack_act_us']:>9.1f}{m['bf16_us']:>9.1f}"
-                f"{m['bf16_GBs']:>7.0f}{m['unpack_us']:>11.1f}{m['speedup_vs_bf16']:>8.2f}")
+                f"{m['bf16_GBs']:>7.0f}{m['unpack_us']:>11.1f}{m['speedup_vs_bf16']:>8.2f}{fold}")
     if "launch_floor_us" in r:
         say("launch floor, µs per dependent launch in a graph: " + ", ".join(f"{k} {v:.2f}" for k, v in r["launch_floor_us"].items()))
     if "micro_head" in r:

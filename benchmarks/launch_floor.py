@@ -6,7 +6,9 @@
 ``n`` dependent launches of a kernel whose programs each read one value and write it back, replayed from one
 CUDA graph, with and without programmatic dependent launch (sm_90+), for a 1-program grid and a GEMV-sized one
 (528 programs, 4 a multiprocessor of an H100). Prints µs per launch: a decode step of L launches cannot run faster
-than L times that, so this is the baseline the launch count of runtime/fast.py's step is judged against.
+than L times that, so this is the baseline the launch count of runtime/fast.py's step is judged against. "+ arrival":
+the same kernel with every program arriving on an atomic counter and the last one reading the others' writes
+(the mechanism of FastModel(gemv="folded")), so the difference is the fixed cost of a folded tail.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
+# the same PDL rule as the runtime's kernels (sm_90+, a triton with gdc_*) and its counter arrival
+from bitnet158.runtime.kernels import _last_arrival, _use_pdl
+
 try:  # programmatic dependent launch, as runtime/kernels.py imports it
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:
@@ -24,29 +29,37 @@ except ImportError:
 
 
 @triton.jit
-def _chain_kernel(x_ptr, PDL: tl.constexpr):
-    # with PDL: wait for the previous kernel, then let the next one launch (as kernels.py's kernels do)
+def _chain_kernel(x_ptr, cnt_ptr, PDL: tl.constexpr, ARRIVE: tl.constexpr):
+    # with PDL: wait for the previous kernel, then let the next one launch (as kernels.py's kernels do). ARRIVE:
+    # every program then arrives on a counter and the last reads what the others wrote (kernels._last_arrival, the
+    # folded kernels' mechanism), so the difference is what a folded tail costs beyond its own work
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
     i = tl.program_id(0)
     tl.store(x_ptr + i, tl.load(x_ptr + i) + 1.0)
+    if ARRIVE:
+        n = tl.num_programs(0)
+        if _last_arrival(cnt_ptr, n):
+            tl.store(x_ptr + n, tl.load(x_ptr + n - 1, cache_modifier=".cg"))
 
 
 def launch_floor(timer, out: dict | None = None, n: int = 300) -> dict:
     """µs per dependent launch in a graph: {'1 programs': …, '1 programs + PDL': …, '528 programs': …, …}.
     ``timer(fns)``: seconds per call of the calls in ``fns`` replayed from one CUDA graph (bench_gpu.graph_time)."""
-    from bitnet158.runtime.kernels import _use_pdl  # the same rule as the runtime's kernels: sm_90+, a triton with gdc_*
 
     out = {} if out is None else out
-    x = torch.zeros(528, device="cuda")
+    x = torch.zeros(529, device="cuda")
+    cnt = torch.zeros(1, dtype=torch.int32, device="cuda")
     for grid in (1, 528):
         for pdl in (False, True):
             use = _use_pdl(x, pdl)
             if pdl and not use:
                 continue
-            t = timer([lambda grid=grid, use=use: _chain_kernel[(grid,)](x, PDL=use, launch_pdl=use) for _ in range(n)])
-            out[f"{grid} programs{' + PDL' if pdl else ''}"] = t * 1e6
+            for arrive in (False, True):
+                t = timer([lambda grid=grid, use=use, arrive=arrive: _chain_kernel[(grid,)](x, cnt, PDL=use, ARRIVE=arrive, launch_pdl=use)
+                           for _ in range(n)])  # fmt: skip
+                out[f"{grid} programs{' + PDL' if pdl else ''}{' + arrival' if arrive else ''}"] = t * 1e6
     print("launch floor in a CUDA graph (µs per dependent launch): " + ", ".join(f"{k} {v:.2f}" for k, v in out.items()), flush=True)
     return out
 
