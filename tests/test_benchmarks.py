@@ -1,0 +1,56 @@
+"""The GPU benchmark's variant list, checked where there is no GPU: a device session has minutes, so a variant
+that names an option FastModel lacks, or a parser slip, must fail here rather than there. The benchmark itself
+runs on the CPU as ``python benchmarks/bench_gpu.py --smoke`` (minutes in Triton's interpreter, not a test)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # bench_gpu imports its neighbour launch_floor by name
+    try:
+        spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "benchmarks" / "bench_gpu.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        yield mod
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def test_graph_variants_name_fastmodel_options(bench):
+    from bitnet158.runtime import fast
+
+    allowed = {"attention": fast.ATTENTIONS, "gemv": fast.GEMVS, "pdl": (False, True), "head": fast.HEADS, "argmax": fast.ARGMAXES}
+    variants = [*bench.GRAPH_VARIANTS, bench.default_variant()]
+    for v in variants:
+        for field, value in v._asdict().items():
+            assert value in allowed[field], (v, field)
+    assert len(set(bench.GRAPH_VARIANTS)) == len(bench.GRAPH_VARIANTS)
+    assert {v.gemv for v in bench.GRAPH_VARIANTS} == set(fast.GEMVS)  # every GEMV variant is measured
+    assert {v.argmax for v in bench.GRAPH_VARIANTS} == set(fast.ARGMAXES)
+    assert bench.variant_name(bench.default_variant()).endswith("(default)")
+    assert len({bench.variant_name(v) for v in bench.GRAPH_VARIANTS}) == len(bench.GRAPH_VARIANTS)  # result keys
+
+
+def test_variant_specs_parse(bench):
+    v = bench.parse_variant("split/folded/pdl/int8/argmax")
+    assert v == bench.Variant("split", "folded", True, "int8", "triton")
+    assert bench.parse_variant("torch/plain") == bench.Variant("torch", "plain", False, "bf16", "torch")
+    assert bench.parse_variant("default") == bench.default_variant()
+    for bad in ("split", "split/packed/fast", "split/packed/pdl/bf16"):
+        with pytest.raises(SystemExit):
+            bench.parse_variant(bad)
+    # the device script's quick run asks for these: each must parse
+    script = (ROOT / "benchmarks" / "device_check.sh").read_text()
+    specs = [s for line in script.splitlines() if "--variants" in line for s in line.split("--variants")[1].split()[0].split(",")]
+    assert len(specs) >= 4
+    for spec in specs:
+        bench.parse_variant(spec)
