@@ -73,6 +73,11 @@ GEMVS = ("plain", "fused", "packed", "folded")
 ARGMAXES = ("torch", "triton")
 
 
+def _norm_args(norm) -> tuple[torch.Tensor | None, float]:
+    # an RMSNorm module (or None: no norm) as the kernels take it: (weight or None, eps)
+    return (norm.weight, norm.eps) if norm is not None else (None, 0.0)
+
+
 class FastPathError(ValueError):
     """The fast path cannot run this model / request (shapes, device, sampling options)."""
 
@@ -210,8 +215,7 @@ class FastModel:
         if self.fused_elementwise:
             from bitnet158.runtime.kernels import act_mul_norm
 
-            sub = m.sub_norm
-            z = act_mul_norm(gu, sub.weight if sub is not None else None, sub.eps if sub is not None else 0.0, m.relu2)
+            z = act_mul_norm(gu, *_norm_args(m.sub_norm), m.relu2)
         else:
             g, u = gu.split([gu.shape[-1] // 2] * 2, dim=-1)  # [B, T, I] each
             g = torch.square(F.relu(g)) if m.relu2 else F.silu(g)
@@ -258,7 +262,7 @@ class FastModel:
 
         def gemv(lin: BitLinear, inp: torch.Tensor, norm=None, act=None, residual=None) -> torch.Tensor:
             # lin(norm?(act?(inp))) (+ residual), inp [B·T, K] (gate | up [B·T, 2K] with act)
-            w, eps = (norm.weight, norm.eps) if norm is not None else (None, 0.0)
+            w, eps = _norm_args(norm)
             if self.gemv == "packed":
                 a = kernels.pack_act(inp, lin.in_features, norm=w, eps=eps, act=act, pdl=self.pdl)
                 return kernels.bitlinear_gemv_packed(a, lin.packed, lin.scale, inp.dtype, residual=residual, pdl=self.pdl)
@@ -291,13 +295,14 @@ class FastModel:
         cnt = self._counter_block(i)  # [4, width]: attention, o, gate|up, down
 
         def nxt(site: int, norm, act=None) -> kernels.NextPack:
-            return kernels.NextPack(cnt[site], norm.weight if norm is not None else None, norm.eps if norm is not None else 0.0, act)
+            return kernels.NextPack(cnt[site], *_norm_args(norm), act)
 
         def gemv(act_in: kernels.PackedAct, lin: BitLinear, residual=None, pack_next=None):
             return kernels.bitlinear_gemv_packed(act_in, lin.packed, lin.scale, x.dtype, residual=residual, pdl=pdl, pack_next=pack_next)
 
         if carry is None:
-            carry = kernels.pack_act(x2, d, norm=layer.attn_norm.weight, eps=layer.attn_norm.eps, pdl=pdl)
+            w, eps = _norm_args(layer.attn_norm)
+            carry = kernels.pack_act(x2, d, norm=w, eps=eps, pdl=pdl)
         qkv = gemv(carry, self.qkv[i]).view(b, t, -1)  # [B, T, Nq + 2·Nkv]
         nq = a.n_heads * a.head_dim
         if self.attention == "split" and self._attention_kernel(qkv, pos):
@@ -306,7 +311,7 @@ class FastModel:
                                                 split=True, pack_next=nxt(0, a.sub_norm))  # fmt: skip
         else:
             y = self._attend(i, qkv, cos, sin, pos, mask).reshape(b * t, nq)
-            w, eps = (a.sub_norm.weight, a.sub_norm.eps) if a.sub_norm is not None else (None, 0.0)
+            w, eps = _norm_args(a.sub_norm)
             act_o = kernels.pack_act(y, nq, norm=w, eps=eps, pdl=pdl)
         h, act_gu = gemv(act_o, a.o_proj, residual=x2, pack_next=nxt(1, layer.mlp_norm))  # h = x + attention
         gu, act_d = gemv(act_gu, self.gate_up[i], pack_next=nxt(2, m.sub_norm, "relu2" if m.relu2 else "silu"))

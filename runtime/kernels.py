@@ -851,6 +851,14 @@ class PackedAct(NamedTuple):
     qsum: torch.Tensor
     K: int
 
+    @classmethod
+    def empty(cls, m: int, K: int, device) -> PackedAct:
+        """Uninitialised buffers for m rows of K inputs (what pack_act or a folded producer fills)."""
+        k16 = (K + 15) // 16
+        return cls(torch.empty((m, 4, k16), dtype=torch.int32, device=device),
+                   torch.empty((m,), dtype=torch.float32, device=device),
+                   torch.empty((m,), dtype=torch.int32, device=device), K)  # fmt: skip
+
 
 def pack_act(
     x: torch.Tensor,
@@ -866,18 +874,17 @@ def pack_act(
     _check_act(act, "pack_act")
     x = _check_x(x, 2 * K if act else K, "pack_act")
     _check_norm(norm, K, x, "pack_act")
-    m, k16 = x.shape[0], (K + 15) // 16
-    xq = torch.empty((m, 4, k16), dtype=torch.int32, device=x.device)
-    s = torch.empty((m,), dtype=torch.float32, device=x.device)
-    qsum = torch.empty((m,), dtype=torch.int32, device=x.device)
+    m = x.shape[0]
+    out = PackedAct.empty(m, K, x.device)
     if m:
+        k16 = out.xq.shape[2]
         block_c, warps = pack_act_launch(k16, act is not None)
         _pack_act_kernel[(m,)](
-            x, norm if norm is not None else x, xq, s, qsum, K, k16, eps, x.stride(0), xq.stride(0),
+            x, norm if norm is not None else x, out.xq, out.s, out.qsum, K, k16, eps, x.stride(0), out.xq.stride(0),
             ACT=act is not None, NORM=norm is not None, RELU2=act == "relu2", BLOCK_C=block_c,
             ON_GPU=not _INTERPRET, PDL=_use_pdl(x, pdl), launch_pdl=_use_pdl(x, pdl), num_warps=warps,
         )  # fmt: skip
-    return PackedAct(xq, s, qsum, K)
+    return out
 
 
 class NextPack(NamedTuple):
@@ -899,10 +906,8 @@ def _next_pack(nxt: NextPack, m: int, k: int, n_counters: int, y: torch.Tensor, 
     c = nxt.counter
     if c.dtype != torch.int32 or c.dim() != 1 or c.numel() < n_counters or c.device != y.device or c.stride(0) != 1:
         raise KernelShapeError(f"{what}: the counter must be int32 [≥ {n_counters}] on {y.device}, got {c.dtype} {tuple(c.shape)}")
-    k16 = (k + 15) // 16
-    out = PackedAct(torch.empty((m, 4, k16), dtype=torch.int32, device=y.device),
-                    torch.empty((m,), dtype=torch.float32, device=y.device),
-                    torch.empty((m,), dtype=torch.int32, device=y.device), k)  # fmt: skip
+    out = PackedAct.empty(m, k, y.device)
+    k16 = out.xq.shape[2]
     return out, dict(
         cnt_ptr=c, p_nw_ptr=nxt.norm if nxt.norm is not None else y, p_xq_ptr=out.xq, p_s_ptr=out.s, p_qs_ptr=out.qsum,
         P_K=k, P_K16=k16, p_eps=nxt.eps, p_stride_xq=out.xq.stride(0), P_ACT=nxt.act is not None,
