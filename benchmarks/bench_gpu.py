@@ -20,10 +20,10 @@ What it does, in order (each step logs one line; a short table comes last):
    to the logits (and, for a real ``--file``, to the perplexity of a built-in paragraph);
 5. decode tok/s at batch 1 (median of runs of ``--tokens``, after a 512-token prompt) for every variant: the
    CUDA-graph step with each attention / GEMV / argmax variant of FastModel (GRAPH_VARIANTS or ``--variants``: each first
-   passes ``step_check``) and the int8 head, sampled decoding, then the eager baselines over ``--slow-tokens``
+   passes ``step_check``; the persistent one at each of ``--persistent-configs``) and the int8 head, sampled decoding, then the eager baselines over ``--slow-tokens``
    (reference; triton runtime loop; the first graph step run eagerly; ``--no-eager`` skips them); with
    ``--profile`` the kernels inside the graph step of the default, of the default without PDL and of the
-   folded variants run (torch.profiler; with PDL a kernel's span includes its wait for the previous one, without
+   folded and persistent variants run (torch.profiler; with PDL a kernel's span includes its wait for the previous one, without
    it only its own run);
    prefill tok/s for 512 tokens, the time to first token, peak GPU memory;
 6. with ``--hf``: transformers' BitNetForCausalLM on the same weights (an HF packed checkpoint written here,
@@ -374,6 +374,7 @@ GRAPH_VARIANTS = [Variant(*v) for v in [
     ("triton", "fused", True, "bf16"), ("split", "packed", True, "int8"), ("split", "fused", True, "int8"),
     ("torch", "plain", False, "int8"), ("split", "packed", True, "bf16", "triton"), ("split", "folded", True, "bf16"),
     ("split", "folded", True, "bf16", "triton"), ("split", "folded", True, "int8", "triton"),
+    ("split", "persistent", False, "bf16", "triton"), ("split", "persistent", False, "int8", "triton"),
 ]]  # fmt: skip
 
 
@@ -399,6 +400,21 @@ def parse_variant(spec: str) -> Variant:
     return Variant(parts[0], parts[1], "pdl" in flags, "int8" if "int8" in flags else "bf16", "triton" if "argmax" in flags else "torch")
 
 
+def parse_persistent_configs(spec: str | None) -> list[tuple[int, int, int]]:
+    """'rows,warps,per_sm;...' → kernels.decode_layers configs (default: kernels.PERSISTENT_CONFIG alone)."""
+    from bitnet158.runtime import kernels
+
+    if not spec:
+        return [kernels.PERSISTENT_CONFIG]
+    try:
+        out = [tuple(int(x) for x in c.split(",")) for c in spec.split(";")]
+    except ValueError:
+        out = []
+    if not out or any(len(c) != 3 or min(c) < 1 for c in out):
+        raise SystemExit(f"--persistent-configs: bad {spec!r} (rows,warps,per_sm;... e.g. '16,8,1;8,8,1')")
+    return out
+
+
 def variant_name(v: Variant) -> str:
     parts = ["triton + CUDA graph"]
     if v.attention != "torch":
@@ -415,6 +431,7 @@ def variant_name(v: Variant) -> str:
 
 
 def run_variants(fast, prompt: list[int], args) -> None:
+    from bitnet158.runtime import kernels
     from bitnet158.runtime.fast import GraphDecoder
     from bitnet158.runtime.generate import generate_tokens
     from bitnet158.runtime.sampling import Sampler, SamplingParams
@@ -453,15 +470,21 @@ def run_variants(fast, prompt: list[int], args) -> None:
 
     variants = [parse_variant(v) for v in args.variants.split(",")] if args.variants else GRAPH_VARIANTS
     profiled = {default_variant(), default_variant()._replace(pdl=False)}  # with and without PDL
-    profiled |= {v for v in variants if v.gemv == "folded"}  # the folded step's kernels against the default's
+    profiled |= {v for v in variants if v.gemv in ("folded", "persistent")}  # their kernels against the default's
+    # the persistent step once per launch config (kernels.PERSISTENT_CONFIG: tile rows, warps, programs an SM)
+    configs = parse_persistent_configs(args.persistent_configs)
+    runs = [(v, c) for v in variants for c in (configs if v.gemv == "persistent" else [None])]
     with torch.inference_mode():
         fast.set_backend("triton")
         # every graph variant: first its step checked against the reference network (step_check), then its speed
         n_check = min(32, n)
         first = None  # the first variant's greedy tokens: how long each other variant's sequence stays equal
-        for variant in variants:
+        for variant, config in runs:
             name, head = variant_name(variant), variant.head
             configure(variant)
+            if config is not None:
+                kernels.PERSISTENT_CONFIG = config
+                name += " [{} rows, {} warps, {}/SM]".format(*config) if len(configs) > 1 else ""
             try:
                 dec = GraphDecoder(fast, max_seq, use_graph=graphs)
                 got = list(dec.generate(prompt, n_check))
@@ -478,6 +501,9 @@ def run_variants(fast, prompt: list[int], args) -> None:
             if graphs and variant == variants[0]:
                 torch.cuda.reset_peak_memory_stats()
             measure(name, fast_gen(dec), args.runs, head=head)
+            if config is not None and fast.step_failed():
+                rows[name] = {"error": "a wait of kernels.decode_layers timed out"}
+                say(f"decode {name}: FAILED a wait timed out: its figures are of a wrong step")
             if graphs and variant == variants[0]:
                 RESULTS["peak_mem_decode_bytes"] = torch.cuda.max_memory_allocated()
             if head == "int8":
@@ -485,6 +511,7 @@ def run_variants(fast, prompt: list[int], args) -> None:
             if args.profile and variant in profiled and graphs:
                 stage("profile", profile_step, dec, prompt, name, rows[name].get("tok_s"))
             del dec
+        kernels.PERSISTENT_CONFIG = configs[0]
         configure(default_variant())
         measure("triton + CUDA graph (default), sampled", fast_gen(GraphDecoder(fast, max_seq, use_graph=graphs),
                 temperature=0.8, top_k=50, top_p=0.95, seed=0), args.runs)  # fmt: skip
@@ -857,6 +884,8 @@ def main() -> int:
     ap.add_argument("--variants", help="comma-separated graph variants to run, attention/gemv[/pdl][/int8][/argmax] or "
                     "default (e.g. torch/plain,default,split/folded/pdl/argmax); all of GRAPH_VARIANTS if not given")
     ap.add_argument("--no-eager", action="store_true", help="skip the eager baselines (reference, triton eager)")
+    ap.add_argument("--persistent-configs", help="launch configs of the persistent variants, rows,warps,per_sm;... "
+                    "(tile rows of the K = D matrices, warps, programs a multiprocessor; default kernels.PERSISTENT_CONFIG)")
     ap.add_argument("--profile", action="store_true",
                     help="kernel times inside the default's graph step, and without PDL if that variant runs (torch.profiler)")
     ap.add_argument("--json", help="write all figures here")

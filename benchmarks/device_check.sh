@@ -3,9 +3,10 @@
 #
 #   bash benchmarks/device_check.sh            # carry: .whl (the gguf wheel); logs and bench.json under $OUT
 #   bash benchmarks/device_check.sh quick      # the same steps cut to about 8 minutes (timeout_s=500): the GPU
-#                                              # tests of the decode variants and the folded kernels, the default
-#                                              # against the first graph step and the folded step (+ argmax kernel)
-#                                              # on both models, no eager baselines or transformers; --profile
+#                                              # tests of the persistent step, the folded kernels and the decode
+#                                              # variants, the default against the first graph step, the folded
+#                                              # and the persistent step (+ argmax kernel) on both models, no eager
+#                                              # baselines or transformers; --profile
 #
 # Steps, each under its own timeout (about 7 minutes in all, at most 9.5; give the run timeout_s=600):
 #   1. environment: GPU, driver, python, torch, triton, transformers              (-> $OUT/env.txt)
@@ -53,9 +54,10 @@ python3 -c "import bitnet158.runtime.kernels as k, bitnet158.formats.packed; pri
 export BITNET158_AUTOTUNE=0
 if [ "$MODE" = quick ]; then
   # in order of importance, each under its own timeout (the first call of each kernel variant compiles it)
-  timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py -k "folded_kernels or variants_follow" 2>&1 \
-    | tee "$OUT/pytest_gpu.log" | tail -n 25
-  echo "pytest -m gpu -k 'folded_kernels or variants_follow' exit: ${PIPESTATUS[0]}" | tee -a "$OUT/pytest_gpu.log"
+  timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py \
+    -k "persistent_step_replays or folded_kernels or variants_follow" 2>&1 | tee "$OUT/pytest_gpu.log" | tail -n 25
+  echo "pytest -m gpu -k 'persistent_step_replays or folded_kernels or variants_follow' exit: ${PIPESTATUS[0]}" \
+    | tee -a "$OUT/pytest_gpu.log"
   timeout 45 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_runtime_gpu.py tests/test_kernels.py \
     -k "logits_match_cpu or packed_and_fused" 2>&1 | tee -a "$OUT/pytest_gpu.log" | tail -n 25
   echo "pytest -m gpu -k 'logits_match_cpu or packed_and_fused' exit: ${PIPESTATUS[0]}" | tee -a "$OUT/pytest_gpu.log"
@@ -74,7 +76,8 @@ python3 -c "import sys; from bitnet158.converter.cli import main; sys.argv[1:] =
   '-o', '/tmp/tiny.bin', '--force']; main()" > "$OUT/convert_demo.log" 2>&1 || echo "demo conversion failed" | tee -a "$OUT/env.txt"
 if [ "$MODE" = quick ]; then
   timeout -k 5 60 python3 benchmarks/bench_gpu.py --file /tmp/tiny.bin --no-micro --prompt-len 64 --tokens 64 --runs 1 \
-    --variants torch/plain,default,split/folded/pdl/argmax --no-eager --json "$OUT/bench_demo.json" > "$OUT/bench_demo.log" 2>&1
+    --variants torch/plain,default,split/folded/pdl/argmax,split/persistent/argmax --no-eager --json "$OUT/bench_demo.json" \
+    > "$OUT/bench_demo.log" 2>&1
 else
   timeout -k 10 90 python3 benchmarks/bench_gpu.py --file /tmp/tiny.bin --no-micro --prompt-len 64 --tokens 128 --runs 1 \
     --slow-runs 1 --slow-tokens 16 --json "$OUT/bench_demo.json" > "$OUT/bench_demo.log" 2>&1
@@ -85,8 +88,8 @@ grep -E "^check:|CORRECTNESS|FAILED" "$OUT/bench_demo.log"
 # 5. the benchmark, autotuned; its table comes last in the output
 unset BITNET158_AUTOTUNE
 if [ "$MODE" = quick ]; then
-  timeout -k 5 240 python3 benchmarks/bench_gpu.py --variants torch/plain,default,split/folded/pdl/argmax,split/packed/pdl/argmax \
-    --no-eager --profile --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
+  timeout -k 5 240 python3 benchmarks/bench_gpu.py --variants torch/plain,default,split/folded/pdl/argmax,split/persistent/argmax \
+    --persistent-configs "16,8,1;8,8,1;32,8,1" --no-eager --profile --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
 else
   timeout -k 10 330 python3 benchmarks/bench_gpu.py --hf --compile --budget-s 240 --profile --json "$OUT/bench.json" 2>&1 \
     | tee "$OUT/bench.log"

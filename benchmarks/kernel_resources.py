@@ -120,6 +120,21 @@ def variants(quick: bool) -> list[tuple[str, object, dict, dict, dict]]:
     out.append(("attention_combine", K._attention_combine_kernel, args, dict(DH=128, BLOCK_S=16, BLOCK_D=128), {"num_warps": 4}))
     args = {"x_ptr": "*fp32", "N": V, "pv_ptr": "*fp32", "pi_ptr": "*i32", "cnt_ptr": "*i32", "out_ptr": "*i64"}
     out.append(("argmax", K._argmax_kernel, args, dict(BLOCK=4096, BLOCK_P=32), {"num_warps": 8}))
+    # the decoder layers of a decode step in one launch (FastModel(gemv="persistent")), 30 layers of the 2B-4T shape
+    names = ["tok_ptr", "pos_ptr", "embed_ptr", "cos_ptr", "sin_ptr", "k_ptr", "v_ptr", "x_ptr", "qkv_ptr", "y_ptr",
+             "gu_ptr", "pm_ptr", "pl_ptr", "pacc_ptr", "in_xq", "in_s", "in_qs", "o_xq", "o_s", "o_qs", "gu_xq", "gu_s",
+             "gu_qs", "d_xq", "d_s", "d_qs", "w_qkv", "sc_qkv", "w_o", "sc_o", "w_gu", "sc_gu", "w_d", "sc_d", "nw_attn",
+             "nw_attn_sub", "nw_mlp", "nw_mlp_sub", "flags_ptr", "err_ptr"]  # fmt: skip
+    kinds = {"_xq": "*i32", "_qs": "*i32", "_s": "*fp32", "w_": "*i32", "sc_": "*fp32", "pos": "*i64", "tok": "*i64",
+             "flags": "*i32", "err": "*i32", "pm": "*fp32", "pl": "*fp32", "pacc": "*fp32"}  # fmt: skip
+    args = {n: next((t for k, t in kinds.items() if k in n), bf) for n in names}
+    args.update(L=30, stride_kl=5 * 4096 * 128, stride_kh=4096 * 128, stride_ks=128, CHUNK=256, S=16, scale=128**-0.5, eps=1e-5)
+    c_d, c_i = K.pack_act_launch(D // 16, False)[0], K.pack_act_launch(I // 16, True)[0]
+    for rows, warps in ((K.PERSISTENT_CONFIG[:2],) if quick else ((16, 8), (8, 8), (16, 4), (32, 8), (16, 16))):
+        const = dict(D=D, NQ=NQ, NKV=NKV, I=I, H=20, GROUP=4, DH=128, HALF=64, NF=29, ATTN_SUB=True, MLP_SUB=True, RELU2=True,
+                     BN_QKV=rows, BN_O=rows, BN_GU=rows, BN_D=max(1, rows * c_d // c_i), BW_D=c_d, BW_Q=c_d, BW_I=c_i,
+                     C_D=c_d, C_Q=c_d, C_I=c_i, BLOCK_N_ATT=64, BLOCK_S=16, BLOCK_D=128, ON_GPU=True, SPIN=1 << 22)  # fmt: skip
+        out.append((f"decode_layers {rows} rows w{warps}", K._decode_layers_kernel, args, const, {"num_warps": warps}))
     # the kernels that take programmatic dependent launch (FastModel(pdl=True)), once per variant with it on
     seen = set()
     for label, fn, a, const, opts in list(out):
@@ -168,21 +183,24 @@ def compile_one(fn, args: dict, const: dict, opts: dict, arch: int) -> dict:
     # instructions only: nvdisasm also prints the cubin's data sections (.nv.info, constants) as `.byte` lines
     row["sass_instructions"] = sum(1 for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/\s+[A-Z@{]", line))
     row["loop_bodies"] = loop_bodies(sass)
-    row["atomics_ordered"] = atomics_ordered(sass)
+    row["sync_ops"] = sync_ops(sass)
     return row
 
 
-def atomics_ordered(sass: str) -> list[bool]:
-    """For each global atomic of a disassembly (kernels._last_arrival's counter), whether it has the ordering that
-    the folded kernels rely on: a CTA barrier before it (every thread's stores first), a GPU-scope memory barrier
-    right before it (release) and an L1 invalidation right after it (acquire)."""
+def sync_ops(sass: str) -> list[str]:
+    """The ordering of each synchronising memory operation of a disassembly, in code order: every global atomic
+    or reduction (kernels._last_arrival, _arrive, _signal) and every acquire load (_wait's polls: a strong GPU-scope
+    load, then an L1 invalidation). "release": a CTA barrier before it (every thread's stores first) and a GPU-scope
+    memory barrier right before it; "acquire": an L1 invalidation right after it (the reads that follow see other
+    programs' writes); "acq_rel": both; "relaxed": neither (which no kernel here may have)."""
     lines = [m[1] for m in re.finditer(r"^\s+/\*[0-9a-f]{4,}\*/\s+(.*)$", sass, re.M)]
     out = []
     for i, ins in enumerate(lines):
-        if re.search(r"\bATOMG?\b|\bATOMG\.", ins):
+        acquire = any("CCTL.IVALL" in a for a in lines[i + 1 : i + 3])
+        if re.search(r"\b(ATOMG?|REDG?)\.", ins) or ("LDG" in ins and "STRONG.GPU" in ins and acquire):
             before = lines[max(0, i - 24) : i]
-            out.append(any("BAR.SYNC" in b for b in before) and any("MEMBAR" in b and "GPU" in b for b in before[-4:])
-                       and any("CCTL.IVALL" in a for a in lines[i + 1 : i + 3]))  # fmt: skip
+            release = any("BAR.SYNC" in b for b in before) and any("MEMBAR" in b and "GPU" in b for b in before[-4:])
+            out.append({(True, True): "acq_rel", (True, False): "release", (False, True): "acquire"}.get((release, acquire), "relaxed"))
     return out
 
 

@@ -32,6 +32,11 @@ What it changes, and why:
       done by the last program of the kernel that produces its input (``kernels.NextPack``, an atomic counter
       per launch): with the split attention, five launches a layer (qkv, attention + combine + pack, o,
       gate|up, down), and the layer's input packed by the layer before.
+    - "persistent" (built without a GPU, not yet measured): "folded"'s arithmetic, but in the graph decode step
+      every layer (and the embedding row) runs in one launch, ``kernels.decode_layers``: a persistent grid of a
+      program or so a multiprocessor, where a flag replaces each kernel boundary and each phase's weights are
+      fetched before its wait. Its weights are stacked over the layers once, on first use (the BitLinears and
+      norms re-pointed at their slices: no second copy). Prefill and host-position steps run "folded".
   - ``pdl=True`` (default) launches those kernels, the attention kernels and the int8 head with programmatic
     dependent launch (sm_90+; ignored elsewhere), so that each launch overlaps the end of the kernel before it.
   - ``argmax="triton"`` (not yet measured): the greedy step's argmax over the vocabulary as one launch
@@ -69,7 +74,7 @@ log = logging.getLogger(__name__)
 
 HEADS = ("bf16", "int8")
 ATTENTIONS = ("torch", "triton", "split")
-GEMVS = ("plain", "fused", "packed", "folded")
+GEMVS = ("plain", "fused", "packed", "folded", "persistent")
 ARGMAXES = ("torch", "triton")
 
 
@@ -128,6 +133,8 @@ class FastModel:
         self.pdl = pdl  # programmatic dependent launch for the fused / packed / attention / int8 head kernels
         self._fusable: list[bool] | None = None  # per layer: every matrix readable by the GEMV (made when needed)
         self._counters: torch.Tensor | None = None  # gemv="folded": int32 [layers, 4 sites, width], all zero
+        self._stack = None  # gemv="persistent": kernels.LayerStack, made on first use
+        self._step_err: torch.Tensor | None = None  # its int32 [1] timeout flag (kernels.decode_layers)
         self.net = net
         self.config = net.config
         self.qkv: list[BitLinear] = []
@@ -184,6 +191,8 @@ class FastModel:
             n += self.head_q.numel() + self.head_scale.numel() * 4
         if self.cpu_head is not None and self.cpu_head is not self.net.head:
             n += self.cpu_head.numel() * self.cpu_head.element_size()
+        if self._stack is not None:  # its per-row scales (the rest are the network's own tensors, re-pointed)
+            n += sum(t.numel() * 4 for t in self._stack[1:8:2])
         return n
 
     def _norm(self, norm, x: torch.Tensor, residual: torch.Tensor | None = None):
@@ -201,7 +210,7 @@ class FastModel:
         # x [B, T, D] → ([B, T, D], carry); the operations of Block/Attention/MLP.forward with fused projections.
         # carry: with gemv="folded", layer i's input already normed and packed (kernels.PackedAct) by layer i − 1
         if self._fused_gemv(i, x):
-            if self.gemv == "folded":
+            if self.gemv in ("folded", "persistent"):
                 return self._folded_layer(i, x, cos, sin, pos, mask, carry)
             return self._fused_layer(i, x, cos, sin, pos, mask), None
         layer = self.net.layers[i]
@@ -247,6 +256,12 @@ class FastModel:
 
         if self.gemv == "plain" or self.backend != "triton" or x.shape[0] * x.shape[1] > kernels.GEMV_MAX_M:
             return False
+        return self._fusable_layers()[i]
+
+    def _fusable_layers(self) -> list[bool]:
+        # per layer: every matrix of it readable by the packed GEMVs (rows of whole int32 words)
+        from bitnet158.runtime import kernels
+
         if self._fusable is None:
             self._fusable = [
                 all(kernels.gemv_compatible(lin.packed) for lin in (self.qkv[j], layer.attn.o_proj, self.gate_up[j], layer.mlp.down_proj))
@@ -254,7 +269,7 @@ class FastModel:
             ]  # fmt: skip
             if not all(self._fusable):
                 log.info("gemv=%r: some layers' rows are not whole int32 words; those run the plain path", self.gemv)
-        return self._fusable[i]
+        return self._fusable
 
     def _fused_layer(self, i: int, x: torch.Tensor, cos, sin, pos, mask) -> torch.Tensor:
         # the same layer with gemv="fused" (four GEMV launches) or "packed" (eight): x [B, T, D], B·T ≤ GEMV_MAX_M
@@ -321,6 +336,63 @@ class FastModel:
             out, carry = gemv(act_d, m.down_proj, residual=h), None
         return out.view(b, t, d), carry
 
+    def _persistent_step(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        # gemv="persistent", the graph decode step: tokens [1, 1], pos [1] on the device → the last layer's output
+        # [1, 1, D], every layer in one launch (kernels.decode_layers)
+        from bitnet158.runtime import kernels
+
+        net = self.net
+        if self._stack is None:
+            self._stack = self._stack_layers()
+            self._step_err = torch.zeros((1,), dtype=torch.int32, device=self.device)
+        x = kernels.decode_layers(tokens.view(1), pos, net.embed, net.cos, net.sin, net.cache_k, net.cache_v,
+                                  self._stack, self._step_err)  # fmt: skip
+        return x.view(1, 1, -1)
+
+    def step_failed(self) -> bool:
+        """True if a gemv="persistent" step timed out waiting (kernels.decode_layers: its output was wrong); reading
+        it waits for the device. The flag stays set."""
+        return self._step_err is not None and bool(self._step_err.item())
+
+    def _stack_layers(self):
+        # kernels.LayerStack of the network: each kind of matrix and norm copied into one [L, ...] tensor, and the
+        # BitLinears (fused ones and their parts) and RMSNorms re-pointed at their slices, so the weights stay in
+        # memory once; per-row scales as new small tensors (the BitLinears keep theirs)
+        from bitnet158.runtime.kernels import LayerStack
+
+        layers = self.net.layers
+
+        def rows(fused: list[BitLinear], parts: list[list[BitLinear]]) -> tuple[torch.Tensor, torch.Tensor]:
+            packed = torch.stack([f.packed for f in fused])  # uint8 [L, N, KB]
+            scale = torch.stack([f.scale.expand(f.out_features) for f in fused]).contiguous()  # f32 [L, N]
+            for f, ps, p in zip(fused, parts, packed):
+                f.packed, row = p, 0
+                for part in ps:  # fuse_bitlinears' views, now into the stack
+                    part.packed = p[row : row + part.out_features]
+                    row += part.out_features
+            return packed.view(torch.int32), scale
+
+        def norms(mods: list) -> torch.Tensor | None:
+            if any(m is None for m in mods):
+                return None
+            w = torch.stack([m.weight for m in mods])  # [L, width]
+            for m, row in zip(mods, w):
+                m.weight = row
+            return w
+
+        a = [layer.attn for layer in layers]
+        m = [layer.mlp for layer in layers]
+        eps = {n.eps for layer in layers for n in (layer.attn_norm, layer.attn.sub_norm, layer.mlp_norm, layer.mlp.sub_norm) if n is not None}
+        if len(eps) != 1 or len({x.relu2 for x in m}) != 1:
+            raise FastPathError(f"gemv='persistent' needs one norm eps and one MLP act for every layer, got eps {sorted(eps)}")
+        return LayerStack(
+            *rows(self.qkv, [[x.q_proj, x.k_proj, x.v_proj] for x in a]), *rows([x.o_proj for x in a], [[]] * len(a)),
+            *rows(self.gate_up, [[x.gate_proj, x.up_proj] for x in m]), *rows([x.down_proj for x in m], [[]] * len(m)),
+            norms([layer.attn_norm for layer in layers]), norms([x.sub_norm for x in a]),
+            norms([layer.mlp_norm for layer in layers]), norms([x.sub_norm for x in m]),
+            eps.pop(), m[0].relu2, a[0].n_heads, a[0].n_kv, a[0].head_dim,
+        )  # fmt: skip
+
     def _counter_block(self, i: int) -> torch.Tensor:
         # layer i's zeroed int32 counters of the folded kernels [4, max(H + 1, GEMV_MAX_M)], made once per model:
         # each launch leaves its counter at zero, so the same ones serve every step and CUDA graph replay
@@ -376,6 +448,9 @@ class FastModel:
         else:
             cos, sin = net.cos[start_pos], net.sin[start_pos]
             mask = torch.arange(net.max_seq, device=tokens.device)[None, :] <= start_pos[:, None]  # [T, max_seq]
+        graph_step = self.backend == "triton" and not isinstance(start_pos, int) and (b, t) == (1, 1)
+        if self.gemv == "persistent" and graph_step and all(self._fusable_layers()):
+            return self._persistent_step(tokens, start_pos)
         x = F.embedding(tokens, net.embed)  # [B, T, D]
         carry = None  # gemv="folded": the next layer's input, packed by the layer before
         for i in range(len(net.layers)):
@@ -616,6 +691,9 @@ class GraphDecoder:
                 for _ in range(steps):
                     self._replay(key)
                 made += steps
+                if self.fast.step_failed():
+                    raise FastPathError("a decode step timed out inside kernels.decode_layers; its output is wrong "
+                                        "(try another FastModel gemv)")  # fmt: skip
                 for tok in self._out[done:made].tolist():  # the one host sync per chunk
                     if tok in stops:
                         stats.stop_reason = "eos"

@@ -123,8 +123,9 @@ def _row_block(w_ptr, N, stride_wn, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def _gemv_store(dot, s, m, rows, row_ok, scale_ptr, res_ptr, y_ptr, stride_rm, stride_ym,
-                SCALE_PER_ROW: tl.constexpr, HAS_RES: tl.constexpr):  # fmt: skip
-    # y = dot · scale / s rounded to y's dtype (+ the residual: both terms in that dtype, the sum rounded to it)
+                SCALE_PER_ROW: tl.constexpr, HAS_RES: tl.constexpr, CG: tl.constexpr = False):  # fmt: skip
+    # y = dot · scale / s rounded to y's dtype (+ the residual: both terms in that dtype, the sum rounded to it;
+    # CG: the residual read from L2, as _gemv_input's)
     if SCALE_PER_ROW:
         sc = tl.load(scale_ptr + rows, mask=row_ok, other=1.0)
     else:
@@ -132,7 +133,8 @@ def _gemv_store(dot, s, m, rows, row_ok, scale_ptr, res_ptr, y_ptr, stride_rm, s
     y = tl.div_rn(dot.to(tl.float32) * sc, s)
     dt = y_ptr.dtype.element_ty
     if HAS_RES:
-        r = tl.load(res_ptr + m.to(tl.int64) * stride_rm + rows, mask=row_ok, other=0.0).to(tl.float32)
+        cm: tl.constexpr = ".cg" if CG else ""
+        r = tl.load(res_ptr + m.to(tl.int64) * stride_rm + rows, mask=row_ok, other=0.0, cache_modifier=cm).to(tl.float32)
         y = r + y.to(dt).to(tl.float32)
     tl.store(y_ptr + m.to(tl.int64) * stride_ym + rows, y.to(dt), mask=row_ok)
 
@@ -294,6 +296,27 @@ def _pack_row(x_row, nw_ptr, xq_row, s_ptr, qs_ptr, K, K16, eps, ACT: tl.constex
 
 
 @triton.jit
+def _packed_dot(xq_row, w_rows, row_ok, wt_first, K16, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+                ON_GPU: tl.constexpr, CG: tl.constexpr):  # fmt: skip
+    # Σ c·q [BLOCK_N] of the weight rows w_rows [BLOCK_N, 1] (codes c = t + 1) with a _pack_row row xq_row
+    # [4, K16]; wt_first: their first _weight_tile, fetched by the caller (before its wait), each next one in flight
+    # during a tile's math. CG: xq read from L2, as _gemv_input's
+    cm: tl.constexpr = ".cg" if CG else ""
+    acc = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.int32)  # Σ c·q per (row, word column)
+    wt_next = wt_first
+    for w0 in range(0, K16, BLOCK_W):
+        cols = w0 + tl.arange(0, BLOCK_W)
+        col_ok = cols < K16
+        wt = wt_next
+        wt_next = _weight_tile(w_rows, row_ok, w0 + BLOCK_W, K16, BLOCK_W)
+        for k in tl.static_range(4):
+            xw = tl.load(xq_row + k * K16 + cols, mask=col_ok, other=0, cache_modifier=cm)  # [BLOCK_W] field k
+            codes = (wt >> (2 * k)) & 0x03030303
+            acc = _dp4a(codes, tl.broadcast_to(xw[None, :], (BLOCK_N, BLOCK_W)), acc, ON_GPU)
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
 def _last_arrival(cnt_ptr, n):
     # True in the last of the n programs that call this on one int32 counter (zero before the launch), which then
     # sees every other caller's global writes made before its call; it sets the counter back to zero for the next
@@ -304,6 +327,36 @@ def _last_arrival(cnt_ptr, n):
     if last:
         tl.store(cnt_ptr, 0)
     return last
+
+
+@triton.jit
+def _arrive(cnt_ptr):
+    # count this program's earlier global writes as done on an int32 counter (a barrier, then one release), for
+    # the programs that _wait on it
+    tl.debug_barrier()
+    tl.atomic_add(cnt_ptr, 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def _signal(flag_ptr):
+    # _arrive on a flag that only this program sets: 0 → 1
+    tl.debug_barrier()
+    tl.atomic_xchg(flag_ptr, 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def _wait(flag_ptr, target, err_ptr, SPIN: tl.constexpr):
+    # spin until the int32 *flag_ptr ≥ target (acquire: the writes counted there are then visible to this
+    # program, read through L2), at most SPIN polls: past that, record the timeout in *err_ptr (the host checks it;
+    # a wrong result, not a hung GPU) and go on
+    n = 0
+    v = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="gpu")
+    while (v < target) & (n < SPIN):
+        v = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="gpu")
+        n += 1
+    if v < target:
+        tl.store(err_ptr, 1)
+    tl.debug_barrier()
 
 
 @triton.jit
@@ -336,20 +389,10 @@ def _gemv_packed_kernel(
     # the next GEMV (_pack_row with the P_* options: P_K = N, or N / 2 with P_ACT) into p_xq / p_s / p_qs, the
     # work of one pack_act launch without the launch
     m, rows, row_ok, w_rows = _row_block(w_ptr, N, stride_wn, BLOCK_N)
-    wt_next = _weight_tile(w_rows, row_ok, 0, K16, BLOCK_W)  # before the wait, as in _gemv_w2a8_kernel
+    wt_first = _weight_tile(w_rows, row_ok, 0, K16, BLOCK_W)  # before the wait, as in _gemv_w2a8_kernel
     _pdl_enter(PDL)
     xq_row = xq_ptr + m.to(tl.int64) * stride_xq
-    acc = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.int32)  # Σ c·q per (row, word column)
-    for w0 in range(0, K16, BLOCK_W):
-        cols = w0 + tl.arange(0, BLOCK_W)
-        col_ok = cols < K16
-        wt = wt_next
-        wt_next = _weight_tile(w_rows, row_ok, w0 + BLOCK_W, K16, BLOCK_W)
-        for k in tl.static_range(4):
-            xw = tl.load(xq_row + k * K16 + cols, mask=col_ok, other=0)  # [BLOCK_W] activations of field k
-            codes = (wt >> (2 * k)) & 0x03030303
-            acc = _dp4a(codes, tl.broadcast_to(xw[None, :], (BLOCK_N, BLOCK_W)), acc, ON_GPU)
-    dot = tl.sum(acc, axis=1) - tl.load(qs_ptr + m)  # [BLOCK_N] Σ t·q, exact
+    dot = _packed_dot(xq_row, w_rows, row_ok, wt_first, K16, BLOCK_N, BLOCK_W, ON_GPU, False) - tl.load(qs_ptr + m)
     _gemv_store(dot, tl.load(s_ptr + m), m, rows, row_ok, scale_ptr, res_ptr, y_ptr, stride_rm, stride_ym, SCALE_PER_ROW, HAS_RES)
     if PACK:
         if _last_arrival(cnt_ptr + m, tl.num_programs(0)):
@@ -528,55 +571,56 @@ def _combine_head(pm_ptr, pl_ptr, pacc_ptr, y_ptr, h, S, DH: tl.constexpr, BLOCK
 
 
 @triton.jit
-def _decode_attention_kernel(
-    qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, y_ptr, pm_ptr, pl_ptr, pacc_ptr,
-    NQ, NKV, stride_kh, stride_ks, scale, CHUNK, S,
-    cnt_ptr, p_nw_ptr, p_xq_ptr, p_s_ptr, p_qs_ptr, P_K16, p_eps,
-    GROUP: tl.constexpr, DH: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-    PDL: tl.constexpr = False, FOLD: tl.constexpr = False, P_NORM: tl.constexpr = False,
-    P_BLOCK_C: tl.constexpr = 1, BLOCK_S: tl.constexpr = 1, BLOCK_D: tl.constexpr = 1, ON_GPU: tl.constexpr = False,
-):  # fmt: skip
-    # program (h, s): query head h (kv head h // GROUP), batch 1, one new token at position pos (read from the
-    # device, so a CUDA graph replays it), keys s·CHUNK .. min((s+1)·CHUNK, pos) − 1 of the cache: rope of q and
-    # k, the k/v write into the cache (split 0 of the group's first head), then softmax(q·kᵀ · scale) · v with
-    # an online softmax in fp32. Split 0 also counts the new token itself, from registers. SPLIT: the partial
-    # (max m, sum l, Σ p·v [DH]) goes to pm/pl/pacc [H, S(, DH)] for _attention_combine_kernel (flash-decoding:
-    # H·S programs instead of H share the cache reads); else one split covers every key and y is written here.
-    # FOLD (with SPLIT; FastModel(gemv="folded")): the last split of head h to finish (counter cnt_ptr[h]) runs
-    # the combine of head h, and the last head to be combined (counter cnt_ptr[H]) packs y for the o projection
-    # (_pack_row, the sub-norm with P_NORM) into p_xq / p_s / p_qs: one launch instead of three.
-    # Before the PDL wait the program reads what no kernel of this step writes before it (pos, cos / sin and the
-    # first block of cached keys / values, all made by kernels that completed before the previous one started):
-    # the cache's memory latency overlaps the q/k/v GEMV's end, as the GEMVs' first weight tile does (at the
-    # 2B-4T shape a split is one block: 64 keys).
-    h = tl.program_id(0)
-    s = tl.program_id(1)
-    kvh = h // GROUP
-    dt = qkv_ptr.dtype.element_ty
-    pos = tl.load(pos_ptr)
+def _attn_prefetch(cos_row, sin_row, k_ptr, v_ptr, kvh, lo, hi, stride_kh, stride_ks, DH: tl.constexpr,
+                   HALF: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    # what a split over cached keys lo .. hi − 1 of kv head kvh reads before its wait (nothing of the step writes
+    # it earlier): its rope row as fp32 halves (c_lo, c_hi, s_lo, s_hi), the head's cache pointers and the first
+    # _kv_block → (rope, cache_k, cache_v, kv_first)
     offs = tl.arange(0, HALF)
     ok = offs < DH // 2
     half = DH // 2
-    c_lo = tl.load(cos_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    c_hi = tl.load(cos_ptr + half + offs, mask=ok, other=0.0).to(tl.float32)
-    s_lo = tl.load(sin_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    s_hi = tl.load(sin_ptr + half + offs, mask=ok, other=0.0).to(tl.float32)
+    rope = (tl.load(cos_row + offs, mask=ok, other=0.0).to(tl.float32),
+            tl.load(cos_row + half + offs, mask=ok, other=0.0).to(tl.float32),
+            tl.load(sin_row + offs, mask=ok, other=0.0).to(tl.float32),
+            tl.load(sin_row + half + offs, mask=ok, other=0.0).to(tl.float32))  # fmt: skip
     cache_k = k_ptr + kvh.to(tl.int64) * stride_kh
     cache_v = v_ptr + kvh.to(tl.int64) * stride_kh
-    lo = s * CHUNK
-    hi = tl.minimum(lo + CHUNK, pos)  # keys < pos only: slot pos is the one this step writes
-    kv_first = _kv_block(cache_k, cache_v, lo, hi, stride_ks, offs, ok, half, BLOCK_N)
-    _pdl_enter(PDL)
-    q_lo = tl.load(qkv_ptr + h * DH + offs, mask=ok, other=0.0).to(tl.float32)
-    q_hi = tl.load(qkv_ptr + h * DH + half + offs, mask=ok, other=0.0).to(tl.float32)
+    return rope, cache_k, cache_v, _kv_block(cache_k, cache_v, lo, hi, stride_ks, offs, ok, half, BLOCK_N)
+
+
+@triton.jit
+def _attn_split(
+    qkv_ptr, rope, cache_k, cache_v, kv_first, pos, h, s, lo, hi, y_ptr, pm_ptr, pl_ptr, pacc_ptr,
+    NQ, NKV, stride_ks, scale, S, n_heads, cnt_ptr, p_nw_ptr, p_xq_ptr, p_s_ptr, p_qs_ptr, P_K16, p_eps, ready_ptr,
+    GROUP: tl.constexpr, DH: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+    FOLD: tl.constexpr, P_NORM: tl.constexpr, P_BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    ON_GPU: tl.constexpr, CG: tl.constexpr, SIGNAL: tl.constexpr,
+):  # fmt: skip
+    # split s of query head h after _attn_prefetch: rope of q and k, the k/v write into the cache at pos (split 0 of
+    # the group's first head), then softmax(q·kᵀ · scale) · v over keys lo .. hi − 1 with an online softmax in
+    # fp32; split 0 also counts the new token itself, from registers. SPLIT: the partial (max m, sum l, Σ p·v
+    # [DH]) goes to pm/pl/pacc [H, S(, DH)] for _combine_head (flash-decoding); else one split covers every key and
+    # y is written here. FOLD (with SPLIT): the last split of head h to finish (counter cnt_ptr[h]) combines head
+    # h, and the last of the n_heads heads (counter cnt_ptr[n_heads]) packs y for the o projection (_pack_row,
+    # the sub-norm with P_NORM) into p_xq / p_s / p_qs, then with SIGNAL sets ready_ptr (_signal). CG: qkv was
+    # written by other programs of the same launch (decode_layers)
+    kvh = h // GROUP
+    dt = qkv_ptr.dtype.element_ty
+    cm: tl.constexpr = ".cg" if CG else ""
+    offs = tl.arange(0, HALF)
+    ok = offs < DH // 2
+    half = DH // 2
+    c_lo, c_hi, s_lo, s_hi = rope
+    q_lo = tl.load(qkv_ptr + h * DH + offs, mask=ok, other=0.0, cache_modifier=cm).to(tl.float32)
+    q_hi = tl.load(qkv_ptr + h * DH + half + offs, mask=ok, other=0.0, cache_modifier=cm).to(tl.float32)
     q_lo, q_hi = _rope_half(q_lo, q_hi, c_lo, c_hi, s_lo, s_hi, dt)
     k_base = qkv_ptr + NQ + kvh * DH
     v_base = qkv_ptr + NQ + NKV + kvh * DH
-    kn_lo = tl.load(k_base + offs, mask=ok, other=0.0).to(tl.float32)
-    kn_hi = tl.load(k_base + half + offs, mask=ok, other=0.0).to(tl.float32)
+    kn_lo = tl.load(k_base + offs, mask=ok, other=0.0, cache_modifier=cm).to(tl.float32)
+    kn_hi = tl.load(k_base + half + offs, mask=ok, other=0.0, cache_modifier=cm).to(tl.float32)
     kn_lo, kn_hi = _rope_half(kn_lo, kn_hi, c_lo, c_hi, s_lo, s_hi, dt)
-    vn_lo = tl.load(v_base + offs, mask=ok, other=0.0).to(tl.float32)
-    vn_hi = tl.load(v_base + half + offs, mask=ok, other=0.0).to(tl.float32)
+    vn_lo = tl.load(v_base + offs, mask=ok, other=0.0, cache_modifier=cm).to(tl.float32)
+    vn_hi = tl.load(v_base + half + offs, mask=ok, other=0.0, cache_modifier=cm).to(tl.float32)
     first = s == 0
     if (h % GROUP == 0) & first:
         slot = pos.to(tl.int64) * stride_ks
@@ -604,13 +648,45 @@ def _decode_attention_kernel(
         if FOLD:
             if _last_arrival(cnt_ptr + h, S):
                 _combine_head(pm_ptr, pl_ptr, pacc_ptr, y_ptr, h, S, DH, BLOCK_S, BLOCK_D, True)
-                n_heads = tl.num_programs(0)
                 if _last_arrival(cnt_ptr + n_heads, n_heads):
                     _pack_row(y_ptr, p_nw_ptr, p_xq_ptr, p_s_ptr, p_qs_ptr, NQ, P_K16, p_eps, False, P_NORM, False,
                               P_BLOCK_C, ON_GPU, True)  # fmt: skip
+                    if SIGNAL:
+                        _signal(ready_ptr)
     else:
         tl.store(y_ptr + h * DH + offs, (acc_lo / l).to(dt), mask=ok)
         tl.store(y_ptr + h * DH + half + offs, (acc_hi / l).to(dt), mask=ok)
+
+
+@triton.jit
+def _decode_attention_kernel(
+    qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, y_ptr, pm_ptr, pl_ptr, pacc_ptr,
+    NQ, NKV, stride_kh, stride_ks, scale, CHUNK, S,
+    cnt_ptr, p_nw_ptr, p_xq_ptr, p_s_ptr, p_qs_ptr, P_K16, p_eps,
+    GROUP: tl.constexpr, DH: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+    PDL: tl.constexpr = False, FOLD: tl.constexpr = False, P_NORM: tl.constexpr = False,
+    P_BLOCK_C: tl.constexpr = 1, BLOCK_S: tl.constexpr = 1, BLOCK_D: tl.constexpr = 1, ON_GPU: tl.constexpr = False,
+):  # fmt: skip
+    # program (h, s): _attn_split of query head h (kv head h // GROUP), batch 1, one new token at position pos
+    # (read from the device, so a CUDA graph replays it), keys s·CHUNK .. min((s+1)·CHUNK, pos) − 1 of the cache
+    # (slot pos is the one this step writes). SPLIT: S splits a head and _attention_combine_kernel after, or with
+    # FOLD the combine and the o projection's packing in this launch (FastModel(gemv="folded")); else S = 1.
+    # Before the PDL wait the program reads what no kernel of this step writes before it (_attn_prefetch: pos,
+    # cos / sin and the first block of cached keys / values, all made by kernels that completed before the
+    # previous one started): the cache's memory latency overlaps the q/k/v GEMV's end, as the GEMVs' first weight
+    # tile does (at the 2B-4T shape a split is one block: 64 keys).
+    h = tl.program_id(0)
+    s = tl.program_id(1)
+    pos = tl.load(pos_ptr)
+    lo = s * CHUNK
+    hi = tl.minimum(lo + CHUNK, pos)
+    rope, cache_k, cache_v, kv_first = _attn_prefetch(cos_ptr, sin_ptr, k_ptr, v_ptr, h // GROUP, lo, hi, stride_kh,
+                                                      stride_ks, DH, HALF, BLOCK_N)  # fmt: skip
+    _pdl_enter(PDL)
+    _attn_split(qkv_ptr, rope, cache_k, cache_v, kv_first, pos, h, s, lo, hi, y_ptr, pm_ptr, pl_ptr, pacc_ptr, NQ, NKV,
+                stride_ks, scale, S, tl.num_programs(0), cnt_ptr, p_nw_ptr, p_xq_ptr, p_s_ptr, p_qs_ptr, P_K16, p_eps,
+                cnt_ptr, GROUP, DH, HALF, BLOCK_N, SPLIT, FOLD, P_NORM, P_BLOCK_C, BLOCK_S, BLOCK_D, ON_GPU, False,
+                False)  # fmt: skip
 
 
 @triton.jit
@@ -642,6 +718,118 @@ def _argmax_kernel(x_ptr, N, pv_ptr, pi_ptr, cnt_ptr, out_ptr, BLOCK: tl.constex
         pv = tl.load(pv_ptr + j, mask=j < n_prog, other=float("-inf"), cache_modifier=".cg")
         _, jb = tl.max(pv, axis=0, return_indices=True, return_indices_tie_break_left=True)
         tl.store(out_ptr, tl.load(pi_ptr + jb, cache_modifier=".cg").to(tl.int64))
+
+
+@triton.jit
+def _gemv_phase(
+    pid, P, wait_ptr, wait_for, err_ptr, xq_row, s_ptr, qs_ptr, w_ptr, scale_ptr, res_ptr, y_ptr, N, K16,
+    cnt_ptr, ready_ptr, p_nw_ptr, p_xq_ptr, p_s_ptr, p_qs_ptr, P_K, P_K16, p_eps, pack_on,
+    HAS_RES: tl.constexpr, PACK: tl.constexpr, P_ACT: tl.constexpr, P_NORM: tl.constexpr, P_RELU2: tl.constexpr,
+    P_BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, ON_GPU: tl.constexpr, SPIN: tl.constexpr,
+):  # fmt: skip
+    # one GEMV of decode_layers: items of BLOCK_N rows of w [N, K16] (per-row scales) times the packed row xq_row /
+    # s / qs, program pid taking items pid, pid + P, ...; y [N] (+ res, in place when res is y). Each item's
+    # weights are fetched before the previous item's math, the first before the wait on wait_ptr ≥ wait_for (the
+    # input is ready). Each item arrives on cnt_ptr; with PACK the last one packs y for the next GEMV (_pack_row with
+    # the P_* options) and sets ready_ptr, unless pack_on is false (the last layer).
+    n_items = tl.cdiv(N, BLOCK_N)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    wt = _weight_tile(w_ptr + rows.to(tl.int64)[:, None] * K16, rows < N, 0, K16, BLOCK_W)  # nothing when pid ≥ n_items
+    if pid < n_items:
+        _wait(wait_ptr, wait_for, err_ptr, SPIN)
+    s = tl.load(s_ptr, cache_modifier=".cg")
+    qs = tl.load(qs_ptr, cache_modifier=".cg")
+    for it in range(pid, n_items, P):
+        rows = it * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        w_rows = w_ptr + rows.to(tl.int64)[:, None] * K16
+        nxt = rows + P * BLOCK_N
+        wt_next = _weight_tile(w_ptr + nxt.to(tl.int64)[:, None] * K16, nxt < N, 0, K16, BLOCK_W)
+        dot = _packed_dot(xq_row, w_rows, row_ok, wt, K16, BLOCK_N, BLOCK_W, ON_GPU, True) - qs
+        _gemv_store(dot, s, tl.cast(0, tl.int32), rows, row_ok, scale_ptr, res_ptr, y_ptr, 0, 0, True, HAS_RES, True)
+        if PACK:
+            if _last_arrival(cnt_ptr, n_items) & pack_on:
+                _pack_row(y_ptr, p_nw_ptr, p_xq_ptr, p_s_ptr, p_qs_ptr, P_K, P_K16, p_eps, P_ACT, P_NORM, P_RELU2,
+                          P_BLOCK_C, ON_GPU, True)  # fmt: skip
+                _signal(ready_ptr)
+        else:
+            _arrive(cnt_ptr)
+        wt = wt_next
+
+
+@triton.jit
+def _decode_layers_kernel(
+    tok_ptr, pos_ptr, embed_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, x_ptr, qkv_ptr, y_ptr, gu_ptr, pm_ptr, pl_ptr,
+    pacc_ptr, in_xq, in_s, in_qs, o_xq, o_s, o_qs, gu_xq, gu_s, gu_qs, d_xq, d_s, d_qs,
+    w_qkv, sc_qkv, w_o, sc_o, w_gu, sc_gu, w_d, sc_d, nw_attn, nw_attn_sub, nw_mlp, nw_mlp_sub, flags_ptr, err_ptr,
+    L, stride_kl, stride_kh, stride_ks, CHUNK, S, scale, eps,
+    D: tl.constexpr, NQ: tl.constexpr, NKV: tl.constexpr, I: tl.constexpr, H: tl.constexpr, GROUP: tl.constexpr,
+    DH: tl.constexpr, HALF: tl.constexpr, NF: tl.constexpr, ATTN_SUB: tl.constexpr, MLP_SUB: tl.constexpr,
+    RELU2: tl.constexpr, BN_QKV: tl.constexpr, BN_O: tl.constexpr, BN_GU: tl.constexpr, BN_D: tl.constexpr,
+    BW_D: tl.constexpr, BW_Q: tl.constexpr, BW_I: tl.constexpr, C_D: tl.constexpr, C_Q: tl.constexpr,
+    C_I: tl.constexpr, BLOCK_N_ATT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    ON_GPU: tl.constexpr, SPIN: tl.constexpr,
+):  # fmt: skip
+    # The decode step's L layers in one launch (decode_layers): FastModel(gemv="folded")'s five kernels a layer as
+    # phases of one persistent grid of P programs, each kernel boundary a flag in flags_ptr [L, NF] (zero before the
+    # launch): per layer 0 input packed, 1 q/k/v rows done (count), 2 attention output packed, 3 o arrivals, 4 o
+    # output packed, 5 gate|up arrivals, 6 gate|up output packed, 7 down arrivals, 8 .. 8 + H − 1 splits done per
+    # head, 8 + H heads combined. Work items are numbered in dependency order (layer, phase, item) and program
+    # pid takes items pid, pid + P, ... of each phase in that order, so an item only waits on items numbered
+    # below it: with every program resident the lowest unfinished item can always run (no deadlock), and with
+    # P = 1 (the interpreter) every wait is already met. x [D] is the residual stream, updated in place by the o
+    # and down rows; buffers are reused by every layer, which is safe because a layer's first phase waits, through
+    # the chain of flags, on every item of the layer before. The per-layer weights are [L, ...] stacks (one layer
+    # a stride apart), the caches [L, B, Hkv, S, Dh] (batch row 0). Every read of another program's output goes
+    # through L2 (CG), after the acquire of its _wait.
+    pid = tl.program_id(0)
+    P = tl.num_programs(0)
+    K16D: tl.constexpr = (D + 15) // 16
+    K16Q: tl.constexpr = (NQ + 15) // 16
+    K16I: tl.constexpr = (I + 15) // 16
+    NQKV: tl.constexpr = NQ + 2 * NKV
+    n_qkv = tl.cdiv(NQKV, BN_QKV)
+    if pid == 0:  # item 0: the token's embedding row into x, and layer 0's packed input
+        row = embed_ptr + tl.load(tok_ptr).to(tl.int64) * D
+        offs = tl.arange(0, C_D * 16)
+        tl.store(x_ptr + offs, tl.load(row + offs, mask=offs < D), mask=offs < D)
+        _pack_row(row, nw_attn, in_xq, in_s, in_qs, D, K16D, eps, False, True, False, C_D, ON_GPU, False)
+        _signal(flags_ptr)
+    pos = tl.load(pos_ptr)
+    for layer in range(L):
+        fl = flags_ptr + layer * NF
+        lw = tl.cast(layer, tl.int64)  # a Python int under the interpreter
+        # q/k/v of the packed normed input
+        _gemv_phase(pid, P, fl, 1, err_ptr, in_xq, in_s, in_qs, w_qkv + lw * NQKV * K16D, sc_qkv + lw * NQKV, qkv_ptr,
+                    qkv_ptr, NQKV, K16D, fl + 1, fl, nw_attn, in_xq, in_s, in_qs, D, K16D, eps, False,
+                    False, False, False, False, False, C_D, BN_QKV, BW_D, ON_GPU, SPIN)  # fmt: skip
+        # attention: H × S splits, the last split of a head combines it, the last head packs y (sub-norm) for o
+        for it in range(pid, H * S, P):
+            h = it // S
+            s = it % S
+            lo = s * CHUNK
+            hi = tl.minimum(lo + CHUNK, pos)
+            rope, cache_k, cache_v, kv_first = _attn_prefetch(
+                cos_ptr + pos * DH, sin_ptr + pos * DH, k_ptr + lw * stride_kl, v_ptr + lw * stride_kl, h // GROUP, lo,
+                hi, stride_kh, stride_ks, DH, HALF, BLOCK_N_ATT)  # fmt: skip
+            if it == pid:
+                _wait(fl + 1, n_qkv, err_ptr, SPIN)
+            _attn_split(qkv_ptr, rope, cache_k, cache_v, kv_first, pos, h, s, lo, hi, y_ptr, pm_ptr, pl_ptr, pacc_ptr,
+                        NQ, NKV, stride_ks, scale, S, H, fl + 8, nw_attn_sub + lw * NQ, o_xq, o_s, o_qs, K16Q, eps,
+                        fl + 2, GROUP, DH, HALF, BLOCK_N_ATT, True, True, ATTN_SUB, C_Q, BLOCK_S, BLOCK_D, ON_GPU,
+                        True, True)  # fmt: skip
+        # h = x + o(y), in place; packs mlp_norm(h) for gate|up
+        _gemv_phase(pid, P, fl + 2, 1, err_ptr, o_xq, o_s, o_qs, w_o + lw * D * K16Q, sc_o + lw * D, x_ptr, x_ptr, D,
+                    K16Q, fl + 3, fl + 4, nw_mlp + lw * D, gu_xq, gu_s, gu_qs, D, K16D, eps, True,
+                    True, True, False, True, False, C_D, BN_O, BW_Q, ON_GPU, SPIN)  # fmt: skip
+        # gate | up; packs sub_norm(act(gate) · up) for down
+        _gemv_phase(pid, P, fl + 4, 1, err_ptr, gu_xq, gu_s, gu_qs, w_gu + lw * 2 * I * K16D, sc_gu + lw * 2 * I,
+                    gu_ptr, gu_ptr, 2 * I, K16D, fl + 5, fl + 6, nw_mlp_sub + lw * I, d_xq, d_s, d_qs, I, K16I, eps,
+                    True, False, True, True, MLP_SUB, RELU2, C_I, BN_GU, BW_D, ON_GPU, SPIN)  # fmt: skip
+        # x = h + down(...), in place; packs the next layer's attn_norm(x) and sets its flag 0
+        _gemv_phase(pid, P, fl + 6, 1, err_ptr, d_xq, d_s, d_qs, w_d + lw * D * K16I, sc_d + lw * D, x_ptr, x_ptr, D,
+                    K16I, fl + 7, fl + NF, nw_attn + (lw + 1) * D, in_xq, in_s, in_qs, D, K16D, eps, layer + 1 < L,
+                    True, True, False, True, False, C_D, BN_D, BW_I, ON_GPU, SPIN)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -1174,6 +1362,14 @@ def act_mul_norm(gu: torch.Tensor, weight: torch.Tensor | None, eps: float, relu
     return y.view(*gu.shape[:-1], inter)
 
 
+def _attention_splits(slots: int) -> tuple[int, int, int]:
+    # (keys a block, keys a split, splits a head) of the split attention over a cache of `slots` positions: chunks
+    # of whole blocks, at most 16 of them; fixed by the cache size, so a CUDA graph replays them at any position
+    block_n = 16 if _INTERPRET else 64
+    chunk = block_n * triton.cdiv(slots, block_n * 16)
+    return block_n, chunk, triton.cdiv(slots, chunk)
+
+
 def decode_attention(
     qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor, cache_k: torch.Tensor,
     cache_v: torch.Tensor, n_heads: int, n_kv: int, head_dim: int, pdl: bool = False, split: bool = False,
@@ -1205,16 +1401,13 @@ def decode_attention(
     qkv = qkv.contiguous()
     dev = qkv.device
     y = torch.empty((1, 1, n_heads * head_dim), dtype=qkv.dtype, device=dev)
-    slots = cache_k.shape[2]
-    block_n = 16 if _INTERPRET else 64
-    if split:  # chunks of whole blocks, at most 16 of them
-        chunk = block_n * triton.cdiv(slots, block_n * 16)
-        n_split = triton.cdiv(slots, chunk)
+    block_n, chunk, n_split = _attention_splits(cache_k.shape[2])
+    if split:
         pm = torch.empty((n_heads, n_split), dtype=torch.float32, device=dev)
         pl = torch.empty_like(pm)
         pacc = torch.empty((n_heads, n_split, head_dim), dtype=torch.float32, device=dev)
     else:
-        chunk, n_split, pm, pl, pacc = slots, 1, y, y, y
+        chunk, n_split, pm, pl, pacc = cache_k.shape[2], 1, y, y, y
     nxt = None
     if pack_next is not None:
         nxt, tail = _next_pack(pack_next, 1, n_heads * head_dim, n_heads + 1, y, "decode_attention")
@@ -1260,3 +1453,150 @@ def argmax(x: torch.Tensor, counter: torch.Tensor, block: int | None = None, pdl
         launch_pdl=use_pdl, num_warps=4 if block <= 1024 else 8,
     )  # fmt: skip
     return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the decoder layers of a decode step in one launch
+
+
+class LayerStack(NamedTuple):
+    """The decoder layers' weights for ``decode_layers``, stacked over the L layers (one layer a stride apart, so
+    the kernel takes one pointer a kind): t2 rows as int32 words [L, N, K16] with per-row f32 scales [L, N], the
+    norm weights [L, width] (a sub-norm None where the family has none), and the shapes."""
+
+    qkv: torch.Tensor  # [L, Nq + 2·Nkv, K16(D)]: q | k | v rows
+    qkv_scale: torch.Tensor
+    o: torch.Tensor  # [L, D, K16(Nq)]
+    o_scale: torch.Tensor
+    gate_up: torch.Tensor  # [L, 2·I, K16(D)]: gate | up rows
+    gate_up_scale: torch.Tensor
+    down: torch.Tensor  # [L, D, K16(I)]
+    down_scale: torch.Tensor
+    attn_norm: torch.Tensor  # [L, D]
+    attn_sub_norm: torch.Tensor | None  # [L, Nq]
+    mlp_norm: torch.Tensor  # [L, D]
+    mlp_sub_norm: torch.Tensor | None  # [L, I]
+    eps: float  # every norm's
+    relu2: bool  # the MLP's act: relu² (else SiLU)
+    n_heads: int
+    n_kv: int
+    head_dim: int
+
+
+# decode_layers' launch: rows of a tile for the K = D matrices (the others keep its size in words), warps, and
+# programs a multiprocessor (capped by what fits: every program must be resident, _decode_layers_kernel)
+PERSISTENT_CONFIG = (16, 8, 1)
+
+
+def _layer_stack_shapes(w: LayerStack) -> tuple[int, int, int, int]:
+    # (L, D, Nq, I) of a LayerStack, every tensor checked against them
+    n_layers, d, inter = w.qkv.shape[0], w.o.shape[1], w.gate_up.shape[1] // 2
+    nq, nkv = w.n_heads * w.head_dim, w.n_kv * w.head_dim
+    if w.n_heads % w.n_kv or w.head_dim % 2:
+        raise KernelShapeError(f"decode_layers: heads {w.n_heads}/{w.n_kv}, Dh {w.head_dim}")
+    k16 = {k: (k + 15) // 16 for k in (d, nq, inter)}
+    want = {  # name → (shape, dtype; None: the model's float)
+        "qkv": ((n_layers, nq + 2 * nkv, k16[d]), torch.int32), "o": ((n_layers, d, k16[nq]), torch.int32),
+        "gate_up": ((n_layers, 2 * inter, k16[d]), torch.int32), "down": ((n_layers, d, k16[inter]), torch.int32),
+        "attn_norm": ((n_layers, d), None), "attn_sub_norm": ((n_layers, nq), None),
+        "mlp_norm": ((n_layers, d), None), "mlp_sub_norm": ((n_layers, inter), None),
+    }  # fmt: skip
+    for name in ("qkv", "o", "gate_up", "down"):
+        want[name + "_scale"] = (want[name][0][:2], torch.float32)
+    for name, (shape, dtype) in want.items():
+        t = getattr(w, name)
+        if t is None and name.endswith("sub_norm"):
+            continue
+        if tuple(t.shape) != shape or (dtype is not None and t.dtype != dtype) or not t.is_contiguous():
+            raise KernelShapeError(f"decode_layers: {name} must be {dtype or 'float'} {shape} contiguous, got {t.dtype} {tuple(t.shape)}")
+    return n_layers, d, nq, inter
+
+
+@functools.cache
+def _resident_per_sm(index: int, n_regs: int, shared: int, warps: int) -> int:
+    # how many programs of a kernel fit on one multiprocessor at once: registers (allocated per warp in units of
+    # 256), threads and shared memory (+1 KB reserved a block)
+    p = torch.cuda.get_device_properties(index)
+    warp_regs = -(-n_regs * 32 // 256) * 256
+    by_regs = getattr(p, "regs_per_multiprocessor", 65536) // (warp_regs * warps)
+    by_threads = getattr(p, "max_threads_per_multi_processor", 2048) // (32 * warps)
+    by_smem = getattr(p, "shared_memory_per_multiprocessor", 233472) // (shared + 1024)
+    return min(by_regs, by_threads, by_smem, 32)
+
+
+def decode_layers(
+    tok: torch.Tensor, pos: torch.Tensor, embed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    cache_k: torch.Tensor, cache_v: torch.Tensor, w: LayerStack, err: torch.Tensor,
+    config: tuple[int, int, int] | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """Every decoder layer of a decode step in one launch (FastModel(gemv="persistent")): token id ``tok`` int64
+    [1] at position ``pos`` int64 [1] (both on the device: a CUDA graph replays it) → the last layer's output x
+    [1, D] in embed's dtype, before the final norm; keys and values are written into the caches.
+
+    The arithmetic is ``FastModel(gemv="folded")``'s, bit for bit (the same helpers): the embedding row, layer 0's
+    packed input, then per layer the q/k/v GEMV, the split attention (combine and sub-norm packing by the last
+    split), o (+ residual, packs mlp_norm), gate|up (packs act·up + sub-norm), down (+ residual, packs the next
+    layer's attn_norm). One persistent grid runs them all; flags replace the kernel boundaries (see
+    _decode_layers_kernel), so the weights of each phase are in flight while its input is still being made.
+
+    embed [V, D]; cos / sin [S, Dh] (the whole rope tables); caches [L, B, Hkv, S, Dh] with contiguous rows (batch
+    row 0 is used); ``w`` the stacked weights; ``err`` int32 [1]: set to 1 if a wait timed out (a program was
+    not resident, or a flag was never set), which the caller checks: the output is wrong then, not the GPU hung.
+    ``config`` = (rows of a K = D tile, warps, programs a multiprocessor), default ``PERSISTENT_CONFIG``; the
+    interpreter runs one program."""
+    n_layers, d, nq, inter = _layer_stack_shapes(w)
+    nkv, dh = w.n_kv * w.head_dim, w.head_dim
+    dev = embed.device
+    if embed.dim() != 2 or embed.shape[1] != d or not embed.is_contiguous():
+        raise KernelShapeError(f"decode_layers: embed must be [V, {d}] contiguous, got {tuple(embed.shape)}")
+    if tok.numel() != 1 or tok.dtype != torch.long or pos.numel() != 1 or pos.dtype != torch.long:
+        raise KernelShapeError("decode_layers: tok and pos must be int64 [1]")
+    slots = cache_k.shape[3] if cache_k.dim() == 5 else 0
+    if (cache_k.shape != cache_v.shape or cache_k.stride() != cache_v.stride() or cache_k.dim() != 5
+            or cache_k.shape[0] != n_layers or cache_k.shape[2] != w.n_kv or cache_k.shape[4] != dh
+            or cache_k.stride(4) != 1):  # fmt: skip
+        raise KernelShapeError(f"decode_layers: caches must be [{n_layers}, B, {w.n_kv}, S, {dh}] with contiguous rows, got {tuple(cache_k.shape)}")
+    if cos.shape != (slots, dh) or sin.shape != (slots, dh) or not (cos.is_contiguous() and sin.is_contiguous()):
+        raise KernelShapeError(f"decode_layers: cos / sin must be [{slots}, {dh}] contiguous, got {tuple(cos.shape)}")
+    if err.dtype != torch.int32 or err.numel() != 1 or err.device != dev:
+        raise KernelShapeError("decode_layers: err must be int32 [1] on the model's device")
+    rows, warps, per_sm = config or PERSISTENT_CONFIG
+    block_n, chunk, n_split = _attention_splits(slots)
+    dt = embed.dtype
+    x = torch.empty((1, d), dtype=dt, device=dev)
+    qkv = torch.empty((nq + 2 * nkv,), dtype=dt, device=dev)
+    y = torch.empty((nq,), dtype=dt, device=dev)
+    gu = torch.empty((2 * inter,), dtype=dt, device=dev)
+    pm = torch.empty((w.n_heads, n_split), dtype=torch.float32, device=dev)
+    pl = torch.empty_like(pm)
+    pacc = torch.empty((w.n_heads, n_split, dh), dtype=torch.float32, device=dev)
+    acts = [PackedAct.empty(1, k, dev) for k in (d, nq, d, inter)]  # inputs of q/k/v, o, gate|up, down
+    nf = 9 + w.n_heads
+    flags = torch.zeros((n_layers, nf), dtype=torch.int32, device=dev)
+    bw = {k: triton.next_power_of_2((k + 15) // 16) for k in (d, nq, inter)}  # whole-row tiles
+    tile = rows * bw[d]  # words a tile, kept for the other K
+    args = (tok, pos, embed, cos, sin, cache_k, cache_v, x, qkv, y, gu, pm, pl, pacc,
+            *(t for a in acts for t in a[:3]),
+            w.qkv, w.qkv_scale, w.o, w.o_scale, w.gate_up, w.gate_up_scale, w.down, w.down_scale,
+            w.attn_norm, w.attn_sub_norm if w.attn_sub_norm is not None else w.attn_norm, w.mlp_norm,
+            w.mlp_sub_norm if w.mlp_sub_norm is not None else w.mlp_norm, flags, err,
+            n_layers, cache_k.stride(0), cache_k.stride(2), cache_k.stride(3), chunk, n_split, dh**-0.5, w.eps)  # fmt: skip
+    meta = dict(
+        D=d, NQ=nq, NKV=nkv, I=inter, H=w.n_heads, GROUP=w.n_heads // w.n_kv, DH=dh,
+        HALF=triton.next_power_of_2(dh // 2), NF=nf, ATTN_SUB=w.attn_sub_norm is not None,
+        MLP_SUB=w.mlp_sub_norm is not None, RELU2=w.relu2, BN_QKV=rows, BN_O=max(1, tile // bw[nq]), BN_GU=rows,
+        BN_D=max(1, tile // bw[inter]), BW_D=bw[d], BW_Q=bw[nq], BW_I=bw[inter], C_D=bw[d], C_Q=bw[nq],
+        C_I=bw[inter], BLOCK_N_ATT=block_n, BLOCK_S=triton.next_power_of_2(n_split),
+        BLOCK_D=triton.next_power_of_2(dh), ON_GPU=not _INTERPRET, num_warps=warps,
+    )  # fmt: skip
+    if _INTERPRET or not embed.is_cuda:
+        programs, spin = 1, 1  # one program: every wait is met when it is reached, or never
+    else:
+        spin = 1 << 22  # polls before a wait gives up (seconds)
+        compiled = _decode_layers_kernel.warmup(*args, **meta, SPIN=spin, grid=(1,))
+        fit = _resident_per_sm(dev.index or 0, compiled.n_regs, compiled.metadata.shared, warps)
+        if fit < 1:
+            raise KernelShapeError(f"decode_layers: a program does not fit on a multiprocessor ({compiled.n_regs} registers a thread)")
+        programs = torch.cuda.get_device_properties(dev).multi_processor_count * min(per_sm, fit)
+    _decode_layers_kernel[(programs,)](*args, **meta, SPIN=spin)
+    return x

@@ -63,13 +63,12 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class KVCache(nn.Module):
-    """Static preallocated cache for one layer: k, v [B, Hkv, max_seq, Dh]."""
+    """Static preallocated cache for one layer: k, v [B, Hkv, max_seq, Dh], views of the network's stacked caches."""
 
-    def __init__(self, batch: int, max_seq: int, kv_heads: int, head_dim: int, dtype, device):
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
         super().__init__()
-        shape = (batch, kv_heads, max_seq, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("k", k, persistent=False)
+        self.register_buffer("v", v, persistent=False)
 
 
 def write_kv(cache_k: torch.Tensor, cache_v: torch.Tensor, pos: torch.Tensor | int, k: torch.Tensor, v: torch.Tensor):
@@ -173,6 +172,10 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", inv_freq.to(embed.device), persistent=False)
         self.max_seq = 0
         self.max_batch = 0
+        # every layer's cache in one tensor [L, B, Hkv, max_seq, Dh] each (setup_cache): the layers hold views, and
+        # a kernel can reach layer i's at a stride (kernels.decode_layers)
+        self.cache_k: torch.Tensor | None = None
+        self.cache_v: torch.Tensor | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -195,7 +198,12 @@ class Transformer(nn.Module):
         c = self.config
         for layer in self.layers:
             layer.attn.cache = None  # free the old cache before allocating the new one
-            layer.attn.cache = KVCache(max_batch, max_seq, c.num_key_value_heads, c.head_dim, self.dtype, self.device)
+        self.cache_k = self.cache_v = None
+        shape = (len(self.layers), max_batch, c.num_key_value_heads, max_seq, c.head_dim)
+        self.cache_k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.cache_v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        for i, layer in enumerate(self.layers):
+            layer.attn.cache = KVCache(self.cache_k[i], self.cache_v[i])
         # cos/sin [max_seq, Dh] computed in fp32 as transformers does (position · inv_freq), cast at use.
         freqs = torch.arange(max_seq, device=self.device).float()[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)

@@ -54,3 +54,13 @@ def test_variant_specs_parse(bench):
     assert len(specs) >= 4
     for spec in specs:
         bench.parse_variant(spec)
+
+
+def test_persistent_configs_parse(bench):
+    from bitnet158.runtime import kernels
+
+    assert bench.parse_persistent_configs(None) == [kernels.PERSISTENT_CONFIG]
+    assert bench.parse_persistent_configs("16,8,1;8,8,2") == [(16, 8, 1), (8, 8, 2)]
+    for bad in ("16,8", "16,8,0", "a,b,c", "16,8,1;"):
+        with pytest.raises(SystemExit):
+            bench.parse_persistent_configs(bad)

@@ -646,6 +646,83 @@ def test_fast_model_folded_step_equals_packed():
 
 
 @interp
+@pytest.mark.parametrize("layers,relu2,sub_norms", [(2, True, True), (1, False, False)])
+def test_fast_model_persistent_step_equals_folded(layers, relu2, sub_norms):
+    # gemv="persistent" runs the graph step's layers in one launch (kernels.decode_layers, one program under the
+    # interpreter): the same logits and cache bytes as gemv="folded", bit for bit, at consecutive positions after a
+    # prefill and a host-position step (which run the folded path); the stacked weights are the network's own
+    # (re-pointed views, nothing held twice), and no wait timed out
+    from bitnet158.runtime.fast import FastModel
+
+    net = tiny_model(layers=layers, seed=6, relu2=relu2, sub_norms=sub_norms).net
+    weights = net.resident_weight_bytes()
+    with torch.inference_mode():
+        steps = {}
+        for gemv in ("folded", "persistent"):
+            fast = FastModel(net, backend="triton", gemv=gemv)
+            net.setup_cache(1, 16)
+            net.cache_k.zero_(), net.cache_v.zero_()
+            steps[gemv] = [fast.logits_last(torch.tensor([[3, 5]]), 0), fast.logits_last(torch.tensor([[7]]), 2)]
+            steps[gemv] += [fast.logits_last(torch.tensor([[tok]]), torch.tensor([p])) for p, tok in ((3, 1), (4, 9))]
+            steps[gemv] += [net.cache_k.clone(), net.cache_v.clone()]
+    for a, b in zip(steps["folded"], steps["persistent"]):
+        assert torch.equal(a, b)
+    assert fast._stack is not None and not fast.step_failed()
+    assert fast.qkv[0].packed.data_ptr() == fast._stack.qkv.data_ptr()  # re-pointed into the stack
+    assert net.layers[-1].mlp.down_proj.packed.data_ptr() == fast._stack.down[-1].data_ptr()
+    assert net.resident_weight_bytes() == weights
+    assert (fast._stack.attn_sub_norm is None) == (not sub_norms)
+
+
+@interp
+def test_wait_gives_up_into_the_error_flag():
+    # kernels._wait spins on a flag at most SPIN polls, then records the timeout instead of hanging the GPU; a
+    # GraphDecoder whose persistent step timed out refuses to go on
+    from bitnet158.runtime.fast import FastModel, FastPathError, GraphDecoder
+
+    tl = triton.language
+
+    @triton.jit
+    def waiter(flag, target, err, out):
+        kernels._wait(flag, target, err, 3)
+        tl.store(out, 7)
+
+    for target, want in ((2, 0), (3, 1)):
+        flag, err, out = torch.tensor([2], dtype=torch.int32), torch.zeros(1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
+        waiter[(1,)](flag, target, err, out)
+        assert (int(err), int(out)) == (want, 7)
+    fast = FastModel(tiny_model(layers=1).net, backend="triton", gemv="persistent")
+    fast._step_err = torch.ones(1, dtype=torch.int32)
+    with pytest.raises(FastPathError, match="timed out"):
+        list(GraphDecoder(fast, 16, use_graph=False).generate([3, 1], 2))
+
+
+def test_decode_layers_checks_its_inputs():
+    # a LayerStack of the wrong shape or dtype is refused before anything runs
+    d, nq, nkv, inter, n_layers = 64, 64, 32, 160, 2
+    i32, f32 = torch.int32, torch.float32
+    w = kernels.LayerStack(
+        torch.zeros(n_layers, nq + 2 * nkv, d // 16, dtype=i32), torch.ones(n_layers, nq + 2 * nkv),
+        torch.zeros(n_layers, d, nq // 16, dtype=i32), torch.ones(n_layers, d),
+        torch.zeros(n_layers, 2 * inter, d // 16, dtype=i32), torch.ones(n_layers, 2 * inter),
+        torch.zeros(n_layers, d, inter // 16, dtype=i32), torch.ones(n_layers, d),
+        torch.ones(n_layers, d), None, torch.ones(n_layers, d), torch.ones(n_layers, inter), 1e-5, True, 4, 2, 16,
+    )  # fmt: skip
+    assert kernels._layer_stack_shapes(w) == (n_layers, d, nq, inter)
+    for bad in (dict(o=w.o[:, :-1]), dict(down_scale=w.down_scale.double()), dict(mlp_sub_norm=torch.ones(n_layers, d)),
+                dict(qkv=w.qkv.float()), dict(n_kv=3)):  # fmt: skip
+        with pytest.raises(kernels.KernelShapeError, match="decode_layers"):
+            kernels._layer_stack_shapes(w._replace(**bad))
+    args = (torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), torch.zeros(61, d), torch.zeros(16, 16),
+            torch.zeros(16, 16), torch.zeros(n_layers, 1, 2, 16, 16), torch.zeros(n_layers, 1, 2, 16, 16), w,
+            torch.zeros(1, dtype=i32))  # fmt: skip
+    for at, bad, what in ((5, torch.zeros(n_layers + 1, 1, 2, 16, 16), "caches"), (3, torch.zeros(8, 16), "cos"),
+                          (8, torch.zeros(1, dtype=f32), "err"), (0, torch.zeros(2, dtype=torch.long), "tok")):  # fmt: skip
+        with pytest.raises(kernels.KernelShapeError, match=what):
+            kernels.decode_layers(*args[:at], bad, *args[at + 1 :])
+
+
+@interp
 def test_fast_model_int8_head_kernel_with_the_final_norm():
     # the triton backend's int8 head applies the final norm in its kernel: the same logits as the torch int8
     # arithmetic on the normed hidden state (the reference backend's)
@@ -839,6 +916,38 @@ def test_gpu_folded_kernels_and_argmax_in_a_graph():
 
 @gpu
 @needs_cuda
+def test_gpu_persistent_step_replays_exactly():
+    # gemv="persistent" on a GPU: a grid of programs on every multiprocessor, flags instead of kernel boundaries.
+    # Its graph step replayed 20 times at one position (idempotent: the same cache slot rewritten with the same
+    # bytes) gives the same logits bit for bit every time, which a missing barrier, release or acquire would break
+    # (METHOD.md: a race shows up as a replay that differs), no wait times out, and it agrees with gemv="folded"
+    # (the norms' sums may run in another order there: close, and the same greedy token)
+    from bitnet158.runtime.fast import FastModel
+
+    net = tiny_model(device="cuda", dtype=torch.bfloat16, seed=9, hidden=512, inter=1376, layers=4).net
+    tok, pos = torch.tensor([[5]], device="cuda"), torch.tensor([9], device="cuda")
+    with torch.inference_mode():
+        folded = FastModel(net, backend="triton", gemv="folded")
+        net.setup_cache(1, 64)
+        folded.logits_last(torch.tensor([list(range(1, 10))], device="cuda"), 0)  # fill positions 0-8
+        want = folded.logits_last(tok, pos)
+        fast = FastModel(net, backend="triton", gemv="persistent")
+        fast.logits_last(tok, pos)  # compile outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fast.logits_last(tok, pos)
+        graph.replay()
+        first = out.clone()
+        for rep in range(20):
+            graph.replay()
+            assert torch.equal(out, first), rep
+    assert not fast.step_failed()
+    torch.testing.assert_close(first, want, rtol=2e-2, atol=2e-2 * float(want.abs().max()))
+    assert int(first.argmax()) == int(want.argmax())
+
+
+@gpu
+@needs_cuda
 def test_gpu_decode_variants_follow_the_default():
     # every FastModel decode variant (attention kernel, fused / packed GEMVs, PDL, int8 head) runs in a CUDA graph; the
     # bf16-head ones give the first graph step's greedy tokens (torch attention, plain GEMVs), and without the
@@ -855,9 +964,10 @@ def test_gpu_decode_variants_follow_the_default():
         variants = [("triton", "plain", False, "bf16"), ("split", "plain", False, "bf16"), ("triton", "fused", False, "bf16"),
                     ("torch", "packed", False, "bf16"), ("triton", "packed", False, "bf16"), ("split", "packed", True, "bf16"),
                     ("split", "fused", True, "bf16"), ("torch", "packed", True, "bf16"), ("split", "packed", True, "int8"),
-                    ("split", "folded", True, "bf16"), ("torch", "folded", False, "bf16"), ("split", "folded", True, "int8")]  # fmt: skip
+                    ("split", "folded", True, "bf16"), ("torch", "folded", False, "bf16"), ("split", "folded", True, "int8"),
+                    ("split", "persistent", False, "bf16"), ("split", "persistent", True, "int8")]  # fmt: skip
         for attention, gemv, pdl, head in variants:
-            argmax = "triton" if gemv == "folded" else "torch"
+            argmax = "triton" if gemv in ("folded", "persistent") else "torch"
             fast = FastModel(model.net, backend="triton", attention=attention, gemv=gemv, pdl=pdl, head=head, argmax=argmax)
             got = list(GraphDecoder(fast, 64).generate(ids, 10))
             if attention == "torch":
