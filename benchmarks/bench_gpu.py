@@ -401,7 +401,7 @@ def parse_variant(spec: str) -> Variant:
 
 
 def parse_persistent_configs(spec: str | None) -> list[tuple[int, int, int]]:
-    """'rows,warps,per_sm;...' → kernels.decode_layers configs (default: kernels.PERSISTENT_CONFIG alone)."""
+    """'rows,warps,per_sm,replicate;...' → kernels.decode_layers configs (default: kernels.PERSISTENT_CONFIG alone)."""
     from bitnet158.runtime import kernels
 
     if not spec:
@@ -410,8 +410,8 @@ def parse_persistent_configs(spec: str | None) -> list[tuple[int, int, int]]:
         out = [tuple(int(x) for x in c.split(",")) for c in spec.split(";")]
     except ValueError:
         out = []
-    if not out or any(len(c) != 3 or min(c) < 1 for c in out):
-        raise SystemExit(f"--persistent-configs: bad {spec!r} (rows,warps,per_sm;... e.g. '16,8,1;8,8,1')")
+    if not out or any(len(c) != 4 or min(c[:3]) < 1 or c[3] not in (0, 1) for c in out):
+        raise SystemExit(f"--persistent-configs: bad {spec!r} (rows,warps,per_sm,replicate;... e.g. '16,8,1,0;16,8,1,1')")
     return out
 
 
@@ -419,7 +419,9 @@ def variant_name(v: Variant) -> str:
     parts = ["triton + CUDA graph"]
     if v.attention != "torch":
         parts.append("attention kernel" + (" (split)" if v.attention == "split" else ""))
-    if v.gemv != "plain":
+    if v.gemv == "persistent":
+        parts.append("persistent layers (one launch)")
+    elif v.gemv != "plain":
         parts.append(f"{v.gemv} GEMVs")
     if v.pdl:
         parts.append("PDL")
@@ -484,7 +486,7 @@ def run_variants(fast, prompt: list[int], args) -> None:
             configure(variant)
             if config is not None:
                 kernels.PERSISTENT_CONFIG = config
-                name += " [{} rows, {} warps, {}/SM]".format(*config) if len(configs) > 1 else ""
+                name += " [{} rows, {} warps, {}/SM{}]".format(*config[:3], ", replicated packing" if config[3] else "") if len(configs) > 1 else ""
             try:
                 dec = GraphDecoder(fast, max_seq, use_graph=graphs)
                 got = list(dec.generate(prompt, n_check))
@@ -884,8 +886,9 @@ def main() -> int:
     ap.add_argument("--variants", help="comma-separated graph variants to run, attention/gemv[/pdl][/int8][/argmax] or "
                     "default (e.g. torch/plain,default,split/folded/pdl/argmax); all of GRAPH_VARIANTS if not given")
     ap.add_argument("--no-eager", action="store_true", help="skip the eager baselines (reference, triton eager)")
-    ap.add_argument("--persistent-configs", help="launch configs of the persistent variants, rows,warps,per_sm;... "
-                    "(tile rows of the K = D matrices, warps, programs a multiprocessor; default kernels.PERSISTENT_CONFIG)")
+    ap.add_argument("--persistent-configs", help="launch configs of the persistent variants, rows,warps,per_sm,replicate;... "
+                    "(tile rows of the K = D matrices, warps, programs a multiprocessor, every program packing its "
+                    "inputs 0/1; default kernels.PERSISTENT_CONFIG)")
     ap.add_argument("--profile", action="store_true",
                     help="kernel times inside the default's graph step, and without PDL if that variant runs (torch.profiler)")
     ap.add_argument("--json", help="write all figures here")

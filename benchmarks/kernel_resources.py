@@ -130,11 +130,15 @@ def variants(quick: bool) -> list[tuple[str, object, dict, dict, dict]]:
     args = {n: next((t for k, t in kinds.items() if k in n), bf) for n in names}
     args.update(L=30, stride_kl=5 * 4096 * 128, stride_kh=4096 * 128, stride_ks=128, CHUNK=256, S=16, scale=128**-0.5, eps=1e-5)
     c_d, c_i = K.pack_act_launch(D // 16, False)[0], K.pack_act_launch(I // 16, True)[0]
-    for rows, warps in ((K.PERSISTENT_CONFIG[:2],) if quick else ((16, 8), (8, 8), (16, 4), (32, 8), (16, 16))):
-        const = dict(D=D, NQ=NQ, NKV=NKV, I=I, H=20, GROUP=4, DH=128, HALF=64, NF=29, ATTN_SUB=True, MLP_SUB=True, RELU2=True,
+    layer_cfgs = [(*K.PERSISTENT_CONFIG[:2], r) for r in (0, 1)]
+    if not quick:
+        layer_cfgs += [(rows, warps, r) for rows, warps in ((8, 8), (16, 4), (32, 8), (16, 16)) for r in (0, 1)]
+    for rows, warps, replicate in layer_cfgs:
+        const = dict(REPLICATE=bool(replicate), D=D, NQ=NQ, NKV=NKV, I=I, H=20, GROUP=4, DH=128, HALF=64, NF=29, ATTN_SUB=True, MLP_SUB=True, RELU2=True,
                      BN_QKV=rows, BN_O=rows, BN_GU=rows, BN_D=max(1, rows * c_d // c_i), BW_D=c_d, BW_Q=c_d, BW_I=c_i,
                      C_D=c_d, C_Q=c_d, C_I=c_i, BLOCK_N_ATT=64, BLOCK_S=16, BLOCK_D=128, ON_GPU=True, SPIN=1 << 22)  # fmt: skip
-        out.append((f"decode_layers {rows} rows w{warps}", K._decode_layers_kernel, args, const, {"num_warps": warps}))
+        label = f"decode_layers {rows} rows w{warps}{' replicate' if replicate else ''}"
+        out.append((label, K._decode_layers_kernel, args, const, {"num_warps": warps}))
     # the kernels that take programmatic dependent launch (FastModel(pdl=True)), once per variant with it on
     seen = set()
     for label, fn, a, const, opts in list(out):

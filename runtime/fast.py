@@ -36,7 +36,9 @@ What it changes, and why:
       every layer (and the embedding row) runs in one launch, ``kernels.decode_layers``: a persistent grid of a
       program or so a multiprocessor, where a flag replaces each kernel boundary and each phase's weights are
       fetched before its wait. Its weights are stacked over the layers once, on first use (the BitLinears and
-      norms re-pointed at their slices: no second copy). Prefill and host-position steps run "folded".
+      norms re-pointed at their slices: no second copy). Prefill and host-position steps run "folded". Its launch
+      config, including how each GEMV input is handed over (packed once by the last program of the phase before,
+      or by every program for itself), is ``kernels.PERSISTENT_CONFIG``.
   - ``pdl=True`` (default) launches those kernels, the attention kernels and the int8 head with programmatic
     dependent launch (sm_90+; ignored elsewhere), so that each launch overlaps the end of the kernel before it.
   - ``argmax="triton"`` (not yet measured): the greedy step's argmax over the vocabulary as one launch

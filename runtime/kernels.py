@@ -38,6 +38,9 @@ Kernels
 - ``decode_attention``: rope, the KV-cache write and the attention of one decode token, one kernel or split over
   chunks of the cache plus a combine (flash-decoding).
 - ``argmax``: the greedy step's argmax in one launch (block maxima, then the last program reduces them).
+- ``decode_layers`` (FastModel(gemv="persistent")): every decoder layer of a decode step in one persistent launch,
+  the folded step's kernels as phases of work items and flags in place of kernel boundaries (``_wait`` /
+  ``_arrive`` / ``_signal``), each phase's weights in flight before its wait.
 - ``bitlinear_op`` / ``head_int8_op``: the same as torch.library custom ops, opaque to torch.compile.
 
 ``pdl=True`` (the decode-step kernels): programmatic dependent launch on sm_90+, see ``_pdl_enter``.
@@ -594,16 +597,17 @@ def _attn_split(
     NQ, NKV, stride_ks, scale, S, n_heads, cnt_ptr, p_nw_ptr, p_xq_ptr, p_s_ptr, p_qs_ptr, P_K16, p_eps, ready_ptr,
     GROUP: tl.constexpr, DH: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
     FOLD: tl.constexpr, P_NORM: tl.constexpr, P_BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-    ON_GPU: tl.constexpr, CG: tl.constexpr, SIGNAL: tl.constexpr,
+    ON_GPU: tl.constexpr, CG: tl.constexpr, HANDOFF: tl.constexpr,
 ):  # fmt: skip
     # split s of query head h after _attn_prefetch: rope of q and k, the k/v write into the cache at pos (split 0 of
     # the group's first head), then softmax(q·kᵀ · scale) · v over keys lo .. hi − 1 with an online softmax in
     # fp32; split 0 also counts the new token itself, from registers. SPLIT: the partial (max m, sum l, Σ p·v
     # [DH]) goes to pm/pl/pacc [H, S(, DH)] for _combine_head (flash-decoding); else one split covers every key and
     # y is written here. FOLD (with SPLIT): the last split of head h to finish (counter cnt_ptr[h]) combines head
-    # h, and the last of the n_heads heads (counter cnt_ptr[n_heads]) packs y for the o projection (_pack_row,
-    # the sub-norm with P_NORM) into p_xq / p_s / p_qs, then with SIGNAL sets ready_ptr (_signal). CG: qkv was
-    # written by other programs of the same launch (decode_layers)
+    # h. Then by HANDOFF: "pack": the last of the n_heads heads (counter cnt_ptr[n_heads]) packs y for the o
+    # projection (_pack_row, the sub-norm with P_NORM) into p_xq / p_s / p_qs; "signal": the same, then it sets
+    # ready_ptr (_signal); "count": each head arrives on cnt_ptr[n_heads] and the o projection's programs pack y
+    # themselves (decode_layers' REPLICATE). CG: qkv was written by other programs of the same launch
     kvh = h // GROUP
     dt = qkv_ptr.dtype.element_ty
     cm: tl.constexpr = ".cg" if CG else ""
@@ -648,10 +652,12 @@ def _attn_split(
         if FOLD:
             if _last_arrival(cnt_ptr + h, S):
                 _combine_head(pm_ptr, pl_ptr, pacc_ptr, y_ptr, h, S, DH, BLOCK_S, BLOCK_D, True)
-                if _last_arrival(cnt_ptr + n_heads, n_heads):
+                if HANDOFF == "count":
+                    _arrive(cnt_ptr + n_heads)
+                elif _last_arrival(cnt_ptr + n_heads, n_heads):
                     _pack_row(y_ptr, p_nw_ptr, p_xq_ptr, p_s_ptr, p_qs_ptr, NQ, P_K16, p_eps, False, P_NORM, False,
                               P_BLOCK_C, ON_GPU, True)  # fmt: skip
-                    if SIGNAL:
+                    if HANDOFF == "signal":
                         _signal(ready_ptr)
     else:
         tl.store(y_ptr + h * DH + offs, (acc_lo / l).to(dt), mask=ok)
@@ -686,7 +692,7 @@ def _decode_attention_kernel(
     _attn_split(qkv_ptr, rope, cache_k, cache_v, kv_first, pos, h, s, lo, hi, y_ptr, pm_ptr, pl_ptr, pacc_ptr, NQ, NKV,
                 stride_ks, scale, S, tl.num_programs(0), cnt_ptr, p_nw_ptr, p_xq_ptr, p_s_ptr, p_qs_ptr, P_K16, p_eps,
                 cnt_ptr, GROUP, DH, HALF, BLOCK_N, SPLIT, FOLD, P_NORM, P_BLOCK_C, BLOCK_S, BLOCK_D, ON_GPU, False,
-                False)  # fmt: skip
+                "pack")  # fmt: skip
 
 
 @triton.jit
@@ -722,21 +728,28 @@ def _argmax_kernel(x_ptr, N, pv_ptr, pi_ptr, cnt_ptr, out_ptr, BLOCK: tl.constex
 
 @triton.jit
 def _gemv_phase(
-    pid, P, wait_ptr, wait_for, err_ptr, xq_row, s_ptr, qs_ptr, w_ptr, scale_ptr, res_ptr, y_ptr, N, K16,
-    cnt_ptr, ready_ptr, p_nw_ptr, p_xq_ptr, p_s_ptr, p_qs_ptr, P_K, P_K16, p_eps, pack_on,
+    pid, P, wait_ptr, wait_for, err_ptr, xq_row, s_ptr, qs_ptr, x_row, x_nw, X_K, X_K16, eps,
+    w_ptr, scale_ptr, res_ptr, y_ptr, N, K16, cnt_ptr, ready_ptr, p_nw_ptr, p_xq_ptr, p_s_ptr, p_qs_ptr, P_K, P_K16,
+    pack_on, X_ACT: tl.constexpr, X_NORM: tl.constexpr, X_RELU2: tl.constexpr, X_BLOCK_C: tl.constexpr,
     HAS_RES: tl.constexpr, PACK: tl.constexpr, P_ACT: tl.constexpr, P_NORM: tl.constexpr, P_RELU2: tl.constexpr,
-    P_BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, ON_GPU: tl.constexpr, SPIN: tl.constexpr,
+    P_BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, REPLICATE: tl.constexpr,
+    ON_GPU: tl.constexpr, SPIN: tl.constexpr,
 ):  # fmt: skip
     # one GEMV of decode_layers: items of BLOCK_N rows of w [N, K16] (per-row scales) times the packed row xq_row /
     # s / qs, program pid taking items pid, pid + P, ...; y [N] (+ res, in place when res is y). Each item's
     # weights are fetched before the previous item's math, the first before the wait on wait_ptr ≥ wait_for (the
-    # input is ready). Each item arrives on cnt_ptr; with PACK the last one packs y for the next GEMV (_pack_row with
-    # the P_* options) and sets ready_ptr, unless pack_on is false (the last layer).
+    # input is ready). REPLICATE: the input is not packed yet; after the wait the program packs the raw row x_row
+    # itself (_pack_row with the X_* options) into its own xq_row / s / qs, and each item just arrives on cnt_ptr.
+    # Else each item arrives on cnt_ptr and, with PACK, the last one packs y for the next GEMV (_pack_row with the
+    # P_* options) and sets ready_ptr, unless pack_on is false (the last layer).
     n_items = tl.cdiv(N, BLOCK_N)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     wt = _weight_tile(w_ptr + rows.to(tl.int64)[:, None] * K16, rows < N, 0, K16, BLOCK_W)  # nothing when pid ≥ n_items
     if pid < n_items:
         _wait(wait_ptr, wait_for, err_ptr, SPIN)
+        if REPLICATE:
+            _pack_row(x_row, x_nw, xq_row, s_ptr, qs_ptr, X_K, X_K16, eps, X_ACT, X_NORM, X_RELU2, X_BLOCK_C, ON_GPU, True)
+            tl.debug_barrier()  # the program's own packed row, written by all its threads, before any reads it
     s = tl.load(s_ptr, cache_modifier=".cg")
     qs = tl.load(qs_ptr, cache_modifier=".cg")
     for it in range(pid, n_items, P):
@@ -747,9 +760,9 @@ def _gemv_phase(
         wt_next = _weight_tile(w_ptr + nxt.to(tl.int64)[:, None] * K16, nxt < N, 0, K16, BLOCK_W)
         dot = _packed_dot(xq_row, w_rows, row_ok, wt, K16, BLOCK_N, BLOCK_W, ON_GPU, True) - qs
         _gemv_store(dot, s, tl.cast(0, tl.int32), rows, row_ok, scale_ptr, res_ptr, y_ptr, 0, 0, True, HAS_RES, True)
-        if PACK:
+        if PACK and not REPLICATE:
             if _last_arrival(cnt_ptr, n_items) & pack_on:
-                _pack_row(y_ptr, p_nw_ptr, p_xq_ptr, p_s_ptr, p_qs_ptr, P_K, P_K16, p_eps, P_ACT, P_NORM, P_RELU2,
+                _pack_row(y_ptr, p_nw_ptr, p_xq_ptr, p_s_ptr, p_qs_ptr, P_K, P_K16, eps, P_ACT, P_NORM, P_RELU2,
                           P_BLOCK_C, ON_GPU, True)  # fmt: skip
                 _signal(ready_ptr)
         else:
@@ -768,11 +781,11 @@ def _decode_layers_kernel(
     RELU2: tl.constexpr, BN_QKV: tl.constexpr, BN_O: tl.constexpr, BN_GU: tl.constexpr, BN_D: tl.constexpr,
     BW_D: tl.constexpr, BW_Q: tl.constexpr, BW_I: tl.constexpr, C_D: tl.constexpr, C_Q: tl.constexpr,
     C_I: tl.constexpr, BLOCK_N_ATT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-    ON_GPU: tl.constexpr, SPIN: tl.constexpr,
+    REPLICATE: tl.constexpr, ON_GPU: tl.constexpr, SPIN: tl.constexpr,
 ):  # fmt: skip
     # The decode step's L layers in one launch (decode_layers): FastModel(gemv="folded")'s five kernels a layer as
     # phases of one persistent grid of P programs, each kernel boundary a flag in flags_ptr [L, NF] (zero before the
-    # launch): per layer 0 input packed, 1 q/k/v rows done (count), 2 attention output packed, 3 o arrivals, 4 o
+    # launch): per layer 0 input ready, 1 q/k/v rows done (count), 2 attention output packed, 3 o arrivals, 4 o
     # output packed, 5 gate|up arrivals, 6 gate|up output packed, 7 down arrivals, 8 .. 8 + H − 1 splits done per
     # head, 8 + H heads combined. Work items are numbered in dependency order (layer, phase, item) and program
     # pid takes items pid, pid + P, ... of each phase in that order, so an item only waits on items numbered
@@ -782,6 +795,11 @@ def _decode_layers_kernel(
     # the chain of flags, on every item of the layer before. The per-layer weights are [L, ...] stacks (one layer
     # a stride apart), the caches [L, B, Hkv, S, Dh] (batch row 0). Every read of another program's output goes
     # through L2 (CG), after the acquire of its _wait.
+    # Two handoffs at the four boundaries where the folded step packs: the last program to finish a phase packs
+    # the next GEMV's input and signals it (flags 0, 2, 4, 6); or with REPLICATE every program of the next phase
+    # waits for the count of finished items (flags 3, 5, 8 + H, and 0 = the down rows of the layer before) and
+    # packs the row itself into its own row of the packed buffers ([P, 4, K16]): the same work on every
+    # multiprocessor at once, one handoff and one L2 round trip less on the chain.
     pid = tl.program_id(0)
     P = tl.num_programs(0)
     K16D: tl.constexpr = (D + 15) // 16
@@ -789,21 +807,34 @@ def _decode_layers_kernel(
     K16I: tl.constexpr = (I + 15) // 16
     NQKV: tl.constexpr = NQ + 2 * NKV
     n_qkv = tl.cdiv(NQKV, BN_QKV)
-    if pid == 0:  # item 0: the token's embedding row into x, and layer 0's packed input
+    n_o = tl.cdiv(D, BN_O)
+    n_gu = tl.cdiv(2 * I, BN_GU)
+    n_d = tl.cdiv(D, BN_D)
+    mine = pid if REPLICATE else 0  # this program's row of the packed-input buffers
+    in_xq, in_s, in_qs = in_xq + mine * (4 * K16D), in_s + mine, in_qs + mine
+    o_xq, o_s, o_qs = o_xq + mine * (4 * K16Q), o_s + mine, o_qs + mine
+    gu_xq, gu_s, gu_qs = gu_xq + mine * (4 * K16D), gu_s + mine, gu_qs + mine
+    d_xq, d_s, d_qs = d_xq + mine * (4 * K16I), d_s + mine, d_qs + mine
+    if pid == 0:  # item 0: the token's embedding row into x (and, packing once, layer 0's packed input)
         row = embed_ptr + tl.load(tok_ptr).to(tl.int64) * D
         offs = tl.arange(0, C_D * 16)
         tl.store(x_ptr + offs, tl.load(row + offs, mask=offs < D), mask=offs < D)
-        _pack_row(row, nw_attn, in_xq, in_s, in_qs, D, K16D, eps, False, True, False, C_D, ON_GPU, False)
-        _signal(flags_ptr)
+        if REPLICATE:
+            _arrive(flags_ptr)
+        else:
+            _pack_row(row, nw_attn, in_xq, in_s, in_qs, D, K16D, eps, False, True, False, C_D, ON_GPU, False)
+            _signal(flags_ptr)
     pos = tl.load(pos_ptr)
     for layer in range(L):
         fl = flags_ptr + layer * NF
         lw = tl.cast(layer, tl.int64)  # a Python int under the interpreter
-        # q/k/v of the packed normed input
-        _gemv_phase(pid, P, fl, 1, err_ptr, in_xq, in_s, in_qs, w_qkv + lw * NQKV * K16D, sc_qkv + lw * NQKV, qkv_ptr,
-                    qkv_ptr, NQKV, K16D, fl + 1, fl, nw_attn, in_xq, in_s, in_qs, D, K16D, eps, False,
-                    False, False, False, False, False, C_D, BN_QKV, BW_D, ON_GPU, SPIN)  # fmt: skip
-        # attention: H × S splits, the last split of a head combines it, the last head packs y (sub-norm) for o
+        # q/k/v of the normed input
+        in_for = tl.where(layer == 0, 1, n_d) if REPLICATE else 1
+        _gemv_phase(pid, P, fl, in_for, err_ptr, in_xq, in_s, in_qs, x_ptr, nw_attn + lw * D, D, K16D, eps,
+                    w_qkv + lw * NQKV * K16D, sc_qkv + lw * NQKV, qkv_ptr, qkv_ptr, NQKV, K16D, fl + 1, fl, nw_attn,
+                    in_xq, in_s, in_qs, D, K16D, False, False, True, False, C_D,
+                    False, False, False, False, False, C_D, BN_QKV, BW_D, REPLICATE, ON_GPU, SPIN)  # fmt: skip
+        # attention: H × S splits, the last split of a head combines it, then the handoff of y to o
         for it in range(pid, H * S, P):
             h = it // S
             s = it % S
@@ -817,19 +848,25 @@ def _decode_layers_kernel(
             _attn_split(qkv_ptr, rope, cache_k, cache_v, kv_first, pos, h, s, lo, hi, y_ptr, pm_ptr, pl_ptr, pacc_ptr,
                         NQ, NKV, stride_ks, scale, S, H, fl + 8, nw_attn_sub + lw * NQ, o_xq, o_s, o_qs, K16Q, eps,
                         fl + 2, GROUP, DH, HALF, BLOCK_N_ATT, True, True, ATTN_SUB, C_Q, BLOCK_S, BLOCK_D, ON_GPU,
-                        True, True)  # fmt: skip
-        # h = x + o(y), in place; packs mlp_norm(h) for gate|up
-        _gemv_phase(pid, P, fl + 2, 1, err_ptr, o_xq, o_s, o_qs, w_o + lw * D * K16Q, sc_o + lw * D, x_ptr, x_ptr, D,
-                    K16Q, fl + 3, fl + 4, nw_mlp + lw * D, gu_xq, gu_s, gu_qs, D, K16D, eps, True,
-                    True, True, False, True, False, C_D, BN_O, BW_Q, ON_GPU, SPIN)  # fmt: skip
-        # gate | up; packs sub_norm(act(gate) · up) for down
-        _gemv_phase(pid, P, fl + 4, 1, err_ptr, gu_xq, gu_s, gu_qs, w_gu + lw * 2 * I * K16D, sc_gu + lw * 2 * I,
-                    gu_ptr, gu_ptr, 2 * I, K16D, fl + 5, fl + 6, nw_mlp_sub + lw * I, d_xq, d_s, d_qs, I, K16I, eps,
-                    True, False, True, True, MLP_SUB, RELU2, C_I, BN_GU, BW_D, ON_GPU, SPIN)  # fmt: skip
-        # x = h + down(...), in place; packs the next layer's attn_norm(x) and sets its flag 0
-        _gemv_phase(pid, P, fl + 6, 1, err_ptr, d_xq, d_s, d_qs, w_d + lw * D * K16I, sc_d + lw * D, x_ptr, x_ptr, D,
-                    K16I, fl + 7, fl + NF, nw_attn + (lw + 1) * D, in_xq, in_s, in_qs, D, K16D, eps, layer + 1 < L,
-                    True, True, False, True, False, C_D, BN_D, BW_I, ON_GPU, SPIN)  # fmt: skip
+                        True, "count" if REPLICATE else "signal")  # fmt: skip
+        # h = x + o(sub_norm(y)), in place; then mlp_norm(h) for gate|up
+        o_wait, o_for = (fl + 8 + H, H) if REPLICATE else (fl + 2, 1)
+        _gemv_phase(pid, P, o_wait, o_for, err_ptr, o_xq, o_s, o_qs, y_ptr, nw_attn_sub + lw * NQ, NQ, K16Q, eps,
+                    w_o + lw * D * K16Q, sc_o + lw * D, x_ptr, x_ptr, D, K16Q, fl + 3, fl + 4, nw_mlp + lw * D,
+                    gu_xq, gu_s, gu_qs, D, K16D, True, False, ATTN_SUB, False, C_Q,
+                    True, True, False, True, False, C_D, BN_O, BW_Q, REPLICATE, ON_GPU, SPIN)  # fmt: skip
+        # gate | up of mlp_norm(h); then sub_norm(act(gate) · up) for down
+        gu_wait, gu_for = (fl + 3, n_o) if REPLICATE else (fl + 4, 1)
+        _gemv_phase(pid, P, gu_wait, gu_for, err_ptr, gu_xq, gu_s, gu_qs, x_ptr, nw_mlp + lw * D, D, K16D, eps,
+                    w_gu + lw * 2 * I * K16D, sc_gu + lw * 2 * I, gu_ptr, gu_ptr, 2 * I, K16D, fl + 5, fl + 6,
+                    nw_mlp_sub + lw * I, d_xq, d_s, d_qs, I, K16I, True, False, True, False, C_D,
+                    False, True, True, MLP_SUB, RELU2, C_I, BN_GU, BW_D, REPLICATE, ON_GPU, SPIN)  # fmt: skip
+        # x = h + down(...), in place; then the next layer's attn_norm(x) (flag 0 of the next layer)
+        d_wait, d_for, d_cnt = (fl + 5, n_gu, fl + NF) if REPLICATE else (fl + 6, 1, fl + 7)
+        _gemv_phase(pid, P, d_wait, d_for, err_ptr, d_xq, d_s, d_qs, gu_ptr, nw_mlp_sub + lw * I, I, K16I, eps,
+                    w_d + lw * D * K16I, sc_d + lw * D, x_ptr, x_ptr, D, K16I, d_cnt, fl + NF, nw_attn + (lw + 1) * D,
+                    in_xq, in_s, in_qs, D, K16D, layer + 1 < L, True, MLP_SUB, RELU2, C_I,
+                    True, True, False, True, False, C_D, BN_D, BW_I, REPLICATE, ON_GPU, SPIN)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -1483,9 +1520,10 @@ class LayerStack(NamedTuple):
     head_dim: int
 
 
-# decode_layers' launch: rows of a tile for the K = D matrices (the others keep its size in words), warps, and
-# programs a multiprocessor (capped by what fits: every program must be resident, _decode_layers_kernel)
-PERSISTENT_CONFIG = (16, 8, 1)
+# decode_layers' launch: rows of a tile for the K = D matrices (the others keep its size in words), warps,
+# programs a multiprocessor (capped by what fits: every program must be resident, _decode_layers_kernel), and the
+# handoff at the packing boundaries (0: the last program packs and signals; 1: REPLICATE, every program packs)
+PERSISTENT_CONFIG = (16, 8, 1, 0)
 
 
 def _layer_stack_shapes(w: LayerStack) -> tuple[int, int, int, int]:
@@ -1542,8 +1580,8 @@ def decode_layers(
     embed [V, D]; cos / sin [S, Dh] (the whole rope tables); caches [L, B, Hkv, S, Dh] with contiguous rows (batch
     row 0 is used); ``w`` the stacked weights; ``err`` int32 [1]: set to 1 if a wait timed out (a program was
     not resident, or a flag was never set), which the caller checks: the output is wrong then, not the GPU hung.
-    ``config`` = (rows of a K = D tile, warps, programs a multiprocessor), default ``PERSISTENT_CONFIG``; the
-    interpreter runs one program."""
+    ``config`` = (rows of a K = D tile, warps, programs a multiprocessor, replicate 0 / 1), default
+    ``PERSISTENT_CONFIG``; the interpreter runs one program."""
     n_layers, d, nq, inter = _layer_stack_shapes(w)
     nkv, dh = w.n_kv * w.head_dim, w.head_dim
     dev = embed.device
@@ -1560,7 +1598,7 @@ def decode_layers(
         raise KernelShapeError(f"decode_layers: cos / sin must be [{slots}, {dh}] contiguous, got {tuple(cos.shape)}")
     if err.dtype != torch.int32 or err.numel() != 1 or err.device != dev:
         raise KernelShapeError("decode_layers: err must be int32 [1] on the model's device")
-    rows, warps, per_sm = config or PERSISTENT_CONFIG
+    rows, warps, per_sm, replicate = config or PERSISTENT_CONFIG
     block_n, chunk, n_split = _attention_splits(slots)
     dt = embed.dtype
     x = torch.empty((1, d), dtype=dt, device=dev)
@@ -1570,33 +1608,37 @@ def decode_layers(
     pm = torch.empty((w.n_heads, n_split), dtype=torch.float32, device=dev)
     pl = torch.empty_like(pm)
     pacc = torch.empty((w.n_heads, n_split, dh), dtype=torch.float32, device=dev)
-    acts = [PackedAct.empty(1, k, dev) for k in (d, nq, d, inter)]  # inputs of q/k/v, o, gate|up, down
     nf = 9 + w.n_heads
-    flags = torch.zeros((n_layers, nf), dtype=torch.int32, device=dev)
+    flags = torch.zeros((n_layers + 1, nf), dtype=torch.int32, device=dev)  # + the row the last down rows count on
     bw = {k: triton.next_power_of_2((k + 15) // 16) for k in (d, nq, inter)}  # whole-row tiles
     tile = rows * bw[d]  # words a tile, kept for the other K
-    args = (tok, pos, embed, cos, sin, cache_k, cache_v, x, qkv, y, gu, pm, pl, pacc,
-            *(t for a in acts for t in a[:3]),
-            w.qkv, w.qkv_scale, w.o, w.o_scale, w.gate_up, w.gate_up_scale, w.down, w.down_scale,
-            w.attn_norm, w.attn_sub_norm if w.attn_sub_norm is not None else w.attn_norm, w.mlp_norm,
-            w.mlp_sub_norm if w.mlp_sub_norm is not None else w.mlp_norm, flags, err,
-            n_layers, cache_k.stride(0), cache_k.stride(2), cache_k.stride(3), chunk, n_split, dh**-0.5, w.eps)  # fmt: skip
+
+    def args(act_rows: int) -> tuple:
+        # the kernel's arguments, with packed inputs of q/k/v, o, gate|up and down (xq, s, qsum each) of act_rows
+        # rows: one shared, or with REPLICATE one a program
+        acts = (t for k in (d, nq, d, inter) for t in PackedAct.empty(act_rows, k, dev)[:3])
+        return (tok, pos, embed, cos, sin, cache_k, cache_v, x, qkv, y, gu, pm, pl, pacc, *acts,
+                w.qkv, w.qkv_scale, w.o, w.o_scale, w.gate_up, w.gate_up_scale, w.down, w.down_scale,
+                w.attn_norm, w.attn_sub_norm if w.attn_sub_norm is not None else w.attn_norm, w.mlp_norm,
+                w.mlp_sub_norm if w.mlp_sub_norm is not None else w.mlp_norm, flags, err,
+                n_layers, cache_k.stride(0), cache_k.stride(2), cache_k.stride(3), chunk, n_split, dh**-0.5, w.eps)  # fmt: skip
+
     meta = dict(
         D=d, NQ=nq, NKV=nkv, I=inter, H=w.n_heads, GROUP=w.n_heads // w.n_kv, DH=dh,
         HALF=triton.next_power_of_2(dh // 2), NF=nf, ATTN_SUB=w.attn_sub_norm is not None,
         MLP_SUB=w.mlp_sub_norm is not None, RELU2=w.relu2, BN_QKV=rows, BN_O=max(1, tile // bw[nq]), BN_GU=rows,
         BN_D=max(1, tile // bw[inter]), BW_D=bw[d], BW_Q=bw[nq], BW_I=bw[inter], C_D=bw[d], C_Q=bw[nq],
         C_I=bw[inter], BLOCK_N_ATT=block_n, BLOCK_S=triton.next_power_of_2(n_split),
-        BLOCK_D=triton.next_power_of_2(dh), ON_GPU=not _INTERPRET, num_warps=warps,
+        BLOCK_D=triton.next_power_of_2(dh), REPLICATE=bool(replicate), ON_GPU=not _INTERPRET, num_warps=warps,
     )  # fmt: skip
     if _INTERPRET or not embed.is_cuda:
         programs, spin = 1, 1  # one program: every wait is met when it is reached, or never
     else:
         spin = 1 << 22  # polls before a wait gives up (seconds)
-        compiled = _decode_layers_kernel.warmup(*args, **meta, SPIN=spin, grid=(1,))
-        fit = _resident_per_sm(dev.index or 0, compiled.n_regs, compiled.metadata.shared, warps)
-        if fit < 1:
-            raise KernelShapeError(f"decode_layers: a program does not fit on a multiprocessor ({compiled.n_regs} registers a thread)")
-        programs = torch.cuda.get_device_properties(dev).multi_processor_count * min(per_sm, fit)
-    _decode_layers_kernel[(programs,)](*args, **meta, SPIN=spin)
+        if per_sm > 1:  # one program a multiprocessor always fits; more only as far as registers etc. allow
+            compiled = _decode_layers_kernel.warmup(*args(1), **meta, SPIN=spin, grid=(1,))
+            compiled._init_handles()  # loads the binary: n_regs
+            per_sm = max(1, min(per_sm, _resident_per_sm(dev.index or 0, compiled.n_regs, compiled.metadata.shared, warps)))
+        programs = torch.cuda.get_device_properties(dev).multi_processor_count * per_sm
+    _decode_layers_kernel[(programs,)](*args(programs if replicate else 1), **meta, SPIN=spin)
     return x

@@ -54,13 +54,15 @@ def test_variant_specs_parse(bench):
     assert len(specs) >= 4
     for spec in specs:
         bench.parse_variant(spec)
+    configs = [line.split('--persistent-configs "')[1].split('"')[0] for line in script.splitlines() if "--persistent-configs" in line]
+    assert configs and all(bench.parse_persistent_configs(c) for c in configs)
 
 
 def test_persistent_configs_parse(bench):
     from bitnet158.runtime import kernels
 
     assert bench.parse_persistent_configs(None) == [kernels.PERSISTENT_CONFIG]
-    assert bench.parse_persistent_configs("16,8,1;8,8,2") == [(16, 8, 1), (8, 8, 2)]
-    for bad in ("16,8", "16,8,0", "a,b,c", "16,8,1;"):
+    assert bench.parse_persistent_configs("16,8,1,0;8,8,2,1") == [(16, 8, 1, 0), (8, 8, 2, 1)]
+    for bad in ("16,8,1", "16,8,0,0", "16,8,1,2", "a,b,c,d", "16,8,1,0;"):
         with pytest.raises(SystemExit):
             bench.parse_persistent_configs(bad)

@@ -646,14 +646,16 @@ def test_fast_model_folded_step_equals_packed():
 
 
 @interp
-@pytest.mark.parametrize("layers,relu2,sub_norms", [(2, True, True), (1, False, False)])
-def test_fast_model_persistent_step_equals_folded(layers, relu2, sub_norms):
+@pytest.mark.parametrize("layers,relu2,sub_norms,replicate", [(2, True, True, 0), (2, True, True, 1), (1, False, False, 1)])
+def test_fast_model_persistent_step_equals_folded(layers, relu2, sub_norms, replicate, monkeypatch):
     # gemv="persistent" runs the graph step's layers in one launch (kernels.decode_layers, one program under the
-    # interpreter): the same logits and cache bytes as gemv="folded", bit for bit, at consecutive positions after a
-    # prefill and a host-position step (which run the folded path); the stacked weights are the network's own
-    # (re-pointed views, nothing held twice), and no wait timed out
+    # interpreter), with either handoff (the last program packs, or every program packs: replicate): the same
+    # logits and cache bytes as gemv="folded", bit for bit, at consecutive positions after a prefill and a
+    # host-position step (which run the folded path); the stacked weights are the network's own (re-pointed views,
+    # nothing held twice), and no wait timed out
     from bitnet158.runtime.fast import FastModel
 
+    monkeypatch.setattr(kernels, "PERSISTENT_CONFIG", (*kernels.PERSISTENT_CONFIG[:3], replicate))
     net = tiny_model(layers=layers, seed=6, relu2=relu2, sub_norms=sub_norms).net
     weights = net.resident_weight_bytes()
     with torch.inference_mode():
@@ -916,7 +918,8 @@ def test_gpu_folded_kernels_and_argmax_in_a_graph():
 
 @gpu
 @needs_cuda
-def test_gpu_persistent_step_replays_exactly():
+@pytest.mark.parametrize("replicate", [0, 1])
+def test_gpu_persistent_step_replays_exactly(replicate, monkeypatch):
     # gemv="persistent" on a GPU: a grid of programs on every multiprocessor, flags instead of kernel boundaries.
     # Its graph step replayed 20 times at one position (idempotent: the same cache slot rewritten with the same
     # bytes) gives the same logits bit for bit every time, which a missing barrier, release or acquire would break
@@ -924,6 +927,7 @@ def test_gpu_persistent_step_replays_exactly():
     # (the norms' sums may run in another order there: close, and the same greedy token)
     from bitnet158.runtime.fast import FastModel
 
+    monkeypatch.setattr(kernels, "PERSISTENT_CONFIG", (*kernels.PERSISTENT_CONFIG[:3], replicate))
     net = tiny_model(device="cuda", dtype=torch.bfloat16, seed=9, hidden=512, inter=1376, layers=4).net
     tok, pos = torch.tensor([[5]], device="cuda"), torch.tensor([9], device="cuda")
     with torch.inference_mode():
