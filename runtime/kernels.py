@@ -351,12 +351,16 @@ def _signal(flag_ptr):
 def _wait(flag_ptr, target, err_ptr, SPIN: tl.constexpr):
     # spin until the int32 *flag_ptr ≥ target (acquire: the writes counted there are then visible to this
     # program, read through L2), at most SPIN polls: past that, record the timeout in *err_ptr (the host checks it;
-    # a wrong result, not a hung GPU) and go on
+    # a wrong result, not a hung GPU) and go on. Every 256 polls it also reads *err_ptr, so that once one wait has
+    # given up the others of the launch give up within a few hundred polls, not SPIN each
     n = 0
+    failed = 0
     v = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="gpu")
-    while (v < target) & (n < SPIN):
+    while (v < target) & (n < SPIN) & (failed == 0):
         v = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="gpu")
         n += 1
+        if n % 256 == 0:
+            failed = tl.load(err_ptr, volatile=True)
     if v < target:
         tl.store(err_ptr, 1)
     tl.debug_barrier()
@@ -1634,7 +1638,7 @@ def decode_layers(
     if _INTERPRET or not embed.is_cuda:
         programs, spin = 1, 1  # one program: every wait is met when it is reached, or never
     else:
-        spin = 1 << 22  # polls before a wait gives up (seconds)
+        spin = 1 << 21  # polls before a wait gives up (about a second)
         if per_sm > 1:  # one program a multiprocessor always fits; more only as far as registers etc. allow
             compiled = _decode_layers_kernel.warmup(*args(1), **meta, SPIN=spin, grid=(1,))
             compiled._init_handles()  # loads the binary: n_regs

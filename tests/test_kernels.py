@@ -685,13 +685,15 @@ def test_wait_gives_up_into_the_error_flag():
     tl = triton.language
 
     @triton.jit
-    def waiter(flag, target, err, out):
-        kernels._wait(flag, target, err, 3)
+    def waiter(flag, target, err, out, SPIN: tl.constexpr):
+        kernels._wait(flag, target, err, SPIN)
         tl.store(out, 7)
 
-    for target, want in ((2, 0), (3, 1)):
-        flag, err, out = torch.tensor([2], dtype=torch.int32), torch.zeros(1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
-        waiter[(1,)](flag, target, err, out)
+    # met; never met (gives up after 3 polls); never met with an earlier wait's failure already recorded (gives up
+    # at its first look at the error flag, 256 polls, not SPIN)
+    for target, err0, spin, want in ((2, 0, 3, 0), (3, 0, 3, 1), (3, 1, 1 << 30, 1)):
+        flag, err, out = torch.tensor([2], dtype=torch.int32), torch.tensor([err0], dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
+        waiter[(1,)](flag, target, err, out, spin)
         assert (int(err), int(out)) == (want, 7)
     fast = FastModel(tiny_model(layers=1).net, backend="triton", gemv="persistent")
     fast._step_err = torch.ones(1, dtype=torch.int32)
