@@ -125,9 +125,14 @@ def variants(quick: bool) -> list[tuple[str, object, dict, dict, dict]]:
              "gu_ptr", "pm_ptr", "pl_ptr", "pacc_ptr", "in_xq", "in_s", "in_qs", "o_xq", "o_s", "o_qs", "gu_xq", "gu_s",
              "gu_qs", "d_xq", "d_s", "d_qs", "w_qkv", "sc_qkv", "w_o", "sc_o", "w_gu", "sc_gu", "w_d", "sc_d", "nw_attn",
              "nw_attn_sub", "nw_mlp", "nw_mlp_sub", "flags_ptr", "err_ptr"]  # fmt: skip
-    kinds = {"_xq": "*i32", "_qs": "*i32", "_s": "*fp32", "w_": "*i32", "sc_": "*fp32", "pos": "*i64", "tok": "*i64",
-             "flags": "*i32", "err": "*i32", "pm": "*fp32", "pl": "*fp32", "pacc": "*fp32"}  # fmt: skip
-    args = {n: next((t for k, t in kinds.items() if k in n), bf) for n in names}
+    def kind(n: str) -> str:  # the pointer type of each argument: weights as int32 words, scales and partials f32
+        if n.startswith(("w_", "flags", "err")) or n.endswith(("_xq", "_qs")):
+            return "*i32"
+        if n.startswith(("sc_", "pm", "pl", "pacc")) or n.endswith("_s"):
+            return "*fp32"
+        return "*i64" if n.startswith(("tok", "pos")) else bf  # the norms, the embedding, the caches, the buffers
+
+    args = {n: kind(n) for n in names}
     args.update(L=30, stride_kl=5 * 4096 * 128, stride_kh=4096 * 128, stride_ks=128, CHUNK=256, S=16, scale=128**-0.5, eps=1e-5)
     c_d, c_i = K.pack_act_launch(D // 16, False)[0], K.pack_act_launch(I // 16, True)[0]
     layer_cfgs = [(*K.PERSISTENT_CONFIG[:2], r) for r in (0, 1)]
