@@ -264,9 +264,11 @@ def main() -> int:
                 print(f"{label:<58} FAILED {row['error']}", flush=True)
             else:
                 ipw = f"{row['instr_per_weight']:.2f}" if row["instr_per_weight"] is not None else ""
+                ops = row["sync_ops"]
+                sync = f"  sync {'/'.join(f'{ops.count(k)} {k}' for k in ('acq_rel', 'release', 'acquire', 'relaxed') if k in ops)}" if ops else ""
                 print(f"{label:<58} regs {row.get('registers', '?'):>4}  stack {row.get('stack_bytes', '?'):>4} B  "
                       f"local {row.get('local_bytes', '?'):>4} B  "
-                      f"smem {row['shared_bytes']:>6} B  sass {row['sass_instructions']:>5}  loop/weight {ipw:>5}", flush=True)  # fmt: skip
+                      f"smem {row['shared_bytes']:>6} B  sass {row['sass_instructions']:>5}  loop/weight {ipw:>5}{sync}", flush=True)  # fmt: skip
     if args.json:
         print(json.dumps(rows))
     return 1 if any("error" in r for r in rows) else 0
