@@ -352,9 +352,12 @@ class FastModel:
         return x.view(1, 1, -1)
 
     def step_failed(self) -> bool:
-        """True if a gemv="persistent" step timed out waiting (kernels.decode_layers: its output was wrong); reading
-        it waits for the device. The flag stays set."""
-        return self._step_err is not None and bool(self._step_err.item())
+        """True if a gemv="persistent" step timed out waiting since the last call (kernels.decode_layers: its output
+        was wrong); the flag is cleared. Reading it waits for the device."""
+        if self._step_err is None or not self._step_err.item():
+            return False
+        self._step_err.zero_()
+        return True
 
     def _stack_layers(self):
         # kernels.LayerStack of the network: each kind of matrix and norm copied into one [L, ...] tensor, and the
@@ -436,6 +439,9 @@ class FastModel:
         # tokens [B, T] → the last layer's output [B, T, D] (before the final norm); see logits()
         net = self.net
         b, t = tokens.shape
+        graph_step = self.backend == "triton" and not isinstance(start_pos, int) and (b, t) == (1, 1)
+        if self.gemv == "persistent" and graph_step and all(self._fusable_layers()):
+            return self._persistent_step(tokens, start_pos)
         if isinstance(start_pos, int):
             if start_pos + t > net.max_seq or b > net.max_batch:
                 raise FastPathError(
@@ -450,9 +456,6 @@ class FastModel:
         else:
             cos, sin = net.cos[start_pos], net.sin[start_pos]
             mask = torch.arange(net.max_seq, device=tokens.device)[None, :] <= start_pos[:, None]  # [T, max_seq]
-        graph_step = self.backend == "triton" and not isinstance(start_pos, int) and (b, t) == (1, 1)
-        if self.gemv == "persistent" and graph_step and all(self._fusable_layers()):
-            return self._persistent_step(tokens, start_pos)
         x = F.embedding(tokens, net.embed)  # [B, T, D]
         carry = None  # gemv="folded": the next layer's input, packed by the layer before
         for i in range(len(net.layers)):

@@ -699,6 +699,7 @@ def test_wait_gives_up_into_the_error_flag():
     fast._step_err = torch.ones(1, dtype=torch.int32)
     with pytest.raises(FastPathError, match="timed out"):
         list(GraphDecoder(fast, 16, use_graph=False).generate([3, 1], 2))
+    assert not fast.step_failed()  # reported once, then cleared for the next generation
 
 
 def test_decode_layers_checks_its_inputs():
