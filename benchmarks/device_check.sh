@@ -4,9 +4,11 @@
 #   bash benchmarks/device_check.sh            # carry: .whl (the gguf wheel); logs and bench.json under $OUT
 #   bash benchmarks/device_check.sh quick      # the same steps cut to about 9 minutes (timeout_s=560): the GPU
 #                                              # tests of the persistent step, the folded kernels and the decode
-#                                              # variants, the default against the first graph step, the folded
-#                                              # and the persistent step (+ argmax kernel) on both models, no eager
-#                                              # baselines or transformers; --profile
+#                                              # variants; the default against the folded and the persistent step
+#                                              # (+ argmax kernel; the persistent one at four launch configs, with
+#                                              # the bf16 and the int8 head on the 2B-4T shape) on both models (the
+#                                              # demo one also against the first graph step), no eager baselines
+#                                              # or transformers; --profile
 #
 # Steps, each under its own timeout (about 7 minutes in all, at most 9.5; give the run timeout_s=600):
 #   1. environment: GPU, driver, python, torch, triton, transformers              (-> $OUT/env.txt)
@@ -88,7 +90,7 @@ grep -E "^check:|CORRECTNESS|FAILED" "$OUT/bench_demo.log"
 # 5. the benchmark, autotuned; its table comes last in the output
 unset BITNET158_AUTOTUNE
 if [ "$MODE" = quick ]; then
-  timeout -k 5 240 python3 benchmarks/bench_gpu.py --variants torch/plain,default,split/folded/pdl/argmax,split/persistent/argmax \
+  timeout -k 5 240 python3 benchmarks/bench_gpu.py --variants default,split/folded/pdl/argmax,split/persistent/argmax,split/persistent/int8/argmax \
     --persistent-configs "16,8,1,0;16,8,1,1;8,8,1,0;8,8,1,1" --no-eager --profile --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
 else
   timeout -k 10 330 python3 benchmarks/bench_gpu.py --hf --compile --budget-s 240 --profile --json "$OUT/bench.json" 2>&1 \
