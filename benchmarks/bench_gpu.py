@@ -24,7 +24,7 @@ What it does, in order (each step logs one line; a short table comes last):
    (reference; triton runtime loop; the first graph step run eagerly; ``--no-eager`` skips them); with
    ``--profile`` the kernels inside the graph step of the default, of the default without PDL and of the
    folded and persistent variants run (torch.profiler; with PDL a kernel's span includes its wait for the previous one, without
-   it only its own run);
+   it only its own run), and for the persistent one the kernel's own trace of each phase (``trace_summary``);
    prefill tok/s for 512 tokens, the time to first token, peak GPU memory;
 6. with ``--hf``: transformers' BitNetForCausalLM on the same weights (an HF packed checkpoint written here,
    autobitlinear offline), in a subprocess with TORCHDYNAMO_DISABLE=1, decode over ``--hf-tokens`` tokens;
@@ -356,6 +356,43 @@ def profile_step(dec, prompt: list[int], name: str, tok_s: float | None, steps: 
         say(f"  {t:8.1f} us/token {c:6.0f} launches  {t / c:6.2f} us each  {k[:90]}")
 
 
+PHASES = ("q/k/v", "attention", "o", "gate|up", "down")
+
+
+def trace_summary(times: torch.Tensor) -> dict:
+    """What kernels.decode_layers' trace (int64 [P, L, 5 phases, 3]: ns at entry, input ready, items done; -1 where
+    a program had no split to wait for) says, in µs: per phase the median wait (entry to input ready, the packing
+    included with replicated packing) and own work (input ready to done) over programs and layers, and its median
+    span per layer (the last program done with it less the last one done with the phase before: the chain's
+    share); the median layer (last program done with down to the next such), and the whole kernel."""
+    t = times.double().cpu()
+    ready = torch.where(t[..., 1] < 0, t[..., 0], t[..., 1])  # [P, L, 5]
+    done = t[..., 2].amax(dim=0).flatten()  # [L·5]: the last program done with each phase, in chain order
+    spans = done.diff().view(-1)  # [L·5 − 1]: phase k of layer l after phase k − 1 (or down of l − 1)
+    out = {"phases": {}}
+    for k, name in enumerate(PHASES):
+        span = spans[k - 1 :: 5] if k else spans[4::5]  # q/k/v: after the layer before's down
+        out["phases"][name] = {
+            "wait_us": float((ready[:, :, k] - t[:, :, k, 0]).median()) / 1e3,
+            "work_us": float((t[:, :, k, 2] - ready[:, :, k]).median()) / 1e3,
+            "span_us": float(span.median()) / 1e3 if span.numel() else float("nan"),
+        }
+    out["layer_us"] = float(done[4::5].diff().median()) / 1e3 if t.shape[1] > 1 else float("nan")
+    out["total_us"] = float(t[..., 2].max() - t[..., 0].min()) / 1e3
+    return out
+
+
+def trace_step(fast, prompt: list[int], name: str) -> None:
+    """The persistent step's own breakdown (kernels.decode_layers' trace), after its variant ran: one step at the
+    position after the prompt's, where the cache holds the prompt."""
+    s = trace_summary(fast.trace_step(prompt[-1], len(prompt)))
+    RESULTS.setdefault("trace", {})[name] = s
+    say(f"trace of {name}: kernel {s['total_us']:.0f} us, a layer {s['layer_us']:.1f} us; per phase, median "
+        "span on the chain / wait / own work (us):")
+    for k, v in s["phases"].items():
+        say(f"  {k:<10} {v['span_us']:6.2f} {v['wait_us']:6.2f} {v['work_us']:6.2f}")
+
+
 # --- variants -------------------------------------------------------------------------------------------------
 # the CUDA-graph decode variants of FastModel: (attention, gemv, pdl, head, argmax). The first is the first graph
 # step (torch attention ops, GEMVs that quantize in their loop): the baseline the others are timed against.
@@ -400,7 +437,7 @@ def parse_variant(spec: str) -> Variant:
     return Variant(parts[0], parts[1], "pdl" in flags, "int8" if "int8" in flags else "bf16", "triton" if "argmax" in flags else "torch")
 
 
-def parse_persistent_configs(spec: str | None) -> list[tuple[int, int, int]]:
+def parse_persistent_configs(spec: str | None) -> list[tuple[int, int, int, int]]:
     """'rows,warps,per_sm,replicate;...' → kernels.decode_layers configs (default: kernels.PERSISTENT_CONFIG alone)."""
     from bitnet158.runtime import kernels
 
@@ -512,6 +549,8 @@ def run_variants(fast, prompt: list[int], args) -> None:
                 RESULTS["resident_int8_head_bytes"] = fast.resident_bytes()
             if args.profile and variant in profiled and graphs:
                 stage("profile", profile_step, dec, prompt, name, rows[name].get("tok_s"))
+                if config is not None:
+                    stage("trace", trace_step, fast, prompt, name)
             del dec
         kernels.PERSISTENT_CONFIG = configs[0]
         configure(default_variant())

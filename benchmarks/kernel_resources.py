@@ -124,25 +124,26 @@ def variants(quick: bool) -> list[tuple[str, object, dict, dict, dict]]:
     names = ["tok_ptr", "pos_ptr", "embed_ptr", "cos_ptr", "sin_ptr", "k_ptr", "v_ptr", "x_ptr", "qkv_ptr", "y_ptr",
              "gu_ptr", "pm_ptr", "pl_ptr", "pacc_ptr", "in_xq", "in_s", "in_qs", "o_xq", "o_s", "o_qs", "gu_xq", "gu_s",
              "gu_qs", "d_xq", "d_s", "d_qs", "w_qkv", "sc_qkv", "w_o", "sc_o", "w_gu", "sc_gu", "w_d", "sc_d", "nw_attn",
-             "nw_attn_sub", "nw_mlp", "nw_mlp_sub", "flags_ptr", "err_ptr"]  # fmt: skip
+             "nw_attn_sub", "nw_mlp", "nw_mlp_sub", "flags_ptr", "err_ptr", "trace_ptr"]  # fmt: skip
+
     def kind(n: str) -> str:  # the pointer type of each argument: weights as int32 words, scales and partials f32
         if n.startswith(("w_", "flags", "err")) or n.endswith(("_xq", "_qs")):
             return "*i32"
         if n.startswith(("sc_", "pm", "pl", "pacc")) or n.endswith("_s"):
             return "*fp32"
-        return "*i64" if n.startswith(("tok", "pos")) else bf  # the norms, the embedding, the caches, the buffers
+        return "*i64" if n.startswith(("tok", "pos", "trace")) else bf  # the norms, the embedding, the caches, the buffers
 
     args = {n: kind(n) for n in names}
     args.update(L=30, stride_kl=5 * 4096 * 128, stride_kh=4096 * 128, stride_ks=128, CHUNK=256, S=16, scale=128**-0.5, eps=1e-5)
     c_d, c_i = K.pack_act_launch(D // 16, False)[0], K.pack_act_launch(I // 16, True)[0]
-    layer_cfgs = [(*K.PERSISTENT_CONFIG[:2], r) for r in (0, 1)]
+    layer_cfgs = [(*K.PERSISTENT_CONFIG[:2], r, False) for r in (0, 1)] + [(*K.PERSISTENT_CONFIG[:2], 0, True)]
     if not quick:
-        layer_cfgs += [(rows, warps, r) for rows, warps in ((8, 8), (16, 4), (32, 8), (16, 16)) for r in (0, 1)]
-    for rows, warps, replicate in layer_cfgs:
-        const = dict(REPLICATE=bool(replicate), D=D, NQ=NQ, NKV=NKV, I=I, H=20, GROUP=4, DH=128, HALF=64, NF=29, ATTN_SUB=True, MLP_SUB=True, RELU2=True,
+        layer_cfgs += [(rows, warps, r, False) for rows, warps in ((8, 8), (16, 4), (32, 8), (16, 16)) for r in (0, 1)]
+    for rows, warps, replicate, trace in layer_cfgs:
+        const = dict(REPLICATE=bool(replicate), TRACE=trace, D=D, NQ=NQ, NKV=NKV, I=I, H=20, GROUP=4, DH=128, HALF=64, NF=29, ATTN_SUB=True, MLP_SUB=True, RELU2=True,
                      BN_QKV=rows, BN_O=rows, BN_GU=rows, BN_D=max(1, rows * c_d // c_i), BW_D=c_d, BW_Q=c_d, BW_I=c_i,
                      C_D=c_d, C_Q=c_d, C_I=c_i, BLOCK_N_ATT=64, BLOCK_S=16, BLOCK_D=128, ON_GPU=True, SPIN=1 << 22)  # fmt: skip
-        label = f"decode_layers {rows} rows w{warps}{' replicate' if replicate else ''}"
+        label = f"decode_layers {rows} rows w{warps}{' replicate' if replicate else ''}{' trace' if trace else ''}"
         out.append((label, K._decode_layers_kernel, args, const, {"num_warps": warps}))
     # the kernels that take programmatic dependent launch (FastModel(pdl=True)), once per variant with it on
     seen = set()

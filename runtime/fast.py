@@ -338,18 +338,27 @@ class FastModel:
             out, carry = gemv(act_d, m.down_proj, residual=h), None
         return out.view(b, t, d), carry
 
-    def _persistent_step(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def _persistent_step(self, tokens: torch.Tensor, pos: torch.Tensor, trace: bool = False):
         # gemv="persistent", the graph decode step: tokens [1, 1], pos [1] on the device → the last layer's output
-        # [1, 1, D], every layer in one launch (kernels.decode_layers)
+        # [1, 1, D], every layer in one launch (kernels.decode_layers; with trace also its times)
         from bitnet158.runtime import kernels
 
         net = self.net
         if self._stack is None:
             self._stack = self._stack_layers()
             self._step_err = torch.zeros((1,), dtype=torch.int32, device=self.device)
-        x = kernels.decode_layers(tokens.view(1), pos, net.embed, net.cos, net.sin, net.cache_k, net.cache_v,
-                                  self._stack, self._step_err)  # fmt: skip
-        return x.view(1, 1, -1)
+        out = kernels.decode_layers(tokens.view(1), pos, net.embed, net.cos, net.sin, net.cache_k, net.cache_v,
+                                    self._stack, self._step_err, trace=trace)  # fmt: skip
+        return (out[0].view(1, 1, -1), out[1]) if trace else out.view(1, 1, -1)
+
+    @torch.inference_mode()
+    def trace_step(self, token: int, pos: int) -> torch.Tensor:
+        """Run one gemv="persistent" decode step of ``token`` at position ``pos`` (its keys / values go into the
+        cache) with the kernel's trace on: int64 [programs, layers, 5 phases, 3 times] (kernels.decode_layers), for
+        benchmarks/bench_gpu.py's breakdown of the step."""
+        dev = self.device
+        _, times = self._persistent_step(torch.tensor([[token]], device=dev), torch.tensor([pos], device=dev), trace=True)
+        return times
 
     def step_failed(self) -> bool:
         """True if a gemv="persistent" step timed out waiting since the last call (kernels.decode_layers: its output

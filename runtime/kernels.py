@@ -367,6 +367,17 @@ def _wait(flag_ptr, target, err_ptr, SPIN: tl.constexpr):
 
 
 @triton.jit
+def _mark(at_ptr, TRACE: tl.constexpr, ON_GPU: tl.constexpr):
+    # with TRACE, the GPU's global nanosecond timer into *at_ptr (decode_layers' trace; 0 under the interpreter)
+    if TRACE:
+        if ON_GPU:
+            t = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
+        else:
+            t = tl.zeros((), dtype=tl.int64)
+        tl.store(at_ptr, t)
+
+
+@triton.jit
 def _pack_act_kernel(
     x_ptr, nw_ptr, xq_ptr, s_ptr, qs_ptr,
     K, K16, eps, stride_xm, stride_xq,
@@ -734,10 +745,10 @@ def _argmax_kernel(x_ptr, N, pv_ptr, pi_ptr, cnt_ptr, out_ptr, BLOCK: tl.constex
 def _gemv_phase(
     pid, P, wait_ptr, wait_for, err_ptr, xq_row, s_ptr, qs_ptr, x_row, x_nw, X_K, X_K16, eps,
     w_ptr, scale_ptr, res_ptr, y_ptr, N, K16, cnt_ptr, ready_ptr, p_nw_ptr, p_xq_ptr, p_s_ptr, p_qs_ptr, P_K, P_K16,
-    pack_on, X_ACT: tl.constexpr, X_NORM: tl.constexpr, X_RELU2: tl.constexpr, X_BLOCK_C: tl.constexpr,
+    pack_on, tr_ptr, X_ACT: tl.constexpr, X_NORM: tl.constexpr, X_RELU2: tl.constexpr, X_BLOCK_C: tl.constexpr,
     HAS_RES: tl.constexpr, PACK: tl.constexpr, P_ACT: tl.constexpr, P_NORM: tl.constexpr, P_RELU2: tl.constexpr,
     P_BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, REPLICATE: tl.constexpr,
-    ON_GPU: tl.constexpr, SPIN: tl.constexpr,
+    ON_GPU: tl.constexpr, SPIN: tl.constexpr, TRACE: tl.constexpr,
 ):  # fmt: skip
     # one GEMV of decode_layers: items of BLOCK_N rows of w [N, K16] (per-row scales) times the packed row xq_row /
     # s / qs, program pid taking items pid, pid + P, ...; y [N] (+ res, in place when res is y). Each item's
@@ -745,7 +756,9 @@ def _gemv_phase(
     # input is ready). REPLICATE: the input is not packed yet; after the wait the program packs the raw row x_row
     # itself (_pack_row with the X_* options) into its own xq_row / s / qs, and each item just arrives on cnt_ptr.
     # Else each item arrives on cnt_ptr and, with PACK, the last one packs y for the next GEMV (_pack_row with the
-    # P_* options) and sets ready_ptr, unless pack_on is false (the last layer).
+    # P_* options) and sets ready_ptr, unless pack_on is false (the last layer). TRACE: the times of entry, input
+    # ready and items done into tr_ptr [3].
+    _mark(tr_ptr, TRACE, ON_GPU)
     n_items = tl.cdiv(N, BLOCK_N)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     wt = _weight_tile(w_ptr + rows.to(tl.int64)[:, None] * K16, rows < N, 0, K16, BLOCK_W)  # nothing when pid ≥ n_items
@@ -754,6 +767,7 @@ def _gemv_phase(
         if REPLICATE:
             _pack_row(x_row, x_nw, xq_row, s_ptr, qs_ptr, X_K, X_K16, eps, X_ACT, X_NORM, X_RELU2, X_BLOCK_C, ON_GPU, True)
             tl.debug_barrier()  # the program's own packed row, written by all its threads, before any reads it
+    _mark(tr_ptr + 1, TRACE, ON_GPU)
     s = tl.load(s_ptr, cache_modifier=".cg")
     qs = tl.load(qs_ptr, cache_modifier=".cg")
     for it in range(pid, n_items, P):
@@ -772,6 +786,7 @@ def _gemv_phase(
         else:
             _arrive(cnt_ptr)
         wt = wt_next
+    _mark(tr_ptr + 2, TRACE, ON_GPU)
 
 
 @triton.jit
@@ -779,13 +794,13 @@ def _decode_layers_kernel(
     tok_ptr, pos_ptr, embed_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, x_ptr, qkv_ptr, y_ptr, gu_ptr, pm_ptr, pl_ptr,
     pacc_ptr, in_xq, in_s, in_qs, o_xq, o_s, o_qs, gu_xq, gu_s, gu_qs, d_xq, d_s, d_qs,
     w_qkv, sc_qkv, w_o, sc_o, w_gu, sc_gu, w_d, sc_d, nw_attn, nw_attn_sub, nw_mlp, nw_mlp_sub, flags_ptr, err_ptr,
-    L, stride_kl, stride_kh, stride_ks, CHUNK, S, scale, eps,
+    trace_ptr, L, stride_kl, stride_kh, stride_ks, CHUNK, S, scale, eps,
     D: tl.constexpr, NQ: tl.constexpr, NKV: tl.constexpr, I: tl.constexpr, H: tl.constexpr, GROUP: tl.constexpr,
     DH: tl.constexpr, HALF: tl.constexpr, NF: tl.constexpr, ATTN_SUB: tl.constexpr, MLP_SUB: tl.constexpr,
     RELU2: tl.constexpr, BN_QKV: tl.constexpr, BN_O: tl.constexpr, BN_GU: tl.constexpr, BN_D: tl.constexpr,
     BW_D: tl.constexpr, BW_Q: tl.constexpr, BW_I: tl.constexpr, C_D: tl.constexpr, C_Q: tl.constexpr,
     C_I: tl.constexpr, BLOCK_N_ATT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-    REPLICATE: tl.constexpr, ON_GPU: tl.constexpr, SPIN: tl.constexpr,
+    REPLICATE: tl.constexpr, ON_GPU: tl.constexpr, SPIN: tl.constexpr, TRACE: tl.constexpr = False,
 ):  # fmt: skip
     # The decode step's L layers in one launch (decode_layers): FastModel(gemv="folded")'s five kernels a layer as
     # phases of one persistent grid of P programs, each kernel boundary a flag in flags_ptr [L, NF] (zero before the
@@ -804,6 +819,8 @@ def _decode_layers_kernel(
     # waits for the count of finished items (flags 3, 5, 8 + H, and 0 = the down rows of the layer before) and
     # packs the row itself into its own row of the packed buffers ([P, 4, K16]): the same work on every
     # multiprocessor at once, one handoff and one L2 round trip less on the chain.
+    # TRACE: each program's times of each phase of each layer into trace_ptr [P, L, 5, 3] (entered, input ready,
+    # its items done), from the GPU's global timer: where the step's time goes, which a profiler cannot see.
     pid = tl.program_id(0)
     P = tl.num_programs(0)
     K16D: tl.constexpr = (D + 15) // 16
@@ -832,13 +849,16 @@ def _decode_layers_kernel(
     for layer in range(L):
         fl = flags_ptr + layer * NF
         lw = tl.cast(layer, tl.int64)  # a Python int under the interpreter
+        tr = trace_ptr + (pid * L + lw) * 15  # this program's [5, 3] times of this layer
         # q/k/v of the normed input
         in_for = tl.where(layer == 0, 1, n_d) if REPLICATE else 1
         _gemv_phase(pid, P, fl, in_for, err_ptr, in_xq, in_s, in_qs, x_ptr, nw_attn + lw * D, D, K16D, eps,
                     w_qkv + lw * NQKV * K16D, sc_qkv + lw * NQKV, qkv_ptr, qkv_ptr, NQKV, K16D, fl + 1, fl, nw_attn,
-                    in_xq, in_s, in_qs, D, K16D, False, False, True, False, C_D,
-                    False, False, False, False, False, C_D, BN_QKV, BW_D, REPLICATE, ON_GPU, SPIN)  # fmt: skip
+                    in_xq, in_s, in_qs, D, K16D, False, tr, False, True, False, C_D,
+                    False, False, False, False, False, C_D, BN_QKV, BW_D, REPLICATE, ON_GPU, SPIN, TRACE)  # fmt: skip
         # attention: H × S splits, the last split of a head combines it, then the handoff of y to o
+        _mark(tr + 3, TRACE, ON_GPU)
+        _mark(tr + 4, TRACE, ON_GPU)  # input ready: rewritten after the wait by a program with splits
         for it in range(pid, H * S, P):
             h = it // S
             s = it % S
@@ -849,28 +869,30 @@ def _decode_layers_kernel(
                 hi, stride_kh, stride_ks, DH, HALF, BLOCK_N_ATT)  # fmt: skip
             if it == pid:
                 _wait(fl + 1, n_qkv, err_ptr, SPIN)
+                _mark(tr + 4, TRACE, ON_GPU)
             _attn_split(qkv_ptr, rope, cache_k, cache_v, kv_first, pos, h, s, lo, hi, y_ptr, pm_ptr, pl_ptr, pacc_ptr,
                         NQ, NKV, stride_ks, scale, S, H, fl + 8, nw_attn_sub + lw * NQ, o_xq, o_s, o_qs, K16Q, eps,
                         fl + 2, GROUP, DH, HALF, BLOCK_N_ATT, True, True, ATTN_SUB, C_Q, BLOCK_S, BLOCK_D, ON_GPU,
                         True, "count" if REPLICATE else "signal")  # fmt: skip
+        _mark(tr + 5, TRACE, ON_GPU)
         # h = x + o(sub_norm(y)), in place; then mlp_norm(h) for gate|up
         o_wait, o_for = (fl + 8 + H, H) if REPLICATE else (fl + 2, 1)
         _gemv_phase(pid, P, o_wait, o_for, err_ptr, o_xq, o_s, o_qs, y_ptr, nw_attn_sub + lw * NQ, NQ, K16Q, eps,
                     w_o + lw * D * K16Q, sc_o + lw * D, x_ptr, x_ptr, D, K16Q, fl + 3, fl + 4, nw_mlp + lw * D,
-                    gu_xq, gu_s, gu_qs, D, K16D, True, False, ATTN_SUB, False, C_Q,
-                    True, True, False, True, False, C_D, BN_O, BW_Q, REPLICATE, ON_GPU, SPIN)  # fmt: skip
+                    gu_xq, gu_s, gu_qs, D, K16D, True, tr + 6, False, ATTN_SUB, False, C_Q,
+                    True, True, False, True, False, C_D, BN_O, BW_Q, REPLICATE, ON_GPU, SPIN, TRACE)  # fmt: skip
         # gate | up of mlp_norm(h); then sub_norm(act(gate) · up) for down
         gu_wait, gu_for = (fl + 3, n_o) if REPLICATE else (fl + 4, 1)
         _gemv_phase(pid, P, gu_wait, gu_for, err_ptr, gu_xq, gu_s, gu_qs, x_ptr, nw_mlp + lw * D, D, K16D, eps,
                     w_gu + lw * 2 * I * K16D, sc_gu + lw * 2 * I, gu_ptr, gu_ptr, 2 * I, K16D, fl + 5, fl + 6,
-                    nw_mlp_sub + lw * I, d_xq, d_s, d_qs, I, K16I, True, False, True, False, C_D,
-                    False, True, True, MLP_SUB, RELU2, C_I, BN_GU, BW_D, REPLICATE, ON_GPU, SPIN)  # fmt: skip
+                    nw_mlp_sub + lw * I, d_xq, d_s, d_qs, I, K16I, True, tr + 9, False, True, False, C_D,
+                    False, True, True, MLP_SUB, RELU2, C_I, BN_GU, BW_D, REPLICATE, ON_GPU, SPIN, TRACE)  # fmt: skip
         # x = h + down(...), in place; then the next layer's attn_norm(x) (flag 0 of the next layer)
         d_wait, d_for, d_cnt = (fl + 5, n_gu, fl + NF) if REPLICATE else (fl + 6, 1, fl + 7)
         _gemv_phase(pid, P, d_wait, d_for, err_ptr, d_xq, d_s, d_qs, gu_ptr, nw_mlp_sub + lw * I, I, K16I, eps,
                     w_d + lw * D * K16I, sc_d + lw * D, x_ptr, x_ptr, D, K16I, d_cnt, fl + NF, nw_attn + (lw + 1) * D,
-                    in_xq, in_s, in_qs, D, K16D, layer + 1 < L, True, MLP_SUB, RELU2, C_I,
-                    True, True, False, True, False, C_D, BN_D, BW_I, REPLICATE, ON_GPU, SPIN)  # fmt: skip
+                    in_xq, in_s, in_qs, D, K16D, layer + 1 < L, tr + 12, True, MLP_SUB, RELU2, C_I,
+                    True, True, False, True, False, C_D, BN_D, BW_I, REPLICATE, ON_GPU, SPIN, TRACE)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -1569,8 +1591,8 @@ def _resident_per_sm(index: int, n_regs: int, shared: int, warps: int) -> int:
 def decode_layers(
     tok: torch.Tensor, pos: torch.Tensor, embed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     cache_k: torch.Tensor, cache_v: torch.Tensor, w: LayerStack, err: torch.Tensor,
-    config: tuple[int, int, int] | None = None,
-) -> torch.Tensor:  # fmt: skip
+    config: tuple[int, int, int, int] | None = None, trace: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Every decoder layer of a decode step in one launch (FastModel(gemv="persistent")): token id ``tok`` int64
     [1] at position ``pos`` int64 [1] (both on the device: a CUDA graph replays it) → the last layer's output x
     [1, D] in embed's dtype, before the final norm; keys and values are written into the caches.
@@ -1585,7 +1607,9 @@ def decode_layers(
     row 0 is used); ``w`` the stacked weights; ``err`` int32 [1]: set to 1 if a wait timed out (a program was
     not resident, or a flag was never set), which the caller checks: the output is wrong then, not the GPU hung.
     ``config`` = (rows of a K = D tile, warps, programs a multiprocessor, replicate 0 / 1), default
-    ``PERSISTENT_CONFIG``; the interpreter runs one program."""
+    ``PERSISTENT_CONFIG``; the interpreter runs one program. ``trace``: also return each program's times (GPU
+    global timer, ns; 0 under the interpreter) of each phase of each layer, int64 [P, L, 5 phases (q/k/v,
+    attention, o, gate|up, down), 3 (entered, input ready, its items done)]: where the step's time goes."""
     n_layers, d, nq, inter = _layer_stack_shapes(w)
     nkv, dh = w.n_kv * w.head_dim, w.head_dim
     dev = embed.device
@@ -1614,6 +1638,7 @@ def decode_layers(
     pacc = torch.empty((w.n_heads, n_split, dh), dtype=torch.float32, device=dev)
     nf = 9 + w.n_heads
     flags = torch.zeros((n_layers + 1, nf), dtype=torch.int32, device=dev)  # + the row the last down rows count on
+    times = err  # the trace's pointer: a placeholder, never written without it (allocated below with the grid)
     bw = {k: triton.next_power_of_2((k + 15) // 16) for k in (d, nq, inter)}  # whole-row tiles
     tile = rows * bw[d]  # words a tile, kept for the other K
 
@@ -1624,7 +1649,7 @@ def decode_layers(
         return (tok, pos, embed, cos, sin, cache_k, cache_v, x, qkv, y, gu, pm, pl, pacc, *acts,
                 w.qkv, w.qkv_scale, w.o, w.o_scale, w.gate_up, w.gate_up_scale, w.down, w.down_scale,
                 w.attn_norm, w.attn_sub_norm if w.attn_sub_norm is not None else w.attn_norm, w.mlp_norm,
-                w.mlp_sub_norm if w.mlp_sub_norm is not None else w.mlp_norm, flags, err,
+                w.mlp_sub_norm if w.mlp_sub_norm is not None else w.mlp_norm, flags, err, times,
                 n_layers, cache_k.stride(0), cache_k.stride(2), cache_k.stride(3), chunk, n_split, dh**-0.5, w.eps)  # fmt: skip
 
     meta = dict(
@@ -1644,5 +1669,7 @@ def decode_layers(
             compiled._init_handles()  # loads the binary: n_regs
             per_sm = max(1, min(per_sm, _resident_per_sm(dev.index or 0, compiled.n_regs, compiled.metadata.shared, warps)))
         programs = torch.cuda.get_device_properties(dev).multi_processor_count * per_sm
-    _decode_layers_kernel[(programs,)](*args(programs if replicate else 1), **meta, SPIN=spin)
-    return x
+    if trace:
+        times = torch.full((programs, n_layers, 5, 3), -1, dtype=torch.int64, device=dev)
+    _decode_layers_kernel[(programs,)](*args(programs if replicate else 1), **meta, SPIN=spin, TRACE=trace)
+    return (x, times) if trace else x

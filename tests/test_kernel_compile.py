@@ -46,7 +46,7 @@ def test_every_kernel_compiles_for_sm90():
     # the persistent step (FastModel(gemv="persistent")) also publishes with release-only atomics (_arrive,
     # _signal) and waits with acquire loads (_wait): five waits a layer, each an acquire before and in its loop
     layers = [r for r in rows if r["kernel"].startswith("decode_layers")]
-    assert len(layers) == 2  # the two handoffs: the last program packs and signals, or every program packs
+    assert len(layers) == 3  # the two handoffs (the last program packs and signals, or every program packs); traced
     for r in layers:
         ops = r["sync_ops"]
         assert set(ops) == {"acq_rel", "release", "acquire"} and ops.count("acquire") >= 10 and ops.count("release") >= 6, r

@@ -674,6 +674,8 @@ def test_fast_model_persistent_step_equals_folded(layers, relu2, sub_norms, repl
     assert net.layers[-1].mlp.down_proj.packed.data_ptr() == fast._stack.down[-1].data_ptr()
     assert net.resident_weight_bytes() == weights
     assert (fast._stack.attn_sub_norm is None) == (not sub_norms)
+    times = fast.trace_step(2, 5)  # the kernel's own trace: every phase of every layer marked (0 here: no timer)
+    assert times.shape == (1, layers, 5, 3) and not times.any()
 
 
 @interp
