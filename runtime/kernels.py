@@ -803,8 +803,8 @@ def _decode_layers_kernel(
     REPLICATE: tl.constexpr, ON_GPU: tl.constexpr, SPIN: tl.constexpr, TRACE: tl.constexpr = False,
 ):  # fmt: skip
     # The decode step's L layers in one launch (decode_layers): FastModel(gemv="folded")'s five kernels a layer as
-    # phases of one persistent grid of P programs, each kernel boundary a flag in flags_ptr [L, NF] (zero before the
-    # launch): per layer 0 input ready, 1 q/k/v rows done (count), 2 attention output packed, 3 o arrivals, 4 o
+    # phases of one persistent grid of P programs, each kernel boundary a flag in flags_ptr [L + 1, NF] (zero before
+    # the launch; row L only counts the last layer's down rows): per layer 0 input ready, 1 q/k/v rows done (count), 2 attention output packed, 3 o arrivals, 4 o
     # output packed, 5 gate|up arrivals, 6 gate|up output packed, 7 down arrivals, 8 .. 8 + H − 1 splits done per
     # head, 8 + H heads combined. Work items are numbered in dependency order (layer, phase, item) and program
     # pid takes items pid, pid + P, ... of each phase in that order, so an item only waits on items numbered
