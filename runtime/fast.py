@@ -101,11 +101,16 @@ def fuse_bitlinears(parts: Sequence[BitLinear]) -> BitLinear:
     scale = torch.cat([p.scale.expand(p.out_features) for p in parts]).contiguous()  # f32 [ΣN]
     fused = BitLinear(packed, scale, k)
     fused.backend = parts[0].backend
+    _point_parts(parts, packed)
+    return fused
+
+
+def _point_parts(parts: Sequence[BitLinear], packed: torch.Tensor) -> None:
+    # re-point each part at its rows of the fused bytes packed [ΣN, ceil(K/4)], in order (views: no copy)
     row = 0
     for p in parts:
         p.packed = packed[row : row + p.out_features]
         row += p.out_features
-    return fused
 
 
 def _register_op_backend() -> None:
@@ -194,7 +199,8 @@ class FastModel:
         if self.cpu_head is not None and self.cpu_head is not self.net.head:
             n += self.cpu_head.numel() * self.cpu_head.element_size()
         if self._stack is not None:  # its per-row scales (the rest are the network's own tensors, re-pointed)
-            n += sum(t.numel() * 4 for t in self._stack[1:8:2])
+            st = self._stack
+            n += sum(t.numel() * 4 for t in (st.qkv_scale, st.o_scale, st.gate_up_scale, st.down_scale))
         return n
 
     def _norm(self, norm, x: torch.Tensor, residual: torch.Tensor | None = None):
@@ -380,10 +386,8 @@ class FastModel:
             packed = torch.stack([f.packed for f in fused])  # uint8 [L, N, KB]
             scale = torch.stack([f.scale.expand(f.out_features) for f in fused]).contiguous()  # f32 [L, N]
             for f, ps, p in zip(fused, parts, packed):
-                f.packed, row = p, 0
-                for part in ps:  # fuse_bitlinears' views, now into the stack
-                    part.packed = p[row : row + part.out_features]
-                    row += part.out_features
+                f.packed = p
+                _point_parts(ps, p)  # fuse_bitlinears' views, now into the stack
             return packed.view(torch.int32), scale
 
         def norms(mods: list) -> torch.Tensor | None:

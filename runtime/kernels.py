@@ -118,10 +118,17 @@ def _pdl_enter(PDL: tl.constexpr):
 
 
 @triton.jit
+def _rows_at(w_ptr, first, N, stride_wn, BLOCK_N: tl.constexpr):
+    # output rows first .. first + BLOCK_N − 1: (rows [BLOCK_N], their mask, weight row pointers [BLOCK_N, 1])
+    rows = first + tl.arange(0, BLOCK_N)
+    return rows, rows < N, w_ptr + rows.to(tl.int64)[:, None] * stride_wn
+
+
+@triton.jit
 def _row_block(w_ptr, N, stride_wn, BLOCK_N: tl.constexpr):
     # a GEMV program's rows: (input row m, output rows [BLOCK_N], their mask, weight row pointers [BLOCK_N, 1])
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    return tl.program_id(1), rows, rows < N, w_ptr + rows.to(tl.int64)[:, None] * stride_wn
+    rows, row_ok, w_rows = _rows_at(w_ptr, tl.program_id(0) * BLOCK_N, N, stride_wn, BLOCK_N)
+    return tl.program_id(1), rows, row_ok, w_rows
 
 
 @triton.jit
@@ -544,6 +551,14 @@ def _rope_half(lo, hi, c_lo, c_hi, s_lo, s_hi, dt: tl.constexpr):
 
 
 @triton.jit
+def _load_halves(row, offs, ok, half, CG: tl.constexpr = False):
+    # the lo / hi halves of one head-dim row (rope tables, q, k, v) as fp32 [HALF] each (CG: as _gemv_input's)
+    cm: tl.constexpr = ".cg" if CG else ""
+    return (tl.load(row + offs, mask=ok, other=0.0, cache_modifier=cm).to(tl.float32),
+            tl.load(row + half + offs, mask=ok, other=0.0, cache_modifier=cm).to(tl.float32))  # fmt: skip
+
+
+@triton.jit
 def _kv_block(cache_k, cache_v, start, hi, stride_ks, offs, ok, half, BLOCK_N: tl.constexpr):
     # cached keys and values of rows start .. start + BLOCK_N − 1 below hi, as stored: 4 × [BLOCK_N, HALF] (the
     # lo / hi halves of each head dim; 0 past hi, with no memory access)
@@ -597,10 +612,9 @@ def _attn_prefetch(cos_row, sin_row, k_ptr, v_ptr, kvh, lo, hi, stride_kh, strid
     offs = tl.arange(0, HALF)
     ok = offs < DH // 2
     half = DH // 2
-    rope = (tl.load(cos_row + offs, mask=ok, other=0.0).to(tl.float32),
-            tl.load(cos_row + half + offs, mask=ok, other=0.0).to(tl.float32),
-            tl.load(sin_row + offs, mask=ok, other=0.0).to(tl.float32),
-            tl.load(sin_row + half + offs, mask=ok, other=0.0).to(tl.float32))  # fmt: skip
+    c_lo, c_hi = _load_halves(cos_row, offs, ok, half)
+    s_lo, s_hi = _load_halves(sin_row, offs, ok, half)
+    rope = (c_lo, c_hi, s_lo, s_hi)
     cache_k = k_ptr + kvh.to(tl.int64) * stride_kh
     cache_v = v_ptr + kvh.to(tl.int64) * stride_kh
     return rope, cache_k, cache_v, _kv_block(cache_k, cache_v, lo, hi, stride_ks, offs, ok, half, BLOCK_N)
@@ -625,21 +639,15 @@ def _attn_split(
     # themselves (decode_layers' REPLICATE). CG: qkv was written by other programs of the same launch
     kvh = h // GROUP
     dt = qkv_ptr.dtype.element_ty
-    cm: tl.constexpr = ".cg" if CG else ""
     offs = tl.arange(0, HALF)
     ok = offs < DH // 2
     half = DH // 2
     c_lo, c_hi, s_lo, s_hi = rope
-    q_lo = tl.load(qkv_ptr + h * DH + offs, mask=ok, other=0.0, cache_modifier=cm).to(tl.float32)
-    q_hi = tl.load(qkv_ptr + h * DH + half + offs, mask=ok, other=0.0, cache_modifier=cm).to(tl.float32)
+    q_lo, q_hi = _load_halves(qkv_ptr + h * DH, offs, ok, half, CG)
     q_lo, q_hi = _rope_half(q_lo, q_hi, c_lo, c_hi, s_lo, s_hi, dt)
-    k_base = qkv_ptr + NQ + kvh * DH
-    v_base = qkv_ptr + NQ + NKV + kvh * DH
-    kn_lo = tl.load(k_base + offs, mask=ok, other=0.0, cache_modifier=cm).to(tl.float32)
-    kn_hi = tl.load(k_base + half + offs, mask=ok, other=0.0, cache_modifier=cm).to(tl.float32)
+    kn_lo, kn_hi = _load_halves(qkv_ptr + NQ + kvh * DH, offs, ok, half, CG)
     kn_lo, kn_hi = _rope_half(kn_lo, kn_hi, c_lo, c_hi, s_lo, s_hi, dt)
-    vn_lo = tl.load(v_base + offs, mask=ok, other=0.0, cache_modifier=cm).to(tl.float32)
-    vn_hi = tl.load(v_base + half + offs, mask=ok, other=0.0, cache_modifier=cm).to(tl.float32)
+    vn_lo, vn_hi = _load_halves(qkv_ptr + NQ + NKV + kvh * DH, offs, ok, half, CG)
     first = s == 0
     if (h % GROUP == 0) & first:
         slot = pos.to(tl.int64) * stride_ks
@@ -760,8 +768,8 @@ def _gemv_phase(
     # ready and items done into tr_ptr [3].
     _mark(tr_ptr, TRACE, ON_GPU)
     n_items = tl.cdiv(N, BLOCK_N)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    wt = _weight_tile(w_ptr + rows.to(tl.int64)[:, None] * K16, rows < N, 0, K16, BLOCK_W)  # nothing when pid ≥ n_items
+    _, row_ok, w_rows = _rows_at(w_ptr, pid * BLOCK_N, N, K16, BLOCK_N)
+    wt = _weight_tile(w_rows, row_ok, 0, K16, BLOCK_W)  # nothing when pid ≥ n_items
     if pid < n_items:
         _wait(wait_ptr, wait_for, err_ptr, SPIN)
         if REPLICATE:
@@ -771,11 +779,9 @@ def _gemv_phase(
     s = tl.load(s_ptr, cache_modifier=".cg")
     qs = tl.load(qs_ptr, cache_modifier=".cg")
     for it in range(pid, n_items, P):
-        rows = it * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = rows < N
-        w_rows = w_ptr + rows.to(tl.int64)[:, None] * K16
-        nxt = rows + P * BLOCK_N
-        wt_next = _weight_tile(w_ptr + nxt.to(tl.int64)[:, None] * K16, nxt < N, 0, K16, BLOCK_W)
+        rows, row_ok, w_rows = _rows_at(w_ptr, it * BLOCK_N, N, K16, BLOCK_N)
+        _, next_ok, next_rows = _rows_at(w_ptr, (it + P) * BLOCK_N, N, K16, BLOCK_N)
+        wt_next = _weight_tile(next_rows, next_ok, 0, K16, BLOCK_W)
         dot = _packed_dot(xq_row, w_rows, row_ok, wt, K16, BLOCK_N, BLOCK_W, ON_GPU, True) - qs
         _gemv_store(dot, s, tl.cast(0, tl.int32), rows, row_ok, scale_ptr, res_ptr, y_ptr, 0, 0, True, HAS_RES, True)
         if PACK and not REPLICATE:
@@ -804,9 +810,9 @@ def _decode_layers_kernel(
 ):  # fmt: skip
     # The decode step's L layers in one launch (decode_layers): FastModel(gemv="folded")'s five kernels a layer as
     # phases of one persistent grid of P programs, each kernel boundary a flag in flags_ptr [L + 1, NF] (zero before
-    # the launch; row L only counts the last layer's down rows): per layer 0 input ready, 1 q/k/v rows done (count), 2 attention output packed, 3 o arrivals, 4 o
-    # output packed, 5 gate|up arrivals, 6 gate|up output packed, 7 down arrivals, 8 .. 8 + H − 1 splits done per
-    # head, 8 + H heads combined. Work items are numbered in dependency order (layer, phase, item) and program
+    # the launch; row L only counts the last layer's down rows): per layer 0 input ready, 1 q/k/v rows done
+    # (count), 2 attention output packed, 3 o arrivals, 4 o output packed, 5 gate|up arrivals, 6 gate|up output
+    # packed, 7 down arrivals, 8 .. 8 + H − 1 splits done per head, 8 + H heads combined. Work items are numbered in dependency order (layer, phase, item) and program
     # pid takes items pid, pid + P, ... of each phase in that order, so an item only waits on items numbered
     # below it: with every program resident the lowest unfinished item can always run (no deadlock), and with
     # P = 1 (the interpreter) every wait is already met. x [D] is the residual stream, updated in place by the o
@@ -1638,13 +1644,15 @@ def decode_layers(
     pacc = torch.empty((w.n_heads, n_split, dh), dtype=torch.float32, device=dev)
     nf = 9 + w.n_heads
     flags = torch.zeros((n_layers + 1, nf), dtype=torch.int32, device=dev)  # + the row the last down rows count on
-    times = err  # the trace's pointer: a placeholder, never written without it (allocated below with the grid)
     bw = {k: triton.next_power_of_2((k + 15) // 16) for k in (d, nq, inter)}  # whole-row tiles
     tile = rows * bw[d]  # words a tile, kept for the other K
+    # the packings' blocks, pack_act's (so that the folded step's tails pack alike)
+    c_d, c_q, c_i = (pack_act_launch((k + 15) // 16, act)[0] for k, act in ((d, False), (nq, False), (inter, True)))
 
-    def args(act_rows: int) -> tuple:
+    def args(act_rows: int, times: torch.Tensor) -> tuple:
         # the kernel's arguments, with packed inputs of q/k/v, o, gate|up and down (xq, s, qsum each) of act_rows
-        # rows: one shared, or with REPLICATE one a program
+        # rows (one shared, or with REPLICATE one a program) and the trace's times (err when there is none: not
+        # written)
         acts = (t for k in (d, nq, d, inter) for t in PackedAct.empty(act_rows, k, dev)[:3])
         return (tok, pos, embed, cos, sin, cache_k, cache_v, x, qkv, y, gu, pm, pl, pacc, *acts,
                 w.qkv, w.qkv_scale, w.o, w.o_scale, w.gate_up, w.gate_up_scale, w.down, w.down_scale,
@@ -1656,8 +1664,8 @@ def decode_layers(
         D=d, NQ=nq, NKV=nkv, I=inter, H=w.n_heads, GROUP=w.n_heads // w.n_kv, DH=dh,
         HALF=triton.next_power_of_2(dh // 2), NF=nf, ATTN_SUB=w.attn_sub_norm is not None,
         MLP_SUB=w.mlp_sub_norm is not None, RELU2=w.relu2, BN_QKV=rows, BN_O=max(1, tile // bw[nq]), BN_GU=rows,
-        BN_D=max(1, tile // bw[inter]), BW_D=bw[d], BW_Q=bw[nq], BW_I=bw[inter], C_D=bw[d], C_Q=bw[nq],
-        C_I=bw[inter], BLOCK_N_ATT=block_n, BLOCK_S=triton.next_power_of_2(n_split),
+        BN_D=max(1, tile // bw[inter]), BW_D=bw[d], BW_Q=bw[nq], BW_I=bw[inter], C_D=c_d, C_Q=c_q,
+        C_I=c_i, BLOCK_N_ATT=block_n, BLOCK_S=triton.next_power_of_2(n_split),
         BLOCK_D=triton.next_power_of_2(dh), REPLICATE=bool(replicate), ON_GPU=not _INTERPRET, num_warps=warps,
     )  # fmt: skip
     if _INTERPRET or not embed.is_cuda:
@@ -1665,11 +1673,10 @@ def decode_layers(
     else:
         spin = 1 << 21  # polls before a wait gives up (about a second)
         if per_sm > 1:  # one program a multiprocessor always fits; more only as far as registers etc. allow
-            compiled = _decode_layers_kernel.warmup(*args(1), **meta, SPIN=spin, grid=(1,))
+            compiled = _decode_layers_kernel.warmup(*args(1, err), **meta, SPIN=spin, grid=(1,))
             compiled._init_handles()  # loads the binary: n_regs
             per_sm = max(1, min(per_sm, _resident_per_sm(dev.index or 0, compiled.n_regs, compiled.metadata.shared, warps)))
         programs = torch.cuda.get_device_properties(dev).multi_processor_count * per_sm
-    if trace:
-        times = torch.full((programs, n_layers, 5, 3), -1, dtype=torch.int64, device=dev)
-    _decode_layers_kernel[(programs,)](*args(programs if replicate else 1), **meta, SPIN=spin, TRACE=trace)
+    times = torch.full((programs, n_layers, 5, 3), -1, dtype=torch.int64, device=dev) if trace else err
+    _decode_layers_kernel[(programs,)](*args(programs if replicate else 1, times), **meta, SPIN=spin, TRACE=trace)
     return (x, times) if trace else x
