@@ -470,7 +470,6 @@ def variant_name(v: Variant) -> str:
 
 
 def run_variants(fast, prompt: list[int], args) -> None:
-    from bitnet158.runtime import kernels
     from bitnet158.runtime.fast import GraphDecoder
     from bitnet158.runtime.generate import generate_tokens
     from bitnet158.runtime.sampling import Sampler, SamplingParams
@@ -510,7 +509,8 @@ def run_variants(fast, prompt: list[int], args) -> None:
     variants = [parse_variant(v) for v in args.variants.split(",")] if args.variants else GRAPH_VARIANTS
     profiled = {default_variant(), default_variant()._replace(pdl=False)}  # with and without PDL
     profiled |= {v for v in variants if v.gemv in ("folded", "persistent")}  # their kernels against the default's
-    # the persistent step once per launch config (kernels.PERSISTENT_CONFIG: tile rows, warps, programs an SM)
+    # the persistent step once per launch config (FastModel.persistent_config: tile rows, warps, programs an SM,
+    # replicated packing)
     configs = parse_persistent_configs(args.persistent_configs)
     runs = [(v, c) for v in variants for c in (configs if v.gemv == "persistent" else [None])]
     with torch.inference_mode():
@@ -521,8 +521,8 @@ def run_variants(fast, prompt: list[int], args) -> None:
         for variant, config in runs:
             name, head = variant_name(variant), variant.head
             configure(variant)
+            fast.persistent_config = config
             if config is not None:
-                kernels.PERSISTENT_CONFIG = config
                 name += " [{} rows, {} warps, {}/SM{}]".format(*config[:3], ", replicated packing" if config[3] else "") if len(configs) > 1 else ""
             try:
                 dec = GraphDecoder(fast, max_seq, use_graph=graphs)
@@ -540,9 +540,6 @@ def run_variants(fast, prompt: list[int], args) -> None:
             if graphs and variant == variants[0]:
                 torch.cuda.reset_peak_memory_stats()
             measure(name, fast_gen(dec), args.runs, head=head)
-            if config is not None and fast.step_failed():
-                rows[name] = {"error": "a wait of kernels.decode_layers timed out"}
-                say(f"decode {name}: FAILED a wait timed out: its figures are of a wrong step")
             if graphs and variant == variants[0]:
                 RESULTS["peak_mem_decode_bytes"] = torch.cuda.max_memory_allocated()
             if head == "int8":
@@ -552,7 +549,7 @@ def run_variants(fast, prompt: list[int], args) -> None:
                 if config is not None:
                     stage("trace", trace_step, fast, prompt, name)
             del dec
-        kernels.PERSISTENT_CONFIG = configs[0]
+        fast.persistent_config = None
         configure(default_variant())
         measure("triton + CUDA graph (default), sampled", fast_gen(GraphDecoder(fast, max_seq, use_graph=graphs),
                 temperature=0.8, top_k=50, top_p=0.95, seed=0), args.runs)  # fmt: skip

@@ -38,7 +38,7 @@ What it changes, and why:
       fetched before its wait. Its weights are stacked over the layers once, on first use (the BitLinears and
       norms re-pointed at their slices: no second copy). Prefill and host-position steps run "folded". Its launch
       config, including how each GEMV input is handed over (packed once by the last program of the phase before,
-      or by every program for itself), is ``kernels.PERSISTENT_CONFIG``.
+      or by every program for itself), is ``persistent_config`` (None: ``kernels.PERSISTENT_CONFIG``).
   - ``pdl=True`` (default) launches those kernels, the attention kernels and the int8 head with programmatic
     dependent launch (sm_90+; ignored elsewhere), so that each launch overlaps the end of the kernel before it.
   - ``argmax="triton"`` (not yet measured): the greedy step's argmax over the vocabulary as one launch
@@ -141,6 +141,7 @@ class FastModel:
         self._fusable: list[bool] | None = None  # per layer: every matrix readable by the GEMV (made when needed)
         self._counters: torch.Tensor | None = None  # gemv="folded": int32 [layers, 4 sites, width], all zero
         self._stack = None  # gemv="persistent": kernels.LayerStack, made on first use
+        self.persistent_config: tuple[int, int, int, int] | None = None  # its launch config (kernels.decode_layers)
         self._step_err: torch.Tensor | None = None  # its int32 [1] timeout flag (kernels.decode_layers)
         self.net = net
         self.config = net.config
@@ -354,7 +355,7 @@ class FastModel:
             self._stack = self._stack_layers()
             self._step_err = torch.zeros((1,), dtype=torch.int32, device=self.device)
         out = kernels.decode_layers(tokens.view(1), pos, net.embed, net.cos, net.sin, net.cache_k, net.cache_v,
-                                    self._stack, self._step_err, trace=trace)  # fmt: skip
+                                    self._stack, self._step_err, self.persistent_config, trace)  # fmt: skip
         return (out[0].view(1, 1, -1), out[1]) if trace else out.view(1, 1, -1)
 
     @torch.inference_mode()

@@ -647,7 +647,7 @@ def test_fast_model_folded_step_equals_packed():
 
 @interp
 @pytest.mark.parametrize("layers,relu2,sub_norms,replicate", [(2, True, True, 0), (2, True, True, 1), (1, False, False, 1)])
-def test_fast_model_persistent_step_equals_folded(layers, relu2, sub_norms, replicate, monkeypatch):
+def test_fast_model_persistent_step_equals_folded(layers, relu2, sub_norms, replicate):
     # gemv="persistent" runs the graph step's layers in one launch (kernels.decode_layers, one program under the
     # interpreter), with either handoff (the last program packs, or every program packs: replicate): the same
     # logits and cache bytes as gemv="folded", bit for bit, at consecutive positions after a prefill and a
@@ -655,13 +655,13 @@ def test_fast_model_persistent_step_equals_folded(layers, relu2, sub_norms, repl
     # nothing held twice), and no wait timed out
     from bitnet158.runtime.fast import FastModel
 
-    monkeypatch.setattr(kernels, "PERSISTENT_CONFIG", (*kernels.PERSISTENT_CONFIG[:3], replicate))
     net = tiny_model(layers=layers, seed=6, relu2=relu2, sub_norms=sub_norms).net
     weights = net.resident_weight_bytes()
     with torch.inference_mode():
         steps = {}
         for gemv in ("folded", "persistent"):
             fast = FastModel(net, backend="triton", gemv=gemv)
+            fast.persistent_config = (*kernels.PERSISTENT_CONFIG[:3], replicate)
             net.setup_cache(1, 16)
             net.cache_k.zero_(), net.cache_v.zero_()
             steps[gemv] = [fast.logits_last(torch.tensor([[3, 5]]), 0), fast.logits_last(torch.tensor([[7]]), 2)]
@@ -924,7 +924,7 @@ def test_gpu_folded_kernels_and_argmax_in_a_graph():
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("replicate", [0, 1])
-def test_gpu_persistent_step_replays_exactly(replicate, monkeypatch):
+def test_gpu_persistent_step_replays_exactly(replicate):
     # gemv="persistent" on a GPU: a grid of programs on every multiprocessor, flags instead of kernel boundaries.
     # Its graph step replayed 20 times at one position (idempotent: the same cache slot rewritten with the same
     # bytes) gives the same logits bit for bit every time, which a missing barrier, release or acquire would break
@@ -932,7 +932,6 @@ def test_gpu_persistent_step_replays_exactly(replicate, monkeypatch):
     # (the norms' sums may run in another order there: close, and the same greedy token)
     from bitnet158.runtime.fast import FastModel
 
-    monkeypatch.setattr(kernels, "PERSISTENT_CONFIG", (*kernels.PERSISTENT_CONFIG[:3], replicate))
     net = tiny_model(device="cuda", dtype=torch.bfloat16, seed=9, hidden=512, inter=1376, layers=4).net
     tok, pos = torch.tensor([[5]], device="cuda"), torch.tensor([9], device="cuda")
     with torch.inference_mode():
@@ -941,6 +940,7 @@ def test_gpu_persistent_step_replays_exactly(replicate, monkeypatch):
         folded.logits_last(torch.tensor([list(range(1, 10))], device="cuda"), 0)  # fill positions 0-8
         want = folded.logits_last(tok, pos)
         fast = FastModel(net, backend="triton", gemv="persistent")
+        fast.persistent_config = (*kernels.PERSISTENT_CONFIG[:3], replicate)
         fast.logits_last(tok, pos)  # compile outside the capture
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
