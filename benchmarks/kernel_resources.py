@@ -142,7 +142,7 @@ def variants(quick: bool) -> list[tuple[str, object, dict, dict, dict]]:
     for rows, warps, replicate, trace in layer_cfgs:
         const = dict(REPLICATE=bool(replicate), TRACE=trace, D=D, NQ=NQ, NKV=NKV, I=I, H=20, GROUP=4, DH=128, HALF=64, NF=29, ATTN_SUB=True, MLP_SUB=True, RELU2=True,
                      BN_QKV=rows, BN_O=rows, BN_GU=rows, BN_D=max(1, rows * c_d // c_i), BW_D=c_d, BW_Q=c_d, BW_I=c_i,
-                     C_D=c_d, C_Q=c_d, C_I=c_i, BLOCK_N_ATT=64, BLOCK_S=16, BLOCK_D=128, ON_GPU=True, SPIN=1 << 22)  # fmt: skip
+                     C_D=c_d, C_Q=c_d, C_I=c_i, BLOCK_N_ATT=64, BLOCK_S=16, BLOCK_D=128, ON_GPU=True, SPIN=K.WAIT_POLLS)  # fmt: skip
         label = f"decode_layers {rows} rows w{warps}{' replicate' if replicate else ''}{' trace' if trace else ''}"
         out.append((label, K._decode_layers_kernel, args, const, {"num_warps": warps}))
     # the kernels that take programmatic dependent launch (FastModel(pdl=True)), once per variant with it on

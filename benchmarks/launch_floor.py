@@ -19,13 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-# the same PDL rule as the runtime's kernels (sm_90+, a triton with gdc_*) and its counter arrival
-from bitnet158.runtime.kernels import _last_arrival, _use_pdl
-
-try:  # programmatic dependent launch, as runtime/kernels.py imports it
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except ImportError:
-    gdc_launch_dependents = gdc_wait = None
+# the runtime kernels' PDL entry and rule (sm_90+, a triton with gdc_*) and their counter arrival
+from bitnet158.runtime.kernels import _last_arrival, _pdl_enter, _use_pdl
 
 
 @triton.jit
@@ -33,9 +28,7 @@ def _chain_kernel(x_ptr, cnt_ptr, PDL: tl.constexpr, ARRIVE: tl.constexpr):
     # with PDL: wait for the previous kernel, then let the next one launch (as kernels.py's kernels do). ARRIVE:
     # every program then arrives on a counter and the last reads what the others wrote (kernels._last_arrival, the
     # folded kernels' mechanism), so the difference is what a folded tail costs beyond its own work
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+    _pdl_enter(PDL)
     i = tl.program_id(0)
     tl.store(x_ptr + i, tl.load(x_ptr + i) + 1.0)
     if ARRIVE:

@@ -1552,6 +1552,8 @@ class LayerStack(NamedTuple):
     head_dim: int
 
 
+# decode_layers' bound on a wait: polls before it gives up (about a second; _wait)
+WAIT_POLLS = 1 << 21
 # decode_layers' launch: rows of a tile for the K = D matrices (the others keep its size in words), warps,
 # programs a multiprocessor (capped by what fits: every program must be resident, _decode_layers_kernel), and the
 # handoff at the packing boundaries (0: the last program packs and signals; 1: REPLICATE, every program packs)
@@ -1671,7 +1673,7 @@ def decode_layers(
     if _INTERPRET or not embed.is_cuda:
         programs, spin = 1, 1  # one program: every wait is met when it is reached, or never
     else:
-        spin = 1 << 21  # polls before a wait gives up (about a second)
+        spin = WAIT_POLLS
         if per_sm > 1:  # one program a multiprocessor always fits; more only as far as registers etc. allow
             compiled = _decode_layers_kernel.warmup(*args(1, err), **meta, SPIN=spin, grid=(1,))
             compiled._init_handles()  # loads the binary: n_regs
