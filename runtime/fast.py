@@ -367,6 +367,7 @@ class FastModel:
         _, times = self._persistent_step(torch.tensor([[token]], device=dev), torch.tensor([pos], device=dev), trace=True)
         return times
 
+    @torch.inference_mode()  # the flag is an inference tensor (made in a step)
     def step_failed(self) -> bool:
         """True if a gemv="persistent" step timed out waiting since the last call (kernels.decode_layers: its output
         was wrong); the flag is cleared. Reading it waits for the device."""

@@ -812,14 +812,14 @@ def _decode_layers_kernel(
     # phases of one persistent grid of P programs, each kernel boundary a flag in flags_ptr [L + 1, NF] (zero before
     # the launch; row L only counts the last layer's down rows): per layer 0 input ready, 1 q/k/v rows done
     # (count), 2 attention output packed, 3 o arrivals, 4 o output packed, 5 gate|up arrivals, 6 gate|up output
-    # packed, 7 down arrivals, 8 .. 8 + H − 1 splits done per head, 8 + H heads combined. Work items are numbered in dependency order (layer, phase, item) and program
-    # pid takes items pid, pid + P, ... of each phase in that order, so an item only waits on items numbered
-    # below it: with every program resident the lowest unfinished item can always run (no deadlock), and with
-    # P = 1 (the interpreter) every wait is already met. x [D] is the residual stream, updated in place by the o
-    # and down rows; buffers are reused by every layer, which is safe because a layer's first phase waits, through
-    # the chain of flags, on every item of the layer before. The per-layer weights are [L, ...] stacks (one layer
-    # a stride apart), the caches [L, B, Hkv, S, Dh] (batch row 0). Every read of another program's output goes
-    # through L2 (CG), after the acquire of its _wait.
+    # packed, 7 down arrivals, 8 .. 8 + H − 1 splits done per head, 8 + H heads combined. Work items are numbered
+    # in dependency order (layer, phase, item) and program pid takes items pid, pid + P, ... of each phase in that
+    # order, so an item only waits on items numbered below it: with every program resident the lowest unfinished
+    # item can always run (no deadlock), and with P = 1 every wait is already met. x [D] is the residual stream,
+    # updated in place by the o and down rows; buffers are reused by every layer, which is safe because a layer's
+    # first phase waits, through the chain of flags, on every item of the layer before. The per-layer weights are
+    # [L, ...] stacks (one layer a stride apart), the caches [L, B, Hkv, S, Dh] (batch row 0). Every read of
+    # another program's output goes through L2 (CG), after the acquire of its _wait.
     # Two handoffs at the four boundaries where the folded step packs: the last program to finish a phase packs
     # the next GEMV's input and signals it (flags 0, 2, 4, 6); or with REPLICATE every program of the next phase
     # waits for the count of finished items (flags 3, 5, 8 + H, and 0 = the down rows of the layer before) and
@@ -1615,7 +1615,8 @@ def decode_layers(
     row 0 is used); ``w`` the stacked weights; ``err`` int32 [1]: set to 1 if a wait timed out (a program was
     not resident, or a flag was never set), which the caller checks: the output is wrong then, not the GPU hung.
     ``config`` = (rows of a K = D tile, warps, programs a multiprocessor, replicate 0 / 1), default
-    ``PERSISTENT_CONFIG``; the interpreter runs one program. ``trace``: also return each program's times (GPU
+    ``PERSISTENT_CONFIG``; the interpreter is one multiprocessor, whose programs run one after another unless
+    something runs them at once (the tests do), so more than one there times out. ``trace``: also return each program's times (GPU
     global timer, ns; 0 under the interpreter) of each phase of each layer, int64 [P, L, 5 phases (q/k/v,
     attention, o, gate|up, down), 3 (entered, input ready, its items done)]: where the step's time goes."""
     n_layers, d, nq, inter = _layer_stack_shapes(w)
@@ -1670,8 +1671,8 @@ def decode_layers(
         C_I=c_i, BLOCK_N_ATT=block_n, BLOCK_S=triton.next_power_of_2(n_split),
         BLOCK_D=triton.next_power_of_2(dh), REPLICATE=bool(replicate), ON_GPU=not _INTERPRET, num_warps=warps,
     )  # fmt: skip
-    if _INTERPRET or not embed.is_cuda:
-        programs, spin = 1, 1  # one program: every wait is met when it is reached, or never
+    if _INTERPRET:  # one multiprocessor of per_sm programs; one alone meets every wait when it reaches it, or never
+        programs, spin = per_sm, 1 if per_sm == 1 else WAIT_POLLS
     else:
         spin = WAIT_POLLS
         if per_sm > 1:  # one program a multiprocessor always fits; more only as far as registers etc. allow

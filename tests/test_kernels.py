@@ -8,9 +8,12 @@ where the GPU rounds to nearest even). Tests marked ``gpu`` run the compiled ker
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import inspect
 import os
 import sys
+import threading
 from types import SimpleNamespace
 from unittest.mock import patch
 
@@ -21,6 +24,7 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ["TRITON_INTERPRET"] = "1"  # read when a @triton.jit function is defined, i.e. on import below
 triton = pytest.importorskip("triton")
+tl = triton.language  # for the test kernels; the interpreter also looks for it in programs_at_once's launcher
 
 if "bitnet158.runtime.kernels" in sys.modules and not HAS_CUDA:
     importlib.reload(sys.modules["bitnet158.runtime.kernels"])  # defined before the interpreter was switched on
@@ -305,9 +309,11 @@ def test_folded_attention_combines_and_packs(pos, dtype):
 
 
 @interp
-def test_argmax_kernel():
+@pytest.mark.parametrize("at_once", [False, pytest.param(True, marks=interp)])
+def test_argmax_kernel(at_once):
     # one launch, several programs (block 16): torch.argmax's index, ties to the first maximal index across and
-    # within blocks; the counter ends at zero
+    # within blocks; the counter ends at zero. at_once: the programs run together (programs_at_once), so the last
+    # to arrive, which reduces the partials, is any of them
     g = torch.Generator().manual_seed(0)
     counter = torch.zeros(1, dtype=torch.int32, device=DEV)
     cases = [torch.randn(n, generator=g) for n in (1, 15, 16, 17, 200)]
@@ -315,7 +321,8 @@ def test_argmax_kernel():
     tie[[40, 7, 71]] = 9.0  # ties in two blocks: the first index wins
     cases += [tie, torch.full((50,), float("-inf")), torch.randn(33, generator=g).to(torch.bfloat16)]
     for x in cases:
-        got = kernels.argmax(x.to(DEV), counter, block=16)
+        with programs_at_once(kernels._argmax_kernel) if at_once else contextlib.nullcontext():
+            got = kernels.argmax(x.to(DEV), counter, block=16)
         assert got.dtype == torch.long and got.shape == (1,)
         assert int(got) == int(x.float().argmax()), x
         assert not counter.any()
@@ -616,27 +623,84 @@ def test_fast_model_fused_and_packed_gemv_steps(relu2, sub_norms):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@contextlib.contextmanager
+def programs_at_once(*jitted):
+    """Under the interpreter, run each launch of these kernels with all its programs at once, a thread each, as a
+    GPU runs resident programs, instead of one after another: a persistent kernel's programs then wait on each
+    other for real, and the last program to arrive on a counter is whichever gets there last. The interpreter's
+    program index becomes per thread; the GIL switches threads every 0.1 ms, between interpreted operations, so
+    the programs interleave finely (each atomic is one operation)."""
+    from triton.runtime import interpreter as ti
+
+    builder, local = ti.interpreter_builder, threading.local()
+    cache = ti.InterpretedFunction.rewritten_fn
+    programs = {k.fn: k.rewrite() for k in jitted}  # the interpreter's Python version of each kernel
+
+    def at_once(program):
+        def launch(**args):
+            # the interpreter calls this once per program: program (0, 0, 0)'s call runs them all, the others return
+            if builder.grid_idx != (0, 0, 0):
+                return
+            failed = []
+
+            def run(idx):
+                local.idx = idx
+                try:
+                    program(**args)
+                except BaseException as e:  # re-raised in the launching thread
+                    failed.append(e)
+
+            nx, ny, nz = builder.grid_dim
+            grid = [(x, y, z) for x in range(nx) for y in range(ny) for z in range(nz)]
+            threads = [threading.Thread(target=run, args=(idx,)) for idx in grid]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            if failed:
+                raise failed[0]
+
+        # the interpreter binds a launch's arguments by the signature and keeps the constexpr-annotated ones as are
+        launch.__signature__, launch.__annotations__ = inspect.signature(program), program.__annotations__
+        return launch
+
+    builder_type, switch = type(builder), sys.getswitchinterval()
+    builder_type.grid_idx = property(lambda self: getattr(local, "idx", None), lambda self, v: setattr(local, "idx", v))
+    cache.update({fn: at_once(program) for fn, program in programs.items()})
+    sys.setswitchinterval(1e-4)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(switch)
+        cache.update(programs)
+        del builder_type.grid_idx
+
+
 @interp
 def test_fast_model_folded_step_equals_packed():
     # gemv="folded" computes exactly what "packed" computes: in a 2-token prefill (folded GEMVs, pack_act after the
     # torch attention), the host-position step, and the graph step (split attention with combine + pack folded in),
-    # over two layers so that the first packs the second's input; every counter ends at zero. argmax="triton":
-    # the greedy tokens of torch's argmax
+    # over two layers so that the first packs the second's input; every counter ends at zero; also with each
+    # kernel's programs run at once (programs_at_once: the last to arrive is any of them). argmax="triton": the
+    # greedy tokens of torch's argmax
     from bitnet158.runtime.fast import FastModel, FastPathError, GraphDecoder
 
     net = tiny_model(layers=2, seed=6).net
     with pytest.raises(FastPathError, match="argmax must be one of"):
         FastModel(net, argmax="cuda")
+    folded = (kernels._gemv_packed_kernel, kernels._decode_attention_kernel)
     with torch.inference_mode():
         steps = {}
-        for gemv in ("packed", "folded"):
+        for gemv, at_once in (("packed", False), ("folded", False), ("folded", True)):
             fast = FastModel(net, backend="triton", attention="split", gemv=gemv)
             net.setup_cache(1, 16)
-            steps[gemv] = [fast.logits_last(torch.tensor([[3, 5]]), 0), fast.logits_last(torch.tensor([[7]]), 2),
-                           fast.logits_last(torch.tensor([[1]]), torch.tensor([3]))]  # fmt: skip
-        assert fast._counters is not None and not fast._counters.any()
-        for a, b in zip(steps["packed"], steps["folded"]):
-            assert torch.equal(a, b)
+            with programs_at_once(*folded) if at_once else contextlib.nullcontext():
+                steps[gemv, at_once] = [fast.logits_last(torch.tensor([[3, 5]]), 0), fast.logits_last(torch.tensor([[7]]), 2),
+                                        fast.logits_last(torch.tensor([[1]]), torch.tensor([3]))]  # fmt: skip
+            assert fast._counters is None or not fast._counters.any()
+        assert fast._counters is not None
+        for a, b, c in zip(steps["packed", False], steps["folded", False], steps["folded", True]):
+            assert torch.equal(a, b) and torch.equal(a, c)
         tokens = {}
         for argmax in ("torch", "triton"):
             fast = FastModel(net, backend="triton", gemv="folded", argmax=argmax)
@@ -646,45 +710,49 @@ def test_fast_model_folded_step_equals_packed():
 
 
 @interp
-@pytest.mark.parametrize("layers,relu2,sub_norms,replicate", [(2, True, True, 0), (2, True, True, 1), (1, False, False, 1)])
-def test_fast_model_persistent_step_equals_folded(layers, relu2, sub_norms, replicate):
-    # gemv="persistent" runs the graph step's layers in one launch (kernels.decode_layers, one program under the
-    # interpreter), with either handoff (the last program packs, or every program packs: replicate): the same
-    # logits and cache bytes as gemv="folded", bit for bit, at consecutive positions after a prefill and a
-    # host-position step (which run the folded path); the stacked weights are the network's own (re-pointed views,
-    # nothing held twice), and no wait timed out
+@pytest.mark.parametrize("layers,relu2,sub_norms,replicate,programs", [(2, True, True, 0, 3), (2, True, True, 1, 7), (1, False, False, 1, 3)])
+def test_fast_model_persistent_step_equals_folded(layers, relu2, sub_norms, replicate, programs):
+    # gemv="persistent" runs the graph step's layers in one launch (kernels.decode_layers), with either handoff
+    # (the last program packs, or every program packs: replicate): the same logits and cache bytes as
+    # gemv="folded", bit for bit, at consecutive positions after a prefill and a host-position step (which run the
+    # folded path). Run by one program, and by several at once (programs_at_once): each phase's items spread over
+    # them (7 programs: more than the o phase's 4 items, so some have none), every wait met by the others' work,
+    # each last arrival in whichever program gets there last. The stacked weights are the network's own
+    # (re-pointed views, nothing held twice), and no wait timed out
     from bitnet158.runtime.fast import FastModel
 
     net = tiny_model(layers=layers, seed=6, relu2=relu2, sub_norms=sub_norms).net
     weights = net.resident_weight_bytes()
     with torch.inference_mode():
         steps = {}
-        for gemv in ("folded", "persistent"):
+        for gemv, n in (("folded", 1), ("persistent", 1), ("persistent", programs)):
             fast = FastModel(net, backend="triton", gemv=gemv)
-            fast.persistent_config = (*kernels.PERSISTENT_CONFIG[:3], replicate)
+            fast.persistent_config = (*kernels.PERSISTENT_CONFIG[:2], n, replicate)
             net.setup_cache(1, 16)
             net.cache_k.zero_(), net.cache_v.zero_()
-            steps[gemv] = [fast.logits_last(torch.tensor([[3, 5]]), 0), fast.logits_last(torch.tensor([[7]]), 2)]
-            steps[gemv] += [fast.logits_last(torch.tensor([[tok]]), torch.tensor([p])) for p, tok in ((3, 1), (4, 9))]
-            steps[gemv] += [net.cache_k.clone(), net.cache_v.clone()]
-    for a, b in zip(steps["folded"], steps["persistent"]):
-        assert torch.equal(a, b)
-    assert fast._stack is not None and not fast.step_failed()
+            steps[gemv, n] = [fast.logits_last(torch.tensor([[3, 5]]), 0), fast.logits_last(torch.tensor([[7]]), 2)]
+            with programs_at_once(kernels._decode_layers_kernel) if n > 1 else contextlib.nullcontext():
+                steps[gemv, n] += [fast.logits_last(torch.tensor([[tok]]), torch.tensor([p])) for p, tok in ((3, 1), (4, 9))]
+                steps[gemv, n] += [net.cache_k.clone(), net.cache_v.clone()]
+                if n > 1:  # the kernel's own trace: every phase of every layer of every program (0 here: no timer)
+                    times = fast.trace_step(2, 5)
+            assert not fast.step_failed()
+    for a, b, c in zip(steps["folded", 1], steps["persistent", 1], steps["persistent", programs]):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    assert fast._stack is not None
     assert fast.qkv[0].packed.data_ptr() == fast._stack.qkv.data_ptr()  # re-pointed into the stack
     assert net.layers[-1].mlp.down_proj.packed.data_ptr() == fast._stack.down[-1].data_ptr()
     assert net.resident_weight_bytes() == weights
     assert (fast._stack.attn_sub_norm is None) == (not sub_norms)
-    times = fast.trace_step(2, 5)  # the kernel's own trace: every phase of every layer marked (0 here: no timer)
-    assert times.shape == (1, layers, 5, 3) and not times.any()
+    assert times.shape == (programs, layers, 5, 3) and not times.any()
 
 
 @interp
 def test_wait_gives_up_into_the_error_flag():
-    # kernels._wait spins on a flag at most SPIN polls, then records the timeout instead of hanging the GPU; a
-    # GraphDecoder whose persistent step timed out refuses to go on
+    # kernels._wait spins on a flag at most SPIN polls, then records the timeout instead of hanging the GPU (and
+    # a persistent step whose programs do not all run at once times out); a GraphDecoder whose persistent step
+    # timed out refuses to go on
     from bitnet158.runtime.fast import FastModel, FastPathError, GraphDecoder
-
-    tl = triton.language
 
     @triton.jit
     def waiter(flag, target, err, out, SPIN: tl.constexpr):
@@ -697,7 +765,16 @@ def test_wait_gives_up_into_the_error_flag():
         flag, err, out = torch.tensor([2], dtype=torch.int32), torch.tensor([err0], dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
         waiter[(1,)](flag, target, err, out, spin)
         assert (int(err), int(out)) == (want, 7)
-    fast = FastModel(tiny_model(layers=1).net, backend="triton", gemv="persistent")
+    # a persistent step of 3 programs one after another (the interpreter's own order): program 0 waits on the
+    # items of program 1, and its wait gives up
+    net = tiny_model(layers=1).net
+    fast = FastModel(net, backend="triton", gemv="persistent")
+    fast.persistent_config = (*kernels.PERSISTENT_CONFIG[:2], 3, 0)
+    net.setup_cache(1, 16)
+    with torch.inference_mode(), patch.object(kernels, "WAIT_POLLS", 300):
+        fast.logits_last(torch.tensor([[4]]), torch.tensor([0]))
+    assert fast.step_failed() and not fast.step_failed()
+    fast = FastModel(net, backend="triton", gemv="persistent")
     fast._step_err = torch.ones(1, dtype=torch.int32)
     with pytest.raises(FastPathError, match="timed out"):
         list(GraphDecoder(fast, 16, use_graph=False).generate([3, 1], 2))
