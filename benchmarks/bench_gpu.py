@@ -252,28 +252,18 @@ def check_correctness(model, fast, prompt: list[int]) -> bool:
 
 
 def int8_head_effect(fast, prompt: list[int], text_ids: list[int] | None) -> None:
-    net = fast.net
-    with torch.inference_mode():
-        net.setup_cache(1, max(len(prompt), len(text_ids or [])) + 1)
-        logits = {}
-        for head in ("bf16", "int8"):
-            fast.set_head(head)
-            logits[head] = fast.logits(torch.tensor([prompt], device=DEV), 0, last_only=False)[0]
-        a, b = logits["bf16"], logits["int8"]
-        rel = float((b - a).norm() / a.norm())
-        top1 = float((a.argmax(-1) == b.argmax(-1)).float().mean())
-        kl = float(torch.nn.functional.kl_div(b.log_softmax(-1), a.log_softmax(-1), log_target=True, reduction="batchmean"))
-        res = {"logits_rel_err": rel, "top1_agreement": top1, "kl": kl}
-        say(f"int8 head: logits rel err {rel:.2e}, top-1 agreement {top1:.3f}, KL(bf16‖int8) {kl:.2e} over {len(prompt)} positions")
-        if text_ids:
-            ids = torch.tensor([text_ids], device=DEV)
-            for head in ("bf16", "int8"):
-                fast.set_head(head)
-                lg = fast.logits(ids, 0, last_only=False)[0, :-1]
-                res[f"ppl_{head}"] = float(torch.exp(torch.nn.functional.cross_entropy(lg, ids[0, 1:])))
-            say(f"int8 head: perplexity on the built-in text ({len(text_ids)} tokens): bf16 {res['ppl_bf16']:.3f}, int8 {res['ppl_int8']:.3f}")
-        fast.set_head("bf16")
-        RESULTS["int8_head"] = res
+    # the int8 head against the bf16 one (benchmarks/head_quality.py) in one window: over the built-in text on a
+    # trained model (--file), where the perplexities mean something, else over the prompt
+    from head_quality import compare  # benchmarks/head_quality.py
+
+    ids = text_ids or prompt
+    res = compare(fast, ids, len(ids), len(ids))
+    say(f"int8 head: logits rel err {res['logits_rel_err']:.2e}, top-1 agreement {res['top1_agreement']:.3f}, "
+        f"KL(bf16‖int8) {res['kl_mean']:.2e} over {res['tokens_scored']} positions"
+        + (f"; perplexity of the built-in text: bf16 {res['ppl_bf16']:.3f}, int8 {res['ppl_int8']:.3f}" if text_ids else ""))  # fmt: skip
+    if not text_ids:
+        del res["ppl_bf16"], res["ppl_int8"]
+    RESULTS["int8_head"] = res
 
 
 def step_check(fast, prompt: list[int], tokens: list[int]) -> dict:

@@ -1,6 +1,7 @@
-"""The GPU benchmark's variant list, checked where there is no GPU: a device session has minutes, so a variant
-that names an option FastModel lacks, or a parser slip, must fail here rather than there. The benchmark itself
-runs on the CPU as ``python benchmarks/bench_gpu.py --smoke`` (minutes in Triton's interpreter, not a test)."""
+"""The benchmarks, checked where there is no GPU. The GPU benchmark's variant list: a device session has minutes,
+so a variant that names an option FastModel lacks, or a parser slip, must fail here rather than there (the
+benchmark itself runs on the CPU as ``python benchmarks/bench_gpu.py --smoke``: minutes in Triton's interpreter,
+not a test). The int8 head's quality script, which runs anywhere, on the demo model."""
 
 from __future__ import annotations
 
@@ -81,3 +82,23 @@ def test_trace_summary(bench):
     for name, v in s["phases"].items():
         assert (v["wait_us"], v["work_us"], v["span_us"]) == (1.0, 2.0, 3.0), name
     assert (s["layer_us"], s["total_us"]) == (15.0, 30.0)
+
+
+def test_head_quality_on_the_demo_model(tmp_path):
+    # benchmarks/head_quality.py on the trained demo model: its bf16 perplexity is bitnet-run's, and the int8 head
+    # costs that model under 1 % of perplexity with nearly the same top-1 (a head quantized with the wrong row's
+    # scale, or none, is far off both)
+    import json
+    import subprocess
+
+    out = tmp_path / "head.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "head_quality.py"), "--device", "cpu", "--ctx", "64",
+           "--prompts", "2", "--new-tokens", "8", "--json", str(out)]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["ctx"] == 64 and res["stride"] == 32 and res["tokens_scored"] > 1000
+    assert res["ppl_bf16"] == pytest.approx(res["ppl_bitnet_run"], rel=1e-6)
+    assert abs(res["ppl_int8"] / res["ppl_bf16"] - 1) < 0.01
+    assert res["top1_agreement"] > 0.97 and 0 < res["kl_mean"] < 1e-2 and 0 < res["logits_rel_err"] < 0.05
+    assert 0 <= res["tokens_before_first_difference"] <= 8 and res["identical"] <= 2
