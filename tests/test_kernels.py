@@ -629,7 +629,8 @@ def programs_at_once(*jitted):
     GPU runs resident programs, instead of one after another: a persistent kernel's programs then wait on each
     other for real, and the last program to arrive on a counter is whichever gets there last. The interpreter's
     program index becomes per thread; the GIL switches threads every 0.1 ms, between interpreted operations, so
-    the programs interleave finely (each atomic is one operation)."""
+    the programs interleave finely (each atomic is one operation). It uses the interpreter's internals (its
+    builder's grid_idx / grid_dim and InterpretedFunction.rewritten_fn, as in Triton 3.6 and 3.9)."""
     from triton.runtime import interpreter as ti
 
     builder, local = ti.interpreter_builder, threading.local()
