@@ -91,7 +91,7 @@ grep -E "^check:|CORRECTNESS|FAILED" "$OUT/bench_demo.log"
 unset BITNET158_AUTOTUNE
 if [ "$MODE" = quick ]; then
   timeout -k 5 240 python3 benchmarks/bench_gpu.py --variants default,split/folded/pdl/argmax,split/persistent/argmax,split/persistent/int8/argmax \
-    --persistent-configs "16,8,1,0;16,8,1,1;8,8,1,0;8,8,1,1" --no-eager --profile --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
+    --persistent-configs "16,8,1,0;16,8,1,1;32,8,1,0;16,4,2,0" --no-eager --profile --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
 else
   timeout -k 10 330 python3 benchmarks/bench_gpu.py --hf --compile --budget-s 240 --profile --json "$OUT/bench.json" 2>&1 \
     | tee "$OUT/bench.log"

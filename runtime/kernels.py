@@ -749,7 +749,7 @@ def _argmax_kernel(x_ptr, N, pv_ptr, pi_ptr, cnt_ptr, out_ptr, BLOCK: tl.constex
         tl.store(out_ptr, tl.load(pi_ptr + jb, cache_modifier=".cg").to(tl.int64))
 
 
-@triton.jit
+@triton.jit(noinline=True)
 def _gemv_phase(
     pid, P, wait_ptr, wait_for, err_ptr, xq_row, s_ptr, qs_ptr, x_row, x_nw, X_K, X_K16, eps,
     w_ptr, scale_ptr, res_ptr, y_ptr, N, K16, cnt_ptr, ready_ptr, p_nw_ptr, p_xq_ptr, p_s_ptr, p_qs_ptr, P_K, P_K16,
@@ -766,6 +766,10 @@ def _gemv_phase(
     # Else each item arrives on cnt_ptr and, with PACK, the last one packs y for the next GEMV (_pack_row with the
     # P_* options) and sets ready_ptr, unless pack_on is false (the last layer). TRACE: the times of entry, input
     # ready and items done into tr_ptr [3].
+    # Not inlined (as _attn_phase): inlined, the compiler hoists each phase's loop-invariant values (index vectors,
+    # pointers) out of the layer loop, where they stay live across all five phases. As functions the kernel takes
+    # 196 registers a thread instead of 254 (Triton 3.6, 16-row tiles, 8 warps), and 32-row tiles or 4-warp
+    # programs (two a multiprocessor) compile without spills (benchmarks/kernel_resources.py).
     _mark(tr_ptr, TRACE, ON_GPU)
     n_items = tl.cdiv(N, BLOCK_N)
     _, row_ok, w_rows = _rows_at(w_ptr, pid * BLOCK_N, N, K16, BLOCK_N)
@@ -793,6 +797,35 @@ def _gemv_phase(
             _arrive(cnt_ptr)
         wt = wt_next
     _mark(tr_ptr + 2, TRACE, ON_GPU)
+
+
+@triton.jit(noinline=True)
+def _attn_phase(
+    pid, P, pos, cos_ptr, sin_ptr, k_l, v_l, qkv_ptr, y_ptr, pm_ptr, pl_ptr, pacc_ptr, fl, n_qkv, err_ptr, sub_nw,
+    o_xq, o_s, o_qs, tr_ptr, stride_kh, stride_ks, CHUNK, S, scale, eps, NQ: tl.constexpr, NKV: tl.constexpr,
+    H: tl.constexpr, GROUP: tl.constexpr, DH: tl.constexpr, HALF: tl.constexpr, K16Q: tl.constexpr,
+    ATTN_SUB: tl.constexpr, C_Q: tl.constexpr, BLOCK_N_ATT: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr, REPLICATE: tl.constexpr, ON_GPU: tl.constexpr, SPIN: tl.constexpr, TRACE: tl.constexpr,
+):  # fmt: skip
+    # the attention of decode_layers (one layer: caches k_l / v_l [B, Hkv, S, Dh], flags fl): program pid takes
+    # splits pid, pid + P, ... of the H × S; the rope rows and the first key / value block of its first split are
+    # in flight before its wait for the q/k/v rows (flag 1 ≥ n_qkv). The last split of a head combines it, and
+    # the last head packs y with the sub-norm for o and signals flag 2 (REPLICATE: counts the head on flag 8 + H).
+    # TRACE: tr_ptr[1] ← the time the input was ready. Not inlined, as _gemv_phase.
+    for it in range(pid, H * S, P):
+        h = it // S
+        s = it % S
+        lo = s * CHUNK
+        hi = tl.minimum(lo + CHUNK, pos)
+        rope, cache_k, cache_v, kv_first = _attn_prefetch(cos_ptr + pos * DH, sin_ptr + pos * DH, k_l, v_l, h // GROUP,
+                                                          lo, hi, stride_kh, stride_ks, DH, HALF, BLOCK_N_ATT)  # fmt: skip
+        if it == pid:
+            _wait(fl + 1, n_qkv, err_ptr, SPIN)
+            _mark(tr_ptr + 1, TRACE, ON_GPU)
+        _attn_split(qkv_ptr, rope, cache_k, cache_v, kv_first, pos, h, s, lo, hi, y_ptr, pm_ptr, pl_ptr, pacc_ptr, NQ,
+                    NKV, stride_ks, scale, S, H, fl + 8, sub_nw, o_xq, o_s, o_qs, K16Q, eps, fl + 2, GROUP, DH, HALF,
+                    BLOCK_N_ATT, True, True, ATTN_SUB, C_Q, BLOCK_S, BLOCK_D, ON_GPU, True,
+                    "count" if REPLICATE else "signal")  # fmt: skip
 
 
 @triton.jit
@@ -865,21 +898,10 @@ def _decode_layers_kernel(
         # attention: H × S splits, the last split of a head combines it, then the handoff of y to o
         _mark(tr + 3, TRACE, ON_GPU)
         _mark(tr + 4, TRACE, ON_GPU)  # input ready: rewritten after the wait by a program with splits
-        for it in range(pid, H * S, P):
-            h = it // S
-            s = it % S
-            lo = s * CHUNK
-            hi = tl.minimum(lo + CHUNK, pos)
-            rope, cache_k, cache_v, kv_first = _attn_prefetch(
-                cos_ptr + pos * DH, sin_ptr + pos * DH, k_ptr + lw * stride_kl, v_ptr + lw * stride_kl, h // GROUP, lo,
-                hi, stride_kh, stride_ks, DH, HALF, BLOCK_N_ATT)  # fmt: skip
-            if it == pid:
-                _wait(fl + 1, n_qkv, err_ptr, SPIN)
-                _mark(tr + 4, TRACE, ON_GPU)
-            _attn_split(qkv_ptr, rope, cache_k, cache_v, kv_first, pos, h, s, lo, hi, y_ptr, pm_ptr, pl_ptr, pacc_ptr,
-                        NQ, NKV, stride_ks, scale, S, H, fl + 8, nw_attn_sub + lw * NQ, o_xq, o_s, o_qs, K16Q, eps,
-                        fl + 2, GROUP, DH, HALF, BLOCK_N_ATT, True, True, ATTN_SUB, C_Q, BLOCK_S, BLOCK_D, ON_GPU,
-                        True, "count" if REPLICATE else "signal")  # fmt: skip
+        _attn_phase(pid, P, pos, cos_ptr, sin_ptr, k_ptr + lw * stride_kl, v_ptr + lw * stride_kl, qkv_ptr, y_ptr,
+                    pm_ptr, pl_ptr, pacc_ptr, fl, n_qkv, err_ptr, nw_attn_sub + lw * NQ, o_xq, o_s, o_qs, tr + 3,
+                    stride_kh, stride_ks, CHUNK, S, scale, eps, NQ, NKV, H, GROUP, DH, HALF, K16Q, ATTN_SUB, C_Q,
+                    BLOCK_N_ATT, BLOCK_S, BLOCK_D, REPLICATE, ON_GPU, SPIN, TRACE)  # fmt: skip
         _mark(tr + 5, TRACE, ON_GPU)
         # h = x + o(sub_norm(y)), in place; then mlp_norm(h) for gate|up
         o_wait, o_for = (fl + 8 + H, H) if REPLICATE else (fl + 2, 1)

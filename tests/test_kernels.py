@@ -1001,9 +1001,10 @@ def test_gpu_folded_kernels_and_argmax_in_a_graph():
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("replicate", [0, 1])
-def test_gpu_persistent_step_replays_exactly(replicate):
-    # gemv="persistent" on a GPU: a grid of programs on every multiprocessor, flags instead of kernel boundaries.
+@pytest.mark.parametrize("config", [(16, 8, 1, 0), (16, 8, 1, 1), (16, 4, 2, 0)])
+def test_gpu_persistent_step_replays_exactly(config):
+    # gemv="persistent" on a GPU: a grid of programs on every multiprocessor (two each of 4 warps in the last
+    # config), flags instead of kernel boundaries.
     # Its graph step replayed 20 times at one position (idempotent: the same cache slot rewritten with the same
     # bytes) gives the same logits bit for bit every time, which a missing barrier, release or acquire would break
     # (METHOD.md: a race shows up as a replay that differs), no wait times out, and it agrees with gemv="folded"
@@ -1018,7 +1019,7 @@ def test_gpu_persistent_step_replays_exactly(replicate):
         folded.logits_last(torch.tensor([list(range(1, 10))], device="cuda"), 0)  # fill positions 0-8
         want = folded.logits_last(tok, pos)
         fast = FastModel(net, backend="triton", gemv="persistent")
-        fast.persistent_config = (*kernels.PERSISTENT_CONFIG[:3], replicate)
+        fast.persistent_config = config
         fast.logits_last(tok, pos)  # compile outside the capture
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
