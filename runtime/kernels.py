@@ -1637,10 +1637,11 @@ def decode_layers(
     row 0 is used); ``w`` the stacked weights; ``err`` int32 [1]: set to 1 if a wait timed out (a program was
     not resident, or a flag was never set), which the caller checks: the output is wrong then, not the GPU hung.
     ``config`` = (rows of a K = D tile, warps, programs a multiprocessor, replicate 0 / 1), default
-    ``PERSISTENT_CONFIG``; the interpreter is one multiprocessor, whose programs run one after another unless
-    something runs them at once (the tests do), so more than one there times out. ``trace``: also return each program's times (GPU
-    global timer, ns; 0 under the interpreter) of each phase of each layer, int64 [P, L, 5 phases (q/k/v,
-    attention, o, gate|up, down), 3 (entered, input ready, its items done)]: where the step's time goes."""
+    ``PERSISTENT_CONFIG``. The interpreter counts as one multiprocessor and runs its programs one after another,
+    so there more than one times out, unless something runs them at once (the tests do). ``trace``: also return
+    each program's times (GPU global timer, ns; 0 under the interpreter) of each phase of each layer, int64 [P, L,
+    5 phases (q/k/v, attention, o, gate|up, down), 3 (entered, input ready, its items done)]: where the step's
+    time goes."""
     n_layers, d, nq, inter = _layer_stack_shapes(w)
     nkv, dh = w.n_kv * w.head_dim, w.head_dim
     dev = embed.device
