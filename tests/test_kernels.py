@@ -782,6 +782,26 @@ def test_wait_gives_up_into_the_error_flag():
     assert not fast.step_failed()  # reported once, then cleared for the next generation
 
 
+def test_persistent_programs_a_multiprocessor():
+    # decode_layers' grid is per_sm programs a multiprocessor, capped by what fits at once (every program must be
+    # resident, or the step times out): registers are allocated per warp in units of 256, and an H100 / H200
+    # multiprocessor has 65,536 of them, 2,048 threads and 228 KB of shared memory (1 KB reserved a block)
+    hopper = SimpleNamespace(regs_per_multiprocessor=65536, max_threads_per_multi_processor=2048,
+                             shared_memory_per_multiprocessor=233472)  # fmt: skip
+    kernels._resident_per_sm.cache_clear()
+    try:
+        with patch.object(torch.cuda, "get_device_properties", lambda index: hopper):
+            fits = kernels._resident_per_sm
+            assert fits(0, 196, 8192, 8) == 1  # the default config: 196 registers, 8 warps
+            assert fits(0, 254, 8192, 4) == 2  # 16 rows, 4 warps: two a multiprocessor
+            assert fits(0, 255, 8192, 4) == 2 and fits(0, 128, 8192, 8) == 2 and fits(0, 129, 8192, 8) == 1
+            assert fits(0, 81, 8192, 4) == 5  # 81 · 32 = 2,592 registers a warp take 2,816: 5 programs, not 6
+            assert fits(0, 32, 8192, 4) == 16  # then threads bound it: 2,048 / 128
+            assert fits(0, 32, 100_000, 4) == 2  # and shared memory
+    finally:
+        kernels._resident_per_sm.cache_clear()
+
+
 def test_decode_layers_checks_its_inputs():
     # a LayerStack of the wrong shape or dtype is refused before anything runs
     d, nq, nkv, inter, n_layers = 64, 64, 32, 160, 2
