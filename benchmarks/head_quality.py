@@ -74,21 +74,12 @@ def compare(fast, ids: list[int], ctx: int, stride: int) -> dict:
     }
 
 
-def greedy(fast, prompt: list[int], n: int) -> list[int]:
-    """n greedy tokens after ``prompt`` (a prefill, then one step a token at host positions)."""
-    fast.net.setup_cache(1, len(prompt) + n)
-    logits = fast.logits(torch.tensor([prompt], device=fast.net.device), 0)[0, -1]
-    out = []
-    for pos in range(len(prompt), len(prompt) + n):
-        out.append(int(logits.argmax()))
-        logits = fast.logits(torch.tensor([[out[-1]]], device=fast.net.device), pos)[0, -1]
-    return out
-
-
 @torch.inference_mode()
 def greedy_agreement(fast, ids: list[int], prompts: int, prompt_len: int, n: int) -> dict:
-    """Greedy continuations of ``prompts`` slices of the text under both heads: the tokens before the first
-    difference, and how many continuations are identical."""
+    """Greedy continuations of ``prompts`` slices of the text under both heads (the runtime's decoder, steps at
+    host positions): the tokens before the first difference, and how many continuations are identical."""
+    from bitnet158.runtime.fast import GraphDecoder
+
     starts = [i * max(1, (len(ids) - prompt_len) // prompts) for i in range(prompts)]
     same, identical = 0, 0
     for s in starts:
@@ -96,7 +87,7 @@ def greedy_agreement(fast, ids: list[int], prompts: int, prompt_len: int, n: int
         runs = {}
         for head in HEADS:
             fast.set_head(head)
-            runs[head] = greedy(fast, prompt, n)
+            runs[head] = list(GraphDecoder(fast, len(prompt) + n, use_graph=False).generate(prompt, n))
         k = next((i for i, (a, b) in enumerate(zip(runs["bf16"], runs["int8"])) if a != b), n)
         same += k
         identical += k == n
