@@ -242,9 +242,14 @@ class FastModel:
                 z = m.sub_norm(z)
         return h + m.down_proj(z), None
 
+    def _graph_step(self, tokens_shape, pos) -> bool:
+        # the graph decode step on the triton backend: one token (tokens_shape [B, T, ...] starts with 1, 1), its
+        # position on the device
+        return self.backend == "triton" and not isinstance(pos, int) and tuple(tokens_shape[:2]) == (1, 1)
+
     def _attention_kernel(self, qkv: torch.Tensor, pos) -> bool:
-        # the attention kernels apply to the graph decode step (one token, position on the device), triton backend
-        return self.attention != "torch" and self.backend == "triton" and not isinstance(pos, int) and qkv.shape[:2] == (1, 1)
+        # the attention kernels apply to the graph decode step
+        return self.attention != "torch" and self._graph_step(qkv.shape, pos)
 
     def _attend(self, i: int, qkv: torch.Tensor, cos, sin, pos, mask) -> torch.Tensor:
         # qkv [B, T, Nq + 2·Nkv] → attention output [B, T, Nq] (before the sub-norm), keys/values into the cache
@@ -280,16 +285,23 @@ class FastModel:
                 log.info("gemv=%r: some layers' rows are not whole int32 words; those run the plain path", self.gemv)
         return self._fusable
 
+    def _pack(self, inp: torch.Tensor, k: int, norm, act: str | None = None):
+        # inp [M, K] (gate | up [M, 2K] with act) → kernels.PackedAct of norm?(act?(inp)): a packed GEMV's input
+        from bitnet158.runtime import kernels
+
+        w, eps = _norm_args(norm)
+        return kernels.pack_act(inp, k, norm=w, eps=eps, act=act, pdl=self.pdl)
+
     def _fused_layer(self, i: int, x: torch.Tensor, cos, sin, pos, mask) -> torch.Tensor:
         # the same layer with gemv="fused" (four GEMV launches) or "packed" (eight): x [B, T, D], B·T ≤ GEMV_MAX_M
         from bitnet158.runtime import kernels
 
         def gemv(lin: BitLinear, inp: torch.Tensor, norm=None, act=None, residual=None) -> torch.Tensor:
             # lin(norm?(act?(inp))) (+ residual), inp [B·T, K] (gate | up [B·T, 2K] with act)
-            w, eps = _norm_args(norm)
             if self.gemv == "packed":
-                a = kernels.pack_act(inp, lin.in_features, norm=w, eps=eps, act=act, pdl=self.pdl)
+                a = self._pack(inp, lin.in_features, norm, act)
                 return kernels.bitlinear_gemv_packed(a, lin.packed, lin.scale, inp.dtype, residual=residual, pdl=self.pdl)
+            w, eps = _norm_args(norm)
             return kernels.bitlinear_gemv(inp, lin.packed, lin.scale, lin.in_features, norm=w, eps=eps, act=act,
                                           residual=residual, pdl=self.pdl)  # fmt: skip
 
@@ -325,8 +337,7 @@ class FastModel:
             return kernels.bitlinear_gemv_packed(act_in, lin.packed, lin.scale, x.dtype, residual=residual, pdl=pdl, pack_next=pack_next)
 
         if carry is None:
-            w, eps = _norm_args(layer.attn_norm)
-            carry = kernels.pack_act(x2, d, norm=w, eps=eps, pdl=pdl)
+            carry = self._pack(x2, d, layer.attn_norm)
         qkv = gemv(carry, self.qkv[i]).view(b, t, -1)  # [B, T, Nq + 2·Nkv]
         nq = a.n_heads * a.head_dim
         if self.attention == "split" and self._attention_kernel(qkv, pos):
@@ -335,8 +346,7 @@ class FastModel:
                                                 split=True, pack_next=nxt(0, a.sub_norm))  # fmt: skip
         else:
             y = self._attend(i, qkv, cos, sin, pos, mask).reshape(b * t, nq)
-            w, eps = _norm_args(a.sub_norm)
-            act_o = kernels.pack_act(y, nq, norm=w, eps=eps, pdl=pdl)
+            act_o = self._pack(y, nq, a.sub_norm)
         h, act_gu = gemv(act_o, a.o_proj, residual=x2, pack_next=nxt(1, layer.mlp_norm))  # h = x + attention
         gu, act_d = gemv(act_gu, self.gate_up[i], pack_next=nxt(2, m.sub_norm, "relu2" if m.relu2 else "silu"))
         if i + 1 < len(self.net.layers) and self._fused_gemv(i + 1, x):  # the next layer takes a folded input
@@ -454,8 +464,7 @@ class FastModel:
         # tokens [B, T] → the last layer's output [B, T, D] (before the final norm); see logits()
         net = self.net
         b, t = tokens.shape
-        graph_step = self.backend == "triton" and not isinstance(start_pos, int) and (b, t) == (1, 1)
-        if self.gemv == "persistent" and graph_step and all(self._fusable_layers()):
+        if self.gemv == "persistent" and self._graph_step(tokens.shape, start_pos) and all(self._fusable_layers()):
             return self._persistent_step(tokens, start_pos)
         if isinstance(start_pos, int):
             if start_pos + t > net.max_seq or b > net.max_batch:
