@@ -9,11 +9,12 @@ where the GPU rounds to nearest even). Tests marked ``gpu`` run the compiled ker
 from __future__ import annotations
 
 import contextlib
-import importlib
+import importlib.util
 import inspect
 import os
 import sys
 import threading
+from pathlib import Path
 from types import SimpleNamespace
 from unittest.mock import patch
 
@@ -36,6 +37,7 @@ interp = pytest.mark.skipif(HAS_CUDA, reason="interpreter tests run where there 
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 DEV = "cuda" if HAS_CUDA else "cpu"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # --- reference ------------------------------------------------------------------------------------------------
@@ -800,6 +802,37 @@ def test_persistent_programs_a_multiprocessor():
             assert fits(0, 32, 100_000, 4) == 2  # and shared memory
     finally:
         kernels._resident_per_sm.cache_clear()
+
+
+@interp
+@pytest.mark.parametrize("relu2,sub_norms", [(True, True), (False, False)])
+def test_decode_step_reads_each_weight_byte_once(relu2, sub_norms):
+    # benchmarks/traffic.py counts every load of a graph decode step's kernels: each decode variant (the default,
+    # the int8 head, plain / fused / folded / persistent GEMVs) reads each t2 weight byte and each int8 head byte
+    # exactly once, and the KV cache at the filled positions only, all of them (a re-read or a whole-cache read
+    # gives the same logits, so only counting sees it). The counter itself sees a second read
+    from bitnet158.runtime.fast import FastModel
+
+    spec = importlib.util.spec_from_file_location("traffic", ROOT / "benchmarks" / "traffic.py")
+    traffic = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(traffic)
+    net = tiny_model(layers=2, seed=6, relu2=relu2, sub_norms=sub_norms).net
+    prompt = [3, 5, 7, 1, 9, 2, 4]
+    rows = traffic.run(lambda v: FastModel(net, backend="triton", **v.opts), prompt, 8, traffic.VARIANTS)
+    assert [r["variant"] for r in rows] == [v.name for v in traffic.VARIANTS]
+    for row in rows:
+        for kind in ("t2 weights", "int8 head"):
+            if kind in row:
+                r = row[kind]
+                assert r.read == r.distinct == r.size > 0, (row["variant"], kind, r[:3])
+        assert row["kv_filled"] and row["kv_positions"][0] == 0 and row["kv_positions"][1] in (6, 7), row["variant"]
+    assert "int8 head" in rows[1] and rows[-1]["embedding"].read  # the persistent kernel reads the token's row
+    x, packed, scale = rand_case(1, 24, 64, per_row=True)
+    with traffic.counted_loads() as loads:
+        for _ in range(2):
+            kernels.bitlinear_gemv(x, packed, scale, 64)
+    twice = traffic.reads_of(traffic.by_size(loads), [packed])
+    assert twice.read == 2 * twice.distinct == 2 * packed.numel() and twice.mask.all()
 
 
 def test_decode_layers_checks_its_inputs():
