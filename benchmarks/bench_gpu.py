@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """GPU benchmark of the BitNet fast path (issue 5): correctness first, then every variant and the baselines.
 
-    python benchmarks/bench_gpu.py                       # a random model of the 2B-4T shape, made here
+    python benchmarks/bench_gpu.py                       # a random model of the 2B-4T shape, made here (bitnet-convert random 2b4t)
     python benchmarks/bench_gpu.py --file model.bin      # a converted file too (perplexity of the int8 head)
     python benchmarks/bench_gpu.py --json out.json --compile --hf
 
@@ -12,8 +12,8 @@ What it does, in order (each step logs one line; a short table comes last):
    (activations packed once: gemv="packed", autotuned and each tile on its own) and its pack_act launch vs bf16
    F.linear vs unpack + F.linear, over rotating weight copies larger than L2, replayed from a CUDA graph, with
    achieved GB/s; and the int8 head GEMV vs the bf16 head;
-3. the random model: random t2 bytes, per-tensor scales and a random bf16 tied embedding written with
-   formats.PackedWriter into a temp dir, then loaded with ``bitnet158.runtime.load`` (load time, resident
+3. the random model: the file ``bitnet-convert random 2b4t`` writes (converter/random_model.py: random t2 codes,
+   per-tensor scales, a random bf16 tied embedding), made in a temp dir, then loaded with ``bitnet158.runtime.load`` (load time, resident
    memory), and the roofline (weight bytes per decoded token ÷ the copy bandwidth);
 4. correctness: fast-path prefill logits against the reference path, and the default decode step in its CUDA
    graph teacher-forced against the reference network (``step_check``): PASS / FAIL; then what the int8 head does
@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from bitnet158.converter.random_model import SHAPES, model_config, write_random_model
 
 SHAPE_2B4T = {"hidden": 2560, "intermediate": 6912, "layers": 30, "heads": 20, "kv_heads": 5, "head_dim": 128, "vocab": 128256}
 TEXT = (
@@ -73,100 +74,47 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-# --- model files ----------------------------------------------------------------------------------------------
-def model_config(s: dict) -> dict:
-    return {
-        "family": "bitnet", "hidden_size": s["hidden"], "intermediate_size": s["intermediate"],
-        "num_hidden_layers": s["layers"], "num_attention_heads": s["heads"], "num_key_value_heads": s["kv_heads"],
-        "head_dim": s["head_dim"], "vocab_size": s["vocab"], "max_position_embeddings": 4096,
-        "rope_theta": 500000.0, "rope_style": "neox", "rope_scaling": None, "rms_norm_eps": 1e-5,
-        "hidden_act": "relu2", "sub_norms": True, "tie_word_embeddings": True, "bos_token_id": None,
-        "eos_token_id": [s["vocab"] - 1],
-    }  # fmt: skip
-
-
-def tiny_tokenizer() -> dict:
-    from tokenizers import Tokenizer, models
-
-    tok = Tokenizer(models.WordLevel({"<unk>": 0, "a": 1, "b": 2}, unk_token="<unk>"))
-    return {"tokenizer_json": tok.to_str(), "chat_template": None, "bos_token": None, "eos_token": None,
-            "add_bos_token": False, "add_eos_token": False}  # fmt: skip
-
-
-def linear_shapes(s: dict) -> dict[str, tuple[int, int]]:
-    d, i, q, kv = s["hidden"], s["intermediate"], s["heads"] * s["head_dim"], s["kv_heads"] * s["head_dim"]
-    return {"attn.q_proj": (q, d), "attn.k_proj": (kv, d), "attn.v_proj": (kv, d), "attn.o_proj": (d, q),
-            "mlp.gate_proj": (i, d), "mlp.up_proj": (i, d), "mlp.down_proj": (d, i)}  # fmt: skip
-
-
-def random_t2(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
-    """Random t2 bytes uint8 [n, ceil(k/4)], codes 0..2 (made on the GPU: 2·10^9 weights in seconds)."""
-    kb = (k + 3) // 4
-    codes = torch.randint(0, 3, (n, kb, 4), generator=gen, device=DEV, dtype=torch.uint8)
-    if k % 4:
-        codes[:, -1, k % 4 :] = 1  # padding codes are zeros (PACKED.md §2.1)
-    return (codes[..., 0] | (codes[..., 1] << 2) | (codes[..., 2] << 4) | (codes[..., 3] << 6)).cpu()
-
-
-def write_random_file(path: Path, s: dict, seed: int = 0) -> dict:
-    """A random model of shape ``s`` as a packed file; returns {name: (t2 bytes, scale)} kept for the HF copy."""
-    from bitnet158.formats.packed import PackedWriter, TensorSpec
-
-    gen = torch.Generator(device=DEV).manual_seed(seed)
-    specs, data = [], {}
-    d = s["hidden"]
-    specs.append(TensorSpec("embed.weight", "bf16", (s["vocab"], d)))
-    data["embed.weight"] = (torch.randn(s["vocab"], d, generator=gen, device=DEV) * 0.05).bfloat16().cpu()
-    for i in range(s["layers"]):
-        p = f"layers.{i}."
-        for name, n in (("attn_norm", d), ("mlp_norm", d), ("attn.sub_norm", s["heads"] * s["head_dim"]), ("mlp.sub_norm", s["intermediate"])):
-            specs.append(TensorSpec(p + name + ".weight", "bf16", (n,)))
-            data[p + name + ".weight"] = (1 + 0.1 * torch.randn(n, generator=gen, device=DEV)).bfloat16().cpu()
-        for name, (n, k) in linear_shapes(s).items():
-            w = p + name + ".weight"
-            specs.append(TensorSpec(w, "t2", (n, k), scale=w + "_scale", scale_granularity="tensor"))
-            specs.append(TensorSpec(w + "_scale", "f32", (1,)))
-            data[w] = random_t2(n, k, gen)
-            # a bf16-representable scale, so that the HF copy (bf16 weight_scale) holds exactly the same weights
-            data[w + "_scale"] = ((torch.rand(1, generator=gen, device=DEV) + 0.5) * 0.05).bfloat16().float().cpu()
-    specs.append(TensorSpec("norm.weight", "bf16", (d,)))
-    data["norm.weight"] = (1 + 0.1 * torch.randn(d, generator=gen, device=DEV)).bfloat16().cpu()
-    prov = {"source": "bench_gpu.py random", "revision": None, "files": {}, "converter": "bitnet158 bench",
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
-    with PackedWriter(path, config=model_config(s), tokenizer=tiny_tokenizer(), provenance=prov, tensors=specs, overwrite=True) as w:
-        for spec in specs:
-            w.write(spec.name, data[spec.name])
-    return data
-
-
-def write_hf_checkpoint(folder: Path, s: dict, data: dict) -> None:
-    """The same weights as transformers' packed BitNet checkpoint (uint8 [out/4, in] + weight_scale, offline)."""
+# --- model files ---------------------------------------------------------------------------------------------
+def write_hf_checkpoint(folder: Path, path: Path) -> None:
+    """The packed file's weights as transformers' packed BitNet checkpoint (uint8 [out/4, in] + bf16 weight_scale,
+    autobitlinear offline): the same network (the random files' scales are bf16-representable)."""
+    from bitnet158.formats.packed import PackedFile
     from bitnet158.formats.ternary import pack_hf, unpack_t2
     from safetensors.torch import save_file
     from transformers import BitNetConfig
 
     folder.mkdir(parents=True, exist_ok=True)
-    cfg = BitNetConfig(
-        vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["intermediate"],
-        num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
-        max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=True, rope_theta=500000.0,
-        bos_token_id=None, eos_token_id=None,
-    )  # fmt: skip
-    cfg_d = cfg.to_dict()
-    cfg_d["quantization_config"] = {"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": "offline"}
-    (folder / "config.json").write_text(json.dumps(cfg_d, indent=2))
-    hf = {"model.embed_tokens.weight": data["embed.weight"], "model.norm.weight": data["norm.weight"]}
-    names = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm",
-             "attn.sub_norm": "self_attn.attn_sub_norm", "mlp.sub_norm": "mlp.ffn_sub_norm"}  # fmt: skip
-    for i in range(s["layers"]):
-        for ours, theirs in names.items():
-            hf[f"model.layers.{i}.{theirs}.weight"] = data[f"layers.{i}.{ours}.weight"]
-        for name, (n, k) in linear_shapes(s).items():
-            w = f"layers.{i}.{name}.weight"
-            t = unpack_t2(data[w].to(DEV), k)
-            theirs = f"model.layers.{i}.{name.replace('attn.', 'self_attn.')}"
-            hf[theirs + ".weight"] = pack_hf(t).cpu()
-            hf[theirs + ".weight_scale"] = data[w + "_scale"].bfloat16()
+    names = {"embed": "model.embed_tokens", "norm": "model.norm", "attn_norm": "input_layernorm",
+             "mlp_norm": "post_attention_layernorm", "attn.sub_norm": "self_attn.attn_sub_norm",
+             "mlp.sub_norm": "mlp.ffn_sub_norm"}  # fmt: skip
+    with PackedFile(path) as pf:
+        c = pf.config
+        cfg = BitNetConfig(
+            vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
+            num_hidden_layers=c["num_hidden_layers"], num_attention_heads=c["num_attention_heads"],
+            num_key_value_heads=c["num_key_value_heads"], max_position_embeddings=c["max_position_embeddings"],
+            rms_norm_eps=c["rms_norm_eps"], tie_word_embeddings=True, rope_theta=c["rope_theta"], bos_token_id=None,
+            eos_token_id=None,
+        )  # fmt: skip
+        cfg_d = cfg.to_dict()
+        cfg_d["quantization_config"] = {"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": "offline"}
+        (folder / "config.json").write_text(json.dumps(cfg_d, indent=2))
+        hf = {}
+        for name, info in pf.tensors.items():
+            if name.endswith("_scale"):
+                continue
+            base = name.removesuffix(".weight")
+            if base.startswith("layers."):  # layers.{i}.{part}
+                _, i, part = base.split(".", 2)
+                theirs = f"model.layers.{i}." + names.get(part, part.replace("attn.", "self_attn."))
+            else:
+                theirs = names[base]
+            if info.dtype == "t2":
+                packed, scale = pf.ternary(name)
+                hf[theirs + ".weight"] = pack_hf(unpack_t2(packed.to(DEV), info.shape[1])).cpu()
+                hf[theirs + ".weight_scale"] = scale.bfloat16()
+            else:
+                hf[theirs + ".weight"] = pf.torch(name).clone()
     save_file(hf, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
@@ -758,7 +706,7 @@ def microbench(shapes: list[tuple[str, int, int]]) -> None:
             f"without the whole-row tiles {row['packed_best_not_wide_us']:.1f} us) + pack_act {row['pack_act_us']:.1f} us, "
             f"bf16 F.linear {row['bf16_us']:.1f} us ({row['bf16_GBs']:.0f} GB/s), unpack+F.linear {row['unpack_us']:.1f} us")
     # the head: int8 GEMV vs bf16 F.linear, one matrix larger than L2
-    v, d = SHAPE_2B4T["vocab"], SHAPE_2B4T["hidden"]
+    v, d = SHAPES["2b4t"]["vocab_size"], SHAPES["2b4t"]["hidden_size"]
     w = torch.randn(v, d, device="cuda", dtype=torch.bfloat16)
     wq, wsc = kernels.quantize_head(w)
     xd = x[:, :d].contiguous()
@@ -787,7 +735,8 @@ def make_prompt(vocab: int, n: int, seed: int = 1) -> list[int]:
     return torch.randint(0, vocab - 1, (n,), generator=g).tolist()
 
 
-def bench_model(path: Path, label: str, args, hf_data: dict | None, t_start: float) -> None:
+def bench_model(path: Path, label: str, args, random: bool, t_start: float) -> None:
+    # random: the file is the random one made here, which --hf copies into an HF checkpoint for transformers
     from bitnet158.runtime import load
     from bitnet158.runtime.fast import FastModel
 
@@ -826,7 +775,7 @@ def bench_model(path: Path, label: str, args, hf_data: dict | None, t_start: flo
         text_ids = model.tokenizer.encode(TEXT, add_special_tokens=True)
     stage("int8 head effect", int8_head_effect, fast, prompt[:256], text_ids)
     stage("variants", run_variants, fast, prompt, args)
-    if hf_data is not None and args.hf:
+    if random and args.hf:
         net = model.net
         with torch.inference_mode():
             fast.set_backend("reference")
@@ -835,7 +784,7 @@ def bench_model(path: Path, label: str, args, hf_data: dict | None, t_start: flo
             fast.set_backend("triton")
         hf_dir = Path(args.tmp) / "hf"
         t0 = time.perf_counter()
-        stage("write HF checkpoint", write_hf_checkpoint, hf_dir, args.shape, hf_data)
+        stage("write HF checkpoint", write_hf_checkpoint, hf_dir, path)
         say(f"wrote the HF packed checkpoint in {time.perf_counter() - t0:.1f} s")
         stage("transformers", run_hf, hf_dir, prompt, args.hf_tokens, ours)
     if args.compile:
@@ -923,12 +872,13 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true", help="CPU dry run of the whole script on a tiny model (interpreter)")
     args = ap.parse_args()
     global DEV, TRAINED
-    args.shape = SHAPE_2B4T
+    config = model_config("2b4t")  # bitnet-convert random 2b4t
     TRAINED = bool(args.file) or args.smoke
     if args.smoke:
         DEV = "cpu"
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined
-        args.shape = {"hidden": 64, "intermediate": 160, "layers": 2, "heads": 4, "kv_heads": 2, "head_dim": 16, "vocab": 300}
+        config = dict(model_config("2b4t", layers=2, vocab=300), hidden_size=64, intermediate_size=160,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16)  # fmt: skip
     if args.hf_worker:
         hf_worker(Path(args.hf_worker), args.tokens, args.prompt_len)
         return 0
@@ -951,14 +901,13 @@ def main() -> int:
             RESULTS["launch_floor_us"] = {}
             stage("launch floor", launch_floor, graph_time, RESULTS["launch_floor_us"])
         if args.file:
-            bench_model(Path(args.file), args.file, args, None, t_all)
+            bench_model(Path(args.file), args.file, args, False, t_all)
         else:
             path = Path(args.tmp) / "random_2b4t.bin"
             t0 = time.perf_counter()
-            data = write_random_file(path, args.shape)
-            say(f"wrote the random {'2B-4T-shaped' if not args.smoke else 'tiny'} file ({path.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - t0:.1f} s")
-            bench_model(path, "random 2B-4T shape" if not args.smoke else "random tiny (smoke)", args, data if args.hf else None, t_all)
-            del data
+            size = write_random_model(path, config, force=True, progress=False)
+            say(f"wrote the random {'2B-4T-shaped' if not args.smoke else 'tiny'} file ({size / 1e9:.2f} GB) in {time.perf_counter() - t0:.1f} s")
+            bench_model(path, "random 2B-4T shape" if not args.smoke else "random tiny (smoke)", args, True, t_all)
         if not args.no_micro and DEV == "cuda":  # last: the whole-model figures come first if time runs short
             stage("microbench", microbench, [(n, nn, k) for n, (nn, k) in {
                 "k/v proj": (640, 2560), "q/o proj": (2560, 2560), "qkv fused": (3840, 2560),

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_runtime.py MODEL.bin [--device cpu|cuda] [--reference] [--cache-unpacked] [--runs 5]
     python benchmarks/bench_runtime.py --make-random-1bitllm-large DIR  # then bitnet-convert hf-to-packed DIR -o x.bin
-    python benchmarks/bench_runtime.py --make-random-packed-large x.bin # same shape, written directly
+    bitnet-convert random 1bitllm-large -o x.bin                         # same shape, written directly
 
 What is measured, through the path ``load`` picks (the fast path on CUDA and, where torch.compile works, on the
 CPU; ``--reference`` for the plain network), with the device synchronised around every timed region; token ids
@@ -225,104 +225,6 @@ def make_random_1bitllm_large(out: Path, seed: int = 0) -> None:
     (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
 
 
-def _byte_tokenizer() -> dict:
-    """A byte-level BPE tokenizer with no merges (one token per byte) and a BOS-adding post-processor."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    for ch in pre_tokenizers.ByteLevel.alphabet():
-        vocab[ch] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return {
-        "tokenizer_json": tok.to_str(),
-        "chat_template": None,
-        "bos_token": "<s>",
-        "eos_token": "</s>",
-        "add_bos_token": True,
-        "add_eos_token": False,
-    }
-
-
-def make_random_packed(out: Path, seed: int = 0) -> None:
-    """Write a random packed file of the 1bitLLM-large shape directly (no HF checkpoint, no converter): random
-    ternary weights with per-tensor scales, bf16 embedding and norms, a byte-level tokenizer."""
-    from datetime import datetime, timezone
-
-    from bitnet158.formats.packed import PackedWriter, TensorSpec
-    from bitnet158.formats.ternary import pack_t2
-
-    s = LARGE
-    h, i, hd = s["hidden"], s["intermediate"], s["hidden"] // s["heads"]
-    config = {
-        "family": "1bitllm",
-        "hidden_size": h,
-        "intermediate_size": i,
-        "num_hidden_layers": s["layers"],
-        "num_attention_heads": s["heads"],
-        "num_key_value_heads": s["heads"],
-        "head_dim": hd,
-        "vocab_size": s["vocab"],
-        "max_position_embeddings": s["context"],
-        "rope_theta": 10000.0,
-        "rope_style": "neox",
-        "rope_scaling": None,
-        "rms_norm_eps": 1e-5,
-        "hidden_act": "silu",
-        "sub_norms": True,
-        "tie_word_embeddings": True,
-        "bos_token_id": 1,
-        "eos_token_id": [2],
-    }
-    shapes: dict[str, tuple[tuple[int, ...], bool]] = {"embed.weight": ((s["vocab"], h), False)}
-    for n in range(s["layers"]):
-        p = f"layers.{n}."
-        shapes[p + "attn_norm.weight"] = ((h,), False)
-        for name, shape in (
-            ("attn.q_proj", (h, h)),
-            ("attn.k_proj", (h, h)),
-            ("attn.v_proj", (h, h)),
-            ("attn.o_proj", (h, h)),
-            ("mlp.gate_proj", (i, h)),
-            ("mlp.up_proj", (i, h)),
-            ("mlp.down_proj", (h, i)),
-        ):
-            shapes[p + name + ".weight"] = (shape, True)
-        shapes[p + "attn.sub_norm.weight"] = ((h,), False)
-        shapes[p + "mlp_norm.weight"] = ((h,), False)
-        shapes[p + "mlp.sub_norm.weight"] = ((i,), False)
-    shapes["norm.weight"] = ((h,), False)
-    specs = []
-    for name, (shape, tern) in shapes.items():
-        if tern:
-            specs += [
-                TensorSpec(name, "t2", shape, name + "_scale", "tensor"),
-                TensorSpec(name + "_scale", "f32", (1,)),
-            ]
-        else:
-            specs.append(TensorSpec(name, "bf16", shape))
-    provenance = {
-        "source": "random (benchmarks/bench_runtime.py)",
-        "revision": None,
-        "files": {},
-        "converter": "bitnet158 bench_runtime",
-        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-    }
-    gen = torch.Generator().manual_seed(seed)
-    with PackedWriter(out, config=config, tokenizer=_byte_tokenizer(), provenance=provenance, tensors=specs) as w:
-        for name, (shape, tern) in shapes.items():
-            if tern:
-                w.write(name, pack_t2(torch.randint(-1, 2, shape, generator=gen, dtype=torch.int8)))
-                w.write(name + "_scale", torch.tensor([0.02], dtype=torch.float32))
-            elif name == "embed.weight":
-                w.write(name, (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16))
-            else:
-                w.write(name, (1 + 0.1 * torch.randn(shape, generator=gen)).to(torch.bfloat16))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("file", nargs="?")
@@ -336,17 +238,7 @@ def main() -> None:
     ap.add_argument("--prefill-tokens", type=int, default=512)
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--make-random-1bitllm-large", metavar="DIR", type=Path)
-    ap.add_argument(
-        "--make-random-packed-large",
-        metavar="FILE",
-        type=Path,
-        help="write a random packed file of the same shape directly (no transformers/converter needed)",
-    )
     a = ap.parse_args()
-    if a.make_random_packed_large:
-        make_random_packed(a.make_random_packed_large)
-        print(f"wrote {a.make_random_packed_large}")
-        return
     if a.make_random_1bitllm_large:
         make_random_1bitllm_large(a.make_random_1bitllm_large)
         print(

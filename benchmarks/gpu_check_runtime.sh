@@ -14,7 +14,7 @@ python -c "import bitnet158.runtime, bitnet158.formats.packed as p; print(bitnet
 }
 python -c "import transformers, tokenizers, jinja2, click, tqdm, safetensors; print('transformers', transformers.__version__)"
 TORCHDYNAMO_DISABLE=1 timeout 240 python -m pytest -q -p no:cacheprovider tests/test_runtime_gpu.py 2>&1 | tail -25
-python benchmarks/bench_runtime.py --make-random-packed-large /tmp/large.bin
+python -m bitnet158.converter.cli random 1bitllm-large -o /tmp/large.bin --force --no-progress
 for extra in "" "--cache-unpacked" "--backend triton"; do
   timeout 120 python benchmarks/bench_runtime.py /tmp/large.bin --device cuda --runs 5 --decode-tokens 64 $extra
 done

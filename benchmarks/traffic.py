@@ -235,13 +235,10 @@ def main() -> int:
     variants = [VARIANTS[int(i)] for i in args.variants.split(",")] if args.variants else VARIANTS
     with tempfile.TemporaryDirectory() as tmp:
         if args.shape_2b4t:
-            sys.path.insert(0, str(ROOT / "benchmarks"))
-            import bench_gpu
+            from bitnet158.converter.random_model import model_config, write_random_model
 
-            bench_gpu.DEV = "cpu"
-            path = Path(tmp) / "shape.bin"
-            shape = dict(bench_gpu.SHAPE_2B4T, layers=args.shape_2b4t, vocab=512)
-            bench_gpu.write_random_file(path, shape)
+            path = Path(tmp) / "shape.bin"  # bitnet-convert random 2b4t --layers N --vocab 512
+            write_random_model(path, model_config("2b4t", layers=args.shape_2b4t, vocab=512), progress=False)
             label = f"random, 2B-4T widths, {args.shape_2b4t} layer(s), vocab 512"
         elif args.file:
             path, label = Path(args.file), args.file

@@ -1,12 +1,15 @@
-"""``bitnet-convert``: HF checkpoint → packed file, and inspection of packed files."""
+"""``bitnet-convert``: HF checkpoint → packed file, random models of the published shapes, and inspection of packed
+files."""
 
 from __future__ import annotations
 
 import logging
 import sys
+import time
 
 import click
 from bitnet158.converter.hf import FLOAT_DTYPES, convert_hf
+from bitnet158.converter.random_model import EMBED_DTYPES, SHAPES, describe_shape, model_config, write_random_model
 from bitnet158.formats.packed import describe
 
 
@@ -73,8 +76,38 @@ def inspect(file: str, verify: bool) -> None:
     click.echo(text)
 
 
+@main.command("random")
+@click.argument("shape", type=click.Choice(list(SHAPES)))
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="The packed file to write.")
+@click.option("--layers", type=int, default=None, help="Decoder layers (default: the shape's).")
+@click.option("--vocab", type=int, default=None, help="Vocabulary size (default: the shape's; at least 259).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the weights: the same bytes everywhere.")
+@click.option("--embed-dtype", type=click.Choice(list(EMBED_DTYPES)), default="bf16", show_default=True,
+              help="dtype of the tied embedding.")
+@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def random_cmd(shape: str, out: str, layers: int | None, vocab: int | None, seed: int, embed_dtype: str, force: bool,
+               no_progress: bool) -> None:
+    """Write a random model of a published SHAPE (2b4t: microsoft/bitnet-b1.58-2B-4T; 1bitllm-large:
+    1bitLLM/bitnet_b1_58-large) to a packed file, for benchmarks without a download. Its text is noise."""
+    t0 = time.perf_counter()
+    try:
+        config = model_config(shape, layers, vocab)
+        size = write_random_model(out, config, seed=seed, embed_dtype=embed_dtype, force=force, progress=not no_progress)
+    except (ValueError, OSError) as e:
+        _fail(e)
+    except KeyboardInterrupt:
+        _fail(RuntimeError("interrupted; nothing was written"))
+    click.echo(f"wrote {out}\n  shape        {describe_shape(config)}\n  file size    {_human(size)} ({size:,} bytes)\n"
+               f"  time         {time.perf_counter() - t0:.1f} s")
+
+
 # GGUF export/import commands (converter/gguf_cli.py)
 from bitnet158.converter.gguf_cli import COMMANDS as _GGUF_COMMANDS  # noqa: E402
 
 for _cmd in _GGUF_COMMANDS:
     main.add_command(_cmd)
+
+
+if __name__ == "__main__":
+    main()

@@ -574,3 +574,47 @@ def test_hub_pickle_only_repo(onebitllm_ckpt, tmp_path, monkeypatch):
     with PackedFile(convert("tiny-org/pickled", tmp_path, allow_pickle=True)) as pf:
         assert pf.config["family"] == "1bitllm" and pf.provenance["revision"] == sha
         assert "pytorch_model.bin" in pf.provenance["files"]
+
+
+def test_random_model_command(tmp_path):
+    # bitnet-convert random: a model of a published shape's widths (here 2B-4T's at 1 layer, 300 ids) that the
+    # runtime loads and runs; uniform ternary codes, bf16-representable scales in range, the byte tokenizer; the
+    # same seed gives the same tensors and another seed others; bad options are one error line and write nothing
+    from bitnet158.converter.random_model import SHAPES, tensor_specs
+    from bitnet158.runtime import load
+
+    runner = CliRunner()
+    out = tmp_path / "r.bin"
+    r = runner.invoke(main, ["random", "2b4t", "-o", str(out), "--layers", "1", "--vocab", "300", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert "hidden 2560, intermediate 6912, 1 layers, 20/5 heads of 128, vocab 300" in r.output
+    want = dict(SHAPES["2b4t"], num_hidden_layers=1, vocab_size=300)
+    with PackedFile(out) as pf:
+        assert pf.config == want
+        assert list(pf.tensors) == [s.name for s in tensor_specs(want)]
+        pf.verify()
+        codes = torch.cat([pf.ternary(n)[0].flatten() for n, i in pf.tensors.items() if i.dtype == "t2"]).long()
+        fields = torch.stack([(codes >> (2 * k)) & 3 for k in range(4)]).flatten()
+        share = torch.bincount(fields, minlength=4).double() / fields.numel()  # t2 codes 0, 1, 2 = -1, 0, +1
+        assert share[3] == 0 and bool(((share[:3] - 1 / 3).abs() < 0.01).all()), share
+        scales = torch.cat([pf.torch(n) for n in pf.tensors if n.endswith("_scale")])
+        assert torch.equal(scales, scales.bfloat16().float()) and bool(((scales >= 0.025) & (scales < 0.075)).all())
+        first = {n: pf.torch(n).clone() for n in pf.tensors}
+    model = load(str(out), device="cpu")
+    assert model.tokenizer.encode("hi", add_special_tokens=True)[0] == 1  # BOS, then one id a byte
+    ids = list(model.generate_ids(model.tokenizer.encode("hi", add_special_tokens=True), max_new_tokens=3, stop_ids=[]))
+    assert len(ids) == 3 and all(0 <= i < 300 for i in ids)
+    for seed, same in (("0", True), ("1", False)):
+        again = tmp_path / f"seed{seed}.bin"
+        args = ["random", "2b4t", "-o", str(again), "--layers", "1", "--vocab", "300", "--seed", seed, "--no-progress"]
+        assert runner.invoke(main, args).exit_code == 0
+        with PackedFile(again) as pf:
+            assert all(torch.equal(pf.torch(n), t) for n, t in first.items()) == same
+    before = out.read_bytes()
+    for args, message in ((["--layers", "0"], "layers must be at least 1"), (["--vocab", "100"], "at least 259"),
+                          ([], "exists")):  # fmt: skip
+        r = runner.invoke(main, ["random", "1bitllm-large", "-o", str(out), "--no-progress", *args])
+        assert r.exit_code == 1 and r.output.startswith("error: ") and message in r.output, r.output
+    assert out.read_bytes() == before
+    r = runner.invoke(main, ["random", "7b", "-o", str(tmp_path / "x.bin")])
+    assert r.exit_code == 2 and not (tmp_path / "x.bin").exists()
