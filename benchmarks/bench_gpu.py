@@ -51,7 +51,6 @@ from typing import NamedTuple
 import torch
 from bitnet158.converter.random_model import SHAPES, model_config, write_random_model
 
-SHAPE_2B4T = {"hidden": 2560, "intermediate": 6912, "layers": 30, "heads": 20, "kv_heads": 5, "head_dim": 128, "vocab": 128256}
 TEXT = (
     "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined movable "
     "metal type, oil-based inks and a wooden press adapted from those used to make wine. Within a few decades "

@@ -117,15 +117,13 @@ def regions(fast) -> dict[str, list[torch.Tensor]]:
     persistent step reads its stack's per-row scales, not the BitLinears')."""
     net = fast.net
     layers = net.layers
-    t2 = [lin.packed for i, layer in enumerate(layers) for lin in (fast.qkv[i], layer.attn.o_proj, fast.gate_up[i], layer.mlp.down_proj)]
-    scales = [lin.scale for i, layer in enumerate(layers) for lin in (fast.qkv[i], layer.attn.o_proj, fast.gate_up[i], layer.mlp.down_proj)]
-    if fast._stack is not None:
-        st = fast._stack
-        t2 = [st.qkv, st.o, st.gate_up, st.down]  # the linears are views of these
-        scales = [st.qkv_scale, st.o_scale, st.gate_up_scale, st.down_scale]  # its own per-row copies
+    lins = [lin for i, layer in enumerate(layers) for lin in (fast.qkv[i], layer.attn.o_proj, fast.gate_up[i], layer.mlp.down_proj)]
+    t2, scales = [lin.packed for lin in lins], [lin.scale for lin in lins]
     norms = [n.weight for layer in layers for n in (layer.attn_norm, layer.attn.sub_norm, layer.mlp_norm, layer.mlp.sub_norm) if n is not None]
-    if fast._stack is not None:
-        st = fast._stack
+    st = fast._stack
+    if st is not None:  # gemv="persistent": the linears and norms are views of its stacks
+        t2 = [st.qkv, st.o, st.gate_up, st.down]
+        scales = [st.qkv_scale, st.o_scale, st.gate_up_scale, st.down_scale]  # its own per-row copies
         norms = [w for w in (st.attn_norm, st.attn_sub_norm, st.mlp_norm, st.mlp_sub_norm) if w is not None]
     out = {"t2 weights": _unique(t2), "scales": _unique(scales), "norms": _unique([*norms, net.norm.weight]),
            "KV cache": [net.cache_k, net.cache_v], "embedding": [net.embed]}  # fmt: skip
@@ -147,9 +145,10 @@ def _unique(ts: list[torch.Tensor]) -> list[torch.Tensor]:
 
 @torch.inference_mode()  # the KV cache holds inference tensors
 def step_traffic(fast, prompt: list[int], token: int) -> dict:
-    """Prefill ``prompt`` (the reference backend, not counted), then count one graph decode step of ``token`` at the next position (the
-    step a CUDA graph replays: position on the device). Returns {kind: Reads, "other": bytes, "total": bytes,
-    "kv_positions": (first, last) position read, "kv_filled": whether every byte of positions 0..pos-1 was read, and none past pos}."""
+    """Prefill ``prompt`` (the reference backend, not counted), then count one graph decode step of ``token`` at
+    the next position pos (the step a CUDA graph replays: position on the device). Returns {kind: Reads, "other":
+    bytes, "total": bytes, "kv_positions": (first, last) position read, "kv_filled": whether every byte of
+    positions 0..pos-1 was read, and none past pos}."""
     net = fast.net
     pos = len(prompt)
     net.setup_cache(1, pos + 16)  # room past the step, as a decoder's static cache has: none of it may be read
