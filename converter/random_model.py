@@ -87,8 +87,8 @@ def model_config(shape: str, layers: int | None = None, vocab: int | None = None
 
 
 def tensor_specs(config: dict, embed_dtype: str = "bf16") -> list[TensorSpec]:
-    """Every tensor of a tied-head model of ``config``, in file order: the embedding, each layer's norms and
-    linears (t2, each with its per-tensor f32 scale), the final norm."""
+    """Every tensor of a tied-head model of ``config``, in file order (names: PACKED.md §2.2): the embedding, each
+    layer's norms and linears (t2, each with its per-tensor f32 scale), the final norm."""
     d, inter = config["hidden_size"], config["intermediate_size"]
     nq = config["num_attention_heads"] * config["head_dim"]
     nkv = config["num_key_value_heads"] * config["head_dim"]
