@@ -80,7 +80,7 @@ def inspect(file: str, verify: bool) -> None:
 @click.argument("shape", type=click.Choice(list(SHAPES)))
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="The packed file to write.")
 @click.option("--layers", type=int, default=None, help="Decoder layers (default: the shape's).")
-@click.option("--vocab", type=int, default=None, help="Vocabulary size (default: the shape's; at least 259).")
+@click.option("--vocab", type=int, default=None, help="Vocabulary size (default: the shape's; at least 263).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the weights: a seed gives the same weights on any machine (same torch).")
 @click.option("--embed-dtype", type=click.Choice(list(EMBED_DTYPES)), default="bf16", show_default=True,
               help="dtype of the tied embedding.")

@@ -171,6 +171,10 @@ def tokenizer_metadata(tokenizer: dict, vocab_size: int) -> TokenizerMetadata:
 
     raw_merges = model.get("merges") or [] if mtype == "BPE" else []
     merges = [m if isinstance(m, str) else " ".join(m) for m in raw_merges]
+    if kind == "gpt2" and not merges:
+        # GGUF has no empty arrays (gguf-py refuses them), and llama.cpp and our reader need tokenizer.ggml.merges
+        raise GGUFConversionError("a byte-level BPE tokenizer without merges cannot be written to GGUF "
+                                  "(tokenizer.ggml.merges must be a non-empty list)")  # fmt: skip
     if kind == "llama" and mtype == "BPE":
         index = {tok: i for i, tok in pieces.items()}
         for rank, m in enumerate(merges):

@@ -12,8 +12,8 @@ tensor, bf16 embedding and norms, a tied head), so every command that takes a pa
 - Scales are per tensor in [0.025, 0.075), rounded to bf16 so that an HF copy (bf16 ``weight_scale``) holds the
   same weights; the embedding is N(0, 0.05²) and the norm weights 1 + N(0, 0.1²), in bf16 (``--embed-dtype f32``
   keeps the embedding in f32).
-- The tokenizer is byte-level BPE without merges (one token a byte, ids 3..258, BOS added); the other ids of the
-  vocabulary are rows nothing maps to.
+- The tokenizer is byte-level BPE: a token a byte (ids 3..258) and four merges (ids 259..262: GGUF needs merges),
+  BOS added; the other ids of the vocabulary are rows nothing maps to.
 - Everything comes from one seeded CPU generator in file order: a seed gives the same tensors wherever it runs
   (with the same torch).
 """
@@ -54,14 +54,21 @@ class RandomModelError(ValueError):
     """The options cannot make a model (an unknown shape, a bad layer count, ...)."""
 
 
+# the byte tokenizer's few merges: GGUF needs at least one (tokenizer.ggml.merges, for llama.cpp and our reader)
+MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n")]
+MIN_VOCAB = 3 + 256 + len(MERGES)  # <unk> <s> </s>, the 256 bytes, one token a merge
+
+
 def byte_tokenizer() -> dict:
-    """A packed file's tokenizer object: byte-level BPE with no merges, <unk> <s> </s> = 0 1 2, BOS added."""
+    """A packed file's tokenizer object: byte-level BPE (MERGES only), <unk> <s> </s> = 0 1 2, BOS added."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
     for ch in pre_tokenizers.ByteLevel.alphabet():
         vocab[ch] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    for a, b in MERGES:
+        vocab[a + b] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=MERGES, unk_token="<unk>"))
     tok.add_special_tokens(["<unk>", "<s>", "</s>"])
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -80,8 +87,8 @@ def model_config(shape: str, layers: int | None = None, vocab: int | None = None
             raise RandomModelError(f"layers must be at least 1, got {layers}")
         c["num_hidden_layers"] = layers
     if vocab is not None:
-        if vocab < 259:  # the byte tokenizer's ids
-            raise RandomModelError(f"vocab must be at least 259 (the byte tokenizer's ids), got {vocab}")
+        if vocab < MIN_VOCAB:
+            raise RandomModelError(f"vocab must be at least {MIN_VOCAB} (the byte tokenizer's ids), got {vocab}")
         c["vocab_size"] = vocab
     return c
 

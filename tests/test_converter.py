@@ -604,6 +604,20 @@ def test_random_model_command(tmp_path):
     assert model.tokenizer.encode("hi", add_special_tokens=True)[0] == 1  # BOS, then one id a byte
     ids = list(model.generate_ids(model.tokenizer.encode("hi", add_special_tokens=True), max_new_tokens=3, stop_ids=[]))
     assert len(ids) == 3 and all(0 <= i < 300 for i in ids)
+    # and its I2_S export (the tokenizer has merges, which GGUF needs) is the same model, token for token
+    from bitnet158.converter.gguf_convert import packed_to_gguf
+
+    packed_to_gguf(out, tmp_path / "r.gguf", qtype="i2_s")
+    exported = load(str(tmp_path / "r.gguf"), device="cpu")
+    text = "the theme in the thin hen"
+    assert exported.tokenizer.encode(text, add_special_tokens=True) == model.tokenizer.encode(text, add_special_tokens=True)
+    with torch.inference_mode():
+        tokens = torch.tensor([model.tokenizer.encode(text, add_special_tokens=True)])
+        for m in (model, exported):
+            m.net.setup_cache(1, tokens.shape[1])
+        logits = [m.net(tokens, 0)[0, -1] for m in (model, exported)]
+    # the same codes and scales; token_embd is F16 in the GGUF, which rounds a few tiny bf16 values
+    torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=1e-4)
     for seed, same in (("0", True), ("1", False)):
         again = tmp_path / f"seed{seed}.bin"
         args = ["random", "2b4t", "-o", str(again), "--layers", "1", "--vocab", "300", "--seed", seed, "--no-progress"]
@@ -611,7 +625,7 @@ def test_random_model_command(tmp_path):
         with PackedFile(again) as pf:
             assert all(torch.equal(pf.torch(n), t) for n, t in first.items()) == same
     before = out.read_bytes()
-    for args, message in ((["--layers", "0"], "layers must be at least 1"), (["--vocab", "100"], "at least 259"),
+    for args, message in ((["--layers", "0"], "layers must be at least 1"), (["--vocab", "262"], "at least 263"),
                           ([], "exists")):  # fmt: skip
         r = runner.invoke(main, ["random", "1bitllm-large", "-o", str(out), "--no-progress", *args])
         assert r.exit_code == 1 and r.output.startswith("error: ") and message in r.output, r.output

@@ -310,6 +310,15 @@ def test_refusals(tmp_path):
     make_packed(rows, act="relu2", row_scales=True)
     with pytest.raises(gc.GGUFConversionError, match="per-row scales"):
         gc.packed_to_gguf(rows, tmp_path / "x.gguf", qtype="i2_s")
+    no_merges = tmp_path / "no_merges.bin"  # byte-level BPE without merges: GGUF cannot say so (no empty arrays)
+    from bitnet158.converter import random_model
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(random_model, "MERGES", [])
+        random_model.write_random_model(no_merges, random_model.model_config("2b4t", 1, 300), progress=False)
+    with pytest.raises(gc.GGUFConversionError, match="without merges"):
+        gc.packed_to_gguf(no_merges, tmp_path / "x.gguf", qtype="i2_s")
+    assert not (tmp_path / "x.gguf").exists()
     existing = tmp_path / "exists.gguf"
     existing.write_bytes(b"keep")
     with pytest.raises(gc.GGUFConversionError, match="--force"):
