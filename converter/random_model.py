@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 from bitnet158.converter import converter_version
-from bitnet158.formats.packed import PackedWriter, TensorSpec
+from bitnet158.formats.packed import PackedWriter, TensorSpec, model_tensors
 from bitnet158.formats.ternary import pack_t2
 
 # The published shapes as packed-file configs (PACKED.md §3): microsoft/bitnet-b1.58-2B-4T and
@@ -94,29 +94,20 @@ def model_config(shape: str, layers: int | None = None, vocab: int | None = None
 
 
 def tensor_specs(config: dict, embed_dtype: str = "bf16") -> list[TensorSpec]:
-    """Every tensor of a tied-head model of ``config``, in file order (names: PACKED.md §2.2): the embedding, each
-    layer's norms and linears (t2, each with its per-tensor f32 scale), the final norm."""
-    d, inter = config["hidden_size"], config["intermediate_size"]
-    nq = config["num_attention_heads"] * config["head_dim"]
-    nkv = config["num_key_value_heads"] * config["head_dim"]
-    linears = {"attn.q_proj": (nq, d), "attn.k_proj": (nkv, d), "attn.v_proj": (nkv, d), "attn.o_proj": (d, nq),
-               "mlp.gate_proj": (inter, d), "mlp.up_proj": (inter, d), "mlp.down_proj": (d, inter)}  # fmt: skip
-    norms = {"attn_norm": d, "mlp_norm": d}
-    if config["sub_norms"]:
-        norms.update({"attn.sub_norm": nq, "mlp.sub_norm": inter})
-    specs = [TensorSpec("embed.weight", embed_dtype, (config["vocab_size"], d))]
-    for i in range(config["num_hidden_layers"]):
-        specs += [TensorSpec(f"layers.{i}.{name}.weight", "bf16", (n,)) for name, n in norms.items()]
-        for name, shape in linears.items():
-            w = f"layers.{i}.{name}.weight"
-            specs += [TensorSpec(w, "t2", shape, scale=w + "_scale", scale_granularity="tensor"), TensorSpec(w + "_scale", "f32", (1,))]
-    specs.append(TensorSpec("norm.weight", "bf16", (d,)))
+    """Every tensor of a tied-head model of ``config``, in file order (formats.packed.model_tensors): the
+    embedding in ``embed_dtype``, the norms in bf16, each linear as t2 followed by its per-tensor f32 scale."""
+    specs = []
+    for name, (shape, ternary) in model_tensors(config).items():
+        if ternary:
+            specs += [TensorSpec(name, "t2", shape, scale=name + "_scale", scale_granularity="tensor"), TensorSpec(name + "_scale", "f32", (1,))]
+        else:
+            specs.append(TensorSpec(name, embed_dtype if name == "embed.weight" else "bf16", shape))
     return specs
 
 
 def write_random_model(
     out: str | os.PathLike, config: dict, *, seed: int = 0, embed_dtype: str = "bf16", force: bool = False,
-    progress: bool = True, source: str | None = None,
+    progress: bool = True,
 ) -> int:  # fmt: skip
     """Write a random model of ``config`` (``model_config``, or any packed-file config with a tied head) to the
     packed file ``out`` (a temporary file renamed at the end: PackedWriter). Returns its size in bytes."""
@@ -129,7 +120,7 @@ def write_random_model(
     specs = tensor_specs(config, embed_dtype)
     gen = torch.Generator().manual_seed(seed)
     provenance = {
-        "source": source or f"random (bitnet-convert random, seed {seed})", "revision": None, "files": {},
+        "source": f"random (bitnet-convert random, seed {seed})", "revision": None, "files": {},
         "converter": converter_version(), "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }  # fmt: skip
     with PackedWriter(out, config=config, tokenizer=byte_tokenizer(), provenance=provenance, tensors=specs, overwrite=force) as w:

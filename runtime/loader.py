@@ -11,9 +11,11 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import asdict
 
 import torch
 
+from bitnet158.formats.packed import model_tensors
 from bitnet158.runtime.api import BitNetModel
 from bitnet158.runtime.bitlinear import BitLinear, get_backend
 from bitnet158.runtime.config import ModelConfig
@@ -80,32 +82,8 @@ def resolve_dtype(
     return dt
 
 
-def expected_tensors(c: ModelConfig) -> dict[str, tuple[tuple[int, ...], bool]]:
-    """Canonical name → (logical shape, is ternary) per PACKED.md §2.2 for this config."""
-    d, i, q, kv = c.hidden_size, c.intermediate_size, c.q_size, c.kv_size
-    out: dict[str, tuple[tuple[int, ...], bool]] = {"embed.weight": ((c.vocab_size, d), False)}
-    for n in range(c.num_hidden_layers):
-        p = f"layers.{n}."
-        out[p + "attn_norm.weight"] = ((d,), False)
-        out[p + "attn.q_proj.weight"] = ((q, d), True)
-        out[p + "attn.k_proj.weight"] = ((kv, d), True)
-        out[p + "attn.v_proj.weight"] = ((kv, d), True)
-        out[p + "attn.o_proj.weight"] = ((d, q), True)
-        out[p + "mlp_norm.weight"] = ((d,), False)
-        out[p + "mlp.gate_proj.weight"] = ((i, d), True)
-        out[p + "mlp.up_proj.weight"] = ((i, d), True)
-        out[p + "mlp.down_proj.weight"] = ((d, i), True)
-        if c.sub_norms:
-            out[p + "attn.sub_norm.weight"] = ((q,), False)
-            out[p + "mlp.sub_norm.weight"] = ((i,), False)
-    out["norm.weight"] = ((d,), False)
-    if not c.tie_word_embeddings:
-        out["lm_head.weight"] = ((c.vocab_size, d), False)
-    return out
-
-
 def _check_tensors(source, config: ModelConfig) -> None:
-    expected = expected_tensors(config)
+    expected = model_tensors(asdict(config))
     present = source.tensors
     missing = [n for n in expected if n not in present]
     if missing:
@@ -190,7 +168,7 @@ def build_model(
     dt = resolve_dtype(dtype, dev, config, force)
     if backend is not None:
         get_backend(backend)  # an unknown backend fails before minutes of loading
-    ternary = [shape for shape, is_ternary in expected_tensors(config).values() if is_ternary]
+    ternary = [shape for shape, is_ternary in model_tensors(asdict(config)).values() if is_ternary]
     fast = fast_backend(dev, reference, head, backend, compile_cpu, sum(math.prod(s) for s in ternary))
     if fast == "cpu":
         from bitnet158.runtime.cpu import MAX_K
