@@ -91,6 +91,7 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
+from bitnet158.formats.packed import model_tensors
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, Keys
 
 logger = logging.getLogger(__name__)
@@ -918,8 +919,6 @@ class GGUFSource:
         if isinstance(tokens, list) and len(tokens) > vocab:
             raise GGUFFormatError(f"the tokenizer has {len(tokens)} tokens but token_embd.weight only {vocab} rows")
         inter = self._meta(K(Keys.LLM.FEED_FORWARD_LENGTH), (int,))
-        q_out, kv_out = heads * head_dim, kv_heads * head_dim
-        expect = {"embed.weight": (vocab, hidden), "norm.weight": (hidden,)}
         has_sub = [f"layers.{i}.attn.sub_norm.weight" in self._gguf_name for i in range(n_layers)]
         has_sub += [f"layers.{i}.mlp.sub_norm.weight" in self._gguf_name for i in range(n_layers)]
         sub_norms = all(has_sub)
@@ -929,31 +928,22 @@ class GGUFSource:
             raise GGUFFormatError(
                 f"{self.path}: architecture {arch!r} needs attn_sub_norm and ffn_sub_norm in every layer"
             )
-        for i in range(n_layers):
-            p = f"layers.{i}."
-            expect.update({
-                p + "attn_norm.weight": (hidden,), p + "mlp_norm.weight": (hidden,),
-                p + "attn.q_proj.weight": (q_out, hidden), p + "attn.k_proj.weight": (kv_out, hidden),
-                p + "attn.v_proj.weight": (kv_out, hidden), p + "attn.o_proj.weight": (hidden, q_out),
-                p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden),
-                p + "mlp.down_proj.weight": (hidden, inter),
-            })
-            if sub_norms:
-                expect[p + "attn.sub_norm.weight"] = (q_out,)
-                expect[p + "mlp.sub_norm.weight"] = (inter,)
         tied = "lm_head.weight" not in self._gguf_name
-        if not tied:
-            expect["lm_head.weight"] = (vocab, hidden)
+        # the canonical tensors this config implies, as a packed file of it holds them (name → shape, ternary)
+        expect = model_tensors({
+            "hidden_size": hidden, "intermediate_size": inter, "vocab_size": vocab, "num_hidden_layers": n_layers,
+            "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": head_dim,
+            "sub_norms": sub_norms, "tie_word_embeddings": tied,
+        })  # fmt: skip
 
         self.tensors: dict[str, GGUFTensor] = {}
-        for canon, shape in expect.items():
+        for canon, (shape, linear) in expect.items():
             gname = self._gguf_name.get(canon)
             if gname is None:
                 raise GGUFFormatError(f"{self.path}: tensor for {canon!r} is missing")
             info = f.tensors[gname]
             if info.shape != shape:
                 raise GGUFFormatError(f"tensor {gname!r} has shape {info.shape}, expected {shape}")
-            linear = canon.endswith("_proj.weight")
             if not linear and info.ggml_type not in _FLOAT_TYPES:
                 raise GGUFFormatError(f"tensor {gname!r} is {info.type_name}; expected F32, F16 or BF16")
             dtype = "t2" if linear else _FLOAT_TYPES[info.ggml_type][0]

@@ -103,7 +103,7 @@ def tensor_nbytes(dtype: str, shape: Iterable[int]) -> int:
 
 def model_tensors(config: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...], bool]]:
     """Canonical name → (logical shape, is ternary) of every tensor of a model of ``config`` (the §3 fields), in
-    file order (§2.2). The loader checks a file against it; the random-model writer writes it."""
+    §2.2's order. The loader and the GGUF reader check a file against it; the random-model writer writes it."""
     d, i, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
     q = config["num_attention_heads"] * config["head_dim"]
     kv = config["num_key_value_heads"] * config["head_dim"]
@@ -114,14 +114,15 @@ def model_tensors(config: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...],
         out[p + "attn.q_proj.weight"] = ((q, d), True)
         out[p + "attn.k_proj.weight"] = ((kv, d), True)
         out[p + "attn.v_proj.weight"] = ((kv, d), True)
+        if config["sub_norms"]:
+            out[p + "attn.sub_norm.weight"] = ((q,), False)
         out[p + "attn.o_proj.weight"] = ((d, q), True)
         out[p + "mlp_norm.weight"] = ((d,), False)
         out[p + "mlp.gate_proj.weight"] = ((i, d), True)
         out[p + "mlp.up_proj.weight"] = ((i, d), True)
-        out[p + "mlp.down_proj.weight"] = ((d, i), True)
         if config["sub_norms"]:
-            out[p + "attn.sub_norm.weight"] = ((q,), False)
             out[p + "mlp.sub_norm.weight"] = ((i,), False)
+        out[p + "mlp.down_proj.weight"] = ((d, i), True)
     out["norm.weight"] = ((d,), False)
     if not config["tie_word_embeddings"]:
         out["lm_head.weight"] = ((v, d), False)

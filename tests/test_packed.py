@@ -7,11 +7,13 @@ never depends on the writer.
 import errno
 import json
 import os
+import re
 import struct
 import sys
 import tracemalloc
 import types
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,7 +27,7 @@ from bitnet158.formats import (
     TensorSpec,
     open_source,
 )
-from bitnet158.formats.packed import describe
+from bitnet158.formats.packed import describe, model_tensors
 from bitnet158.formats.ternary import pack_t2, unpack_t2
 
 CONFIG = {
@@ -724,3 +726,23 @@ def test_open_source_dispatches_on_magic(tmp_path, monkeypatch):
     with pytest.raises(SourceError, match="is a directory"):
         open_source(tmp_path)
     assert issubclass(SourceError, ValueError)
+
+
+def test_model_tensors_follow_the_spec_table():
+    # formats.packed.model_tensors (what the loader, the GGUF reader and the random-model writer use) names the
+    # tensors of PACKED.md §2.2's table, in its order, with its shapes; the optional rows only when they apply
+    spec = (Path(__file__).resolve().parents[1] / "formats" / "PACKED.md").read_text(encoding="utf-8")
+    table = spec.split("### 2.2 Tensor names")[1].split("The scale of")[0]
+    rows = re.findall(r"^\| `([^`]+)` \| `\[([^\]]+)\]` \|", table, flags=re.M)
+    dims = {"vocab": 50, "hidden": 8, "intermediate": 12, "heads × head_dim": 3 * 4, "kv_heads × head_dim": 1 * 4}
+    cfg = dict(CONFIG, vocab_size=50, num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=1, head_dim=4,
+               sub_norms=True, tie_word_embeddings=False)  # fmt: skip
+    layer = [r for r in rows if "{i}" in r[0]]
+    first = rows.index(layer[0])
+    order = rows[:first] + [(n.replace("{i}", str(i)), sh) for i in range(2) for n, sh in layer] + rows[first + len(layer) :]
+    want = {name: tuple(dims[d.strip()] for d in shape.split(",")) for name, shape in order}
+    got = model_tensors(cfg)
+    assert {n: s for n, (s, _) in got.items()} == want and list(got) == list(want)
+    assert [n for n, (_, t) in got.items() if t] == [n for n in want if n.endswith("_proj.weight")]
+    lean = model_tensors(dict(cfg, sub_norms=False, tie_word_embeddings=True))
+    assert list(lean) == [n for n in want if "sub_norm" not in n and n != "lm_head.weight"]
