@@ -9,8 +9,11 @@ function per layer, the same graph for all layers (the weights and the cache are
     → act · up → sub-norm → quantize → GEMV down → + residual
 
 and one more for the final norm and the head, which reads its weights in bf16 when that is lossless (half the
-bytes of fp32, the same products). The position is a Python int: torch.compile makes it symbolic after the
-second position it sees, so one graph serves every step and attention reads only the filled part of the cache.
+bytes of fp32, the same products). The position is a Python int, which torch.compile would specialise on the
+first value it sees and make symbolic only at the second: a second compile at the second decode step of a fresh
+process (3.4 s at 2B-4T with an empty Inductor cache). Called under ``symbolic_position()``, the layer compiles
+once, with the position symbolic, so one graph serves every step and attention reads only the filled part of
+the cache (benchmarks/RESULTS.md, "What a fresh process pays first").
 
 The GEMV, for x [K] and t2 bytes p [N, rb] (formats/PACKED.md §2.1: bit pair k of byte j is column 4j + k,
 code c = t + 1), with the activation quantization of runtime/bitlinear.py:
@@ -155,10 +158,17 @@ def kernels() -> SimpleNamespace:
     opts = {"cpp.enable_floating_point_contract_flag": "fast"}
     static = functools.partial(torch.compile, dynamic=False, fullgraph=True, options=opts)
     return SimpleNamespace(
-        layer=torch.compile(_layer, fullgraph=True, options=opts),  # default dynamic: pos becomes symbolic
+        layer=torch.compile(_layer, fullgraph=True, options=opts),  # pos symbolic under symbolic_position()
         head=static(_head),
         bitlinear=static(_bitlinear),
     )
+
+
+def symbolic_position():
+    """The context to call ``kernels().layer`` in: its first compile treats ``pos`` as symbolic (not as a
+    constant to recompile on at the next step). torch.compile reads the setting only when it compiles."""
+    # dynamic=True would make every int symbolic, the head counts too, and SDPA refuses a symbolic enable_gqa
+    return torch.compiler.config.patch(dynamic_sources="L['pos']")
 
 
 _vec_state = {"ok": False, "failed": False}  # kernels().bitlinear ran / failed to compile in this process

@@ -62,6 +62,7 @@ the fusions; tests/test_kernels.py checks it against the reference network.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -517,11 +518,16 @@ class FastModel:
             self._cpu_weights = [self._cpu_layer_weights(i) for i in range(len(net.layers))]
         layer_fn = cpu.kernels().layer
         cos, sin = net.cos[pos : pos + 1], net.sin[pos : pos + 1]  # [1, Dh]
-        x = net.embed[tokens[0, 0]]  # [D]
-        for layer, w in zip(net.layers, self._cpu_weights):
-            a = layer.attn
-            x = layer_fn(x, cos, sin, pos, a.cache.k, a.cache.v, w, layer.mlp_norm.eps, layer.mlp.relu2,
-                         (a.n_heads, a.n_kv, a.head_dim))  # fmt: skip
+        # [D]: a new tensor, not a view of the embedding (under inference mode a view of it is a normal tensor, the
+        # layers' outputs are inference tensors, and torch.compile would compile the first layer apart)
+        x = F.embedding(tokens[0], net.embed)[0]
+        # the first step compiles with pos symbolic: one compile for every position (the setting costs ~0.1 ms a
+        # step, so later steps go without it)
+        with cpu.symbolic_position() if not self._cpu_compiled else contextlib.nullcontext():
+            for layer, w in zip(net.layers, self._cpu_weights):
+                a = layer.attn
+                x = layer_fn(x, cos, sin, pos, a.cache.k, a.cache.v, w, layer.mlp_norm.eps, layer.mlp.relu2,
+                             (a.n_heads, a.n_kv, a.head_dim))  # fmt: skip
         return x
 
     def _cpu_layer_weights(self, i: int):

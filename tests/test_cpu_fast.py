@@ -109,6 +109,17 @@ def test_decode_matches_reference(compiled, files, family):
         assert (a - b).abs().max() <= 1e-4 * b.abs().max()
 
 
+def test_decode_compiles_the_layer_once(compiled, files):
+    # as in a fresh process: torch.compile would specialise the position at the first decode step and compile
+    # again at the second (seconds each at 2B-4T); cpu.symbolic_position() makes the first compile the last
+    torch._dynamo.reset()
+    model = load(files["microsoft"], device="cpu", compile_cpu=True)
+    ref = load(files["microsoft"], device="cpu", reference=True)
+    assert list(model.generate_ids(PROMPT, 6, stop_ids=())) == list(ref.generate_ids(PROMPT, 6, stop_ids=()))
+    graphs = torch._dynamo.eval_frame._debug_get_cache_entry_list(cpu._layer.__code__)
+    assert len(graphs) == 1
+
+
 def test_head_reads_a_lossless_bf16_copy(compiled, files):
     # the converted floats came from bf16 masters, so the f32 head is exact in bf16: a copy at half the bytes
     model = load(files["llama-bitnet"], device="cpu", compile_cpu=True)
