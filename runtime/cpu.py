@@ -11,9 +11,11 @@ function per layer, the same graph for all layers (the weights and the cache are
 and one more for the final norm and the head, which reads its weights in bf16 when that is lossless (half the
 bytes of fp32, the same products). The position is a Python int, which torch.compile would specialise on the
 first value it sees and make symbolic only at the second: a second compile at the second decode step of a fresh
-process (3.4 s at 2B-4T with an empty Inductor cache). Called under ``symbolic_position()``, the layer compiles
-once, with the position symbolic, so one graph serves every step and attention reads only the filled part of
-the cache (benchmarks/RESULTS.md, "What a fresh process pays first").
+process (3.4 s at 2B-4T with an empty Inductor cache). The caches' length (prompt + new tokens) would do the same
+at the next generation of another length, and miss Inductor's on-disk cache in the next process. Called under
+``symbolic_position()``, the layer compiles once, with both symbolic, so one graph serves every step and every
+cache, and attention reads only the filled part of the cache (benchmarks/RESULTS.md, "What a fresh process pays
+first").
 
 The GEMV, for x [K] and t2 bytes p [N, rb] (formats/PACKED.md §2.1: bit pair k of byte j is column 4j + k,
 code c = t + 1), with the activation quantization of runtime/bitlinear.py:
@@ -165,10 +167,12 @@ def kernels() -> SimpleNamespace:
 
 
 def symbolic_position():
-    """The context to call ``kernels().layer`` in: its first compile treats ``pos`` as symbolic (not as a
-    constant to recompile on at the next step). torch.compile reads the setting only when it compiles."""
+    """The context to call ``kernels().layer`` in: its first compile treats ``pos`` and the caches' length (dim 2
+    of cache_k / cache_v [B, Hkv, max_seq, Dh]: prompt + new tokens) as symbolic, not as constants to compile
+    again on when the next step or the next generation changes them. torch.compile reads the setting only when it
+    compiles."""
     # dynamic=True would make every int symbolic, the head counts too, and SDPA refuses a symbolic enable_gqa
-    return torch.compiler.config.patch(dynamic_sources="L['pos']")
+    return torch.compiler.config.patch(dynamic_sources="L['pos'],L['cache_k']:2,L['cache_v']:2")
 
 
 _vec_state = {"ok": False, "failed": False}  # kernels().bitlinear ran / failed to compile in this process

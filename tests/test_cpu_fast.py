@@ -110,12 +110,15 @@ def test_decode_matches_reference(compiled, files, family):
 
 
 def test_decode_compiles_the_layer_once(compiled, files):
-    # as in a fresh process: torch.compile would specialise the position at the first decode step and compile
-    # again at the second (seconds each at 2B-4T); cpu.symbolic_position() makes the first compile the last
+    # as in a fresh process: torch.compile would specialise the position and the cache length (prompt + new
+    # tokens) at the first decode step and compile again when either changes (seconds each at 2B-4T);
+    # cpu.symbolic_position() makes the first compile the last
     torch._dynamo.reset()
     model = load(files["microsoft"], device="cpu", compile_cpu=True)
     ref = load(files["microsoft"], device="cpu", reference=True)
-    assert list(model.generate_ids(PROMPT, 6, stop_ids=())) == list(ref.generate_ids(PROMPT, 6, stop_ids=()))
+    for n in (6, 11):  # the second generation needs a longer cache
+        assert list(model.generate_ids(PROMPT, n, stop_ids=())) == list(ref.generate_ids(PROMPT, n, stop_ids=()))
+    assert model.net.max_seq == len(PROMPT) + 11
     graphs = torch._dynamo.eval_frame._debug_get_cache_entry_list(cpu._layer.__code__)
     assert len(graphs) == 1
 
