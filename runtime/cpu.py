@@ -46,6 +46,7 @@ result on disk for the next runs.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import logging
@@ -172,7 +173,10 @@ def symbolic_position():
     again on when the next step or the next generation changes them. torch.compile reads the setting only when it
     compiles."""
     # dynamic=True would make every int symbolic, the head counts too, and SDPA refuses a symbolic enable_gqa
-    return torch.compiler.config.patch(dynamic_sources="L['pos'],L['cache_k']:2,L['cache_v']:2")
+    config = getattr(torch.compiler, "config", None)
+    if not hasattr(config, "dynamic_sources"):  # a torch before the setting: compile again at the second step
+        return contextlib.nullcontext()
+    return config.patch(dynamic_sources="L['pos'],L['cache_k']:2,L['cache_v']:2")
 
 
 _vec_state = {"ok": False, "failed": False}  # kernels().bitlinear ran / failed to compile in this process

@@ -123,6 +123,18 @@ def test_decode_compiles_the_layer_once(compiled, files):
     assert len(graphs) == 1
 
 
+def test_symbolic_position_on_a_torch_without_the_setting(monkeypatch):
+    # torch.compiler.config.dynamic_sources is recent (pyproject allows torch 2.4): without it the compiled path
+    # still runs, and compiles again at the second step, as before
+    assert torch.compiler.config.dynamic_sources == ""
+    with cpu.symbolic_position():
+        assert "L['pos']" in torch.compiler.config.dynamic_sources
+    assert torch.compiler.config.dynamic_sources == ""
+    monkeypatch.delattr(torch.compiler, "config")
+    with cpu.symbolic_position():
+        pass
+
+
 def test_head_reads_a_lossless_bf16_copy(compiled, files):
     # the converted floats came from bf16 masters, so the f32 head is exact in bf16: a copy at half the bytes
     model = load(files["llama-bitnet"], device="cpu", compile_cpu=True)
