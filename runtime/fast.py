@@ -495,6 +495,8 @@ class FastModel:
         net = self.net
         if start_pos + tokens.shape[1] > net.max_seq:
             raise FastPathError(f"positions up to {start_pos + tokens.shape[1]} exceed the cache ({net.max_seq})")
+        # one token: the compiled step. A one-token prompt runs it at position 0, which torch.compile compiles apart
+        # (it specialises an int of 0); as a prompt, its one-row GEMVs would compile 4 graphs instead
         step = tokens.shape[1] == 1
         try:
             x = self._cpu_step(tokens, start_pos) if step else self._hidden(tokens, start_pos)[0, -1]
@@ -508,6 +510,19 @@ class FastModel:
             return self.logits(tokens, start_pos)
         self._cpu_compiled = self._cpu_compiled or step  # the layer and head functions have both compiled
         return out[None, None]
+
+    def warm_up(self) -> bool:
+        """Compile what the first decode steps would (the CPU backend's layer and head) by running one token at
+        position 2. True when it ran; False when nothing was left to compile, or with a cache of under 3 positions
+        (no decode step at all).
+
+        Position 2: torch.compile specialises an int of 0 (in some versions 1 too) even under
+        cpu.symbolic_position(), and would compile again at the next step. The slot it writes is safe: a prompt over
+        it rewrites it, and otherwise the decode step at that position writes it before any step reads it."""
+        if self.backend != "cpu" or self._cpu_compiled or self.net.max_seq < 3:
+            return False
+        self.logits(torch.zeros((1, 1), dtype=torch.long, device=self.device), 2)
+        return True
 
     def _cpu_step(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
         # one token [1, 1] at position pos → the last layer's output [D]
@@ -641,6 +656,19 @@ class GraphDecoder:
             graph = self._capture(key)
         graph.replay()
 
+    def warm_up(self, key: tuple) -> bool:
+        """Compile what the decode steps of sampling mode ``key`` need, before a generation times or seeds
+        anything: the CPU backend's step (FastModel.warm_up) or, with graphs, the graph of ``key`` (_capture: its
+        eager steps compile and autotune the Triton kernels). True when anything ran.
+
+        Capturing later, inside the first generation, would also draw that generation's random numbers for those
+        eager steps, after the seed: its sampled ids would differ from a second generation's with the same seed."""
+        ran = self.fast.warm_up()
+        if self.use_graph and key not in self._graphs:
+            self._capture(key)
+            ran = True
+        return ran
+
     def _capture(self, key: tuple) -> torch.cuda.CUDAGraph:
         # Warm up on a side stream (autotuning, compilation, lazy init), then capture. The warm-up steps write the
         # same k/v slot the real step writes next, and the state buffers are restored afterwards.
@@ -701,10 +729,14 @@ class GraphDecoder:
         if not greedy:
             self._temp.fill_(temperature)
             self._top_p.fill_(top_p if use_top_p else 1.0)
-        if seed is not None:
-            torch.manual_seed(seed)  # seeds the CUDA generator too, which graph replays draw from
         stats = stats if stats is not None else GenerationStats()
         stats.prompt_tokens = n_prompt
+        t0 = time.perf_counter()
+        if self.warm_up(key):  # compiling is neither prefill nor decode: timed apart
+            _sync(self.fast.device)
+            stats.warmup_s = time.perf_counter() - t0
+        if seed is not None:  # after the warm-up, whose steps draw random numbers too
+            torch.manual_seed(seed)  # seeds the CUDA generator too, which graph replays draw from
         t0 = time.perf_counter()
         logits = self.prefill(prompt_ids)
         first = sample_on_device(logits, None if greedy else self._temp, key[1], self._top_p if use_top_p else None)

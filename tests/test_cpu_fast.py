@@ -116,9 +116,18 @@ def test_decode_compiles_the_layer_once(compiled, files):
     torch._dynamo.reset()
     model = load(files["microsoft"], device="cpu", compile_cpu=True)
     ref = load(files["microsoft"], device="cpu", reference=True)
-    for n in (6, 11):  # the second generation needs a longer cache
-        assert list(model.generate_ids(PROMPT, n, stop_ids=())) == list(ref.generate_ids(PROMPT, n, stop_ids=()))
+    warmups = []
+    # the first prompt is shorter than the warm-up's position, whose cache slot the decode steps then rewrite; the
+    # second generation needs a longer cache
+    for prompt, n in ((PROMPT[:2], 6), (PROMPT, 11)):
+        stats = GenerationStats()
+        got = list(model.generate_ids(prompt, n, stop_ids=(), stats=stats))
+        assert got == list(ref.generate_ids(prompt, n, stop_ids=()))
+        warmups.append(stats.warmup_s)
     assert model.net.max_seq == len(PROMPT) + 11
+    # the first generation compiled before its prefill (at position 2), timed apart from it; the second did not
+    assert warmups[0] > 0 and warmups[1] == 0
+    model.fast.logits(torch.tensor([[3]]), 1)  # position 1, the first step after a one-token prompt
     graphs = torch._dynamo.eval_frame._debug_get_cache_entry_list(cpu._layer.__code__)
     assert len(graphs) == 1
 
@@ -199,3 +208,4 @@ def test_cli_flags(compiled, files, flag, path):
     run = CliRunner().invoke(cli_main, [files["microsoft"], "--prompt", "ab", "-n", "4", flag])
     assert run.exit_code == 0, run.output
     assert f"path:             {path}" in run.output
+    assert ("warm-up:" in run.output) == (flag == "--compile")
