@@ -25,7 +25,7 @@ def _print_stats(model, stats: GenerationStats, load_s: float) -> None:
         f"prompt tokens:    {stats.prompt_tokens}"
         + (f" ({stats.truncated_tokens} truncated)" if stats.truncated_tokens else ""),
         f"generated tokens: {stats.generated_tokens} (stopped: {stats.stop_reason})",
-        *([f"warm-up:          {stats.warmup_s:.2f} s (the CPU kernels: compiled, or loaded from torch's cache)"]
+        *([f"warm-up:          {stats.warmup_s:.2f} s (compiling, or loading compiled kernels from the cache)"]
           if stats.warmup_s else []),
         f"prefill:          {stats.prefill_tok_s:.1f} tok/s",
         f"decode:           {stats.decode_tok_s:.1f} tok/s",

@@ -671,7 +671,8 @@ class GraphDecoder:
 
     def _capture(self, key: tuple) -> torch.cuda.CUDAGraph:
         # Warm up on a side stream (autotuning, compilation, lazy init), then capture. The warm-up steps write the
-        # same k/v slot the real step writes next, and the state buffers are restored afterwards.
+        # k/v slot at the current position, which the prefill or the decode step there rewrites before anything
+        # reads it, and the state buffers are restored afterwards.
         saved = [b.clone() for b in (self._tok, self._pos, self._n, self._out)]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

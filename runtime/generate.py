@@ -31,7 +31,7 @@ class GenerationStats:
     generated_tokens: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0
-    warmup_s: float = 0.0  # compiling before the prefill (the CPU fast path's first generation), in neither rate
+    warmup_s: float = 0.0  # a fast path's compiling before its first prefill (GraphDecoder.warm_up), in neither rate
     truncated_tokens: int = 0
     stop_reason: str = ""
     path: str = ""  # which implementation ran: "reference", "triton + CUDA graph", "cpu + device sampling"…
