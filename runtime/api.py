@@ -126,13 +126,12 @@ class BitNetModel:
         stats.truncated_tokens = dropped
         self.last_stats = stats
         stops = tuple(self.config.eos_token_id) if stop_ids is None else tuple(stop_ids)
-        # the graph decoder samples on the device and has no repetition penalty (it needs the history on the host)
-        if self.fast is not None and repetition_penalty == 1.0:
+        if self.fast is not None:  # the graph decoder: every step and its sampling on the device
             dec = self._graph_decoder(len(ids) + max_new_tokens)
             stats.path = f"{self.backend} + CUDA graph" if dec.use_graph else f"{self.backend} + device sampling"
             return dec.generate(
-                ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop_ids=stops,
-                stats=stats,
+                ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                repetition_penalty=repetition_penalty, seed=seed, stop_ids=stops, stats=stats,
             )  # fmt: skip
         stats.path = self.backend
         return generate_tokens(self.net, ids, max_new_tokens, Sampler(params, self.device), stops, stats)

@@ -48,8 +48,8 @@ What it changes, and why:
 - **Fewer bytes per token.** Decode only computes the head for the last position; ``head="int8"`` replaces the
   bf16 head (56 % of the bytes of a 2B-4T token) by per-row int8 weights and the dp4a GEMV of kernels.py.
 - **No host work per token.** ``GraphDecoder`` captures one decode step (forward at a position tensor, sampling
-  on the device, next token and position written into static buffers) in a ``torch.cuda.CUDAGraph`` and replays
-  it; generated ids are copied to the host in chunks. ``compile=True`` first passes the forward through
+  on the device with the repetition penalty over a mask of the ids seen, next token and position written into
+  static buffers) in a ``torch.cuda.CUDAGraph`` and replays it; generated ids are copied to the host in chunks. ``compile=True`` first passes the forward through
   ``torch.compile`` (the BitLinear kernels as opaque custom ops) so that the small elementwise ops fuse.
 - **CPU** (``backend="cpu"``): a one-token step runs each layer as one compiled function of runtime/cpu.py (the
   shared ``model.attend`` inside), and the head reads a bf16 copy of its weights when that copy is lossless. Prompts
@@ -579,6 +579,12 @@ class FastModel:
         return dot * self.head_scale / s
 
 
+def penalize_on_device(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """runtime/sampling.py's apply_repetition_penalty over a mask instead of a list of ids: fp32 logits [V], seen
+    bool [V] (the ids in the context), penalty f32 [1] (a tensor, so that one CUDA graph serves every value)."""
+    return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+
+
 def sample_on_device(
     logits: torch.Tensor, temperature: torch.Tensor | None, top_k: int | None, top_p: torch.Tensor | None
 ) -> torch.Tensor:
@@ -627,6 +633,9 @@ class GraphDecoder:
         self._out = torch.zeros((self.max_seq,), dtype=torch.long, device=dev)  # generated ids, in order
         self._temp = torch.ones((1,), dtype=torch.float32, device=dev)
         self._top_p = torch.ones((1,), dtype=torch.float32, device=dev)
+        self._penalty = torch.ones((1,), dtype=torch.float32, device=dev)  # the repetition penalty
+        self._seen = torch.zeros((net.head.shape[0],), dtype=torch.bool, device=dev)  # ids in the context
+        self._state = (self._tok, self._pos, self._n, self._out, self._seen)  # what a step changes
         self._logits_fn = fast.logits_last
         if compile:
             self._logits_fn = torch.compile(fast.logits_last, dynamic=False)
@@ -635,13 +644,17 @@ class GraphDecoder:
     def _step(self, key: tuple) -> None:
         # one decode step on the static buffers; everything stays on the device. Without a graph the position
         # goes in as a Python int, so attention reads only the filled part of the cache.
-        greedy, top_k, use_top_p = key
+        greedy, top_k, use_top_p, use_penalty = key
         logits = self._logits_fn(self._tok, self._pos if self.use_graph else self._host_pos)[0]  # [V]
         self._host_pos += 1
+        if use_penalty:
+            logits = penalize_on_device(logits, self._seen, self._penalty)
         if greedy:
             nxt = self.fast.greedy(logits)
         else:
             nxt = sample_on_device(logits, self._temp, top_k, self._top_p if use_top_p else None)
+        if use_penalty:
+            self._seen.index_fill_(0, nxt, True)
         self._out.index_copy_(0, self._n, nxt)
         self._tok.copy_(nxt.view(1, 1))
         self._pos.add_(1)
@@ -673,21 +686,21 @@ class GraphDecoder:
         # Warm up on a side stream (autotuning, compilation, lazy init), then capture. The warm-up steps write the
         # k/v slot at the current position, which the prefill or the decode step there rewrites before anything
         # reads it, and the state buffers are restored afterwards.
-        saved = [b.clone() for b in (self._tok, self._pos, self._n, self._out)]
+        saved = [b.clone() for b in self._state]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(3):
-                for b, s in zip((self._tok, self._pos, self._n, self._out), saved):
+                for b, s in zip(self._state, saved):
                     b.copy_(s)
                 self._step(key)
         torch.cuda.current_stream().wait_stream(side)
-        for b, s in zip((self._tok, self._pos, self._n, self._out), saved):
+        for b, s in zip(self._state, saved):
             b.copy_(s)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self._step(key)
-        for b, s in zip((self._tok, self._pos, self._n, self._out), saved):
+        for b, s in zip(self._state, saved):
             b.copy_(s)  # capture does not run the step, but keep the state exact whatever the backend did
         self._graphs[key] = graph
         log.info("captured a decode graph for sampling mode %s", key)
@@ -708,11 +721,15 @@ class GraphDecoder:
         temperature: float = 0.0,
         top_k: int | None = None,
         top_p: float | None = None,
+        repetition_penalty: float = 1.0,
         seed: int | None = None,
         stop_ids: Sequence[int] = (),
         stats: GenerationStats | None = None,
     ) -> Iterator[int]:
         """Yield up to ``max_new_tokens`` ids after the prompt, stopping before any of ``stop_ids``.
+
+        Sampling as runtime/sampling.py's Sampler (repetition penalty over the prompt and the generated ids, then
+        temperature, top-k, top-p), on the device: the random draw differs (sample_on_device), the rest is the same.
 
         The device runs ahead by up to ``chunk`` steps between host reads; ids past a stop are discarded.
         ``stats`` is filled as ``generate_tokens`` fills it (decode time includes the discarded run-ahead steps).
@@ -722,14 +739,21 @@ class GraphDecoder:
             raise FastPathError("generate: need a non-empty prompt and max_new_tokens >= 1")
         if n_prompt + max_new_tokens > self.max_seq:
             raise FastPathError(f"prompt {n_prompt} + {max_new_tokens} new tokens exceed the decoder's max_seq {self.max_seq}")
-        if not temperature >= 0 or (top_p is not None and not 0 < top_p <= 1) or (top_k is not None and top_k < 0):
-            raise FastPathError(f"bad sampling options temperature={temperature} top_k={top_k} top_p={top_p}")
+        if (not temperature >= 0 or (top_p is not None and not 0 < top_p <= 1) or (top_k is not None and top_k < 0)
+                or not repetition_penalty > 0):  # fmt: skip
+            raise FastPathError(f"bad sampling options temperature={temperature} top_k={top_k} top_p={top_p} "
+                                f"repetition_penalty={repetition_penalty}")  # fmt: skip
         greedy = temperature == 0
         use_top_p = not greedy and top_p is not None and top_p < 1.0
-        key = (greedy, None if greedy else (top_k or None), use_top_p)
+        use_penalty = repetition_penalty != 1.0
+        key = (greedy, None if greedy else (top_k or None), use_top_p, use_penalty)  # one graph each
         if not greedy:
             self._temp.fill_(temperature)
             self._top_p.fill_(top_p if use_top_p else 1.0)
+        if use_penalty:  # the prompt's ids; each step adds its own (the warm-up's capture restores the mask)
+            self._penalty.fill_(repetition_penalty)
+            self._seen.zero_()
+            self._seen.index_fill_(0, torch.tensor(list(prompt_ids), device=self._seen.device), True)
         stats = stats if stats is not None else GenerationStats()
         stats.prompt_tokens = n_prompt
         t0 = time.perf_counter()
@@ -740,7 +764,11 @@ class GraphDecoder:
             torch.manual_seed(seed)  # seeds the CUDA generator too, which graph replays draw from
         t0 = time.perf_counter()
         logits = self.prefill(prompt_ids)
+        if use_penalty:
+            logits = penalize_on_device(logits, self._seen, self._penalty)
         first = sample_on_device(logits, None if greedy else self._temp, key[1], self._top_p if use_top_p else None)
+        if use_penalty:
+            self._seen.index_fill_(0, first, True)
         self._tok.copy_(first.view(1, 1))
         self._pos.fill_(n_prompt)
         self._host_pos = n_prompt

@@ -229,8 +229,8 @@ def build_model(
     head_w = embed if config.tie_word_embeddings else floats("lm_head.weight")
     net = Transformer(config, embed, blocks, norm("norm.weight"), head_w).eval()
     log.info("built %s model on %s/%s in %.2fs", config.family, dev, dt, time.perf_counter() - t0)
-    # FastModel routes every BitLinear of net through its backend too, so the eager fallbacks (repetition penalty)
-    # run fast
+    # FastModel routes every BitLinear of net through its backend too: its forward runs the o and down projections
+    # of net's layers
     return BitNetModel(net, tokenizer, config, FastModel(net, head=head, backend=fast) if fast else None)
 
 

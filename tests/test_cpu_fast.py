@@ -158,14 +158,16 @@ def test_head_reads_a_lossless_bf16_copy(compiled, files):
 
 def test_prefill_and_repetition_penalty_paths(compiled, files):
     # prompts run the fused layers with the reference arithmetic and the compiled head; the repetition penalty
-    # runs the plain network with every BitLinear on the "cpu" backend (one row: the compiled GEMV)
+    # runs in the compiled step's decoder; a one-token forward of the plain network runs every BitLinear on the
+    # "cpu" backend (one row: the compiled GEMV)
     fast = load(files["microsoft"], device="cpu", compile_cpu=True)
     ref = load(files["microsoft"], device="cpu", reference=True)
     kw = dict(stop_ids=(), repetition_penalty=1.3)
     stats = GenerationStats()
     assert list(fast.generate_ids(PROMPT, 12, stats=stats, **kw)) == list(ref.generate_ids(PROMPT, 12, **kw))
-    assert stats.path == "cpu"
+    assert stats.path == "cpu + device sampling"
     assert torch.allclose(fast.logits(PROMPT * 3), ref.logits(PROMPT * 3), rtol=0, atol=1e-5)
+    assert torch.allclose(fast.logits(PROMPT[:1]), ref.logits(PROMPT[:1]), rtol=0, atol=1e-5)
 
 
 # --- dispatch and fallback --------------------------------------------------------------------------------------

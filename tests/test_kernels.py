@@ -507,6 +507,27 @@ def test_fast_model_matches_reference_network():
         a = list(dec.generate(ids, 5, temperature=0.8, top_p=0.9, seed=7))
         assert a == list(dec.generate(ids, 5, temperature=0.8, top_p=0.9, seed=7))
         assert list(dec.generate(ids, 5, temperature=0.8, top_k=1, seed=1)) == ref_tokens[:5]
+        # the repetition penalty on the device (a mask of the prompt's and the generated ids) decodes as the
+        # Sampler does, above 1 and below; each changes the greedy ids here, so a lost penalty would show
+        for pen in (1.3, 0.7):
+            want = list(generate_tokens(net, ids, 8, Sampler(SamplingParams(repetition_penalty=pen))))
+            assert want[:6] != ref_tokens
+            assert list(dec.generate(ids, 8, repetition_penalty=pen)) == want
+
+
+def test_device_repetition_penalty_equals_the_samplers():
+    from bitnet158.runtime.fast import penalize_on_device
+    from bitnet158.runtime.sampling import apply_repetition_penalty
+
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(300, generator=g) * 4
+    logits[::7] = 0.0  # zero: divided, as the Sampler does (score < 0 is the multiplied side)
+    seen = torch.tensor([3, 7, 7, 0, 299, 150, 3, 42])  # repeats count once
+    mask = torch.zeros(300, dtype=torch.bool)
+    mask[seen] = True
+    for pen in (1.3, 0.7, 1.0, 2.5):
+        want = apply_repetition_penalty(logits, seen, pen)
+        assert torch.equal(penalize_on_device(logits, mask, torch.tensor([pen])), want)
 
 
 @interp
@@ -987,6 +1008,9 @@ def test_gpu_graph_decoder_matches_eager(compile):
         a = list(dec.generate(ids, 8, **sample))
         assert a == list(dec.generate(ids, 8, **sample))
         assert a == list(GraphDecoder(fast, 64, use_graph=False, compile=compile).generate(ids, 8, **sample))
+        # the repetition penalty's mask inside the graph: as the eager step
+        eager = GraphDecoder(fast, 64, use_graph=False, compile=compile)
+        assert list(dec.generate(ids, 8, repetition_penalty=1.3)) == list(eager.generate(ids, 8, repetition_penalty=1.3))
 
 
 @gpu
