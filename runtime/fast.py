@@ -72,6 +72,7 @@ import torch.nn.functional as F
 from bitnet158.runtime.bitlinear import BitLinear, get_backend, register_backend
 from bitnet158.runtime.generate import GenerationStats, _sync
 from bitnet158.runtime.model import Transformer
+from bitnet158.runtime.sampling import SamplingError, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -644,9 +645,18 @@ class GraphDecoder:
     def _step(self, key: tuple) -> None:
         # one decode step on the static buffers; everything stays on the device. Without a graph the position
         # goes in as a Python int, so attention reads only the filled part of the cache.
-        greedy, top_k, use_top_p, use_penalty = key
         logits = self._logits_fn(self._tok, self._pos if self.use_graph else self._host_pos)[0]  # [V]
         self._host_pos += 1
+        nxt = self._pick(logits, key)
+        self._out.index_copy_(0, self._n, nxt)
+        self._tok.copy_(nxt.view(1, 1))
+        self._pos.add_(1)
+        self._n.add_(1)
+
+    def _pick(self, logits: torch.Tensor, key: tuple) -> torch.Tensor:
+        # the next id (int64 [1]) from fp32 logits [V] by sampling mode key, on the device; with the repetition
+        # penalty, the id joins the ids seen
+        greedy, top_k, use_top_p, use_penalty = key
         if use_penalty:
             logits = penalize_on_device(logits, self._seen, self._penalty)
         if greedy:
@@ -655,10 +665,7 @@ class GraphDecoder:
             nxt = sample_on_device(logits, self._temp, top_k, self._top_p if use_top_p else None)
         if use_penalty:
             self._seen.index_fill_(0, nxt, True)
-        self._out.index_copy_(0, self._n, nxt)
-        self._tok.copy_(nxt.view(1, 1))
-        self._pos.add_(1)
-        self._n.add_(1)
+        return nxt
 
     def _replay(self, key: tuple) -> None:
         if not self.use_graph:
@@ -739,10 +746,10 @@ class GraphDecoder:
             raise FastPathError("generate: need a non-empty prompt and max_new_tokens >= 1")
         if n_prompt + max_new_tokens > self.max_seq:
             raise FastPathError(f"prompt {n_prompt} + {max_new_tokens} new tokens exceed the decoder's max_seq {self.max_seq}")
-        if (not temperature >= 0 or (top_p is not None and not 0 < top_p <= 1) or (top_k is not None and top_k < 0)
-                or not repetition_penalty > 0):  # fmt: skip
-            raise FastPathError(f"bad sampling options temperature={temperature} top_k={top_k} top_p={top_p} "
-                                f"repetition_penalty={repetition_penalty}")  # fmt: skip
+        try:
+            SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)  # the Sampler path's checks
+        except SamplingError as e:
+            raise FastPathError(f"bad sampling options: {e}") from None
         greedy = temperature == 0
         use_top_p = not greedy and top_p is not None and top_p < 1.0
         use_penalty = repetition_penalty != 1.0
@@ -763,12 +770,7 @@ class GraphDecoder:
         if seed is not None:  # after the warm-up, whose steps draw random numbers too
             torch.manual_seed(seed)  # seeds the CUDA generator too, which graph replays draw from
         t0 = time.perf_counter()
-        logits = self.prefill(prompt_ids)
-        if use_penalty:
-            logits = penalize_on_device(logits, self._seen, self._penalty)
-        first = sample_on_device(logits, None if greedy else self._temp, key[1], self._top_p if use_top_p else None)
-        if use_penalty:
-            self._seen.index_fill_(0, first, True)
+        first = self._pick(self.prefill(prompt_ids), key)
         self._tok.copy_(first.view(1, 1))
         self._pos.fill_(n_prompt)
         self._host_pos = n_prompt
