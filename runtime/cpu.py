@@ -8,8 +8,8 @@ function per layer, the same graph for all layers (the weights and the cache are
     the filled prefix) → sub-norm → quantize → GEMV o → + residual → norm → quantize → GEMV gate/up
     → act · up → sub-norm → quantize → GEMV down → + residual
 
-and one more for the final norm and the head, which reads its weights in bf16 when that is lossless (half the
-bytes of fp32, the same products). The position is a Python int, which torch.compile would specialise on the
+and one more for the final norm and the head, which reads the head in the dtype it is stored in (bf16 or f16
+when the loader could keep it narrow: half the bytes of fp32) and multiplies in fp32. The position is a Python int, which torch.compile would specialise on the
 first value it sees and make symbolic only at the second: a second compile at the second decode step of a fresh
 process (3.4 s at 2B-4T with an empty Inductor cache). The caches' length (prompt + new tokens) would do the same
 at the next generation of another length, and miss Inductor's on-disk cache in the next process. Called under

@@ -52,7 +52,8 @@ What it changes, and why:
   static buffers) in a ``torch.cuda.CUDAGraph`` and replays it; generated ids are copied to the host in chunks. ``compile=True`` first passes the forward through
   ``torch.compile`` (the BitLinear kernels as opaque custom ops) so that the small elementwise ops fuse.
 - **CPU** (``backend="cpu"``): a one-token step runs each layer as one compiled function of runtime/cpu.py (the
-  shared ``model.attend`` inside), and the head reads a bf16 copy of its weights when that copy is lossless. Prompts
+  shared ``model.attend`` inside), and the head reads the network's head in its stored dtype (bf16 or f16 when the
+  loader kept it narrow: runtime/loader.py's ``narrow_dtype``) with fp32 products. Prompts
   (several tokens) run ``_layer`` with the reference arithmetic. If compiling fails on the first step, the model
   falls back to the reference backend with a warning.
 
@@ -155,7 +156,6 @@ class FastModel:
             self.gate_up.append(fuse_bitlinears([m.gate_proj, m.up_proj]))
         self._cpu_compiled = False  # runtime/cpu.py's functions ran once (compiled) on this model
         self._cpu_weights: list | None = None  # per layer cpu.LayerWeights, made at the first CPU step
-        self.cpu_head: torch.Tensor | None = None  # the head's weights for runtime/cpu.py, while on backend "cpu"
         self.set_backend(backend)
         self.head = "bf16"
         self.head_q: torch.Tensor | None = None  # int8 [V, ceil(D/4)·4], made on the first set_head("int8")
@@ -181,12 +181,6 @@ class FastModel:
         if backend == "triton_op":
             _register_op_backend()
         get_backend(backend)
-        if backend != "cpu":
-            self.cpu_head = None
-        elif self.cpu_head is None:
-            # a bf16 copy when it is lossless (a bf16 file's embedding upcast): half the bytes, the same products
-            hb = self.net.head.to(torch.bfloat16)
-            self.cpu_head = hb if torch.equal(hb.to(self.net.head.dtype), self.net.head) else self.net.head
         self.backend = backend
         # the Triton norm / activation kernels go with the eager Triton backend; torch.compile ("triton_op")
         # fuses those ops itself, and the reference backend keeps the model's own torch ops
@@ -199,8 +193,6 @@ class FastModel:
         n = self.net.resident_weight_bytes()
         if self.head_q is not None:
             n += self.head_q.numel() + self.head_scale.numel() * 4
-        if self.cpu_head is not None and self.cpu_head is not self.net.head:
-            n += self.cpu_head.numel() * self.cpu_head.element_size()
         if self._stack is not None:  # its per-row scales (the rest are the network's own tensors, re-pointed)
             st = self._stack
             n += sum(t.numel() * 4 for t in (st.qkv_scale, st.o_scale, st.gate_up_scale, st.down_scale))
@@ -459,7 +451,7 @@ class FastModel:
             return logits.view(b, x.shape[1], -1)
         x = self._norm(self.net.norm, x)
         if self.head == "bf16":
-            return F.linear(x, self.net.head).float()
+            return self.net.head_logits(x)
         return self._int8_head(x.reshape(-1, x.shape[-1])).view(b, x.shape[1], -1)
 
     def _hidden(self, tokens: torch.Tensor, start_pos: int | torch.Tensor) -> torch.Tensor:
@@ -482,7 +474,7 @@ class FastModel:
         else:
             cos, sin = net.cos[start_pos], net.sin[start_pos]
             mask = torch.arange(net.max_seq, device=tokens.device)[None, :] <= start_pos[:, None]  # [T, max_seq]
-        x = F.embedding(tokens, net.embed)  # [B, T, D]
+        x = net.embed_tokens(tokens)  # [B, T, D]
         carry = None  # gemv="folded": the next layer's input, packed by the layer before
         for i in range(len(net.layers)):
             x, carry = self._layer(i, x, cos, sin, start_pos, mask, carry)
@@ -501,7 +493,7 @@ class FastModel:
         step = tokens.shape[1] == 1
         try:
             x = self._cpu_step(tokens, start_pos) if step else self._hidden(tokens, start_pos)[0, -1]
-            out = cpu.kernels().head(x, net.norm.weight, net.norm.eps, self.cpu_head)  # [V]
+            out = cpu.kernels().head(x, net.norm.weight, net.norm.eps, net.head)  # [V]
         except Exception as e:
             if self._cpu_compiled:
                 raise
@@ -536,7 +528,7 @@ class FastModel:
         cos, sin = net.cos[pos : pos + 1], net.sin[pos : pos + 1]  # [1, Dh]
         # [D]: a new tensor, not a view of the embedding (under inference mode a view of it is a normal tensor, the
         # layers' outputs are inference tensors, and torch.compile would compile the first layer apart)
-        x = F.embedding(tokens[0], net.embed)[0]
+        x = net.embed_tokens(tokens[0])[0]
         # the first step compiles with pos symbolic: one compile for every position (the setting costs ~0.1 ms a
         # step, so later steps go without it)
         with cpu.symbolic_position() if not self._cpu_compiled else contextlib.nullcontext():

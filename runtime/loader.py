@@ -144,6 +144,16 @@ def fast_backend(
     return fast
 
 
+def narrow_dtype(t: torch.Tensor) -> torch.dtype:
+    """The 16-bit dtype that holds float tensor ``t`` exactly: its own when it has 16 bits, else bf16 when every value
+    survives the round trip (an f32 file converted from bf16 masters), else f32. Checked a slice of rows at a time:
+    no full-size temporary."""
+    if t.element_size() == 2:
+        return t.dtype
+    exact = all(torch.equal(c.to(torch.bfloat16).to(t.dtype), c) for c in t.split(8192))
+    return torch.bfloat16 if exact else torch.float32
+
+
 def build_model(
     source,
     *,
@@ -225,9 +235,17 @@ def build_model(
             norm(p + "mlp.sub_norm.weight") if config.sub_norms else None,
         )
         blocks.append(Block(norm(p + "attn_norm.weight"), attn, norm(p + "mlp_norm.weight"), mlp))
-    embed = floats("embed.weight")
-    head_w = embed if config.tie_word_embeddings else floats("lm_head.weight")
-    net = Transformer(config, embed, blocks, norm("norm.weight"), head_w).eval()
+    # the compiled CPU path computes in fp32 but reads the embedding and head in the file's 16 bits when that is
+    # exact (rows upcast at use): at 2B-4T 0.66 GB instead of 1.3 GB, and the head's bytes are most of a token's
+    narrow = fast == "cpu" and dt == torch.float32
+
+    def vocab_matrix(name: str) -> torch.Tensor:
+        t = source.torch(name)  # [V, D], a view of the file
+        return t.to(device=dev, dtype=narrow_dtype(t) if narrow else dt, copy=True)
+
+    embed = vocab_matrix("embed.weight")
+    head_w = embed if config.tie_word_embeddings else vocab_matrix("lm_head.weight")
+    net = Transformer(config, embed, blocks, norm("norm.weight"), head_w, dtype=dt).eval()
     log.info("built %s model on %s/%s in %.2fs", config.family, dev, dt, time.perf_counter() - t0)
     # FastModel routes every BitLinear of net through its backend too: its forward runs the o and down projections
     # of net's layers

@@ -155,14 +155,30 @@ class Block(nn.Module):
         return h + self.mlp(self.mlp_norm(h))
 
 
+# Rows of a head stored narrower than the activations that head_logits upcasts at a time: 8192 · D fp32 values,
+# 84 MB at D = 2560, instead of a whole fp32 copy of the head (1.3 GB at 2B-4T).
+HEAD_CHUNK = 8192
+
+
 class Transformer(nn.Module):
-    """Embedding → blocks → norm → head. ``forward(tokens [B, T], start_pos)`` returns fp32 logits [B, T, V]."""
+    """Embedding → blocks → norm → head. ``forward(tokens [B, T], start_pos)`` returns fp32 logits [B, T, V].
+
+    ``dtype`` is the compute dtype (default: the embedding's). The embedding and head may be stored narrower than
+    it: the loader keeps them bf16 under fp32 compute on the compiled CPU path when that is exact, half the bytes.
+    Their rows are then upcast where they are used, so the products are the same."""
 
     def __init__(
-        self, config: ModelConfig, embed: torch.Tensor, blocks: list[Block], norm: RMSNorm, head: torch.Tensor
+        self,
+        config: ModelConfig,
+        embed: torch.Tensor,
+        blocks: list[Block],
+        norm: RMSNorm,
+        head: torch.Tensor,
+        dtype: torch.dtype | None = None,
     ):
         super().__init__()
         self.config = config
+        self._dtype = dtype or embed.dtype
         self.register_buffer("embed", embed, persistent=False)  # [V, D]
         self.layers = nn.ModuleList(blocks)
         self.norm = norm
@@ -179,7 +195,8 @@ class Transformer(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed.dtype
+        """The compute dtype: activations, the KV cache, rope tables."""
+        return self._dtype
 
     @property
     def device(self) -> torch.device:
@@ -237,11 +254,21 @@ class Transformer(nn.Module):
             pos = start_pos  # [T] int64 on the device
             cos, sin = self.cos[pos], self.sin[pos]
             mask = torch.arange(self.max_seq, device=tokens.device)[None, :] <= pos[:, None]  # [T, max_seq]
-        x = F.embedding(tokens, self.embed)  # [B, T, D]
+        x = self.embed_tokens(tokens)  # [B, T, D]
         for layer in self.layers:
             x = layer(x, cos, sin, start_pos, mask)
-        x = self.norm(x)
-        return F.linear(x, self.head).float()  # [B, T, V]
+        return self.head_logits(self.norm(x))  # [B, T, V]
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The embedding rows of tokens [...] in the compute dtype [..., D]: always a new tensor, never a view."""
+        return F.embedding(tokens, self.embed).to(self.dtype)
+
+    def head_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """fp32 logits [..., V] of the normed hidden states x [..., D]."""
+        if self.head.dtype == x.dtype:
+            return F.linear(x, self.head).float()
+        # a head stored narrower than x: upcast HEAD_CHUNK rows at a time (exact), never the whole head at once
+        return torch.cat([F.linear(x, w.to(x.dtype)) for w in self.head.split(HEAD_CHUNK)], -1).float()
 
     def resident_weight_bytes(self) -> int:
         """Bytes of weights on the device: packed ternary (+ unpacked caches), norms, embedding and head."""

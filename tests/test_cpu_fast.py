@@ -18,7 +18,9 @@ from bitnet158.formats.ternary import pack_t2
 from bitnet158.runtime import cpu, load
 from bitnet158.runtime.bitlinear import BitLinear
 from bitnet158.runtime.cli import main as cli_main
+from bitnet158.runtime import model as model_module
 from bitnet158.runtime.generate import GenerationStats
+from bitnet158.runtime.loader import narrow_dtype
 from click.testing import CliRunner
 
 PROMPT = [1, 5, 9, 2, 7, 3]
@@ -144,16 +146,47 @@ def test_symbolic_position_on_a_torch_without_the_setting(monkeypatch):
         pass
 
 
-def test_head_reads_a_lossless_bf16_copy(compiled, files):
-    # the converted floats came from bf16 masters, so the f32 head is exact in bf16: a copy at half the bytes
+def test_embedding_and_head_stay_narrow_when_exact(compiled, files, monkeypatch):
+    # the converted f32 floats came from bf16 masters: the compiled CPU path keeps the embedding and the (untied)
+    # head in bf16, half the bytes, and still computes in fp32
     model = load(files["llama-bitnet"], device="cpu", compile_cpu=True)
-    head = model.fast.cpu_head
-    assert head.dtype == torch.bfloat16 and torch.equal(head.float(), model.net.head)
     plain = load(files["llama-bitnet"], device="cpu", reference=True)
-    assert model.resident_weight_bytes() == plain.resident_weight_bytes() + head.numel() * 2
-    # a head that is not exact in bf16 is used as it is
-    model.net.head.add_(1e-4)
-    assert type(model.fast)(model.net, backend="cpu").cpu_head is model.net.head
+    net = model.net
+    assert net.embed.dtype == net.head.dtype == torch.bfloat16 and model.dtype == torch.float32
+    assert plain.net.embed.dtype == plain.net.head.dtype == torch.float32
+    assert torch.equal(net.embed.float(), plain.net.embed) and torch.equal(net.head.float(), plain.net.head)
+    v, d = net.head.shape
+    assert model.resident_weight_bytes() == plain.resident_weight_bytes() - 2 * v * d * 2
+    want = plain.logits(PROMPT)
+    assert torch.allclose(model.logits(PROMPT), want, rtol=0, atol=1e-5)
+    # the plain network over the narrow head upcasts it a slice of rows at a time: 7 rows, so several slices and
+    # a short last one (the tiny vocab is not a multiple of 7)
+    monkeypatch.setattr(model_module, "HEAD_CHUNK", 7)
+    assert v % 7
+    net.setup_cache(1, len(PROMPT))
+    got = net(torch.tensor([PROMPT]), 0)[0]
+    assert got.dtype == torch.float32 and torch.allclose(got, want, rtol=0, atol=1e-5)
+
+
+def test_f16_file_on_the_compiled_path(compiled, tiny, tmp_path):
+    # an f16 file's embedding stays f16 (the compiled head multiplies it in fp32) and gives the reference's tokens
+    out = str(tmp_path / "f16.bin")
+    convert_hf(str(tiny.microsoft_latent(tmp_path / "ms").path), out, dtype="f16", progress=False)
+    fast = load(out, device="cpu", compile_cpu=True)
+    ref = load(out, device="cpu", reference=True)
+    assert fast.net.embed.dtype == torch.float16 and ref.net.embed.dtype == torch.float32
+    assert list(fast.generate_ids(PROMPT, 8, stop_ids=())) == list(ref.generate_ids(PROMPT, 8, stop_ids=()))
+    assert torch.allclose(fast.logits(PROMPT), ref.logits(PROMPT), rtol=0, atol=1e-5)
+
+
+def test_narrow_dtype():
+    exact = torch.randn(8200, 3).to(torch.bfloat16)
+    assert narrow_dtype(exact) == torch.bfloat16
+    assert narrow_dtype(exact.half()) == torch.float16
+    assert narrow_dtype(exact.float()) == torch.bfloat16
+    inexact = exact.float()
+    inexact[-1, -1] += 1e-4  # one value in the last slice of rows
+    assert narrow_dtype(inexact) == torch.float32
 
 
 def test_prefill_and_repetition_penalty_paths(compiled, files):
