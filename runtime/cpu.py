@@ -57,7 +57,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from bitnet158.runtime.bitlinear import reference_bitlinear
+from bitnet158.runtime.bitlinear import quantize_activations, reference_bitlinear
 from bitnet158.runtime.model import attend
 
 log = logging.getLogger(__name__)
@@ -181,10 +181,37 @@ def symbolic_position():
 
 _vec_state = {"ok": False, "failed": False}  # kernels().bitlinear ran / failed to compile in this process
 
+# From this many rows (a prompt) bitlinear_rows' one int8 matmul beats the reference's four narrow ones, 1.17× a
+# layer at 64 rows to 1.5× at 1,024 (2 cores, 2B-4T shapes, benchmarks/cpu_prefill_gemm.py); at 16 rows it is
+# 0.6×. Decode's single row takes the compiled GEMV.
+PREFILL_ROWS = 64
+_SHIFTS = torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(1, 4, 1)
+
+
+def bitlinear_rows(x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, k: int) -> torch.Tensor:
+    """x2 [M, K] → [M, N] with the reference's integer sums and float ops (bit for bit), in one int8 matmul.
+
+    The reference (``bitlinear.int_dot_packed``) multiplies each 2-bit plane apart: four int8 matmuls of width
+    rb = ceil(K/4), then three int32 adds of [N, M] and a transpose. Here the four planes' codes lie side by side,
+    c [N, 4·rb] (column k·rb + j holds weight column 4j + k), q's columns are permuted to match, and one matmul
+    sums them all, and the three adds and the transpose go."""
+    q, s = quantize_activations(x2)  # [M, K] int8, [M, 1] f32
+    m = q.shape[0]
+    n, rb = packed.shape
+    q = F.pad(q, (0, 4 * rb - k))  # padding columns have code 1 and q = 0: they add nothing
+    codes = (packed[:, None, :] >> _SHIFTS).bitwise_and_(3).view(torch.int8).view(n, 4 * rb)  # [N, 4·rb], c = t + 1
+    qp = q.view(m, rb, 4).transpose(1, 2).reshape(m, 4 * rb)  # [M, 4·rb]: q in the codes' column order
+    acc = torch._int_mm(qp, codes.t())  # [M, N] int32: Σ q·c
+    acc -= q.sum(-1, dtype=torch.int32, keepdim=True)  # Σ q·(c − 1) = q · tᵀ
+    return (acc.float() * scale / s).to(x2.dtype)
+
 
 def bitlinear_cpu(x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, k: int) -> torch.Tensor:
-    """BitLinear backend "cpu": x2 [M, K] → [M, N]. One row: the compiled GEMV; more rows (prefill), K > MAX_K,
-    or when compiling failed: the reference arithmetic (int8 × int8 → int32 on the 2-bit planes)."""
+    """BitLinear backend "cpu": x2 [M, K] → [M, N]. One row: the compiled GEMV; PREFILL_ROWS rows or more:
+    ``bitlinear_rows``; between them, K > MAX_K, or when compiling failed: the reference arithmetic (int8 × int8 →
+    int32 on the 2-bit planes)."""
+    if x2.shape[0] >= PREFILL_ROWS:
+        return bitlinear_rows(x2, packed, scale, k)
     if x2.shape[0] == 1 and k <= MAX_K and not _vec_state["failed"]:
         try:
             y = kernels().bitlinear(x2[0], packed, scale)[None]

@@ -55,6 +55,34 @@ def files(tiny, tmp_path_factory) -> dict[str, str]:
     return out
 
 
+# --- the prefill GEMM -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("m", [cpu.PREFILL_ROWS, 97])
+@pytest.mark.parametrize("k", [64, 37])  # 37: padding columns in the last byte
+@pytest.mark.parametrize("per_row", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_rows_equal_reference_bitlinear(m, k, per_row, dtype):
+    gen = torch.Generator().manual_seed(m + k + per_row)
+    n = 40
+    t = torch.randint(-1, 2, (n, k), generator=gen, dtype=torch.int8)
+    scale = torch.rand(n if per_row else 1, generator=gen) + 0.5
+    ref = BitLinear(pack_t2(t), scale, k)
+    x = torch.randn(m, k, generator=gen) * 3
+    x[0] = torch.tensor([127.0] + [(i % 9) - 4.5 for i in range(k - 1)])  # rounding ties (see the GEMV test)
+    x[1] = 0  # max|x| = 0
+    x = x.to(dtype)
+    got = cpu.bitlinear_rows(x, ref.packed, ref.scale, k)
+    assert got.dtype == dtype and torch.equal(got, ref(x))
+
+
+def test_backend_takes_the_prefill_gemm_from_prefill_rows(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cpu, "bitlinear_rows", lambda *a: calls.append(a[0].shape[0]) or torch.zeros(1))
+    packed = pack_t2(torch.ones(8, 16, dtype=torch.int8))
+    for m in (2, cpu.PREFILL_ROWS - 1, cpu.PREFILL_ROWS, 300):
+        cpu.bitlinear_cpu(torch.randn(m, 16), packed, torch.ones(1), 16)
+    assert calls == [cpu.PREFILL_ROWS, 300]
+
+
 # --- the GEMV ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("k", [64, 37])  # 37: padding columns in the last byte
 @pytest.mark.parametrize("per_row", [False, True])
@@ -200,6 +228,8 @@ def test_prefill_and_repetition_penalty_paths(compiled, files):
     assert list(fast.generate_ids(PROMPT, 12, stats=stats, **kw)) == list(ref.generate_ids(PROMPT, 12, **kw))
     assert stats.path == "cpu + device sampling"
     assert torch.allclose(fast.logits(PROMPT * 3), ref.logits(PROMPT * 3), rtol=0, atol=1e-5)
+    long = PROMPT * (cpu.PREFILL_ROWS // len(PROMPT) + 1)  # a prompt through bitlinear_rows
+    assert torch.allclose(fast.logits(long), ref.logits(long), rtol=0, atol=1e-5)
     assert torch.allclose(fast.logits(PROMPT[:1]), ref.logits(PROMPT[:1]), rtol=0, atol=1e-5)
 
 
