@@ -1,4 +1,5 @@
-"""The Python API: ``model = load(path)``; ``model.logits`` / ``generate`` / ``perplexity`` / ``tokenizer``."""
+"""The Python API: ``model = load(path)``; ``model.logits`` / ``generate`` / ``chat`` / ``perplexity`` /
+``tokenizer``."""
 
 from __future__ import annotations
 
@@ -63,14 +64,24 @@ class BitNetModel:
             return self.fast.logits(tokens, start_pos, last_only=False)
         return self.net(tokens, start_pos)
 
-    def _graph_decoder(self, need: int) -> GraphDecoder:
+    def _graph_decoder(self, need: int, grow: bool = False) -> GraphDecoder:
         # A decoder's graphs point at the KV cache it was captured on, so make a new one when it is too small or
-        # when logits()/perplexity() have grown (reallocated) the network's cache since.
+        # when logits()/perplexity() have grown (reallocated) the network's cache since. ``grow`` (a chat): at
+        # least double it, up to the context, and keep what the old cache held (setup_cache copies it over).
         dec = self._decoder
         if dec is None or dec.max_seq < need or dec.max_seq != self.net.max_seq:
+            held = dec.context() if grow and dec is not None and dec.max_seq == self.net.max_seq else []
+            if grow and dec is not None:
+                need = min(max(need, 2 * dec.max_seq), self.config.max_position_embeddings)
             self._decoder = None  # drop the old graphs before capturing new ones
             dec = self._decoder = GraphDecoder(self.fast, need, use_graph=self.device.type == "cuda")
+            dec.adopt(held)
         return dec
+
+    def _forget_cache(self) -> None:
+        # a forward outside the decoder writes into the cache: the decoder's record of it no longer holds
+        if self._decoder is not None:
+            self._decoder.forget()
 
     @torch.inference_mode()
     def logits(self, token_ids) -> torch.Tensor:
@@ -84,19 +95,73 @@ class BitNetModel:
         if int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size:
             raise ValueError(f"logits: token ids must be in [0, {self.config.vocab_size})")
         self.net.setup_cache(1, n)
+        self._forget_cache()
         return self._forward(ids.to(self.device)[None], 0)[0]
 
-    def encode_prompt(self, prompt: str, chat: bool = False) -> list[int]:
-        """Prompt ids. chat=True renders a one-user-message chat with the file's template first.
+    def encode_prompt(self, prompt: str, chat: bool = False, system: str | None = None) -> list[int]:
+        """Prompt ids. chat=True renders a one-user-message chat with the file's template first (after a
+        ``system`` message if given).
 
         BOS comes from the tokenizer's post-processor, except when a rendered chat already starts with the BOS
         string (templates that write ``{{ bos_token }}``), so that it is never doubled.
         """
         if not chat:
             return self.tokenizer.encode(prompt, add_special_tokens=True)
-        text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        head = [{"role": "system", "content": system}] if system is not None else []
+        return self.encode_chat([*head, {"role": "user", "content": prompt}])
+
+    def encode_chat(self, messages: Sequence[dict]) -> list[int]:
+        """Ids of ``messages`` ({"role", "content"} dicts) rendered with the file's chat template, ready for the
+        assistant's reply; BOS as in ``encode_prompt``."""
+        text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
         bos = self.tokenizer.bos_token
         return self.tokenizer.encode(text, add_special_tokens=not (bos and text.startswith(bos)))
+
+    def fit_chat(self, messages: Sequence[dict], max_new_tokens: int) -> list[dict]:
+        """``messages`` without as many of the oldest turns (after a leading system message) as it takes for the
+        rendered conversation and ``max_new_tokens`` to fit the context. A turn is a user message and the replies
+        after it. ContextOverflowError when the last user message alone does not fit."""
+        msgs = list(messages)
+        first = 1 if msgs and msgs[0].get("role") == "system" else 0
+        ctx = self.config.max_position_embeddings
+        while len(self.encode_chat(msgs)) + max_new_tokens > ctx:
+            rest = msgs[first + 1 :]
+            nxt = next((i for i, m in enumerate(rest) if m.get("role") == "user"), None)
+            if nxt is None:  # the last user message is all there is to drop
+                raise ContextOverflowError(
+                    f"the last message and {max_new_tokens} new tokens do not fit the context of {ctx} tokens"
+                )
+            msgs = msgs[:first] + rest[nxt:]
+        return msgs
+
+    def chat(
+        self,
+        messages: Sequence[dict],
+        max_new_tokens: int | None = None,
+        *,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        stats: GenerationStats | None = None,
+    ) -> Iterator[str]:
+        """Stream the assistant's reply to a conversation, ``messages`` ({"role", "content"} dicts, rendered with
+        the file's chat template; pass ``fit_chat``'s result to drop the oldest turns when it outgrows the context).
+
+        The KV cache keeps the conversation between calls: when the next call's conversation starts with this
+        one and its reply, the fast path runs only the new tokens (``generate_ids(reuse_cache=True)``).
+        ``max_new_tokens=None``: up to DEFAULT_MAX_NEW_TOKENS, at most half the context. Stops at the template's
+        end-of-turn ids, at a ``stop`` string, or after ``max_new_tokens``."""
+        n = max_new_tokens or min(DEFAULT_MAX_NEW_TOKENS, self.config.max_position_embeddings // 2)
+        prompt_ids = self.encode_chat(messages)
+        stats = stats if stats is not None else GenerationStats()
+        tokens = self.generate_ids(
+            prompt_ids, n, temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+            seed=seed, stop_ids=self.tokenizer.chat_stop_ids(), stats=stats, reuse_cache=True,
+        )  # fmt: skip
+        return stream_text(self.tokenizer, tokens, prompt_ids, list(stop), stats)
 
     def generate_ids(
         self,
@@ -111,11 +176,14 @@ class BitNetModel:
         stop_ids: Sequence[int] | None = None,
         truncate: bool = False,
         stats: GenerationStats | None = None,
+        reuse_cache: bool = False,
     ) -> Iterator[int]:
         """Token-level generation after ``prompt_ids``; validates everything before returning the iterator.
 
         ``max_new_tokens=None`` means up to DEFAULT_MAX_NEW_TOKENS, fewer when the context has less room left;
         an explicit number that does not fit is an error (or, with ``truncate``, drops the oldest prompt tokens).
+        ``reuse_cache`` (fast path only): skip the prompt's prefix that the last generation left in the cache
+        (GraphDecoder.generate's ``reuse``; ``stats.cached_tokens`` counts it), as ``chat`` does.
         """
         params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
         if max_new_tokens is None:
@@ -127,11 +195,11 @@ class BitNetModel:
         self.last_stats = stats
         stops = tuple(self.config.eos_token_id) if stop_ids is None else tuple(stop_ids)
         if self.fast is not None:  # the graph decoder: every step and its sampling on the device
-            dec = self._graph_decoder(len(ids) + max_new_tokens)
+            dec = self._graph_decoder(len(ids) + max_new_tokens, grow=reuse_cache)
             stats.path = f"{self.backend} + CUDA graph" if dec.use_graph else f"{self.backend} + device sampling"
             return dec.generate(
                 ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                repetition_penalty=repetition_penalty, seed=seed, stop_ids=stops, stats=stats,
+                repetition_penalty=repetition_penalty, seed=seed, stop_ids=stops, stats=stats, reuse=reuse_cache,
             )  # fmt: skip
         stats.path = self.backend
         return generate_tokens(self.net, ids, max_new_tokens, Sampler(params, self.device), stops, stats)
@@ -148,13 +216,16 @@ class BitNetModel:
         seed: int | None = None,
         stop: Sequence[str] = (),
         chat: bool = False,
+        system: str | None = None,
         truncate: bool = False,
         stats: GenerationStats | None = None,
     ) -> Iterator[str]:
         """Stream generated text pieces. Stops at EOS (any of the config's ids; in chat mode also end-of-turn
         tokens), at a ``stop`` string (not emitted), or after ``max_new_tokens``. Timing and counts land in
         ``stats`` (or ``model.last_stats``)."""
-        prompt_ids = self.encode_prompt(prompt, chat)
+        if system is not None and not chat:
+            raise ValueError("a system message needs chat=True")
+        prompt_ids = self.encode_prompt(prompt, chat, system)
         stats = stats if stats is not None else GenerationStats()
         stop_ids = self.tokenizer.chat_stop_ids() if chat else tuple(self.config.eos_token_id)
         tokens = self.generate_ids(
@@ -179,4 +250,5 @@ class BitNetModel:
         ids = self.tokenizer.encode(text, add_special_tokens=True)
         ctx = ctx or self.config.max_position_embeddings
         stride = stride or max(1, ctx // 2)
+        self._forget_cache()
         return _perplexity(self.net, ids, ctx, stride, progress=progress, forward=self._forward)

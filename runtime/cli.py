@@ -9,7 +9,7 @@ import time
 import click
 import torch
 
-from bitnet158.runtime.generate import GenerationStats
+from bitnet158.runtime.generate import ContextOverflowError, GenerationStats
 
 
 def _peak_memory(device: torch.device) -> str:
@@ -36,10 +36,59 @@ def _print_stats(model, stats: GenerationStats, load_s: float) -> None:
     click.echo("\n" + "\n".join(lines), err=True)
 
 
+def _chat_loop(model, system: str | None, max_new_tokens: int | None, sampling: dict, quiet: bool) -> None:
+    # one user message a line from stdin; each reply streams to stdout, the prompt marker and a stats line go to
+    # stderr. The conversation drops its oldest turns when it outgrows the context (BitNetModel.fit_chat).
+    from bitnet158.runtime.api import DEFAULT_MAX_NEW_TOKENS
+
+    start = [{"role": "system", "content": system}] if system is not None else []
+    messages = list(start)
+    n = max_new_tokens or min(DEFAULT_MAX_NEW_TOKENS, model.config.max_position_embeddings // 2)
+    if not quiet:
+        click.echo("chat: one message a line; /reset forgets the conversation, /exit or Ctrl-D ends", err=True)
+    while True:
+        click.echo("> ", nl=False, err=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() in ("/exit", "/quit"):
+            click.echo(err=True)
+            return
+        text = line.rstrip("\n")
+        if text.strip() == "/reset":
+            messages = list(start)
+            continue
+        if not text.strip():
+            continue
+        try:
+            messages = model.fit_chat([*messages, {"role": "user", "content": text}], n)
+        except ContextOverflowError as e:
+            click.echo(f"error: {e}", err=True)
+            continue
+        stats = GenerationStats()
+        reply = ""
+        for piece in model.chat(messages, n, stats=stats, **sampling):
+            click.echo(piece, nl=False)
+            sys.stdout.flush()
+            reply += piece
+        click.echo()
+        messages.append({"role": "assistant", "content": reply})
+        if not quiet:
+            click.echo(
+                f"[{stats.generated_tokens} tokens, {stats.decode_tok_s:.1f} tok/s; prompt "
+                f"{stats.prompt_tokens - stats.cached_tokens} run + {stats.cached_tokens} cached]",
+                err=True,
+            )
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--prompt", "-p", help="Text to continue (or, with --chat, the user message).")
-@click.option("--chat", is_flag=True, help="Wrap the prompt in the chat template carried in the file.")
+@click.option(
+    "--chat",
+    is_flag=True,
+    help="Wrap the prompt in the chat template carried in the file. Without --prompt: an interactive chat "
+    "(one message a line; /reset forgets the conversation, /exit or end of input ends it).",
+)
+@click.option("--system", help="With --chat: a system message first.")
 @click.option(
     "--max-new-tokens",
     "-n",
@@ -94,6 +143,7 @@ def main(
     file,
     prompt,
     chat,
+    system,
     max_new_tokens,
     temperature,
     top_k,
@@ -119,8 +169,12 @@ def main(
     """Run the BitNet b1.58 model in FILE (a bitnet158 packed file, or a GGUF: I2_S, TQ1_0, TQ2_0)."""
     from bitnet158.runtime.loader import load  # keeps `bitnet-run --help` fast
 
-    if (prompt is None) == (ppl_file is None):
-        click.echo("error: give exactly one of --prompt or --perplexity", err=True)
+    interactive = chat and prompt is None and ppl_file is None
+    if (prompt is None) == (ppl_file is None) and not interactive:
+        click.echo("error: give exactly one of --prompt or --perplexity (or --chat alone, to chat)", err=True)
+        sys.exit(2)
+    if system is not None and not chat:
+        click.echo("error: --system needs --chat", err=True)
         sys.exit(2)
     if threads:
         torch.set_num_threads(threads)
@@ -137,6 +191,11 @@ def main(
             ppl, n = model.perplexity(text, ctx=ctx, stride=stride, progress=not quiet)
             click.echo(f"perplexity: {ppl:.4f} over {n} tokens")
             return
+        sampling = dict(temperature=temperature, top_k=top_k or None, top_p=top_p,
+                        repetition_penalty=repetition_penalty, seed=seed, stop=list(stop))  # fmt: skip
+        if interactive:
+            _chat_loop(model, system, max_new_tokens, sampling, quiet)
+            return
         stats = GenerationStats()
         pieces = model.generate(
             prompt,
@@ -148,6 +207,7 @@ def main(
             seed=seed,
             stop=list(stop),
             chat=chat,
+            system=system,
             truncate=truncate,
             stats=stats,
         )

@@ -49,7 +49,9 @@ What it changes, and why:
   bf16 head (56 % of the bytes of a 2B-4T token) by per-row int8 weights and the dp4a GEMV of kernels.py.
 - **No host work per token.** ``GraphDecoder`` captures one decode step (forward at a position tensor, sampling
   on the device with the repetition penalty over a mask of the ids seen, next token and position written into
-  static buffers) in a ``torch.cuda.CUDAGraph`` and replays it; generated ids are copied to the host in chunks. ``compile=True`` first passes the forward through
+  static buffers) in a ``torch.cuda.CUDAGraph`` and replays it; generated ids are copied to the host in chunks.
+  ``generate(reuse=True)`` runs only what follows the prefix that the cache holds from the last generation (a
+  chat's next turn). ``compile=True`` first passes the forward through
   ``torch.compile`` (the BitLinear kernels as opaque custom ops) so that the small elementwise ops fuse.
 - **CPU** (``backend="cpu"``): a one-token step runs each layer as one compiled function of runtime/cpu.py (the
   shared ``model.attend`` inside), and the head reads the network's head in its stored dtype (bf16 or f16 when the
@@ -602,6 +604,16 @@ def sample_on_device(
     return race.argmax(-1, keepdim=True)
 
 
+def _common_prefix(a: Sequence[int], b: Sequence[int], most: int) -> int:
+    """How many leading ids a and b share, at most ``most``."""
+    n = 0
+    for x, y in zip(a[:most], b[:most]):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 class GraphDecoder:
     """Batch-1 generation: eager prefill, then decode steps replayed from CUDA graphs (one per sampling mode).
 
@@ -633,6 +645,26 @@ class GraphDecoder:
         if compile:
             self._logits_fn = torch.compile(fast.logits_last, dynamic=False)
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+        # what the cache holds after the last generation (context()): its prompt, then _fed ids of _out
+        self._ctx_prompt: list[int] = []
+        self._ctx_fed = 0
+
+    def context(self) -> list[int]:
+        """The ids whose keys and values the cache holds at positions 0.. after the last clean generation: its
+        prompt and the generated ids that decode steps ran (also past a stop id, up to the device's run-ahead).
+        ``generate(reuse=True)`` skips the longest prefix of a new prompt that this holds."""
+        return self._ctx_prompt + self._out[: self._ctx_fed].tolist()
+
+    def adopt(self, ids: list[int]) -> None:
+        """Declare that the cache holds ``ids`` at positions 0.. (a bigger decoder over the same, grown cache).
+        The step state moves past them: a graph capture's eager steps write the slot at that position."""
+        self._ctx_prompt, self._ctx_fed = list(ids), 0
+        self._pos.fill_(len(ids))
+        self._host_pos = len(ids)
+
+    def forget(self) -> None:
+        """Something else wrote into the cache (a full forward, a perplexity run): reuse nothing of it."""
+        self._ctx_prompt, self._ctx_fed = [], 0
 
     def _step(self, key: tuple) -> None:
         # one decode step on the static buffers; everything stays on the device. Without a graph the position
@@ -706,10 +738,11 @@ class GraphDecoder:
         return graph
 
     @torch.inference_mode()
-    def prefill(self, prompt_ids: Sequence[int]) -> torch.Tensor:
-        """Run the prompt at positions 0..; fp32 logits [V] of its last token."""
-        tokens = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.fast.device)
-        return self.fast.logits_last(tokens, 0)[0]
+    def prefill(self, prompt_ids: Sequence[int], start: int = 0) -> torch.Tensor:
+        """Run prompt_ids[start:] at positions start..; fp32 logits [V] of the last token. The cache must already
+        hold the keys and values of the first ``start`` ids."""
+        tokens = torch.tensor([list(prompt_ids[start:])], dtype=torch.long, device=self.fast.device)
+        return self.fast.logits_last(tokens, start)[0]
 
     @torch.inference_mode()
     def generate(
@@ -724,8 +757,14 @@ class GraphDecoder:
         seed: int | None = None,
         stop_ids: Sequence[int] = (),
         stats: GenerationStats | None = None,
+        reuse: bool = False,
     ) -> Iterator[int]:
         """Yield up to ``max_new_tokens`` ids after the prompt, stopping before any of ``stop_ids``.
+
+        ``reuse``: run only what follows the longest prefix of the prompt that the cache holds from the last
+        generation (``context()``; at least the last prompt token runs), as a chat's next turn does. Those keys
+        and values came partly from decode steps, so the logits may differ from a fresh prefill's by float
+        rounding; without ``reuse`` the whole prompt runs and equal calls give equal ids.
 
         Sampling as runtime/sampling.py's Sampler (repetition penalty over the prompt and the generated ids, then
         temperature, top-k, top-p), on the device: the random draw differs (sample_on_device), the rest is the same.
@@ -755,14 +794,22 @@ class GraphDecoder:
             self._seen.index_fill_(0, torch.tensor(list(prompt_ids), device=self._seen.device), True)
         stats = stats if stats is not None else GenerationStats()
         stats.prompt_tokens = n_prompt
+        start = _common_prefix(self.context(), prompt_ids, n_prompt - 1) if reuse else 0
+        self.forget()  # the cache is being rewritten; set again when this generation ends cleanly
         t0 = time.perf_counter()
-        if self.warm_up(key):  # compiling is neither prefill nor decode: timed apart
+        # compiling is neither prefill nor decode: timed apart. The CPU warm-up's step writes position 2 of the
+        # cache; a capture's steps write the slot after what the cache holds (the state's position), never in it
+        wrote_2 = self.fast.warm_up()
+        if wrote_2:
+            start = min(start, 2)
+        if self.warm_up(key) or wrote_2:
             _sync(self.fast.device)
             stats.warmup_s = time.perf_counter() - t0
+        stats.cached_tokens = start
         if seed is not None:  # after the warm-up, whose steps draw random numbers too
             torch.manual_seed(seed)  # seeds the CUDA generator too, which graph replays draw from
         t0 = time.perf_counter()
-        first = self._pick(self.prefill(prompt_ids), key)
+        first = self._pick(self.prefill(prompt_ids, start), key)
         self._tok.copy_(first.view(1, 1))
         self._pos.fill_(n_prompt)
         self._host_pos = n_prompt
@@ -774,7 +821,8 @@ class GraphDecoder:
         t1 = time.perf_counter()
         stops = set(stop_ids)
         done = 0  # ids already yielded
-        made = 1  # ids the device has produced
+        made = 1  # ids the device has produced; steps have run (fed) the first made - 1 of them
+        failed = False
         try:
             while done < max_new_tokens:
                 steps = min(self.chunk, max_new_tokens - made)
@@ -782,6 +830,7 @@ class GraphDecoder:
                     self._replay(key)
                 made += steps
                 if self.fast.step_failed():
+                    failed = True
                     raise FastPathError("a decode step timed out inside kernels.decode_layers; its output is wrong "
                                         "(try another FastModel gemv)")  # fmt: skip
                 for tok in self._out[done:made].tolist():  # the one host sync per chunk
@@ -795,3 +844,5 @@ class GraphDecoder:
         finally:
             _sync(self.fast.device)
             stats.decode_s = time.perf_counter() - t1
+            if not failed:
+                self._ctx_prompt, self._ctx_fed = list(prompt_ids), made - 1

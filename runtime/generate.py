@@ -28,6 +28,7 @@ class GenerationStats:
     """Filled in while a generation runs; read it after the iterator is exhausted."""
 
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose keys/values the cache kept from the last generation (not run)
     generated_tokens: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0
@@ -39,7 +40,8 @@ class GenerationStats:
 
     @property
     def prefill_tok_s(self) -> float:
-        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else float("nan")
+        n = self.prompt_tokens - self.cached_tokens  # the tokens the prefill ran
+        return n / self.prefill_s if self.prefill_s > 0 else float("nan")
 
     @property
     def decode_tok_s(self) -> float:

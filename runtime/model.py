@@ -204,7 +204,8 @@ class Transformer(nn.Module):
 
     @torch.inference_mode()
     def setup_cache(self, max_batch: int, max_seq: int) -> None:
-        """(Re)allocate the KV caches and rope tables for ``max_seq`` positions if the current ones are smaller."""
+        """(Re)allocate the KV caches and rope tables for ``max_seq`` positions if the current ones are smaller.
+        A grown cache keeps what the old one held (a chat's earlier turns, GraphDecoder.adopt)."""
         if max_seq > self.config.max_position_embeddings:
             raise ValueError(
                 f"a cache of {max_seq} positions exceeds the model context {self.config.max_position_embeddings}"
@@ -214,11 +215,16 @@ class Transformer(nn.Module):
         max_batch, max_seq = max(max_batch, self.max_batch), max(max_seq, self.max_seq)
         c = self.config
         for layer in self.layers:
-            layer.attn.cache = None  # free the old cache before allocating the new one
-        self.cache_k = self.cache_v = None
+            layer.attn.cache = None
+        old_k, old_v = self.cache_k, self.cache_v
         shape = (len(self.layers), max_batch, c.num_key_value_heads, max_seq, c.head_dim)
         self.cache_k = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.cache_v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        if old_k is not None:  # [L, B, Hkv, S, Dh] into the first B rows and S positions
+            b, s = old_k.shape[1], old_k.shape[3]
+            self.cache_k[:, :b, :, :s] = old_k
+            self.cache_v[:, :b, :, :s] = old_v
+            del old_k, old_v
         for i, layer in enumerate(self.layers):
             layer.attn.cache = KVCache(self.cache_k[i], self.cache_v[i])
         # cos/sin [max_seq, Dh] computed in fp32 as transformers does (position · inv_freq), cast at use.

@@ -233,6 +233,28 @@ def test_prefill_and_repetition_penalty_paths(compiled, files):
     assert torch.allclose(fast.logits(PROMPT[:1]), ref.logits(PROMPT[:1]), rtol=0, atol=1e-5)
 
 
+def test_generation_reuses_the_cache(compiled, files):
+    # a chat's next turn: the prompt extends the last generation, so only its new tokens run, even when the cache
+    # has to grow for it; the ids equal the reference's from scratch
+    fast = load(files["microsoft"], device="cpu", compile_cpu=True)
+    ref = load(files["microsoft"], device="cpu", reference=True)
+    kw = dict(stop_ids=(), reuse_cache=True)
+    stats = GenerationStats()
+    first = list(fast.generate_ids(PROMPT, 8, stats=stats, **kw))
+    assert stats.cached_tokens == 0
+    size = fast._decoder.max_seq
+    longer = PROMPT + first + [4, 6]
+    assert list(fast.generate_ids(longer, 8, stats=stats, **kw)) == list(ref.generate_ids(longer, 8, stop_ids=()))
+    assert stats.cached_tokens == len(PROMPT) + 7 and fast._decoder.max_seq >= 2 * size
+    # logits() writes into the cache: nothing of it is reused afterwards
+    fast.logits(PROMPT)
+    assert list(fast.generate_ids(longer, 8, stats=stats, **kw)) == list(ref.generate_ids(longer, 8, stop_ids=()))
+    assert stats.cached_tokens == 0
+    # without reuse_cache the whole prompt runs
+    list(fast.generate_ids(longer, 8, stop_ids=(), stats=stats))
+    assert stats.cached_tokens == 0
+
+
 # --- dispatch and fallback --------------------------------------------------------------------------------------
 def test_dispatch(compiled, files, monkeypatch, caplog):
     from bitnet158.runtime import loader

@@ -32,6 +32,7 @@ if "bitnet158.runtime.kernels" in sys.modules and not HAS_CUDA:
 from bitnet158.formats.ternary import pack_t2, unpack_t2
 from bitnet158.runtime import kernels
 from bitnet158.runtime.bitlinear import BitLinear, quantize_activations
+from bitnet158.runtime.generate import GenerationStats
 
 interp = pytest.mark.skipif(HAS_CUDA, reason="interpreter tests run where there is no CUDA device")
 gpu = pytest.mark.gpu
@@ -513,6 +514,21 @@ def test_fast_model_matches_reference_network():
             want = list(generate_tokens(net, ids, 8, Sampler(SamplingParams(repetition_penalty=pen))))
             assert want[:6] != ref_tokens
             assert list(dec.generate(ids, 8, repetition_penalty=pen)) == want
+        # reuse: after a generation stopped by a stop id (the device ran ahead of it: chunk 4), the cache holds
+        # the prompt and the ids the steps ran; a prompt that extends them runs only its new tokens
+        stop = ref_tokens[3]
+        assert list(dec.generate(ids, 6, stop_ids=[stop])) == ref_tokens[:3]
+        assert dec.context()[: len(ids) + 3] == ids + ref_tokens[:3]
+        longer = ids + ref_tokens[:3] + [stop, 11]
+        stats = GenerationStats()
+        want = list(generate_tokens(net, longer, 5, Sampler(SamplingParams())))
+        assert list(dec.generate(longer, 5, reuse=True, stats=stats)) == want
+        assert stats.cached_tokens == len(ids) + 4  # the stop id ran too (run-ahead)
+        # the whole context again: the last token still runs; another first token: nothing is reused
+        assert list(dec.generate(longer, 5, reuse=True, stats=stats)) == want and stats.cached_tokens == len(longer) - 1
+        assert list(dec.generate([5, *longer[1:]], 2, reuse=True, stats=stats)) and stats.cached_tokens == 0
+        dec.forget()
+        assert list(dec.generate(longer, 5, reuse=True, stats=stats)) == want and stats.cached_tokens == 0
 
 
 def test_device_repetition_penalty_equals_the_samplers():
@@ -545,6 +561,12 @@ def test_fast_model_triton_backend():
         dec = GraphDecoder(FastModel(net, backend="triton"), 64, use_graph=False)
         torch.testing.assert_close(dec.prefill(ids), ref, rtol=1e-5, atol=1e-5)
         assert list(dec.generate(ids, 3)) == ref_tokens
+        # a prompt that extends the last generation runs its new tokens from their positions (start_pos > 0)
+        longer = ids + ref_tokens + [7, 8]
+        stats = GenerationStats()
+        want = list(generate_tokens(net, longer, 3, Sampler(SamplingParams())))
+        assert list(dec.generate(longer, 3, reuse=True, stats=stats)) == want
+        assert stats.cached_tokens == len(ids) + 2
 
 
 def _attention_case(dtype, heads, kv, dh, slots, pos, seed=0):
@@ -1011,6 +1033,23 @@ def test_gpu_graph_decoder_matches_eager(compile):
         # the repetition penalty's mask inside the graph: as the eager step
         eager = GraphDecoder(fast, 64, use_graph=False, compile=compile)
         assert list(dec.generate(ids, 8, repetition_penalty=1.3)) == list(eager.generate(ids, 8, repetition_penalty=1.3))
+        # reuse (a chat's next turn): the graph decoder and the eager one each run only the new tokens
+        longer = ids + got[:8] + [1 if got[8] != 1 else 2]  # differs from the ninth id, which the cache holds
+        for d in (dec, eager):
+            list(d.generate(ids, 12))
+        stats = GenerationStats()
+        assert list(dec.generate(longer, 8, reuse=True, stats=stats)) == list(eager.generate(longer, 8, reuse=True))
+        assert stats.cached_tokens == len(ids) + 8
+        # a bigger decoder over the grown cache (a chat outgrowing it) adopts what it holds: its first generation
+        # captures a graph, whose eager steps write past the held ids, and reuses them as the eager decoder does
+        held = dec.context()
+        outs = []
+        for use_graph in (True, False):
+            big = GraphDecoder(fast, 128, use_graph=use_graph, compile=compile)
+            big.adopt(held)
+            outs.append(list(big.generate(held + [3], 8, reuse=True, stats=stats)))
+            assert stats.cached_tokens == len(held)
+        assert outs[0] == outs[1]
 
 
 @gpu

@@ -511,6 +511,61 @@ def test_cli_generate_and_perplexity(ms_file, tmp_path):
     assert r.output.strip() == f"perplexity: {ppl:.4f} over {n} tokens"
 
 
+def test_cli_interactive_chat(ms_file):
+    # --chat without --prompt: one message a line; an empty line is skipped, /reset forgets, /exit ends
+    runner = CliRunner()
+    args = [ms_file, "--chat", "-n", "4", "--device", "cpu", "--quiet", "--system", "Be brief."]
+    r = runner.invoke(cli_main, args, input="Hello\n\n/reset\nHello\nMore\n/exit\nignored\n")
+    assert r.exit_code == 0, r.output
+    model = load(ms_file, device="cpu")
+    system = {"role": "system", "content": "Be brief."}
+    hello = {"role": "user", "content": "Hello"}
+    one = "".join(model.chat([system, hello], 4))
+    assert one == "".join(model.generate("Hello", 4, chat=True, system="Be brief."))
+    two = "".join(model.chat([system, hello, {"role": "assistant", "content": one}, {"role": "user", "content": "More"}], 4))
+    assert r.stdout == f"{one}\n{one}\n{two}\n"
+    assert runner.invoke(cli_main, args, input="").exit_code == 0  # end of input
+    r = runner.invoke(cli_main, [ms_file, "--prompt", "Hi", "--system", "x", "--device", "cpu"])
+    assert r.exit_code == 2 and "--system needs --chat" in r.output
+
+
+def test_fit_chat_drops_the_oldest_turns(ms_model):
+    system = {"role": "system", "content": "Be brief."}
+    conv = [system]
+    for i in range(30):
+        conv += [{"role": "user", "content": f"question {i} " * 4}, {"role": "assistant", "content": "answer " * 4}]
+    conv.append({"role": "user", "content": "last"})
+    ctx = ms_model.config.max_position_embeddings
+    assert len(ms_model.encode_chat(conv)) + 16 > ctx
+    fitted = ms_model.fit_chat(conv, 16)
+    # the system message, then whole turns from a user message on, up to the last message
+    assert fitted[0] == system and fitted[1]["role"] == "user" and fitted[-1] == conv[-1]
+    i = conv.index(fitted[1])
+    assert fitted[1:] == conv[i:]
+    assert len(ms_model.encode_chat(fitted)) + 16 <= ctx
+    assert len(ms_model.encode_chat([system, *conv[i - 2 :]])) + 16 > ctx  # no more turns dropped than needed
+    assert ms_model.fit_chat(conv[:3], 16) == conv[:3]
+    with pytest.raises(ContextOverflowError, match="last message"):
+        ms_model.fit_chat([system, {"role": "user", "content": "word " * 300}], 16)
+
+
+def test_cache_grows_and_keeps_what_it_held(ms_file):
+    net = load(ms_file, device="cpu").net
+    ids = torch.tensor([list(range(3, 23))])
+    with torch.inference_mode():
+        net.setup_cache(1, 12)
+        full = net(ids[:, :12], 0)[0]
+        held = net.cache_k.clone(), net.cache_v.clone()
+        net.setup_cache(1, 20)
+        assert net.max_seq == 20
+        assert torch.equal(net.cache_k[:, :, :, :12], held[0]) and torch.equal(net.cache_v[:, :, :, :12], held[1])
+        # the positions after the kept ones continue the sequence
+        rest = net(ids[:, 12:], 12)[0]
+        net.setup_cache(1, 20)
+        whole = net(ids, 0)[0]
+    assert torch.allclose(torch.cat([full, rest]), whole, rtol=0, atol=1e-4)
+
+
 def test_activation_override(ms_file, ms_latent_pair):
     """load(activation=...) runs the file with another activation: the config says so, and the logits equal
     transformers' model run with that activation (so the override really reaches the MLP)."""
