@@ -38,7 +38,8 @@ def _print_stats(model, stats: GenerationStats, load_s: float) -> None:
 
 def _chat_loop(model, system: str | None, max_new_tokens: int | None, sampling: dict, quiet: bool) -> None:
     # one user message a line from stdin; each reply streams to stdout, the prompt marker and a stats line go to
-    # stderr. The conversation drops its oldest turns when it outgrows the context (BitNetModel.fit_chat).
+    # stderr. The conversation drops its oldest turns when it outgrows the context (BitNetModel.fit_chat). Ctrl-C
+    # during a reply stops the reply; at the prompt it ends the chat (main's handler).
     from bitnet158.runtime.api import DEFAULT_MAX_NEW_TOKENS
 
     start = [{"role": "system", "content": system}] if system is not None else []
@@ -65,10 +66,13 @@ def _chat_loop(model, system: str | None, max_new_tokens: int | None, sampling: 
             continue
         stats = GenerationStats()
         reply = ""
-        for piece in model.chat(messages, n, stats=stats, **sampling):
-            click.echo(piece, nl=False)
-            sys.stdout.flush()
-            reply += piece
+        try:
+            for piece in model.chat(messages, n, stats=stats, **sampling):
+                click.echo(piece, nl=False)
+                sys.stdout.flush()
+                reply += piece
+        except KeyboardInterrupt:  # Ctrl-C ends this reply (kept as far as it got), not the chat
+            stats.stop_reason = "interrupted"
         click.echo()
         messages.append({"role": "assistant", "content": reply})
         if not quiet:

@@ -529,6 +529,25 @@ def test_cli_interactive_chat(ms_file):
     assert r.exit_code == 2 and "--system needs --chat" in r.output
 
 
+def test_cli_chat_ctrl_c_ends_the_reply_not_the_chat(ms_file, monkeypatch):
+    from bitnet158.runtime.api import BitNetModel
+
+    seen = []
+
+    def chat(self, messages, *a, **kw):
+        seen.append([m["content"] for m in messages])
+        yield "part"
+        if len(seen) == 1:
+            raise KeyboardInterrupt
+        yield "ial"
+
+    monkeypatch.setattr(BitNetModel, "chat", chat)
+    r = CliRunner().invoke(cli_main, [ms_file, "--chat", "--device", "cpu", "--quiet"], input="one\ntwo\n")
+    assert r.exit_code == 0, r.output
+    assert r.stdout == "part\npartial\n"
+    assert seen[1] == ["one", "part", "two"]  # the interrupted reply stays in the conversation
+
+
 def test_fit_chat_drops_the_oldest_turns(ms_model):
     system = {"role": "system", "content": "Be brief."}
     conv = [system]
