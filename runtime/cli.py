@@ -36,6 +36,23 @@ def _print_stats(model, stats: GenerationStats, load_s: float) -> None:
     click.echo("\n" + "\n".join(lines), err=True)
 
 
+def _read_message() -> str | None:
+    # one line of input, None at its end. On a terminal, input() with line editing and history (readline);
+    # otherwise the marker goes to stderr, so that stdout holds only the replies.
+    if sys.stdin.isatty():
+        try:
+            import readline  # noqa: F401  (importing it gives input() line editing)
+        except ImportError:
+            pass
+        try:
+            return input("> ")
+        except EOFError:
+            return None
+    click.echo("> ", nl=False, err=True)
+    line = sys.stdin.readline()
+    return line.rstrip("\n") if line else None
+
+
 def _chat_loop(model, system: str | None, max_new_tokens: int | None, sampling: dict, quiet: bool) -> None:
     # one user message a line from stdin; each reply streams to stdout, the prompt marker and a stats line go to
     # stderr. The conversation drops its oldest turns when it outgrows the context (BitNetModel.fit_chat). Ctrl-C
@@ -48,12 +65,10 @@ def _chat_loop(model, system: str | None, max_new_tokens: int | None, sampling: 
     if not quiet:
         click.echo("chat: one message a line; /reset forgets the conversation, /exit or Ctrl-D ends", err=True)
     while True:
-        click.echo("> ", nl=False, err=True)
-        line = sys.stdin.readline()
-        if not line or line.strip() in ("/exit", "/quit"):
+        text = _read_message()
+        if text is None or text.strip() in ("/exit", "/quit"):
             click.echo(err=True)
             return
-        text = line.rstrip("\n")
         if text.strip() == "/reset":
             messages = list(start)
             continue
