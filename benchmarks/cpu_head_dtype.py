@@ -15,7 +15,6 @@ import argparse
 import statistics
 
 
-
 def main() -> None:
     from bitnet158.runtime import load
     from bitnet158.runtime.generate import GenerationStats
