@@ -32,6 +32,12 @@ The alignment is the u32 key ``general.alignment`` (a power of two), 32 when abs
 size follows from its type and element count ``n``: F32 4n, F16/BF16 2n, TQ2_0 66·n/256, TQ1_0 54·n/256
 (TQ rows must be a multiple of 256 weights) and I2_S ``n/4 + 32`` (a special case, below).
 
+ggml's quantized float types (Q4_0 … Q8_0, the K-quants Q2_K … Q6_K, the IQ types: ``DEQUANT_TYPES``) are
+read only for the non-ternary tensors: ``llama-quantize`` writes a TQ1_0/TQ2_0 model's ``token_embd`` as Q4_K.
+Their size is n / block · bytes per block (``gguf.GGML_QUANT_SIZES``; rows a multiple of the block). They are
+dequantized to f32 by gguf-py's ``gguf.quants.dequantize``, the reference implementation of ggml's layouts, a
+slice of rows at a time (``DEQUANT_ROWS``).
+
 Ternary layouts (codes are t + 1: 0 → −1, 1 → 0, 2 → +1; 3 never appears in a valid tensor)
 ---------------------------------------------------------------------------------------------
 **I2_S (type 36, Microsoft bitnet.cpp; src/ggml-bitnet-mad.cpp ``quantize_i2_s``, x86 layout)**::
@@ -470,6 +476,13 @@ _SCALARS = {
 _FLOAT_TYPES = {
     GGMLQuantizationType.F32: ("f32", 4), GGMLQuantizationType.F16: ("f16", 2), GGMLQuantizationType.BF16: ("bf16", 2),
 }
+# quantized float types read as f32 through gguf.quants.dequantize (embeddings and heads of quantized files)
+_Q = GGMLQuantizationType
+DEQUANT_TYPES = frozenset({
+    _Q.Q4_0, _Q.Q4_1, _Q.Q5_0, _Q.Q5_1, _Q.Q8_0, _Q.Q2_K, _Q.Q3_K, _Q.Q4_K, _Q.Q5_K, _Q.Q6_K,
+    _Q.IQ1_S, _Q.IQ1_M, _Q.IQ2_XXS, _Q.IQ2_XS, _Q.IQ2_S, _Q.IQ3_XXS, _Q.IQ3_S, _Q.IQ4_NL, _Q.IQ4_XS,
+})
+DEQUANT_ROWS = 4096  # rows dequantized at a time: numpy's temporaries stay a few hundred MB at 2B-4T widths
 _TERNARY_TYPES = {GGML_TYPE_TQ1_0: "TQ1_0", GGML_TYPE_TQ2_0: "TQ2_0", GGML_TYPE_I2_S: "I2_S"}
 
 
@@ -498,6 +511,13 @@ def tensor_nbytes(ggml_type: int, shape: tuple[int, ...], name: str = "?") -> in
         if shape[-1] % QK_I2_S:
             raise GGUFFormatError(f"tensor {name!r}: I2_S rows must be a multiple of {QK_I2_S}, shape {shape}")
         return i2s_nbytes(n)
+    if ggml_type in DEQUANT_TYPES:
+        block, per = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
+        if shape[-1] % block:
+            raise GGUFFormatError(
+                f"tensor {name!r}: {_type_name(ggml_type)} rows must be a multiple of {block}, shape {shape}"
+            )
+        return n // block * per
     raise GGUFFormatError(f"unsupported tensor type {_type_name(ggml_type)} in tensor {name!r}")
 
 
@@ -732,10 +752,23 @@ class GGUFFile:
         return np.frombuffer(self._mm, dtype=np.uint8, count=t.nbytes, offset=t.offset)
 
     def float_tensor(self, name: str):
-        """F32/F16/BF16 tensor as a zero-copy torch view with its logical shape."""
+        """F32/F16/BF16 tensor as a zero-copy torch view with its logical shape; a DEQUANT_TYPES tensor as a new
+        f32 tensor (gguf.quants.dequantize, DEQUANT_ROWS rows at a time)."""
         import torch
 
         t = self.tensors[name]
+        if t.ggml_type in DEQUANT_TYPES:
+            from gguf.quants import dequantize
+
+            cols = t.shape[-1]
+            rows = int(np.prod(t.shape)) // cols
+            raw = self.raw(name).reshape(rows, -1)  # [rows, bytes a row]: whole blocks (tensor_nbytes checked)
+            out = torch.empty(t.shape, dtype=torch.float32)
+            flat = out.view(rows, cols)
+            qtype = GGMLQuantizationType(t.ggml_type)
+            for i in range(0, rows, DEQUANT_ROWS):
+                flat[i : i + DEQUANT_ROWS] = torch.from_numpy(dequantize(raw[i : i + DEQUANT_ROWS], qtype))
+            return out
         if t.ggml_type not in _FLOAT_TYPES:
             raise GGUFFormatError(f"tensor {name!r} is {t.type_name}, not a float tensor")
         dtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[_FLOAT_TYPES[t.ggml_type][0]]
@@ -944,9 +977,15 @@ class GGUFSource:
             info = f.tensors[gname]
             if info.shape != shape:
                 raise GGUFFormatError(f"tensor {gname!r} has shape {info.shape}, expected {shape}")
-            if not linear and info.ggml_type not in _FLOAT_TYPES:
-                raise GGUFFormatError(f"tensor {gname!r} is {info.type_name}; expected F32, F16 or BF16")
-            dtype = "t2" if linear else _FLOAT_TYPES[info.ggml_type][0]
+            if linear and info.ggml_type in DEQUANT_TYPES:
+                raise GGUFFormatError(
+                    f"tensor {gname!r} is {info.type_name}: a linear weight must be ternary (I2_S, TQ1_0, TQ2_0) or "
+                    "a float tensor of ternary values"
+                )
+            if not linear and info.ggml_type not in _FLOAT_TYPES and info.ggml_type not in DEQUANT_TYPES:
+                raise GGUFFormatError(f"tensor {gname!r} is {info.type_name}; expected a float or quantized float type")
+            # a quantized float tensor reads as f32 (float_tensor dequantizes it)
+            dtype = "t2" if linear else _FLOAT_TYPES.get(info.ggml_type, ("f32",))[0]
             self.tensors[canon] = GGUFTensor(canon, dtype, shape, gname, info.type_name)
 
         act = activation or ("relu2" if arch in ARCH_2B4T else "silu")
@@ -1013,7 +1052,8 @@ class GGUFSource:
     # -- the read surface
 
     def torch(self, name: str):
-        """A float tensor (F32/F16/BF16) as a zero-copy CPU view with its logical shape."""
+        """A float tensor (F32/F16/BF16) as a zero-copy CPU view with its logical shape; a quantized one
+        (DEQUANT_TYPES: Q4_K, Q6_K, Q8_0, …) as a new f32 tensor, dequantized by gguf.quants."""
         t = self._lookup(name)
         if t.dtype == "t2":
             raise GGUFFormatError(f"tensor {name!r} is ternary ({t.gguf_type}); use ternary()")

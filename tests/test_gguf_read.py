@@ -249,10 +249,26 @@ def gpt2_vocab_kv(tok) -> dict:
             "bos": vocab["<|bos|>"], "eos": vocab["<|eos|>"]}
 
 
+def quantized_rows(arr: np.ndarray, qtype) -> np.ndarray:
+    """``arr`` [rows, cols] as ggml ``qtype`` bytes [rows, row bytes]: gguf's quantizer where it has one, else
+    random blocks with small finite f16 scales (gguf-py dequantizes the K-quants but cannot quantize them)."""
+    if qtype in (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0):
+        return quants.quantize(arr.astype(np.float32), qtype)
+    block, per = gguf.GGML_QUANT_SIZES[qtype]
+    raw = RNG.integers(0, 256, size=(arr.shape[0], arr.shape[1] // block, per), dtype=np.uint8)
+    half = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+    scale_at = {Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (per - 2,)}[qtype]  # d (and dmin) byte offsets
+    for at in scale_at:
+        raw[..., at : at + 2] = half
+    return raw.reshape(arr.shape[0], -1)
+
+
 def write_model(path: Path, *, arch="bitnet-b1.58", qtype="i2_s", tok_kv=None, tied=True, sub_norms=True,
                 extra_scales=False, pre=None, add_bos=None, chat_template=None, row_scales=False,
-                vocab_override=None):
-    """A tiny BitNet GGUF; returns {canonical name: (t int8, scale array)} and {canonical float name: array}."""
+                vocab_override=None, embed_qtype=None):
+    """A tiny BitNet GGUF; returns {canonical name: (t int8, scale array)} and {canonical float name: array}.
+    ``embed_qtype``: token_embd (and an untied output, in Q6_K) quantized as llama-quantize writes them; their
+    arrays are then gguf.quants.dequantize's f32 values."""
     w = gguf.GGUFWriter(str(path), arch)
     a = arch
     tok_kv = tok_kv or gpt2_vocab_kv(train_bpe(False))
@@ -289,7 +305,15 @@ def write_model(path: Path, *, arch="bitnet-b1.58", qtype="i2_s", tok_kv=None, t
         w.add_tensor(gname, arr)
         floats[canon] = arr
 
-    add_float("token_embd.weight", "embed.weight", RNG.standard_normal((vocab, HIDDEN)), np.float16)
+    def add_vocab_matrix(gname, canon, qt):
+        arr = RNG.standard_normal((vocab, HIDDEN))
+        if qt is None:
+            return add_float(gname, canon, arr, np.float16)
+        raw = quantized_rows(arr, qt)
+        w.add_tensor(gname, raw, raw_dtype=qt)
+        floats[canon] = quants.dequantize(raw, qt)
+
+    add_vocab_matrix("token_embd.weight", "embed.weight", embed_qtype)
     for i in range(LAYERS):
         add_float(f"blk.{i}.attn_norm.weight", f"layers.{i}.attn_norm.weight", RNG.random(HIDDEN) + 0.5)
         add_float(f"blk.{i}.ffn_norm.weight", f"layers.{i}.mlp_norm.weight", RNG.random(HIDDEN) + 0.5)
@@ -307,6 +331,9 @@ def write_model(path: Path, *, arch="bitnet-b1.58", qtype="i2_s", tok_kv=None, t
                 # REFERENCE §6: GGUFWriter takes an unknown type only with a non-uint8 view + raw_dtype
                 w.add_tensor(name, raw.view(np.float32), raw_shape=shape, raw_dtype=36)
                 scale = np.array([s], np.float32)
+            elif qtype == "q8_0":  # not a ternary layout: the source refuses it
+                scale = np.array([0.5], np.float32)
+                w.add_tensor(name, quants.quantize(scale[0] * t.astype(np.float32), Q.Q8_0), raw_dtype=Q.Q8_0)
             elif qtype == "f16":  # upstream's unquantized export: the values c·t themselves
                 scale = np.array([np.float16(RNG.uniform(0.01, 0.1))], np.float32)
                 w.add_tensor(name, (scale[0] * t).astype(np.float16))
@@ -325,7 +352,7 @@ def write_model(path: Path, *, arch="bitnet-b1.58", qtype="i2_s", tok_kv=None, t
             ternary[cname] = (t, scale)
     add_float("output_norm.weight", "norm.weight", RNG.random(HIDDEN) + 0.5)
     if not tied:
-        add_float("output.weight", "lm_head.weight", RNG.standard_normal((vocab, HIDDEN)), np.float16)
+        add_vocab_matrix("output.weight", "lm_head.weight", None if embed_qtype is None else Q.Q6_K)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -599,8 +626,9 @@ ARRAY_KV = ("tokenizer.ggml.tokens", 9, struct.pack("<IQ", 8, 2) + struct.pack("
     ("absurd dims", gguf_bytes(tensors=[("a", [1 << 30, 1 << 30, 1 << 30], 0, 0, b"")]), "too many elements"),
     ("zero dim", gguf_bytes(tensors=[("a", [0, 4], 0, 0, b"")]), "dims"),
     ("too many dims", gguf_bytes(tensors=[("a", [1, 1, 1, 1, 1], 0, 0, b"")]), "n_dims 5"),
-    ("unknown type", gguf_bytes(tensors=[("w", [32, 2], 8, 0, bytes(68))]),
-     "unsupported tensor type Q8_0 in tensor 'w'"),
+    ("unknown type", gguf_bytes(tensors=[("w", [32, 2], 9, 0, bytes(72))]),
+     "unsupported tensor type Q8_1 in tensor 'w'"),
+    ("K-quant row", gguf_bytes(tensors=[("w", [128, 2], 12, 0, bytes(144))]), "Q4_K rows must be a multiple of 256"),
     ("unknown type id", gguf_bytes(tensors=[("w", [32, 2], 99, 0, bytes(68))]),
      "unsupported tensor type 99 in tensor 'w'"),
     ("misaligned data", gguf_bytes(tensors=[("a", [4], 0, 16, bytes(16))]), "not a multiple of the alignment"),
@@ -665,3 +693,49 @@ def test_source_float_ternary_linears(tmp_path):
         G.float_to_t2(w)
     t2, c = G.float_to_t2(w[:1])
     assert c == 0.5 and t2.tolist() == [[0b01_00_10 | 0b01 << 6]]  # +1, -1, 0 and a zero pad code
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # gguf's arithmetic on the random NaN scales
+@pytest.mark.parametrize("qtype", sorted(G.DEQUANT_TYPES), ids=lambda q: Q(q).name)
+def test_quantized_float_tensor_dequantizes_as_gguf_does(tmp_path, monkeypatch, qtype):
+    # random blocks (NaN scales included: compared as equal), five rows read two at a time
+    block, per = gguf.GGML_QUANT_SIZES[Q(qtype)]
+    raw = RNG.integers(0, 256, size=(5, 256 // block * per), dtype=np.uint8)
+    path = tmp_path / "q.gguf"
+    path.write_bytes(gguf_bytes(tensors=[("w", [256, 5], int(qtype), 0, raw.tobytes())]))
+    monkeypatch.setattr(G, "DEQUANT_ROWS", 2)
+    with G.GGUFFile(path) as f:
+        got = f.float_tensor("w")
+    assert got.dtype == torch.float32 and tuple(got.shape) == (5, 256)
+    np.testing.assert_array_equal(got.numpy(), quants.dequantize(raw, Q(qtype)))
+
+
+def test_llama_quantize_style_embedding_and_head(tmp_path):
+    """llama-quantize writes a TQ2_0 model's token_embd as Q4_K (an untied output as Q6_K): they read as f32,
+    load, run, and convert to a packed file with those values."""
+    from bitnet158.converter.gguf_convert import gguf_to_packed
+    from bitnet158.formats.source import open_source
+    from bitnet158.runtime import load
+
+    path = tmp_path / "m.gguf"
+    _, floats = write_model(path, arch="bitnet", qtype="tq2_0", tied=False, embed_qtype=Q.Q4_K)
+    with G.GGUFSource(path) as src:
+        for name in ("embed.weight", "lm_head.weight"):
+            assert src.tensors[name].dtype == "f32"
+            assert np.array_equal(src.torch(name).numpy(), floats[name]) and np.isfinite(floats[name]).all()
+        assert (src.tensors["embed.weight"].gguf_type, src.tensors["lm_head.weight"].gguf_type) == ("Q4_K", "Q6_K")
+    model = load(path, device="cpu")
+    assert np.array_equal(model.net.embed.numpy(), floats["embed.weight"])
+    assert np.array_equal(model.net.head.numpy(), floats["lm_head.weight"])
+    assert torch.isfinite(model.logits([1, 5, 9])).all()
+    out = tmp_path / "m.bin"
+    gguf_to_packed(path, out)
+    with open_source(out) as packed:
+        assert np.array_equal(packed.torch("embed.weight").numpy(), floats["embed.weight"])
+
+
+def test_quantized_linear_weights_are_refused(tmp_path):
+    path = tmp_path / "m.gguf"
+    write_model(path, arch="bitnet", qtype="q8_0")
+    with pytest.raises(G.GGUFFormatError, match="Q8_0: a linear weight must be ternary"):
+        G.GGUFSource(path)
