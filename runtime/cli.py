@@ -59,6 +59,9 @@ def _chat_loop(model, system: str | None, max_new_tokens: int | None, sampling: 
     # during a reply stops the reply; at the prompt it ends the chat (main's handler).
     from bitnet158.runtime.api import DEFAULT_MAX_NEW_TOKENS
 
+    if not model.tokenizer.chat_template:
+        click.echo("error: this model file carries no chat template; give it a --prompt to continue instead", err=True)
+        sys.exit(1)
     start = [{"role": "system", "content": system}] if system is not None else []
     messages = list(start)
     n = max_new_tokens or min(DEFAULT_MAX_NEW_TOKENS, model.config.max_position_embeddings // 2)

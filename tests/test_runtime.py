@@ -529,6 +529,11 @@ def test_cli_interactive_chat(ms_file):
     assert r.exit_code == 2 and "--system needs --chat" in r.output
 
 
+def test_cli_chat_needs_a_chat_template(onebitllm_pair):
+    r = CliRunner().invoke(cli_main, [onebitllm_pair[0], "--chat", "--device", "cpu"], input="hello\n")
+    assert r.exit_code == 1 and "carries no chat template" in r.output
+
+
 def test_cli_chat_ctrl_c_ends_the_reply_not_the_chat(ms_file, monkeypatch):
     from bitnet158.runtime.api import BitNetModel
 
