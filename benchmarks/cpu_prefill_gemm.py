@@ -1,11 +1,15 @@
-"""CPU prefill GEMM: the reference's four 2-bit-plane int8 matmuls against cpu.bitlinear_rows' one, per layer.
+"""CPU prompts: the reference's four 2-bit-plane int8 matmuls against cpu.bitlinear_rows' one, in a whole model.
 
-    python benchmarks/cpu_prefill_gemm.py [--rows 1,16,32,64,128,256,512] [--shape 2b4t]
+    python benchmarks/cpu_prefill_gemm.py MODEL.bin [--rows 16,32,48,64,128,512] [--rounds 3]
 
-For each row count M, times (best of 5 after a warm-up) one layer's four BitLinear products at the shape's fused
-widths (q/k/v, o, gate/up, down) through ``bitlinear.reference_bitlinear`` (int_dot_packed: the planes) and
-``cpu.bitlinear_rows``, checks that the outputs are equal bit for bit, and prints one Markdown row per M. The
-crossover sets ``cpu.PREFILL_ROWS``.
+Loads MODEL on the compiled CPU path and, for each prompt length, runs the same random prompt through
+``FastModel.logits`` with ``cpu.PREFILL_ROWS`` forced above it (every projection on the planes) and at 1 (every
+projection one matmul), alternating, ``--rounds`` times each after a warm-up. Prints prompt tok/s (min–max) per
+mode as Markdown rows and checks that both modes give bit-identical logits (of the last position). The crossover sets
+``cpu.PREFILL_ROWS``.
+
+Measured in the model, not on one layer in a loop: there a layer's few MB of weights stay in the caches, which
+favours the planes (each re-reads the packed bytes), while a prompt streams every layer's weights from memory.
 """
 
 from __future__ import annotations
@@ -15,49 +19,41 @@ import time
 
 import torch
 
-SHAPES = {  # (N, K) of q/k/v fused, o, gate/up fused, down
-    "2b4t": [(2560 + 2 * 640, 2560), (2560, 2560), (2 * 6912, 2560), (2560, 6912)],
-    "1bitllm-large": [(3 * 1536, 1536), (1536, 1536), (2 * 4096, 1536), (1536, 4096)],
-}
-
-
-def best(fn, reps: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
-
 
 def main() -> None:
-    from bitnet158.formats.ternary import pack_t2
-    from bitnet158.runtime.bitlinear import reference_bitlinear
-    from bitnet158.runtime.cpu import bitlinear_rows
+    from bitnet158.runtime import cpu, load
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rows", default="1,16,32,64,128,256,512")
-    ap.add_argument("--shape", choices=sorted(SHAPES), default="2b4t")
+    ap.add_argument("model")
+    ap.add_argument("--rows", default="16,32,48,64,128,512")
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
+    model = load(args.model, device="cpu")
+    if model.fast is None or model.fast.backend != "cpu":
+        raise SystemExit("the compiled CPU path did not load (too small a model, or no compiler)")
+    rows = [int(r) for r in args.rows.split(",")]
+    model.net.setup_cache(1, max(rows))
     gen = torch.Generator().manual_seed(0)
-    mats = []
-    for n, k in SHAPES[args.shape]:
-        t = torch.randint(-1, 2, (n, k), generator=gen, dtype=torch.int8)
-        mats.append((pack_t2(t), torch.rand(n, generator=gen) + 0.5, k))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, shape {args.shape}")
-    print("| rows | planes (reference) ms/layer | one matmul (bitlinear_rows) ms/layer | ratio |")
-    print("|---|---|---|---|")
+    modes = {"planes": 1 << 30, "one matmul": 1}
+    print(f"{args.model}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print("| prompt tokens | planes tok/s | one matmul tok/s |")
+    print("|---|---|---|")
     with torch.inference_mode():
-        for m in map(int, args.rows.split(",")):
-            planes = rows = 0.0
-            for packed, scale, k in mats:
-                x = torch.randn(m, k, generator=gen)
-                if not torch.equal(reference_bitlinear(x, packed, scale, k), bitlinear_rows(x, packed, scale, k)):
-                    raise SystemExit(f"bitlinear_rows differs from the reference at {m} rows, K = {k}")
-                planes += best(lambda: reference_bitlinear(x, packed, scale, k))
-                rows += best(lambda: bitlinear_rows(x, packed, scale, k))
-            print(f"| {m} | {planes * 1e3:.1f} | {rows * 1e3:.1f} | {planes / rows:.2f}× |")
+        for m in rows:
+            ids = torch.randint(0, model.config.vocab_size, (1, m), generator=gen)
+            rates: dict[str, list[float]] = {k: [] for k in modes}
+            logits = {}
+            for r in range(args.rounds + 1):
+                for name, threshold in modes.items():
+                    cpu.PREFILL_ROWS = threshold
+                    t = time.perf_counter()
+                    logits[name] = model.fast.logits(ids, 0)  # the last position's, as a prompt needs
+                    if r:  # round 0 warms up
+                        rates[name].append(m / (time.perf_counter() - t))
+            if not torch.equal(logits["planes"], logits["one matmul"]):
+                raise SystemExit(f"the two modes' logits differ at {m} tokens")
+            cells = [f"{min(v):.1f}–{max(v):.1f}" for v in rates.values()]
+            print(f"| {m} | {cells[0]} | {cells[1]} |")
 
 
 if __name__ == "__main__":
