@@ -61,8 +61,9 @@ if [ "$MODE" = quick ]; then
   echo "pytest -m gpu -k 'persistent_step_replays or folded_kernels or variants_follow' exit: ${PIPESTATUS[0]}" \
     | tee -a "$OUT/pytest_gpu.log"
   # (graph_decoder_matches_eager[False]: seeded sampling through a graph captured before the seed, by
-  # GraphDecoder.warm_up: the first generation = the second = the eager step)
-  timeout 60 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_runtime_gpu.py tests/test_kernels.py \
+  # GraphDecoder.warm_up: the first generation = the second = the eager step; a chat's reuse of the cache, also
+  # after a bigger decoder adopts it and captures anew)
+  timeout 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_runtime_gpu.py tests/test_kernels.py \
     -k "logits_match_cpu or packed_and_fused or (graph_decoder_matches_eager and False)" 2>&1 \
     | tee -a "$OUT/pytest_gpu.log" | tail -n 25
   echo "pytest -m gpu -k 'logits_match_cpu or packed_and_fused or (graph_decoder_matches_eager and False)' exit: ${PIPESTATUS[0]}" \
