@@ -105,6 +105,12 @@ def _chat_loop(model, system: str | None, max_new_tokens: int | None, sampling: 
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--prompt", "-p", help="Text to continue (or, with --chat, the user message).")
 @click.option(
+    "--prompt-file",
+    "-f",
+    type=click.File("r", encoding="utf-8"),
+    help="Read the prompt from this file ('-': standard input) instead of --prompt.",
+)
+@click.option(
     "--chat",
     is_flag=True,
     help="Wrap the prompt in the chat template carried in the file. Without --prompt: an interactive chat "
@@ -164,6 +170,7 @@ def _chat_loop(model, system: str | None, max_new_tokens: int | None, sampling: 
 def main(
     file,
     prompt,
+    prompt_file,
     chat,
     system,
     max_new_tokens,
@@ -191,6 +198,11 @@ def main(
     """Run the BitNet b1.58 model in FILE (a bitnet158 packed file, or a GGUF: I2_S, TQ1_0, TQ2_0)."""
     from bitnet158.runtime.loader import load  # keeps `bitnet-run --help` fast
 
+    if prompt_file is not None:
+        if prompt is not None:
+            click.echo("error: give --prompt or --prompt-file, not both", err=True)
+            sys.exit(2)
+        prompt = prompt_file.read()
     interactive = chat and prompt is None and ppl_file is None
     if (prompt is None) == (ppl_file is None) and not interactive:
         click.echo("error: give exactly one of --prompt or --perplexity (or --chat alone, to chat)", err=True)

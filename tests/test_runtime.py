@@ -511,6 +511,17 @@ def test_cli_generate_and_perplexity(ms_file, tmp_path):
     assert r.output.strip() == f"perplexity: {ppl:.4f} over {n} tokens"
 
 
+def test_cli_prompt_file(ms_file, tmp_path):
+    runner = CliRunner()
+    want = runner.invoke(cli_main, [ms_file, "-p", "Hello there", "-n", "6", "--device", "cpu", "-q"]).stdout
+    (tmp_path / "p.txt").write_text("Hello there", encoding="utf-8")
+    for args, stdin in ((["-f", str(tmp_path / "p.txt")], None), (["-f", "-"], "Hello there")):
+        r = runner.invoke(cli_main, [ms_file, *args, "-n", "6", "--device", "cpu", "-q"], input=stdin)
+        assert r.exit_code == 0 and r.stdout == want, r.output
+    r = runner.invoke(cli_main, [ms_file, "-p", "x", "-f", str(tmp_path / "p.txt"), "--device", "cpu"])
+    assert r.exit_code == 2 and "not both" in r.output
+
+
 def test_cli_interactive_chat(ms_file):
     # --chat without --prompt: one message a line; an empty line is skipped, /reset forgets, /exit ends
     runner = CliRunner()
