@@ -117,21 +117,28 @@ class BitNetModel:
         bos = self.tokenizer.bos_token
         return self.tokenizer.encode(text, add_special_tokens=not (bos and text.startswith(bos)))
 
-    def fit_chat(self, messages: Sequence[dict], max_new_tokens: int) -> list[dict]:
+    def fit_chat(self, messages: Sequence[dict], max_new_tokens: int, slack: int = 0) -> list[dict]:
         """``messages`` without as many of the oldest turns (after a leading system message) as it takes for the
         rendered conversation and ``max_new_tokens`` to fit the context. A turn is a user message and the replies
-        after it. ContextOverflowError when the last user message alone does not fit."""
+        after it. ContextOverflowError when the last user message alone does not fit.
+
+        ``slack``: once turns must go, drop until ``slack`` more tokens are free too (as far as possible), so that
+        the next turns extend the conversation, and reuse the KV cache, instead of dropping again at each turn."""
         msgs = list(messages)
         first = 1 if msgs and msgs[0].get("role") == "system" else 0
         ctx = self.config.max_position_embeddings
-        while len(self.encode_chat(msgs)) + max_new_tokens > ctx:
+        extra = 0  # slack applies only once something has to be dropped
+        while len(self.encode_chat(msgs)) + max_new_tokens + extra > ctx:
             rest = msgs[first + 1 :]
             nxt = next((i for i, m in enumerate(rest) if m.get("role") == "user"), None)
             if nxt is None:  # the last user message is all there is to drop
+                if extra and len(self.encode_chat(msgs)) + max_new_tokens <= ctx:
+                    break  # it fits, with less slack than asked
                 raise ContextOverflowError(
                     f"the last message and {max_new_tokens} new tokens do not fit the context of {ctx} tokens"
                 )
             msgs = msgs[:first] + rest[nxt:]
+            extra = slack
         return msgs
 
     def chat(

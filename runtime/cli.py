@@ -78,7 +78,9 @@ def _chat_loop(model, system: str | None, max_new_tokens: int | None, sampling: 
         if not text.strip():
             continue
         try:
-            messages = model.fit_chat([*messages, {"role": "user", "content": text}], n)
+            # when turns must go, a quarter of the context more goes too: the next turns then reuse the cache
+            slack = model.config.max_position_embeddings // 4
+            messages = model.fit_chat([*messages, {"role": "user", "content": text}], n, slack)
         except ContextOverflowError as e:
             click.echo(f"error: {e}", err=True)
             continue

@@ -580,6 +580,13 @@ def test_fit_chat_drops_the_oldest_turns(ms_model):
     assert len(ms_model.encode_chat(fitted)) + 16 <= ctx
     assert len(ms_model.encode_chat([system, *conv[i - 2 :]])) + 16 > ctx  # no more turns dropped than needed
     assert ms_model.fit_chat(conv[:3], 16) == conv[:3]
+    # with slack, the turns that must go take 64 more tokens with them; a conversation that fits keeps them all
+    roomy = ms_model.fit_chat(conv, 16, slack=64)
+    assert roomy[0] == system and roomy[1]["role"] == "user" and conv[-1] == roomy[-1] and len(roomy) < len(fitted)
+    assert len(ms_model.encode_chat(roomy)) + 16 + 64 <= ctx
+    assert ms_model.fit_chat(fitted, 16, slack=64) == fitted  # nothing had to go: no slack taken
+    # more slack than there is: every older turn goes, and the last message stays
+    assert ms_model.fit_chat(conv, 16, slack=ctx) == [system, conv[-1]]
     with pytest.raises(ContextOverflowError, match="last message"):
         ms_model.fit_chat([system, {"role": "user", "content": "word " * 300}], 16)
 
