@@ -708,6 +708,8 @@ class GraphDecoder:
         Capturing later, inside the first generation, would also draw that generation's random numbers for those
         eager steps, after the seed: its sampled ids would differ from a second generation's with the same seed."""
         ran = self.fast.warm_up()
+        if ran:
+            self.forget()  # its step wrote position 2 of the cache, which a held context may cover
         if self.use_graph and key not in self._graphs:
             self._capture(key)
             ran = True
@@ -794,17 +796,14 @@ class GraphDecoder:
             self._seen.index_fill_(0, torch.tensor(list(prompt_ids), device=self._seen.device), True)
         stats = stats if stats is not None else GenerationStats()
         stats.prompt_tokens = n_prompt
-        start = _common_prefix(self.context(), prompt_ids, n_prompt - 1) if reuse else 0
-        self.forget()  # the cache is being rewritten; set again when this generation ends cleanly
         t0 = time.perf_counter()
-        # compiling is neither prefill nor decode: timed apart. The CPU warm-up's step writes position 2 of the
-        # cache; a capture's steps write the slot after what the cache holds (the state's position), never in it
-        wrote_2 = self.fast.warm_up()
-        if wrote_2:
-            start = min(start, 2)
-        if self.warm_up(key) or wrote_2:
+        if self.warm_up(key):  # compiling is neither prefill nor decode: timed apart
             _sync(self.fast.device)
             stats.warmup_s = time.perf_counter() - t0
+        # after the warm-up: a capture's steps write only the slot past the context (the state's position), and
+        # the CPU step, which writes inside it, makes the decoder forget it
+        start = _common_prefix(self.context(), prompt_ids, n_prompt - 1) if reuse else 0
+        self.forget()  # the cache is being rewritten; set again when this generation ends cleanly
         stats.cached_tokens = start
         if seed is not None:  # after the warm-up, whose steps draw random numbers too
             torch.manual_seed(seed)  # seeds the CUDA generator too, which graph replays draw from
