@@ -117,25 +117,31 @@ class BitNetModel:
         bos = self.tokenizer.bos_token
         return self.tokenizer.encode(text, add_special_tokens=not (bos and text.startswith(bos)))
 
-    def fit_chat(self, messages: Sequence[dict], max_new_tokens: int, slack: int = 0) -> list[dict]:
+    def chat_reply_tokens(self, max_new_tokens: int | None = None) -> int:
+        """The reply length a chat turn allows: ``max_new_tokens``, or by default DEFAULT_MAX_NEW_TOKENS and at
+        most half the context."""
+        return max_new_tokens or min(DEFAULT_MAX_NEW_TOKENS, self.config.max_position_embeddings // 2)
+
+    def fit_chat(self, messages: Sequence[dict], max_new_tokens: int | None = None, slack: int = 0) -> list[dict]:
         """``messages`` without as many of the oldest turns (after a leading system message) as it takes for the
-        rendered conversation and ``max_new_tokens`` to fit the context. A turn is a user message and the replies
-        after it. ContextOverflowError when the last user message alone does not fit.
+        rendered conversation and a reply of ``chat_reply_tokens(max_new_tokens)`` to fit the context. A turn is a
+        user message and the replies after it. ContextOverflowError when the last user message alone does not fit.
 
         ``slack``: once turns must go, drop until ``slack`` more tokens are free too (as far as possible), so that
         the next turns extend the conversation, and reuse the KV cache, instead of dropping again at each turn."""
+        n = self.chat_reply_tokens(max_new_tokens)
         msgs = list(messages)
         first = 1 if msgs and msgs[0].get("role") == "system" else 0
         ctx = self.config.max_position_embeddings
         extra = 0  # slack applies only once something has to be dropped
-        while len(self.encode_chat(msgs)) + max_new_tokens + extra > ctx:
+        while (need := len(self.encode_chat(msgs)) + n) + extra > ctx:
             rest = msgs[first + 1 :]
             nxt = next((i for i, m in enumerate(rest) if m.get("role") == "user"), None)
             if nxt is None:  # the last user message is all there is to drop
-                if extra and len(self.encode_chat(msgs)) + max_new_tokens <= ctx:
+                if need <= ctx:
                     break  # it fits, with less slack than asked
                 raise ContextOverflowError(
-                    f"the last message and {max_new_tokens} new tokens do not fit the context of {ctx} tokens"
+                    f"the last message and {n} new tokens do not fit the context of {ctx} tokens"
                 )
             msgs = msgs[:first] + rest[nxt:]
             extra = slack
@@ -159,9 +165,9 @@ class BitNetModel:
 
         The KV cache keeps the conversation between calls: when the next call's conversation starts with this
         one and its reply, the fast path runs only the new tokens (``generate_ids(reuse_cache=True)``).
-        ``max_new_tokens=None``: up to DEFAULT_MAX_NEW_TOKENS, at most half the context. Stops at the template's
-        end-of-turn ids, at a ``stop`` string, or after ``max_new_tokens``."""
-        n = max_new_tokens or min(DEFAULT_MAX_NEW_TOKENS, self.config.max_position_embeddings // 2)
+        ``max_new_tokens=None``: up to DEFAULT_MAX_NEW_TOKENS, at most half the context (``chat_reply_tokens``).
+        Stops at the template's end-of-turn ids, at a ``stop`` string, or after ``max_new_tokens``."""
+        n = self.chat_reply_tokens(max_new_tokens)
         prompt_ids = self.encode_chat(messages)
         stats = stats if stats is not None else GenerationStats()
         tokens = self.generate_ids(

@@ -57,14 +57,12 @@ def _chat_loop(model, system: str | None, max_new_tokens: int | None, sampling: 
     # one user message a line from stdin; each reply streams to stdout, the prompt marker and a stats line go to
     # stderr. The conversation drops its oldest turns when it outgrows the context (BitNetModel.fit_chat). Ctrl-C
     # during a reply stops the reply; at the prompt it ends the chat (main's handler).
-    from bitnet158.runtime.api import DEFAULT_MAX_NEW_TOKENS
-
     if not model.tokenizer.chat_template:
         click.echo("error: this model file carries no chat template; give it a --prompt to continue instead", err=True)
         sys.exit(1)
     start = [{"role": "system", "content": system}] if system is not None else []
     messages = list(start)
-    n = max_new_tokens or min(DEFAULT_MAX_NEW_TOKENS, model.config.max_position_embeddings // 2)
+    n = model.chat_reply_tokens(max_new_tokens)
     if not quiet:
         click.echo("chat: one message a line; /reset forgets the conversation, /exit or Ctrl-D ends", err=True)
     while True:
