@@ -9,13 +9,13 @@ function per layer, the same graph for all layers (the weights and the cache are
     → act · up → sub-norm → quantize → GEMV down → + residual
 
 and one more for the final norm and the head, which reads the head in the dtype it is stored in (bf16 or f16
-when the loader could keep it narrow: half the bytes of fp32) and multiplies in fp32. The position is a Python int, which torch.compile would specialise on the
-first value it sees and make symbolic only at the second: a second compile at the second decode step of a fresh
-process (3.4 s at 2B-4T with an empty Inductor cache). The caches' length (prompt + new tokens) would do the same
-at the next generation of another length, and miss Inductor's on-disk cache in the next process. Called under
-``symbolic_position()``, the layer compiles once, with both symbolic, so one graph serves every step and every
-cache, and attention reads only the filled part of the cache (benchmarks/RESULTS.md, "What a fresh process pays
-first").
+when the loader could keep it narrow: half the bytes of fp32) and multiplies in fp32. The position is a Python
+int, which torch.compile would specialise on the first value it sees and make symbolic only at the second: a
+second compile at the second decode step of a fresh process (3.4 s at 2B-4T with an empty Inductor cache). The
+caches' length (prompt + new tokens) would do the same at the next generation of another length, and miss
+Inductor's on-disk cache in the next process. Called under ``symbolic_position()``, the layer compiles once, with
+both symbolic, so one graph serves every step and every cache, and attention reads only the filled part of the
+cache (benchmarks/RESULTS.md, "What a fresh process pays first").
 
 The GEMV, for x [K] and t2 bytes p [N, rb] (formats/PACKED.md §2.1: bit pair k of byte j is column 4j + k,
 code c = t + 1), with the activation quantization of runtime/bitlinear.py:
