@@ -153,7 +153,8 @@ def _chat_loop(model, system: str | None, max_new_tokens: int | None, sampling: 
     type=click.Choice(["bf16", "int8"]),
     default="bf16",
     show_default=True,
-    help="Output head precision; int8 (per-row scales) needs the CUDA fast path.",
+    help="Output head precision; int8 (per-row scales) needs a fast path: CUDA, or the compiled CPU path (which it "
+    "turns on).",
 )
 @click.option(
     "--activation",

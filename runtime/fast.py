@@ -46,7 +46,9 @@ What it changes, and why:
   Other backends ("reference", "triton_op" under torch.compile, "cpu") run the model's attention ops and the
   plain BitLinear path whatever these options say.
 - **Fewer bytes per token.** Decode only computes the head for the last position; ``head="int8"`` replaces the
-  bf16 head (56 % of the bytes of a 2B-4T token) by per-row int8 weights and the dp4a GEMV of kernels.py.
+  bf16 head (56 % of the bytes of a 2B-4T token) by per-row int8 weights (runtime/bitlinear.py's
+  ``quantize_head``) and the dp4a GEMV of kernels.py; on the other backends, ``int8_head_logits``'s exact
+  integer dot (the CPU's: one int8 GEMV in oneDNN).
 - **No host work per token.** ``GraphDecoder`` captures one decode step (forward at a position tensor, sampling
   on the device with the repetition penalty over a mask of the ids seen, next token and position written into
   static buffers) in a ``torch.cuda.CUDAGraph`` and replays it; generated ids are copied to the host in chunks.
@@ -72,7 +74,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-from bitnet158.runtime.bitlinear import BitLinear, get_backend, register_backend
+from bitnet158.runtime.bitlinear import BitLinear, get_backend, int8_head_logits, quantize_head, register_backend
 from bitnet158.runtime.generate import GenerationStats, _sync
 from bitnet158.runtime.model import Transformer
 from bitnet158.runtime.sampling import SamplingError, SamplingParams
@@ -169,8 +171,6 @@ class FastModel:
         if head not in HEADS:
             raise FastPathError(f"head must be one of {HEADS}, got {head!r}")
         if head == "int8" and self.head_q is None:
-            from bitnet158.runtime.kernels import quantize_head
-
             self.head_q, self.head_scale = quantize_head(self.net.head)
         self.head = head
 
@@ -454,7 +454,7 @@ class FastModel:
         x = self._norm(self.net.norm, x)
         if self.head == "bf16":
             return self.net.head_logits(x)
-        return self._int8_head(x.reshape(-1, x.shape[-1])).view(b, x.shape[1], -1)
+        return int8_head_logits(x.reshape(-1, x.shape[-1]), self.head_q, self.head_scale).view(b, x.shape[1], -1)
 
     def _hidden(self, tokens: torch.Tensor, start_pos: int | torch.Tensor) -> torch.Tensor:
         # tokens [B, T] → the last layer's output [B, T, D] (before the final norm); see logits()
@@ -495,7 +495,10 @@ class FastModel:
         step = tokens.shape[1] == 1
         try:
             x = self._cpu_step(tokens, start_pos) if step else self._hidden(tokens, start_pos)[0, -1]
-            out = cpu.kernels().head(x, net.norm.weight, net.norm.eps, net.head)  # [V]
+            if self.head == "int8":  # the final norm eagerly (one vector), then one int8 GEMV
+                out = int8_head_logits(net.norm(x)[None], self.head_q, self.head_scale)[0]
+            else:
+                out = cpu.kernels().head(x, net.norm.weight, net.norm.eps, net.head)  # [V]
         except Exception as e:
             if self._cpu_compiled:
                 raise
@@ -503,7 +506,7 @@ class FastModel:
             log.warning("the compiled CPU path failed (%s: %s); using the reference path", type(e).__name__, e)
             self.set_backend("reference")
             return self.logits(tokens, start_pos)
-        self._cpu_compiled = self._cpu_compiled or step  # the layer and head functions have both compiled
+        self._cpu_compiled = self._cpu_compiled or step  # the layer function (and the bf16 head's) compiled
         return out[None, None]
 
     def warm_up(self) -> bool:
@@ -562,16 +565,6 @@ class FastModel:
                 self._argmax_counter = torch.zeros((1,), dtype=torch.int32, device=logits.device)
             return argmax(logits, self._argmax_counter, pdl=self.pdl)
         return logits.argmax(-1, keepdim=True)
-
-    def _int8_head(self, x: torch.Tensor) -> torch.Tensor:
-        # normed x [B, D] → fp32 logits [B, V]: the int8 head's arithmetic in torch, off the fast path. The dot
-        # runs in float64, exact for |Σ| ≤ 128·127·D < 2^53 (CUDA has no int64 matmul; seen on an H200)
-        from bitnet158.runtime.bitlinear import quantize_activations
-
-        q, s = quantize_activations(x)
-        d = x.shape[-1]
-        dot = (q.double() @ self.head_q[:, :d].double().T).float()
-        return dot * self.head_scale / s
 
 
 def penalize_on_device(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:

@@ -31,8 +31,8 @@ Kernels
 - ``bitlinear_matmul`` (prefill): quantize once, then tiles of int8 x and of weights unpacked to int8 in
   registers meet in ``tl.dot`` int8 × int8 → int32 on the tensor cores (``int8_dot=False``: fp16 operands with
   fp32 accumulation, still exact below 2^24).
-- ``head_int8`` / ``quantize_head``: an optional int8 output head (per-row absmax scales, int8 activations),
-  the same dp4a GEMV on int8 weights.
+- ``head_int8``: the optional int8 output head (per-row absmax scales from runtime/bitlinear.py's
+  ``quantize_head``, int8 activations), the same dp4a GEMV on int8 weights.
 - ``rmsnorm`` (optionally with the residual add) and ``act_mul_norm`` (relu²/SiLU gate · up + the MLP sub-norm):
   one launch each instead of the handful of torch ops they replace in the decode step.
 - ``decode_attention``: rope, the KV-cache write and the attention of one decode token, one kernel or split over
@@ -1295,27 +1295,6 @@ def bitlinear_triton(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
 
 # --------------------------------------------------------------------------------------------------------------
 # int8 output head
-
-
-def quantize_head(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row absmax int8 quantization of a head/embedding weight [V, D] float.
-
-    Returns (wq int8 [V, ceil(D/4)·4], zero-padded so rows are whole int32 words; scale f32 [V]) with
-    weight ≈ wq[:, :D] · scale[:, None]. Runs on the weight's device, one row block at a time.
-    """
-    if weight.dim() != 2 or not weight.is_floating_point():
-        raise KernelShapeError(f"quantize_head: weight must be a float [V, D] tensor, got {weight.dtype} {tuple(weight.shape)}")
-    v, d = weight.shape
-    d4 = (d + 3) // 4 * 4
-    wq = torch.zeros((v, d4), dtype=torch.int8, device=weight.device)
-    scale = torch.empty((v,), dtype=torch.float32, device=weight.device)
-    step = 8192  # rows per chunk: bounds the fp32 temporaries
-    for r0 in range(0, v, step):
-        w = weight[r0 : r0 + step].float()
-        sc = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
-        wq[r0 : r0 + step, :d] = torch.round(w / sc[:, None]).clamp(-127, 127).to(torch.int8)
-        scale[r0 : r0 + step] = sc
-    return wq, scale
 
 
 def head_int8(

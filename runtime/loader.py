@@ -114,33 +114,35 @@ def fast_backend(
     """The fast path's backend, or None for the plain network. CUDA: "triton" when triton imports. CPU: "cpu"
     (runtime/cpu.py) when ``compile_cpu`` is True, or None and the model has at least CPU_COMPILE_MIN_WEIGHTS
     ternary weights, and torch.compile can build kernels here. Else a log line and the reference path. Never
-    when ``reference`` or an explicit ``backend`` is asked for. ``head="int8"`` exists only on the CUDA fast path."""
+    when ``reference`` or an explicit ``backend`` is asked for. ``head="int8"`` needs a fast path: on the CPU it
+    turns compiling on unless ``compile_cpu`` is False."""
     if head not in HEADS:
         raise DeviceError(f"unknown head {head!r} (use {' or '.join(HEADS)})")
-    fast = None
     if compile_cpu is None:
-        compile_cpu = ternary_weights >= CPU_COMPILE_MIN_WEIGHTS
-    if not reference and backend is None and (device.type == "cuda" or compile_cpu):
-        if device.type == "cuda":
-            try:
-                get_backend("triton")
-                fast = "triton"
-            except ImportError as e:
-                log.warning("the triton fast path is unavailable (%s); running the reference path", e)
-        else:
-            from bitnet158.runtime.cpu import unavailable_reason
+        compile_cpu = head == "int8" or ternary_weights >= CPU_COMPILE_MIN_WEIGHTS
+    fast, missing = None, None  # missing: why a fast path that was due cannot run
+    if reference or backend is not None:
+        why = "the reference path was asked for"
+    elif device.type != "cuda" and not compile_cpu:
+        why = "compiling is off (--no-compile)"
+    elif device.type == "cuda":
+        try:
+            get_backend("triton")
+            fast = "triton"
+        except ImportError as e:
+            why = missing = f"the triton fast path is unavailable ({e})"
+    else:
+        from bitnet158.runtime.cpu import unavailable_reason
 
-            why = unavailable_reason()
-            if why is None:
-                fast = "cpu"
-            else:
-                log.warning("the compiled CPU path is unavailable (%s); running the reference path", why)
-    if head != "bf16" and fast != "triton":
-        if reference or backend is not None:
-            why = "the reference path was asked for"
+        reason = unavailable_reason()
+        if reason is None:
+            fast = "cpu"
         else:
-            why = f"the device is {device.type}" if device.type != "cuda" else "triton is unavailable"
-        raise DeviceError(f"head {head!r} needs the fast path (CUDA with triton), but {why}")
+            why = missing = f"the compiled CPU path is unavailable ({reason})"
+    if fast is None and head != "bf16":
+        raise DeviceError(f"head {head!r} needs a fast path (CUDA with triton, or the compiled CPU path), but {why}")
+    if missing:
+        log.warning("%s; running the reference path", missing)
     return fast
 
 
@@ -169,10 +171,10 @@ def build_model(
     """Build a BitNetModel from an open weight source (``.config``, ``.tokenizer``, ``.tensors``, ``.torch``,
     ``.ternary``). The caller closes the source; nothing built here points into it.
 
-    The fast path is the default: on CUDA triton BitLinears, fused projections, CUDA-graph decode, ``head`` bf16
-    or int8; on the CPU the compiled decode step of runtime/cpu.py (``compile_cpu``: None = for models of at least
-    CPU_COMPILE_MIN_WEIGHTS ternary weights, True / False = always / never). ``reference=True`` or an explicit
-    ``backend`` keeps the plain network."""
+    The fast path is the default: on CUDA triton BitLinears, fused projections, CUDA-graph decode; on the CPU the
+    compiled decode step of runtime/cpu.py (``compile_cpu``: None = for models of at least
+    CPU_COMPILE_MIN_WEIGHTS ternary weights, or with the int8 head; True / False = always / never). ``head``: bf16
+    or int8 (either fast path). ``reference=True`` or an explicit ``backend`` keeps the plain network."""
     config = ModelConfig.from_dict(source.config)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev, config, force)

@@ -16,11 +16,12 @@ import torch
 from bitnet158.converter.hf import convert_hf
 from bitnet158.formats.ternary import pack_t2
 from bitnet158.runtime import cpu, load
-from bitnet158.runtime.bitlinear import BitLinear
+from bitnet158.runtime.bitlinear import BitLinear, int8_head_logits, quantize_activations, quantize_head
 from bitnet158.runtime.cli import main as cli_main
 from bitnet158.runtime import model as model_module
 from bitnet158.runtime.generate import GenerationStats
-from bitnet158.runtime.loader import narrow_dtype
+from bitnet158.runtime.fast import FastModel
+from bitnet158.runtime.loader import DeviceError, narrow_dtype
 from click.testing import CliRunner
 
 PROMPT = [1, 5, 9, 2, 7, 3]
@@ -255,6 +256,72 @@ def test_generation_reuses_the_cache(compiled, files):
     assert stats.cached_tokens == 0
 
 
+# --- the int8 head ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("d", [2000, 30])  # 30: wq's rows padded to 32 columns
+def test_int8_head_logits_exact(d):
+    # the dot is an exact integer: row 0 quantizes to 127 everywhere, x's first row to values near 127, so their dot
+    # (about 127·110·2000 = 2.8e7) is past fp32's exact integers
+    g = torch.Generator().manual_seed(d)
+    w = torch.randn(40, d, generator=g)
+    w[0] = 1.0
+    x = torch.randn(3, d, generator=g)
+    x[0] = 1 + 0.3 * torch.rand(d, generator=g)
+    wq, ws = quantize_head(w)
+    assert wq.shape == (40, (d + 3) // 4 * 4) and bool((wq[:, d:] == 0).all())
+    assert bool(((wq[:, :d].float() * ws[:, None] - w).abs() <= ws[:, None] / 2 + 1e-6).all())
+    q, s = quantize_activations(x)
+    dot = q.long() @ wq[:, :d].long().T  # [3, 40] int64
+    assert d < 100 or int(dot[0, 0]) > 2**24
+    assert torch.equal(int8_head_logits(x, wq, ws), dot.float() * ws / s)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_quantize_head_blocks(dtype):
+    # quantize_head goes through blocks of rows in a reused buffer: 1,100 rows make three, the last one short; a
+    # zero row takes the clamped scale
+    w = torch.randn(1100, 30, generator=torch.Generator().manual_seed(3)).to(dtype)
+    w[700] = 0
+    sc = w.float().abs().amax(dim=1).clamp(min=1e-8) / 127.0
+    wq, ws = quantize_head(w)
+    assert torch.equal(ws, sc)
+    assert torch.equal(wq[:, :30], torch.round(w.float() / sc[:, None]).clamp(-127, 127).to(torch.int8))
+
+
+def test_int8_head_on_the_compiled_path(compiled, files):
+    # --head int8 on the CPU: it turns the compiled path on (a tiny model would run the reference path), decodes
+    # with one int8 GEMV for the head, and gives the tokens and logits of the int8 head over the reference network
+    f = files["microsoft"]
+    with pytest.raises(DeviceError, match="head 'int8' needs a fast path .* but compiling is off"):
+        load(f, device="cpu", head="int8", compile_cpu=False)
+    with pytest.raises(DeviceError, match="but the reference path was asked for"):
+        load(f, device="cpu", head="int8", reference=True)
+    model = load(f, device="cpu", head="int8")
+    plain = load(f, device="cpu", compile_cpu=True)
+    assert model.backend == "cpu" and model.fast.head == "int8"
+    v, d = model.net.head.shape
+    assert model.resident_weight_bytes() == plain.resident_weight_bytes() + v * ((d + 3) // 4 * 4) + 4 * v
+    ref = load(f, device="cpu", reference=True)
+    ref_int8 = FastModel(ref.net, head="int8", backend="reference")  # the int8 head over the reference network
+    stats = GenerationStats()
+    got = list(model.generate_ids(PROMPT, 12, stop_ids=(), stats=stats))
+    assert stats.path == "cpu + device sampling"
+    seq = PROMPT + got
+    for m in (model, ref, plain):
+        m.net.setup_cache(1, len(seq))
+    with torch.inference_mode():
+        prompt = torch.tensor([PROMPT])
+        steps = [(model.fast.logits(prompt, 0)[0, -1], ref_int8.logits(prompt, 0)[0, -1])]
+        for pos in range(len(PROMPT), len(seq) - 1):
+            tok = torch.tensor([[seq[pos]]])
+            steps.append((model.fast.logits(tok, pos)[0, -1], ref_int8.logits(tok, pos)[0, -1]))
+        bf16 = plain.fast.logits(torch.tensor([PROMPT]), 0)[0, -1]
+    for i, (a, b) in enumerate(steps):
+        assert int(a.argmax()) == int(b.argmax()) == seq[len(PROMPT) + i]
+        assert (a - b).abs().max() <= 1e-3 * b.abs().max()
+    assert not torch.equal(steps[0][0], bf16)  # the int8 head ran, not the bf16 one
+    assert (steps[0][0] - bf16).abs().max() <= 0.05 * bf16.abs().max()
+
+
 # --- dispatch and fallback --------------------------------------------------------------------------------------
 def test_dispatch(compiled, files, monkeypatch, caplog):
     from bitnet158.runtime import loader
@@ -266,8 +333,8 @@ def test_dispatch(compiled, files, monkeypatch, caplog):
     monkeypatch.setattr(loader, "CPU_COMPILE_MIN_WEIGHTS", 1000)
     assert load(f, device="cpu").backend == "cpu"  # a model above the threshold compiles by default
     assert load(f, device="cpu", compile_cpu=False).backend == "reference"
-    with pytest.raises(ValueError, match="head 'int8' needs the fast path"):
-        load(f, device="cpu", head="int8")
+    with pytest.raises(ValueError, match="head 'int8' needs a fast path"):
+        load(f, device="cpu", head="int8", compile_cpu=False)
     monkeypatch.setenv("TORCHDYNAMO_DISABLE", "1")
     cpu.unavailable_reason.cache_clear()
     with caplog.at_level(logging.WARNING, logger="bitnet158.runtime.loader"):

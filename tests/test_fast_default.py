@@ -60,9 +60,15 @@ def test_cpu_load_without_torch_compile_is_reference(tiny_file, monkeypatch):
     assert stats.path == "reference"
 
 
-def test_int8_head_refused_off_the_fast_path(tiny_file):
-    with pytest.raises(DeviceError, match="head 'int8' needs the fast path.*device is cpu"):
+def test_int8_head_refused_off_the_fast_path(tiny_file, monkeypatch):
+    # without TorchDynamo the compiled CPU path that the int8 head turns on is unavailable: one error that says why
+    from bitnet158.runtime import cpu
+
+    monkeypatch.setattr(cpu, "unavailable_reason", lambda: "TorchDynamo is disabled (TORCHDYNAMO_DISABLE=1)")
+    with pytest.raises(DeviceError, match="head 'int8' needs a fast path.*compiled CPU path is unavailable .*Dynamo"):
         load(tiny_file, device="cpu", head="int8")
+    with pytest.raises(DeviceError, match="head 'int8' needs a fast path.*compiling is off"):
+        load(tiny_file, device="cpu", head="int8", compile_cpu=False)
     with pytest.raises(DeviceError, match="unknown head"):
         load(tiny_file, device="cpu", head="fp8")
 
@@ -71,11 +77,12 @@ def test_cli_flags(tiny_file):
     runner = CliRunner()
     r = runner.invoke(
         cli_main,
-        [tiny_file, "-p", "Hello", "-n", "4", "--device", "cpu", "--head", "int8"],
+        [tiny_file, "-p", "Hello", "-n", "4", "--device", "cpu", "--head", "int8", "--no-compile"],
     )
     assert r.exit_code == 1
     assert r.output.strip().splitlines() == [
-        "error: head 'int8' needs the fast path (CUDA with triton), but the device is cpu"
+        "error: head 'int8' needs a fast path (CUDA with triton, or the compiled CPU path), but compiling is off"
+        " (--no-compile)"
     ]
     r = runner.invoke(
         cli_main,

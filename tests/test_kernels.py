@@ -31,7 +31,7 @@ if "bitnet158.runtime.kernels" in sys.modules and not HAS_CUDA:
     importlib.reload(sys.modules["bitnet158.runtime.kernels"])  # defined before the interpreter was switched on
 from bitnet158.formats.ternary import pack_t2, unpack_t2
 from bitnet158.runtime import kernels
-from bitnet158.runtime.bitlinear import BitLinear, quantize_activations
+from bitnet158.runtime.bitlinear import BitLinear, int8_head_logits, quantize_activations, quantize_head
 from bitnet158.runtime.generate import GenerationStats
 
 interp = pytest.mark.skipif(HAS_CUDA, reason="interpreter tests run where there is no CUDA device")
@@ -235,7 +235,7 @@ def test_gemv_fused_refuses_bad_operands():
         with pytest.raises(kernels.KernelShapeError):
             call()
             pytest.fail(name)
-    wq, ws = kernels.quantize_head(torch.randn(9, 160))
+    wq, ws = quantize_head(torch.randn(9, 160))
     with pytest.raises(kernels.KernelShapeError):
         kernels.head_int8(x, wq, ws, norm=w[:-1])
 
@@ -244,7 +244,7 @@ def test_gemv_fused_refuses_bad_operands():
 def test_head_int8_with_the_final_norm():
     g = torch.Generator().manual_seed(4)
     x, w = torch.randn(2, 160, generator=g), 1 + 0.1 * torch.randn(160, generator=g)
-    wq, ws = kernels.quantize_head(torch.randn(37, 160, generator=g))
+    wq, ws = quantize_head(torch.randn(37, 160, generator=g))
     want = kernels.head_int8(kernels.rmsnorm(x, w, 1e-5), wq, ws)
     assert torch.equal(kernels.head_int8(x, wq, ws, config=(16, 64, 1), norm=w, eps=1e-5), want)  # one block
     assert torch.equal(kernels.head_int8_op(x, wq, ws, w, 1e-5), kernels.head_int8(x, wq, ws, norm=w, eps=1e-5))
@@ -389,13 +389,14 @@ def test_fused_segments_keep_their_scales(M):
 @pytest.mark.parametrize("D", [64, 30])
 def test_head_int8(D):
     w = torch.randn(50, D)
-    wq, ws = kernels.quantize_head(w)
+    wq, ws = quantize_head(w)
     assert wq.shape == (50, (D + 3) // 4 * 4) and wq.dtype == torch.int8
     assert bool(((wq[:, :D].float() * ws[:, None] - w).abs() <= ws[:, None] / 2 + 1e-6).all())
     x = torch.randn(3, D)
     q, s = quantize_activations(x)
     ref = (q.long() @ wq[:, :D].long().T).float() * ws / s
     assert torch.equal(kernels.head_int8(x, wq, ws), ref)
+    assert torch.equal(int8_head_logits(x, wq, ws), ref)  # the other backends' arithmetic
 
 
 # --- fused norm / activation kernels ---------------------------------------------------------------------------
@@ -982,9 +983,10 @@ def test_gpu_quantize_and_head_exact():
     qr, sr = quantize_activations(x)
     assert torch.equal(q, qr) and torch.equal(s, sr[:, 0])
     w = torch.randn(1000, 2560, device="cuda", dtype=torch.bfloat16)
-    wq, ws = kernels.quantize_head(w)
+    wq, ws = quantize_head(w)
     ref = (q.double() @ wq.double().T).float() * ws / sr
     assert torch.equal(kernels.head_int8(x, wq, ws), ref)
+    assert torch.equal(int8_head_logits(x, wq, ws), ref)  # float64 on CUDA
 
 
 
