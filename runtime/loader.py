@@ -242,8 +242,12 @@ def build_model(
     narrow = fast == "cpu" and dt == torch.float32
 
     def vocab_matrix(name: str) -> torch.Tensor:
-        t = source.torch(name)  # [V, D], a view of the file
-        return t.to(device=dev, dtype=narrow_dtype(t) if narrow else dt, copy=True)
+        t = source.torch(name)  # [V, D]: a view of the file, or a new tensor (a GGUF's dequantized Q4_K, ...)
+        # a view of the file is copied (the source closes after the build; its storage is the mapping's, not
+        # resizable); a new tensor already in the right dtype and device is kept, not copied a second time (at
+        # 2B-4T 1.3 GB more at the peak of a CPU load)
+        in_file = not t.untyped_storage().resizable()
+        return t.to(device=dev, dtype=narrow_dtype(t) if narrow else dt, copy=in_file)
 
     embed = vocab_matrix("embed.weight")
     head_w = embed if config.tie_word_embeddings else vocab_matrix("lm_head.weight")

@@ -710,7 +710,7 @@ def test_quantized_float_tensor_dequantizes_as_gguf_does(tmp_path, monkeypatch, 
     np.testing.assert_array_equal(got.numpy(), quants.dequantize(raw, Q(qtype)))
 
 
-def test_llama_quantize_style_embedding_and_head(tmp_path):
+def test_llama_quantize_style_embedding_and_head(tmp_path, monkeypatch):
     """llama-quantize writes a TQ2_0 model's token_embd as Q4_K (an untied output as Q6_K): they read as f32,
     load, run, and convert to a packed file with those values."""
     from bitnet158.converter.gguf_convert import gguf_to_packed
@@ -724,14 +724,35 @@ def test_llama_quantize_style_embedding_and_head(tmp_path):
             assert src.tensors[name].dtype == "f32"
             assert np.array_equal(src.torch(name).numpy(), floats[name]) and np.isfinite(floats[name]).all()
         assert (src.tensors["embed.weight"].gguf_type, src.tensors["lm_head.weight"].gguf_type) == ("Q4_K", "Q6_K")
-    model = load(path, device="cpu")
+    made = {}  # the tensors the source hands out, by name
+    real = G.GGUFSource.torch
+
+    def torch_of(self, name):
+        made[name] = real(self, name)
+        return made[name]
+
+    with monkeypatch.context() as m:
+        m.setattr(G.GGUFSource, "torch", torch_of)
+        model = load(path, device="cpu")
     assert np.array_equal(model.net.embed.numpy(), floats["embed.weight"])
     assert np.array_equal(model.net.head.numpy(), floats["lm_head.weight"])
+    # the dequantized tensors are new f32 tensors: the model keeps them instead of a second copy
+    assert model.net.embed.data_ptr() == made["embed.weight"].data_ptr()
+    assert model.net.head.data_ptr() == made["lm_head.weight"].data_ptr()
     assert torch.isfinite(model.logits([1, 5, 9])).all()
     out = tmp_path / "m.bin"
     gguf_to_packed(path, out)
     with open_source(out) as packed:
         assert np.array_equal(packed.torch("embed.weight").numpy(), floats["embed.weight"])
+    # a packed file's f32 embedding is a view of its mapping: the model holds a copy
+    from bitnet158.formats.packed import PackedFile
+
+    real = PackedFile.torch
+    with monkeypatch.context() as m:
+        m.setattr(PackedFile, "torch", torch_of)
+        model = load(out, device="cpu")
+    assert model.net.embed.data_ptr() != made["embed.weight"].data_ptr()
+    assert np.array_equal(model.net.embed.numpy(), floats["embed.weight"])
 
 
 def test_quantized_linear_weights_are_refused(tmp_path):
