@@ -658,6 +658,7 @@ def microbench(shapes: list[tuple[str, int, int]]) -> None:
     import torch.nn.functional as F
     from bitnet158.formats.ternary import unpack_t2
     from bitnet158.runtime import kernels
+    from bitnet158.runtime.bitlinear import quantize_head
 
     rows = RESULTS.setdefault("micro", [])
     x = torch.randn(1, max(k for _, _, k in shapes), device="cuda", dtype=torch.bfloat16)
@@ -707,7 +708,7 @@ def microbench(shapes: list[tuple[str, int, int]]) -> None:
     # the head: int8 GEMV vs bf16 F.linear, one matrix larger than L2
     v, d = SHAPES["2b4t"]["vocab_size"], SHAPES["2b4t"]["hidden_size"]
     w = torch.randn(v, d, device="cuda", dtype=torch.bfloat16)
-    wq, wsc = kernels.quantize_head(w)
+    wq, wsc = quantize_head(w)
     xd = x[:, :d].contiguous()
     kernels.head_int8(xd, wq, wsc)
     t8 = graph_time([lambda: kernels.head_int8(xd, wq, wsc)])
