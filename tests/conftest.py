@@ -36,10 +36,12 @@ Load transformers models with TORCHDYNAMO_DISABLE=1 set (done here) to skip torc
 
 from __future__ import annotations
 
+import getpass
 import io
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -47,6 +49,10 @@ from types import SimpleNamespace
 # transformers' BitNet code is decorated with torch.compile; eager is much faster for tiny models.
 # Set before torch is imported, which reads it.
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+# bitnet-run points torch.compile's cache at the user's cache folder unless TORCHINDUCTOR_CACHE_DIR is set; the CLI
+# tests keep torch's own default instead of writing to ~/.cache (test_runtime.py's test of that sets it apart)
+_INDUCTOR_DEFAULT = os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}")
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", _INDUCTOR_DEFAULT)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -511,6 +511,27 @@ def test_cli_generate_and_perplexity(ms_file, tmp_path):
     assert r.output.strip() == f"perplexity: {ppl:.4f} over {n} tokens"
 
 
+def test_cli_keeps_the_compile_cache(ms_file, tmp_path, monkeypatch):
+    # torch.compile's cache goes to $XDG_CACHE_HOME/bitnet158/torchinductor unless TORCHINDUCTOR_CACHE_DIR is set
+    # or that folder cannot be made
+    from bitnet158.runtime import cli
+
+    args = [ms_file, "-p", "Hello", "-n", "2", "--device", "cpu", "--quiet"]
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert CliRunner().invoke(cli_main, args).exit_code == 0
+    want = tmp_path / "cache" / "bitnet158" / "torchinductor"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(want) and want.is_dir()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    cli._keep_compile_cache()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))  # a file where the folder would go
+    cli._keep_compile_cache()
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+
+
 def test_cli_prompt_file(ms_file, tmp_path):
     runner = CliRunner()
     want = runner.invoke(cli_main, [ms_file, "-p", "Hello there", "-n", "6", "--device", "cpu", "-q"]).stdout
