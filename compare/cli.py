@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from bitnet158.compare.core import compare_models, format_table, open_model
+from bitnet158.runtime.cpu import keep_compile_cache
 
 EXIT_THRESHOLD = 3
 DEFAULT_PROMPT = "The capital of France is Paris. The capital of Germany is"
@@ -44,6 +45,7 @@ def main(a, b, prompt, text_file, device, max_kl, min_top1, gen_tokens, max_toke
     if min_top1 is not None and not 0.0 <= min_top1 <= 1.0:
         raise click.UsageError("--min-top1 is a fraction between 0 and 1")
     text = Path(text_file).read_text(encoding="utf-8") if text_file else (prompt or DEFAULT_PROMPT)
+    keep_compile_cache()  # the runtime's compiled CPU step, as bitnet-run keeps it
     try:
         with open_model(a, device=device, activation=activation_a) as ma, \
                 open_model(b, device=device, activation=activation_b) as mb:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import resource
 import sys
 import time
@@ -35,23 +34,6 @@ def _print_stats(model, stats: GenerationStats, load_s: float) -> None:
         f"path:             {stats.path}",
     ]
     click.echo("\n" + "\n".join(lines), err=True)
-
-
-def _keep_compile_cache() -> None:
-    """Point torch.compile's cache (the compiled CPU step: ~14 s to build at 2B-4T, ~4 s to load) at the user's
-    cache folder, $XDG_CACHE_HOME/bitnet158/torchinductor (default ~/.cache/...), unless TORCHINDUCTOR_CACHE_DIR
-    is set. Torch's default, /tmp/torchinductor_$USER, is emptied by a reboot or a tmp cleaner, and the next run
-    compiles again. Nothing changes when the folder cannot be made or written."""
-    if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
-        return
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    path = os.path.join(base, "bitnet158", "torchinductor")
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError:
-        return
-    if os.access(path, os.W_OK | os.X_OK):
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
 
 
 def _read_message() -> str | None:
@@ -215,7 +197,8 @@ def main(
     stride,
 ):
     """Run the BitNet b1.58 model in FILE (a bitnet158 packed file, or a GGUF: I2_S, TQ1_0, TQ2_0)."""
-    from bitnet158.runtime.loader import load  # keeps `bitnet-run --help` fast
+    from bitnet158.runtime.cpu import keep_compile_cache  # these imports here keep `bitnet-run --help` fast
+    from bitnet158.runtime.loader import load
 
     if prompt_file is not None:
         if prompt is not None:
@@ -231,7 +214,7 @@ def main(
         sys.exit(2)
     if threads:
         torch.set_num_threads(threads)
-    _keep_compile_cache()
+    keep_compile_cache()
     try:
         t0 = time.perf_counter()
         model = load(

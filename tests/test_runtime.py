@@ -514,7 +514,7 @@ def test_cli_generate_and_perplexity(ms_file, tmp_path):
 def test_cli_keeps_the_compile_cache(ms_file, tmp_path, monkeypatch):
     # torch.compile's cache goes to $XDG_CACHE_HOME/bitnet158/torchinductor unless TORCHINDUCTOR_CACHE_DIR is set
     # or that folder cannot be made
-    from bitnet158.runtime import cli
+    from bitnet158.runtime.cpu import keep_compile_cache
 
     args = [ms_file, "-p", "Hello", "-n", "2", "--device", "cpu", "--quiet"]
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
@@ -523,12 +523,12 @@ def test_cli_keeps_the_compile_cache(ms_file, tmp_path, monkeypatch):
     want = tmp_path / "cache" / "bitnet158" / "torchinductor"
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(want) and want.is_dir()
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
-    cli._keep_compile_cache()
+    keep_compile_cache()
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
     (tmp_path / "file").write_text("")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))  # a file where the folder would go
-    cli._keep_compile_cache()
+    keep_compile_cache()
     assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
 
 
