@@ -214,9 +214,9 @@ def int8_head_logits(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor) -> 
     quantization above and an exact integer dot (kernels.head_int8 computes the same in one GPU launch).
 
     The dot reaches 127·127·D, past fp32's exact integers, so it is not a float matmul: on the CPU torch._int_mm
-    (int8 × int8 → int32; oneDNN's VNNI GEMV, ~11 ms for 2B-4T's [128256, 2560] head on two cores against ~19 ms for
-    the compiled bf16 head); elsewhere float64, exact below 2^53 (CUDA has no int64 matmul, and its _int_mm wants
-    more than 16 rows).
+    (int8 × int8 → int32 in oneDNN: 10-12 ms for 2B-4T's [128256, 2560] head on two cores, against 12-19 ms for the
+    compiled bf16 head); elsewhere float64, exact below 2^53 (CUDA has no int64 matmul, and its _int_mm wants more
+    than 16 rows).
     """
     q, s = quantize_activations(x)  # [M, D] int8, [M, 1] f32
     if q.shape[1] != wq.shape[1]:
