@@ -49,6 +49,7 @@ from bitnet158.converter.tokenizer import (
 )
 from bitnet158.formats import ternary
 from bitnet158.formats.packed import PackedWriter, TensorSpec
+from bitnet158.formats.source import HUB_ID
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +62,6 @@ SUPPORTED_ROPE_SCALING = ("llama3", "linear")
 _META_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES)
 _SAFETENSORS_PATTERNS = ("model.safetensors", "model-*.safetensors", "model.safetensors.index.json")
 _PICKLE_PATTERNS = ("pytorch_model.bin", "pytorch_model-*.bin", "pytorch_model.bin.index.json")
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 class ConversionError(ValueError):
@@ -267,7 +266,7 @@ def _resolve(src: str, revision: str | None, allow_pickle: bool) -> tuple[Path, 
         return path.resolve(), str(path.resolve()), None
     if path.exists():
         raise ConversionError(f"{src} is a file; give the model folder (or a hub id like org/name)")
-    if not _HUB_ID.match(src):
+    if not HUB_ID.match(src):
         raise ConversionError(f"{src}: no such folder, and not a hub id of the form org/name")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
@@ -626,7 +625,9 @@ def load_hf_source(src: str, revision: str | None = None, allow_pickle: bool = F
     """
     folder, source, commit = _resolve(src, revision, allow_pickle)
     if not (folder / "config.json").is_file():
-        raise ConversionError(f"{source}: no config.json")
+        ggufs = sorted(p.name for p in folder.glob("*.gguf"))
+        hint = f"; it holds GGUF files ({', '.join(ggufs)}): use bitnet-convert gguf-to-packed FILE" if ggufs else ""
+        raise ConversionError(f"{source}: no config.json{hint}")
     cfg = _read_json(folder / "config.json")
     gen = _read_json(folder / "generation_config.json") if (folder / "generation_config.json").is_file() else {}
     weights = _WeightFiles(folder, allow_pickle)

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 
 from bitnet158.formats.packed import MAGIC, PackedFile
 
-__all__ = ["open_source", "SourceError", "GGUF_MAGIC"]
+__all__ = ["open_source", "SourceError", "GGUF_MAGIC", "HUB_ID"]
 
 GGUF_MAGIC = b"GGUF"
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")  # a Hugging Face hub id, org/name
 
 
 class SourceError(ValueError):
@@ -44,11 +46,16 @@ def open_source(path: str | os.PathLike, activation: str | None = None):
     path = os.fspath(path)
     if activation not in (None, *ACTIVATIONS):
         raise SourceError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+    convert = f"convert it first: bitnet-convert hf-to-packed {path} -o model.bin"
     try:
         with open(path, "rb") as f:
             magic = f.read(len(MAGIC))
     except IsADirectoryError:
-        raise SourceError(f"{path} is a directory, not a model file") from None
+        raise SourceError(f"{path} is a directory, not a model file (a Hugging Face checkpoint? {convert})") from None
+    except FileNotFoundError as e:
+        # "org/name" that is not a local path: most likely a hub id, which only the converter fetches
+        hint = f" (a hub id? {convert})" if HUB_ID.match(path) else ""
+        raise SourceError(f"cannot read {path}: {e.strerror or e}{hint}") from e
     except OSError as e:
         raise SourceError(f"cannot read {path}: {e.strerror or e}") from e
     if magic == MAGIC:

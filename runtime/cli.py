@@ -102,7 +102,7 @@ def _chat_loop(model, system: str | None, max_new_tokens: int | None, sampling: 
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("file", type=click.Path())  # a folder or a hub id gets its own message (open_source)
 @click.option("--prompt", "-p", help="Text to continue (or, with --chat, the user message).")
 @click.option(
     "--prompt-file",

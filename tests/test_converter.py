@@ -355,6 +355,17 @@ def test_unsupported_configs_refused(llama_bitnet_ckpt, tmp_path, change, messag
         convert(src, tmp_path)
 
 
+def test_a_folder_of_gguf_files_points_to_gguf_to_packed(tmp_path):
+    # a GGUF download (e.g. microsoft/bitnet-b1.58-2B-4T-gguf) has no config.json: the error names the other command
+    (tmp_path / "ggml-model-i2_s.gguf").write_bytes(b"GGUF")
+    with pytest.raises(ConversionError, match=r"no config\.json; it holds GGUF files \(ggml-model-i2_s\.gguf\): use "
+                                              r"bitnet-convert gguf-to-packed"):
+        convert(tmp_path, tmp_path, "x.bnp")
+    (tmp_path / "ggml-model-i2_s.gguf").unlink()
+    with pytest.raises(ConversionError, match=r"no config\.json$"):
+        convert(tmp_path, tmp_path, "x.bnp")
+
+
 def test_rope_spellings(onebitllm_ckpt, tmp_path):
     src = copy_ckpt(onebitllm_ckpt, tmp_path)
     # transformers v5 spelling: rope_parameters, dtype.

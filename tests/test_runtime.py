@@ -475,7 +475,12 @@ def test_errors_are_one_line(ms_file, tmp_path):
     wrong = tmp_path / "notes.txt"
     wrong.write_text("not a model")
     assert "not a bitnet158 packed file" in run(wrong, "--prompt", "hi")
-    assert "cannot read" in run(tmp_path / "missing.bin", "--prompt", "hi")
+    assert run(tmp_path / "missing.bin", "--prompt", "hi").endswith("No such file or directory")
+    # a checkpoint folder or a hub id: bitnet-run takes converted files, and says how to make one
+    folder = run(tmp_path, "--prompt", "hi")
+    assert folder.endswith(f"convert it first: bitnet-convert hf-to-packed {tmp_path} -o model.bin)")
+    hub = run("no-such-org/no-such-model", "--prompt", "hi")
+    assert hub.startswith("error: cannot read no-such-org/no-such-model: No such file or directory (a hub id?")
     assert "exceeds the context of 256" in run(ms_file, "--prompt", "hi", "-n", "300", "--device", "cpu")
     assert "fp16 with relu" in run(ms_file, "--prompt", "hi", "--dtype", "f16", "--device", "cpu")
     if not torch.cuda.is_available():
