@@ -75,7 +75,7 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     xf = x.float()
     s = 127.0 / xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5)
-    q = (xf * s).round().clamp(-128, 127).to(torch.int8)
+    q = (xf * s).round_().clamp_(-128, 127).to(torch.int8)  # in place: one fp32 temporary, not three
     return q, s
 
 
@@ -126,7 +126,7 @@ def reference_bitlinear(
     else:
         t = unpacked if unpacked is not None else unpack_t2(packed, k, dtype=_unpack_dtype(packed.device))
         acc = int_dot(q, t)
-    return (acc * scale / s).to(x2.dtype)  # [M, N]
+    return acc.mul_(scale).div_(s).to(x2.dtype)  # [M, N]: (acc · scale) / s; acc is a new tensor, so in place
 
 
 class BitLinear(nn.Module):
