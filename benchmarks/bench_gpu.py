@@ -270,7 +270,7 @@ def profile_step(dec, prompt: list[int], name: str, tok_s: float | None, steps: 
 
     list(dec.generate(prompt, 2))  # captured already; the state is at the prompt's end + 2
     steps = min(steps, dec.max_seq - len(prompt) - 3)  # replays past the cache would index out of it
-    key = (True, None, False, False)  # the greedy step's graph
+    key = dec.sampling_key()  # the greedy step's graph
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             dec._replay(key)

@@ -155,6 +155,7 @@ class BitNetModel:
         temperature: float = 0.0,
         top_k: int | None = None,
         top_p: float | None = None,
+        min_p: float | None = None,
         repetition_penalty: float = 1.0,
         seed: int | None = None,
         stop: Sequence[str] = (),
@@ -171,8 +172,9 @@ class BitNetModel:
         prompt_ids = self.encode_chat(messages)
         stats = stats if stats is not None else GenerationStats()
         tokens = self.generate_ids(
-            prompt_ids, n, temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-            seed=seed, stop_ids=self.tokenizer.chat_stop_ids(), stats=stats, reuse_cache=True,
+            prompt_ids, n, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+            repetition_penalty=repetition_penalty, seed=seed, stop_ids=self.tokenizer.chat_stop_ids(), stats=stats,
+            reuse_cache=True,
         )  # fmt: skip
         return stream_text(self.tokenizer, tokens, prompt_ids, list(stop), stats)
 
@@ -184,6 +186,7 @@ class BitNetModel:
         temperature: float = 0.0,
         top_k: int | None = None,
         top_p: float | None = None,
+        min_p: float | None = None,
         repetition_penalty: float = 1.0,
         seed: int | None = None,
         stop_ids: Sequence[int] | None = None,
@@ -198,7 +201,7 @@ class BitNetModel:
         ``reuse_cache`` (fast path only): skip the prompt's prefix that the last generation left in the cache
         (GraphDecoder.generate's ``reuse``; ``stats.cached_tokens`` counts it), as ``chat`` does.
         """
-        params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
+        params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed, min_p)
         if max_new_tokens is None:
             room = self.config.max_position_embeddings - len(prompt_ids)
             max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, room) if room > 0 else DEFAULT_MAX_NEW_TOKENS
@@ -211,7 +214,7 @@ class BitNetModel:
             dec = self._graph_decoder(len(ids) + max_new_tokens, grow=reuse_cache)
             stats.path = f"{self.backend} + CUDA graph" if dec.use_graph else f"{self.backend} + device sampling"
             return dec.generate(
-                ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                 repetition_penalty=repetition_penalty, seed=seed, stop_ids=stops, stats=stats, reuse=reuse_cache,
             )  # fmt: skip
         stats.path = self.backend
@@ -225,6 +228,7 @@ class BitNetModel:
         temperature: float = 0.0,
         top_k: int | None = None,
         top_p: float | None = None,
+        min_p: float | None = None,
         repetition_penalty: float = 1.0,
         seed: int | None = None,
         stop: Sequence[str] = (),
@@ -247,6 +251,7 @@ class BitNetModel:
             temperature=temperature,
             top_k=top_k,
             top_p=top_p,
+            min_p=min_p,
             repetition_penalty=repetition_penalty,
             seed=seed,
             stop_ids=stop_ids,

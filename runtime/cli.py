@@ -126,6 +126,13 @@ def _chat_loop(model, system: str | None, max_new_tokens: int | None, sampling: 
 @click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0), help="0 = greedy.")
 @click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="0 = off.")
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True), help="1 = off.")
+@click.option(
+    "--min-p",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="Drop tokens below this fraction of the top token's probability (llama.cpp's min-p); 0 = off.",
+)
 @click.option("--repetition-penalty", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
 @click.option("--seed", type=int, help="Seed for sampling (temperature > 0).")
 @click.option("--stop", multiple=True, help="Stop when this text is generated (not printed); repeatable.")
@@ -178,6 +185,7 @@ def main(
     temperature,
     top_k,
     top_p,
+    min_p,
     repetition_penalty,
     seed,
     stop,
@@ -228,7 +236,7 @@ def main(
             ppl, n = model.perplexity(text, ctx=ctx, stride=stride, progress=not quiet)
             click.echo(f"perplexity: {ppl:.4f} over {n} tokens")
             return
-        sampling = dict(temperature=temperature, top_k=top_k or None, top_p=top_p,
+        sampling = dict(temperature=temperature, top_k=top_k or None, top_p=top_p, min_p=min_p or None,
                         repetition_penalty=repetition_penalty, seed=seed, stop=list(stop))  # fmt: skip
         if interactive:
             _chat_loop(model, system, max_new_tokens, sampling, quiet)
@@ -240,6 +248,7 @@ def main(
             temperature=temperature,
             top_k=top_k or None,
             top_p=top_p,
+            min_p=min_p or None,
             repetition_penalty=repetition_penalty,
             seed=seed,
             stop=list(stop),

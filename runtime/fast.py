@@ -77,7 +77,7 @@ import torch.nn.functional as F
 from bitnet158.runtime.bitlinear import BitLinear, get_backend, int8_head_logits, quantize_head, register_backend
 from bitnet158.runtime.generate import GenerationStats, _sync
 from bitnet158.runtime.model import Transformer
-from bitnet158.runtime.sampling import SamplingError, SamplingParams
+from bitnet158.runtime.sampling import SamplingError, SamplingParams, min_p_filter
 
 log = logging.getLogger(__name__)
 
@@ -574,11 +574,12 @@ def penalize_on_device(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.
 
 
 def sample_on_device(
-    logits: torch.Tensor, temperature: torch.Tensor | None, top_k: int | None, top_p: torch.Tensor | None
-) -> torch.Tensor:
+    logits: torch.Tensor, temperature: torch.Tensor | None, top_k: int | None, top_p: torch.Tensor | None,
+    min_p: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
     """Next id (int64 [1]) from fp32 logits [V] with no host sync: greedy when ``temperature`` is None, else an
     exponential race argmax(p / E), E ~ Exp(1), which draws from p (what torch.multinomial draws, without
-    its host-side checks). ``top_k`` int and ``top_p`` tensor [1] filter as runtime/sampling.py does."""
+    its host-side checks). ``top_k`` int, ``top_p`` and ``min_p`` tensors [1] filter as runtime/sampling.py does."""
     if temperature is None:
         return logits.argmax(-1, keepdim=True)
     logits = logits / temperature
@@ -592,6 +593,8 @@ def sample_on_device(
         # which CUDA graph capture refuses (seen on the H200)
         remove[-1:].fill_(False)
         logits = logits.masked_fill(remove.scatter(0, idx, remove), float("-inf"))
+    if min_p is not None:
+        logits = min_p_filter(logits, min_p)
     probs = logits.softmax(-1)
     race = probs / torch.empty_like(probs).exponential_(1.0)
     return race.argmax(-1, keepdim=True)
@@ -631,6 +634,7 @@ class GraphDecoder:
         self._out = torch.zeros((self.max_seq,), dtype=torch.long, device=dev)  # generated ids, in order
         self._temp = torch.ones((1,), dtype=torch.float32, device=dev)
         self._top_p = torch.ones((1,), dtype=torch.float32, device=dev)
+        self._min_p = torch.zeros((1,), dtype=torch.float32, device=dev)
         self._penalty = torch.ones((1,), dtype=torch.float32, device=dev)  # the repetition penalty
         self._seen = torch.zeros((net.head.shape[0],), dtype=torch.bool, device=dev)  # ids in the context
         self._state = (self._tok, self._pos, self._n, self._out, self._seen)  # what a step changes
@@ -659,6 +663,17 @@ class GraphDecoder:
         """Something else wrote into the cache (a full forward, a perplexity run): reuse nothing of it."""
         self._ctx_prompt, self._ctx_fed = [], 0
 
+    @staticmethod
+    def sampling_key(
+        temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
+        repetition_penalty: float = 1.0,
+    ) -> tuple:  # fmt: skip
+        """The sampling mode of these options, (greedy, top_k, top-p on, min-p on, penalty on): each mode is its
+        own step (and CUDA graph); the values themselves live in device buffers, so they need no new capture."""
+        greedy = temperature == 0
+        return (greedy, None if greedy else (top_k or None), not greedy and top_p is not None and top_p < 1.0,
+                not greedy and bool(min_p), repetition_penalty != 1.0)  # fmt: skip
+
     def _step(self, key: tuple) -> None:
         # one decode step on the static buffers; everything stays on the device. Without a graph the position
         # goes in as a Python int, so attention reads only the filled part of the cache.
@@ -673,13 +688,14 @@ class GraphDecoder:
     def _pick(self, logits: torch.Tensor, key: tuple) -> torch.Tensor:
         # the next id (int64 [1]) from fp32 logits [V] by sampling mode key, on the device; with the repetition
         # penalty, the id joins the ids seen
-        greedy, top_k, use_top_p, use_penalty = key
+        greedy, top_k, use_top_p, use_min_p, use_penalty = key
         if use_penalty:
             logits = penalize_on_device(logits, self._seen, self._penalty)
         if greedy:
             nxt = self.fast.greedy(logits)
         else:
-            nxt = sample_on_device(logits, self._temp, top_k, self._top_p if use_top_p else None)
+            nxt = sample_on_device(logits, self._temp, top_k, self._top_p if use_top_p else None,
+                                   self._min_p if use_min_p else None)  # fmt: skip
         if use_penalty:
             self._seen.index_fill_(0, nxt, True)
         return nxt
@@ -753,6 +769,7 @@ class GraphDecoder:
         stop_ids: Sequence[int] = (),
         stats: GenerationStats | None = None,
         reuse: bool = False,
+        min_p: float | None = None,
     ) -> Iterator[int]:
         """Yield up to ``max_new_tokens`` ids after the prompt, stopping before any of ``stop_ids``.
 
@@ -762,7 +779,8 @@ class GraphDecoder:
         rounding; without ``reuse`` the whole prompt runs and equal calls give equal ids.
 
         Sampling as runtime/sampling.py's Sampler (repetition penalty over the prompt and the generated ids, then
-        temperature, top-k, top-p), on the device: the random draw differs (sample_on_device), the rest is the same.
+        temperature, top-k, top-p, min-p), on the device: the random draw differs (sample_on_device), the rest is the
+        same.
 
         The device runs ahead by up to ``chunk`` steps between host reads; ids past a stop are discarded.
         ``stats`` is filled as ``generate_tokens`` fills it (decode time includes the discarded run-ahead steps).
@@ -773,16 +791,15 @@ class GraphDecoder:
         if n_prompt + max_new_tokens > self.max_seq:
             raise FastPathError(f"prompt {n_prompt} + {max_new_tokens} new tokens exceed the decoder's max_seq {self.max_seq}")
         try:
-            SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)  # the Sampler path's checks
+            SamplingParams(temperature, top_k, top_p, repetition_penalty, seed, min_p)  # the Sampler path's checks
         except SamplingError as e:
             raise FastPathError(f"bad sampling options: {e}") from None
-        greedy = temperature == 0
-        use_top_p = not greedy and top_p is not None and top_p < 1.0
-        use_penalty = repetition_penalty != 1.0
-        key = (greedy, None if greedy else (top_k or None), use_top_p, use_penalty)  # one graph each
+        key = self.sampling_key(temperature, top_k, top_p, min_p, repetition_penalty)  # one graph each
+        greedy, _, use_top_p, use_min_p, use_penalty = key
         if not greedy:
             self._temp.fill_(temperature)
             self._top_p.fill_(top_p if use_top_p else 1.0)
+            self._min_p.fill_(min_p if use_min_p else 0.0)
         if use_penalty:  # the prompt's ids; each step adds its own (the warm-up's capture restores the mask)
             self._penalty.fill_(repetition_penalty)
             self._seen.zero_()

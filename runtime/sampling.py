@@ -1,7 +1,7 @@
-"""Token sampling: greedy, temperature, top-k, top-p and repetition penalty, seeded.
+"""Token sampling: greedy, temperature, top-k, top-p, min-p and repetition penalty, seeded.
 
 The processors follow transformers' logits warpers (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
-TopKLogitsWarper, TopPLogitsWarper) in that order. Everything stays on the device: the sampled id comes back as a
+TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper) in that order. Everything stays on the device: the sampled id comes back as a
 tensor, so the caller decides when to synchronise.
 """
 
@@ -18,13 +18,14 @@ class SamplingError(ValueError):
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """temperature 0 means greedy; top_k 0/None and top_p 1.0/None disable those filters."""
+    """temperature 0 means greedy; top_k 0/None, top_p 1.0/None and min_p 0/None disable those filters."""
 
     temperature: float = 0.0
     top_k: int | None = None
     top_p: float | None = None
     repetition_penalty: float = 1.0
     seed: int | None = None
+    min_p: float | None = None
 
     def __post_init__(self):
         if not self.temperature >= 0:
@@ -33,6 +34,8 @@ class SamplingParams:
             raise SamplingError(f"top_k must be >= 0, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise SamplingError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.min_p is not None and not 0 <= self.min_p <= 1:
+            raise SamplingError(f"min_p must be in [0, 1], got {self.min_p}")
         if not self.repetition_penalty > 0:
             raise SamplingError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
@@ -62,6 +65,12 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(remove.scatter(0, idx, remove), float("-inf"))
 
 
+def min_p_filter(logits: torch.Tensor, p: float | torch.Tensor) -> torch.Tensor:
+    """Min-p filter [V]: keep the tokens whose probability is at least ``p`` times the top token's (which stays)."""
+    probs = logits.softmax(-1)
+    return logits.masked_fill(probs < p * probs.max(), float("-inf"))
+
+
 class Sampler:
     """Picks the next token from fp32 logits [V]; holds the seeded generator, so one Sampler = one stream."""
 
@@ -86,5 +95,7 @@ class Sampler:
             logits = top_k_filter(logits, p.top_k)
         if p.top_p is not None and p.top_p < 1.0:
             logits = top_p_filter(logits, p.top_p)
+        if p.min_p:
+            logits = min_p_filter(logits, p.min_p)
         probs = logits.softmax(-1)
         return torch.multinomial(probs, 1, generator=self.generator)

@@ -509,6 +509,7 @@ def test_fast_model_matches_reference_network():
         a = list(dec.generate(ids, 5, temperature=0.8, top_p=0.9, seed=7))
         assert a == list(dec.generate(ids, 5, temperature=0.8, top_p=0.9, seed=7))
         assert list(dec.generate(ids, 5, temperature=0.8, top_k=1, seed=1)) == ref_tokens[:5]
+        assert list(dec.generate(ids, 5, temperature=5.0, min_p=1.0, seed=1)) == ref_tokens[:5]  # only the top id
         # the repetition penalty on the device (a mask of the prompt's and the generated ids) decodes as the
         # Sampler does, above 1 and below; each changes the greedy ids here, so a lost penalty would show
         for pen in (1.3, 0.7):
@@ -1028,7 +1029,7 @@ def test_gpu_graph_decoder_matches_eager(compile):
         # sampling: this decoder's first sampled generation captures its graph in GraphDecoder.warm_up, before the
         # seed, so it draws what the next one with the same seed draws, and what the eager step draws (the graph's
         # random numbers come from the generator's offset at each replay, as the eager kernel's do)
-        sample = dict(temperature=0.9, top_k=20, top_p=0.95, seed=3)
+        sample = dict(temperature=0.9, top_k=20, top_p=0.95, min_p=0.05, seed=3)
         a = list(dec.generate(ids, 8, **sample))
         assert a == list(dec.generate(ids, 8, **sample))
         assert a == list(GraphDecoder(fast, 64, use_graph=False, compile=compile).generate(ids, 8, **sample))

@@ -22,7 +22,9 @@ from bitnet158.runtime.cli import main as cli_main  # noqa: E402
 from bitnet158.runtime.config import ConfigError, ModelConfig  # noqa: E402
 from bitnet158.runtime.generate import ContextOverflowError  # noqa: E402
 from bitnet158.runtime.loader import DeviceError  # noqa: E402
+from bitnet158.runtime.fast import GraphDecoder, sample_on_device  # noqa: E402
 from bitnet158.runtime.perplexity import window_plan  # noqa: E402
+from bitnet158.runtime.sampling import Sampler, SamplingError, SamplingParams, min_p_filter  # noqa: E402
 
 TEXT = (
     "Hello world! The quick brown fox jumps over the lazy dog. BitNet b1.58 uses ternary weights {-1, 0, +1} "
@@ -303,6 +305,42 @@ def test_sampling_filters():
     assert torch.isinf(top_p_filter(logits, float(p[0] + p[1]) + 0.01)).tolist() == [False, False, False, True]
     pen = apply_repetition_penalty(logits, torch.tensor([0, 3]), 2.0)
     assert pen.tolist() == [1.0, 1.0, 0.0, -2.0]
+    # min-p: keep p ≥ min_p · p_max; p / p_max ≈ [1, 0.37, 0.14, 0.05]
+    assert torch.isinf(min_p_filter(logits, 0.2)).tolist() == [False, False, True, True]
+    assert torch.isinf(min_p_filter(logits, 1.0)).tolist() == [False, True, True, True]
+    assert not torch.isinf(min_p_filter(logits, 0.0)).any()
+
+
+def test_min_p_matches_transformers():
+    from transformers.generation.logits_process import MinPLogitsWarper
+
+    g = torch.Generator().manual_seed(0)
+    for min_p in (0.01, 0.1, 0.5, 0.9):
+        logits = torch.randn(1000, generator=g) * 3
+        logits[::7] = float("-inf")  # what top-k / top-p left out before
+        want = MinPLogitsWarper(min_p)(torch.zeros(1, 1, dtype=torch.long), logits[None].clone())[0]
+        assert torch.equal(min_p_filter(logits, min_p), want)
+    with pytest.raises(SamplingError, match="min_p"):
+        SamplingParams(min_p=1.5)
+
+
+def test_min_p_sampling(ms_model):
+    # a min_p of 1 keeps only the top token: any temperature gives the greedy ids, on the device's decoder and on
+    # the Sampler's loop; a small one still samples, reproducibly
+    prompt = ms_model.tokenizer.encode("Hello")
+    greedy = list(ms_model.generate_ids(prompt, 12, stop_ids=()))
+    assert list(ms_model.generate_ids(prompt, 12, temperature=3.0, min_p=1.0, seed=2, stop_ids=())) == greedy
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0])
+    sampler = Sampler(SamplingParams(temperature=1.0, min_p=0.2, seed=0))
+    draws = {int(sampler(logits, torch.tensor([], dtype=torch.long))) for _ in range(60)}
+    assert draws == {0, 1}
+    draws = {int(sample_on_device(logits, torch.ones(1), None, None, torch.tensor([0.2]))) for _ in range(60)}
+    assert draws == {0, 1}
+    kw = dict(temperature=1.5, min_p=0.05, seed=4, stop_ids=())
+    a = list(ms_model.generate_ids(prompt, 16, **kw))
+    assert a == list(ms_model.generate_ids(prompt, 16, **kw)) and a != greedy
+    assert GraphDecoder.sampling_key(0.0, min_p=0.3) == GraphDecoder.sampling_key()  # greedy ignores the filters
+    assert GraphDecoder.sampling_key(1.0, min_p=0.3) != GraphDecoder.sampling_key(1.0)
 
 
 def test_generate_stops_at_eos_and_stop_string(ms_model):
