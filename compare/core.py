@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from bitnet158.formats.source import HUB_ID
+
 logger = logging.getLogger(__name__)
 
 
@@ -186,16 +188,17 @@ def _load(path: str, device: str | None, activation: str | None):
 
 @contextlib.contextmanager
 def open_model(path: str, *, device: str | None = None, activation: str | None = None):
-    """Load a packed file, a GGUF or an HF folder with the runtime, with an optional activation override; an HF
-    folder is converted to a temp packed file first, deleted when the context ends."""
+    """Load a packed file, a GGUF, an HF folder or a hub id with the runtime, with an optional activation override;
+    a checkpoint (folder, or hub id fetched into huggingface_hub's cache) is converted to a temp packed file first,
+    deleted when the context ends."""
     p = Path(path)
-    if p.is_dir():
+    if p.is_dir() or (not p.exists() and HUB_ID.match(path)):
         from bitnet158.converter.hf import convert_hf
 
         with tempfile.TemporaryDirectory(prefix="bitnet-compare-") as tmp:
             packed = Path(tmp) / "model.bin"
-            logger.info("converting HF folder %s to a temporary packed file", p)
-            convert_hf(str(p), str(packed), progress=False)
+            logger.info("converting the checkpoint %s to a temporary packed file", path)
+            convert_hf(path, str(packed), progress=False)
             yield _load(str(packed), device, activation)
     else:
         if not p.is_file():

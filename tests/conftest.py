@@ -21,6 +21,8 @@ Factories (plain functions, reachable through the ``tiny`` fixture, e.g. ``tiny.
   ``inner_attn_ln``/``ffn_layernorm`` (and rotary inv_freq buffers, which the converter must skip).
 - ``llama_bitnet(folder, linear_class="bitlinear", seed=0) -> TinyCheckpoint``: LlamaForCausalLM config +
   quantization_config bitnet (offline), packed linears, untied lm_head, BPE tokenizer.
+- ``offline_hub_cache(files, repo_id, sha, tmp_path, monkeypatch)``: a huggingface_hub cache holding a folder's
+  files as ``repo_id``@``sha``, with the hub set offline (hub ids resolve without a network).
 - ``onebitllm_as_transformers(ckpt, folder) -> Path``: the 1bitLLM checkpoint rewritten as a transformers
   BitNetForCausalLM folder (silu, rope 10000, tied, autobitlinear online, sub-norm keys renamed), which is an
   exact transformers reference for the 1bitLLM family (REFERENCE.md §4).
@@ -37,6 +39,7 @@ Load transformers models with TORCHDYNAMO_DISABLE=1 set (done here) to skip torc
 from __future__ import annotations
 
 import getpass
+import hashlib
 import io
 import json
 import os
@@ -345,6 +348,29 @@ def llama_bitnet(folder, linear_class: str = "bitlinear", seed: int = 0) -> Tiny
     return ckpt
 
 
+def offline_hub_cache(files: Path, repo_id: str, sha: str, tmp_path: Path, monkeypatch) -> None:
+    """A huggingface_hub cache holding `files` as repo_id@sha (refs/main), with the hub set offline."""
+    import huggingface_hub.constants as hc
+
+    cache = tmp_path / "hub"
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snap = repo / "snapshots" / sha
+    blobs = repo / "blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir(exist_ok=True)
+    for f in files.iterdir():  # the real layout: snapshot files are links into blobs/
+        blob = blobs / hashlib.sha256(f.read_bytes()).hexdigest()
+        shutil.copy(f, blob)
+        (snap / f.name).symlink_to(Path("../../blobs") / blob.name)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads both variables at import; set its constants too.
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+
+
 # --- fixtures ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def tiny():
@@ -353,6 +379,7 @@ def tiny():
         bpe_tokenizer=bpe_tokenizer, sentencepiece_tokenizer=sentencepiece_tokenizer,
         microsoft_latent=microsoft_latent, microsoft_packed=microsoft_packed, onebitllm=onebitllm,
         onebitllm_as_transformers=onebitllm_as_transformers, llama_bitnet=llama_bitnet,
+        offline_hub_cache=offline_hub_cache,
         TinyCheckpoint=TinyCheckpoint, ENCODE_SAMPLES=ENCODE_SAMPLES, CHAT_TEMPLATE=CHAT_TEMPLATE,
         BOS=BOS, EOS=EOS, EOT=EOT)
 

@@ -92,6 +92,16 @@ def test_hf_folder_converted_in_memory(packed, ms_packed_auto, tmp_path):
     assert not list(Path(ms_packed_auto.path).glob("*.bin"))  # nothing left beside the source
 
 
+def test_hub_id_converted_in_memory(tiny, packed, ms_packed_auto, tmp_path, monkeypatch):
+    # a hub id (here from an offline cache) is fetched and converted like a folder
+    tiny.offline_hub_cache(ms_packed_auto.path, "tiny-org/tiny-bitnet", "ab" * 20, tmp_path, monkeypatch)
+    r = _run("tiny-org/tiny-bitnet", packed, "--prompt", PROMPT, "--json", "--max-kl", "0", "--gen-tokens", "2")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["max_abs_logit_diff"] == 0.0
+    r = _run("tiny-org/not-cached", packed, "--prompt", PROMPT)
+    assert r.exit_code == 1 and "tiny-org/not-cached" in r.output and "Traceback" not in r.output
+
+
 def test_activation_override_changes_logits(packed):
     r = _run(packed, packed, "--prompt", PROMPT, "--json", "--activation-b", "silu", "--gen-tokens", "0")
     assert r.exit_code == 0, r.output

@@ -469,32 +469,9 @@ def test_cli_convert_and_inspect(ms_packed_bitlinear, tmp_path):
 
 
 # --- the hub path, offline --------------------------------------------------------------------------------------
-def _offline_hub_cache(files: Path, repo_id: str, sha: str, tmp_path: Path, monkeypatch) -> None:
-    """A huggingface_hub cache holding `files` as repo_id@sha (refs/main), with the hub set offline."""
-    import huggingface_hub.constants as hc
-
-    cache = tmp_path / "hub"
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    snap = repo / "snapshots" / sha
-    blobs = repo / "blobs"
-    snap.mkdir(parents=True)
-    blobs.mkdir(exist_ok=True)
-    for f in files.iterdir():  # the real layout: snapshot files are links into blobs/
-        blob = blobs / hashlib.sha256(f.read_bytes()).hexdigest()
-        shutil.copy(f, blob)
-        (snap / f.name).symlink_to(Path("../../blobs") / blob.name)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(sha)
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    # huggingface_hub reads both variables at import; set its constants too.
-    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
-
-
-def test_hub_id_from_offline_cache(ms_packed_auto, tmp_path, monkeypatch):
+def test_hub_id_from_offline_cache(tiny, ms_packed_auto, tmp_path, monkeypatch):
     sha = "0123456789abcdef0123456789abcdef01234567"
-    _offline_hub_cache(ms_packed_auto.path, "tiny-org/tiny-bitnet", sha, tmp_path, monkeypatch)
+    tiny.offline_hub_cache(ms_packed_auto.path, "tiny-org/tiny-bitnet", sha, tmp_path, monkeypatch)
 
     out = convert("tiny-org/tiny-bitnet", tmp_path)
     with PackedFile(out) as pf:
@@ -574,12 +551,12 @@ def test_sentencepiece_missing_is_a_clear_error(onebitllm_ckpt, tmp_path, monkey
 
 
 
-def test_hub_pickle_only_repo(onebitllm_ckpt, tmp_path, monkeypatch):
+def test_hub_pickle_only_repo(tiny, onebitllm_ckpt, tmp_path, monkeypatch):
     src = copy_ckpt(onebitllm_ckpt, tmp_path)
     torch.save(load_file(str(src / "model.safetensors")), src / "pytorch_model.bin")
     (src / "model.safetensors").unlink()
     sha = "89abcdef0123456789abcdef0123456789abcdef"
-    _offline_hub_cache(src, "tiny-org/pickled", sha, tmp_path, monkeypatch)
+    tiny.offline_hub_cache(src, "tiny-org/pickled", sha, tmp_path, monkeypatch)
     with pytest.raises(ConversionError, match="--allow-pickle"):
         convert("tiny-org/pickled", tmp_path)
     with PackedFile(convert("tiny-org/pickled", tmp_path, allow_pickle=True)) as pf:
