@@ -39,7 +39,7 @@ def packed_to_gguf_cmd(src, out, qtype, force, quiet):
 
 
 @click.command("gguf-to-packed")
-@click.argument("src", type=click.Path(exists=True, dir_okay=False))
+@click.argument("src")
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="Packed file to write.")
 @click.option("--activation", type=click.Choice(["relu2", "silu"]), default=None,
               help="Override the activation the GGUF architecture implies (Microsoft's converter labels 1bitLLM "
@@ -47,7 +47,10 @@ def packed_to_gguf_cmd(src, out, qtype, force, quiet):
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def gguf_to_packed_cmd(src, out, activation, force, quiet):
-    """Convert a GGUF (I2_S, TQ1_0, TQ2_0) to a packed file, codes and scales bit-exact."""
+    """Convert a GGUF (I2_S, TQ1_0, TQ2_0) to a packed file, codes and scales bit-exact.
+
+    SRC: a GGUF file, or from the Hugging Face hub org/name/file.gguf, or org/name when the repository holds one
+    GGUF (e.g. microsoft/bitnet-b1.58-2B-4T-gguf)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         s = gguf_to_packed(src, out, activation=activation, force=force, progress=not quiet)

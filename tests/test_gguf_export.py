@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import struct
 from pathlib import Path
 
@@ -454,6 +455,40 @@ def test_cli_commands(tmp_path):
         assert pb.config["hidden_act"] == "silu"
     r = runner.invoke(main, ["gguf-to-packed", str(out), "-o", str(back)])
     assert r.exit_code != 0 and "--force" in r.output
+
+
+def test_gguf_to_packed_from_the_hub(tiny, tmp_path, monkeypatch):
+    # org/name (its one GGUF) and org/name/file.gguf, from an offline hub cache, convert like the local file; a
+    # repository with several GGUFs, a missing one and a bad name each give one error line
+    from bitnet158.converter.cli import main
+
+    src = tmp_path / "m.bin"
+    make_packed(src, act="relu2")
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    gc.packed_to_gguf(src, one / "ggml-model-i2_s.gguf", qtype="i2_s")
+    for name in ("a.gguf", "b.gguf"):
+        shutil.copy(one / "ggml-model-i2_s.gguf", two / name)
+    tiny.offline_hub_cache(one, "tiny-org/one", "1" * 40, tmp_path, monkeypatch)
+    tiny.offline_hub_cache(two, "tiny-org/two", "2" * 40, tmp_path, monkeypatch)
+    runner = CliRunner()
+    for spec in ("tiny-org/one", "tiny-org/one/ggml-model-i2_s.gguf", "tiny-org/two/b.gguf"):
+        out = tmp_path / f"{spec.replace('/', '_')}.bin"
+        r = runner.invoke(main, ["gguf-to-packed", spec, "-o", str(out)])
+        assert r.exit_code == 0, r.output
+        _assert_same_ternary(src, out)
+        with PackedFile(out) as pf:
+            repo, name = spec.rsplit("/", 1) if spec.endswith(".gguf") else (spec, "ggml-model-i2_s.gguf")
+            assert pf.provenance["source"] == f"{repo}/{name}"
+            assert pf.provenance["revision"] == {"tiny-org/one": "1" * 40, "tiny-org/two": "2" * 40}[repo]
+    for spec, message in (
+        ("tiny-org/two", "tiny-org/two holds 2 GGUF files (a.gguf, b.gguf); name one as tiny-org/two/FILE.gguf"),
+        ("tiny-org/none", "tiny-org/none: cannot fetch it from the hub"),
+        ("no-such-file.gguf", "no-such-file.gguf: no such file, and not a hub id"),
+    ):
+        r = runner.invoke(main, ["gguf-to-packed", spec, "-o", str(tmp_path / "x.bin")])
+        assert r.exit_code == 1 and r.output.startswith(f"error: {message}") and len(r.output.splitlines()) == 1, r.output
 
 
 # ---------------------------------------------------------------------------------------------------------------
