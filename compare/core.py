@@ -200,7 +200,5 @@ def open_model(path: str, *, device: str | None = None, activation: str | None =
             logger.info("converting the checkpoint %s to a temporary packed file", path)
             convert_hf(path, str(packed), progress=False)
             yield _load(str(packed), device, activation)
-    else:
-        if not p.is_file():
-            raise CompareError(f"{path}: no such file or folder")
-        yield _load(str(p), device, activation)
+    else:  # a packed file or a GGUF, local or a hub file spec (org/name/file: open_source fetches it)
+        yield _load(path, device, activation)

@@ -50,7 +50,7 @@ import torch
 from bitnet158.converter import converter_version
 from bitnet158.formats import gguf as gguf_fmt
 from bitnet158.formats.packed import PackedFile, PackedWriter, TensorSpec
-from bitnet158.formats.source import HUB_ID
+from bitnet158.formats.source import SourceError, fetch_from_hub
 
 logger = logging.getLogger(__name__)
 
@@ -527,59 +527,21 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def fetch_gguf(src: str) -> tuple[Path, str, str | None]:
-    """``src`` as (GGUF path, source, revision) for the provenance: a local file, or from the Hugging Face hub
-    (huggingface_hub's cache, offline too) ``org/name/file.gguf``, or ``org/name`` when the repository holds
-    exactly one .gguf file (e.g. microsoft/bitnet-b1.58-2B-4T-gguf). Several: an error that lists them, before
-    anything is downloaded."""
-    path = Path(src).expanduser()
-    if path.exists():
-        return path, str(path.resolve()), None
-    parts = src.split("/")
-    repo = "/".join(parts[:2])
-    if not HUB_ID.match(repo) or (len(parts) > 2 and not src.endswith(".gguf")):
-        raise GGUFConversionError(f"{src}: no such file, and not a hub id (org/name or org/name/file.gguf)")
-    from huggingface_hub import HfApi, hf_hub_download, snapshot_download
-
-    def download(name: str) -> tuple[Path, str, str | None]:
-        got = Path(hf_hub_download(repo, name))  # .../snapshots/<commit>/<name>
-        commit = got.parents[len(Path(name).parts) - 1].name
-        return got, f"{repo}/{name}", commit if re.fullmatch(r"[0-9a-f]{40}", commit) else None
-
-    try:
-        if len(parts) > 2:
-            return download("/".join(parts[2:]))
-        try:
-            names = HfApi().list_repo_files(repo)
-        except Exception as listing:  # noqa: BLE001 - offline or no network: what the local cache holds
-            try:
-                snap = Path(snapshot_download(repo, allow_patterns=["*.gguf"], local_files_only=True))
-            except Exception:  # noqa: BLE001 - not cached either: the listing's error says more
-                raise listing from None
-            names = [str(p.relative_to(snap)) for p in snap.rglob("*.gguf")]
-        ggufs = sorted(n for n in names if n.endswith(".gguf"))
-        if len(ggufs) != 1:
-            found = f"{len(ggufs)} GGUF files ({', '.join(ggufs)})" if ggufs else "no GGUF file"
-            raise GGUFConversionError(f"{repo} holds {found}; name one as {repo}/FILE.gguf")
-        return download(ggufs[0])
-    except GGUFConversionError:
-        raise
-    except Exception as e:  # noqa: BLE001 - huggingface_hub's many errors (offline, missing, gated): one line
-        raise GGUFConversionError(f"{src}: cannot fetch it from the hub ({type(e).__name__}: {e})") from e
-
-
 def gguf_to_packed(src: str | os.PathLike, out_path: str | os.PathLike, *, activation: str | None = None,
                    force: bool = False, progress: bool = False) -> dict:
     """Convert a GGUF (I2_S, TQ1_0, TQ2_0) to a packed file: codes bit-exact, scales exact, floats in their dtype.
 
-    ``src``: a GGUF file or a hub spec (``fetch_gguf``). ``activation`` overrides the activation the GGUF's
+    ``src``: a GGUF file or a hub spec (formats/source.py's ``fetch_from_hub``). ``activation`` overrides the activation the GGUF's
     architecture implies (Microsoft's converter labels 1bitLLM models ``bitnet-b1.58`` too). Returns a summary dict.
     """
     out_path = Path(out_path)
     if out_path.exists() and not force:  # before any download
         raise GGUFConversionError(f"{out_path} exists; pass --force to overwrite it")
-    src_path, source, revision = fetch_gguf(os.fspath(src))
-    src_path = src_path.resolve()
+    try:
+        src_path, source, revision = fetch_from_hub(os.fspath(src))
+    except SourceError as e:
+        raise GGUFConversionError(str(e)) from None
+    src_path = Path(src_path).resolve()
     with gguf_fmt.GGUFSource(src_path, activation=activation) as src:
         # The packed tensor table is fixed up front, and a scale's shape ([1] or [out]) is only known after the
         # TQ block scales are folded: decode each ternary tensor once here and keep just its (small) scale.

@@ -9,12 +9,14 @@ from __future__ import annotations
 import importlib
 import os
 import re
+from pathlib import Path
 
 from bitnet158.formats.packed import MAGIC, PackedFile
 
-__all__ = ["open_source", "SourceError", "GGUF_MAGIC", "HUB_ID"]
+__all__ = ["open_source", "fetch_from_hub", "SourceError", "GGUF_MAGIC", "HUB_ID"]
 
 GGUF_MAGIC = b"GGUF"
+_FILE_SUFFIX = re.compile(r"\.(bin|bnp|gguf)$")  # names of model files, not of repositories
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")  # a Hugging Face hub id, org/name
 
 
@@ -36,8 +38,54 @@ class _ActivationOverride:
         return getattr(self._source, name)
 
 
+def fetch_from_hub(spec: str) -> tuple[str, str, str | None]:
+    """``spec`` as (local path, source, revision) for reading and for a provenance. A path that exists is itself.
+    Else, from the Hugging Face hub (through huggingface_hub's cache, offline too): ``org/name/file`` is that file;
+    ``org/name`` is the repository's one .gguf file (e.g. microsoft/bitnet-b1.58-2B-4T-gguf). None or several: an
+    error that says what to do, before anything is downloaded. SourceError otherwise."""
+    local = os.path.expanduser(spec)
+    if os.path.exists(local):
+        return local, os.path.abspath(local), None
+    parts = spec.split("/")
+    repo = "/".join(parts[:2])
+    # a missing local file rather than a repository: no org/name shape, or org/name.bin, org/name.gguf
+    if len(parts) < 2 or "" in parts or not HUB_ID.match(repo) or (len(parts) == 2 and _FILE_SUFFIX.search(spec)):
+        raise SourceError(f"cannot read {spec}: No such file or directory")
+    from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+
+    def download(name: str) -> tuple[str, str, str | None]:
+        got = Path(hf_hub_download(repo, name))  # .../snapshots/<commit>/<name>
+        commit = got.parents[len(Path(name).parts) - 1].name
+        return str(got), f"{repo}/{name}", commit if re.fullmatch(r"[0-9a-f]{40}", commit) else None
+
+    try:
+        if len(parts) > 2:
+            return download("/".join(parts[2:]))
+        try:
+            names = HfApi().list_repo_files(repo)
+        except Exception as listing:  # noqa: BLE001 - offline or no network: what the local cache holds
+            try:
+                snap = snapshot_download(repo, allow_patterns=["*.gguf"], local_files_only=True)
+            except Exception:  # noqa: BLE001 - not cached either: the listing's error says more
+                raise listing from None
+            names = [os.path.relpath(os.path.join(d, f), snap) for d, _, fs in os.walk(snap) for f in fs]
+    except Exception as e:  # noqa: BLE001 - huggingface_hub's many errors (offline, missing, gated): one line
+        raise SourceError(f"cannot read {spec}: no such file, nor from the hub ({type(e).__name__}: {e})") from e
+    ggufs = sorted(n for n in names if n.endswith(".gguf"))
+    if not ggufs:
+        hint = f"bitnet-convert hf-to-packed {repo} -o model.bin" if "config.json" in names else f"{repo}/FILE"
+        raise SourceError(f"{repo} holds no GGUF file; for a Hugging Face checkpoint, {hint}")
+    if len(ggufs) > 1:
+        raise SourceError(f"{repo} holds {len(ggufs)} GGUF files ({', '.join(ggufs)}); name one as {repo}/FILE.gguf")
+    try:
+        return download(ggufs[0])
+    except Exception as e:  # noqa: BLE001 - as above
+        raise SourceError(f"cannot read {spec}: no such file, nor from the hub ({type(e).__name__}: {e})") from e
+
+
 def open_source(path: str | os.PathLike, activation: str | None = None):
-    """Opens `path` as a :class:`PackedFile` or a ``GGUFSource``, chosen by the file's first bytes.
+    """Opens `path` as a :class:`PackedFile` or a ``GGUFSource``, chosen by the file's first bytes. A path that
+    does not exist may be a hub spec (``fetch_from_hub``: org/name/file, or org/name's one GGUF).
 
     ``activation`` ("relu2" or "silu") overrides the activation the file records. GGUF needs it because
     Microsoft's converter labels 1bitLLM (SiLU) models ``bitnet-b1.58`` and records no activation; for a packed
@@ -46,16 +94,13 @@ def open_source(path: str | os.PathLike, activation: str | None = None):
     path = os.fspath(path)
     if activation not in (None, *ACTIVATIONS):
         raise SourceError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
-    convert = f"convert it first: bitnet-convert hf-to-packed {path} -o model.bin"
+    if os.path.isdir(path):
+        convert = f"convert it first: bitnet-convert hf-to-packed {path} -o model.bin"
+        raise SourceError(f"{path} is a directory, not a model file (a Hugging Face checkpoint? {convert})")
+    path = fetch_from_hub(path)[0]
     try:
         with open(path, "rb") as f:
             magic = f.read(len(MAGIC))
-    except IsADirectoryError:
-        raise SourceError(f"{path} is a directory, not a model file (a Hugging Face checkpoint? {convert})") from None
-    except FileNotFoundError as e:
-        # "org/name" that is not a local path: most likely a hub id, which only the converter fetches
-        hint = f" (a hub id? {convert})" if HUB_ID.match(path) else ""
-        raise SourceError(f"cannot read {path}: {e.strerror or e}{hint}") from e
     except OSError as e:
         raise SourceError(f"cannot read {path}: {e.strerror or e}") from e
     if magic == MAGIC:

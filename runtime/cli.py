@@ -102,7 +102,7 @@ def _chat_loop(model, system: str | None, max_new_tokens: int | None, sampling: 
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("file", type=click.Path())  # a folder or a hub id gets its own message (open_source)
+@click.argument("file", type=click.Path())  # a folder or a hub spec: open_source's own messages and fetching
 @click.option("--prompt", "-p", help="Text to continue (or, with --chat, the user message).")
 @click.option(
     "--prompt-file",
@@ -204,7 +204,8 @@ def main(
     ctx,
     stride,
 ):
-    """Run the BitNet b1.58 model in FILE (a bitnet158 packed file, or a GGUF: I2_S, TQ1_0, TQ2_0)."""
+    """Run the BitNet b1.58 model in FILE (a bitnet158 packed file, or a GGUF: I2_S, TQ1_0, TQ2_0), local or from
+    the Hugging Face hub as org/name/file, or org/name for a repository with one GGUF."""
     from bitnet158.runtime.cpu import keep_compile_cache  # these imports here keep `bitnet-run --help` fast
     from bitnet158.runtime.loader import load
 

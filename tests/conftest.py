@@ -52,6 +52,8 @@ from types import SimpleNamespace
 # transformers' BitNet code is decorated with torch.compile; eager is much faster for tiny models.
 # Set before torch is imported, which reads it.
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+# tests never touch the hub: huggingface_hub answers from its cache or fails at once (read at its import)
+os.environ["HF_HUB_OFFLINE"] = "1"
 # bitnet-run points torch.compile's cache at the user's cache folder unless TORCHINDUCTOR_CACHE_DIR is set; the CLI
 # tests keep torch's own default instead of writing to ~/.cache (test_runtime.py's test of that sets it apart)
 _INDUCTOR_DEFAULT = os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}")

@@ -484,11 +484,20 @@ def test_gguf_to_packed_from_the_hub(tiny, tmp_path, monkeypatch):
             assert pf.provenance["revision"] == {"tiny-org/one": "1" * 40, "tiny-org/two": "2" * 40}[repo]
     for spec, message in (
         ("tiny-org/two", "tiny-org/two holds 2 GGUF files (a.gguf, b.gguf); name one as tiny-org/two/FILE.gguf"),
-        ("tiny-org/none", "tiny-org/none: cannot fetch it from the hub"),
-        ("no-such-file.gguf", "no-such-file.gguf: no such file, and not a hub id"),
+        ("tiny-org/none", "cannot read tiny-org/none: no such file, nor from the hub"),
+        ("no-such-file.gguf", "cannot read no-such-file.gguf: No such file or directory"),
+        ("models/x.gguf", "cannot read models/x.gguf: No such file or directory"),  # a path, not a repository
     ):
         r = runner.invoke(main, ["gguf-to-packed", spec, "-o", str(tmp_path / "x.bin")])
         assert r.exit_code == 1 and r.output.startswith(f"error: {message}") and len(r.output.splitlines()) == 1, r.output
+    # the runtime and bitnet-compare read the same specs
+    from bitnet158.compare.cli import main as compare_main
+    from bitnet158.runtime import load
+
+    local = load(one / "ggml-model-i2_s.gguf", device="cpu")
+    assert torch.equal(load("tiny-org/one", device="cpu").logits([1, 5, 9]), local.logits([1, 5, 9]))
+    r = runner.invoke(compare_main, ["tiny-org/two/a.gguf", str(one / "ggml-model-i2_s.gguf"), "--json", "-p", "a b"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["max_abs_logit_diff"] == 0.0, r.output
 
 
 # ---------------------------------------------------------------------------------------------------------------

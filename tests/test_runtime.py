@@ -518,7 +518,7 @@ def test_errors_are_one_line(ms_file, tmp_path):
     folder = run(tmp_path, "--prompt", "hi")
     assert folder.endswith(f"convert it first: bitnet-convert hf-to-packed {tmp_path} -o model.bin)")
     hub = run("no-such-org/no-such-model", "--prompt", "hi")
-    assert hub.startswith("error: cannot read no-such-org/no-such-model: No such file or directory (a hub id?")
+    assert hub.startswith("error: cannot read no-such-org/no-such-model: no such file, nor from the hub (")
     assert "exceeds the context of 256" in run(ms_file, "--prompt", "hi", "-n", "300", "--device", "cpu")
     assert "fp16 with relu" in run(ms_file, "--prompt", "hi", "--dtype", "f16", "--device", "cpu")
     if not torch.cuda.is_available():
