@@ -1,7 +1,7 @@
 """`bitnet-compare A B`: run two models on the same token ids and report how far B is from A.
 
-A and B are each a packed file, a GGUF (detected by magic), or an HF folder or hub id (converted to a temp packed
-file).
+A and B are each a packed file or a GGUF (detected by magic), local or on the hub as org/name/file, or an HF
+checkpoint, a folder or a hub id org/name (converted to a temp packed file).
 Exit codes: 0 ok, 1 an error (one `error: ...` line), 2 usage, 3 a --max-kl / --min-top1 threshold was violated.
 """
 

@@ -531,8 +531,9 @@ def gguf_to_packed(src: str | os.PathLike, out_path: str | os.PathLike, *, activ
                    force: bool = False, progress: bool = False) -> dict:
     """Convert a GGUF (I2_S, TQ1_0, TQ2_0) to a packed file: codes bit-exact, scales exact, floats in their dtype.
 
-    ``src``: a GGUF file or a hub spec (formats/source.py's ``fetch_from_hub``). ``activation`` overrides the activation the GGUF's
-    architecture implies (Microsoft's converter labels 1bitLLM models ``bitnet-b1.58`` too). Returns a summary dict.
+    ``src``: a GGUF file or a hub spec (formats/source.py's ``fetch_from_hub``). ``activation`` overrides the
+    activation the GGUF's architecture implies (Microsoft's converter labels 1bitLLM models ``bitnet-b1.58`` too).
+    Returns a summary dict.
     """
     out_path = Path(out_path)
     if out_path.exists() and not force:  # before any download

@@ -65,16 +65,18 @@ def fetch_from_hub(spec: str) -> tuple[str, str, str | None]:
             names = HfApi().list_repo_files(repo)
         except Exception as listing:  # noqa: BLE001 - offline or no network: what the local cache holds
             try:
-                snap = snapshot_download(repo, allow_patterns=["*.gguf"], local_files_only=True)
+                snap = snapshot_download(repo, local_files_only=True)  # the folder of what is cached: no download
             except Exception:  # noqa: BLE001 - not cached either: the listing's error says more
                 raise listing from None
             names = [os.path.relpath(os.path.join(d, f), snap) for d, _, fs in os.walk(snap) for f in fs]
     except Exception as e:  # noqa: BLE001 - huggingface_hub's many errors (offline, missing, gated): one line
         raise SourceError(f"cannot read {spec}: no such file, nor from the hub ({type(e).__name__}: {e})") from e
     ggufs = sorted(n for n in names if n.endswith(".gguf"))
+    if not ggufs and "config.json" in names:
+        convert = f"convert it first: bitnet-convert hf-to-packed {repo} -o model.bin"
+        raise SourceError(f"{repo} holds no GGUF file but a Hugging Face checkpoint: {convert}")
     if not ggufs:
-        hint = f"bitnet-convert hf-to-packed {repo} -o model.bin" if "config.json" in names else f"{repo}/FILE"
-        raise SourceError(f"{repo} holds no GGUF file; for a Hugging Face checkpoint, {hint}")
+        raise SourceError(f"{repo} holds no GGUF file; name the model file as {repo}/FILE")
     if len(ggufs) > 1:
         raise SourceError(f"{repo} holds {len(ggufs)} GGUF files ({', '.join(ggufs)}); name one as {repo}/FILE.gguf")
     try:

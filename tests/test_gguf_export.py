@@ -494,6 +494,11 @@ def test_gguf_to_packed_from_the_hub(tiny, tmp_path, monkeypatch):
     from bitnet158.compare.cli import main as compare_main
     from bitnet158.runtime import load
 
+    tiny.offline_hub_cache(tiny.microsoft_packed(tmp_path / "ckpt").path, "tiny-org/ckpt", "3" * 40, tmp_path,
+                           monkeypatch)  # fmt: skip
+    with pytest.raises(ValueError, match="tiny-org/ckpt holds no GGUF file but a Hugging Face checkpoint: convert it "
+                                         "first: bitnet-convert hf-to-packed tiny-org/ckpt -o model.bin"):
+        load("tiny-org/ckpt", device="cpu")
     local = load(one / "ggml-model-i2_s.gguf", device="cpu")
     assert torch.equal(load("tiny-org/one", device="cpu").logits([1, 5, 9]), local.logits([1, 5, 9]))
     r = runner.invoke(compare_main, ["tiny-org/two/a.gguf", str(one / "ggml-model-i2_s.gguf"), "--json", "-p", "a b"])
