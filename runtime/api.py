@@ -201,7 +201,8 @@ class BitNetModel:
         ``reuse_cache`` (fast path only): skip the prompt's prefix that the last generation left in the cache
         (GraphDecoder.generate's ``reuse``; ``stats.cached_tokens`` counts it), as ``chat`` does.
         """
-        params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed, min_p)
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                repetition_penalty=repetition_penalty, seed=seed)  # fmt: skip
         if max_new_tokens is None:
             room = self.config.max_position_embeddings - len(prompt_ids)
             max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, room) if room > 0 else DEFAULT_MAX_NEW_TOKENS

@@ -244,19 +244,7 @@ def main(
             return
         stats = GenerationStats()
         pieces = model.generate(
-            prompt,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k or None,
-            top_p=top_p,
-            min_p=min_p or None,
-            repetition_penalty=repetition_penalty,
-            seed=seed,
-            stop=list(stop),
-            chat=chat,
-            system=system,
-            truncate=truncate,
-            stats=stats,
+            prompt, max_new_tokens=max_new_tokens, chat=chat, system=system, truncate=truncate, stats=stats, **sampling
         )
         for piece in pieces:
             click.echo(piece, nl=False)

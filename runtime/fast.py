@@ -791,7 +791,9 @@ class GraphDecoder:
         if n_prompt + max_new_tokens > self.max_seq:
             raise FastPathError(f"prompt {n_prompt} + {max_new_tokens} new tokens exceed the decoder's max_seq {self.max_seq}")
         try:
-            SamplingParams(temperature, top_k, top_p, repetition_penalty, seed, min_p)  # the Sampler path's checks
+            # the Sampler path's checks
+            SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                           repetition_penalty=repetition_penalty, seed=seed)  # fmt: skip
         except SamplingError as e:
             raise FastPathError(f"bad sampling options: {e}") from None
         key = self.sampling_key(temperature, top_k, top_p, min_p, repetition_penalty)  # one graph each
