@@ -2,13 +2,12 @@
 # The one device check of the GPU fast path (issue 5): run from the repository root on the GPU machine.
 #
 #   bash benchmarks/device_check.sh            # carry: .whl (the gguf wheel); logs and bench.json under $OUT
-#   bash benchmarks/device_check.sh quick      # the same steps cut to about 9 minutes (timeout_s=590): the GPU
-#                                              # tests of the persistent step, the folded kernels and the decode
-#                                              # variants; the default against the folded and the persistent step
-#                                              # (+ argmax kernel; the persistent one at four launch configs, with
-#                                              # the bf16 and the int8 head on the 2B-4T shape) on both models (the
-#                                              # demo one also against the first graph step), no eager baselines
-#                                              # or transformers; --profile
+#   bash benchmarks/device_check.sh quick      # the same steps cut to about 5 minutes (timeout_s=420): the GPU
+#                                              # tests of the tile search and the decode variants; the default
+#                                              # (searched tiles + argmax kernel) against autotuned tiles, with the
+#                                              # int8 head, and the persistent step at its best launch config, on
+#                                              # both models; no eager baselines, transformers or microbenchmarks;
+#                                              # --profile
 #
 # Steps, each under its own timeout (about 7 minutes in all, at most 9.5; give the run timeout_s=600):
 #   1. environment: GPU, driver, python, torch, triton, transformers              (-> $OUT/env.txt)
@@ -56,18 +55,9 @@ python3 -c "import bitnet158.runtime.kernels as k, bitnet158.formats.packed; pri
 export BITNET158_AUTOTUNE=0
 if [ "$MODE" = quick ]; then
   # in order of importance, each under its own timeout (the first call of each kernel variant compiles it)
-  timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py \
-    -k "persistent_step_replays or folded_kernels or variants_follow" 2>&1 | tee "$OUT/pytest_gpu.log" | tail -n 25
-  echo "pytest -m gpu -k 'persistent_step_replays or folded_kernels or variants_follow' exit: ${PIPESTATUS[0]}" \
-    | tee -a "$OUT/pytest_gpu.log"
-  # (graph_decoder_matches_eager[False]: seeded sampling through a graph captured before the seed, by
-  # GraphDecoder.warm_up: the first generation = the second = the eager step; a chat's reuse of the cache, also
-  # after a bigger decoder adopts it and captures anew)
-  timeout 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_runtime_gpu.py tests/test_kernels.py \
-    -k "logits_match_cpu or packed_and_fused or (graph_decoder_matches_eager and False)" 2>&1 \
-    | tee -a "$OUT/pytest_gpu.log" | tail -n 25
-  echo "pytest -m gpu -k 'logits_match_cpu or packed_and_fused or (graph_decoder_matches_eager and False)' exit: ${PIPESTATUS[0]}" \
-    | tee -a "$OUT/pytest_gpu.log"
+  timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py \
+    -k "search_tiles or variants_follow" 2>&1 | tee "$OUT/pytest_gpu.log" | tail -n 25
+  echo "pytest -m gpu -k 'search_tiles or variants_follow' exit: ${PIPESTATUS[0]}" | tee -a "$OUT/pytest_gpu.log"
 else
   timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py \
     --deselect "tests/test_kernels.py::test_gpu_graph_decoder_matches_eager[True]" 2>&1 | tee "$OUT/pytest_gpu.log" | tail -n 25
@@ -82,8 +72,8 @@ fi
 python3 -c "import sys; from bitnet158.converter.cli import main; sys.argv[1:] = ['hf-to-packed', 'examples/tiny-bitnet', \
   '-o', '/tmp/tiny.bin', '--force']; main()" > "$OUT/convert_demo.log" 2>&1 || echo "demo conversion failed" | tee -a "$OUT/env.txt"
 if [ "$MODE" = quick ]; then
-  timeout -k 5 60 python3 benchmarks/bench_gpu.py --file /tmp/tiny.bin --no-micro --prompt-len 64 --tokens 64 --runs 1 \
-    --variants torch/plain,default,split/folded/pdl/argmax,split/persistent/argmax --no-eager --json "$OUT/bench_demo.json" \
+  timeout -k 5 50 python3 benchmarks/bench_gpu.py --file /tmp/tiny.bin --no-micro --prompt-len 64 --tokens 64 --runs 1 \
+    --variants torch/plain,split/packed/pdl/argmax/autotune,default,default/int8 --no-eager --json "$OUT/bench_demo.json" \
     > "$OUT/bench_demo.log" 2>&1
 else
   timeout -k 10 90 python3 benchmarks/bench_gpu.py --file /tmp/tiny.bin --no-micro --prompt-len 64 --tokens 128 --runs 1 \
@@ -95,8 +85,8 @@ grep -E "^check:|CORRECTNESS|FAILED" "$OUT/bench_demo.log"
 # 5. the benchmark, autotuned; its table comes last in the output
 unset BITNET158_AUTOTUNE
 if [ "$MODE" = quick ]; then
-  timeout -k 5 240 python3 benchmarks/bench_gpu.py --variants default,split/folded/pdl/argmax,split/persistent/argmax,split/persistent/int8/argmax \
-    --persistent-configs "16,8,1,0;16,8,1,1;32,8,1,0;16,4,2,0" --no-eager --profile --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
+  timeout -k 5 200 python3 benchmarks/bench_gpu.py --variants split/packed/pdl/argmax/autotune,default,split/packed/pdl/argmax/autotune,default,default/int8,split/persistent/argmax \
+    --persistent-configs "16,4,2,0" --no-micro --no-eager --profile --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
 else
   timeout -k 10 330 python3 benchmarks/bench_gpu.py --hf --compile --budget-s 240 --profile --json "$OUT/bench.json" 2>&1 \
     | tee "$OUT/bench.log"

@@ -63,6 +63,12 @@ from bitnet158.runtime.model import attend
 log = logging.getLogger(__name__)
 
 
+def cache_home() -> str:
+    """$XDG_CACHE_HOME/bitnet158 (default ~/.cache/bitnet158): what the runtime keeps between runs."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "bitnet158")
+
+
 def keep_compile_cache() -> None:
     """For the command-line tools: point torch.compile's cache (the compiled CPU step: ~14 s to build at 2B-4T,
     ~4 s to load) at $XDG_CACHE_HOME/bitnet158/torchinductor (default ~/.cache/...), unless TORCHINDUCTOR_CACHE_DIR
@@ -70,8 +76,7 @@ def keep_compile_cache() -> None:
     compiles again. Nothing changes when the folder cannot be made or written."""
     if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
         return
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    path = os.path.join(base, "bitnet158", "torchinductor")
+    path = os.path.join(cache_home(), "torchinductor")
     try:
         os.makedirs(path, exist_ok=True)
     except OSError:

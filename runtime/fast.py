@@ -15,7 +15,7 @@ What it changes, and why:
 - **Fewer launches per token.** With the "triton" backend the RMSNorms (the one after attention together with
   the residual add) and the MLP's act(gate)·up + sub-norm run as single Triton kernels.
 - **Decode-step kernels** (the "triton" backend; the defaults are the fastest combination measured on an H200,
-  benchmarks/RESULTS.md: 834 tok/s at the 2B-4T shape against 396 for the first graph step):
+  benchmarks/RESULTS.md: 843 tok/s at the 2B-4T shape against 396 for the first graph step):
   - ``attention="split"`` (default): in the graph decode step (one token, batch 1, position on the device) rope,
     the KV-cache write and the attention over the filled positions run as ``kernels.decode_attention``,
     flash-decoding style: H × up to 16 programs over chunks of the cache, then a combine kernel. "triton" is the
@@ -28,11 +28,12 @@ What it changes, and why:
       (``kernels.bitlinear_gemv``'s ``norm`` / ``act`` / ``residual``): five launches a layer, but each GEMV
       program recomputes its input's statistics and quantizes in its loop (slower on the H200);
     - "plain": norm kernels, then GEMVs that quantize their input inside the weight loop;
-    - "folded" (built without a GPU, not yet measured: benchmarks/RESULTS.md): "packed" with each ``pack_act``
+    - "folded" (measured slower than "packed" on an H200, 803 against 813 tok/s): "packed" with each ``pack_act``
       done by the last program of the kernel that produces its input (``kernels.NextPack``, an atomic counter
       per launch): with the split attention, five launches a layer (qkv, attention + combine + pack, o,
       gate|up, down), and the layer's input packed by the layer before.
-    - "persistent" (built without a GPU, not yet measured): "folded"'s arithmetic, but in the graph decode step
+    - "persistent" (measured slower on an H200, 494-651 tok/s by launch config; its in-kernel trace is in
+      benchmarks/RESULTS.md): "folded"'s arithmetic, but in the graph decode step
       every layer (and the embedding row) runs in one launch, ``kernels.decode_layers``: a persistent grid of a
       program or so a multiprocessor, where a flag replaces each kernel boundary and each phase's weights are
       fetched before its wait. Its weights are stacked over the layers once, on first use (the BitLinears and
@@ -41,8 +42,12 @@ What it changes, and why:
       or by every program for itself), is ``persistent_config`` (None: ``kernels.PERSISTENT_CONFIG``).
   - ``pdl=True`` (default) launches those kernels, the attention kernels and the int8 head with programmatic
     dependent launch (sm_90+; ignored elsewhere), so that each launch overlaps the end of the kernel before it.
-  - ``argmax="triton"`` (not yet measured): the greedy step's argmax over the vocabulary as one launch
-    (``kernels.argmax``) instead of torch's reduction (28 µs a token on an H200).
+  - ``argmax="triton"`` (default): the greedy step's argmax over the vocabulary as one launch
+    (``kernels.argmax``, 2.8 µs on an H200) instead of torch's reduction (28 µs); "torch" keeps torch's.
+  - ``tiles="searched"`` (default): the graph step's packed GEMV tiles are chosen per site (q/k/v, o, gate|up,
+    down) by timing the whole decode step with each tile (``GraphDecoder.search_tiles``, once per model, before
+    the first capture); "autotune" leaves them to Triton's autotuner, which times each GEMV alone and picked
+    tiles 4 % slower in the step on an H200.
   Other backends ("reference", "triton_op" under torch.compile, "cpu") run the model's attention ops and the
   plain BitLinear path whatever these options say.
 - **Fewer bytes per token.** Decode only computes the head for the last position; ``head="int8"`` replaces the
@@ -68,7 +73,10 @@ the fusions; tests/test_kernels.py checks it against the reference network.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import os
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 
@@ -85,6 +93,9 @@ HEADS = ("bf16", "int8")
 ATTENTIONS = ("torch", "triton", "split")
 GEMVS = ("plain", "fused", "packed", "folded", "persistent")
 ARGMAXES = ("torch", "triton")
+TILES = ("searched", "autotune")
+SITES = ("qkv", "o", "gate_up", "down")  # a layer's four packed GEMVs, in order
+SEARCH_POS = 256  # the decode position GraphDecoder.search_tiles times the step at (attention over 256 keys)
 
 
 def _norm_args(norm) -> tuple[torch.Tensor | None, float]:
@@ -132,7 +143,7 @@ class FastModel:
 
     def __init__(
         self, net: Transformer, *, head: str = "bf16", backend: str = "triton", attention: str = "split",
-        gemv: str = "packed", pdl: bool = True, argmax: str = "torch",
+        gemv: str = "packed", pdl: bool = True, argmax: str = "triton", tiles: str = "searched",
     ):  # fmt: skip
         if attention not in ATTENTIONS:
             raise FastPathError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
@@ -140,7 +151,12 @@ class FastModel:
             raise FastPathError(f"gemv must be one of {GEMVS}, got {gemv!r}")
         if argmax not in ARGMAXES:
             raise FastPathError(f"argmax must be one of {ARGMAXES}, got {argmax!r}")
+        if tiles not in TILES:
+            raise FastPathError(f"tiles must be one of {TILES}, got {tiles!r}")
         self.argmax = argmax  # the greedy step's argmax: torch's, or kernels.argmax (one launch) on backend "triton"
+        self.tiles = tiles  # the graph step's packed GEMV tiles: "searched" (GraphDecoder.search_tiles) or "autotune"
+        self.tile_pick: dict[str, tuple[int, int, int]] | None = None  # search_tiles' tile per site, once made
+        self.tile_times: dict[str, dict[tuple[int, int, int], float]] = {}  # its µs a step, per site and tile
         self._argmax_counter: torch.Tensor | None = None  # its int32 counter (zero), made on first use
         self.attention = attention  # "triton" / "split": the graph decode step's attention kernel(s) (kernels.py)
         self.gemv = gemv  # the decode GEMV variant (the module docstring)
@@ -292,11 +308,12 @@ class FastModel:
         # the same layer with gemv="fused" (four GEMV launches) or "packed" (eight): x [B, T, D], B·T ≤ GEMV_MAX_M
         from bitnet158.runtime import kernels
 
-        def gemv(lin: BitLinear, inp: torch.Tensor, norm=None, act=None, residual=None) -> torch.Tensor:
+        def gemv(site: str, lin: BitLinear, inp: torch.Tensor, norm=None, act=None, residual=None) -> torch.Tensor:
             # lin(norm?(act?(inp))) (+ residual), inp [B·T, K] (gate | up [B·T, 2K] with act)
             if self.gemv == "packed":
                 a = self._pack(inp, lin.in_features, norm, act)
-                return kernels.bitlinear_gemv_packed(a, lin.packed, lin.scale, inp.dtype, residual=residual, pdl=self.pdl)
+                tile = self.tile_pick[site] if self.tile_pick and self.tiles == "searched" and inp.shape[0] == 1 else None
+                return kernels.bitlinear_gemv_packed(a, lin.packed, lin.scale, inp.dtype, residual=residual, config=tile, pdl=self.pdl)
             w, eps = _norm_args(norm)
             return kernels.bitlinear_gemv(inp, lin.packed, lin.scale, lin.in_features, norm=w, eps=eps, act=act,
                                           residual=residual, pdl=self.pdl)  # fmt: skip
@@ -305,11 +322,11 @@ class FastModel:
         a, m = layer.attn, layer.mlp
         b, t, d = x.shape
         x2 = x.reshape(b * t, d)
-        qkv = gemv(self.qkv[i], x2, layer.attn_norm)  # [B·T, Nq + 2·Nkv]
+        qkv = gemv("qkv", self.qkv[i], x2, layer.attn_norm)  # [B·T, Nq + 2·Nkv]
         y = self._attend(i, qkv.view(b, t, -1), cos, sin, pos, mask)  # [B, T, Nq]
-        h = gemv(a.o_proj, y.reshape(b * t, -1), a.sub_norm, residual=x2)  # x + o_proj(sub_norm(y))
-        gu = gemv(self.gate_up[i], h, layer.mlp_norm)  # [B·T, 2·I]
-        out = gemv(m.down_proj, gu, m.sub_norm, act="relu2" if m.relu2 else "silu", residual=h)  # h + mlp
+        h = gemv("o", a.o_proj, y.reshape(b * t, -1), a.sub_norm, residual=x2)  # x + o_proj(sub_norm(y))
+        gu = gemv("gate_up", self.gate_up[i], h, layer.mlp_norm)  # [B·T, 2·I]
+        out = gemv("down", m.down_proj, gu, m.sub_norm, act="relu2" if m.relu2 else "silu", residual=h)  # h + mlp
         return out.view(b, t, d)
 
     def _folded_layer(self, i: int, x: torch.Tensor, cos, sin, pos, mask, carry):
@@ -600,6 +617,44 @@ def sample_on_device(
     return race.argmax(-1, keepdim=True)
 
 
+def _tile_cache_file() -> str:
+    from bitnet158.runtime.cpu import cache_home
+
+    return os.path.join(cache_home(), "gemv_tiles.json")
+
+
+def _tile_cache() -> dict:
+    """GraphDecoder.search_tiles' earlier picks by key; {} when there are none or the file is unreadable."""
+    try:
+        with open(_tile_cache_file(), encoding="utf-8") as f:
+            out = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return out if isinstance(out, dict) else {}
+
+
+def _keep_tiles(key: str, pick: dict) -> None:
+    # add a pick to the cache file: written beside it, then renamed over it; a cache that cannot be written is
+    # only a cache, so nothing is raised
+    path = _tile_cache_file()
+    picks = _tile_cache()
+    picks[key] = {s: list(c) for s, c in pick.items()}
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+    except OSError as e:
+        log.info("could not keep the searched tiles in %s: %s", path, e)
+        return
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(picks, f, indent=1)
+        os.replace(tmp, path)
+    except OSError as e:
+        log.info("could not keep the searched tiles in %s: %s", path, e)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
 def _common_prefix(a: Sequence[int], b: Sequence[int], most: int) -> int:
     """How many leading ids a and b share, at most ``most``."""
     n = 0
@@ -725,14 +780,22 @@ class GraphDecoder:
         return ran
 
     def _capture(self, key: tuple) -> torch.cuda.CUDAGraph:
-        # Warm up on a side stream (autotuning, compilation, lazy init), then capture. The warm-up steps write the
-        # k/v slot at the current position, which the prefill or the decode step there rewrites before anything
-        # reads it, and the state buffers are restored afterwards.
+        if self.fast.tiles == "searched":
+            self.search_tiles(key)
+        graph = self._graphs[key] = self._record(key, 3)
+        log.info("captured a decode graph for sampling mode %s", key)
+        return graph
+
+    def _record(self, key: tuple, warm: int) -> torch.cuda.CUDAGraph:
+        # A CUDA graph of one decode step of mode ``key``. ``warm`` eager steps first, on a side stream (autotuning,
+        # compilation, lazy init), then the capture. The warm-up steps write the k/v slot at the current position,
+        # which the prefill or the decode step there rewrites before anything reads it; the state buffers are
+        # restored after each step, so the decoder does not move.
         saved = [b.clone() for b in self._state]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for _ in range(3):
+            for _ in range(warm):
                 for b, s in zip(self._state, saved):
                     b.copy_(s)
                 self._step(key)
@@ -744,9 +807,92 @@ class GraphDecoder:
             self._step(key)
         for b, s in zip(self._state, saved):
             b.copy_(s)  # capture does not run the step, but keep the state exact whatever the backend did
-        self._graphs[key] = graph
-        log.info("captured a decode graph for sampling mode %s", key)
         return graph
+
+    def _time_step(self, key: tuple, reps: int) -> float:
+        # µs of one replay of a freshly recorded step graph, median of ``reps``, the state restored before each
+        graph = self._record(key, 1)
+        saved = [b.clone() for b in self._state]
+        times = []
+        for _ in range(reps):
+            for b, s in zip(self._state, saved):
+                b.copy_(s)
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            graph.replay()
+            e1.record()
+            e1.synchronize()
+            times.append(e0.elapsed_time(e1) * 1e3)
+        for b, s in zip(self._state, saved):
+            b.copy_(s)
+        return sorted(times)[len(times) // 2]
+
+    def _tile_cache_key(self, configs: list) -> str:
+        # what the search's pick depends on: the device and its software, the step's variant and the matrices
+        import triton
+
+        fast, layer = self.fast, self.fast.net.layers[0]
+        dev = fast.device
+        shapes = ",".join(f"{lin.out_features}x{lin.in_features}" for lin in (fast.qkv[0], layer.attn.o_proj, fast.gate_up[0], layer.mlp.down_proj))
+        return " | ".join([torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type, f"torch {torch.__version__}",
+                           f"triton {triton.__version__}", str(fast.net.dtype), f"attention {fast.attention}", f"pdl {fast.pdl}",
+                           f"head {fast.head}", f"{len(fast.net.layers)} layers {shapes}", f"pos {SEARCH_POS}", str(configs)])  # fmt: skip
+
+    @torch.inference_mode()
+    def search_tiles(self, key: tuple | None = None, configs: list | None = None, reps: int = 10, cached: bool = True):
+        """Choose the packed GEMV tile (kernels.PACKED_GEMV_CONFIGS, or ``configs``) of each of the graph step's
+        four sites, q/k/v, o, gate|up and down, by timing the decode step itself (sampling mode ``key``, default
+        greedy): site by site, every tile, the other sites at their current pick (kernels.FIXED_GEMV at first),
+        each a graph of the step replayed ``reps`` times at position SEARCH_POS (or past the context). Returns the
+        pick, kept in ``fast.tile_pick`` for every later capture (µs a step in ``fast.tile_times``); None where it
+        does not apply: gemv other than "packed", no CUDA graph, or BITNET158_AUTOTUNE=0 without ``configs``.
+
+        Why the whole step: Triton's autotuner times one GEMV alone, again and again, and tiles that tie there
+        do not tie in the step, where with PDL a GEMV launches while the kernel before it runs and fetches what
+        its tile lets it before its wait. On an H200 the searched tiles ran the decode 4 % faster than the
+        autotuned ones in the same process (benchmarks/RESULTS.md). 96 timed steps at the 2B-4T shape.
+
+        The pick is kept in $XDG_CACHE_HOME/bitnet158/gemv_tiles.json (``cached``: read it first), keyed by the
+        GPU, torch, Triton, the step's variant and the matrix shapes, so that later runs skip the search."""
+        from bitnet158.runtime import kernels
+
+        fast = self.fast
+        if fast.tile_pick is not None:
+            return fast.tile_pick
+        if not self.use_graph or fast.backend != "triton" or fast.gemv != "packed" or not any(fast._fusable_layers()):
+            return None
+        if configs is None and not kernels.autotuning():
+            return None
+        configs = [tuple(c) for c in configs or kernels.PACKED_GEMV_CONFIGS]
+        cache_key = self._tile_cache_key(configs)
+        known = _tile_cache().get(cache_key) if cached else None
+        if isinstance(known, dict) and all(tuple(known.get(s) or ()) in configs for s in SITES):
+            fast.tile_pick, fast.tile_times = {s: tuple(known[s]) for s in SITES}, {}
+            return fast.tile_pick
+        key = key or self.sampling_key()
+        t0 = time.perf_counter()
+        pos = self._pos.clone()
+        # past the context, so that the steps' k/v writes land where nothing is read before it is rewritten
+        self._pos.fill_(max(int(pos), min(self.max_seq - 1, SEARCH_POS)))
+        pick = dict.fromkeys(SITES, kernels.FIXED_GEMV if kernels.FIXED_GEMV in configs else configs[0])
+        times: dict[str, dict] = {s: {} for s in SITES}
+        fast.tile_pick = pick
+        try:
+            for site in SITES:
+                for cfg in configs:
+                    pick[site] = cfg
+                    times[site][cfg] = self._time_step(key, reps)
+                pick[site] = min(times[site], key=times[site].get)
+        except BaseException:
+            fast.tile_pick = None
+            raise
+        finally:
+            self._pos.copy_(pos)
+        fast.tile_times = times
+        log.info("packed GEMV tiles searched in %.1f s: %s (%.0f µs a step)", time.perf_counter() - t0,
+                 ", ".join(f"{s} {pick[s]}" for s in SITES), times[SITES[-1]][pick[SITES[-1]]])  # fmt: skip
+        _keep_tiles(cache_key, pick)
+        return pick
 
     @torch.inference_mode()
     def prefill(self, prompt_ids: Sequence[int], start: int = 0) -> torch.Tensor:

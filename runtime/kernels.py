@@ -946,8 +946,13 @@ _INTERP_MM = (16, 32, 64, 1, 1)  # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages
 # compiles one kernel, not every config (GPU tests under a short time budget: on an H200 the autotuner's
 # compilation alone outlasted a 40 s test budget). Correct either way; only the tuned configs are fast.
 _TUNE = not _INTERPRET and os.environ.get("BITNET158_AUTOTUNE", "1") != "0"
-_FIXED_GEMV = _INTERP_GEMV if _INTERPRET else (16, 128, 4)
+FIXED_GEMV = _INTERP_GEMV if _INTERPRET else (16, 128, 4)
 _FIXED_MM = _INTERP_MM if _INTERPRET else _MM_CONFIGS[0]
+
+
+def autotuning() -> bool:
+    """Whether launch configs are tuned here (a GPU without BITNET158_AUTOTUNE=0) rather than fixed."""
+    return _TUNE
 
 
 _gemv_w2a8_tuned = triton.autotune(
@@ -1108,7 +1113,7 @@ def bitlinear_gemv(
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m)
         _gemv_w2a8_tuned[grid](*args, **flags, ON_GPU=True)
     else:
-        bn, bw, warps = config or _FIXED_GEMV
+        bn, bw, warps = config or FIXED_GEMV
         _gemv_w2a8_kernel[(triton.cdiv(n, bn), m)](
             *args, **flags, BLOCK_N=bn, BLOCK_W=bw, ON_GPU=not _INTERPRET, num_warps=warps
         )
@@ -1240,7 +1245,7 @@ def bitlinear_gemv_packed(
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m)
         _gemv_packed_tuned[grid](*args, **flags, ON_GPU=True)
     else:
-        bn, bw, warps = config or _FIXED_GEMV
+        bn, bw, warps = config or FIXED_GEMV
         _gemv_packed_kernel[(triton.cdiv(n, bn), m)](*args, **flags, BLOCK_N=bn, BLOCK_W=bw, ON_GPU=not _INTERPRET, num_warps=warps)
     return y if nxt is None else (y, nxt)
 
@@ -1334,7 +1339,7 @@ def head_int8(
         grid = lambda meta: (triton.cdiv(v, meta["BLOCK_N"]), m)
         _gemv_w8a8_tuned[grid](*args, NORM=norm is not None, BLOCK_P=prologue_block(d), ON_GPU=True, PDL=use_pdl, launch_pdl=use_pdl)
     else:
-        bn, bw, warps = config or _FIXED_GEMV
+        bn, bw, warps = config or FIXED_GEMV
         _gemv_w8a8_kernel[(triton.cdiv(v, bn), m)](
             *args, NORM=norm is not None, BLOCK_N=bn, BLOCK_W=bw, BLOCK_P=prologue_block(d), ON_GPU=not _INTERPRET,
             num_warps=warps, PDL=use_pdl, launch_pdl=use_pdl,

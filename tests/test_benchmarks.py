@@ -29,7 +29,8 @@ def bench():
 def test_graph_variants_name_fastmodel_options(bench):
     from bitnet158.runtime import fast
 
-    allowed = {"attention": fast.ATTENTIONS, "gemv": fast.GEMVS, "pdl": (False, True), "head": fast.HEADS, "argmax": fast.ARGMAXES}
+    allowed = {"attention": fast.ATTENTIONS, "gemv": fast.GEMVS, "pdl": (False, True), "head": fast.HEADS, "argmax": fast.ARGMAXES,
+               "tiles": fast.TILES}  # fmt: skip
     variants = [*bench.GRAPH_VARIANTS, bench.default_variant()]
     for v in variants:
         for field, value in v._asdict().items():
@@ -46,7 +47,10 @@ def test_variant_specs_parse(bench):
     assert v == bench.Variant("split", "folded", True, "int8", "triton")
     assert bench.parse_variant("torch/plain") == bench.Variant("torch", "plain", False, "bf16", "torch")
     assert bench.parse_variant("default") == bench.default_variant()
-    for bad in ("split", "split/packed/fast", "split/packed/pdl/bf16"):
+    assert bench.parse_variant("default/int8") == bench.default_variant()._replace(head="int8")
+    assert bench.parse_variant("split/packed/pdl/argmax/autotune") == bench.Variant("split", "packed", True, "bf16", "triton", "autotune")
+    assert bench.default_variant().tiles == "searched" and bench.default_variant().argmax == "triton"
+    for bad in ("split", "split/packed/fast", "split/packed/pdl/bf16", "default/fast"):
         with pytest.raises(SystemExit):
             bench.parse_variant(bad)
     # the device script's quick run asks for these: each must parse

@@ -57,7 +57,7 @@ def test_every_kernel_compiles_for_sm90():
 def test_autotune_can_be_switched_off():
     # BITNET158_AUTOTUNE=0 (benchmarks/device_check.sh's test stages): one fixed config per kernel on a GPU, read
     # at import; the interpreter always runs its own small config
-    code = "import bitnet158.runtime.kernels as k; print(k._TUNE, k._FIXED_GEMV, k._FIXED_MM == k._MM_CONFIGS[0])"
+    code = "import bitnet158.runtime.kernels as k; print(k._TUNE, k.FIXED_GEMV, k._FIXED_MM == k._MM_CONFIGS[0])"
     base = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "BITNET158_AUTOTUNE")}
     for env, want in [({}, "True (16, 128, 4) True"), ({"BITNET158_AUTOTUNE": "0"}, "False (16, 128, 4) True"),
                       ({"BITNET158_AUTOTUNE": "0", "TRITON_INTERPRET": "1"}, "False (16, 16, 1) False")]:  # fmt: skip

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import inspect
+import json
 import os
 import sys
 import threading
@@ -670,6 +671,101 @@ def test_fast_model_fused_and_packed_gemv_steps(relu2, sub_norms):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_fast_model_searched_tiles_reach_the_graph_step(monkeypatch):
+    # tiles="searched": the pick for each site (q/k/v, o, gate|up, down) goes to that site's one-row packed GEMVs,
+    # in every layer; inputs of several rows keep the autotuner (config None), so does tiles="autotune". A tile
+    # changes the order of integer sums only: the logits stay the same bit for bit
+    from bitnet158.runtime.fast import SITES, FastModel, FastPathError
+
+    net = tiny_model(layers=2, seed=6).net
+    with pytest.raises(FastPathError, match="tiles must be one of"):
+        FastModel(net, tiles="fastest")
+    fast = FastModel(net, backend="triton", gemv="packed")
+    assert fast.tiles == "searched" and fast.tile_pick is None
+    seen = []  # (rows, config) of each packed GEMV launch
+    real = kernels.bitlinear_gemv_packed
+    monkeypatch.setattr(kernels, "bitlinear_gemv_packed", lambda a, *r, **kw: seen.append((a.xq.shape[0], kw.get("config"))) or real(a, *r, **kw))
+    tok, pos = torch.tensor([[1]]), torch.tensor([2])
+    pick = dict(zip(SITES, [(4, 8, 1), (8, 4, 1), (2, 16, 1), (16, 8, 2)]))
+    with torch.inference_mode():
+        net.setup_cache(1, 16)
+        fast.logits_last(torch.tensor([[7, 2]]), 0)  # a two-token prompt: the GEMVs of two rows
+        want = fast.logits_last(tok, pos)
+        assert len(seen) == 16 and all(c is None for _, c in seen)
+        fast.tile_pick = pick
+        seen.clear()
+        fast.logits_last(torch.tensor([[7, 2]]), 0)
+        got = fast.logits_last(tok, pos)
+        assert seen == [(2, None)] * 8 + [(1, pick[s]) for s in SITES] * 2
+        assert torch.equal(got, want)
+        fast.tiles = "autotune"
+        seen.clear()
+        fast.logits_last(tok, pos)
+        assert seen == [(1, None)] * 8
+
+
+def test_search_tiles_descends_site_by_site(monkeypatch, tmp_path):
+    # GraphDecoder.search_tiles' logic with a fake clock (the step's time a sum of per-site costs of the tiles in
+    # use; CUDA graphs time it on a GPU): each site ends at its cheapest tile, timed with the sites before it at
+    # their picks and the sites after it at FIXED_GEMV; the decoder's position comes back; a second call
+    # searches nothing; tiles="autotune", gemv="folded" and (on a GPU) BITNET158_AUTOTUNE=0 without configs search
+    # nothing. The pick is kept on disk: another model of the same shapes takes it without timing, unless told
+    # not to; a model of other shapes, a damaged file or one that cannot be written mean a search
+    from bitnet158.runtime.fast import SITES, FastModel, GraphDecoder
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+    net = tiny_model(layers=1, seed=6).net
+    configs = [kernels.FIXED_GEMV, (4, 8, 1), (8, 4, 1)]
+    cost = {"qkv": [5, 3, 4], "o": [2, 4, 1], "gate_up": [1, 2, 3], "down": [9, 8, 7]}  # per site, by configs
+    timed = []
+
+    def fake_time_step(self, key, reps):
+        pick = self.fast.tile_pick
+        timed.append((dict(pick), int(self._pos)))
+        return float(sum(cost[s][configs.index(pick[s])] for s in SITES))
+
+    monkeypatch.setattr(GraphDecoder, "_time_step", fake_time_step)
+    fast = FastModel(net, backend="triton")
+    dec = GraphDecoder(fast, 200, use_graph=False)
+    assert dec.search_tiles(configs=configs) is None  # no graph, nothing to time
+    dec.use_graph = True  # the search's own logic from here (the fake clock needs no graph)
+    dec._pos.fill_(5)
+    pick = dec.search_tiles(configs=configs)
+    assert pick == {"qkv": (4, 8, 1), "o": (8, 4, 1), "gate_up": kernels.FIXED_GEMV, "down": (8, 4, 1)}
+    assert fast.tile_pick is pick and int(dec._pos) == 5 and len(timed) == 12
+    assert all(p == 199 for _, p in timed)  # at SEARCH_POS (256) or the cache's last slot, past the context
+    assert timed[3] == ({"qkv": (4, 8, 1), "o": kernels.FIXED_GEMV, "gate_up": kernels.FIXED_GEMV, "down": kernels.FIXED_GEMV}, 199)
+    assert fast.tile_times["o"] == {configs[0]: 3.0 + 2 + 1 + 9, configs[1]: 3.0 + 4 + 1 + 9, configs[2]: 3.0 + 1 + 1 + 9}
+    assert dec.search_tiles(configs=configs) is pick and len(timed) == 12
+    kept = tmp_path / "cache" / "bitnet158" / "gemv_tiles.json"
+    assert list(json.loads(kept.read_text()).values()) == [{s: list(c) for s, c in pick.items()}]
+
+    def searched(model, **kw) -> int:  # how many steps a search on a fresh FastModel of ``model`` timed
+        n = len(timed)
+        d = GraphDecoder(FastModel(model, backend="triton"), 200, use_graph=False)
+        d.use_graph = True
+        assert d.search_tiles(configs=configs, **kw) == pick
+        return len(timed) - n
+
+    assert searched(net) == 0  # from the file
+    assert searched(net, cached=False) == 12
+    assert searched(tiny_model(layers=1, seed=7, inter=96).net) == 12  # other shapes: another key
+    assert len(json.loads(kept.read_text())) == 2
+    kept.write_text("{not json")
+    assert searched(net) == 12 and len(json.loads(kept.read_text())) == 1
+    monkeypatch.setenv("XDG_CACHE_HOME", str(kept))  # a file where the folder would go: searched, not kept
+    assert searched(net) == 12 and searched(net) == 12
+    monkeypatch.setattr(GraphDecoder, "_record", lambda self, key, warm: "graph")  # a capture without CUDA
+    n = len(timed)
+    for opts in ({"tiles": "autotune"}, {"gemv": "folded"}, {}):
+        other = GraphDecoder(FastModel(net, backend="triton", **opts), 200, use_graph=False)
+        other.use_graph = True
+        assert other._capture(other.sampling_key()) == "graph"
+        assert other.fast.tile_pick is None  # the default too: on the CPU BITNET158_AUTOTUNE's tuning is off
+    assert len(timed) == n
+
+
 @contextlib.contextmanager
 def programs_at_once(*jitted):
     """Under the interpreter, run each launch of these kernels with all its programs at once, a thread each, as a
@@ -1156,6 +1252,33 @@ def test_gpu_persistent_step_replays_exactly(config):
     assert not fast.step_failed()
     torch.testing.assert_close(first, want, rtol=2e-2, atol=2e-2 * float(want.abs().max()))
     assert int(first.argmax()) == int(want.argmax())
+
+
+@gpu
+@needs_cuda
+def test_gpu_search_tiles_times_the_decode_step():
+    # GraphDecoder.search_tiles on a GPU: every site's step timed at every tile given (CUDA graphs of the whole
+    # step), the fastest kept, the state back where it was; the graph step then runs those tiles and decodes
+    # exactly what the same step with the autotuner's tiles (the fixed tile under BITNET158_AUTOTUNE=0) decodes
+    from bitnet158.runtime.fast import SITES, FastModel, GraphDecoder
+
+    net = tiny_model(device="cuda", dtype=torch.bfloat16, seed=8, hidden=512, inter=1376, layers=3).net
+    configs = [(16, 128, 4), (8, 64, 4), (4, 256, 4)]
+    ids = [3, 14, 15, 9, 26]
+    with torch.inference_mode():
+        fast = FastModel(net, backend="triton")
+        dec = GraphDecoder(fast, 200)
+        pick = dec.search_tiles(configs=configs)
+        assert set(pick) == set(SITES) and all(p in configs for p in pick.values())
+        for s in SITES:
+            assert set(fast.tile_times[s]) == set(configs) and min(fast.tile_times[s].values()) > 0
+            assert fast.tile_times[s][pick[s]] == min(fast.tile_times[s].values())
+        assert int(dec._pos) == 0 and int(dec._n) == 0 and not dec._out.any()
+        got = list(dec.generate(ids, 10))
+        assert fast.tile_pick is pick  # the capture kept it
+        fast.tiles = "autotune"
+        want = list(GraphDecoder(fast, 200).generate(ids, 10))
+    assert got == want
 
 
 @gpu
