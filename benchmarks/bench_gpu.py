@@ -533,7 +533,10 @@ def run_variants(fast, prompt: list[int], args) -> None:
                 if graphs and variant.tiles == "searched" and fast.tile_pick is None:
                     # timed here, at position 256 of this decoder (the correctness check's has 80 positions),
                     # and not taken from an earlier run's file
+                    t0 = time.perf_counter()
                     dec.search_tiles(cached=False)
+                    RESULTS["tile_search_s"] = time.perf_counter() - t0
+                    say(f"searched the packed GEMV tiles in {RESULTS['tile_search_s']:.1f} s (compiling included)")
                 got = list(dec.generate(prompt, n_check))
                 c = step_check(fast, prompt, got)
                 first = first or got
