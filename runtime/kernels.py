@@ -21,8 +21,9 @@ Kernels
 - ``pack_act`` + ``bitlinear_gemv_packed`` (FastModel(gemv="packed"), the CUDA default): the input (with its
   norm / act) quantized and packed into dp4a words once per row, then a GEMV whose loop is only shift, mask and
   dp4a: about one SASS instruction per weight instead of two to four (benchmarks/kernel_resources.py counts them
-  offline). Its tiles go up to a whole row (one weight fetch per program, no K loop), which the autotuner picks
-  where it measures faster.
+  offline). Its tiles go up to a whole row (one weight fetch per program, no K loop). The graph decode step's
+  tiles are picked by timing the whole step (runtime/fast.py's ``GraphDecoder.search_tiles``); other calls
+  autotune.
 - Folded packing (``NextPack``; FastModel(gemv="folded")): the packed GEMV and the split attention take the
   ``pack_act`` of their own output into the same launch. Each program arrives on an atomic counter after its
   stores (``_last_arrival``: a barrier, then one acq_rel atomic per program), and the last to arrive, which then
