@@ -283,8 +283,7 @@ def step_gap(dec, prompt: list[int], tok_s: float) -> None:
             if p < dec.max_seq:
                 dec._pos.fill_(p)
                 out[f"one replay at {p}"] = dec._time_step(key, 10)
-        for b, s in zip(dec._state, saved):
-            b.copy_(s)
+        dec._restore(saved)
         graph, n = dec._graphs[key], max(1, min(64, dec.max_seq - end - 1))
         sync()
         t0 = time.perf_counter()
@@ -292,8 +291,7 @@ def step_gap(dec, prompt: list[int], tok_s: float) -> None:
             graph.replay()
         sync()
         out[f"{n} replays back to back, each"] = (time.perf_counter() - t0) / n * 1e6
-        for b, s in zip(dec._state, saved):
-            b.copy_(s)
+        dec._restore(saved)
     out["the decode loop, a token"] = 1e6 / tok_s
     RESULTS["step_gap_us"] = out
     say("step gap (us): " + "; ".join(f"{k} {v:.0f}" for k, v in out.items()))

@@ -796,18 +796,20 @@ class GraphDecoder:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(warm):
-                for b, s in zip(self._state, saved):
-                    b.copy_(s)
+                self._restore(saved)
                 self._step(key)
         torch.cuda.current_stream().wait_stream(side)
-        for b, s in zip(self._state, saved):
-            b.copy_(s)
+        self._restore(saved)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self._step(key)
-        for b, s in zip(self._state, saved):
-            b.copy_(s)  # capture does not run the step, but keep the state exact whatever the backend did
+        self._restore(saved)  # capture does not run the step, but keep the state exact whatever the backend did
         return graph
+
+    def _restore(self, saved: list[torch.Tensor]) -> None:
+        # the step state buffers back to ``saved`` (clones of self._state)
+        for b, s in zip(self._state, saved):
+            b.copy_(s)
 
     def _time_step(self, key: tuple, reps: int) -> float:
         # µs of one replay of a freshly recorded step graph, median of ``reps``, the state restored before each
@@ -815,16 +817,14 @@ class GraphDecoder:
         saved = [b.clone() for b in self._state]
         times = []
         for _ in range(reps):
-            for b, s in zip(self._state, saved):
-                b.copy_(s)
+            self._restore(saved)
             e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             e0.record()
             graph.replay()
             e1.record()
             e1.synchronize()
             times.append(e0.elapsed_time(e1) * 1e3)
-        for b, s in zip(self._state, saved):
-            b.copy_(s)
+        self._restore(saved)
         return sorted(times)[len(times) // 2]
 
     def _tile_cache_key(self, configs: list) -> str:
