@@ -111,8 +111,12 @@ def variants(quick: bool) -> list[tuple[str, object, dict, dict, dict]]:
             "pm_ptr": "*fp32", "pl_ptr": "*fp32", "pacc_ptr": "*fp32", "NQ": NQ, "NKV": NKV, "stride_kh": 4096 * 128,
             "stride_ks": 128, "scale": 128**-0.5, "CHUNK": 256, "S": 16, "cnt_ptr": "*i32", "p_nw_ptr": bf,
             "p_xq_ptr": "*i32", "p_s_ptr": "*fp32", "p_qs_ptr": "*i32", "P_K16": NQ // 16, "p_eps": 1e-5}  # fmt: skip
-    for label, split, fold in (("", False, False), (" split", True, False), (" split + combine + pack (folded)", True, True)):
-        const = dict(GROUP=4, DH=128, HALF=64, BLOCK_N=64, SPLIT=split, ON_GPU=True)
+    # PIPE as decode_attention sets it: the one-kernel form loops over the whole cache; a split spans one key block
+    # up to 1,024 slots, several (pipelined) above
+    attn = (("", False, False, True), (" split", True, False, False), (" split, pipelined (> 1,024 slots)", True, False, True),
+            (" split + combine + pack (folded)", True, True, False))  # fmt: skip
+    for label, split, fold, pipe in attn:
+        const = dict(GROUP=4, DH=128, HALF=64, BLOCK_N=64, SPLIT=split, ON_GPU=True, PIPE=pipe)
         if fold:
             const.update(FOLD=True, P_NORM=True, P_BLOCK_C=K.pack_act_launch(NQ // 16, False)[0], BLOCK_S=16, BLOCK_D=128)
         out.append((f"decode_attention{label}", K._decode_attention_kernel, args, const, {"num_warps": 4}))

@@ -627,7 +627,7 @@ def _attn_split(
     NQ, NKV, stride_ks, scale, S, n_heads, cnt_ptr, p_nw_ptr, p_xq_ptr, p_s_ptr, p_qs_ptr, P_K16, p_eps, ready_ptr,
     GROUP: tl.constexpr, DH: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
     FOLD: tl.constexpr, P_NORM: tl.constexpr, P_BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-    ON_GPU: tl.constexpr, CG: tl.constexpr, HANDOFF: tl.constexpr,
+    ON_GPU: tl.constexpr, CG: tl.constexpr, HANDOFF: tl.constexpr, PIPE: tl.constexpr = False,
 ):  # fmt: skip
     # split s of query head h after _attn_prefetch: rope of q and k, the k/v write into the cache at pos (split 0 of
     # the group's first head), then softmax(q·kᵀ · scale) · v over keys lo .. hi − 1 with an online softmax in
@@ -661,12 +661,21 @@ def _attn_split(
     l = tl.where(first, 1.0, 0.0)
     acc_lo = tl.where(first, vn_lo, 0.0)
     acc_hi = tl.where(first, vn_hi, 0.0)
-    # cached keys of this split, block by block (each block has a live key, so no NaN: an empty split skips them)
-    if lo < hi:
-        m, l, acc_lo, acc_hi = _attend_block(kv_first, lo, hi, q_lo, q_hi, scale, m, l, acc_lo, acc_hi, BLOCK_N)
-    for start in range(lo + BLOCK_N, hi, BLOCK_N):
-        kv = _kv_block(cache_k, cache_v, start, hi, stride_ks, offs, ok, half, BLOCK_N)
-        m, l, acc_lo, acc_hi = _attend_block(kv, start, hi, q_lo, q_hi, scale, m, l, acc_lo, acc_hi, BLOCK_N)
+    # cached keys of this split, block by block (each block has a live key, so no NaN: an empty split skips them).
+    # PIPE (chosen when a split spans several blocks): the next block is in flight during this one's math, at the
+    # cost of a second block's registers; else each next block is fetched after the previous one's math
+    if PIPE:
+        kv = kv_first
+        for start in range(lo, hi, BLOCK_N):
+            kv_next = _kv_block(cache_k, cache_v, start + BLOCK_N, hi, stride_ks, offs, ok, half, BLOCK_N)
+            m, l, acc_lo, acc_hi = _attend_block(kv, start, hi, q_lo, q_hi, scale, m, l, acc_lo, acc_hi, BLOCK_N)
+            kv = kv_next
+    else:
+        if lo < hi:
+            m, l, acc_lo, acc_hi = _attend_block(kv_first, lo, hi, q_lo, q_hi, scale, m, l, acc_lo, acc_hi, BLOCK_N)
+        for start in range(lo + BLOCK_N, hi, BLOCK_N):
+            kv = _kv_block(cache_k, cache_v, start, hi, stride_ks, offs, ok, half, BLOCK_N)
+            m, l, acc_lo, acc_hi = _attend_block(kv, start, hi, q_lo, q_hi, scale, m, l, acc_lo, acc_hi, BLOCK_N)
     if SPLIT:
         part = h * S + s
         tl.store(pm_ptr + part, m)
@@ -696,6 +705,7 @@ def _decode_attention_kernel(
     GROUP: tl.constexpr, DH: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
     PDL: tl.constexpr = False, FOLD: tl.constexpr = False, P_NORM: tl.constexpr = False,
     P_BLOCK_C: tl.constexpr = 1, BLOCK_S: tl.constexpr = 1, BLOCK_D: tl.constexpr = 1, ON_GPU: tl.constexpr = False,
+    PIPE: tl.constexpr = False,
 ):  # fmt: skip
     # program (h, s): _attn_split of query head h (kv head h // GROUP), batch 1, one new token at position pos
     # (read from the device, so a CUDA graph replays it), keys s·CHUNK .. min((s+1)·CHUNK, pos) − 1 of the cache
@@ -716,7 +726,7 @@ def _decode_attention_kernel(
     _attn_split(qkv_ptr, rope, cache_k, cache_v, kv_first, pos, h, s, lo, hi, y_ptr, pm_ptr, pl_ptr, pacc_ptr, NQ, NKV,
                 stride_ks, scale, S, tl.num_programs(0), cnt_ptr, p_nw_ptr, p_xq_ptr, p_s_ptr, p_qs_ptr, P_K16, p_eps,
                 cnt_ptr, GROUP, DH, HALF, BLOCK_N, SPLIT, FOLD, P_NORM, P_BLOCK_C, BLOCK_S, BLOCK_D, ON_GPU, False,
-                "pack")  # fmt: skip
+                "pack", PIPE)  # fmt: skip
 
 
 @triton.jit
@@ -1457,7 +1467,9 @@ def decode_attention(
     Rope and the cache write round like the torch ops (the cache gets the same bytes); the attention sums in
     fp32 with an online softmax, so y agrees with SDPA to rounding. One kernel with H programs, or with ``split``
     two (flash-decoding): H × up to 16 programs each over a chunk of the cache, then a combine. The chunking
-    depends only on the cache size, so a CUDA graph replays it at every position. ``pdl`` as for
+    depends only on the cache size, so a CUDA graph replays it at every position. A program whose chunk spans
+    several key blocks (caches over 1,024 slots when split, or the one-kernel form) has the next block in flight
+    during each block's math. ``pdl`` as for
     ``bitlinear_gemv``; with it the kernel reads pos, cos / sin and the cached keys / values below pos before
     waiting for the previous kernel, so that kernel must not write them (the decode step's q/k/v GEMV does not).
 
@@ -1497,7 +1509,8 @@ def decode_attention(
         qkv, cos.contiguous(), sin.contiguous(), pos, cache_k, cache_v, y, pm, pl, pacc,
         n_heads * head_dim, n_kv * head_dim, cache_k.stride(1), cache_k.stride(2), head_dim**-0.5, chunk, n_split,
         GROUP=n_heads // n_kv, DH=head_dim, HALF=triton.next_power_of_2(head_dim // 2), BLOCK_N=block_n, SPLIT=split,
-        PDL=use_pdl, launch_pdl=use_pdl, ON_GPU=not _INTERPRET, FOLD=nxt is not None, **combine, **tail, num_warps=4,
+        PDL=use_pdl, launch_pdl=use_pdl, ON_GPU=not _INTERPRET, FOLD=nxt is not None, **combine, **tail,
+        PIPE=chunk > block_n, num_warps=4,
     )  # fmt: skip
     if nxt is not None:
         return y, nxt

@@ -592,11 +592,13 @@ def _attention_ref(qkv, cos, sin, pos, cache_k, cache_v, heads, kv, dh):
 
 
 @pytest.mark.parametrize("heads,kv,dh,slots,pos", [(4, 2, 16, 40, 0), (4, 2, 16, 40, 23), (4, 4, 12, 40, 39),
-                                                    (6, 2, 12, 70, 65)])  # fmt: skip
+                                                    (6, 2, 12, 70, 65), (4, 2, 8, 300, 290)])  # fmt: skip
 @pytest.mark.parametrize("split", [False, True])
 def test_decode_attention_kernel(heads, kv, dh, slots, pos, split):
     # fp32: rope and the cache write are the torch ops bit for bit; the attention sums in another order. split:
-    # flash-decoding over chunks of 16 keys in the interpreter (3 or 5 chunks here, some empty at small pos)
+    # flash-decoding over chunks of 16 keys in the interpreter (3 or 5 chunks here, some empty at small pos); at
+    # 300 slots chunks of 32 keys, two blocks each: the pipelined loop (PIPE), also in every unsplit case
+    assert kernels._attention_splits(300)[:2] == (16, 32)
     case = _attention_case(torch.float32, heads, kv, dh, slots, pos)
     want, k2, v2 = _attention_ref(*case, heads, kv, dh)
     got = kernels.decode_attention(*case, heads, kv, dh, split=split)
@@ -1090,9 +1092,10 @@ def test_gpu_quantize_and_head_exact():
 @gpu
 @needs_cuda
 def test_gpu_decode_attention_bf16():
-    # on the GPU the casts round to nearest even like torch: the cache gets the same bf16 bytes
-    for split in (False, True):
-        case = _attention_case(torch.bfloat16, 20, 5, 128, 300, 257)
+    # on the GPU the casts round to nearest even like torch: the cache gets the same bf16 bytes. 300 slots: one
+    # 64-key block a split; 2,100 slots: three blocks a split, pipelined (PIPE), as the unsplit form always is
+    for split, slots, pos in ((False, 300, 257), (True, 300, 257), (True, 2100, 1900)):
+        case = _attention_case(torch.bfloat16, 20, 5, 128, slots, pos)
         want, k2, v2 = _attention_ref(*case, 20, 5, 128)
         got = kernels.decode_attention(*case, 20, 5, 128, split=split)
         assert torch.equal(case[4], k2) and torch.equal(case[5], v2)
