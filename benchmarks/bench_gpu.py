@@ -796,6 +796,43 @@ def microbench(shapes: list[tuple[str, int, int]]) -> None:
     say(f"micro head [{v}x{d}]: int8 gemv {t8 * 1e6:.1f} us ({wq.numel() / t8 / 1e9:.0f} GB/s), bf16 F.linear {tb * 1e6:.1f} us ({w.numel() * 2 / tb / 1e9:.0f} GB/s)")
 
 
+def attention_scaling(net, slot_counts=(80, 768, 2100, 4096), timer=None) -> None:
+    """The split decode attention (+ its combine) of the model's attention shape at the last position of caches of
+    several sizes: µs a layer, replayed from one graph (``timer``, default graph_time) over as many separate caches
+    as the model has layers (so the keys come from memory, as in the step), against the bytes it must read (the
+    filled keys and values) at the copy bandwidth; each size with the next key block in flight (PIPE) and without,
+    which must give the same output bit for bit. A split spans one 64-key block up to 1,024 slots, so there the two
+    are the same kernel; above, the default pipelines."""
+    from bitnet158.runtime import kernels
+
+    timer = timer or graph_time
+    a = net.layers[0].attn
+    h, kv, dh, n = a.n_heads, a.n_kv, a.head_dim, len(net.layers)
+    dt, dev = net.head.dtype, net.head.device
+    rows = RESULTS.setdefault("attention_scaling", [])
+    g = torch.Generator(device=dev).manual_seed(0)
+    qkv = torch.randn(1, 1, (h + 2 * kv) * dh, device=dev, generator=g).to(dt)
+    cos, sin = (torch.rand(1, dh, device=dev, generator=g).to(dt) for _ in range(2))
+    for slots in slot_counts:
+        caches = [torch.randn(2, 1, kv, slots, dh, device=dev, generator=g).to(dt) for _ in range(n)]
+        pos = torch.tensor([slots - 1], device=dev)
+        row = {"slots": slots, "kv_bytes": 2 * kv * (slots - 1) * dh * dt.itemsize}
+
+        def run(c, pipe):
+            return kernels.decode_attention(qkv, cos, sin, pos, c[0], c[1], h, kv, dh, split=True, pipe=pipe)
+
+        row["pipelined_equal"] = torch.equal(run(caches[0], True), run(caches[0], False))
+        for pipe in (True, False):
+            t = timer([lambda c=c, pipe=pipe: run(c, pipe) for c in caches])
+            row["pipelined_us" if pipe else "unpipelined_us"] = t * 1e6
+        row["bytes_floor_us"] = row["kv_bytes"] / RESULTS["bandwidth"] * 1e6
+        rows.append(row)
+        del caches
+        say(f"attention at position {slots - 1} of {slots} slots: {row['pipelined_us']:.1f} us a layer pipelined, "
+            f"{row['unpipelined_us']:.1f} us not (outputs {'equal' if row['pipelined_equal'] else 'DIFFERENT'}); its "
+            f"{row['kv_bytes'] / 1e6:.2f} MB of keys and values take {row['bytes_floor_us']:.1f} us at the copy bandwidth")
+
+
 # --- main -----------------------------------------------------------------------------------------------------
 def stage(name: str, fn, *args) -> None:
     """Run one stage of the benchmark; a failure is reported and the next stages still run."""
@@ -857,6 +894,8 @@ def bench_model(path: Path, label: str, args, random: bool, t_start: float) -> N
         text_ids = model.tokenizer.encode(TEXT, add_special_tokens=True)
     stage("int8 head effect", int8_head_effect, fast, prompt[:256], text_ids)
     stage("variants", run_variants, fast, prompt, args)
+    if args.profile and DEV == "cuda":
+        stage("attention scaling", attention_scaling, model.net)
     if random and args.hf:
         net = model.net
         with torch.inference_mode():

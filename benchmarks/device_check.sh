@@ -7,7 +7,8 @@
 #                                              # (searched tiles + argmax kernel) against autotuned tiles, with the
 #                                              # int8 head, and the persistent step at its best launch config, on
 #                                              # both models; no eager baselines, transformers or microbenchmarks;
-#                                              # --profile
+#                                              # --profile (with the step-gap probe and the attention at 80 to
+#                                              # 4,096 cache slots, pipelined and not)
 #
 # Steps, each under its own timeout (about 7 minutes in all, at most 9.5; give the run timeout_s=600):
 #   1. environment: GPU, driver, python, torch, triton, transformers              (-> $OUT/env.txt)

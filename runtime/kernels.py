@@ -1459,7 +1459,7 @@ def _attention_splits(slots: int) -> tuple[int, int, int]:
 def decode_attention(
     qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor, cache_k: torch.Tensor,
     cache_v: torch.Tensor, n_heads: int, n_kv: int, head_dim: int, pdl: bool = False, split: bool = False,
-    pack_next: NextPack | None = None,
+    pack_next: NextPack | None = None, pipe: bool | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, PackedAct]:  # fmt: skip
     """``model.attend`` for one token of batch 1: qkv [1, 1, (H + 2·Hkv)·Dh] (the fused projection's output),
     cos/sin [1, Dh], pos int64 [1] on the device, caches [≥1, Hkv, S, Dh] → y [1, 1, H·Dh].
@@ -1469,7 +1469,7 @@ def decode_attention(
     two (flash-decoding): H × up to 16 programs each over a chunk of the cache, then a combine. The chunking
     depends only on the cache size, so a CUDA graph replays it at every position. A program whose chunk spans
     several key blocks (caches over 1,024 slots when split, or the one-kernel form) has the next block in flight
-    during each block's math. ``pdl`` as for
+    during each block's math; ``pipe`` forces that on or off (benchmarks/bench_gpu.py's A/B). ``pdl`` as for
     ``bitlinear_gemv``; with it the kernel reads pos, cos / sin and the cached keys / values below pos before
     waiting for the previous kernel, so that kernel must not write them (the decode step's q/k/v GEMV does not).
 
@@ -1510,7 +1510,7 @@ def decode_attention(
         n_heads * head_dim, n_kv * head_dim, cache_k.stride(1), cache_k.stride(2), head_dim**-0.5, chunk, n_split,
         GROUP=n_heads // n_kv, DH=head_dim, HALF=triton.next_power_of_2(head_dim // 2), BLOCK_N=block_n, SPLIT=split,
         PDL=use_pdl, launch_pdl=use_pdl, ON_GPU=not _INTERPRET, FOLD=nxt is not None, **combine, **tail,
-        PIPE=chunk > block_n, num_warps=4,
+        PIPE=chunk > block_n if pipe is None else pipe, num_warps=4,
     )  # fmt: skip
     if nxt is not None:
         return y, nxt

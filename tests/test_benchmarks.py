@@ -5,11 +5,20 @@ not a test). The int8 head's quality script, which runs anywhere, on the demo mo
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"  # the attention probe's kernels, as in tests/test_kernels.py
+    if "bitnet158.runtime.kernels" in sys.modules:
+        importlib.reload(sys.modules["bitnet158.runtime.kernels"])  # defined before the interpreter was switched on
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,8 +83,6 @@ def test_persistent_configs_parse(bench):
 
 
 def test_trace_summary(bench):
-    import torch
-
     # two programs, two layers, every phase a 1 µs wait then 2 µs of work, one after the other; one program had
     # no attention split to wait for (-1: its input-ready time is its entry)
     t0 = torch.arange(10, dtype=torch.int64).view(2, 5) * 3000  # [L, 5] phase entries, ns
@@ -86,6 +93,30 @@ def test_trace_summary(bench):
     for name, v in s["phases"].items():
         assert (v["wait_us"], v["work_us"], v["span_us"]) == (1.0, 2.0, 3.0), name
     assert (s["layer_us"], s["total_us"]) == (15.0, 30.0)
+
+
+def test_attention_scaling_runs_both_ways(bench):
+    # the device check's attention probe, on the CPU (kernels in the interpreter, an eager timer): at 300 slots a
+    # split spans two key blocks, so the pipelined loop runs, and it must give the unpipelined output bit for bit
+    from types import SimpleNamespace
+
+    attn = SimpleNamespace(n_heads=4, n_kv=2, head_dim=16)
+    net = SimpleNamespace(layers=[SimpleNamespace(attn=attn)] * 2, head=torch.zeros(1, device="cuda" if HAS_CUDA else "cpu"))
+    calls = []
+
+    def timer(fns):
+        calls.append(len(fns))
+        for f in fns:
+            f()
+        return 1e-6
+
+    bench.RESULTS["bandwidth"] = 1e10
+    bench.RESULTS.pop("attention_scaling", None)
+    bench.attention_scaling(net, slot_counts=(40, 300), timer=timer)
+    rows = bench.RESULTS["attention_scaling"]
+    assert [r["slots"] for r in rows] == [40, 300] and calls == [2] * 4
+    assert all(r["pipelined_equal"] for r in rows)
+    assert rows[1]["kv_bytes"] == 2 * 2 * 299 * 16 * 4
 
 
 def test_head_quality_on_the_demo_model(tmp_path):
