@@ -300,6 +300,17 @@ def step_gap(dec, prompt: list[int], tok_s: float) -> None:
     say("step gap (us): " + "; ".join(f"{k} {v:.0f}" for k, v in out.items()))
 
 
+def kernel_rows(prof, per: int) -> list[tuple[str, float, float]]:
+    """(kernel name, launches, µs) per one of ``per`` repetitions from a torch.profiler run, kernels that ran at
+    least once a repetition, longest first."""
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t > 0 and e.count >= per:
+            rows.append((e.key, e.count / per, t / per))
+    return sorted(rows, key=lambda r: -r[2])
+
+
 def profile_step(dec, prompt: list[int], name: str, tok_s: float | None, steps: int = 20) -> None:
     """Kernel time inside variant ``name``'s CUDA-graph step (torch.profiler; CUPTI records the kernels of a graph
     replay): per kernel name, launches and µs per token, and their sum against the measured time per token."""
@@ -312,12 +323,7 @@ def profile_step(dec, prompt: list[int], name: str, tok_s: float | None, steps: 
         for _ in range(steps):
             dec._replay(key)
         sync()
-    rows = []
-    for e in prof.key_averages():
-        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-        if t > 0 and e.count >= steps:
-            rows.append((e.key, e.count / steps, t / steps))
-    rows.sort(key=lambda r: -r[2])
+    rows = kernel_rows(prof, steps)
     total = sum(r[2] for r in rows)
     per_token = 1e6 / tok_s if tok_s else float("nan")
     RESULTS.setdefault("profile", {})[name] = {
@@ -328,6 +334,32 @@ def profile_step(dec, prompt: list[int], name: str, tok_s: float | None, steps: 
         f"kernel time per token, against {per_token:.0f} us per token measured")
     for k, c, t in rows[:14]:
         say(f"  {t:8.1f} us/token {c:6.0f} launches  {t / c:6.2f} us each  {k[:90]}")
+
+
+def profile_prefill(fast, prompt: list[int]) -> None:
+    """Where the prefill of the prompt goes (the time to first token): its wall time, then its kernels by name
+    (torch.profiler, one prefill after a warm-up one), so that the gap between the two is launch time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    net = fast.net
+    tokens = torch.tensor([prompt], device=DEV)
+    net.setup_cache(1, len(prompt))
+    fast.logits_last(tokens, 0)  # compiles and autotunes
+    sync()
+    t0 = time.perf_counter()
+    fast.logits_last(tokens, 0)
+    sync()
+    wall = (time.perf_counter() - t0) * 1e6
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fast.logits_last(tokens, 0)
+        sync()
+    rows = kernel_rows(prof, 1)
+    RESULTS["profile_prefill"] = {"tokens": len(prompt), "wall_us": wall, "kernel_us": sum(r[2] for r in rows),
+                                  "kernels": [{"name": k, "launches": c, "us": t} for k, c, t in rows]}  # fmt: skip
+    say(f"profile of the prefill of {len(prompt)} tokens: {wall:.0f} us wall, {sum(r[1] for r in rows):.0f} launches "
+        f"and {sum(r[2] for r in rows):.0f} us of kernel time")
+    for k, c, t in rows[:14]:
+        say(f"  {t:8.1f} us {c:6.0f} launches  {t / c:6.2f} us each  {k[:90]}")
 
 
 PHASES = ("q/k/v", "attention", "o", "gate|up", "down")
@@ -896,6 +928,7 @@ def bench_model(path: Path, label: str, args, random: bool, t_start: float) -> N
     stage("variants", run_variants, fast, prompt, args)
     if args.profile and DEV == "cuda":
         stage("attention scaling", attention_scaling, model.net)
+        stage("prefill profile", profile_prefill, fast, prompt)
     if random and args.hf:
         net = model.net
         with torch.inference_mode():
