@@ -3,12 +3,12 @@
 #
 #   bash benchmarks/device_check.sh            # carry: .whl (the gguf wheel); logs and bench.json under $OUT
 #   bash benchmarks/device_check.sh quick      # the same steps cut to about 5 minutes (timeout_s=420): the GPU
-#                                              # tests of the tile search and the decode variants; the default
-#                                              # (searched tiles + argmax kernel) against autotuned tiles, with the
-#                                              # int8 head, and the persistent step at its best launch config, on
-#                                              # both models; no eager baselines, transformers or microbenchmarks;
-#                                              # --profile (with the step-gap probe and the attention at 80 to
-#                                              # 4,096 cache slots, pipelined and not)
+#                                              # tests of the attention kernel, the tile search and the decode
+#                                              # variants; the default against itself with the L2 prefetch, each
+#                                              # twice, alternating, and both with the int8 head, on both models;
+#                                              # no eager baselines, transformers or microbenchmarks; --profile
+#                                              # (with the step-gap probe, the attention at 80 to 4,096 cache slots
+#                                              # pipelined and not, and the prefill's kernels)
 #
 # Steps, each under its own timeout (about 7 minutes in all, at most 9.5; give the run timeout_s=600):
 #   1. environment: GPU, driver, python, torch, triton, transformers              (-> $OUT/env.txt)
@@ -57,8 +57,8 @@ export BITNET158_AUTOTUNE=0
 if [ "$MODE" = quick ]; then
   # in order of importance, each under its own timeout (the first call of each kernel variant compiles it)
   timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py \
-    -k "search_tiles or variants_follow" 2>&1 | tee "$OUT/pytest_gpu.log" | tail -n 25
-  echo "pytest -m gpu -k 'search_tiles or variants_follow' exit: ${PIPESTATUS[0]}" | tee -a "$OUT/pytest_gpu.log"
+    -k "decode_attention_bf16 or search_tiles or variants_follow" 2>&1 | tee "$OUT/pytest_gpu.log" | tail -n 25
+  echo "pytest -m gpu -k 'decode_attention_bf16 or search_tiles or variants_follow' exit: ${PIPESTATUS[0]}" | tee -a "$OUT/pytest_gpu.log"
 else
   timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py \
     --deselect "tests/test_kernels.py::test_gpu_graph_decoder_matches_eager[True]" 2>&1 | tee "$OUT/pytest_gpu.log" | tail -n 25
@@ -74,7 +74,7 @@ python3 -c "import sys; from bitnet158.converter.cli import main; sys.argv[1:] =
   '-o', '/tmp/tiny.bin', '--force']; main()" > "$OUT/convert_demo.log" 2>&1 || echo "demo conversion failed" | tee -a "$OUT/env.txt"
 if [ "$MODE" = quick ]; then
   timeout -k 5 50 python3 benchmarks/bench_gpu.py --file /tmp/tiny.bin --no-micro --prompt-len 64 --tokens 64 --runs 1 \
-    --variants torch/plain,split/packed/pdl/argmax/autotune,default,default/int8 --no-eager --json "$OUT/bench_demo.json" \
+    --variants torch/plain,default,default/prefetch,default/int8 --no-eager --json "$OUT/bench_demo.json" \
     > "$OUT/bench_demo.log" 2>&1
 else
   timeout -k 10 90 python3 benchmarks/bench_gpu.py --file /tmp/tiny.bin --no-micro --prompt-len 64 --tokens 128 --runs 1 \
@@ -86,8 +86,8 @@ grep -E "^check:|CORRECTNESS|FAILED" "$OUT/bench_demo.log"
 # 5. the benchmark, autotuned; its table comes last in the output
 unset BITNET158_AUTOTUNE
 if [ "$MODE" = quick ]; then
-  timeout -k 5 200 python3 benchmarks/bench_gpu.py --variants split/packed/pdl/argmax/autotune,default,split/packed/pdl/argmax/autotune,default,default/int8,split/persistent/argmax \
-    --persistent-configs "16,4,2,0" --no-micro --no-eager --profile --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
+  timeout -k 5 200 python3 benchmarks/bench_gpu.py --variants default,default/prefetch,default,default/prefetch,default/int8,default/int8/prefetch \
+    --no-micro --no-eager --profile --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
 else
   timeout -k 10 330 python3 benchmarks/bench_gpu.py --hf --compile --budget-s 240 --profile --json "$OUT/bench.json" 2>&1 \
     | tee "$OUT/bench.log"

@@ -114,12 +114,17 @@ def variants(quick: bool) -> list[tuple[str, object, dict, dict, dict]]:
     # PIPE as decode_attention sets it: the one-kernel form loops over the whole cache; a split spans one key block
     # up to 1,024 slots, several (pipelined) above
     attn = (("", False, False, True), (" split", True, False, False), (" split, pipelined (> 1,024 slots)", True, False, True),
-            (" split + combine + pack (folded)", True, True, False))  # fmt: skip
+            (" split + combine + pack (folded)", True, True, False), (" split + L2 prefetch", True, False, False))  # fmt: skip
     for label, split, fold, pipe in attn:
         const = dict(GROUP=4, DH=128, HALF=64, BLOCK_N=64, SPLIT=split, ON_GPU=True, PIPE=pipe)
+        kargs = args
+        if "prefetch" in label:  # FastModel(prefetch=True): the o, gate|up, down and next q/k/v bytes
+            sizes = (D * NQ // 4, 2 * I * D // 4, D * I // 4, (NQ + 2 * NKV) * D // 4)
+            kargs = {**args, **{f"pf{j}": "*u8" for j in range(4)}, **{f"pf{j}_n": n for j, n in enumerate(sizes)}}
+            const["N_PF"] = 4
         if fold:
             const.update(FOLD=True, P_NORM=True, P_BLOCK_C=K.pack_act_launch(NQ // 16, False)[0], BLOCK_S=16, BLOCK_D=128)
-        out.append((f"decode_attention{label}", K._decode_attention_kernel, args, const, {"num_warps": 4}))
+        out.append((f"decode_attention{label}", K._decode_attention_kernel, kargs, const, {"num_warps": 4}))
     args = {"pm_ptr": "*fp32", "pl_ptr": "*fp32", "pacc_ptr": "*fp32", "y_ptr": bf, "S": 16}
     out.append(("attention_combine", K._attention_combine_kernel, args, dict(DH=128, BLOCK_S=16, BLOCK_D=128), {"num_warps": 4}))
     args = {"x_ptr": "*fp32", "N": V, "pv_ptr": "*fp32", "pi_ptr": "*i32", "cnt_ptr": "*i32", "out_ptr": "*i64"}
@@ -161,8 +166,9 @@ def variants(quick: bool) -> list[tuple[str, object, dict, dict, dict]]:
 
 def compile_one(fn, args: dict, const: dict, opts: dict, arch: int) -> dict:
     names = fn.arg_names
-    # constexprs with a default in the kernel's signature (PDL, the folded tails' options) take it unless given
-    defaults = {k: p.default for k, p in inspect.signature(fn.fn).parameters.items() if p.default is not p.empty}
+    # parameters with a default in the kernel's signature (PDL, the folded tails' options, the prefetch regions) take
+    # it unless given: as constexprs, so an unused pointer is None
+    defaults = {k: p.default for k, p in inspect.signature(fn.fn).parameters.items() if p.default is not p.empty and k not in args}
     const = {**defaults, **const}
     missing = set(names) - set(args) - set(const)
     if missing:
@@ -196,6 +202,7 @@ def compile_one(fn, args: dict, const: dict, opts: dict, arch: int) -> dict:
         row.update(registers=int(m[1]), stack_bytes=int(m[2]), local_bytes=int(m[4]))
     # instructions only: nvdisasm also prints the cubin's data sections (.nv.info, constants) as `.byte` lines
     row["sass_instructions"] = sum(1 for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/\s+[A-Z@{]", line))
+    row["l2_prefetches"] = sass.count("CCTL.E.PF2")  # kernels._l2_prefetch's instructions
     row["loop_bodies"] = loop_bodies(sass)
     row["sync_ops"] = sync_ops(sass)
     return row

@@ -48,6 +48,10 @@ What it changes, and why:
     down) by timing the whole decode step with each tile (``GraphDecoder.search_tiles``, once per model, before
     the first capture); "autotune" leaves them to Triton's autotuner, which times each GEMV alone and picked
     tiles 4 % slower in the step on an H200.
+  - ``prefetch=True`` (not measured yet, so off; gemv "plain", "fused" or "packed"): the attention kernels, once
+    done, bring the weights of the layer's o, gate|up and down GEMVs and of the next layer's q/k/v into L2, while
+    the combine and the packing (which read no weights) run, so that those GEMVs read from L2 what each would
+    otherwise wait on memory for.
   Other backends ("reference", "triton_op" under torch.compile, "cpu") run the model's attention ops and the
   plain BitLinear path whatever these options say.
 - **Fewer bytes per token.** Decode only computes the head for the last position; ``head="int8"`` replaces the
@@ -143,7 +147,7 @@ class FastModel:
 
     def __init__(
         self, net: Transformer, *, head: str = "bf16", backend: str = "triton", attention: str = "split",
-        gemv: str = "packed", pdl: bool = True, argmax: str = "triton", tiles: str = "searched",
+        gemv: str = "packed", pdl: bool = True, argmax: str = "triton", tiles: str = "searched", prefetch: bool = False,
     ):  # fmt: skip
         if attention not in ATTENTIONS:
             raise FastPathError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
@@ -161,6 +165,7 @@ class FastModel:
         self.attention = attention  # "triton" / "split": the graph decode step's attention kernel(s) (kernels.py)
         self.gemv = gemv  # the decode GEMV variant (the module docstring)
         self.pdl = pdl  # programmatic dependent launch for the fused / packed / attention / int8 head kernels
+        self.prefetch = prefetch  # the attention kernels bring the layer's next weights into L2 (_prefetch_after)
         self._fusable: list[bool] | None = None  # per layer: every matrix readable by the GEMV (made when needed)
         self._counters: torch.Tensor | None = None  # gemv="folded": int32 [layers, 4 sites, width], all zero
         self._stack = None  # gemv="persistent": kernels.LayerStack, made on first use
@@ -271,9 +276,22 @@ class FastModel:
 
             c = a.cache
             split = self.attention == "split"
-            return decode_attention(qkv, cos, sin, pos, c.k, c.v, a.n_heads, a.n_kv, a.head_dim, pdl=self.pdl, split=split)
+            return decode_attention(qkv, cos, sin, pos, c.k, c.v, a.n_heads, a.n_kv, a.head_dim, pdl=self.pdl, split=split,
+                                    prefetch=self._prefetch_after(i))  # fmt: skip
         nq, nkv = a.n_heads * a.head_dim, a.n_kv * a.head_dim
         return a.attend(*qkv.split([nq, nkv, nkv], dim=-1), cos, sin, pos, mask)
+
+    def _prefetch_after(self, i: int) -> list[torch.Tensor]:
+        # with prefetch: the t2 bytes the GEMVs after layer i's attention read, in the order they read them (o,
+        # gate|up, down, then layer i + 1's q/k/v), 17 MB at the 2B-4T shape: the attention's programs bring them
+        # into L2 (kernels.decode_attention), where the 50-60 MB of an H100 / H200 hold them until they are read
+        if not self.prefetch:
+            return []
+        layer = self.net.layers[i]
+        out = [layer.attn.o_proj.packed, self.gate_up[i].packed, layer.mlp.down_proj.packed]
+        if i + 1 < len(self.net.layers):
+            out.append(self.qkv[i + 1].packed)
+        return out
 
     def _fused_gemv(self, i: int, x: torch.Tensor) -> bool:
         # gemv="fused" / "packed" apply to decode-sized inputs on the triton backend, for layers whose rows are
@@ -836,7 +854,8 @@ class GraphDecoder:
         shapes = ",".join(f"{lin.out_features}x{lin.in_features}" for lin in (fast.qkv[0], layer.attn.o_proj, fast.gate_up[0], layer.mlp.down_proj))
         return " | ".join([torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type, f"torch {torch.__version__}",
                            f"triton {triton.__version__}", str(fast.net.dtype), f"attention {fast.attention}", f"pdl {fast.pdl}",
-                           f"head {fast.head}", f"{len(fast.net.layers)} layers {shapes}", f"pos {SEARCH_POS}", str(configs)])  # fmt: skip
+                           f"head {fast.head}", f"prefetch {fast.prefetch}", f"{len(fast.net.layers)} layers {shapes}",
+                           f"pos {SEARCH_POS}", str(configs)])  # fmt: skip
 
     @torch.inference_mode()
     def search_tiles(self, key: tuple | None = None, configs: list | None = None, reps: int = 10, cached: bool = True):

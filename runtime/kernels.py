@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -116,6 +117,29 @@ def _pdl_enter(PDL: tl.constexpr):
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
+
+
+@triton.jit
+def _l2_prefetch(ptr, nbytes, part, n_parts, cnt_ptr, BLOCK: tl.constexpr, ON_GPU: tl.constexpr,
+                 COUNT: tl.constexpr = False):  # fmt: skip
+    # Bring program ``part`` of ``n_parts``' share of the 128-byte lines of ptr[0 .. nbytes) into L2: a
+    # contiguous run of lines a program, BLOCK lines (one a thread) a pass. A prefetch has no destination register,
+    # so the program does not wait for it. Nothing under the interpreter, except with COUNT (tests): each line's
+    # counter cnt_ptr[line] is incremented instead, so a test sees every line covered once.
+    if ON_GPU or COUNT:
+        lines = tl.cdiv(nbytes, 128)
+        per = tl.cdiv(lines, n_parts)
+        lo = part * per
+        hi = tl.minimum(lines, lo + per)
+        base = ptr.to(tl.pointer_type(tl.int8))
+        for l0 in range(lo, hi, BLOCK):
+            li = l0 + tl.arange(0, BLOCK)
+            if COUNT:
+                tl.atomic_add(cnt_ptr + li, 1, mask=li < hi)
+            else:
+                at = base + tl.where(li < hi, li, l0).to(tl.int64) * 128  # past hi: line l0 again, harmless
+                tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [at], dtype=tl.int32,
+                                          is_pure=False, pack=1)  # fmt: skip
 
 
 @triton.jit
@@ -705,7 +729,8 @@ def _decode_attention_kernel(
     GROUP: tl.constexpr, DH: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
     PDL: tl.constexpr = False, FOLD: tl.constexpr = False, P_NORM: tl.constexpr = False,
     P_BLOCK_C: tl.constexpr = 1, BLOCK_S: tl.constexpr = 1, BLOCK_D: tl.constexpr = 1, ON_GPU: tl.constexpr = False,
-    PIPE: tl.constexpr = False,
+    PIPE: tl.constexpr = False, pf0=None, pf1=None, pf2=None, pf3=None, pf0_n=0, pf1_n=0, pf2_n=0, pf3_n=0,
+    N_PF: tl.constexpr = 0,
 ):  # fmt: skip
     # program (h, s): _attn_split of query head h (kv head h // GROUP), batch 1, one new token at position pos
     # (read from the device, so a CUDA graph replays it), keys s·CHUNK .. min((s+1)·CHUNK, pos) − 1 of the cache
@@ -727,6 +752,19 @@ def _decode_attention_kernel(
                 stride_ks, scale, S, tl.num_programs(0), cnt_ptr, p_nw_ptr, p_xq_ptr, p_s_ptr, p_qs_ptr, P_K16, p_eps,
                 cnt_ptr, GROUP, DH, HALF, BLOCK_N, SPLIT, FOLD, P_NORM, P_BLOCK_C, BLOCK_S, BLOCK_D, ON_GPU, False,
                 "pack", PIPE)  # fmt: skip
+    # then the first N_PF of the regions pf0..pf3 (pf*_n bytes each) into L2, each spread over all the programs:
+    # the weights of the kernels after this one (decode_attention's ``prefetch``), fetched from memory while the
+    # combine and the packing, which read none, run
+    part = h * tl.num_programs(1) + s
+    n_parts = tl.num_programs(0) * tl.num_programs(1)
+    if N_PF > 0:
+        _l2_prefetch(pf0, pf0_n, part, n_parts, pf0, 128, ON_GPU)
+    if N_PF > 1:
+        _l2_prefetch(pf1, pf1_n, part, n_parts, pf1, 128, ON_GPU)
+    if N_PF > 2:
+        _l2_prefetch(pf2, pf2_n, part, n_parts, pf2, 128, ON_GPU)
+    if N_PF > 3:
+        _l2_prefetch(pf3, pf3_n, part, n_parts, pf3, 128, ON_GPU)
 
 
 @triton.jit
@@ -1459,7 +1497,7 @@ def _attention_splits(slots: int) -> tuple[int, int, int]:
 def decode_attention(
     qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor, cache_k: torch.Tensor,
     cache_v: torch.Tensor, n_heads: int, n_kv: int, head_dim: int, pdl: bool = False, split: bool = False,
-    pack_next: NextPack | None = None, pipe: bool | None = None,
+    pack_next: NextPack | None = None, pipe: bool | None = None, prefetch: Sequence[torch.Tensor] = (),
 ) -> torch.Tensor | tuple[torch.Tensor, PackedAct]:  # fmt: skip
     """``model.attend`` for one token of batch 1: qkv [1, 1, (H + 2·Hkv)·Dh] (the fused projection's output),
     cos/sin [1, Dh], pos int64 [1] on the device, caches [≥1, Hkv, S, Dh] → y [1, 1, H·Dh].
@@ -1469,7 +1507,11 @@ def decode_attention(
     two (flash-decoding): H × up to 16 programs each over a chunk of the cache, then a combine. The chunking
     depends only on the cache size, so a CUDA graph replays it at every position. A program whose chunk spans
     several key blocks (caches over 1,024 slots when split, or the one-kernel form) has the next block in flight
-    during each block's math; ``pipe`` forces that on or off (benchmarks/bench_gpu.py's A/B). ``pdl`` as for
+    during each block's math; ``pipe`` forces that on or off (benchmarks/bench_gpu.py's A/B).
+
+    ``prefetch``: up to four contiguous tensors (the weights of the GEMVs after the attention) that the
+    attention's programs, once done, bring into L2 (``_l2_prefetch``), so that those GEMVs read them from L2. Their
+    bytes must not be written by the kernels in between; nothing happens under the interpreter. ``pdl`` as for
     ``bitlinear_gemv``; with it the kernel reads pos, cos / sin and the cached keys / values below pos before
     waiting for the previous kernel, so that kernel must not write them (the decode step's q/k/v GEMV does not).
 
@@ -1505,12 +1547,16 @@ def decode_attention(
     tail = {k: v for k, v in tail.items() if k not in ("P_K", "p_stride_xq", "P_ACT", "P_RELU2")}
     use_pdl = _use_pdl(qkv, pdl)
     combine = dict(BLOCK_S=triton.next_power_of_2(n_split), BLOCK_D=triton.next_power_of_2(head_dim))
+    if len(prefetch) > 4 or any(t.device != dev or not t.is_contiguous() or t.numel() * t.element_size() >= 2**31
+                                for t in prefetch):  # fmt: skip
+        raise KernelShapeError(f"decode_attention: prefetch takes up to 4 contiguous tensors under 2 GiB on {dev}")
+    pf = {f"pf{j}": t for j, t in enumerate(prefetch)} | {f"pf{j}_n": t.numel() * t.element_size() for j, t in enumerate(prefetch)}
     _decode_attention_kernel[(n_heads, n_split)](
         qkv, cos.contiguous(), sin.contiguous(), pos, cache_k, cache_v, y, pm, pl, pacc,
         n_heads * head_dim, n_kv * head_dim, cache_k.stride(1), cache_k.stride(2), head_dim**-0.5, chunk, n_split,
         GROUP=n_heads // n_kv, DH=head_dim, HALF=triton.next_power_of_2(head_dim // 2), BLOCK_N=block_n, SPLIT=split,
         PDL=use_pdl, launch_pdl=use_pdl, ON_GPU=not _INTERPRET, FOLD=nxt is not None, **combine, **tail,
-        PIPE=chunk > block_n if pipe is None else pipe, num_warps=4,
+        PIPE=chunk > block_n if pipe is None else pipe, **pf, N_PF=len(prefetch), num_warps=4,
     )  # fmt: skip
     if nxt is not None:
         return y, nxt

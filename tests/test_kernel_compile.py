@@ -3,10 +3,10 @@
 Triton's interpreter (tests/test_kernels.py) runs the kernels' Python but not the compiler, so a kernel can pass
 there and still fail to compile for the GPU. benchmarks/kernel_resources.py compiles every kernel for sm_90
 (H100/H200) with the shapes of the 2B-4T model; this test runs its quick mode in a subprocess (the interpreter
-must be off there) and asserts that everything compiled, and that the atomics of the kernels that arrive on a
-counter keep their memory ordering in the machine code. Registers and instruction counts are reported by
-the script, not asserted: speed belongs to the benchmarks. Also the switch that replaces the GPU autotuner by
-fixed configs, which is read at import, so it is checked in subprocesses too.
+must be off there) and asserts that everything compiled, that the atomics of the kernels that arrive on a
+counter keep their memory ordering in the machine code, and that the L2 prefetches are there. Registers and
+instruction counts are reported by the script, not asserted: speed belongs to the benchmarks. Also the switch that
+replaces the GPU autotuner by fixed configs, which is read at import, so it is checked in subprocesses too.
 """
 
 from __future__ import annotations
@@ -52,6 +52,9 @@ def test_every_kernel_compiles_for_sm90():
         assert set(ops) == {"acq_rel", "release", "acquire"} and ops.count("acquire") >= 10 and ops.count("release") >= 6, r
     assert not any(r["sync_ops"] for r in rows if r not in counted and r not in layers)
     assert all(r["registers"] > 0 and r["sass_instructions"] > 100 for r in rows)
+    # FastModel(prefetch=True): the attention's L2 prefetches are in its machine code (CCTL.E.PF2), and only there
+    prefetching = {r["kernel"] for r in rows if r["l2_prefetches"]}
+    assert prefetching == {"decode_attention split + L2 prefetch", "decode_attention split + L2 prefetch +pdl"}, prefetching
 
 
 def test_autotune_can_be_switched_off():

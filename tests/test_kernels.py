@@ -614,6 +614,33 @@ def test_decode_attention_kernel(heads, kv, dh, slots, pos, split):
         kernels.decode_attention(case[0][..., :-1], *case[1:], heads, kv, dh)
 
 
+def test_l2_prefetch_covers_each_line_once():
+    # kernels._l2_prefetch's split of a region's 128-byte lines over the programs, counted instead of prefetched
+    # (COUNT): every line of the region once, nothing past it, whether programs outnumber lines or not
+    @triton.jit
+    def count(buf, nbytes, cnt, BLOCK: tl.constexpr):
+        kernels._l2_prefetch(buf, nbytes, tl.program_id(0), tl.num_programs(0), cnt, BLOCK, False, True)
+
+    buf = torch.zeros(64, dtype=torch.int32)
+    for nbytes, programs, block in ((1, 1, 4), (128, 3, 4), (129, 3, 4), (5000, 7, 4), (5000, 2, 16), (640, 40, 4)):
+        cnt = torch.zeros(64, dtype=torch.int32)
+        count[(programs,)](buf, nbytes, cnt, block)
+        lines = -(-nbytes // 128)
+        assert cnt[:lines].eq(1).all() and cnt[lines:].eq(0).all(), (nbytes, programs, cnt)
+
+
+def test_decode_attention_prefetch_is_checked_and_changes_nothing():
+    # prefetch (L2 hints, nothing under the interpreter) leaves the output alone; bad regions are refused
+    case = _attention_case(torch.float32, 4, 2, 16, 40, 23)
+    want = kernels.decode_attention(*case, 4, 2, 16, split=True)
+    regions = [torch.zeros(300, dtype=torch.uint8, device=DEV), torch.zeros(7, 5, dtype=torch.int32, device=DEV)]
+    case = _attention_case(torch.float32, 4, 2, 16, 40, 23)
+    assert torch.equal(kernels.decode_attention(*case, 4, 2, 16, split=True, prefetch=regions), want)
+    for bad in ([regions[1][:, :2]], regions * 3):  # not contiguous; five regions
+        with pytest.raises(kernels.KernelShapeError, match="prefetch"):
+            kernels.decode_attention(*case, 4, 2, 16, split=True, prefetch=bad)
+
+
 @interp
 def test_fast_model_attention_kernel_in_the_graph_step():
     # the tensor-position step (the one CUDA graphs capture) with the attention kernel equals the torch attention
@@ -625,9 +652,10 @@ def test_fast_model_attention_kernel_in_the_graph_step():
         FastModel(net, backend="reference", attention="flash")
     with torch.inference_mode():
         steps = {}
-        for attention in ("torch", "triton", "split"):
+        for attention in ("torch", "triton", "split", "split+prefetch"):
             # the kernels go with the triton backend (the reference backend keeps the torch attention: below)
-            fast = FastModel(net, backend="triton", attention=attention, gemv="plain")
+            fast = FastModel(net, backend="triton", attention=attention.split("+")[0], gemv="plain",
+                             prefetch=attention.endswith("prefetch"))  # fmt: skip
             net.setup_cache(1, 32)
             fast.logits_last(torch.tensor([ids]), 0)
             steps[attention] = [
@@ -636,6 +664,14 @@ def test_fast_model_attention_kernel_in_the_graph_step():
     for attention in ("triton", "split"):
         for a, b in zip(steps["torch"], steps[attention]):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(steps["split"], steps["split+prefetch"]))  # L2 hints only
+    # what the prefetch brings in after each layer's attention: its o, gate|up and down, then the next q/k/v
+    net2 = tiny_model(layers=2, seed=3).net
+    fast = FastModel(net2, backend="triton", prefetch=True)
+    l0, l1 = net2.layers
+    assert [t.data_ptr() for t in fast._prefetch_after(0)] == [t.data_ptr() for t in (
+        l0.attn.o_proj.packed, fast.gate_up[0].packed, l0.mlp.down_proj.packed, fast.qkv[1].packed)]  # fmt: skip
+    assert len(fast._prefetch_after(1)) == 3 and FastModel(net2, backend="triton")._prefetch_after(0) == []
     # the reference backend never calls a kernel, whatever the attention option says (``--reference`` A/B checks)
     with torch.inference_mode(), patch.object(kernels, "decode_attention", side_effect=AssertionError("kernel called")):
         fast = FastModel(net, backend="reference", attention="split")
@@ -743,9 +779,9 @@ def test_search_tiles_descends_site_by_site(monkeypatch, tmp_path):
     kept = tmp_path / "cache" / "bitnet158" / "gemv_tiles.json"
     assert list(json.loads(kept.read_text()).values()) == [{s: list(c) for s, c in pick.items()}]
 
-    def searched(model, **kw) -> int:  # how many steps a search on a fresh FastModel of ``model`` timed
+    def searched(model, prefetch=False, **kw) -> int:  # how many steps a search on a fresh FastModel of ``model`` timed
         n = len(timed)
-        d = GraphDecoder(FastModel(model, backend="triton"), 200, use_graph=False)
+        d = GraphDecoder(FastModel(model, backend="triton", prefetch=prefetch), 200, use_graph=False)
         d.use_graph = True
         assert d.search_tiles(configs=configs, **kw) == pick
         return len(timed) - n
@@ -753,7 +789,8 @@ def test_search_tiles_descends_site_by_site(monkeypatch, tmp_path):
     assert searched(net) == 0  # from the file
     assert searched(net, cached=False) == 12
     assert searched(tiny_model(layers=1, seed=7, inter=96).net) == 12  # other shapes: another key
-    assert len(json.loads(kept.read_text())) == 2
+    assert searched(net, prefetch=True) == 12  # the step it times differs: another key
+    assert len(json.loads(kept.read_text())) == 3
     kept.write_text("{not json")
     assert searched(net) == 12 and len(json.loads(kept.read_text())) == 1
     monkeypatch.setenv("XDG_CACHE_HOME", str(kept))  # a file where the folder would go: searched, not kept
@@ -1100,6 +1137,9 @@ def test_gpu_decode_attention_bf16():
         got = kernels.decode_attention(*case, 20, 5, 128, split=split)
         assert torch.equal(case[4], k2) and torch.equal(case[5], v2)
         torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=1e-2)
+    # the L2 prefetch of four regions after the attention (the compiled inline PTX) changes nothing
+    regions = [torch.ones(n, dtype=torch.uint8, device="cuda") for n in (1, 4096 * 1000 + 5, 3_000_000, 640)]
+    assert torch.equal(kernels.decode_attention(*case, 20, 5, 128, split=True, prefetch=regions), got)
 
 
 @gpu
@@ -1298,7 +1338,10 @@ def test_gpu_decode_variants_follow_the_default():
         fast = FastModel(model.net, backend="triton", attention="torch", gemv="plain", pdl=False)  # the first graph step
         want = list(GraphDecoder(fast, 64).generate(ids, 10))
         assert want == list(GraphDecoder(fast, 64, use_graph=False).generate(ids, 10))
-        assert list(GraphDecoder(FastModel(model.net, backend="triton"), 64).generate(ids, 10))[:6] == want[:6]  # the default
+        default = list(GraphDecoder(FastModel(model.net, backend="triton"), 64).generate(ids, 10))
+        assert default[:6] == want[:6]
+        # the L2 prefetch changes no value: the default's tokens exactly
+        assert list(GraphDecoder(FastModel(model.net, backend="triton", prefetch=True), 64).generate(ids, 10)) == default
         variants = [("triton", "plain", False, "bf16"), ("split", "plain", False, "bf16"), ("triton", "fused", False, "bf16"),
                     ("torch", "packed", False, "bf16"), ("triton", "packed", False, "bf16"), ("split", "packed", True, "bf16"),
                     ("split", "fused", True, "bf16"), ("torch", "packed", True, "bf16"), ("split", "packed", True, "int8"),
