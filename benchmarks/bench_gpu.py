@@ -25,7 +25,9 @@ What it does, in order (each step logs one line; a short table comes last):
    ``--profile`` the kernels inside the graph step of the default, of the default without PDL and of the
    folded and persistent variants run (torch.profiler; with PDL a kernel's span includes its wait for the previous one, without
    it only its own run), and for the persistent one the kernel's own trace of each phase (``trace_summary``);
-   prefill tok/s for 512 tokens, the time to first token, peak GPU memory;
+   with ``--profile`` also, for the default, where the loop's time goes beyond one replay (``step_gap``), and
+   within ``--budget-s`` the attention across cache sizes (``attention_scaling``) and the prefill's kernels
+   (``profile_prefill``); prefill tok/s for 512 tokens, the time to first token, peak GPU memory;
 6. with ``--hf``: transformers' BitNetForCausalLM on the same weights (an HF packed checkpoint written here,
    autobitlinear offline), in a subprocess with TORCHDYNAMO_DISABLE=1, decode over ``--hf-tokens`` tokens;
 7. with ``--compile``, last and only within ``--budget-s``: torch.compile + CUDA graph + int8 head.
@@ -935,8 +937,14 @@ def bench_model(path: Path, label: str, args, random: bool, t_start: float) -> N
     stage("int8 head effect", int8_head_effect, fast, prompt[:256], text_ids)
     stage("variants", run_variants, fast, prompt, args)
     if args.profile and DEV == "cuda":
-        stage("attention scaling", attention_scaling, model.net)
-        stage("prefill profile", profile_prefill, fast, prompt)
+        # probes, each only within --budget-s (the prefill's first run autotunes its matmul)
+        for name, fn, fn_args in (("attention scaling", attention_scaling, (model.net,)),
+                                  ("prefill profile", profile_prefill, (fast, prompt))):  # fmt: skip
+            left = args.budget_s - (time.perf_counter() - t_start)
+            if left < 30:
+                say(f"{name} skipped: {left:.0f} s left of the --budget-s {args.budget_s} s")
+                continue
+            stage(name, fn, *fn_args)
     if random and args.hf:
         net = model.net
         with torch.inference_mode():
@@ -1017,7 +1025,8 @@ def main() -> int:
     ap.add_argument("--slow-runs", type=int, default=2, help="runs of the eager (launch-bound, slow) variants")
     ap.add_argument("--slow-tokens", type=int, default=48, help="decode tokens per run of the eager variants")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile + CUDA graph (last)")
-    ap.add_argument("--budget-s", type=float, default=300, help="skip the compile variant past this much wall time")
+    ap.add_argument("--budget-s", type=float, default=300,
+                    help="skip the compile variant and the --profile probes past this much wall time")
     ap.add_argument("--hf", action="store_true", help="also time transformers on the random model's weights")
     ap.add_argument("--hf-tokens", type=int, default=32)
     ap.add_argument("--no-micro", action="store_true")

@@ -87,7 +87,7 @@ grep -E "^check:|CORRECTNESS|FAILED" "$OUT/bench_demo.log"
 unset BITNET158_AUTOTUNE
 if [ "$MODE" = quick ]; then
   timeout -k 5 200 python3 benchmarks/bench_gpu.py --variants default,default/prefetch,default,default/prefetch,default/int8,default/int8/prefetch \
-    --no-micro --no-eager --profile --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
+    --no-micro --no-eager --profile --budget-s 150 --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
 else
   timeout -k 10 330 python3 benchmarks/bench_gpu.py --hf --compile --budget-s 240 --profile --json "$OUT/bench.json" 2>&1 \
     | tee "$OUT/bench.log"
