@@ -411,7 +411,7 @@ class Variant(NamedTuple):
     head: str
     argmax: str = "torch"
     tiles: str = "searched"
-    prefetch: bool = False
+    prefetch: str = "off"
 
 
 GRAPH_VARIANTS = [Variant(*v) for v in [
@@ -423,7 +423,8 @@ GRAPH_VARIANTS = [Variant(*v) for v in [
     ("split", "folded", True, "bf16", "triton"), ("split", "folded", True, "int8", "triton"),
     ("split", "persistent", False, "bf16", "triton"), ("split", "persistent", False, "int8", "triton"),
     ("split", "packed", True, "bf16", "torch", "autotune"), ("split", "packed", True, "bf16", "triton", "autotune"),
-    ("split", "packed", True, "int8", "triton"), ("split", "packed", True, "bf16", "triton", "searched", True),
+    ("split", "packed", True, "int8", "triton"), ("split", "packed", True, "bf16", "triton", "searched", "after"),
+    ("split", "packed", True, "bf16", "triton", "searched", "before"),
 ]]  # fmt: skip
 
 
@@ -438,23 +439,25 @@ def default_variant() -> Variant:
 
 
 def parse_variant(spec: str) -> Variant:
-    """'attention/gemv[/pdl][/int8][/argmax][/autotune][/prefetch]' (e.g. 'split/folded/pdl/argmax') → a Variant;
-    'default' for FastModel's defaults, 'default/int8' … for them with flags changed. 'argmax': FastModel(argmax=
-    "triton"), the greedy step's argmax as one kernel; 'autotune': FastModel(tiles="autotune"), the packed GEMV's
-    tiles from Triton's autotuner instead of GraphDecoder.search_tiles; 'prefetch': FastModel(prefetch=True), the
-    attention brings the next GEMVs' weights into L2."""
+    """'attention/gemv[/pdl][/int8][/argmax][/autotune][/prefetch|/prefetch-early]' (e.g. 'split/folded/pdl/argmax')
+    → a Variant; 'default' for FastModel's defaults, 'default/int8' … for them with flags changed. 'argmax':
+    FastModel(argmax="triton"), the greedy step's argmax as one kernel; 'autotune': FastModel(tiles="autotune"), the
+    packed GEMV's tiles from Triton's autotuner instead of GraphDecoder.search_tiles; 'prefetch' /
+    'prefetch-early': FastModel(prefetch="after" / "before"), the attention brings the next GEMVs' weights into L2."""
     parts = spec.split("/")
     flags = set(parts[2:] if parts[0] != "default" else parts[1:])
-    if parts[0] != "default" and len(parts) < 2 or not flags <= {"pdl", "int8", "argmax", "autotune", "prefetch"}:
-        raise SystemExit(f"--variants: bad variant {spec!r} (attention/gemv[/pdl][/int8][/argmax][/autotune][/prefetch], "
-                         "or default[/flags])")  # fmt: skip
+    allowed = {"pdl", "int8", "argmax", "autotune", "prefetch", "prefetch-early"}
+    if parts[0] != "default" and len(parts) < 2 or not flags <= allowed or {"prefetch", "prefetch-early"} <= flags:
+        raise SystemExit(f"--variants: bad variant {spec!r} (attention/gemv[/pdl][/int8][/argmax][/autotune]"
+                         "[/prefetch|/prefetch-early], or default[/flags])")  # fmt: skip
+    prefetch = "after" if "prefetch" in flags else "before" if "prefetch-early" in flags else None
     if parts[0] == "default":
         d = default_variant()
         return d._replace(head="int8" if "int8" in flags else d.head, tiles="autotune" if "autotune" in flags else d.tiles,
-                          prefetch=d.prefetch or "prefetch" in flags)  # fmt: skip
+                          prefetch=prefetch or d.prefetch)  # fmt: skip
     return Variant(parts[0], parts[1], "pdl" in flags, "int8" if "int8" in flags else "bf16",
                    "triton" if "argmax" in flags else "torch", "autotune" if "autotune" in flags else "searched",
-                   "prefetch" in flags)  # fmt: skip
+                   prefetch or "off")  # fmt: skip
 
 
 def parse_persistent_configs(spec: str | None) -> list[tuple[int, int, int, int]]:
@@ -488,8 +491,8 @@ def variant_name(v: Variant) -> str:
         parts.append("argmax kernel")
     if v.gemv == "packed":
         parts.append("autotuned tiles" if v.tiles == "autotune" else "searched tiles")
-    if v.prefetch:
-        parts.append("L2 prefetch")
+    if v.prefetch != "off":
+        parts.append("L2 prefetch" + (" (early)" if v.prefetch == "before" else ""))
     return " + ".join(parts) + (" (default)" if v == default_variant() else "")
 
 

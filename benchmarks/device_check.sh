@@ -4,8 +4,9 @@
 #   bash benchmarks/device_check.sh            # carry: .whl (the gguf wheel); logs and bench.json under $OUT
 #   bash benchmarks/device_check.sh quick      # the same steps cut to about 5 minutes (timeout_s=420): the GPU
 #                                              # tests of the attention kernel, the tile search and the decode
-#                                              # variants; the default against itself with the L2 prefetch, each
-#                                              # twice, alternating, and both with the int8 head, on both models;
+#                                              # variants; the default against itself with the L2 prefetch after
+#                                              # the attention (each twice, alternating) and before its wait, and
+#                                              # the prefetch with the int8 head, on both models;
 #                                              # no eager baselines, transformers or microbenchmarks; --profile
 #                                              # (with the step-gap probe, the attention at 80 to 4,096 cache slots
 #                                              # pipelined and not, and the prefill's kernels)
@@ -86,7 +87,7 @@ grep -E "^check:|CORRECTNESS|FAILED" "$OUT/bench_demo.log"
 # 5. the benchmark, autotuned; its table comes last in the output
 unset BITNET158_AUTOTUNE
 if [ "$MODE" = quick ]; then
-  timeout -k 5 200 python3 benchmarks/bench_gpu.py --variants default,default/prefetch,default,default/prefetch,default/int8,default/int8/prefetch \
+  timeout -k 5 200 python3 benchmarks/bench_gpu.py --variants default,default/prefetch,default/prefetch-early,default,default/prefetch,default/int8/prefetch \
     --no-micro --no-eager --profile --budget-s 150 --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
 else
   timeout -k 10 330 python3 benchmarks/bench_gpu.py --hf --compile --budget-s 240 --profile --json "$OUT/bench.json" 2>&1 \

@@ -114,14 +114,15 @@ def variants(quick: bool) -> list[tuple[str, object, dict, dict, dict]]:
     # PIPE as decode_attention sets it: the one-kernel form loops over the whole cache; a split spans one key block
     # up to 1,024 slots, several (pipelined) above
     attn = (("", False, False, True), (" split", True, False, False), (" split, pipelined (> 1,024 slots)", True, False, True),
-            (" split + combine + pack (folded)", True, True, False), (" split + L2 prefetch", True, False, False))  # fmt: skip
+            (" split + combine + pack (folded)", True, True, False), (" split + L2 prefetch", True, False, False),
+            (" split + L2 prefetch (early)", True, False, False))  # fmt: skip
     for label, split, fold, pipe in attn:
         const = dict(GROUP=4, DH=128, HALF=64, BLOCK_N=64, SPLIT=split, ON_GPU=True, PIPE=pipe)
         kargs = args
-        if "prefetch" in label:  # FastModel(prefetch=True): the o, gate|up, down and next q/k/v bytes
+        if "prefetch" in label:  # FastModel(prefetch="after"): the o, gate|up, down and next q/k/v bytes
             sizes = (D * NQ // 4, 2 * I * D // 4, D * I // 4, (NQ + 2 * NKV) * D // 4)
             kargs = {**args, **{f"pf{j}": "*u8" for j in range(4)}, **{f"pf{j}_n": n for j, n in enumerate(sizes)}}
-            const["N_PF"] = 4
+            const.update(N_PF=4, PF_EARLY="early" in label)
         if fold:
             const.update(FOLD=True, P_NORM=True, P_BLOCK_C=K.pack_act_launch(NQ // 16, False)[0], BLOCK_S=16, BLOCK_D=128)
         out.append((f"decode_attention{label}", K._decode_attention_kernel, kargs, const, {"num_warps": 4}))

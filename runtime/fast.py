@@ -48,10 +48,11 @@ What it changes, and why:
     down) by timing the whole decode step with each tile (``GraphDecoder.search_tiles``, once per model, before
     the first capture); "autotune" leaves them to Triton's autotuner, which times each GEMV alone and picked
     tiles 4 % slower in the step on an H200.
-  - ``prefetch=True`` (not measured yet, so off; gemv "plain", "fused" or "packed"): the attention kernels, once
-    done, bring the weights of the layer's o, gate|up and down GEMVs and of the next layer's q/k/v into L2, while
-    the combine and the packing (which read no weights) run, so that those GEMVs read from L2 what each would
-    otherwise wait on memory for.
+  - ``prefetch="after"`` (not measured yet, so "off" by default; gemv "plain", "fused" or "packed"): the
+    attention kernels, once done, bring the weights of the layer's o, gate|up and down GEMVs and of the next
+    layer's q/k/v into L2, while the combine and the packing (which read no weights) run, so that those GEMVs read
+    from L2 what each would otherwise wait on memory for. "before": the same, issued before the attention's wait
+    for the q/k/v GEMV (so during it: earlier, but competing with its reads).
   Other backends ("reference", "triton_op" under torch.compile, "cpu") run the model's attention ops and the
   plain BitLinear path whatever these options say.
 - **Fewer bytes per token.** Decode only computes the head for the last position; ``head="int8"`` replaces the
@@ -98,6 +99,7 @@ ATTENTIONS = ("torch", "triton", "split")
 GEMVS = ("plain", "fused", "packed", "folded", "persistent")
 ARGMAXES = ("torch", "triton")
 TILES = ("searched", "autotune")
+PREFETCHES = ("off", "after", "before")  # FastModel(prefetch=): when the attention brings the next weights into L2
 SITES = ("qkv", "o", "gate_up", "down")  # a layer's four packed GEMVs, in order
 SEARCH_POS = 256  # the decode position GraphDecoder.search_tiles times the step at (attention over 256 keys)
 
@@ -147,7 +149,7 @@ class FastModel:
 
     def __init__(
         self, net: Transformer, *, head: str = "bf16", backend: str = "triton", attention: str = "split",
-        gemv: str = "packed", pdl: bool = True, argmax: str = "triton", tiles: str = "searched", prefetch: bool = False,
+        gemv: str = "packed", pdl: bool = True, argmax: str = "triton", tiles: str = "searched", prefetch: str = "off",
     ):  # fmt: skip
         if attention not in ATTENTIONS:
             raise FastPathError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
@@ -157,6 +159,8 @@ class FastModel:
             raise FastPathError(f"argmax must be one of {ARGMAXES}, got {argmax!r}")
         if tiles not in TILES:
             raise FastPathError(f"tiles must be one of {TILES}, got {tiles!r}")
+        if prefetch not in PREFETCHES:
+            raise FastPathError(f"prefetch must be one of {PREFETCHES}, got {prefetch!r}")
         self.argmax = argmax  # the greedy step's argmax: torch's, or kernels.argmax (one launch) on backend "triton"
         self.tiles = tiles  # the graph step's packed GEMV tiles: "searched" (GraphDecoder.search_tiles) or "autotune"
         self.tile_pick: dict[str, tuple[int, int, int]] | None = None  # search_tiles' tile per site, once made
@@ -165,7 +169,7 @@ class FastModel:
         self.attention = attention  # "triton" / "split": the graph decode step's attention kernel(s) (kernels.py)
         self.gemv = gemv  # the decode GEMV variant (the module docstring)
         self.pdl = pdl  # programmatic dependent launch for the fused / packed / attention / int8 head kernels
-        self.prefetch = prefetch  # the attention kernels bring the layer's next weights into L2 (_prefetch_after)
+        self.prefetch = prefetch  # "after" / "before": the attention brings the next weights into L2 (_prefetch_after)
         self._fusable: list[bool] | None = None  # per layer: every matrix readable by the GEMV (made when needed)
         self._counters: torch.Tensor | None = None  # gemv="folded": int32 [layers, 4 sites, width], all zero
         self._stack = None  # gemv="persistent": kernels.LayerStack, made on first use
@@ -277,7 +281,7 @@ class FastModel:
             c = a.cache
             split = self.attention == "split"
             return decode_attention(qkv, cos, sin, pos, c.k, c.v, a.n_heads, a.n_kv, a.head_dim, pdl=self.pdl, split=split,
-                                    prefetch=self._prefetch_after(i))  # fmt: skip
+                                    prefetch=self._prefetch_after(i), prefetch_early=self.prefetch == "before")  # fmt: skip
         nq, nkv = a.n_heads * a.head_dim, a.n_kv * a.head_dim
         return a.attend(*qkv.split([nq, nkv, nkv], dim=-1), cos, sin, pos, mask)
 
@@ -285,7 +289,7 @@ class FastModel:
         # with prefetch: the t2 bytes the GEMVs after layer i's attention read, in the order they read them (o,
         # gate|up, down, then layer i + 1's q/k/v), 17 MB at the 2B-4T shape: the attention's programs bring them
         # into L2 (kernels.decode_attention), where the 50-60 MB of an H100 / H200 hold them until they are read
-        if not self.prefetch:
+        if self.prefetch == "off":
             return []
         layer = self.net.layers[i]
         out = [layer.attn.o_proj.packed, self.gate_up[i].packed, layer.mlp.down_proj.packed]

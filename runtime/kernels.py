@@ -143,6 +143,22 @@ def _l2_prefetch(ptr, nbytes, part, n_parts, cnt_ptr, BLOCK: tl.constexpr, ON_GP
 
 
 @triton.jit
+def _prefetch_regions(pf0, pf1, pf2, pf3, pf0_n, pf1_n, pf2_n, pf3_n, N_PF: tl.constexpr, ON_GPU: tl.constexpr):
+    # the first N_PF of the regions pf0..pf3 (pf*_n bytes each) into L2, each spread over all the programs of a 2-D
+    # grid (_l2_prefetch): decode_attention's ``prefetch``, the weights of the kernels after it
+    part = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+    n_parts = tl.num_programs(0) * tl.num_programs(1)
+    if N_PF > 0:
+        _l2_prefetch(pf0, pf0_n, part, n_parts, pf0, 128, ON_GPU)
+    if N_PF > 1:
+        _l2_prefetch(pf1, pf1_n, part, n_parts, pf1, 128, ON_GPU)
+    if N_PF > 2:
+        _l2_prefetch(pf2, pf2_n, part, n_parts, pf2, 128, ON_GPU)
+    if N_PF > 3:
+        _l2_prefetch(pf3, pf3_n, part, n_parts, pf3, 128, ON_GPU)
+
+
+@triton.jit
 def _rows_at(w_ptr, first, N, stride_wn, BLOCK_N: tl.constexpr):
     # output rows first .. first + BLOCK_N − 1: (rows [BLOCK_N], their mask, weight row pointers [BLOCK_N, 1])
     rows = first + tl.arange(0, BLOCK_N)
@@ -730,7 +746,7 @@ def _decode_attention_kernel(
     PDL: tl.constexpr = False, FOLD: tl.constexpr = False, P_NORM: tl.constexpr = False,
     P_BLOCK_C: tl.constexpr = 1, BLOCK_S: tl.constexpr = 1, BLOCK_D: tl.constexpr = 1, ON_GPU: tl.constexpr = False,
     PIPE: tl.constexpr = False, pf0=None, pf1=None, pf2=None, pf3=None, pf0_n=0, pf1_n=0, pf2_n=0, pf3_n=0,
-    N_PF: tl.constexpr = 0,
+    N_PF: tl.constexpr = 0, PF_EARLY: tl.constexpr = False,
 ):  # fmt: skip
     # program (h, s): _attn_split of query head h (kv head h // GROUP), batch 1, one new token at position pos
     # (read from the device, so a CUDA graph replays it), keys s·CHUNK .. min((s+1)·CHUNK, pos) − 1 of the cache
@@ -747,24 +763,15 @@ def _decode_attention_kernel(
     hi = tl.minimum(lo + CHUNK, pos)
     rope, cache_k, cache_v, kv_first = _attn_prefetch(cos_ptr, sin_ptr, k_ptr, v_ptr, h // GROUP, lo, hi, stride_kh,
                                                       stride_ks, DH, HALF, BLOCK_N)  # fmt: skip
+    if PF_EARLY:
+        _prefetch_regions(pf0, pf1, pf2, pf3, pf0_n, pf1_n, pf2_n, pf3_n, N_PF, ON_GPU)
     _pdl_enter(PDL)
     _attn_split(qkv_ptr, rope, cache_k, cache_v, kv_first, pos, h, s, lo, hi, y_ptr, pm_ptr, pl_ptr, pacc_ptr, NQ, NKV,
                 stride_ks, scale, S, tl.num_programs(0), cnt_ptr, p_nw_ptr, p_xq_ptr, p_s_ptr, p_qs_ptr, P_K16, p_eps,
                 cnt_ptr, GROUP, DH, HALF, BLOCK_N, SPLIT, FOLD, P_NORM, P_BLOCK_C, BLOCK_S, BLOCK_D, ON_GPU, False,
                 "pack", PIPE)  # fmt: skip
-    # then the first N_PF of the regions pf0..pf3 (pf*_n bytes each) into L2, each spread over all the programs:
-    # the weights of the kernels after this one (decode_attention's ``prefetch``), fetched from memory while the
-    # combine and the packing, which read none, run
-    part = h * tl.num_programs(1) + s
-    n_parts = tl.num_programs(0) * tl.num_programs(1)
-    if N_PF > 0:
-        _l2_prefetch(pf0, pf0_n, part, n_parts, pf0, 128, ON_GPU)
-    if N_PF > 1:
-        _l2_prefetch(pf1, pf1_n, part, n_parts, pf1, 128, ON_GPU)
-    if N_PF > 2:
-        _l2_prefetch(pf2, pf2_n, part, n_parts, pf2, 128, ON_GPU)
-    if N_PF > 3:
-        _l2_prefetch(pf3, pf3_n, part, n_parts, pf3, 128, ON_GPU)
+    if not PF_EARLY:
+        _prefetch_regions(pf0, pf1, pf2, pf3, pf0_n, pf1_n, pf2_n, pf3_n, N_PF, ON_GPU)
 
 
 @triton.jit
@@ -1498,6 +1505,7 @@ def decode_attention(
     qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor, cache_k: torch.Tensor,
     cache_v: torch.Tensor, n_heads: int, n_kv: int, head_dim: int, pdl: bool = False, split: bool = False,
     pack_next: NextPack | None = None, pipe: bool | None = None, prefetch: Sequence[torch.Tensor] = (),
+    prefetch_early: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, PackedAct]:  # fmt: skip
     """``model.attend`` for one token of batch 1: qkv [1, 1, (H + 2·Hkv)·Dh] (the fused projection's output),
     cos/sin [1, Dh], pos int64 [1] on the device, caches [≥1, Hkv, S, Dh] → y [1, 1, H·Dh].
@@ -1510,8 +1518,9 @@ def decode_attention(
     during each block's math; ``pipe`` forces that on or off (benchmarks/bench_gpu.py's A/B).
 
     ``prefetch``: up to four contiguous tensors (the weights of the GEMVs after the attention) that the
-    attention's programs, once done, bring into L2 (``_l2_prefetch``), so that those GEMVs read them from L2. Their
-    bytes must not be written by the kernels in between; nothing happens under the interpreter. ``pdl`` as for
+    attention's programs bring into L2 (``_l2_prefetch``), so that those GEMVs read them from L2: once their work
+    is done, or with ``prefetch_early`` before their wait for the q/k/v GEMV (so during it, which competes with its
+    reads). Their bytes must not be written by the kernels in between; nothing happens under the interpreter. ``pdl`` as for
     ``bitlinear_gemv``; with it the kernel reads pos, cos / sin and the cached keys / values below pos before
     waiting for the previous kernel, so that kernel must not write them (the decode step's q/k/v GEMV does not).
 
@@ -1556,7 +1565,7 @@ def decode_attention(
         n_heads * head_dim, n_kv * head_dim, cache_k.stride(1), cache_k.stride(2), head_dim**-0.5, chunk, n_split,
         GROUP=n_heads // n_kv, DH=head_dim, HALF=triton.next_power_of_2(head_dim // 2), BLOCK_N=block_n, SPLIT=split,
         PDL=use_pdl, launch_pdl=use_pdl, ON_GPU=not _INTERPRET, FOLD=nxt is not None, **combine, **tail,
-        PIPE=chunk > block_n if pipe is None else pipe, **pf, N_PF=len(prefetch), num_warps=4,
+        PIPE=chunk > block_n if pipe is None else pipe, **pf, N_PF=len(prefetch), PF_EARLY=prefetch_early, num_warps=4,
     )  # fmt: skip
     if nxt is not None:
         return y, nxt

@@ -52,9 +52,10 @@ def test_every_kernel_compiles_for_sm90():
         assert set(ops) == {"acq_rel", "release", "acquire"} and ops.count("acquire") >= 10 and ops.count("release") >= 6, r
     assert not any(r["sync_ops"] for r in rows if r not in counted and r not in layers)
     assert all(r["registers"] > 0 and r["sass_instructions"] > 100 for r in rows)
-    # FastModel(prefetch=True): the attention's L2 prefetches are in its machine code (CCTL.E.PF2), and only there
+    # FastModel(prefetch="after" / "before"): the attention's L2 prefetches are in its machine code (CCTL.E.PF2), and
+    # only there
     prefetching = {r["kernel"] for r in rows if r["l2_prefetches"]}
-    assert prefetching == {"decode_attention split + L2 prefetch", "decode_attention split + L2 prefetch +pdl"}, prefetching
+    assert prefetching == {f"decode_attention split + L2 prefetch{e}{p}" for e in ("", " (early)") for p in ("", " +pdl")}, prefetching
 
 
 def test_autotune_can_be_switched_off():

@@ -652,10 +652,10 @@ def test_fast_model_attention_kernel_in_the_graph_step():
         FastModel(net, backend="reference", attention="flash")
     with torch.inference_mode():
         steps = {}
-        for attention in ("torch", "triton", "split", "split+prefetch"):
+        for attention in ("torch", "triton", "split", "split+after", "split+before"):
             # the kernels go with the triton backend (the reference backend keeps the torch attention: below)
-            fast = FastModel(net, backend="triton", attention=attention.split("+")[0], gemv="plain",
-                             prefetch=attention.endswith("prefetch"))  # fmt: skip
+            name, _, prefetch = attention.partition("+")
+            fast = FastModel(net, backend="triton", attention=name, gemv="plain", prefetch=prefetch or "off")
             net.setup_cache(1, 32)
             fast.logits_last(torch.tensor([ids]), 0)
             steps[attention] = [
@@ -664,10 +664,13 @@ def test_fast_model_attention_kernel_in_the_graph_step():
     for attention in ("triton", "split"):
         for a, b in zip(steps["torch"], steps[attention]):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    assert all(torch.equal(a, b) for a, b in zip(steps["split"], steps["split+prefetch"]))  # L2 hints only
+    for prefetch in ("after", "before"):  # L2 hints only
+        assert all(torch.equal(a, b) for a, b in zip(steps["split"], steps[f"split+{prefetch}"]))
+    with pytest.raises(FastPathError, match="prefetch must be one of"):
+        FastModel(net, backend="triton", prefetch=True)
     # what the prefetch brings in after each layer's attention: its o, gate|up and down, then the next q/k/v
     net2 = tiny_model(layers=2, seed=3).net
-    fast = FastModel(net2, backend="triton", prefetch=True)
+    fast = FastModel(net2, backend="triton", prefetch="after")
     l0, l1 = net2.layers
     assert [t.data_ptr() for t in fast._prefetch_after(0)] == [t.data_ptr() for t in (
         l0.attn.o_proj.packed, fast.gate_up[0].packed, l0.mlp.down_proj.packed, fast.qkv[1].packed)]  # fmt: skip
@@ -779,7 +782,7 @@ def test_search_tiles_descends_site_by_site(monkeypatch, tmp_path):
     kept = tmp_path / "cache" / "bitnet158" / "gemv_tiles.json"
     assert list(json.loads(kept.read_text()).values()) == [{s: list(c) for s, c in pick.items()}]
 
-    def searched(model, prefetch=False, **kw) -> int:  # how many steps a search on a fresh FastModel of ``model`` timed
+    def searched(model, prefetch="off", **kw) -> int:  # how many steps a search on a fresh FastModel of ``model`` timed
         n = len(timed)
         d = GraphDecoder(FastModel(model, backend="triton", prefetch=prefetch), 200, use_graph=False)
         d.use_graph = True
@@ -789,7 +792,7 @@ def test_search_tiles_descends_site_by_site(monkeypatch, tmp_path):
     assert searched(net) == 0  # from the file
     assert searched(net, cached=False) == 12
     assert searched(tiny_model(layers=1, seed=7, inter=96).net) == 12  # other shapes: another key
-    assert searched(net, prefetch=True) == 12  # the step it times differs: another key
+    assert searched(net, prefetch="after") == 12  # the step it times differs: another key
     assert len(json.loads(kept.read_text())) == 3
     kept.write_text("{not json")
     assert searched(net) == 12 and len(json.loads(kept.read_text())) == 1
@@ -1137,9 +1140,10 @@ def test_gpu_decode_attention_bf16():
         got = kernels.decode_attention(*case, 20, 5, 128, split=split)
         assert torch.equal(case[4], k2) and torch.equal(case[5], v2)
         torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=1e-2)
-    # the L2 prefetch of four regions after the attention (the compiled inline PTX) changes nothing
+    # the L2 prefetch of four regions after the attention or before its wait (the compiled inline PTX) changes nothing
     regions = [torch.ones(n, dtype=torch.uint8, device="cuda") for n in (1, 4096 * 1000 + 5, 3_000_000, 640)]
-    assert torch.equal(kernels.decode_attention(*case, 20, 5, 128, split=True, prefetch=regions), got)
+    for early in (False, True):
+        assert torch.equal(kernels.decode_attention(*case, 20, 5, 128, split=True, prefetch=regions, prefetch_early=early), got)
 
 
 @gpu
@@ -1341,7 +1345,8 @@ def test_gpu_decode_variants_follow_the_default():
         default = list(GraphDecoder(FastModel(model.net, backend="triton"), 64).generate(ids, 10))
         assert default[:6] == want[:6]
         # the L2 prefetch changes no value: the default's tokens exactly
-        assert list(GraphDecoder(FastModel(model.net, backend="triton", prefetch=True), 64).generate(ids, 10)) == default
+        for prefetch in ("after", "before"):
+            assert list(GraphDecoder(FastModel(model.net, backend="triton", prefetch=prefetch), 64).generate(ids, 10)) == default
         variants = [("triton", "plain", False, "bf16"), ("split", "plain", False, "bf16"), ("triton", "fused", False, "bf16"),
                     ("torch", "packed", False, "bf16"), ("triton", "packed", False, "bf16"), ("split", "packed", True, "bf16"),
                     ("split", "fused", True, "bf16"), ("torch", "packed", True, "bf16"), ("split", "packed", True, "int8"),
