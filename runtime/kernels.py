@@ -37,7 +37,8 @@ Kernels
 - ``rmsnorm`` (optionally with the residual add) and ``act_mul_norm`` (relu²/SiLU gate · up + the MLP sub-norm):
   one launch each instead of the handful of torch ops they replace in the decode step.
 - ``decode_attention``: rope, the KV-cache write and the attention of one decode token, one kernel or split over
-  chunks of the cache plus a combine (flash-decoding).
+  chunks of the cache plus a combine (flash-decoding); optionally its programs also bring the weights of the
+  GEMVs after it into L2 (``prefetch``, ``_l2_prefetch``).
 - ``argmax``: the greedy step's argmax in one launch (block maxima, then the last program reduces them).
 - ``decode_layers`` (FastModel(gemv="persistent")): every decoder layer of a decode step in one persistent launch,
   the folded step's kernels as phases of work items and flags in place of kernel boundaries (``_wait`` /
@@ -1515,14 +1516,14 @@ def decode_attention(
     two (flash-decoding): H × up to 16 programs each over a chunk of the cache, then a combine. The chunking
     depends only on the cache size, so a CUDA graph replays it at every position. A program whose chunk spans
     several key blocks (caches over 1,024 slots when split, or the one-kernel form) has the next block in flight
-    during each block's math; ``pipe`` forces that on or off (benchmarks/bench_gpu.py's A/B).
+    during each block's math; ``pipe`` forces that on or off (benchmarks/bench_gpu.py's A/B). ``pdl`` as for
+    ``bitlinear_gemv``; with it the kernel reads pos, cos / sin and the cached keys / values below pos before
+    waiting for the previous kernel, so that kernel must not write them (the decode step's q/k/v GEMV does not).
 
     ``prefetch``: up to four contiguous tensors (the weights of the GEMVs after the attention) that the
     attention's programs bring into L2 (``_l2_prefetch``), so that those GEMVs read them from L2: once their work
     is done, or with ``prefetch_early`` before their wait for the q/k/v GEMV (so during it, which competes with its
-    reads). Their bytes must not be written by the kernels in between; nothing happens under the interpreter. ``pdl`` as for
-    ``bitlinear_gemv``; with it the kernel reads pos, cos / sin and the cached keys / values below pos before
-    waiting for the previous kernel, so that kernel must not write them (the decode step's q/k/v GEMV does not).
+    reads). Their bytes must not be written by the kernels in between; nothing happens under the interpreter.
 
     ``pack_next`` (with ``split``; counter int32 [≥ H + 1], no ``act``): one launch does it all: the last split
     of each head combines it, and the last head combined packs y for the o projection (``pack_act`` of y [1, H·Dh]
@@ -1537,6 +1538,9 @@ def decode_attention(
         raise KernelShapeError("decode_attention: caches must share a layout with contiguous rows; pos int64 [1]")
     if pack_next is not None and (not split or pack_next.act is not None):
         raise KernelShapeError("decode_attention: pack_next needs split=True and no act")
+    if len(prefetch) > 4 or any(t.device != qkv.device or not t.is_contiguous() or t.numel() * t.element_size() >= 2**31
+                                for t in prefetch):  # fmt: skip
+        raise KernelShapeError(f"decode_attention: prefetch takes up to 4 contiguous tensors under 2 GiB on {qkv.device}")
     qkv = qkv.contiguous()
     dev = qkv.device
     y = torch.empty((1, 1, n_heads * head_dim), dtype=qkv.dtype, device=dev)
@@ -1556,9 +1560,6 @@ def decode_attention(
     tail = {k: v for k, v in tail.items() if k not in ("P_K", "p_stride_xq", "P_ACT", "P_RELU2")}
     use_pdl = _use_pdl(qkv, pdl)
     combine = dict(BLOCK_S=triton.next_power_of_2(n_split), BLOCK_D=triton.next_power_of_2(head_dim))
-    if len(prefetch) > 4 or any(t.device != dev or not t.is_contiguous() or t.numel() * t.element_size() >= 2**31
-                                for t in prefetch):  # fmt: skip
-        raise KernelShapeError(f"decode_attention: prefetch takes up to 4 contiguous tensors under 2 GiB on {dev}")
     pf = {f"pf{j}": t for j, t in enumerate(prefetch)} | {f"pf{j}_n": t.numel() * t.element_size() for j, t in enumerate(prefetch)}
     _decode_attention_kernel[(n_heads, n_split)](
         qkv, cos.contiguous(), sin.contiguous(), pos, cache_k, cache_v, y, pm, pl, pacc,
