@@ -621,9 +621,9 @@ def test_l2_prefetch_covers_each_line_once():
     def count(buf, nbytes, cnt, BLOCK: tl.constexpr):
         kernels._l2_prefetch(buf, nbytes, tl.program_id(0), tl.num_programs(0), cnt, BLOCK, False, True)
 
-    buf = torch.zeros(64, dtype=torch.int32)
+    buf = torch.zeros(64, dtype=torch.int32, device=DEV)
     for nbytes, programs, block in ((1, 1, 4), (128, 3, 4), (129, 3, 4), (5000, 7, 4), (5000, 2, 16), (640, 40, 4)):
-        cnt = torch.zeros(64, dtype=torch.int32)
+        cnt = torch.zeros(64, dtype=torch.int32, device=DEV)
         count[(programs,)](buf, nbytes, cnt, block)
         lines = -(-nbytes // 128)
         assert cnt[:lines].eq(1).all() and cnt[lines:].eq(0).all(), (nbytes, programs, cnt)
@@ -636,7 +636,7 @@ def test_decode_attention_prefetch_is_checked_and_changes_nothing():
     regions = [torch.zeros(300, dtype=torch.uint8, device=DEV), torch.zeros(7, 5, dtype=torch.int32, device=DEV)]
     case = _attention_case(torch.float32, 4, 2, 16, 40, 23)
     assert torch.equal(kernels.decode_attention(*case, 4, 2, 16, split=True, prefetch=regions), want)
-    for bad in ([regions[1][:, :2]], regions * 3):  # not contiguous; five regions
+    for bad in ([regions[1][:, :2]], regions * 3):  # not contiguous; six regions
         with pytest.raises(kernels.KernelShapeError, match="prefetch"):
             kernels.decode_attention(*case, 4, 2, 16, split=True, prefetch=bad)
 
