@@ -146,7 +146,8 @@ def _l2_prefetch(ptr, nbytes, part, n_parts, cnt_ptr, BLOCK: tl.constexpr, ON_GP
 @triton.jit
 def _prefetch_regions(pf0, pf1, pf2, pf3, pf0_n, pf1_n, pf2_n, pf3_n, N_PF: tl.constexpr, ON_GPU: tl.constexpr):
     # the first N_PF of the regions pf0..pf3 (pf*_n bytes each) into L2, each spread over all the programs of a 2-D
-    # grid (_l2_prefetch): decode_attention's ``prefetch``, the weights of the kernels after it
+    # grid (_l2_prefetch; its counter argument, read only by the tests' COUNT, is the region itself here):
+    # decode_attention's ``prefetch``, the weights of the kernels after it
     part = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
     n_parts = tl.num_programs(0) * tl.num_programs(1)
     if N_PF > 0:
