@@ -90,7 +90,7 @@ import torch.nn.functional as F
 from bitnet158.runtime.bitlinear import BitLinear, get_backend, int8_head_logits, quantize_head, register_backend
 from bitnet158.runtime.generate import GenerationStats, _sync
 from bitnet158.runtime.model import Transformer
-from bitnet158.runtime.sampling import SamplingError, SamplingParams, min_p_filter
+from bitnet158.runtime.sampling import SamplingError, SamplingParams, min_p_filter, top_k_filter, top_p_filter
 
 log = logging.getLogger(__name__)
 
@@ -623,15 +623,9 @@ def sample_on_device(
         return logits.argmax(-1, keepdim=True)
     logits = logits / temperature
     if top_k:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        logits = top_k_filter(logits, top_k)
     if top_p is not None:
-        sorted_logits, idx = torch.sort(logits, descending=False)
-        remove = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
-        # keep the most likely token; fill_ with a Python scalar, since `remove[-1] = False` copies a CPU tensor,
-        # which CUDA graph capture refuses (seen on the H200)
-        remove[-1:].fill_(False)
-        logits = logits.masked_fill(remove.scatter(0, idx, remove), float("-inf"))
+        logits = top_p_filter(logits, top_p)
     if min_p is not None:
         logits = min_p_filter(logits, min_p)
     probs = logits.softmax(-1)

@@ -56,12 +56,14 @@ def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
-def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+def top_p_filter(logits: torch.Tensor, p: float | torch.Tensor) -> torch.Tensor:
     """Nucleus filter [V]: keep the smallest set of top tokens whose probability reaches ``p`` (at least one)."""
     sorted_logits, idx = torch.sort(logits, descending=False)
     cum = sorted_logits.softmax(-1).cumsum(-1)
     remove = cum <= 1 - p  # the low tail whose total mass is at most 1 - p
-    remove[-1] = False
+    # keep the most likely token; fill_ with a Python scalar, since `remove[-1] = False` copies a CPU tensor, which
+    # CUDA graph capture refuses (runtime/fast.py's sample_on_device; seen on the H200)
+    remove[-1:].fill_(False)
     return logits.masked_fill(remove.scatter(0, idx, remove), float("-inf"))
 
 
