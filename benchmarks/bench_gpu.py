@@ -347,11 +347,7 @@ def profile_prefill(fast, prompt: list[int]) -> None:
     tokens = torch.tensor([prompt], device=DEV)
     net.setup_cache(1, len(prompt))
     fast.logits_last(tokens, 0)  # compiles and autotunes
-    sync()
-    t0 = time.perf_counter()
-    fast.logits_last(tokens, 0)
-    sync()
-    wall = (time.perf_counter() - t0) * 1e6
+    wall = timed(lambda: fast.logits_last(tokens, 0), 1)[0] * 1e6
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fast.logits_last(tokens, 0)
         sync()
@@ -638,13 +634,19 @@ def run_variants(fast, prompt: list[int], args) -> None:
         fast.set_backend("triton")
 
 
+def within_budget(args, t_start: float, what: str, need_s: float) -> bool:
+    """Whether ``need_s`` seconds are left of ``--budget-s`` since ``t_start``; if not, says that ``what`` is skipped."""
+    left = args.budget_s - (time.perf_counter() - t_start)
+    if left < need_s:
+        say(f"{what} skipped: {left:.0f} s left of the --budget-s {args.budget_s} s")
+    return left >= need_s
+
+
 def run_compile_variants(fast, prompt: list[int], args, t_start: float) -> None:
     """torch.compile (the kernels as custom ops) + CUDA graph; last, since compiling 30 layers takes a while."""
     from bitnet158.runtime.fast import GraphDecoder
 
-    left = args.budget_s - (time.perf_counter() - t_start)
-    if left < 120:
-        say(f"compile variants skipped: {left:.0f} s left of the --budget-s {args.budget_s} s")
+    if not within_budget(args, t_start, "compile variants", 120):
         return
     rows = RESULTS.setdefault("decode", {})
     n, max_seq = args.tokens, len(prompt) + args.tokens
@@ -943,11 +945,8 @@ def bench_model(path: Path, label: str, args, random: bool, t_start: float) -> N
         # probes, each only within --budget-s (the prefill's first run autotunes its matmul)
         for name, fn, fn_args in (("attention scaling", attention_scaling, (model.net,)),
                                   ("prefill profile", profile_prefill, (fast, prompt))):  # fmt: skip
-            left = args.budget_s - (time.perf_counter() - t_start)
-            if left < 30:
-                say(f"{name} skipped: {left:.0f} s left of the --budget-s {args.budget_s} s")
-                continue
-            stage(name, fn, *fn_args)
+            if within_budget(args, t_start, name, 30):
+                stage(name, fn, *fn_args)
     if random and args.hf:
         net = model.net
         with torch.inference_mode():
