@@ -53,6 +53,9 @@ def fetch_from_hub(spec: str) -> tuple[str, str, str | None]:
         raise SourceError(f"cannot read {spec}: No such file or directory")
     from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 
+    def unreadable(e: Exception) -> SourceError:  # huggingface_hub's many errors (offline, missing, gated): one line
+        return SourceError(f"cannot read {spec}: no such file, nor from the hub ({type(e).__name__}: {e})")
+
     def download(name: str) -> tuple[str, str, str | None]:
         got = Path(hf_hub_download(repo, name))  # .../snapshots/<commit>/<name>
         commit = got.parents[len(Path(name).parts) - 1].name
@@ -69,8 +72,8 @@ def fetch_from_hub(spec: str) -> tuple[str, str, str | None]:
             except Exception:  # noqa: BLE001 - not cached either: the listing's error says more
                 raise listing from None
             names = [os.path.relpath(os.path.join(d, f), snap) for d, _, fs in os.walk(snap) for f in fs]
-    except Exception as e:  # noqa: BLE001 - huggingface_hub's many errors (offline, missing, gated): one line
-        raise SourceError(f"cannot read {spec}: no such file, nor from the hub ({type(e).__name__}: {e})") from e
+    except Exception as e:  # noqa: BLE001 - any of them: one line (unreadable)
+        raise unreadable(e) from e
     ggufs = sorted(n for n in names if n.endswith(".gguf"))
     if not ggufs and "config.json" in names:
         convert = f"convert it first: bitnet-convert hf-to-packed {repo} -o model.bin"
@@ -82,7 +85,7 @@ def fetch_from_hub(spec: str) -> tuple[str, str, str | None]:
     try:
         return download(ggufs[0])
     except Exception as e:  # noqa: BLE001 - as above
-        raise SourceError(f"cannot read {spec}: no such file, nor from the hub ({type(e).__name__}: {e})") from e
+        raise unreadable(e) from e
 
 
 def open_source(path: str | os.PathLike, activation: str | None = None):
