@@ -705,7 +705,9 @@ def _attn_split(
     acc_hi = tl.where(first, vn_hi, 0.0)
     # cached keys of this split, block by block (each block has a live key, so no NaN: an empty split skips them).
     # PIPE (chosen when a split spans several blocks): the next block is in flight during this one's math, at the
-    # cost of a second block's registers; else each next block is fetched after the previous one's math
+    # cost of a second block's registers; else each next block is fetched after the previous one's math. The
+    # unpipelined loop stays as it was measured (the first block outside it), so that the one-block splits of
+    # caches up to 1,024 slots compile to the same kernel until a GPU compares the two forms there
     if PIPE:
         kv = kv_first
         for start in range(lo, hi, BLOCK_N):
