@@ -420,7 +420,8 @@ GRAPH_VARIANTS = [Variant(*v) for v in [
     ("split", "persistent", False, "bf16", "triton"), ("split", "persistent", False, "int8", "triton"),
     ("split", "packed", True, "bf16", "torch", "autotune"), ("split", "packed", True, "bf16", "triton", "autotune"),
     ("split", "packed", True, "int8", "triton"), ("split", "packed", True, "bf16", "triton", "searched", "after"),
-    ("split", "packed", True, "bf16", "triton", "searched", "before"),
+    ("split", "packed", True, "bf16", "triton", "searched", "before"), ("folded", "packed", True, "bf16", "triton"),
+    ("folded", "packed", True, "bf16", "triton", "searched", "after"),
 ]]  # fmt: skip
 
 
@@ -474,7 +475,7 @@ def parse_persistent_configs(spec: str | None) -> list[tuple[int, int, int, int]
 def variant_name(v: Variant) -> str:
     parts = ["triton + CUDA graph"]
     if v.attention != "torch":
-        parts.append("attention kernel" + (" (split)" if v.attention == "split" else ""))
+        parts.append("attention kernel" + {"split": " (split)", "folded": " (split, + combine + o's packing)"}.get(v.attention, ""))
     if v.gemv == "persistent":
         parts.append("persistent layers (one launch)")
     elif v.gemv != "plain":
@@ -553,7 +554,7 @@ def run_variants(fast, prompt: list[int], args) -> None:
 
     variants = [parse_variant(v) for v in args.variants.split(",")] if args.variants else GRAPH_VARIANTS
     profiled = {default_variant(), default_variant()._replace(pdl=False)}  # with and without PDL
-    profiled |= {v for v in variants if v.gemv in ("folded", "persistent")}  # their kernels against the default's
+    profiled |= {v for v in variants if v.gemv in ("folded", "persistent") or v.attention == "folded"}  # against the default's
     # the persistent step once per launch config (FastModel.persistent_config: tile rows, warps, programs an SM,
     # replicated packing)
     configs = parse_persistent_configs(args.persistent_configs)

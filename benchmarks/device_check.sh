@@ -2,11 +2,12 @@
 # The one device check of the GPU fast path (issue 5): run from the repository root on the GPU machine.
 #
 #   bash benchmarks/device_check.sh            # carry: .whl (the gguf wheel); logs and bench.json under $OUT
-#   bash benchmarks/device_check.sh quick      # the same steps cut to about 5 minutes (timeout_s=420): the GPU
-#                                              # tests of the attention kernel, the tile search and the decode
-#                                              # variants; the default against itself with the L2 prefetch after
-#                                              # the attention (each twice, alternating) and before its wait, and
-#                                              # the prefetch with the int8 head, on both models;
+#   bash benchmarks/device_check.sh quick      # the same steps cut to about 6.5 minutes (timeout_s=420): the
+#                                              # GPU tests of the attention kernel, the tile search and the
+#                                              # decode variants; the default, the folded attention
+#                                              # (attention="folded") and the default with the L2 prefetch, each
+#                                              # twice, alternating; the folded attention with the prefetch and
+#                                              # the prefetch with the int8 head once; on both models;
 #                                              # no eager baselines, transformers or microbenchmarks; --profile
 #                                              # (with the step-gap probe, the attention at 80 to 4,096 cache slots
 #                                              # pipelined and not, and the prefill's kernels)
@@ -75,7 +76,7 @@ python3 -c "import sys; from bitnet158.converter.cli import main; sys.argv[1:] =
   '-o', '/tmp/tiny.bin', '--force']; main()" > "$OUT/convert_demo.log" 2>&1 || echo "demo conversion failed" | tee -a "$OUT/env.txt"
 if [ "$MODE" = quick ]; then
   timeout -k 5 50 python3 benchmarks/bench_gpu.py --file /tmp/tiny.bin --no-micro --prompt-len 64 --tokens 64 --runs 1 \
-    --variants torch/plain,default,default/prefetch,default/int8 --no-eager --json "$OUT/bench_demo.json" \
+    --variants torch/plain,default,default/prefetch,folded/packed/pdl/argmax,default/int8 --no-eager --json "$OUT/bench_demo.json" \
     > "$OUT/bench_demo.log" 2>&1
 else
   timeout -k 10 90 python3 benchmarks/bench_gpu.py --file /tmp/tiny.bin --no-micro --prompt-len 64 --tokens 128 --runs 1 \
@@ -87,7 +88,8 @@ grep -E "^check:|CORRECTNESS|FAILED" "$OUT/bench_demo.log"
 # 5. the benchmark, autotuned; its table comes last in the output
 unset BITNET158_AUTOTUNE
 if [ "$MODE" = quick ]; then
-  timeout -k 5 200 python3 benchmarks/bench_gpu.py --variants default,default/prefetch,default/prefetch-early,default,default/prefetch,default/int8/prefetch \
+  timeout -k 5 215 python3 benchmarks/bench_gpu.py \
+    --variants default,folded/packed/pdl/argmax,default/prefetch,folded/packed/pdl/argmax/prefetch,default,folded/packed/pdl/argmax,default/prefetch,default/int8/prefetch \
     --no-micro --no-eager --profile --budget-s 150 --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
 else
   timeout -k 10 330 python3 benchmarks/bench_gpu.py --hf --compile --budget-s 240 --profile --json "$OUT/bench.json" 2>&1 \

@@ -52,6 +52,7 @@ VARIANTS = [
     Variant("packed, int8 head", {"head": "int8"}),
     Variant("plain", {"gemv": "plain"}),
     Variant("fused", {"gemv": "fused"}),
+    Variant("packed, folded attention", {"attention": "folded"}),
     Variant("folded", {"gemv": "folded"}),
     Variant("persistent, last program packs", {"gemv": "persistent"}, (16, 8, 1, 0)),
     Variant("persistent, every program packs", {"gemv": "persistent"}, (16, 8, 1, 1)),

@@ -18,7 +18,11 @@ What it changes, and why:
   benchmarks/RESULTS.md: 843 tok/s at the 2B-4T shape against 396 for the first graph step):
   - ``attention="split"`` (default): in the graph decode step (one token, batch 1, position on the device) rope,
     the KV-cache write and the attention over the filled positions run as ``kernels.decode_attention``,
-    flash-decoding style: H × up to 16 programs over chunks of the cache, then a combine kernel. "triton" is the
+    flash-decoding style: H × up to 16 programs over chunks of the cache, then a combine kernel. "folded" (not
+    measured yet; with gemv="packed"): the same launch also does the combine (the last split of each head to
+    finish) and the o projection's ``pack_act`` (the last head), as gemv="folded"'s attention does, so a layer
+    takes eight launches, not ten, while its GEMVs stay "packed"'s (the folded GEMVs were what measured slower).
+    With the other GEMVs it runs as "split" ("folded" and "persistent" fold the attention anyway). "triton" is the
     same in one kernel of H programs; "torch" the model's own ops over the whole static cache (~15 launches).
   - ``gemv=`` (inputs of up to ``GEMV_MAX_M`` rows):
     - "packed" (default): ``kernels.pack_act`` (norm / act·up, quantization, packing: once per input) before
@@ -48,7 +52,7 @@ What it changes, and why:
     down) by timing the whole decode step with each tile (``GraphDecoder.search_tiles``, once per model, before
     the first capture); "autotune" leaves them to Triton's autotuner, which times each GEMV alone and picked
     tiles 4 % slower in the step on an H200.
-  - ``prefetch="after"`` (not measured yet, so "off" by default; gemv "plain", "fused" or "packed"): the
+  - ``prefetch="after"`` (not measured yet, so "off" by default; every gemv but "persistent"): the
     attention kernels, once done, bring the weights of the layer's o, gate|up and down GEMVs and of the next
     layer's q/k/v into L2, while the combine and the packing (which read no weights) run, so that those GEMVs read
     from L2 what each would otherwise wait on memory for. "before": the same, issued before the attention's wait
@@ -95,7 +99,7 @@ from bitnet158.runtime.sampling import SamplingError, SamplingParams, min_p_filt
 log = logging.getLogger(__name__)
 
 HEADS = ("bf16", "int8")
-ATTENTIONS = ("torch", "triton", "split")
+ATTENTIONS = ("torch", "triton", "split", "folded")
 GEMVS = ("plain", "fused", "packed", "folded", "persistent")
 ARGMAXES = ("torch", "triton")
 TILES = ("searched", "autotune")
@@ -166,7 +170,7 @@ class FastModel:
         self.tile_pick: dict[str, tuple[int, int, int]] | None = None  # search_tiles' tile per site, once made
         self.tile_times: dict[str, dict[tuple[int, int, int], float]] = {}  # its µs a step, per site and tile
         self._argmax_counter: torch.Tensor | None = None  # its int32 counter (zero), made on first use
-        self.attention = attention  # "triton" / "split": the graph decode step's attention kernel(s) (kernels.py)
+        self.attention = attention  # "triton" / "split" / "folded": the graph decode step's attention kernel(s) (kernels.py)
         self.gemv = gemv  # the decode GEMV variant (the module docstring)
         self.pdl = pdl  # programmatic dependent launch for the fused / packed / attention / int8 head kernels
         self.prefetch = prefetch  # "after" / "before": the attention brings the next weights into L2 (_prefetch_after)
@@ -272,16 +276,18 @@ class FastModel:
         # the attention kernels apply to the graph decode step
         return self.attention != "torch" and self._graph_step(qkv.shape, pos)
 
-    def _attend(self, i: int, qkv: torch.Tensor, cos, sin, pos, mask) -> torch.Tensor:
-        # qkv [B, T, Nq + 2·Nkv] → attention output [B, T, Nq] (before the sub-norm), keys/values into the cache
+    def _attend(self, i: int, qkv: torch.Tensor, cos, sin, pos, mask, pack_next=None):
+        # qkv [B, T, Nq + 2·Nkv] → attention output [B, T, Nq] (before the sub-norm), keys/values into the cache.
+        # pack_next (kernels.NextPack; the split attention kernel only): → the o projection's packed input instead
         a = self.net.layers[i].attn
         if self._attention_kernel(qkv, pos):
             from bitnet158.runtime.kernels import decode_attention
 
             c = a.cache
-            split = self.attention == "split"
-            return decode_attention(qkv, cos, sin, pos, c.k, c.v, a.n_heads, a.n_kv, a.head_dim, pdl=self.pdl, split=split,
-                                    prefetch=self._prefetch_after(i), prefetch_early=self.prefetch == "before")  # fmt: skip
+            split = self.attention != "triton"
+            out = decode_attention(qkv, cos, sin, pos, c.k, c.v, a.n_heads, a.n_kv, a.head_dim, pdl=self.pdl, split=split,
+                                   pack_next=pack_next, prefetch=self._prefetch_after(i), prefetch_early=self.prefetch == "before")  # fmt: skip
+            return out if pack_next is None else out[1]
         nq, nkv = a.n_heads * a.head_dim, a.n_kv * a.head_dim
         return a.attend(*qkv.split([nq, nkv, nkv], dim=-1), cos, sin, pos, mask)
 
@@ -330,12 +336,15 @@ class FastModel:
         # the same layer with gemv="fused" (four GEMV launches) or "packed" (eight): x [B, T, D], B·T ≤ GEMV_MAX_M
         from bitnet158.runtime import kernels
 
+        def packed(site: str, lin: BitLinear, act_in: kernels.PackedAct, residual=None) -> torch.Tensor:
+            # lin of a packed input (kernels.PackedAct of M rows) (+ residual), with the searched tile at M = 1
+            tile = self.tile_pick[site] if self.tile_pick and self.tiles == "searched" and act_in.xq.shape[0] == 1 else None
+            return kernels.bitlinear_gemv_packed(act_in, lin.packed, lin.scale, x.dtype, residual=residual, config=tile, pdl=self.pdl)
+
         def gemv(site: str, lin: BitLinear, inp: torch.Tensor, norm=None, act=None, residual=None) -> torch.Tensor:
             # lin(norm?(act?(inp))) (+ residual), inp [B·T, K] (gate | up [B·T, 2K] with act)
             if self.gemv == "packed":
-                a = self._pack(inp, lin.in_features, norm, act)
-                tile = self.tile_pick[site] if self.tile_pick and self.tiles == "searched" and inp.shape[0] == 1 else None
-                return kernels.bitlinear_gemv_packed(a, lin.packed, lin.scale, inp.dtype, residual=residual, config=tile, pdl=self.pdl)
+                return packed(site, lin, self._pack(inp, lin.in_features, norm, act), residual)
             w, eps = _norm_args(norm)
             return kernels.bitlinear_gemv(inp, lin.packed, lin.scale, lin.in_features, norm=w, eps=eps, act=act,
                                           residual=residual, pdl=self.pdl)  # fmt: skip
@@ -344,9 +353,14 @@ class FastModel:
         a, m = layer.attn, layer.mlp
         b, t, d = x.shape
         x2 = x.reshape(b * t, d)
-        qkv = gemv("qkv", self.qkv[i], x2, layer.attn_norm)  # [B·T, Nq + 2·Nkv]
-        y = self._attend(i, qkv.view(b, t, -1), cos, sin, pos, mask)  # [B, T, Nq]
-        h = gemv("o", a.o_proj, y.reshape(b * t, -1), a.sub_norm, residual=x2)  # x + o_proj(sub_norm(y))
+        qkv = gemv("qkv", self.qkv[i], x2, layer.attn_norm).view(b, t, -1)  # [B, T, Nq + 2·Nkv]
+        if self.attention == "folded" and self.gemv == "packed" and self._attention_kernel(qkv, pos):
+            # one launch for the attention, its combine and the packing of o's input (the sub-norm): two fewer a layer
+            fold = kernels.NextPack(self._counter_block(i)[0], *_norm_args(a.sub_norm))
+            h = packed("o", a.o_proj, self._attend(i, qkv, cos, sin, pos, mask, pack_next=fold), residual=x2)
+        else:
+            y = self._attend(i, qkv, cos, sin, pos, mask)  # [B, T, Nq]
+            h = gemv("o", a.o_proj, y.reshape(b * t, -1), a.sub_norm, residual=x2)  # x + o_proj(sub_norm(y))
         gu = gemv("gate_up", self.gate_up[i], h, layer.mlp_norm)  # [B·T, 2·I]
         out = gemv("down", m.down_proj, gu, m.sub_norm, act="relu2" if m.relu2 else "silu", residual=h)  # h + mlp
         return out.view(b, t, d)
@@ -375,10 +389,8 @@ class FastModel:
             carry = self._pack(x2, d, layer.attn_norm)
         qkv = gemv(carry, self.qkv[i]).view(b, t, -1)  # [B, T, Nq + 2·Nkv]
         nq = a.n_heads * a.head_dim
-        if self.attention == "split" and self._attention_kernel(qkv, pos):
-            c = a.cache
-            _, act_o = kernels.decode_attention(qkv, cos, sin, pos, c.k, c.v, a.n_heads, a.n_kv, a.head_dim, pdl=pdl,
-                                                split=True, pack_next=nxt(0, a.sub_norm))  # fmt: skip
+        if self.attention != "triton" and self._attention_kernel(qkv, pos):
+            act_o = self._attend(i, qkv, cos, sin, pos, mask, pack_next=nxt(0, a.sub_norm))
         else:
             y = self._attend(i, qkv, cos, sin, pos, mask).reshape(b * t, nq)
             act_o = self._pack(y, nq, a.sub_norm)

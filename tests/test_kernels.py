@@ -867,7 +867,8 @@ def test_fast_model_folded_step_equals_packed():
     # gemv="folded" computes exactly what "packed" computes: in a 2-token prefill (folded GEMVs, pack_act after the
     # torch attention), the host-position step, and the graph step (split attention with combine + pack folded in),
     # over two layers so that the first packs the second's input; every counter ends at zero; also with each
-    # kernel's programs run at once (programs_at_once: the last to arrive is any of them). argmax="triton": the
+    # kernel's programs run at once (programs_at_once: the last to arrive is any of them). attention="folded" with
+    # packed GEMVs (only the attention folded: its launch combines and packs o's input) too. argmax="triton": the
     # greedy tokens of torch's argmax
     from bitnet158.runtime.fast import FastModel, FastPathError, GraphDecoder
 
@@ -877,16 +878,22 @@ def test_fast_model_folded_step_equals_packed():
     folded = (kernels._gemv_packed_kernel, kernels._decode_attention_kernel)
     with torch.inference_mode():
         steps = {}
-        for gemv, at_once in (("packed", False), ("folded", False), ("folded", True)):
-            fast = FastModel(net, backend="triton", attention="split", gemv=gemv)
+        runs = (("split", "packed", False), ("split", "folded", False), ("split", "folded", True),
+                ("folded", "packed", False), ("folded", "packed", True))  # fmt: skip
+        for attention, gemv, at_once in runs:
+            fast = FastModel(net, backend="triton", attention=attention, gemv=gemv)
             net.setup_cache(1, 16)
             with programs_at_once(*folded) if at_once else contextlib.nullcontext():
-                steps[gemv, at_once] = [fast.logits_last(torch.tensor([[3, 5]]), 0), fast.logits_last(torch.tensor([[7]]), 2),
-                                        fast.logits_last(torch.tensor([[1]]), torch.tensor([3]))]  # fmt: skip
+                steps[attention, gemv, at_once] = [
+                    fast.logits_last(torch.tensor([[3, 5]]), 0), fast.logits_last(torch.tensor([[7]]), 2),
+                    fast.logits_last(torch.tensor([[1]]), torch.tensor([3])), net.cache_k.clone(),
+                ]  # fmt: skip
+            # the counters exist only where something folded (so the folded attention did run), and end at zero
+            assert (fast._counters is not None) == ("folded" in (attention, gemv))
             assert fast._counters is None or not fast._counters.any()
-        assert fast._counters is not None
-        for a, b, c in zip(steps["packed", False], steps["folded", False], steps["folded", True]):
-            assert torch.equal(a, b) and torch.equal(a, c)
+        for run in runs[1:]:
+            for a, b in zip(steps[runs[0]], steps[run]):
+                assert torch.equal(a, b), run
         tokens = {}
         for argmax in ("torch", "triton"):
             fast = FastModel(net, backend="triton", gemv="folded", argmax=argmax)
@@ -1351,7 +1358,8 @@ def test_gpu_decode_variants_follow_the_default():
                     ("torch", "packed", False, "bf16"), ("triton", "packed", False, "bf16"), ("split", "packed", True, "bf16"),
                     ("split", "fused", True, "bf16"), ("torch", "packed", True, "bf16"), ("split", "packed", True, "int8"),
                     ("split", "folded", True, "bf16"), ("torch", "folded", False, "bf16"), ("split", "folded", True, "int8"),
-                    ("split", "persistent", False, "bf16"), ("split", "persistent", True, "int8")]  # fmt: skip
+                    ("split", "persistent", False, "bf16"), ("split", "persistent", True, "int8"),
+                    ("folded", "packed", True, "bf16")]  # fmt: skip
         for attention, gemv, pdl, head in variants:
             argmax = "triton" if gemv in ("folded", "persistent") else "torch"
             fast = FastModel(model.net, backend="triton", attention=attention, gemv=gemv, pdl=pdl, head=head, argmax=argmax)
@@ -1360,3 +1368,5 @@ def test_gpu_decode_variants_follow_the_default():
                 assert got == list(GraphDecoder(fast, 64, use_graph=False).generate(ids, 10)), (attention, gemv, pdl, head)
             if head == "bf16":
                 assert got[:6] == want[:6], (attention, gemv, pdl, head)
+            if attention == "folded":  # the default's arithmetic, only in fewer launches: its tokens exactly
+                assert got == default, (attention, gemv, pdl, head)
