@@ -20,7 +20,8 @@ What it does, in order (each step logs one line; a short table comes last):
    to the logits (and, for a real ``--file``, to the perplexity of a built-in paragraph);
 5. decode tok/s at batch 1 (median of runs of ``--tokens``, after a 512-token prompt) for every variant: the
    CUDA-graph step with each attention / GEMV / argmax variant of FastModel (GRAPH_VARIANTS or ``--variants``: each first
-   passes ``step_check``; the persistent one at each of ``--persistent-configs``) and the int8 head, sampled decoding, then the eager baselines over ``--slow-tokens``
+   passes ``step_check``; the persistent one at each of ``--persistent-configs``; after the first, each only while
+   VARIANT_RESERVE_S seconds of ``--budget-s`` are left) and the int8 head, sampled decoding, then the eager baselines over ``--slow-tokens``
    (reference; triton runtime loop; the first graph step run eagerly; ``--no-eager`` skips them); with
    ``--profile`` the kernels inside the graph step of the default, of the default without PDL and of the
    folded and persistent variants run (torch.profiler; with PDL a kernel's span includes its wait for the previous one, without
@@ -457,8 +458,9 @@ def parse_variant(spec: str) -> Variant:
                    prefetch or "off")  # fmt: skip
 
 
-def parse_persistent_configs(spec: str | None) -> list[tuple[int, int, int, int]]:
-    """'rows,warps,per_sm,replicate;...' → kernels.decode_layers configs (default: kernels.PERSISTENT_CONFIG alone)."""
+def parse_persistent_configs(spec: str | None) -> list[tuple[int, int, int, int, int]]:
+    """'rows,warps,per_sm,replicate[,prefetch];...' → kernels.decode_layers configs (prefetch 0 when left out, as
+    before it existed; default: kernels.PERSISTENT_CONFIG alone)."""
     from bitnet158.runtime import kernels
 
     if not spec:
@@ -467,9 +469,9 @@ def parse_persistent_configs(spec: str | None) -> list[tuple[int, int, int, int]
         out = [tuple(int(x) for x in c.split(",")) for c in spec.split(";")]
     except ValueError:
         out = []
-    if not out or any(len(c) != 4 or min(c[:3]) < 1 or c[3] not in (0, 1) for c in out):
-        raise SystemExit(f"--persistent-configs: bad {spec!r} (rows,warps,per_sm,replicate;... e.g. '16,8,1,0;16,8,1,1')")
-    return out
+    if not out or any(len(c) not in (4, 5) or min(c[:3]) < 1 or not set(c[3:]) <= {0, 1} for c in out):
+        raise SystemExit(f"--persistent-configs: bad {spec!r} (rows,warps,per_sm,replicate[,prefetch];... e.g. '16,8,1,0;16,4,2,1,1')")
+    return [(*c, 0)[:5] for c in out]
 
 
 def variant_name(v: Variant) -> str:
@@ -514,7 +516,10 @@ def report_tiles(fast) -> None:
             + (f"; the autotuner's pick {auto} {times[auto]:.0f} us" if auto in times else ""))
 
 
-def run_variants(fast, prompt: list[int], args) -> None:
+VARIANT_RESERVE_S = 60  # a graph variant after the first starts only with this much of --budget-s left (the probes')
+
+
+def run_variants(fast, prompt: list[int], args, t_start: float) -> None:
     from bitnet158.runtime.fast import GraphDecoder
     from bitnet158.runtime.generate import generate_tokens
     from bitnet158.runtime.sampling import Sampler, SamplingParams
@@ -556,7 +561,7 @@ def run_variants(fast, prompt: list[int], args) -> None:
     profiled = {default_variant(), default_variant()._replace(pdl=False)}  # with and without PDL
     profiled |= {v for v in variants if v.gemv in ("folded", "persistent") or v.attention == "folded"}  # against the default's
     # the persistent step once per launch config (FastModel.persistent_config: tile rows, warps, programs an SM,
-    # replicated packing)
+    # replicated packing, L2 prefetch)
     configs = parse_persistent_configs(args.persistent_configs)
     runs = [(v, c) for v in variants for c in (configs if v.gemv == "persistent" else [None])]
     fast.tile_pick = None  # searched again in the first timed decoder (below)
@@ -565,12 +570,15 @@ def run_variants(fast, prompt: list[int], args) -> None:
         # every graph variant: first its step checked against the reference network (step_check), then its speed
         n_check = min(32, n)
         first = None  # the first variant's greedy tokens: how long each other variant's sequence stays equal
-        for variant, config in runs:
+        for k, (variant, config) in enumerate(runs):
             name, head = variant_name(variant), variant.head
+            if k and not within_budget(args, t_start, f"variant {name}{'' if config is None else f' {config}'}", VARIANT_RESERVE_S):
+                continue
             configure(variant)
             fast.persistent_config = config
             if config is not None:
-                name += " [{} rows, {} warps, {}/SM{}]".format(*config[:3], ", replicated packing" if config[3] else "") if len(configs) > 1 else ""
+                name += " [{} rows, {} warps, {}/SM{}{}]".format(*config[:3], ", replicated packing" if config[3] else "",
+                                                                 ", L2 prefetch" if config[4] else "") if len(configs) > 1 else ""
             try:
                 dec = GraphDecoder(fast, max_seq, use_graph=graphs)
                 if graphs and variant.tiles == "searched" and fast.tile_pick is None:
@@ -941,7 +949,7 @@ def bench_model(path: Path, label: str, args, random: bool, t_start: float) -> N
     if args.file and model.tokenizer.vocab_size > 100:
         text_ids = model.tokenizer.encode(TEXT, add_special_tokens=True)
     stage("int8 head effect", int8_head_effect, fast, prompt[:256], text_ids)
-    stage("variants", run_variants, fast, prompt, args)
+    stage("variants", run_variants, fast, prompt, args, t_start)
     if args.profile and DEV == "cuda":
         # probes, each only within --budget-s (the prefill's first run autotunes its matmul)
         for name, fn, fn_args in (("attention scaling", attention_scaling, (model.net,)),
@@ -1036,9 +1044,9 @@ def main() -> int:
     ap.add_argument("--variants", help="comma-separated graph variants to run, attention/gemv[/pdl][/int8][/argmax] or "
                     "default (e.g. torch/plain,default,split/folded/pdl/argmax); all of GRAPH_VARIANTS if not given")
     ap.add_argument("--no-eager", action="store_true", help="skip the eager baselines (reference, triton eager)")
-    ap.add_argument("--persistent-configs", help="launch configs of the persistent variants, rows,warps,per_sm,replicate;... "
+    ap.add_argument("--persistent-configs", help="launch configs of the persistent variants, rows,warps,per_sm,replicate[,prefetch];... "
                     "(tile rows of the K = D matrices, warps, programs a multiprocessor, every program packing its "
-                    "inputs 0/1; default kernels.PERSISTENT_CONFIG)")
+                    "inputs 0/1, the L2 prefetch of the weights two GEMVs ahead 0/1; default kernels.PERSISTENT_CONFIG)")
     ap.add_argument("--profile", action="store_true",
                     help="kernel times inside the default's graph step, and without PDL if that variant runs (torch.profiler)")
     ap.add_argument("--json", help="write all figures here")

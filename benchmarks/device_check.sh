@@ -7,7 +7,9 @@
 #                                              # decode variants; the default, the folded attention
 #                                              # (attention="folded") and the default with the L2 prefetch, each
 #                                              # twice, alternating; the folded attention with the prefetch and
-#                                              # the prefetch with the int8 head once; on both models;
+#                                              # the prefetch with the int8 head once; on both models; then, as
+#                                              # far as --budget-s leaves time, the persistent step with its L2
+#                                              # prefetch (two a multiprocessor, either handoff) and without;
 #                                              # no eager baselines, transformers or microbenchmarks; --profile
 #                                              # (with the step-gap probe, the attention at 80 to 4,096 cache slots
 #                                              # pipelined and not, and the prefill's kernels)
@@ -89,8 +91,9 @@ grep -E "^check:|CORRECTNESS|FAILED" "$OUT/bench_demo.log"
 unset BITNET158_AUTOTUNE
 if [ "$MODE" = quick ]; then
   timeout -k 5 215 python3 benchmarks/bench_gpu.py \
-    --variants default,folded/packed/pdl/argmax,default/prefetch,folded/packed/pdl/argmax/prefetch,default,folded/packed/pdl/argmax,default/prefetch,default/int8/prefetch \
-    --no-micro --no-eager --profile --budget-s 150 --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
+    --variants default,folded/packed/pdl/argmax,default/prefetch,folded/packed/pdl/argmax/prefetch,default,folded/packed/pdl/argmax,default/prefetch,default/int8/prefetch,split/persistent/argmax \
+    --persistent-configs "16,4,2,0,1;16,4,2,1,1;16,4,2,0,0" \
+    --no-micro --no-eager --profile --budget-s 185 --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
 else
   timeout -k 10 330 python3 benchmarks/bench_gpu.py --hf --compile --budget-s 240 --profile --json "$OUT/bench.json" 2>&1 \
     | tee "$OUT/bench.log"

@@ -146,14 +146,17 @@ def variants(quick: bool) -> list[tuple[str, object, dict, dict, dict]]:
     args = {n: kind(n) for n in names}
     args.update(L=30, stride_kl=5 * 4096 * 128, stride_kh=4096 * 128, stride_ks=128, CHUNK=256, S=16, scale=128**-0.5, eps=1e-5)
     c_d, c_i = K.pack_act_launch(D // 16, False)[0], K.pack_act_launch(I // 16, True)[0]
-    layer_cfgs = [(*K.PERSISTENT_CONFIG[:2], r, False) for r in (0, 1)] + [(*K.PERSISTENT_CONFIG[:2], 0, True)]
+    # (rows, warps, replicate, trace, prefetch)
+    layer_cfgs = [(*K.PERSISTENT_CONFIG[:2], r, False, False) for r in (0, 1)] + [(*K.PERSISTENT_CONFIG[:2], 0, True, False)]
+    layer_cfgs += [(*K.PERSISTENT_CONFIG[:2], 0, False, True)]
     if not quick:
-        layer_cfgs += [(rows, warps, r, False) for rows, warps in ((8, 8), (16, 4), (32, 8), (16, 16)) for r in (0, 1)]
-    for rows, warps, replicate, trace in layer_cfgs:
-        const = dict(REPLICATE=bool(replicate), TRACE=trace, D=D, NQ=NQ, NKV=NKV, I=I, H=20, GROUP=4, DH=128, HALF=64, NF=29, ATTN_SUB=True, MLP_SUB=True, RELU2=True,
+        layer_cfgs += [(rows, warps, r, False, False) for rows, warps in ((8, 8), (16, 4), (32, 8), (16, 16)) for r in (0, 1)]
+        layer_cfgs += [(16, 4, 1, False, True)]
+    for rows, warps, replicate, trace, prefetch in layer_cfgs:
+        const = dict(REPLICATE=bool(replicate), TRACE=trace, PREFETCH=prefetch, D=D, NQ=NQ, NKV=NKV, I=I, H=20, GROUP=4, DH=128, HALF=64, NF=29, ATTN_SUB=True, MLP_SUB=True, RELU2=True,
                      BN_QKV=rows, BN_O=rows, BN_GU=rows, BN_D=max(1, rows * c_d // c_i), BW_D=c_d, BW_Q=c_d, BW_I=c_i,
                      C_D=c_d, C_Q=c_d, C_I=c_i, BLOCK_N_ATT=64, BLOCK_S=16, BLOCK_D=128, ON_GPU=True, SPIN=K.WAIT_POLLS)  # fmt: skip
-        label = f"decode_layers {rows} rows w{warps}{' replicate' if replicate else ''}{' trace' if trace else ''}"
+        label = f"decode_layers {rows} rows w{warps}{' replicate' if replicate else ''}{' trace' if trace else ''}{' + L2 prefetch' if prefetch else ''}"
         out.append((label, K._decode_layers_kernel, args, const, {"num_warps": warps}))
     # the kernels that take programmatic dependent launch (FastModel(pdl=True)), once per variant with it on
     seen = set()

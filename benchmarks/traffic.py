@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 class Variant(NamedTuple):
     name: str
     opts: dict  # FastModel keyword arguments
-    persistent: tuple[int, int, int, int] | None = None  # FastModel.persistent_config (None: the default)
+    persistent: tuple[int, int, int, int, int] | None = None  # FastModel.persistent_config (None: the default)
 
 
 VARIANTS = [
@@ -54,8 +54,8 @@ VARIANTS = [
     Variant("fused", {"gemv": "fused"}),
     Variant("packed, folded attention", {"attention": "folded"}),
     Variant("folded", {"gemv": "folded"}),
-    Variant("persistent, last program packs", {"gemv": "persistent"}, (16, 8, 1, 0)),
-    Variant("persistent, every program packs", {"gemv": "persistent"}, (16, 8, 1, 1)),
+    Variant("persistent, last program packs", {"gemv": "persistent"}, (16, 8, 1, 0, 0)),
+    Variant("persistent, every program packs", {"gemv": "persistent"}, (16, 8, 1, 1, 0)),
 ]
 
 

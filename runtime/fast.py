@@ -43,7 +43,8 @@ What it changes, and why:
       fetched before its wait. Its weights are stacked over the layers once, on first use (the BitLinears and
       norms re-pointed at their slices: no second copy). Prefill and host-position steps run "folded". Its launch
       config, including how each GEMV input is handed over (packed once by the last program of the phase before,
-      or by every program for itself), is ``persistent_config`` (None: ``kernels.PERSISTENT_CONFIG``).
+      or by every program for itself) and whether each phase brings the weights two GEMVs ahead into L2 (not
+      measured yet), is ``persistent_config`` (None: ``kernels.PERSISTENT_CONFIG``).
   - ``pdl=True`` (default) launches those kernels, the attention kernels and the int8 head with programmatic
     dependent launch (sm_90+; ignored elsewhere), so that each launch overlaps the end of the kernel before it.
   - ``argmax="triton"`` (default): the greedy step's argmax over the vocabulary as one launch
@@ -177,7 +178,7 @@ class FastModel:
         self._fusable: list[bool] | None = None  # per layer: every matrix readable by the GEMV (made when needed)
         self._counters: torch.Tensor | None = None  # gemv="folded": int32 [layers, 4 sites, width], all zero
         self._stack = None  # gemv="persistent": kernels.LayerStack, made on first use
-        self.persistent_config: tuple[int, int, int, int] | None = None  # its launch config (kernels.decode_layers)
+        self.persistent_config: tuple[int, int, int, int, int] | None = None  # its launch config (kernels.decode_layers)
         self._step_err: torch.Tensor | None = None  # its int32 [1] timeout flag (kernels.decode_layers)
         self.net = net
         self.config = net.config

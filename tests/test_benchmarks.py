@@ -79,8 +79,8 @@ def test_persistent_configs_parse(bench):
     from bitnet158.runtime import kernels
 
     assert bench.parse_persistent_configs(None) == [kernels.PERSISTENT_CONFIG]
-    assert bench.parse_persistent_configs("16,8,1,0;8,8,2,1") == [(16, 8, 1, 0), (8, 8, 2, 1)]
-    for bad in ("16,8,1", "16,8,0,0", "16,8,1,2", "a,b,c,d", "16,8,1,0;"):
+    assert bench.parse_persistent_configs("16,8,1,0;8,8,2,1,1") == [(16, 8, 1, 0, 0), (8, 8, 2, 1, 1)]
+    for bad in ("16,8,1", "16,8,0,0", "16,8,1,2", "16,8,1,0,2", "16,8,1,0,1,0", "a,b,c,d", "16,8,1,0;"):
         with pytest.raises(SystemExit):
             bench.parse_persistent_configs(bad)
 

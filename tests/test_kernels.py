@@ -903,8 +903,9 @@ def test_fast_model_folded_step_equals_packed():
 
 
 @interp
-@pytest.mark.parametrize("layers,relu2,sub_norms,replicate,programs", [(2, True, True, 0, 3), (2, True, True, 1, 7), (1, False, False, 1, 3)])
-def test_fast_model_persistent_step_equals_folded(layers, relu2, sub_norms, replicate, programs):
+@pytest.mark.parametrize("layers,relu2,sub_norms,replicate,programs,prefetch",
+                         [(2, True, True, 0, 3, 0), (2, True, True, 1, 7, 1), (1, False, False, 1, 3, 0)])  # fmt: skip
+def test_fast_model_persistent_step_equals_folded(layers, relu2, sub_norms, replicate, programs, prefetch):
     # gemv="persistent" runs the graph step's layers in one launch (kernels.decode_layers), with either handoff
     # (the last program packs, or every program packs: replicate): the same logits and cache bytes as
     # gemv="folded", bit for bit, at consecutive positions after a prefill and a host-position step (which run the
@@ -920,7 +921,7 @@ def test_fast_model_persistent_step_equals_folded(layers, relu2, sub_norms, repl
         steps = {}
         for gemv, n in (("folded", 1), ("persistent", 1), ("persistent", programs)):
             fast = FastModel(net, backend="triton", gemv=gemv)
-            fast.persistent_config = (*kernels.PERSISTENT_CONFIG[:2], n, replicate)
+            fast.persistent_config = (*kernels.PERSISTENT_CONFIG[:2], n, replicate, prefetch)
             net.setup_cache(1, 16)
             net.cache_k.zero_(), net.cache_v.zero_()
             steps[gemv, n] = [fast.logits_last(torch.tensor([[3, 5]]), 0), fast.logits_last(torch.tensor([[7]]), 2)]
@@ -962,7 +963,7 @@ def test_wait_gives_up_into_the_error_flag():
     # items of program 1, and its wait gives up
     net = tiny_model(layers=1).net
     fast = FastModel(net, backend="triton", gemv="persistent")
-    fast.persistent_config = (*kernels.PERSISTENT_CONFIG[:2], 3, 0)
+    fast.persistent_config = (*kernels.PERSISTENT_CONFIG[:2], 3, 0, 0)
     net.setup_cache(1, 16)
     with torch.inference_mode(), patch.object(kernels, "WAIT_POLLS", 300):
         fast.logits_last(torch.tensor([[4]]), torch.tensor([0]))
@@ -1275,7 +1276,7 @@ def test_gpu_folded_kernels_and_argmax_in_a_graph():
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("config", [(16, 8, 1, 0), (16, 8, 1, 1), (16, 4, 2, 0)])
+@pytest.mark.parametrize("config", [(16, 8, 1, 0, 0), (16, 8, 1, 1, 0), (16, 4, 2, 0, 0), (16, 4, 2, 1, 1)])
 def test_gpu_persistent_step_replays_exactly(config):
     # gemv="persistent" on a GPU: a grid of programs on every multiprocessor (two each of 4 warps in the last
     # config), flags instead of kernel boundaries.
