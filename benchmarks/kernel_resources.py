@@ -115,7 +115,8 @@ def variants(quick: bool) -> list[tuple[str, object, dict, dict, dict]]:
     # up to 1,024 slots, several (pipelined) above
     attn = (("", False, False, True), (" split", True, False, False), (" split, pipelined (> 1,024 slots)", True, False, True),
             (" split + combine + pack (folded)", True, True, False), (" split + L2 prefetch", True, False, False),
-            (" split + L2 prefetch (early)", True, False, False))  # fmt: skip
+            (" split + L2 prefetch (early)", True, False, False),
+            (" split + combine + pack (folded) + L2 prefetch", True, True, False))  # fmt: skip
     for label, split, fold, pipe in attn:
         const = dict(GROUP=4, DH=128, HALF=64, BLOCK_N=64, SPLIT=split, ON_GPU=True, PIPE=pipe)
         kargs = args

@@ -55,7 +55,8 @@ def test_every_kernel_compiles_for_sm90():
     # FastModel(prefetch="after" / "before"): the attention's L2 prefetches are in its machine code (CCTL.E.PF2), and
     # the persistent step's with its prefetch config, and only there
     prefetching = {r["kernel"] for r in rows if r["l2_prefetches"]}
-    want = {f"decode_attention split + L2 prefetch{e}{p}" for e in ("", " (early)") for p in ("", " +pdl")}
+    want = {f"decode_attention split{f} + L2 prefetch{e}{p}" for f, e in (("", ""), ("", " (early)"), (" + combine + pack (folded)", ""))
+            for p in ("", " +pdl")}  # fmt: skip
     persistent = {r["kernel"] for r in layers if r["kernel"].endswith(" + L2 prefetch")}
     assert len(persistent) == 1 and prefetching == want | persistent, prefetching
 
