@@ -868,8 +868,8 @@ def attention_scaling(net, slot_counts=(80, 768, 2100, 4096), timer=None) -> Non
     rows = RESULTS.setdefault("attention_scaling", [])
     g = torch.Generator(device=dev).manual_seed(0)
     qkv = torch.randn(1, 1, (h + 2 * kv) * dh, device=dev, generator=g).to(dt)
-    cos, sin = (torch.rand(1, dh, device=dev, generator=g).to(dt) for _ in range(2))
     for slots in slot_counts:
+        cos, sin = (torch.rand(slots, dh, device=dev, generator=g).to(dt) for _ in range(2))  # the rope tables
         caches = [torch.randn(2, 1, kv, slots, dh, device=dev, generator=g).to(dt) for _ in range(n)]
         pos = torch.tensor([slots - 1], device=dev)
         row = {"slots": slots, "kv_bytes": 2 * kv * (slots - 1) * dh * dt.itemsize}

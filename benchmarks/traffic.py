@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""The bytes one graph decode step's Triton kernels read, by tensor, counted in Triton's interpreter: no GPU.
+"""The bytes one graph decode step's Triton kernels read, by tensor, and the kernels it launches, counted in
+Triton's interpreter: no GPU.
 
     python benchmarks/traffic.py                       # the demo model (examples/tiny-bitnet), every decode variant
     python benchmarks/traffic.py --file model.bin --prompt-len 40 --json traffic.json
@@ -17,6 +18,12 @@ addresses under the mask and its element size) and mapped onto the model's tenso
 - the KV cache: which positions were read, and how often each byte (GQA: once per query head of a group);
 - other: activations, packed inputs, attention partials, counters. These stay in L2 on a GPU.
 torch's own ops (the bf16 head's matmul, torch's embedding and argmax) are not Triton loads and are not counted.
+
+Launches: the step is the one a CUDA graph captures (``GraphDecoder._step``, greedy: forward, argmax and the state
+updates), run eagerly. Each Triton launch counts, and each torch op outside them that is neither a view nor an
+allocation (a TorchDispatchMode), as one kernel a GPU would run; cuBLAS may split a matmul in two, which this does
+not see. On the H200 the profiler counted 314 launches in the default's step of then (RESULTS.md), where this
+counted 312.
 
 The test (tests/test_kernels.py) runs every variant on a tiny model and requires each t2 weight byte and each
 int8 head byte read exactly once, and the cache read at the filled positions only. Nothing here is a timing.
@@ -37,6 +44,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # before any kernel is defined: the loads 
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -80,6 +88,49 @@ def counted_loads():
         yield loads
     finally:
         builder.create_masked_load = plain
+
+
+# torch ops that launch nothing on a GPU besides views: allocations and metadata
+_NO_KERNEL = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "lift_fresh", "detach", "alias",
+              "_local_scalar_dense", "resolve_conj", "resolve_neg"}  # fmt: skip
+
+
+@contextlib.contextmanager
+def counted_launches():
+    """Count the kernels a GPU would launch while inside: yields a Counter that fills with launches by name, "triton:
+    <kernel>" for each Triton launch (the interpreter's InterpretedFunction.run) and "torch: <op>" for each torch op
+    outside them that is not a view or an allocation (the interpreter's own copies of a launch's arguments are not
+    counted)."""
+    import collections
+
+    from triton.runtime import interpreter as ti
+
+    counts: collections.Counter = collections.Counter()
+    inside = [0]  # > 0 while a Triton launch runs
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if not inside[0] and not func.is_view and name not in _NO_KERNEL:
+                counts[f"torch: {name}"] += 1
+            return func(*args, **(kwargs or {}))
+
+    plain = ti.InterpretedFunction.run
+
+    def run(self, *args, **kwargs):
+        counts[f"triton: {self.fn.__name__}"] += 1
+        inside[0] += 1
+        try:
+            return plain(self, *args, **kwargs)
+        finally:
+            inside[0] -= 1
+
+    ti.InterpretedFunction.run = run
+    try:
+        with Ops():
+            yield counts
+    finally:
+        ti.InterpretedFunction.run = plain
 
 
 class Reads(NamedTuple):
@@ -147,18 +198,30 @@ def _unique(ts: list[torch.Tensor]) -> list[torch.Tensor]:
 @torch.inference_mode()  # the KV cache holds inference tensors
 def step_traffic(fast, prompt: list[int], token: int) -> dict:
     """Prefill ``prompt`` (the reference backend, not counted), then count one graph decode step of ``token`` at
-    the next position pos (the step a CUDA graph replays: position on the device). Returns {kind: Reads, "other":
-    bytes, "total": bytes, "kv_positions": (first, last) position read, "kv_filled": whether every byte of
-    positions 0..pos-1 was read, and none past pos}."""
+    the next position pos: ``GraphDecoder._step`` (greedy), the step a CUDA graph captures, run eagerly with the
+    position on the device. Returns {kind: Reads, "other": bytes, "total": bytes, "kv_positions": (first, last)
+    position read, "kv_filled": whether every byte of positions 0..pos-1 was read, and none past pos, "launches":
+    Counter of the kernels launched (counted_launches)}."""
+    from bitnet158.runtime.fast import GraphDecoder
+
     net = fast.net
     pos = len(prompt)
-    net.setup_cache(1, pos + 16)  # room past the step, as a decoder's static cache has: none of it may be read
+    # the static cache, with room past the step, as a decoder's has: none of it may be read
+    dec = GraphDecoder(fast, pos + 16, use_graph=False)
     backend = fast.backend
     fast.set_backend("reference")  # the prompt's keys and values, quickly (the interpreter is slow)
     fast.logits_last(torch.tensor([prompt], device=net.device), 0)
     fast.set_backend(backend)
-    with counted_loads() as loads:
-        fast.logits_last(torch.tensor([[token]], device=net.device), torch.tensor([pos], device=net.device))
+    dec.adopt(prompt)
+    dec._tok.fill_(token)
+    dec.use_graph = True  # _step then passes the position as a device tensor, as in the captured graph
+    # a first step makes what the variant makes once (counters, the persistent stack), as a graph's warm-up steps
+    # do before the capture; then the state goes back and the counted step runs at the same position
+    saved = [b.clone() for b in dec._state]
+    dec._step(dec.sampling_key())
+    dec._restore(saved)
+    with counted_loads() as loads, counted_launches() as launches:
+        dec._step(dec.sampling_key())
     loads = by_size(loads)
     out: dict = {kind: reads_of(loads, ts) for kind, ts in regions(fast).items()}
     total = sum(a.size * item for item, a in loads.items())
@@ -171,6 +234,7 @@ def step_traffic(fast, prompt: list[int], token: int) -> dict:
     out["kv_positions"] = (int(read_pos.min()), int(read_pos.max())) if read_pos.size else None
     # the step's own key / value (position pos) may come from registers, not the cache
     out["kv_filled"] = bool(kv[:, :, :, :, :pos].all()) and not by_pos[pos + 1 :].any()
+    out["launches"] = launches
     return out
 
 
@@ -194,8 +258,8 @@ def _mb(n: int) -> str:
 def print_table(rows: list[dict]) -> None:
     kinds = ["t2 weights", "scales", "norms", "embedding", "KV cache", "int8 head"]
     print("bytes read by the Triton kernels of one graph decode step (MB, or k for kB); x: reads per byte read")
-    print("| variant | " + " | ".join(kinds) + " | other | total |")
-    print("|---" * (len(kinds) + 3) + "|")
+    print("| variant | " + " | ".join(kinds) + " | other | total | launches (Triton + torch) |")
+    print("|---" * (len(kinds) + 4) + "|")
     for row in rows:
         cells = []
         for k in kinds:
@@ -206,7 +270,10 @@ def print_table(rows: list[dict]) -> None:
             cell = f"{_mb(r.read)} ({r.read / r.distinct:.2f}x"
             cell += f", {r.distinct / r.size:.0%} of it)" if r.distinct != r.size else ", all)"
             cells.append(cell)
-        print(f"| {row['variant']} | " + " | ".join(cells) + f" | {_mb(row['other'])} | {_mb(row['total'])} |")
+        n = row["launches"]
+        triton = sum(c for k, c in n.items() if k.startswith("triton"))
+        launches = f"{sum(n.values())} ({triton} + {sum(n.values()) - triton})"
+        print(f"| {row['variant']} | " + " | ".join(cells) + f" | {_mb(row['other'])} | {_mb(row['total'])} | {launches} |")
     for row in rows:
         w = row["t2 weights"]
         flag = "" if w.read == w.distinct == w.size and row["kv_filled"] else "   <-- CHECK"

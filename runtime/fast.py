@@ -273,12 +273,13 @@ class FastModel:
         # position on the device
         return self.backend == "triton" and not isinstance(pos, int) and tuple(tokens_shape[:2]) == (1, 1)
 
-    def _attention_kernel(self, qkv: torch.Tensor, pos) -> bool:
-        # the attention kernels apply to the graph decode step
-        return self.attention != "torch" and self._graph_step(qkv.shape, pos)
+    def _attention_kernel(self, x: torch.Tensor, pos) -> bool:
+        # the attention kernels apply to the graph decode step (x [B, T, ...]: the tokens, or a layer's q/k/v)
+        return self.attention != "torch" and self._graph_step(x.shape, pos)
 
     def _attend(self, i: int, qkv: torch.Tensor, cos, sin, pos, mask, pack_next=None):
         # qkv [B, T, Nq + 2·Nkv] → attention output [B, T, Nq] (before the sub-norm), keys/values into the cache.
+        # cos / sin: the rows of the positions [T, Dh], or for the attention kernels the whole tables (_hidden).
         # pack_next (kernels.NextPack; the split attention kernel only): → the o projection's packed input instead
         a = self.net.layers[i].attn
         if self._attention_kernel(qkv, pos):
@@ -525,6 +526,9 @@ class FastModel:
             else:
                 keys = torch.arange(start_pos + t, device=tokens.device)
                 mask = keys[None, :] <= (start_pos + torch.arange(t, device=tokens.device))[:, None]  # [T, L]
+        elif self._attention_kernel(tokens, start_pos):
+            # the attention kernels read the rope rows at the position themselves, and need no mask: no launch here
+            cos, sin, mask = net.cos, net.sin, None  # [max_seq, Dh] tables
         else:
             cos, sin = net.cos[start_pos], net.sin[start_pos]
             mask = torch.arange(net.max_seq, device=tokens.device)[None, :] <= start_pos[:, None]  # [T, max_seq]

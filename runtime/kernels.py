@@ -757,16 +757,16 @@ def _decode_attention_kernel(
     # (slot pos is the one this step writes). SPLIT: S splits a head and _attention_combine_kernel after, or with
     # FOLD the combine and the o projection's packing in this launch (FastModel(gemv="folded")); else S = 1.
     # Before the PDL wait the program reads what no kernel of this step writes before it (_attn_prefetch: pos,
-    # cos / sin and the first block of cached keys / values, all made by kernels that completed before the
-    # previous one started): the cache's memory latency overlaps the q/k/v GEMV's end, as the GEMVs' first weight
-    # tile does (at the 2B-4T shape a split is one block: 64 keys).
+    # row pos of the rope tables cos / sin [S, DH] and the first block of cached keys / values, all made by
+    # kernels that completed before the previous one started): the cache's memory latency overlaps the q/k/v
+    # GEMV's end, as the GEMVs' first weight tile does (at the 2B-4T shape a split is one block: 64 keys).
     h = tl.program_id(0)
     s = tl.program_id(1)
     pos = tl.load(pos_ptr)
     lo = s * CHUNK
     hi = tl.minimum(lo + CHUNK, pos)
-    rope, cache_k, cache_v, kv_first = _attn_prefetch(cos_ptr, sin_ptr, k_ptr, v_ptr, h // GROUP, lo, hi, stride_kh,
-                                                      stride_ks, DH, HALF, BLOCK_N)  # fmt: skip
+    rope, cache_k, cache_v, kv_first = _attn_prefetch(cos_ptr + pos * DH, sin_ptr + pos * DH, k_ptr, v_ptr, h // GROUP,
+                                                      lo, hi, stride_kh, stride_ks, DH, HALF, BLOCK_N)  # fmt: skip
     if PF_EARLY:
         _prefetch_regions(pf0, pf1, pf2, pf3, pf0_n, pf1_n, pf2_n, pf3_n, N_PF, ON_GPU)
     _pdl_enter(PDL)
@@ -1534,7 +1534,8 @@ def decode_attention(
     prefetch_early: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, PackedAct]:  # fmt: skip
     """``model.attend`` for one token of batch 1: qkv [1, 1, (H + 2·Hkv)·Dh] (the fused projection's output),
-    cos/sin [1, Dh], pos int64 [1] on the device, caches [≥1, Hkv, S, Dh] → y [1, 1, H·Dh].
+    cos/sin the rope tables [S, Dh] (contiguous; the kernel reads row pos, so the step launches no gather), pos
+    int64 [1] on the device, caches [≥1, Hkv, S, Dh] → y [1, 1, H·Dh].
 
     Rope and the cache write round like the torch ops (the cache gets the same bytes); the attention sums in
     fp32 with an online softmax, so y agrees with SDPA to rounding. One kernel with H programs, or with ``split``
@@ -1561,6 +1562,9 @@ def decode_attention(
         raise KernelShapeError(f"decode_attention: heads {n_heads}/{n_kv}, Dh {head_dim}, cache {tuple(cache_k.shape)}")
     if cache_k.stride(3) != 1 or cache_k.stride() != cache_v.stride() or pos.numel() != 1 or pos.dtype != torch.long:
         raise KernelShapeError("decode_attention: caches must share a layout with contiguous rows; pos int64 [1]")
+    slots = cache_k.shape[2]
+    if cos.shape != (slots, head_dim) or sin.shape != (slots, head_dim) or not (cos.is_contiguous() and sin.is_contiguous()):
+        raise KernelShapeError(f"decode_attention: cos / sin must be the contiguous rope tables [{slots}, {head_dim}], got {tuple(cos.shape)}")
     if pack_next is not None and (not split or pack_next.act is not None):
         raise KernelShapeError("decode_attention: pack_next needs split=True and no act")
     if len(prefetch) > 4 or any(t.device != qkv.device or not t.is_contiguous() or t.numel() * t.element_size() >= 2**31
@@ -1587,7 +1591,7 @@ def decode_attention(
     combine = dict(BLOCK_S=triton.next_power_of_2(n_split), BLOCK_D=triton.next_power_of_2(head_dim))
     pf = {f"pf{j}": t for j, t in enumerate(prefetch)} | {f"pf{j}_n": t.numel() * t.element_size() for j, t in enumerate(prefetch)}
     _decode_attention_kernel[(n_heads, n_split)](
-        qkv, cos.contiguous(), sin.contiguous(), pos, cache_k, cache_v, y, pm, pl, pacc,
+        qkv, cos, sin, pos, cache_k, cache_v, y, pm, pl, pacc,
         n_heads * head_dim, n_kv * head_dim, cache_k.stride(1), cache_k.stride(2), head_dim**-0.5, chunk, n_split,
         GROUP=n_heads // n_kv, DH=head_dim, HALF=triton.next_power_of_2(head_dim // 2), BLOCK_N=block_n, SPLIT=split,
         PDL=use_pdl, launch_pdl=use_pdl, ON_GPU=not _INTERPRET, FOLD=nxt is not None, **combine, **tail,

@@ -576,7 +576,7 @@ def _attention_case(dtype, heads, kv, dh, slots, pos, seed=0):
     g = torch.Generator().manual_seed(seed)
     qkv = torch.randn(1, 1, (heads + 2 * kv) * dh, generator=g).to(dtype).to(DEV)
     cache_k, cache_v = (torch.randn(1, kv, slots, dh, generator=g).to(dtype).to(DEV) for _ in range(2))
-    ang = torch.rand(1, dh // 2, generator=g) * 6
+    ang = torch.rand(slots, dh // 2, generator=g) * 6  # a different rotation at each position: the tables [S, Dh]
     ang = torch.cat([ang, ang], -1)
     cos, sin = ang.cos().to(dtype).to(DEV), ang.sin().to(dtype).to(DEV)
     return qkv, cos, sin, torch.tensor([pos], device=DEV), cache_k, cache_v
@@ -587,7 +587,7 @@ def _attention_ref(qkv, cos, sin, pos, cache_k, cache_v, heads, kv, dh):
 
     k2, v2 = cache_k.clone(), cache_v.clone()
     mask = (torch.arange(k2.shape[2], device=DEV) <= pos)[None]  # the graph step's mask: keys 0..pos
-    y = attend(*qkv.split([heads * dh, kv * dh, kv * dh], -1), cos, sin, pos, mask, k2, v2, heads, kv, dh)
+    y = attend(*qkv.split([heads * dh, kv * dh, kv * dh], -1), cos[pos], sin[pos], pos, mask, k2, v2, heads, kv, dh)
     return y, k2, v2
 
 
@@ -612,6 +612,8 @@ def test_decode_attention_kernel(heads, kv, dh, slots, pos, split):
     torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=0.04)
     with pytest.raises(kernels.KernelShapeError):
         kernels.decode_attention(case[0][..., :-1], *case[1:], heads, kv, dh)
+    with pytest.raises(kernels.KernelShapeError, match="rope tables"):  # a row, not the table
+        kernels.decode_attention(case[0], case[1][pos : pos + 1], *case[2:], heads, kv, dh)
 
 
 def test_l2_prefetch_covers_each_line_once():
@@ -1001,7 +1003,10 @@ def test_decode_step_reads_each_weight_byte_once(relu2, sub_norms):
     # benchmarks/traffic.py counts every load of a graph decode step's kernels: each decode variant (the default,
     # the int8 head, plain / fused / folded / persistent GEMVs) reads each t2 weight byte and each int8 head byte
     # exactly once, and the KV cache at the filled positions only, all of them (a re-read or a whole-cache read
-    # gives the same logits, so only counting sees it). The counter itself sees a second read
+    # gives the same logits, so only counting sees it). The counter itself sees a second read. Launches: the
+    # default's step is ten kernels a layer and eight more (embedding, final norm, head, argmax, four state
+    # updates; no rope gather or mask: the attention kernel reads the tables), the folded attention two fewer a
+    # layer, the persistent step one launch for the layers
     from bitnet158.runtime.fast import FastModel
 
     spec = importlib.util.spec_from_file_location("traffic", ROOT / "benchmarks" / "traffic.py")
@@ -1018,6 +1023,13 @@ def test_decode_step_reads_each_weight_byte_once(relu2, sub_norms):
                 assert r.read == r.distinct == r.size > 0, (row["variant"], kind, r[:3])
         assert row["kv_filled"] and row["kv_positions"][0] == 0 and row["kv_positions"][1] in (6, 7), row["variant"]
     assert "int8 head" in rows[1] and rows[-1]["embedding"].read  # the persistent kernel reads the token's row
+    launches = {r["variant"]: r["launches"] for r in rows}
+    default = launches["packed (CUDA default)"]
+    triton = sum(c for k, c in default.items() if k.startswith("triton"))
+    assert triton == 10 * 2 + 2 and sum(default.values()) == triton + 6, default
+    assert not {"torch: index", "torch: arange", "torch: le"} & set(default), default
+    assert sum(launches["packed, folded attention"].values()) == sum(default.values()) - 2 * 2
+    assert launches["persistent, last program packs"]["triton: _decode_layers_kernel"] == 1
     x, packed, scale = rand_case(1, 24, 64, per_row=True)
     with traffic.counted_loads() as loads:
         for _ in range(2):
