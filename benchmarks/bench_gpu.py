@@ -1046,7 +1046,7 @@ def main() -> int:
     ap.add_argument("--no-eager", action="store_true", help="skip the eager baselines (reference, triton eager)")
     ap.add_argument("--persistent-configs", help="launch configs of the persistent variants, rows,warps,per_sm,replicate[,prefetch];... "
                     "(tile rows of the K = D matrices, warps, programs a multiprocessor, every program packing its "
-                    "inputs 0/1, the L2 prefetch of the weights two GEMVs ahead 0/1; default kernels.PERSISTENT_CONFIG)")
+                    "inputs 0/1, the L2 prefetch of the weights two phases ahead 0/1; default kernels.PERSISTENT_CONFIG)")
     ap.add_argument("--profile", action="store_true",
                     help="kernel times inside the default's graph step, and without PDL if that variant runs (torch.profiler)")
     ap.add_argument("--json", help="write all figures here")

@@ -43,7 +43,7 @@ What it changes, and why:
       fetched before its wait. Its weights are stacked over the layers once, on first use (the BitLinears and
       norms re-pointed at their slices: no second copy). Prefill and host-position steps run "folded". Its launch
       config, including how each GEMV input is handed over (packed once by the last program of the phase before,
-      or by every program for itself) and whether each phase brings the weights two GEMVs ahead into L2 (not
+      or by every program for itself) and whether each phase brings the weights two phases ahead into L2 (not
       measured yet), is ``persistent_config`` (None: ``kernels.PERSISTENT_CONFIG``).
   - ``pdl=True`` (default) launches those kernels, the attention kernels and the int8 head with programmatic
     dependent launch (sm_90+; ignored elsewhere), so that each launch overlaps the end of the kernel before it.

@@ -921,9 +921,9 @@ def _decode_layers_kernel(
     # multiprocessor at once, one handoff and one L2 round trip less on the chain.
     # TRACE: each program's times of each phase of each layer into trace_ptr [P, L, 5, 3] (entered, input ready,
     # its items done), from the GPU's global timer: where the step's time goes, which a profiler cannot see.
-    # PREFETCH: on entering each phase, before its wait, the programs bring the weights of the GEMV after the next
+    # PREFETCH: on entering each phase, before its wait, the programs bring the weights of the phase after the next
     # into L2, each its 1/P of them (_l2_prefetch): at q/k/v o's, at the attention gate|up's, at o down's, at
-    # gate|up the next layer's q/k/v (and q/k/v of layer 0 at the start). Each GEMV then reads from L2 what a
+    # gate|up the next layer's q/k/v (and q/k/v of layer 0 at the start; the attention reads no weights). Each GEMV then reads from L2 what a
     # program otherwise waits on memory for, tile after tile (the measured trace: gate|up's own work took 8.7 µs
     # for 33 KB a program, about 4 GB/s a program), and at most two GEMVs' weights (13 MB at 2B-4T) are in L2 at
     # once. Prefetches change no value (nothing under the interpreter).
@@ -1662,7 +1662,7 @@ WAIT_POLLS = 1 << 21
 # decode_layers' launch: rows of a tile for the K = D matrices (the others keep its size in words), warps,
 # programs a multiprocessor (capped by what fits: every program must be resident, _decode_layers_kernel), and the
 # handoff at the packing boundaries (0: the last program packs and signals; 1: REPLICATE, every program packs), and
-# the L2 prefetch of the weights two GEMVs ahead (0 / 1: PREFETCH, not measured yet)
+# the L2 prefetch of the weights two phases ahead (0 / 1: PREFETCH, not measured yet)
 PERSISTENT_CONFIG = (16, 8, 1, 0, 0)
 
 
