@@ -768,6 +768,11 @@ class GraphDecoder:
         logits = self._logits_fn(self._tok, self._pos if self.use_graph else self._host_pos)[0]  # [V]
         self._host_pos += 1
         nxt = self._pick(logits, key)
+        if self.fast.backend == "triton":  # one launch (in the graph: one node, with PDL) for the four ops below
+            from bitnet158.runtime.kernels import advance
+
+            advance(nxt, self._out, self._n, self._tok, self._pos, pdl=self.fast.pdl)
+            return
         self._out.index_copy_(0, self._n, nxt)
         self._tok.copy_(nxt.view(1, 1))
         self._pos.add_(1)

@@ -809,6 +809,19 @@ def _argmax_kernel(x_ptr, N, pv_ptr, pi_ptr, cnt_ptr, out_ptr, BLOCK: tl.constex
         tl.store(out_ptr, tl.load(pi_ptr + jb, cache_modifier=".cg").to(tl.int64))
 
 
+@triton.jit
+def _advance_kernel(nxt_ptr, out_ptr, n_ptr, tok_ptr, pos_ptr, S, PDL: tl.constexpr = False):
+    # one program: the decode state after a step's pick (int64 scalars): out[n] = tok = nxt (no write at n ≥ S),
+    # pos += 1, n += 1
+    _pdl_enter(PDL)
+    nxt = tl.load(nxt_ptr)
+    n = tl.load(n_ptr)
+    tl.store(out_ptr + n, nxt, mask=n < S)
+    tl.store(tok_ptr, nxt)
+    tl.store(pos_ptr, tl.load(pos_ptr) + 1)
+    tl.store(n_ptr, n + 1)
+
+
 @triton.jit(noinline=True)
 def _gemv_phase(
     pid, P, wait_ptr, wait_for, err_ptr, xq_row, s_ptr, qs_ptr, x_row, x_nw, X_K, X_K16, eps,
@@ -1627,6 +1640,18 @@ def argmax(x: torch.Tensor, counter: torch.Tensor, block: int | None = None, pdl
         launch_pdl=use_pdl, num_warps=4 if block <= 1024 else 8,
     )  # fmt: skip
     return out
+
+
+def advance(nxt: torch.Tensor, out: torch.Tensor, n: torch.Tensor, tok: torch.Tensor, pos: torch.Tensor, pdl: bool = False) -> None:
+    """The graph decode step's state after its pick, in one launch instead of four torch ops: ``out[n] = nxt``,
+    ``tok = nxt``, ``pos += 1``, ``n += 1``. nxt, n, pos int64 [1], tok int64 [1, 1], out int64 [S] (nothing is
+    written past it), all contiguous on one device."""
+    ts = (nxt, out, n, tok, pos)
+    if any(t.dtype != torch.long or not t.is_contiguous() or t.device != out.device for t in ts) or out.dim() != 1 or \
+            any(t.numel() != 1 for t in (nxt, n, tok, pos)):  # fmt: skip
+        raise KernelShapeError("advance: nxt, n, tok, pos must be int64 scalars and out int64 [S], contiguous on one device")
+    use_pdl = _use_pdl(out, pdl)
+    _advance_kernel[(1,)](nxt, out, n, tok, pos, out.numel(), PDL=use_pdl, launch_pdl=use_pdl, num_warps=1)
 
 
 # --------------------------------------------------------------------------------------------------------------
