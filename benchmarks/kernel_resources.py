@@ -131,6 +131,8 @@ def variants(quick: bool) -> list[tuple[str, object, dict, dict, dict]]:
     out.append(("attention_combine", K._attention_combine_kernel, args, dict(DH=128, BLOCK_S=16, BLOCK_D=128), {"num_warps": 4}))
     args = {"x_ptr": "*fp32", "N": V, "pv_ptr": "*fp32", "pi_ptr": "*i32", "cnt_ptr": "*i32", "out_ptr": "*i64"}
     out.append(("argmax", K._argmax_kernel, args, dict(BLOCK=4096, BLOCK_P=32), {"num_warps": 8}))
+    args = {"nxt_ptr": "*i64", "out_ptr": "*i64", "n_ptr": "*i64", "tok_ptr": "*i64", "pos_ptr": "*i64", "S": 1024}
+    out.append(("advance", K._advance_kernel, args, {}, {"num_warps": 1}))
     # the decoder layers of a decode step in one launch (FastModel(gemv="persistent")), 30 layers of the 2B-4T shape
     names = ["tok_ptr", "pos_ptr", "embed_ptr", "cos_ptr", "sin_ptr", "k_ptr", "v_ptr", "x_ptr", "qkv_ptr", "y_ptr",
              "gu_ptr", "pm_ptr", "pl_ptr", "pacc_ptr", "in_xq", "in_s", "in_qs", "o_xq", "o_s", "o_qs", "gu_xq", "gu_s",
