@@ -66,7 +66,8 @@ What it changes, and why:
   integer dot (the CPU's: one int8 GEMV in oneDNN).
 - **No host work per token.** ``GraphDecoder`` captures one decode step (forward at a position tensor, sampling
   on the device with the repetition penalty over a mask of the ids seen, next token and position written into
-  static buffers) in a ``torch.cuda.CUDAGraph`` and replays it; generated ids are copied to the host in chunks.
+  static buffers: ``kernels.advance``, one launch, on the triton backend) in a ``torch.cuda.CUDAGraph`` and
+  replays it; generated ids are copied to the host in chunks.
   ``generate(reuse=True)`` runs only what follows the prefix that the cache holds from the last generation (a
   chat's next turn). ``compile=True`` first passes the forward through
   ``torch.compile`` (the BitLinear kernels as opaque custom ops) so that the small elementwise ops fuse.
