@@ -2,7 +2,7 @@
 # The one device check of the GPU fast path (issue 5): run from the repository root on the GPU machine.
 #
 #   bash benchmarks/device_check.sh            # carry: .whl (the gguf wheel); logs and bench.json under $OUT
-#   bash benchmarks/device_check.sh quick      # the same steps cut to about 6.5 minutes (timeout_s=420): the
+#   bash benchmarks/device_check.sh quick      # the same steps cut to about 7 minutes (timeout_s=450): the
 #                                              # GPU tests of the attention kernel, the tile search and the
 #                                              # decode variants; the default, the folded attention
 #                                              # (attention="folded") and the default with the L2 prefetch, each
