@@ -936,10 +936,11 @@ def _decode_layers_kernel(
     # its items done), from the GPU's global timer: where the step's time goes, which a profiler cannot see.
     # PREFETCH: on entering each phase, before its wait, the programs bring the weights of the phase after the next
     # into L2, each its 1/P of them (_l2_prefetch): at q/k/v o's, at the attention gate|up's, at o down's, at
-    # gate|up the next layer's q/k/v (and q/k/v of layer 0 at the start; the attention reads no weights). Each GEMV then reads from L2 what a
-    # program otherwise waits on memory for, tile after tile (the measured trace: gate|up's own work took 8.7 µs
-    # for 33 KB a program, about 4 GB/s a program), and at most two GEMVs' weights (13 MB at 2B-4T) are in L2 at
-    # once. Prefetches change no value (nothing under the interpreter).
+    # gate|up the next layer's q/k/v (and q/k/v of layer 0 at the start; the attention reads no weights). Each
+    # GEMV then reads from L2 what a program otherwise waits on memory for, tile after tile (the measured trace:
+    # gate|up's own work took 8.7 µs for 33 KB a program, about 4 GB/s a program), and at most two GEMVs' weights
+    # (13 MB at 2B-4T) are in L2 at once. Each region is the very pointer its phase reads (w_*_l). Prefetches
+    # change no value (nothing under the interpreter).
     pid = tl.program_id(0)
     P = tl.num_programs(0)
     K16D: tl.constexpr = (D + 15) // 16
@@ -976,17 +977,22 @@ def _decode_layers_kernel(
         fl = flags_ptr + layer * NF
         lw = tl.cast(layer, tl.int64)  # a Python int under the interpreter
         tr = trace_ptr + (pid * L + lw) * 15  # this program's [5, 3] times of this layer
+        # this layer's weights (the next layer's q/k/v: w_qkv_l + NQKV · K16D)
+        w_qkv_l = w_qkv + lw * NQKV * K16D
+        w_o_l = w_o + lw * D * K16Q
+        w_gu_l = w_gu + lw * 2 * I * K16D
+        w_d_l = w_d + lw * D * K16I
         if PREFETCH:
-            _l2_prefetch(w_o + lw * D * K16Q, B_O, pid, P, w_o, 128, ON_GPU)
+            _l2_prefetch(w_o_l, B_O, pid, P, w_o, 128, ON_GPU)
         # q/k/v of the normed input
         in_for = tl.where(layer == 0, 1, n_d) if REPLICATE else 1
         _gemv_phase(pid, P, fl, in_for, err_ptr, in_xq, in_s, in_qs, x_ptr, nw_attn + lw * D, D, K16D, eps,
-                    w_qkv + lw * NQKV * K16D, sc_qkv + lw * NQKV, qkv_ptr, qkv_ptr, NQKV, K16D, fl + 1, fl, nw_attn,
+                    w_qkv_l, sc_qkv + lw * NQKV, qkv_ptr, qkv_ptr, NQKV, K16D, fl + 1, fl, nw_attn,
                     in_xq, in_s, in_qs, D, K16D, False, tr, False, True, False, C_D,
                     False, False, False, False, False, C_D, BN_QKV, BW_D, REPLICATE, ON_GPU, SPIN, TRACE)  # fmt: skip
         # attention: H × S splits, the last split of a head combines it, then the handoff of y to o
         if PREFETCH:
-            _l2_prefetch(w_gu + lw * 2 * I * K16D, B_GU, pid, P, w_gu, 128, ON_GPU)
+            _l2_prefetch(w_gu_l, B_GU, pid, P, w_gu, 128, ON_GPU)
         _mark(tr + 3, TRACE, ON_GPU)
         _mark(tr + 4, TRACE, ON_GPU)  # input ready: rewritten after the wait by a program with splits
         _attn_phase(pid, P, pos, cos_ptr, sin_ptr, k_ptr + lw * stride_kl, v_ptr + lw * stride_kl, qkv_ptr, y_ptr,
@@ -996,24 +1002,24 @@ def _decode_layers_kernel(
         _mark(tr + 5, TRACE, ON_GPU)
         # h = x + o(sub_norm(y)), in place; then mlp_norm(h) for gate|up
         if PREFETCH:
-            _l2_prefetch(w_d + lw * D * K16I, B_D, pid, P, w_d, 128, ON_GPU)
+            _l2_prefetch(w_d_l, B_D, pid, P, w_d, 128, ON_GPU)
         o_wait, o_for = (fl + 8 + H, H) if REPLICATE else (fl + 2, 1)
         _gemv_phase(pid, P, o_wait, o_for, err_ptr, o_xq, o_s, o_qs, y_ptr, nw_attn_sub + lw * NQ, NQ, K16Q, eps,
-                    w_o + lw * D * K16Q, sc_o + lw * D, x_ptr, x_ptr, D, K16Q, fl + 3, fl + 4, nw_mlp + lw * D,
+                    w_o_l, sc_o + lw * D, x_ptr, x_ptr, D, K16Q, fl + 3, fl + 4, nw_mlp + lw * D,
                     gu_xq, gu_s, gu_qs, D, K16D, True, tr + 6, False, ATTN_SUB, False, C_Q,
                     True, True, False, True, False, C_D, BN_O, BW_Q, REPLICATE, ON_GPU, SPIN, TRACE)  # fmt: skip
         # gate | up of mlp_norm(h); then sub_norm(act(gate) · up) for down
         if PREFETCH and layer + 1 < L:
-            _l2_prefetch(w_qkv + (lw + 1) * NQKV * K16D, B_QKV, pid, P, w_qkv, 128, ON_GPU)
+            _l2_prefetch(w_qkv_l + NQKV * K16D, B_QKV, pid, P, w_qkv, 128, ON_GPU)
         gu_wait, gu_for = (fl + 3, n_o) if REPLICATE else (fl + 4, 1)
         _gemv_phase(pid, P, gu_wait, gu_for, err_ptr, gu_xq, gu_s, gu_qs, x_ptr, nw_mlp + lw * D, D, K16D, eps,
-                    w_gu + lw * 2 * I * K16D, sc_gu + lw * 2 * I, gu_ptr, gu_ptr, 2 * I, K16D, fl + 5, fl + 6,
+                    w_gu_l, sc_gu + lw * 2 * I, gu_ptr, gu_ptr, 2 * I, K16D, fl + 5, fl + 6,
                     nw_mlp_sub + lw * I, d_xq, d_s, d_qs, I, K16I, True, tr + 9, False, True, False, C_D,
                     False, True, True, MLP_SUB, RELU2, C_I, BN_GU, BW_D, REPLICATE, ON_GPU, SPIN, TRACE)  # fmt: skip
         # x = h + down(...), in place; then the next layer's attn_norm(x) (flag 0 of the next layer)
         d_wait, d_for, d_cnt = (fl + 5, n_gu, fl + NF) if REPLICATE else (fl + 6, 1, fl + 7)
         _gemv_phase(pid, P, d_wait, d_for, err_ptr, d_xq, d_s, d_qs, gu_ptr, nw_mlp_sub + lw * I, I, K16I, eps,
-                    w_d + lw * D * K16I, sc_d + lw * D, x_ptr, x_ptr, D, K16I, d_cnt, fl + NF, nw_attn + (lw + 1) * D,
+                    w_d_l, sc_d + lw * D, x_ptr, x_ptr, D, K16I, d_cnt, fl + NF, nw_attn + (lw + 1) * D,
                     in_xq, in_s, in_qs, D, K16D, layer + 1 < L, tr + 12, True, MLP_SUB, RELU2, C_I,
                     True, True, False, True, False, C_D, BN_D, BW_I, REPLICATE, ON_GPU, SPIN, TRACE)  # fmt: skip
 
