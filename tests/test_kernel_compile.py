@@ -51,7 +51,8 @@ def test_every_kernel_compiles_for_sm90():
         ops = r["sync_ops"]
         assert set(ops) == {"acq_rel", "release", "acquire"} and ops.count("acquire") >= 10 and ops.count("release") >= 6, r
     assert not any(r["sync_ops"] for r in rows if r not in counted and r not in layers)
-    assert all(r["registers"] > 0 and r["sass_instructions"] > 10 for r in rows)
+    # real machine code: over 100 instructions each, but the state update (kernels.advance: 4 stores, about 40)
+    assert all(r["registers"] > 0 and r["sass_instructions"] > (10 if r["kernel"].startswith("advance") else 100) for r in rows)
     # FastModel(prefetch="after" / "before"): the attention's L2 prefetches are in its machine code (CCTL.E.PF2), and
     # the persistent step's with its prefetch config, and only there
     prefetching = {r["kernel"] for r in rows if r["l2_prefetches"]}
