@@ -20,7 +20,7 @@ addresses under the mask and its element size) and mapped onto the model's tenso
 torch's own ops (the bf16 head's matmul, torch's embedding and argmax) are not Triton loads and are not counted.
 
 Launches: the step is the one a CUDA graph captures (``GraphDecoder._step``, greedy: forward, argmax and the state
-updates), run eagerly. Each Triton launch counts, and each torch op outside them that is neither a view nor an
+updates; ``--sampled``: the top-k / top-p draw instead of the argmax), run eagerly. Each Triton launch counts, and each torch op outside them that is neither a view nor an
 allocation (a TorchDispatchMode), as one kernel a GPU would run; cuBLAS may split a matmul in two, which this does
 not see. On the H200 the profiler counted 314 launches in the default's step of then (RESULTS.md), where this
 counted 312.
@@ -60,6 +60,7 @@ class Variant(NamedTuple):
 VARIANTS = [
     Variant("packed (CUDA default)", {}),
     Variant("packed, int8 head", {"head": "int8"}),
+    Variant("packed, torch's pick", {"argmax": "torch"}),  # torch's argmax, or its sampling ops with --sampled
     Variant("plain", {"gemv": "plain"}),
     Variant("fused", {"gemv": "fused"}),
     Variant("packed, folded attention", {"attention": "folded"}),
@@ -196,9 +197,10 @@ def _unique(ts: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 @torch.inference_mode()  # the KV cache holds inference tensors
-def step_traffic(fast, prompt: list[int], token: int) -> dict:
+def step_traffic(fast, prompt: list[int], token: int, sampled: bool = False) -> dict:
     """Prefill ``prompt`` (the reference backend, not counted), then count one graph decode step of ``token`` at
-    the next position pos: ``GraphDecoder._step`` (greedy), the step a CUDA graph captures, run eagerly with the
+    the next position pos: ``GraphDecoder._step`` (greedy, or ``sampled``: temperature 0.8, top-k 50, top-p 0.95,
+    as bench_gpu.py's sampled run), the step a CUDA graph captures, run eagerly with the
     position on the device. Returns {kind: Reads, "other": bytes, "total": bytes, "kv_positions": (first, last)
     position read, "kv_filled": whether every byte of positions 0..pos-1 was read, and none past pos, "launches":
     Counter of the kernels launched (counted_launches)}."""
@@ -215,13 +217,16 @@ def step_traffic(fast, prompt: list[int], token: int) -> dict:
     dec.adopt(prompt)
     dec._tok.fill_(token)
     dec.use_graph = True  # _step then passes the position as a device tensor, as in the captured graph
+    key = dec.sampling_key(0.8, 50, 0.95) if sampled else dec.sampling_key()
+    dec._temp.fill_(0.8)
+    dec._top_p.fill_(0.95)
     # a first step makes what the variant makes once (counters, the persistent stack), as a graph's warm-up steps
     # do before the capture; then the state goes back and the counted step runs at the same position
     saved = [b.clone() for b in dec._state]
-    dec._step(dec.sampling_key())
+    dec._step(key)
     dec._restore(saved)
     with counted_loads() as loads, counted_launches() as launches:
-        dec._step(dec.sampling_key())
+        dec._step(key)
     loads = by_size(loads)
     out: dict = {kind: reads_of(loads, ts) for kind, ts in regions(fast).items()}
     total = sum(a.size * item for item, a in loads.items())
@@ -238,13 +243,13 @@ def step_traffic(fast, prompt: list[int], token: int) -> dict:
     return out
 
 
-def run(fast_for, prompt: list[int], token: int, variants: list[Variant]) -> list[dict]:
+def run(fast_for, prompt: list[int], token: int, variants: list[Variant], sampled: bool = False) -> list[dict]:
     """``step_traffic`` of each variant; ``fast_for(variant)`` makes its FastModel."""
     rows = []
     for v in variants:
         fast = fast_for(v)
         fast.persistent_config = v.persistent
-        r = step_traffic(fast, prompt, token)
+        r = step_traffic(fast, prompt, token, sampled)
         if fast.gemv == "persistent" and fast.step_failed():
             raise RuntimeError(f"{v.name}: a wait timed out")
         rows.append({"variant": v.name, **r})
@@ -293,6 +298,8 @@ def main() -> int:
                     help="instead: a random model of the 2B-4T widths with this many layers and a 512-token vocab")
     ap.add_argument("--prompt-len", type=int, default=20, help="positions filled before the counted step")
     ap.add_argument("--variants", help="comma-separated variant numbers (0-based) of: " + "; ".join(v.name for v in VARIANTS))
+    ap.add_argument("--sampled", action="store_true", help="count the sampled step (temperature 0.8, top-k 50, "
+                    "top-p 0.95) instead of the greedy one")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args()
 
@@ -318,10 +325,11 @@ def main() -> int:
     net = model.net
     vocab = net.config.vocab_size
     prompt = [(7 * i + 3) % vocab for i in range(args.prompt_len)]
-    rows = run(lambda v: FastModel(net, backend="triton", **v.opts), prompt, 5 % vocab, variants)
+    rows = run(lambda v: FastModel(net, backend="triton", **v.opts), prompt, 5 % vocab, variants, args.sampled)
     c = net.config
     print(f"model: {label}: hidden {c.hidden_size}, intermediate {c.intermediate_size}, {c.num_hidden_layers} layers, "
-          f"{c.num_attention_heads}/{c.num_key_value_heads} heads; counted step at position {args.prompt_len}")  # fmt: skip
+          f"{c.num_attention_heads}/{c.num_key_value_heads} heads; counted {'sampled' if args.sampled else 'greedy'} step "
+          f"at position {args.prompt_len}")  # fmt: skip
     print_table(rows)
     if args.json:
         Path(args.json).write_text(json.dumps(_jsonable(rows), indent=1))

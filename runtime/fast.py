@@ -47,8 +47,10 @@ What it changes, and why:
       measured yet), is ``persistent_config`` (None: ``kernels.PERSISTENT_CONFIG``).
   - ``pdl=True`` (default) launches those kernels, the attention kernels and the int8 head with programmatic
     dependent launch (sm_90+; ignored elsewhere), so that each launch overlaps the end of the kernel before it.
-  - ``argmax="triton"`` (default): the greedy step's argmax over the vocabulary as one launch
-    (``kernels.argmax``, 2.8 µs on an H200) instead of torch's reduction (28 µs); "torch" keeps torch's.
+  - ``argmax="triton"`` (default): the step's pick over the vocabulary in one launch: the greedy argmax
+    (``kernels.argmax``, 2.8 µs on an H200, against torch's reduction: 28 µs) and, with top-k ≤
+    ``kernels.SAMPLE_MAX_K``, the top-k / top-p / min-p draw (``kernels.sample_top_k``, not measured yet: it
+    replaces some 16 torch ops, among them a sort of the vocabulary); "torch" keeps torch's ops for both.
   - ``tiles="searched"`` (default): the graph step's packed GEMV tiles are chosen per site (q/k/v, o, gate|up,
     down) by timing the whole decode step with each tile (``GraphDecoder.search_tiles``, once per model, before
     the first capture); "autotune" leaves them to Triton's autotuner, which times each GEMV alone and picked
@@ -96,7 +98,7 @@ import torch.nn.functional as F
 from bitnet158.runtime.bitlinear import BitLinear, get_backend, int8_head_logits, quantize_head, register_backend
 from bitnet158.runtime.generate import GenerationStats, _sync
 from bitnet158.runtime.model import Transformer
-from bitnet158.runtime.sampling import SamplingError, SamplingParams, min_p_filter, top_k_filter, top_p_filter
+from bitnet158.runtime.sampling import SamplingError, SamplingParams, filter_logits
 
 log = logging.getLogger(__name__)
 
@@ -167,11 +169,11 @@ class FastModel:
             raise FastPathError(f"tiles must be one of {TILES}, got {tiles!r}")
         if prefetch not in PREFETCHES:
             raise FastPathError(f"prefetch must be one of {PREFETCHES}, got {prefetch!r}")
-        self.argmax = argmax  # the greedy step's argmax: torch's, or kernels.argmax (one launch) on backend "triton"
+        self.argmax = argmax  # the step's pick: torch's ops, or one kernel (argmax, sample_top_k) on backend "triton"
         self.tiles = tiles  # the graph step's packed GEMV tiles: "searched" (GraphDecoder.search_tiles) or "autotune"
         self.tile_pick: dict[str, tuple[int, int, int]] | None = None  # search_tiles' tile per site, once made
         self.tile_times: dict[str, dict[tuple[int, int, int], float]] = {}  # its µs a step, per site and tile
-        self._argmax_counter: torch.Tensor | None = None  # its int32 counter (zero), made on first use
+        self._pick_counter: torch.Tensor | None = None  # their int32 counter (zero), made on first use
         self.attention = attention  # "triton" / "split" / "folded": the graph decode step's attention kernel(s) (kernels.py)
         self.gemv = gemv  # the decode GEMV variant (the module docstring)
         self.pdl = pdl  # programmatic dependent launch for the fused / packed / attention / int8 head kernels
@@ -612,16 +614,36 @@ class FastModel:
             m.sub_norm.weight if m.sub_norm is not None else None, m.down_proj.packed, m.down_proj.scale,
         )  # fmt: skip
 
+    def _counter(self, device: torch.device) -> torch.Tensor:
+        # the pick kernels' int32 counter: zero, and each launch leaves it zero, so they share one
+        if self._pick_counter is None:
+            self._pick_counter = torch.zeros((1,), dtype=torch.int32, device=device)
+        return self._pick_counter
+
     def greedy(self, logits: torch.Tensor) -> torch.Tensor:
         """The greedy next id (int64 [1]) of fp32 logits [V], on the device: ``argmax="triton"`` on the triton
         backend runs ``kernels.argmax`` (one launch), else torch's argmax; both give the first maximal index."""
         if self.argmax == "triton" and self.backend == "triton":
             from bitnet158.runtime.kernels import argmax
 
-            if self._argmax_counter is None:
-                self._argmax_counter = torch.zeros((1,), dtype=torch.int32, device=logits.device)
-            return argmax(logits, self._argmax_counter, pdl=self.pdl)
+            return argmax(logits, self._counter(logits.device), pdl=self.pdl)
         return logits.argmax(-1, keepdim=True)
+
+    def sample(
+        self, logits: torch.Tensor, temperature: torch.Tensor, top_k: int | None, top_p: torch.Tensor | None,
+        min_p: torch.Tensor | None, rng: torch.Tensor,
+    ) -> torch.Tensor:  # fmt: skip
+        """A sampled next id (int64 [1]) of fp32 logits [V] on the device, as ``sample_on_device`` (whose
+        arguments these are): ``argmax="triton"`` on the triton backend with 1 ≤ top_k ≤ kernels.SAMPLE_MAX_K runs
+        ``kernels.sample_top_k`` (one launch; it draws from the stream ``rng``, int64 [2]), else torch's ops
+        draw from torch's generator. The filters are the same; the random numbers differ."""
+        if self.argmax == "triton" and self.backend == "triton" and top_k:
+            from bitnet158.runtime import kernels
+
+            if top_k <= kernels.SAMPLE_MAX_K:
+                return kernels.sample_top_k(logits, temperature, top_k, top_p, min_p, rng,
+                                            self._counter(logits.device), pdl=self.pdl)  # fmt: skip
+        return sample_on_device(logits, temperature, top_k, top_p, min_p)
 
 
 def penalize_on_device(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
@@ -639,13 +661,7 @@ def sample_on_device(
     its host-side checks). ``top_k`` int, ``top_p`` and ``min_p`` tensors [1] filter as runtime/sampling.py does."""
     if temperature is None:
         return logits.argmax(-1, keepdim=True)
-    logits = logits / temperature
-    if top_k:
-        logits = top_k_filter(logits, top_k)
-    if top_p is not None:
-        logits = top_p_filter(logits, top_p)
-    if min_p is not None:
-        logits = min_p_filter(logits, min_p)
+    logits = filter_logits(logits / temperature, top_k, top_p, min_p)
     probs = logits.softmax(-1)
     race = probs / torch.empty_like(probs).exponential_(1.0)
     return race.argmax(-1, keepdim=True)
@@ -726,7 +742,8 @@ class GraphDecoder:
         self._min_p = torch.zeros((1,), dtype=torch.float32, device=dev)
         self._penalty = torch.ones((1,), dtype=torch.float32, device=dev)  # the repetition penalty
         self._seen = torch.zeros((net.head.shape[0],), dtype=torch.bool, device=dev)  # ids in the context
-        self._state = (self._tok, self._pos, self._n, self._out, self._seen)  # what a step changes
+        self._rng = torch.zeros((2,), dtype=torch.long, device=dev)  # kernels.sample_top_k's stream: (seed, draws)
+        self._state = (self._tok, self._pos, self._n, self._out, self._seen, self._rng)  # what a step changes
         self._logits_fn = fast.logits_last
         if compile:
             self._logits_fn = torch.compile(fast.logits_last, dynamic=False)
@@ -788,8 +805,8 @@ class GraphDecoder:
         if greedy:
             nxt = self.fast.greedy(logits)
         else:
-            nxt = sample_on_device(logits, self._temp, top_k, self._top_p if use_top_p else None,
-                                   self._min_p if use_min_p else None)  # fmt: skip
+            nxt = self.fast.sample(logits, self._temp, top_k, self._top_p if use_top_p else None,
+                                   self._min_p if use_min_p else None, self._rng)  # fmt: skip
         if use_penalty:
             self._seen.index_fill_(0, nxt, True)
         return nxt
@@ -1005,6 +1022,8 @@ class GraphDecoder:
         stats.cached_tokens = start
         if seed is not None:  # after the warm-up, whose steps draw random numbers too
             torch.manual_seed(seed)  # seeds the CUDA generator too, which graph replays draw from
+        if not greedy:  # kernels.sample_top_k's stream: a seed from torch's generator (so from ``seed``), draw 0
+            self._rng.copy_(torch.tensor([int(torch.randint(0, 2**32, ())), 0]))
         t0 = time.perf_counter()
         first = self._pick(self.prefill(prompt_ids, start), key)
         self._tok.copy_(first.view(1, 1))

@@ -57,20 +57,62 @@ def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def top_p_filter(logits: torch.Tensor, p: float | torch.Tensor) -> torch.Tensor:
-    """Nucleus filter [V]: keep the smallest set of top tokens whose probability reaches ``p`` (at least one)."""
-    sorted_logits, idx = torch.sort(logits, descending=False)
-    cum = sorted_logits.softmax(-1).cumsum(-1)
-    remove = cum <= 1 - p  # the low tail whose total mass is at most 1 - p
-    # keep the most likely token; fill_ with a Python scalar, since `remove[-1] = False` copies a CPU tensor, which
-    # CUDA graph capture refuses (runtime/fast.py's sample_on_device; seen on the H200)
-    remove[-1:].fill_(False)
-    return logits.masked_fill(remove.scatter(0, idx, remove), float("-inf"))
+    """Nucleus filter [V]: rank the tokens most likely first and keep each one whose higher-ranked tokens hold less
+    than ``p`` of the probability: the smallest set of top tokens whose mass reaches p (the top token always
+    stays). Among equal logits the lower id ranks first, so ties at the cut keep the lower ids."""
+    sorted_logits, idx = torch.sort(logits, descending=True, stable=True)
+    probs = sorted_logits.softmax(-1)
+    keep = probs.cumsum(-1) - probs < p  # the mass ranked above each token; 0 for the top one, and p > 0
+    return logits.masked_fill(~keep.scatter(0, idx, keep), float("-inf"))
+
+
+def top_k_top_p_filter(logits: torch.Tensor, k: int, p: float | torch.Tensor) -> torch.Tensor:
+    """top_p_filter(top_k_filter(logits, k), p) [V] without sorting the vocabulary.
+
+    Top-p needs the order of top-k's survivors only. Those are torch.topk's k candidates, sorted, plus any further
+    tokens tied with the k-th logit (top_k_filter keeps ties). The further ones share one logit, so top-p's
+    decision on them is a count, and the lower ids are the ones kept, as top_p_filter ranks ties. Everything is
+    a tensor op, with no host sync (sample_on_device runs it inside a CUDA graph)."""
+    k = min(k, logits.shape[-1])
+    vals = torch.topk(logits, k).values  # [k], descending
+    e = (vals - vals[:1]).exp()  # [k] the candidates' unnormalised probabilities
+    cum = e.cumsum(-1)
+    last, total_c = e[-1:], cum[-1:]  # [1] each
+    past = (logits == vals[-1:]).sum() - (vals == vals[-1:]).sum()  # tied survivors past the candidates
+    z = total_c + past * last  # [1] the survivors' total
+    keep = cum - e < p * z  # [k] a prefix: the candidates whose higher-ranked mass is below p
+    n = keep.sum()
+    cut = vals.gather(0, (n - 1).view(1))  # [1] the lowest kept logit
+    # when every candidate stays, the tied tokens past them stay while the mass above each is below p: the first
+    # u of them, u = ceil((p·z - total_c) / last) (u < that count), at most ``past``; none when last underflowed
+    more = torch.minimum(((p * z - total_c) / last).ceil().clamp(min=0), past)
+    more = torch.where((n == k) & (last > 0), more, 0)
+    at_cut = (keep & (vals == cut)).sum() + more  # [1] how many tokens at the cut logit stay
+    tie = logits == cut
+    stay = (logits > cut) | (tie & (tie.cumsum(-1) <= at_cut))  # the lowest ids among the ties
+    return logits.masked_fill(~stay, float("-inf"))
 
 
 def min_p_filter(logits: torch.Tensor, p: float | torch.Tensor) -> torch.Tensor:
     """Min-p filter [V]: keep the tokens whose probability is at least ``p`` times the top token's (which stays)."""
     probs = logits.softmax(-1)
     return logits.masked_fill(probs < p * probs.max(), float("-inf"))
+
+
+def filter_logits(
+    logits: torch.Tensor, top_k: int | None, top_p: float | torch.Tensor | None, min_p: float | torch.Tensor | None
+) -> torch.Tensor:
+    """Temperature-scaled logits [V] through top-k, top-p and min-p, in that order; a None or 0 skips one.
+    Top-k with top-p is one filter (top_k_top_p_filter), which sorts k values instead of the vocabulary."""
+    if top_k and top_p is not None:
+        logits = top_k_top_p_filter(logits, top_k, top_p)
+    elif top_k:
+        logits = top_k_filter(logits, top_k)
+    elif top_p is not None:
+        logits = top_p_filter(logits, top_p)
+    if min_p is not None:
+        logits = min_p_filter(logits, min_p)
+    return logits
 
 
 class Sampler:
@@ -93,11 +135,7 @@ class Sampler:
         if p.temperature == 0:
             return logits.argmax(-1, keepdim=True)
         logits = logits / p.temperature
-        if p.top_k:
-            logits = top_k_filter(logits, p.top_k)
-        if p.top_p is not None and p.top_p < 1.0:
-            logits = top_p_filter(logits, p.top_p)
-        if p.min_p:
-            logits = min_p_filter(logits, p.min_p)
+        top_p = p.top_p if p.top_p is not None and p.top_p < 1.0 else None
+        logits = filter_logits(logits, p.top_k, top_p, p.min_p or None)
         probs = logits.softmax(-1)
         return torch.multinomial(probs, 1, generator=self.generator)

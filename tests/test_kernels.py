@@ -12,6 +12,7 @@ import contextlib
 import importlib.util
 import inspect
 import json
+import math
 import os
 import sys
 import threading
@@ -353,6 +354,98 @@ def test_argmax_kernel(at_once):
             kernels.argmax(bad.to(DEV), counter)
     with pytest.raises(kernels.KernelShapeError):
         kernels.argmax(tie.to(DEV), counter.float())
+
+
+@triton.jit
+def _uniforms_kernel(rng_ptr, out_ptr, N, BLOCK: tl.constexpr):
+    # the Philox numbers that kernels.sample_top_k races with, for ids 0..N-1 of the stream rng (seed, draws)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    seed = (tl.load(rng_ptr + 1) << 32) | (tl.load(rng_ptr) & 4294967295)
+    tl.store(out_ptr + offs, tl.rand(seed, offs), mask=offs < N)
+
+
+def _sample_reference(x, temperature, k, top_p, min_p, rng):
+    """sample_top_k's draw from runtime/sampling.py's filters and the same race argmax(e / -log U): (id, kept)."""
+    from bitnet158.runtime.sampling import filter_logits
+
+    y = x / temperature
+    kept = ~torch.isinf(filter_logits(y, k, top_p, min_p))
+    u = torch.empty_like(x)
+    _uniforms_kernel[(triton.cdiv(x.numel(), 64),)](rng, u, x.numel(), BLOCK=64)
+    race = torch.where(kept, (y - y.max()).exp() / -u.log(), -1.0)
+    return int(race.argmax()), kept
+
+
+def _sample_cases():
+    # (logits, k, top_p, min_p): plain, bf16-rounded and integer-valued logits (many ties), every filter mix,
+    # k above the vocabulary, one token, and top-p stopping inside a tie group
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, generator=g) * 3
+    cases = [(x, k, p, m) for k in (1, 7, 50) for p, m in ((None, None), (0.9113, None), (0.3217, 0.05), (None, 0.2))]
+    b = (torch.randn(150, generator=g) * 3).to(torch.bfloat16).float()
+    cases += [(b, 7, 0.9113, None), (b, 50, 0.3217, None)]
+    ints = torch.randint(-3, 3, (250,), generator=g).float() * 0.7
+    cases += [(ints, 1, None, None), (ints, 3, 0.3217, None), (ints, 8, 0.9113, 0.2), (ints, 50, None, None)]
+    cases += [(torch.randn(5, generator=g), 50, 0.9113, None), (torch.randn(1, generator=g), 1, None, None)]
+    # probabilities 4 : 1 : 1 : 1 : 1 at temperature 0.8; top-k 2 keeps all five (ties); top-p 0.6 keeps the
+    # top token and the lowest id of the ties
+    cases.append((torch.tensor([0.0, 0.0, 0.0, 0.0, 0.8 * math.log(4)]), 2, 0.6, None))
+    return cases
+
+
+@interp
+@pytest.mark.parametrize("at_once", [False, True])
+def test_sample_top_k_kernel(at_once):
+    # one launch, several programs (block 32): the id the filters of runtime/sampling.py and the race over the
+    # kernel's own Philox numbers give, exactly; ties at the k-th logit past the merged lists and top-p cuts
+    # inside a tie group both occur (asserted); the draw count advances and the counter ends at zero
+    g = torch.Generator().manual_seed(1)
+    counter = torch.zeros(1, dtype=torch.int32)
+    cases = _sample_cases()
+    if at_once:
+        cases = cases[::3]
+    past_lists = cut_in_ties = 0
+    for x, k, top_p, min_p in cases:
+        rng = torch.tensor([int(torch.randint(0, 2**32, (), generator=g)), int(torch.randint(0, 50, (), generator=g))])
+        want, kept = _sample_reference(x, 0.8, k, top_p, min_p, rng)
+        draws = int(rng[1])
+        t = torch.tensor([0.8])
+        with programs_at_once(kernels._sample_top_k_kernel) if at_once else contextlib.nullcontext():
+            got = kernels.sample_top_k(x, t, k, None if top_p is None else torch.tensor([top_p]),
+                                       None if min_p is None else torch.tensor([min_p]), rng, counter, block=32)  # fmt: skip
+        assert got.dtype == torch.long and got.shape == (1,)
+        assert int(got) == want and kept[want], (k, top_p, min_p)
+        assert int(rng[1]) == draws + 1 and not counter.any()
+        y = x / 0.8
+        past_lists += int(kept.sum()) > triton.next_power_of_2(min(k, x.numel()))
+        cut = y[kept].min()
+        cut_in_ties += bool(((y == cut) & ~kept).any())
+    assert past_lists and cut_in_ties
+    if at_once:
+        return
+    for bad in (dict(x=torch.zeros(2, 3)), dict(x=torch.zeros(4, dtype=torch.float64)), dict(k=0),
+                dict(k=kernels.SAMPLE_MAX_K + 1), dict(rng=torch.zeros(2, dtype=torch.int32)),
+                dict(top_p=torch.ones(2)), dict(counter=torch.zeros(1))):  # fmt: skip
+        args = dict(x=torch.randn(9), temperature=torch.ones(1), k=3, top_p=None, min_p=None,
+                    rng=torch.zeros(2, dtype=torch.long), counter=counter) | bad  # fmt: skip
+        with pytest.raises(kernels.KernelShapeError):
+            kernels.sample_top_k(**args)
+
+
+@interp
+def test_sample_top_k_draws_in_proportion():
+    # consecutive draws of one stream (as graph replays make them): each kept token about as often as its
+    # probability after the filters, the others never
+    # top-k 4 leaves p ≈ (0.455, 0.276, 0.167, 0.102); top-p 0.85 then drops the fourth (0.898 above it)
+    x = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -3.0])
+    kept = torch.tensor([2.0, 1.5, 1.0]).softmax(-1)
+    rng = torch.tensor([12345, 0])
+    counter = torch.zeros(1, dtype=torch.int32)
+    n = 600
+    ids = [int(kernels.sample_top_k(x, torch.ones(1), 4, torch.tensor([0.85]), None, rng, counter)) for _ in range(n)]
+    freq = torch.bincount(torch.tensor(ids), minlength=6).double() / n
+    assert freq[3:].sum() == 0
+    assert torch.all((freq[:3] - kept.double()).abs() < 4 * (kept * (1 - kept) / n).sqrt().double()), freq
 
 
 # --- prefill matmul -------------------------------------------------------------------------------------------
@@ -917,8 +1010,18 @@ def test_fast_model_folded_step_equals_packed():
         for argmax in ("torch", "triton"):
             fast = FastModel(net, backend="triton", gemv="folded", argmax=argmax)
             tokens[argmax] = list(GraphDecoder(fast, 16, use_graph=False).generate([3, 1], 3))
-        assert fast._argmax_counter is not None and not fast._argmax_counter.any()
-    assert tokens["torch"] == tokens["triton"]
+        assert fast._pick_counter is not None and not fast._pick_counter.any()
+        assert tokens["torch"] == tokens["triton"]
+        # sampled with top-k: kernels.sample_top_k draws (one draw a token, from the decoder's stream), seeded
+        # and reproducible; top-k 1, or min-p 1 (the top token only), is greedy
+        dec = GraphDecoder(fast, 16, use_graph=False)
+        sample = dict(temperature=1.5, top_k=5, top_p=0.9, seed=11)
+        a = list(dec.generate([3, 1], 4, **sample))
+        assert int(dec._rng[1]) == 4 and a == list(dec.generate([3, 1], 4, **sample))
+        assert list(dec.generate([3, 1], 3, temperature=1.5, top_k=1, seed=2)) == tokens["torch"]
+        assert list(dec.generate([3, 1], 3, temperature=5.0, top_k=8, min_p=1.0, seed=2)) == tokens["torch"]
+        draws = {tuple(dec.generate([3, 1], 3, temperature=3.0, top_k=8, seed=s)) for s in range(4)}
+        assert len(draws) > 1  # the seed reaches the kernel's stream
 
 
 @interp
@@ -1047,6 +1150,18 @@ def test_decode_step_reads_each_weight_byte_once(relu2, sub_norms):
     assert not {"torch: index", "torch: arange", "torch: le"} & set(default), default
     assert sum(launches["packed, folded attention"].values()) == sum(default.values()) - 2 * 2
     assert launches["persistent, last program packs"]["triton: _decode_layers_kernel"] == 1
+
+    def argmax_as(launch):  # the default's launches with ``launch`` in place of the argmax kernel
+        return {**{k: c for k, c in default.items() if k != "triton: _argmax_kernel"}, launch: 1}
+
+    assert dict(launches["packed, torch's pick"]) == argmax_as("torch: argmax")
+    # the sampled step (top-k 50, top-p 0.95): the same launches, kernels.sample_top_k in place of the argmax;
+    # with torch's ops (argmax="torch") the draw is some 40 small ops (runtime/sampling.py's top_k_top_p_filter:
+    # no sort of the vocabulary)
+    sampled = traffic.step_traffic(FastModel(net, backend="triton"), prompt, 8, sampled=True)["launches"]
+    assert dict(sampled) == argmax_as("triton: _sample_top_k_kernel"), sampled
+    ops = traffic.step_traffic(FastModel(net, backend="triton", argmax="torch"), prompt, 8, sampled=True)["launches"]
+    assert ops["torch: topk"] == 1 and "torch: sort" not in ops and sum(ops.values()) > sum(default.values()) + 30, ops
     x, packed, scale = rand_case(1, 24, 64, per_row=True)
     with traffic.counted_loads() as loads:
         for _ in range(2):
@@ -1400,3 +1515,33 @@ def test_gpu_decode_variants_follow_the_default():
                 assert got[:6] == want[:6], (attention, gemv, pdl, head)
             if attention == "folded":  # the default's arithmetic, only in fewer launches: its tokens exactly
                 assert got == default, (attention, gemv, pdl, head)
+
+
+@gpu
+@needs_cuda
+def test_gpu_sample_top_k_in_a_graph():
+    # kernels.sample_top_k over 128,256 logits (32 programs), replayed from one CUDA graph over fresh logits: each
+    # replay draws the reference's id (runtime/sampling.py's filters, the race over the same Philox numbers) and
+    # advances the stream. The filters' sums are reduced in another order than torch's, which may flip a token
+    # whose mass above it lies within rounding of top_p: at most one of the 40 draws may differ, and never to a
+    # token the filters drop.
+    torch.manual_seed(0)
+    logits = torch.randn(128256, device="cuda")
+    t, top_p, min_p = (torch.tensor([v], device="cuda") for v in (0.8, 0.95, 0.01))
+    rng = torch.tensor([987654321, 0], device="cuda")
+    counter = torch.zeros(1, dtype=torch.int32, device="cuda")
+    with torch.inference_mode():
+        kernels.sample_top_k(logits, t, 50, top_p, min_p, rng, counter)  # compile outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = kernels.sample_top_k(logits, t, 50, top_p, min_p, rng, counter)
+        same = 0
+        for rep in range(40):
+            logits.copy_(torch.randn_like(logits) * (1 + rep % 4))
+            if rep % 5 == 0:
+                logits[1000:1100] = logits.max()  # 100 ties at the top, more than the merged 64
+            want, kept = _sample_reference(logits, 0.8, 50, 0.95, 0.01, rng)
+            graph.replay()
+            assert kept[int(out)] and int(rng[1]) == rep + 2, rep
+            same += int(out) == want
+        assert same >= 39 and not counter.any()

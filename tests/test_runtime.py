@@ -311,6 +311,42 @@ def test_sampling_filters():
     assert not torch.isinf(min_p_filter(logits, 0.0)).any()
 
 
+def test_top_k_top_p_filter_is_the_two_filters():
+    # top_k_top_p_filter (top-p over topk's candidates, ties past them counted) keeps what top_p_filter keeps after
+    # top_k_filter: plain, bf16-rounded and integer-valued logits (ties at the k-th logit and at the top-p cut),
+    # at p values that no sum of these probabilities hits within rounding; the untied ones also as transformers'
+    # warpers keep them. Ties at a cut keep the lower ids.
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    from bitnet158.runtime.sampling import filter_logits, top_k_filter, top_k_top_p_filter, top_p_filter
+
+    g = torch.Generator().manual_seed(1)
+    partial_ties = 0
+    for trial in range(60):
+        n = int(torch.randint(1, 4000, (1,), generator=g))
+        x = torch.randn(n, generator=g) * float(torch.rand(1, generator=g) * 6 + 0.1)
+        if trial % 3 == 1:
+            x = x.to(torch.bfloat16).float()
+        elif trial % 3 == 2:
+            x = torch.randint(-4, 4, (n,), generator=g).float() * 0.7
+        for k in (1, 2, 7, 50, 200):
+            for p in (0.0731, 0.3217, 0.9113):
+                got = top_k_top_p_filter(x, k, p)
+                assert torch.equal(torch.isinf(got), torch.isinf(top_p_filter(top_k_filter(x, k), p))), (trial, k, p)
+                assert torch.equal(got, filter_logits(x, k, p, None))
+                if trial % 3 == 0 and k <= n:
+                    want = TopPLogitsWarper(p)(None, TopKLogitsWarper(k)(None, x[None].clone()))[0]
+                    assert torch.equal(torch.isinf(got), torch.isinf(want)), (trial, k, p)
+                kept = ~torch.isinf(got)
+                partial_ties += bool(((x == x[kept].min()) & ~kept).any())
+    assert partial_ties > 100
+    # probabilities 4 : 1 : 1 : 1 : 1; top-k 2 keeps all five (ties); top-p 0.6 / 0.7 keep 1 / 2 of the ties
+    x = torch.tensor([0.0, 0.0, 0.0, 0.0, math.log(4)])
+    for p, want in ((0.6, [0, 4]), (0.7, [0, 1, 4])):
+        for got in (top_k_top_p_filter(x, 2, p), top_p_filter(x, p), top_k_top_p_filter(x, 2, torch.tensor([p]))):
+            assert torch.nonzero(~torch.isinf(got)).flatten().tolist() == want
+
+
 def test_min_p_matches_transformers():
     from transformers.generation.logits_process import MinPLogitsWarper
 
