@@ -48,9 +48,9 @@ What it changes, and why:
   - ``pdl=True`` (default) launches those kernels, the attention kernels and the int8 head with programmatic
     dependent launch (sm_90+; ignored elsewhere), so that each launch overlaps the end of the kernel before it.
   - ``argmax="triton"`` (default): the step's pick over the vocabulary in one launch: the greedy argmax
-    (``kernels.argmax``, 2.8 µs on an H200, against torch's reduction: 28 µs) and, with top-k ≤
-    ``kernels.SAMPLE_MAX_K``, the top-k / top-p / min-p draw (``kernels.sample_top_k``, not measured yet: it
-    replaces some 16 torch ops, among them a sort of the vocabulary); "torch" keeps torch's ops for both.
+    (``kernels.argmax``, 2.8 µs on an H200, against torch's reduction: 28 µs) and, with a top-k ≤
+    ``kernels.SAMPLE_MAX_K`` or a top-p, the top-k / top-p / min-p draw (``kernels.sample``, not measured yet:
+    it replaces some 16 torch ops, among them a sort of the vocabulary); "torch" keeps torch's ops for both.
   - ``tiles="searched"`` (default): the graph step's packed GEMV tiles are chosen per site (q/k/v, o, gate|up,
     down) by timing the whole decode step with each tile (``GraphDecoder.search_tiles``, once per model, before
     the first capture); "autotune" leaves them to Triton's autotuner, which times each GEMV alone and picked
@@ -169,7 +169,7 @@ class FastModel:
             raise FastPathError(f"tiles must be one of {TILES}, got {tiles!r}")
         if prefetch not in PREFETCHES:
             raise FastPathError(f"prefetch must be one of {PREFETCHES}, got {prefetch!r}")
-        self.argmax = argmax  # the step's pick: torch's ops, or one kernel (argmax, sample_top_k) on backend "triton"
+        self.argmax = argmax  # the step's pick: torch's ops, or one kernel (argmax, sample) on backend "triton"
         self.tiles = tiles  # the graph step's packed GEMV tiles: "searched" (GraphDecoder.search_tiles) or "autotune"
         self.tile_pick: dict[str, tuple[int, int, int]] | None = None  # search_tiles' tile per site, once made
         self.tile_times: dict[str, dict[tuple[int, int, int], float]] = {}  # its µs a step, per site and tile
@@ -634,15 +634,15 @@ class FastModel:
         min_p: torch.Tensor | None, rng: torch.Tensor,
     ) -> torch.Tensor:  # fmt: skip
         """A sampled next id (int64 [1]) of fp32 logits [V] on the device, as ``sample_on_device`` (whose
-        arguments these are): ``argmax="triton"`` on the triton backend with 1 ≤ top_k ≤ kernels.SAMPLE_MAX_K runs
-        ``kernels.sample_top_k`` (one launch; it draws from the stream ``rng``, int64 [2]), else torch's ops
-        draw from torch's generator. The filters are the same; the random numbers differ."""
-        if self.argmax == "triton" and self.backend == "triton" and top_k:
+        arguments these are): ``argmax="triton"`` on the triton backend, with 1 ≤ top_k ≤ kernels.SAMPLE_MAX_K or
+        with top-p and no top-k, runs ``kernels.sample`` (one launch; it draws from the stream ``rng``, int64 [2]);
+        else torch's ops draw from torch's generator. The filters are the same; the random numbers differ."""
+        if self.argmax == "triton" and self.backend == "triton" and (top_k or top_p is not None):
             from bitnet158.runtime import kernels
 
-            if top_k <= kernels.SAMPLE_MAX_K:
-                return kernels.sample_top_k(logits, temperature, top_k, top_p, min_p, rng,
-                                            self._counter(logits.device), pdl=self.pdl)  # fmt: skip
+            if (top_k or 0) <= kernels.SAMPLE_MAX_K:
+                return kernels.sample(logits, temperature, top_k or None, top_p, min_p, rng,
+                                      self._counter(logits.device), pdl=self.pdl)[:1]  # fmt: skip
         return sample_on_device(logits, temperature, top_k, top_p, min_p)
 
 
@@ -742,7 +742,7 @@ class GraphDecoder:
         self._min_p = torch.zeros((1,), dtype=torch.float32, device=dev)
         self._penalty = torch.ones((1,), dtype=torch.float32, device=dev)  # the repetition penalty
         self._seen = torch.zeros((net.head.shape[0],), dtype=torch.bool, device=dev)  # ids in the context
-        self._rng = torch.zeros((2,), dtype=torch.long, device=dev)  # kernels.sample_top_k's stream: (seed, draws)
+        self._rng = torch.zeros((2,), dtype=torch.long, device=dev)  # kernels.sample's stream: (seed, draws)
         self._state = (self._tok, self._pos, self._n, self._out, self._seen, self._rng)  # what a step changes
         self._logits_fn = fast.logits_last
         if compile:
@@ -1022,7 +1022,7 @@ class GraphDecoder:
         stats.cached_tokens = start
         if seed is not None:  # after the warm-up, whose steps draw random numbers too
             torch.manual_seed(seed)  # seeds the CUDA generator too, which graph replays draw from
-        if not greedy:  # kernels.sample_top_k's stream: a seed from torch's generator (so from ``seed``), draw 0
+        if not greedy:  # kernels.sample's stream: a seed from torch's generator (so from ``seed``), draw 0
             self._rng.copy_(torch.tensor([int(torch.randint(0, 2**32, ())), 0]))
         t0 = time.perf_counter()
         first = self._pick(self.prefill(prompt_ids, start), key)

@@ -40,8 +40,9 @@ Kernels
   chunks of the cache plus a combine (flash-decoding); optionally its programs also bring the weights of the
   GEMVs after it into L2 (``prefetch``, ``_l2_prefetch``).
 - ``argmax``: the greedy step's argmax in one launch (block maxima, then the last program reduces them).
-- ``sample_top_k``: the sampled step's top-k / top-p / min-p draw in one launch (each block's first k in order,
-  merged by the last program, which draws by an exponential race over Philox numbers).
+- ``sample``: the sampled step's top-k / top-p / min-p draw in one launch (each block's first k in order,
+  merged by the last program, which draws by an exponential race over Philox numbers; kept tokens past the
+  merge are found by walking the logits).
 - ``decode_layers`` (FastModel(gemv="persistent")): every decoder layer of a decode step in one persistent launch,
   the folded step's kernels as phases of work items and flags in place of kernel boundaries (``_wait`` /
   ``_arrive`` / ``_signal``), each phase's weights in flight before its wait.
@@ -811,25 +812,36 @@ def _argmax_kernel(x_ptr, N, pv_ptr, pi_ptr, cnt_ptr, out_ptr, BLOCK: tl.constex
         tl.store(out_ptr, tl.load(pi_ptr + jb, cache_modifier=".cg").to(tl.int64))
 
 
-# a padding key for _sample_top_k_kernel: int64's minimum, below every real (value, id) key
+# a padding key for _sample_kernel: int64's minimum, below every real (value, id) key
 _NO_KEY = tl.constexpr(-9223372036854775808)
 
 
 @triton.jit
+def _ordered(y):
+    # fp32 → int32 that orders as the floats do: the bits, with a negative float's magnitude bits flipped.
+    # -0.0 becomes +0.0's 0, as they compare equal (in integers: a float y + 0.0 may be folded away)
+    b = y.to(tl.int32, bitcast=True)
+    b = tl.where((b & 0x7FFFFFFF) == 0, 0, b)
+    return tl.where(b >= 0, b, b ^ 0x7FFFFFFF)
+
+
+@triton.jit
+def _ordered_value(o):
+    # the fp32 of an _ordered int32
+    return tl.where(o >= 0, o, o ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _sort_key(y, ids):
-    # fp32 values and int32 ids → int64 keys that order as value descending, then id ascending: the value's bits
-    # made monotone as an int32 (a negative float has its magnitude bits flipped) in the high half, 2^32 - 1 - id
-    # in the low half. y + 0.0 turns -0.0 into +0.0, which compare equal as floats
-    b = (y + 0.0).to(tl.int32, bitcast=True)
-    o = tl.where(b >= 0, b, b ^ 0x7FFFFFFF)
-    return (o.to(tl.int64) << 32) | (4294967295 - ids.to(tl.int64))
+    # fp32 values and int32 ids → int64 keys that order as value descending, then id ascending: _ordered(y) in
+    # the high half, 2^32 - 1 - id in the low half
+    return (_ordered(y).to(tl.int64) << 32) | (4294967295 - ids.to(tl.int64))
 
 
 @triton.jit
 def _key_value(key):
     # the fp32 value of a _sort_key
-    o = (key >> 32).to(tl.int32)
-    return tl.where(o >= 0, o, o ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
+    return _ordered_value((key >> 32).to(tl.int32))
 
 
 @triton.jit
@@ -866,32 +878,96 @@ def _log(x, ON_GPU: tl.constexpr):
 
 
 @triton.jit
-def _sample_top_k_kernel(
-    x_ptr, N, K, temp_ptr, top_p_ptr, min_p_ptr, rng_ptr, pk_ptr, po_ptr, cnt_ptr, out_ptr, KP: tl.constexpr,
-    BLOCK: tl.constexpr, BLOCK_P: tl.constexpr, USE_TOP_P: tl.constexpr, USE_MIN_P: tl.constexpr,
-    ON_GPU: tl.constexpr, PDL: tl.constexpr = False,
+def _scaled(x_ptr, offs, N, t, ON_GPU: tl.constexpr):
+    # logits / temperature at offs (0 past N)
+    return _div_rn(tl.load(x_ptr + offs, mask=offs < N, other=0.0).to(tl.float32), t, ON_GPU)
+
+
+@triton.jit
+def _mass_above(x_ptr, N, t, m, c, BLOCK: tl.constexpr, ON_GPU: tl.constexpr):
+    # one walk over the logits: Σ exp(y - m) over the tokens whose _ordered(y) > c (int64), and how many have
+    # _ordered(y) == c
+    mass = 0.0
+    n = 0
+    for b0 in range(0, N, BLOCK):
+        o = b0 + tl.arange(0, BLOCK)
+        y = _scaled(x_ptr, o, N, t, ON_GPU)
+        key = _ordered(y).to(tl.int64)
+        mass += tl.sum(tl.where((o < N) & (key > c), _exp(y - m, ON_GPU), 0.0), axis=0)
+        n += tl.sum(((o < N) & (key == c)).to(tl.int32), axis=0)
+    return mass, n
+
+
+@triton.jit
+def _race(e, u, ON_GPU: tl.constexpr):
+    # the exponential race's entries e / E, E = -log(U) ~ Exp(1): the largest is a draw in proportion to e
+    return _div_rn(e, -_log(u, ON_GPU), ON_GPU)
+
+
+@triton.jit
+def _race_walk(x_ptr, N, t, m, c, r0, r1, min_p, seed, best, win, ABOVE: tl.constexpr, BLOCK: tl.constexpr,
+               USE_MIN_P: tl.constexpr, ON_GPU: tl.constexpr):  # fmt: skip
+    # one walk over the logits, racing (best, win: the race's leader so far) the tokens at _ordered value c
+    # whose rank among those ties (by id) is in [r0, r1), and with ABOVE every token above c; with min-p only
+    # those with e ≥ min_p. Returns the new (best, win) and how many tokens raced.
+    seen = 0  # ties at c before this block
+    n = 0
+    for b0 in range(0, N, BLOCK):
+        o = b0 + tl.arange(0, BLOCK)
+        y = _scaled(x_ptr, o, N, t, ON_GPU)
+        key = _ordered(y).to(tl.int64)
+        tie = (o < N) & (key == c)
+        rank = seen + tl.cumsum(tie.to(tl.int32), axis=0) - 1
+        want = tie & (rank >= r0) & (rank < r1)
+        if ABOVE:
+            want = want | ((o < N) & (key > c))
+        e = _exp(y - m, ON_GPU)
+        if USE_MIN_P:
+            want = want & (e >= min_p)
+        r = tl.where(want, _race(e, tl.rand(seed, o), ON_GPU), -1.0)
+        b2, a2 = tl.max(r, axis=0, return_indices=True, return_indices_tie_break_left=True)
+        win = tl.where(b2 > best, (b0 + a2).to(tl.int64), win)
+        best = tl.maximum(best, b2)
+        seen += tl.sum(tie.to(tl.int32), axis=0)
+        n += tl.sum(want.to(tl.int32), axis=0)
+    return best, win, n
+
+
+@triton.jit
+def _sample_kernel(
+    x_ptr, N, K, temp_ptr, top_p_ptr, min_p_ptr, rng_ptr, pk_ptr, po_ptr, pm_ptr, ps_ptr, cnt_ptr, out_ptr,
+    KP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr, HAS_K: tl.constexpr, USE_TOP_P: tl.constexpr,
+    USE_MIN_P: tl.constexpr, ON_GPU: tl.constexpr, PDL: tl.constexpr = False,
 ):  # fmt: skip
-    # One draw from logits x [N] / temperature through top-k, top-p and min-p (runtime/sampling.py's filters),
-    # in one launch. The order is value descending, then id ascending (_sort_key). Program p keeps the first KP
-    # keys of its block (KP ≥ K) in pk [P, KP], and in po [P] how many of its values tie with its list's last one
-    # but fell off it. The last program to arrive merges the lists into the first KP keys of the whole order.
-    # Every kept token is in that merge, except, when more than KP - K + 1 tokens tie at the k-th logit, ties
-    # past it, which the last program then finds by walking x once more.
+    # One draw from logits x [N] / temperature through top-k (HAS_K), top-p and min-p (runtime/sampling.py's
+    # filters), in one launch. The order is value descending, then id ascending (_sort_key). Program p keeps the
+    # first KP keys of its block in pk [P, KP]; the last program to arrive merges the lists into the first KP
+    # keys of the whole order, g, and races the kept ones among them. Kept tokens past g are found by walking x:
+    # - with top-k (KP ≥ K), only ties at the k-th logit can be past g (when more than KP - K + 1 tokens tie
+    #   there); po [P] holds how many of each block's values tie with its list's last one but fell off it;
+    # - without, top-p needs the softmax's denominator, from each block's max and Σ exp(y - max) in pm / ps [P];
+    #   when every token of g stays, the cut is found by bisection over the ordered values (a walk a step, at
+    #   most 33), then a last walk races every kept token.
     _pdl_enter(PDL)
     p = tl.program_id(0)
     t = tl.load(temp_ptr)
     offs = p * BLOCK + tl.arange(0, BLOCK)
     ok = offs < N
-    y = _div_rn(tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32), t, ON_GPU)
+    y = _scaled(x_ptr, offs, N, t, ON_GPU)
     top = tl.topk(tl.where(ok, _sort_key(y, offs), _NO_KEY), KP)  # [KP] sorted, first first
     tl.store(pk_ptr + p * KP + tl.arange(0, KP), top)
-    # A list holds every value of its block above the k-th logit (fewer than K ≤ KP tokens are above it), so
-    # only ties with its last value can be missing from it. With padding in it, nothing is.
-    last = tl.min(top, axis=0)
-    last_v = _key_value(last)
-    over = tl.sum((ok & (y == last_v)).to(tl.int32), axis=0)
-    over -= tl.sum(((top != _NO_KEY) & (_key_value(top) == last_v)).to(tl.int32), axis=0)
-    tl.store(po_ptr + p, tl.where(last != _NO_KEY, over, 0))
+    if HAS_K:
+        # A list holds every value of its block above the k-th logit (fewer than K ≤ KP tokens are above it),
+        # so only ties with its last value can be missing from it. With padding in it, nothing is.
+        last = tl.min(top, axis=0)
+        last_v = _key_value(last)
+        over = tl.sum((ok & (y == last_v)).to(tl.int32), axis=0)
+        over -= tl.sum(((top != _NO_KEY) & (_key_value(top) == last_v)).to(tl.int32), axis=0)
+        tl.store(po_ptr + p, tl.where(last != _NO_KEY, over, 0))
+    else:
+        bm = tl.max(tl.where(ok, y, float("-inf")), axis=0)
+        tl.store(pm_ptr + p, bm)
+        tl.store(ps_ptr + p, tl.sum(tl.where(ok, _exp(y - bm, ON_GPU), 0.0), axis=0))
     n_prog = tl.num_programs(0)
     if _last_arrival(cnt_ptr, n_prog):
         j = tl.arange(0, BLOCK_P * KP)
@@ -899,58 +975,92 @@ def _sample_top_k_kernel(
         g = tl.topk(lists, KP)  # [KP] the first KP tokens of the whole order
         gv = _key_value(g)
         gid = _key_id(g)
+        real = g != _NO_KEY
         i = tl.arange(0, KP)
         m = tl.max(tl.where(i == 0, gv, float("-inf")), axis=0)  # the top logit
-        kth = tl.max(tl.where(i == K - 1, gv, float("-inf")), axis=0)
-        # every token at the k-th logit: those in the lists, and those that fell off a list ending at it
         q = tl.arange(0, BLOCK_P)
-        ends = tl.load(pk_ptr + q * KP + KP - 1, mask=q < n_prog, other=_NO_KEY, cache_modifier=".cg")
-        fell = tl.load(po_ptr + q, mask=q < n_prog, other=0, cache_modifier=".cg")
-        n_kth = tl.sum(((lists != _NO_KEY) & (_key_value(lists) == kth)).to(tl.int32), axis=0)
-        n_kth += tl.sum(tl.where((ends != _NO_KEY) & (_key_value(ends) == kth), fell, 0), axis=0)
-        surv = (g != _NO_KEY) & (gv >= kth)  # top-k's survivors among the first KP
-        in_g = tl.sum((surv & (gv == kth)).to(tl.int32), axis=0)  # the lowest ids of the ties at the k-th
-        past = (n_kth - in_g).to(tl.float32)  # survivors past the first KP, all at the k-th logit
-        e = tl.where(surv, _exp(gv - m, ON_GPU), 0.0)  # [KP] unnormalised probabilities
-        e_k = _exp(kth - m, ON_GPU)
-        keep = surv
-        more = past  # how many of the survivors past the first KP stay
-        if USE_TOP_P:  # keep each token whose higher-ranked mass is below top_p of the survivors' total
-            top_p = tl.load(top_p_ptr)
-            cum = tl.cumsum(e, axis=0)
-            total = tl.max(cum, axis=0)
-            z = total + past * e_k
-            keep = surv & (cum - e < top_p * z)
-            every = tl.sum(keep.to(tl.int32), axis=0) == tl.sum(surv.to(tl.int32), axis=0)
-            # past the first KP: the first u ties stay, u = ceil((top_p·z - total) / e_k), at most ``past``
-            u = tl.minimum(tl.maximum(tl.ceil(_div_rn(top_p * z - total, e_k, ON_GPU)), 0.0), past)
-            more = tl.where(every & (e_k > 0), u, 0.0)
-        if USE_MIN_P:  # keep p ≥ min_p · p_max, i.e. e ≥ min_p (the top token has e = 1)
-            min_p = tl.load(min_p_ptr)
-            keep = keep & (e >= min_p)
-            more = tl.where(e_k >= min_p, more, 0.0)
-        # the draw: an exponential race argmax(e / E), E = -log(U) ~ Exp(1), which draws in proportion to e; U is
-        # Philox keyed by the stream (a 32-bit seed and the draw's number) with the token id as its counter, so a
+        top_p = tl.load(top_p_ptr)
+        min_p = tl.load(min_p_ptr)
+        # U: Philox keyed by the stream (a 32-bit seed and the draw's number), its counter the token id, so a
         # token's U does not depend on where it is found
         draw = tl.load(rng_ptr + 1)
         seed = (draw << 32) | (tl.load(rng_ptr) & 4294967295)
-        race = tl.where(keep, _div_rn(e, -_log(tl.rand(seed, gid.to(tl.int32)), ON_GPU), ON_GPU), -1.0)
-        best, at = tl.max(race, axis=0, return_indices=True, return_indices_tie_break_left=True)
-        win = tl.max(tl.where(i == at, gid, -1), axis=0)
-        if more > 0:  # kept ties at the k-th past the first KP: ranks in_g .. in_g + more - 1 among those ties
-            seen = in_g * 0  # ties at the k-th before the current block
-            for b0 in range(0, N, BLOCK):
-                o2 = b0 + tl.arange(0, BLOCK)
-                y2 = _div_rn(tl.load(x_ptr + o2, mask=o2 < N, other=0.0).to(tl.float32), t, ON_GPU)
-                tie = (o2 < N) & (y2 == kth)
-                rank = seen + tl.cumsum(tie.to(tl.int32), axis=0) - 1
-                want = tie & (rank >= in_g) & (rank.to(tl.float32) < in_g + more)
-                r2 = tl.where(want, _div_rn(e_k, -_log(tl.rand(seed, o2), ON_GPU), ON_GPU), -1.0)
-                b2, a2 = tl.max(r2, axis=0, return_indices=True, return_indices_tie_break_left=True)
-                win = tl.where(b2 > best, (b0 + a2).to(tl.int64), win)
-                best = tl.maximum(best, b2)
-                seen += tl.sum(tie.to(tl.int32), axis=0)
+        if HAS_K:
+            kth = tl.max(tl.where(i == K - 1, gv, float("-inf")), axis=0)
+            # every token at the k-th logit: those in the lists, and those that fell off a list ending at it
+            ends = tl.load(pk_ptr + q * KP + KP - 1, mask=q < n_prog, other=_NO_KEY, cache_modifier=".cg")
+            fell = tl.load(po_ptr + q, mask=q < n_prog, other=0, cache_modifier=".cg")
+            n_kth = tl.sum(((lists != _NO_KEY) & (_key_value(lists) == kth)).to(tl.int32), axis=0)
+            n_kth += tl.sum(tl.where((ends != _NO_KEY) & (_key_value(ends) == kth), fell, 0), axis=0)
+            surv = real & (gv >= kth)  # top-k's survivors in g
+            in_g = tl.sum((surv & (gv == kth)).to(tl.int32), axis=0)  # the lowest ids of the ties at the k-th
+            past = (n_kth - in_g).to(tl.float32)  # survivors past g, all at the k-th logit
+            e = tl.where(surv, _exp(gv - m, ON_GPU), 0.0)  # [KP] unnormalised probabilities
+            e_k = _exp(kth - m, ON_GPU)
+            keep = surv
+            more = past  # how many of the survivors past g stay
+            if USE_TOP_P:  # keep each token whose higher-ranked mass is below top_p of the survivors' total
+                cum = tl.cumsum(e, axis=0)
+                total = tl.max(cum, axis=0)
+                z = total + past * e_k
+                keep = surv & (cum - e < top_p * z)
+                every = tl.sum(keep.to(tl.int32), axis=0) == tl.sum(surv.to(tl.int32), axis=0)
+                # past g: the first u ties stay, u = ceil((top_p·z - total) / e_k), at most ``past``
+                u = tl.minimum(tl.maximum(tl.ceil(_div_rn(top_p * z - total, e_k, ON_GPU)), 0.0), past)
+                more = tl.where(every & (e_k > 0), u, 0.0)
+            if USE_MIN_P:  # keep p ≥ min_p · p_max, i.e. e ≥ min_p (the top token has e = 1)
+                keep = keep & (e >= min_p)
+                more = tl.where(e_k >= min_p, more, 0.0)
+            race = tl.where(keep, _race(e, tl.rand(seed, gid.to(tl.int32)), ON_GPU), -1.0)
+            best, at = tl.max(race, axis=0, return_indices=True, return_indices_tie_break_left=True)
+            win = tl.max(tl.where(i == at, gid, -1), axis=0)
+            n_kept = tl.sum(keep.to(tl.int32), axis=0)
+            if more > 0:  # kept ties at the k-th past g: ranks in_g .. in_g + more - 1 among those ties
+                best, win, n_past = _race_walk(x_ptr, N, t, m, _ordered(kth).to(tl.int64), in_g,
+                                               in_g + more.to(tl.int32), min_p, seed, best, win, False, BLOCK,
+                                               USE_MIN_P, ON_GPU)  # fmt: skip
+                n_kept += n_past
+        else:
+            pm = tl.load(pm_ptr + q, mask=q < n_prog, other=float("-inf"), cache_modifier=".cg")
+            ps = tl.load(ps_ptr + q, mask=q < n_prog, other=0.0, cache_modifier=".cg")
+            z = tl.sum(ps * _exp(pm - m, ON_GPU), axis=0)  # Σ exp(y - m) over the vocabulary
+            e = tl.where(real, _exp(gv - m, ON_GPU), 0.0)
+            keep = real
+            if USE_TOP_P:
+                cum = tl.cumsum(e, axis=0)
+                keep = real & (cum - e < top_p * z)
+            n_real = tl.sum(real.to(tl.int32), axis=0)
+            past = (tl.sum(keep.to(tl.int32), axis=0) == n_real) & (n_real < N)  # the kept run past g
+            if USE_MIN_P:
+                keep = keep & (e >= min_p)
+                past = past & (tl.min(tl.where(real, e, 1.0), axis=0) >= min_p)
+            race = tl.where(keep, _race(e, tl.rand(seed, gid.to(tl.int32)), ON_GPU), -1.0)
+            best, at = tl.max(race, axis=0, return_indices=True, return_indices_tie_break_left=True)
+            win = tl.max(tl.where(i == at, gid, -1), axis=0)
+            n_kept = tl.sum(keep.to(tl.int32), axis=0)
+            if past:
+                # the cut c: the smallest ordered value whose higher-ranked mass is below top_p·z (every token
+                # stays without top-p). Bisection keeps mass_above(lo) ≥ top_p·z > mass_above(hi); g's last
+                # value stays, so it bounds c from above.
+                lo = tl.full([], -2147483649, tl.int64)  # below every ordered value
+                hi = tl.min(tl.where(real, _ordered(gv), 2147483647), axis=0).to(tl.int64)
+                if not USE_TOP_P:
+                    hi = lo
+                while hi - lo > 1:
+                    mid = lo + (hi - lo) // 2
+                    above, _ = _mass_above(x_ptr, N, t, m, mid, BLOCK, ON_GPU)
+                    lower = above < top_p * z
+                    hi = tl.where(lower, mid, hi)
+                    lo = tl.where(lower, lo, mid)
+                above, n_c = _mass_above(x_ptr, N, t, m, hi, BLOCK, ON_GPU)
+                e_c = _exp(_ordered_value(hi.to(tl.int32)) - m, ON_GPU)
+                # of the ties at c the first u stay, u = ceil((top_p·z - above) / e_c), at least one
+                u = tl.ceil(_div_rn(top_p * z - above, tl.maximum(e_c, 1e-38), ON_GPU))
+                u = tl.minimum(tl.maximum(u, 1.0), n_c.to(tl.float32)).to(tl.int32)
+                best, win, n_kept = _race_walk(x_ptr, N, t, m, hi, 0, u, min_p, seed, tl.full([], -1.0, tl.float32),
+                                               win, True, BLOCK, USE_MIN_P, ON_GPU)  # fmt: skip
         tl.store(out_ptr, win)
+        tl.store(out_ptr + 1, n_kept.to(tl.int64))
         tl.store(rng_ptr + 1, draw + 1)
 
 
@@ -1793,46 +1903,57 @@ def argmax(x: torch.Tensor, counter: torch.Tensor, block: int | None = None, pdl
     return out
 
 
-# the largest top-k that sample_top_k takes (its last program sorts n_programs · next_power_of_2(k) keys)
+# the largest top-k that ``sample`` takes (its last program sorts n_programs · next_power_of_2(k) keys)
 SAMPLE_MAX_K = 256
+# top-p without top-k: how many of the most likely tokens ``sample`` sorts; a longer nucleus is found by walking
+# the logits once for each bit of bisection (not measured yet: a guess between the merge's sort and the walks)
+SAMPLE_CANDIDATES = 128
 
 
-def sample_top_k(
-    x: torch.Tensor, temperature: torch.Tensor, k: int, top_p: torch.Tensor | None, min_p: torch.Tensor | None,
-    rng: torch.Tensor, counter: torch.Tensor, block: int | None = None, pdl: bool = False,
+def sample(
+    x: torch.Tensor, temperature: torch.Tensor, k: int | None, top_p: torch.Tensor | None, min_p: torch.Tensor | None,
+    rng: torch.Tensor, counter: torch.Tensor, block: int | None = None, candidates: int | None = None,
+    pdl: bool = False,
 ) -> torch.Tensor:  # fmt: skip
-    """One id (int64 [1]) drawn from fp32 logits x [V] / temperature through top-k, then top-p and min-p when
-    given, in one launch: runtime/sampling.py's filter_logits (ties at a cut keep the lower ids) and a draw in
-    proportion to the kept tokens' probabilities. temperature, top_p, min_p: fp32 [1]; 1 ≤ k ≤ SAMPLE_MAX_K.
+    """One id drawn from fp32 logits x [V] / temperature through top-k (1 ≤ k ≤ SAMPLE_MAX_K, or None), top-p
+    and min-p (None: off; top-p is needed without top-k), in one launch: runtime/sampling.py's filter_logits
+    (ties at a cut keep the lower ids) and a draw in proportion to the kept tokens' probabilities. temperature,
+    top_p, min_p: fp32 [1]. Returns int64 [2]: the id, and how many tokens the filters kept (the most likely
+    ones, so the count says which).
 
     ``rng`` int64 [2], (seed, draws): the draw uses Philox keyed by the low 32 bits of seed and by draws, which
     the launch then increments, so a CUDA graph replays a new draw each time. ``counter``: int32 [≥ 1], zero,
-    left zero (``argmax``'s). ``block``: values per program (default 4,096; the tests use small blocks)."""
+    left zero (``argmax``'s). ``block``: values per program (default 4,096) and ``candidates`` (default
+    SAMPLE_CANDIDATES): smaller in the tests, to run several programs and the walks."""
     if x.dim() != 1 or x.dtype != torch.float32 or x.numel() == 0:
-        raise KernelShapeError(f"sample_top_k: x must be a non-empty 1-D fp32 tensor, got {x.dtype} {tuple(x.shape)}")
-    if not 1 <= k <= SAMPLE_MAX_K:
-        raise KernelShapeError(f"sample_top_k: k must be in 1..{SAMPLE_MAX_K}, got {k}")
+        raise KernelShapeError(f"sample: x must be a non-empty 1-D fp32 tensor, got {x.dtype} {tuple(x.shape)}")
+    if k is not None and not 1 <= k <= SAMPLE_MAX_K:
+        raise KernelShapeError(f"sample: k must be None or in 1..{SAMPLE_MAX_K}, got {k}")
+    if k is None and top_p is None:
+        raise KernelShapeError("sample: needs a top-k or a top-p")
     for name, t in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p)):
         if t is not None and (t.dtype != torch.float32 or t.numel() != 1 or t.device != x.device):
-            raise KernelShapeError(f"sample_top_k: {name} must be fp32 [1] on {x.device}")
+            raise KernelShapeError(f"sample: {name} must be fp32 [1] on {x.device}")
     if rng.dtype != torch.long or rng.numel() != 2 or not rng.is_contiguous() or rng.device != x.device:
-        raise KernelShapeError(f"sample_top_k: rng must be int64 [2] on {x.device}")
+        raise KernelShapeError(f"sample: rng must be int64 [2] on {x.device}")
     if counter.dtype != torch.int32 or counter.numel() < 1 or counter.device != x.device:
-        raise KernelShapeError(f"sample_top_k: the counter must be int32 [≥ 1] on {x.device}")
+        raise KernelShapeError(f"sample: the counter must be int32 [≥ 1] on {x.device}")
     x = x.contiguous()
-    k = min(k, x.numel())
-    kp = triton.next_power_of_2(k)
-    block = max(block or min(4096, triton.next_power_of_2(x.numel())), kp)
-    n_prog = triton.cdiv(x.numel(), block)
+    n = x.numel()
+    kp = triton.next_power_of_2(min(k if k is not None else candidates or SAMPLE_CANDIDATES, n))
+    block = max(block or min(4096, triton.next_power_of_2(n)), kp)
+    n_prog = triton.cdiv(n, block)
     lists = torch.empty((n_prog * kp,), dtype=torch.long, device=x.device)
     fell = torch.empty((n_prog,), dtype=torch.int32, device=x.device)
-    out = torch.empty((1,), dtype=torch.long, device=x.device)
+    block_max, block_sum = torch.empty((2, n_prog), dtype=torch.float32, device=x.device)
+    out = torch.empty((2,), dtype=torch.long, device=x.device)
     use_pdl = _use_pdl(x, pdl)
-    _sample_top_k_kernel[(n_prog,)](
-        x, x.numel(), k, temperature, temperature if top_p is None else top_p,
-        temperature if min_p is None else min_p, rng, lists, fell, counter, out, KP=kp, BLOCK=block,
-        BLOCK_P=triton.next_power_of_2(n_prog), USE_TOP_P=top_p is not None, USE_MIN_P=min_p is not None,
-        ON_GPU=not _INTERPRET, PDL=use_pdl, launch_pdl=use_pdl, num_warps=4 if block <= 1024 else 8,
+    _sample_kernel[(n_prog,)](
+        x, n, min(k or 1, n), temperature, temperature if top_p is None else top_p,
+        temperature if min_p is None else min_p, rng, lists, fell, block_max, block_sum, counter, out, KP=kp,
+        BLOCK=block, BLOCK_P=triton.next_power_of_2(n_prog), HAS_K=k is not None, USE_TOP_P=top_p is not None,
+        USE_MIN_P=min_p is not None, ON_GPU=not _INTERPRET, PDL=use_pdl, launch_pdl=use_pdl,
+        num_warps=4 if block <= 1024 else 8,
     )  # fmt: skip
     return out
 

@@ -84,7 +84,7 @@ def top_k_top_p_filter(logits: torch.Tensor, k: int, p: float | torch.Tensor) ->
     n = keep.sum()
     cut = vals.gather(0, (n - 1).view(1))  # [1] the lowest kept logit
     # when every candidate stays, the tied tokens past them stay while the mass above each is below p: the first
-    # u of them, u = ceil((p·z - total_c) / last) (u < that count), at most ``past``; none when last underflowed
+    # u = ceil((p·z - total_c) / last) of them, at most ``past``; none when last underflowed to 0
     more = torch.minimum(((p * z - total_c) / last).ceil().clamp(min=0), past)
     more = torch.where((n == k) & (last > 0), more, 0)
     at_cut = (keep & (vals == cut)).sum() + more  # [1] how many tokens at the cut logit stay

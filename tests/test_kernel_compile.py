@@ -37,11 +37,11 @@ def test_every_kernel_compiles_for_sm90():
     assert not failed, failed
     kinds = {r["kernel"].split()[0] for r in rows}
     assert kinds >= {"gemv_w2a8", "gemv_packed", "pack_act", "head_int8", "matmul_w2a8", "decode_attention", "attention_combine",
-                     "argmax", "sample_top_k", "advance", "decode_layers"}, kinds  # fmt: skip
+                     "argmax", "sample", "advance", "decode_layers"}, kinds  # fmt: skip
     assert any(r["kernel"].endswith("+pdl") for r in rows)  # programmatic dependent launch compiles too
     # the folded kernels (FastModel(gemv="folded")), the argmax and the sampler arrive on counters: each atomic
     # keeps the barrier / release / acquire that lets the last program read the others' output (_last_arrival)
-    counted = [r for r in rows if "packs" in r["kernel"] or "folded" in r["kernel"] or r["kernel"].startswith(("argmax", "sample_top_k"))]
+    counted = [r for r in rows if "packs" in r["kernel"] or "folded" in r["kernel"] or r["kernel"].startswith(("argmax", "sample"))]
     assert len(counted) >= 9 and all(r["sync_ops"] and set(r["sync_ops"]) == {"acq_rel"} for r in counted), counted
     # the persistent step (FastModel(gemv="persistent")) also publishes with release-only atomics (_arrive,
     # _signal) and waits with acquire loads (_wait): five waits a layer, each an acquire before and in its loop

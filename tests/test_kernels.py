@@ -358,14 +358,14 @@ def test_argmax_kernel(at_once):
 
 @triton.jit
 def _uniforms_kernel(rng_ptr, out_ptr, N, BLOCK: tl.constexpr):
-    # the Philox numbers that kernels.sample_top_k races with, for ids 0..N-1 of the stream rng (seed, draws)
+    # the Philox numbers that kernels.sample races with, for ids 0..N-1 of the stream rng (seed, draws)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     seed = (tl.load(rng_ptr + 1) << 32) | (tl.load(rng_ptr) & 4294967295)
     tl.store(out_ptr + offs, tl.rand(seed, offs), mask=offs < N)
 
 
 def _sample_reference(x, temperature, k, top_p, min_p, rng):
-    """sample_top_k's draw from runtime/sampling.py's filters and the same race argmax(e / -log U): (id, kept)."""
+    """sample's draw from runtime/sampling.py's filters and the same race argmax(e / -log U): (id, kept)."""
     from bitnet158.runtime.sampling import filter_logits
 
     y = x / temperature
@@ -378,7 +378,8 @@ def _sample_reference(x, temperature, k, top_p, min_p, rng):
 
 def _sample_cases():
     # (logits, k, top_p, min_p): plain, bf16-rounded and integer-valued logits (many ties), every filter mix,
-    # k above the vocabulary, one token, and top-p stopping inside a tie group
+    # k above the vocabulary, one token, top-p stopping inside a tie group, and top-p without top-k (k None),
+    # within the merged candidates and past them
     g = torch.Generator().manual_seed(0)
     x = torch.randn(200, generator=g) * 3
     cases = [(x, k, p, m) for k in (1, 7, 50) for p, m in ((None, None), (0.9113, None), (0.3217, 0.05), (None, 0.2))]
@@ -390,50 +391,60 @@ def _sample_cases():
     # probabilities 4 : 1 : 1 : 1 : 1 at temperature 0.8; top-k 2 keeps all five (ties); top-p 0.6 keeps the
     # top token and the lowest id of the ties
     cases.append((torch.tensor([0.0, 0.0, 0.0, 0.0, 0.8 * math.log(4)]), 2, 0.6, None))
+    zeros = torch.tensor([-0.0, 0.0, -1.0, 0.0, -0.0])  # -0.0 ties with 0.0: top-p 0.6 keeps ids 0, 1, 3
+    cases += [(zeros, 2, 0.6, None), (zeros, None, 0.6, None)]
+    flat = torch.randn(300, generator=g) * 0.3  # a long nucleus
+    cases += [(x, None, 0.3217, None), (x, None, 0.9113, 0.01), (flat, None, 0.9113, None), (b, None, 0.9113, None),
+              (ints, None, 0.3217, None), (ints, None, 0.9113, 0.2), (torch.randn(5, generator=g), None, 0.9113, None)]
     return cases
 
 
 @interp
 @pytest.mark.parametrize("at_once", [False, True])
-def test_sample_top_k_kernel(at_once):
-    # one launch, several programs (block 32): the id the filters of runtime/sampling.py and the race over the
-    # kernel's own Philox numbers give, exactly; ties at the k-th logit past the merged lists and top-p cuts
-    # inside a tie group both occur (asserted); the draw count advances and the counter ends at zero
+def test_sample_kernel(at_once):
+    # one launch, several programs (block 32; top-p alone merges 8 candidates): the id the filters of
+    # runtime/sampling.py and the race over the kernel's own Philox numbers give, exactly. Kept tokens past the
+    # merged lists (ties at the k-th logit; a nucleus longer than the candidates) and top-p cuts inside a tie
+    # group all occur (asserted). The draw count advances and the counter ends at zero.
     g = torch.Generator().manual_seed(1)
     counter = torch.zeros(1, dtype=torch.int32)
     cases = _sample_cases()
     if at_once:
         cases = cases[::3]
-    past_lists = cut_in_ties = 0
+    past_lists = past_nucleus = cut_in_ties = 0
     for x, k, top_p, min_p in cases:
         rng = torch.tensor([int(torch.randint(0, 2**32, (), generator=g)), int(torch.randint(0, 50, (), generator=g))])
         want, kept = _sample_reference(x, 0.8, k, top_p, min_p, rng)
         draws = int(rng[1])
         t = torch.tensor([0.8])
-        with programs_at_once(kernels._sample_top_k_kernel) if at_once else contextlib.nullcontext():
-            got = kernels.sample_top_k(x, t, k, None if top_p is None else torch.tensor([top_p]),
-                                       None if min_p is None else torch.tensor([min_p]), rng, counter, block=32)  # fmt: skip
-        assert got.dtype == torch.long and got.shape == (1,)
-        assert int(got) == want and kept[want], (k, top_p, min_p)
+        with programs_at_once(kernels._sample_kernel) if at_once else contextlib.nullcontext():
+            got = kernels.sample(x, t, k, None if top_p is None else torch.tensor([top_p]),
+                                 None if min_p is None else torch.tensor([min_p]), rng, counter, block=32, candidates=8)  # fmt: skip
+        # the id, and how many tokens stayed: they are the most likely ones, so the count says which
+        assert got.dtype == torch.long and got.shape == (2,)
+        assert int(got[0]) == want and int(got[1]) == int(kept.sum()), (k, top_p, min_p)
         assert int(rng[1]) == draws + 1 and not counter.any()
         y = x / 0.8
-        past_lists += int(kept.sum()) > triton.next_power_of_2(min(k, x.numel()))
+        if k is None:
+            past_nucleus += int(kept.sum()) > 8
+        else:
+            past_lists += int(kept.sum()) > triton.next_power_of_2(min(k, x.numel()))
         cut = y[kept].min()
         cut_in_ties += bool(((y == cut) & ~kept).any())
-    assert past_lists and cut_in_ties
+    assert past_lists and past_nucleus and cut_in_ties
     if at_once:
         return
     for bad in (dict(x=torch.zeros(2, 3)), dict(x=torch.zeros(4, dtype=torch.float64)), dict(k=0),
                 dict(k=kernels.SAMPLE_MAX_K + 1), dict(rng=torch.zeros(2, dtype=torch.int32)),
-                dict(top_p=torch.ones(2)), dict(counter=torch.zeros(1))):  # fmt: skip
+                dict(top_p=torch.ones(2)), dict(counter=torch.zeros(1)), dict(k=None)):  # fmt: skip
         args = dict(x=torch.randn(9), temperature=torch.ones(1), k=3, top_p=None, min_p=None,
                     rng=torch.zeros(2, dtype=torch.long), counter=counter) | bad  # fmt: skip
         with pytest.raises(kernels.KernelShapeError):
-            kernels.sample_top_k(**args)
+            kernels.sample(**args)
 
 
 @interp
-def test_sample_top_k_draws_in_proportion():
+def test_sample_draws_in_proportion():
     # consecutive draws of one stream (as graph replays make them): each kept token about as often as its
     # probability after the filters, the others never
     # top-k 4 leaves p ≈ (0.455, 0.276, 0.167, 0.102); top-p 0.85 then drops the fourth (0.898 above it)
@@ -442,7 +453,7 @@ def test_sample_top_k_draws_in_proportion():
     rng = torch.tensor([12345, 0])
     counter = torch.zeros(1, dtype=torch.int32)
     n = 600
-    ids = [int(kernels.sample_top_k(x, torch.ones(1), 4, torch.tensor([0.85]), None, rng, counter)) for _ in range(n)]
+    ids = [int(kernels.sample(x, torch.ones(1), 4, torch.tensor([0.85]), None, rng, counter)[0]) for _ in range(n)]
     freq = torch.bincount(torch.tensor(ids), minlength=6).double() / n
     assert freq[3:].sum() == 0
     assert torch.all((freq[:3] - kept.double()).abs() < 4 * (kept * (1 - kept) / n).sqrt().double()), freq
@@ -1012,7 +1023,7 @@ def test_fast_model_folded_step_equals_packed():
             tokens[argmax] = list(GraphDecoder(fast, 16, use_graph=False).generate([3, 1], 3))
         assert fast._pick_counter is not None and not fast._pick_counter.any()
         assert tokens["torch"] == tokens["triton"]
-        # sampled with top-k: kernels.sample_top_k draws (one draw a token, from the decoder's stream), seeded
+        # sampled with a top-k: kernels.sample draws (one draw a token, from the decoder's stream), seeded
         # and reproducible; top-k 1, or min-p 1 (the top token only), is greedy
         dec = GraphDecoder(fast, 16, use_graph=False)
         sample = dict(temperature=1.5, top_k=5, top_p=0.9, seed=11)
@@ -1022,6 +1033,9 @@ def test_fast_model_folded_step_equals_packed():
         assert list(dec.generate([3, 1], 3, temperature=5.0, top_k=8, min_p=1.0, seed=2)) == tokens["torch"]
         draws = {tuple(dec.generate([3, 1], 3, temperature=3.0, top_k=8, seed=s)) for s in range(4)}
         assert len(draws) > 1  # the seed reaches the kernel's stream
+        # top-p alone draws in the kernel too
+        a = list(dec.generate([3, 1], 3, temperature=3.0, top_p=0.99, seed=5))
+        assert int(dec._rng[1]) == 3 and a == list(dec.generate([3, 1], 3, temperature=3.0, top_p=0.99, seed=5))
 
 
 @interp
@@ -1155,11 +1169,11 @@ def test_decode_step_reads_each_weight_byte_once(relu2, sub_norms):
         return {**{k: c for k, c in default.items() if k != "triton: _argmax_kernel"}, launch: 1}
 
     assert dict(launches["packed, torch's pick"]) == argmax_as("torch: argmax")
-    # the sampled step (top-k 50, top-p 0.95): the same launches, kernels.sample_top_k in place of the argmax;
+    # the sampled step (top-k 50, top-p 0.95): the same launches, kernels.sample in place of the argmax;
     # with torch's ops (argmax="torch") the draw is some 40 small ops (runtime/sampling.py's top_k_top_p_filter:
     # no sort of the vocabulary)
     sampled = traffic.step_traffic(FastModel(net, backend="triton"), prompt, 8, sampled=True)["launches"]
-    assert dict(sampled) == argmax_as("triton: _sample_top_k_kernel"), sampled
+    assert dict(sampled) == argmax_as("triton: _sample_kernel"), sampled
     ops = traffic.step_traffic(FastModel(net, backend="triton", argmax="torch"), prompt, 8, sampled=True)["launches"]
     assert ops["torch: topk"] == 1 and "torch: sort" not in ops and sum(ops.values()) > sum(default.values()) + 30, ops
     x, packed, scale = rand_case(1, 24, 64, per_row=True)
@@ -1519,29 +1533,33 @@ def test_gpu_decode_variants_follow_the_default():
 
 @gpu
 @needs_cuda
-def test_gpu_sample_top_k_in_a_graph():
-    # kernels.sample_top_k over 128,256 logits (32 programs), replayed from one CUDA graph over fresh logits: each
-    # replay draws the reference's id (runtime/sampling.py's filters, the race over the same Philox numbers) and
-    # advances the stream. The filters' sums are reduced in another order than torch's, which may flip a token
-    # whose mass above it lies within rounding of top_p: at most one of the 40 draws may differ, and never to a
-    # token the filters drop.
+def test_gpu_sample_in_a_graph():
+    # kernels.sample over 128,256 logits (32 programs), replayed from one CUDA graph over fresh logits: each
+    # replay draws the reference's id and keeps the reference's number of tokens (runtime/sampling.py's filters,
+    # the race over the same Philox numbers), and advances the stream. Top-k 50 with top-p and min-p, with 100
+    # ties at the top in some replays (past the merged 64); top-p alone, at temperatures where the nucleus
+    # outgrows the 128 candidates (the bisection's walks). The filters' sums run in another order than torch's,
+    # which may move a cut whose mass lies within rounding of top_p: at most one replay in 20 may differ, and
+    # never to a token the filters drop.
     torch.manual_seed(0)
     logits = torch.randn(128256, device="cuda")
     t, top_p, min_p = (torch.tensor([v], device="cuda") for v in (0.8, 0.95, 0.01))
     rng = torch.tensor([987654321, 0], device="cuda")
     counter = torch.zeros(1, dtype=torch.int32, device="cuda")
     with torch.inference_mode():
-        kernels.sample_top_k(logits, t, 50, top_p, min_p, rng, counter)  # compile outside the capture
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = kernels.sample_top_k(logits, t, 50, top_p, min_p, rng, counter)
-        same = 0
-        for rep in range(40):
-            logits.copy_(torch.randn_like(logits) * (1 + rep % 4))
-            if rep % 5 == 0:
-                logits[1000:1100] = logits.max()  # 100 ties at the top, more than the merged 64
-            want, kept = _sample_reference(logits, 0.8, 50, 0.95, 0.01, rng)
-            graph.replay()
-            assert kept[int(out)] and int(rng[1]) == rep + 2, rep
-            same += int(out) == want
-        assert same >= 39 and not counter.any()
+        for k, mp in ((50, min_p), (None, None)):
+            rng[1] = 0
+            kernels.sample(logits, t, k, top_p, mp, rng, counter)  # compile outside the capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = kernels.sample(logits, t, k, top_p, mp, rng, counter)
+            same = 0
+            for rep in range(20):
+                logits.copy_(torch.randn_like(logits) * ((0.5, 2.0, 4.0, 8.0)[rep % 4] if k is None else 1 + rep % 4))
+                if k and rep % 5 == 0:
+                    logits[1000:1100] = logits.max()  # 100 ties at the top
+                want, kept = _sample_reference(logits, 0.8, k, 0.95, None if mp is None else 0.01, rng)
+                graph.replay()
+                assert kept[int(out[0])] and int(rng[1]) == rep + 2, (k, rep)
+                same += int(out[0]) == want and int(out[1]) == int(kept.sum())
+            assert same >= 19 and not counter.any(), k
