@@ -20,9 +20,9 @@ addresses under the mask and its element size) and mapped onto the model's tenso
 torch's own ops (the bf16 head's matmul, torch's embedding and argmax) are not Triton loads and are not counted.
 
 Launches: the step is the one a CUDA graph captures (``GraphDecoder._step``, greedy: forward, argmax and the state
-updates; ``--sampled``: the top-k / top-p draw instead of the argmax), run eagerly. Each Triton launch counts, and each torch op outside them that is neither a view nor an
-allocation (a TorchDispatchMode), as one kernel a GPU would run; cuBLAS may split a matmul in two, which this does
-not see. On the H200 the profiler counted 314 launches in the default's step of then (RESULTS.md), where this
+updates; ``--sampled``: the top-k / top-p draw instead of the argmax), run eagerly. Each Triton launch counts, and
+each torch op outside them that is neither a view nor an allocation (a TorchDispatchMode), as one kernel a GPU
+would run; cuBLAS may split a matmul in two, which this does not see. On the H200 the profiler counted 314 launches in the default's step of then (RESULTS.md), where this
 counted 312.
 
 The test (tests/test_kernels.py) runs every variant on a tiny model and requires each t2 weight byte and each

@@ -982,8 +982,8 @@ class GraphDecoder:
         rounding; without ``reuse`` the whole prompt runs and equal calls give equal ids.
 
         Sampling as runtime/sampling.py's Sampler (repetition penalty over the prompt and the generated ids, then
-        temperature, top-k, top-p, min-p), on the device: the random draw differs (sample_on_device), the rest is the
-        same.
+        temperature, top-k, top-p, min-p), on the device (FastModel.sample): the random draw differs, the rest is
+        the same. ``seed`` seeds torch's generator, and the sampling kernel's stream through it.
 
         The device runs ahead by up to ``chunk`` steps between host reads; ids past a stop are discarded.
         ``stats`` is filled as ``generate_tokens`` fills it (decode time includes the discarded run-ahead steps).

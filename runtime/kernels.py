@@ -945,9 +945,10 @@ def _sample_kernel(
     # keys of the whole order, g, and races the kept ones among them. Kept tokens past g are found by walking x:
     # - with top-k (KP ≥ K), only ties at the k-th logit can be past g (when more than KP - K + 1 tokens tie
     #   there); po [P] holds how many of each block's values tie with its list's last one but fell off it;
-    # - without, top-p needs the softmax's denominator, from each block's max and Σ exp(y - max) in pm / ps [P];
-    #   when every token of g stays, the cut is found by bisection over the ordered values (a walk a step, at
-    #   most 33), then a last walk races every kept token.
+    # - without (then top-p is on), top-p needs the softmax's denominator, from each block's max and
+    #   Σ exp(y - max) in pm / ps [P]; when every token of g stays, the cut is found by bisection over the
+    #   ordered values (a walk a step, at most 32, and one for the mass at the cut), then a last walk races
+    #   every kept token.
     _pdl_enter(PDL)
     p = tl.program_id(0)
     t = tl.load(temp_ptr)
@@ -1025,10 +1026,8 @@ def _sample_kernel(
             ps = tl.load(ps_ptr + q, mask=q < n_prog, other=0.0, cache_modifier=".cg")
             z = tl.sum(ps * _exp(pm - m, ON_GPU), axis=0)  # Σ exp(y - m) over the vocabulary
             e = tl.where(real, _exp(gv - m, ON_GPU), 0.0)
-            keep = real
-            if USE_TOP_P:
-                cum = tl.cumsum(e, axis=0)
-                keep = real & (cum - e < top_p * z)
+            cum = tl.cumsum(e, axis=0)
+            keep = real & (cum - e < top_p * z)  # (without top-k, top-p is on: sample() checks)
             n_real = tl.sum(real.to(tl.int32), axis=0)
             past = (tl.sum(keep.to(tl.int32), axis=0) == n_real) & (n_real < N)  # the kept run past g
             if USE_MIN_P:
@@ -1039,13 +1038,10 @@ def _sample_kernel(
             win = tl.max(tl.where(i == at, gid, -1), axis=0)
             n_kept = tl.sum(keep.to(tl.int32), axis=0)
             if past:
-                # the cut c: the smallest ordered value whose higher-ranked mass is below top_p·z (every token
-                # stays without top-p). Bisection keeps mass_above(lo) ≥ top_p·z > mass_above(hi); g's last
-                # value stays, so it bounds c from above.
+                # the cut c: the smallest ordered value whose higher-ranked mass is below top_p·z. Bisection keeps
+                # mass_above(lo) ≥ top_p·z > mass_above(hi); g's last value stays, so it bounds c from above.
                 lo = tl.full([], -2147483649, tl.int64)  # below every ordered value
                 hi = tl.min(tl.where(real, _ordered(gv), 2147483647), axis=0).to(tl.int64)
-                if not USE_TOP_P:
-                    hi = lo
                 while hi - lo > 1:
                     mid = lo + (hi - lo) // 2
                     above, _ = _mass_above(x_ptr, N, t, m, mid, BLOCK, ON_GPU)
