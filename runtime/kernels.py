@@ -1012,15 +1012,6 @@ def _sample_kernel(
             if USE_MIN_P:  # keep p ≥ min_p · p_max, i.e. e ≥ min_p (the top token has e = 1)
                 keep = keep & (e >= min_p)
                 more = tl.where(e_k >= min_p, more, 0.0)
-            race = tl.where(keep, _race(e, tl.rand(seed, gid.to(tl.int32)), ON_GPU), -1.0)
-            best, at = tl.max(race, axis=0, return_indices=True, return_indices_tie_break_left=True)
-            win = tl.max(tl.where(i == at, gid, -1), axis=0)
-            n_kept = tl.sum(keep.to(tl.int32), axis=0)
-            if more > 0:  # kept ties at the k-th past g: ranks in_g .. in_g + more - 1 among those ties
-                best, win, n_past = _race_walk(x_ptr, N, t, m, _ordered(kth).to(tl.int64), in_g,
-                                               in_g + more.to(tl.int32), min_p, seed, best, win, False, BLOCK,
-                                               USE_MIN_P, ON_GPU)  # fmt: skip
-                n_kept += n_past
         else:
             pm = tl.load(pm_ptr + q, mask=q < n_prog, other=float("-inf"), cache_modifier=".cg")
             ps = tl.load(ps_ptr + q, mask=q < n_prog, other=0.0, cache_modifier=".cg")
@@ -1033,10 +1024,18 @@ def _sample_kernel(
             if USE_MIN_P:
                 keep = keep & (e >= min_p)
                 past = past & (tl.min(tl.where(real, e, 1.0), axis=0) >= min_p)
-            race = tl.where(keep, _race(e, tl.rand(seed, gid.to(tl.int32)), ON_GPU), -1.0)
-            best, at = tl.max(race, axis=0, return_indices=True, return_indices_tie_break_left=True)
-            win = tl.max(tl.where(i == at, gid, -1), axis=0)
-            n_kept = tl.sum(keep.to(tl.int32), axis=0)
+        # the race over the kept tokens of g
+        race = tl.where(keep, _race(e, tl.rand(seed, gid.to(tl.int32)), ON_GPU), -1.0)
+        best, at = tl.max(race, axis=0, return_indices=True, return_indices_tie_break_left=True)
+        win = tl.max(tl.where(i == at, gid, -1), axis=0)
+        n_kept = tl.sum(keep.to(tl.int32), axis=0)
+        if HAS_K:
+            if more > 0:  # kept ties at the k-th past g: ranks in_g .. in_g + more - 1 among those ties
+                best, win, n_past = _race_walk(x_ptr, N, t, m, _ordered(kth).to(tl.int64), in_g,
+                                               in_g + more.to(tl.int32), min_p, seed, best, win, False, BLOCK,
+                                               USE_MIN_P, ON_GPU)  # fmt: skip
+                n_kept += n_past
+        else:
             if past:
                 # the cut c: the smallest ordered value whose higher-ranked mass is below top_p·z. Bisection keeps
                 # mass_above(lo) ≥ top_p·z > mass_above(hi); g's last value stays, so it bounds c from above.
@@ -1535,13 +1534,18 @@ class NextPack(NamedTuple):
     act: str | None = None
 
 
+def _check_counter(c: torch.Tensor, n: int, device: torch.device, what: str) -> None:
+    # the atomic counters of the kernels that arrive on them (_last_arrival): int32 [≥ n], contiguous, on device
+    if c.dtype != torch.int32 or c.dim() != 1 or c.numel() < n or c.device != device or c.stride(0) != 1:
+        raise KernelShapeError(f"{what}: the counter must be int32 [≥ {n}] on {device}, got {c.dtype} {tuple(c.shape)}")
+
+
 def _next_pack(nxt: NextPack, m: int, k: int, n_counters: int, y: torch.Tensor, what: str) -> tuple[PackedAct, dict]:
     # the PackedAct a folded producer fills for K = k inputs of y's rows, and the kernel arguments that say so
     _check_act(nxt.act, what)
     _check_norm(nxt.norm, k, y, what)
     c = nxt.counter
-    if c.dtype != torch.int32 or c.dim() != 1 or c.numel() < n_counters or c.device != y.device or c.stride(0) != 1:
-        raise KernelShapeError(f"{what}: the counter must be int32 [≥ {n_counters}] on {y.device}, got {c.dtype} {tuple(c.shape)}")
+    _check_counter(c, n_counters, y.device, what)
     out = PackedAct.empty(m, k, y.device)
     k16 = out.xq.shape[2]
     return out, dict(
@@ -1883,8 +1887,7 @@ def argmax(x: torch.Tensor, counter: torch.Tensor, block: int | None = None, pdl
     blocks for several programs). Ties give the first index; NaN is not treated as torch treats it."""
     if x.dim() != 1 or not x.is_floating_point() or x.numel() == 0:
         raise KernelShapeError(f"argmax: x must be a non-empty 1-D float tensor, got {x.dtype} {tuple(x.shape)}")
-    if counter.dtype != torch.int32 or counter.numel() < 1 or counter.device != x.device:
-        raise KernelShapeError(f"argmax: the counter must be int32 [≥ 1] on {x.device}, got {counter.dtype} {tuple(counter.shape)}")
+    _check_counter(counter, 1, x.device, "argmax")
     x = x.contiguous()
     block = block or min(4096, triton.next_power_of_2(x.numel()))
     n_prog = triton.cdiv(x.numel(), block)
@@ -1932,8 +1935,7 @@ def sample(
             raise KernelShapeError(f"sample: {name} must be fp32 [1] on {x.device}")
     if rng.dtype != torch.long or rng.numel() != 2 or not rng.is_contiguous() or rng.device != x.device:
         raise KernelShapeError(f"sample: rng must be int64 [2] on {x.device}")
-    if counter.dtype != torch.int32 or counter.numel() < 1 or counter.device != x.device:
-        raise KernelShapeError(f"sample: the counter must be int32 [≥ 1] on {x.device}")
+    _check_counter(counter, 1, x.device, "sample")
     x = x.contiguous()
     n = x.numel()
     kp = triton.next_power_of_2(min(k if k is not None else candidates or SAMPLE_CANDIDATES, n))
