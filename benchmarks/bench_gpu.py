@@ -517,6 +517,7 @@ def report_tiles(fast) -> None:
 
 
 VARIANT_RESERVE_S = 60  # a graph variant after the first starts only with this much of --budget-s left (the probes')
+SAMPLED_RESERVE_S = 12  # a sampled measurement (a graph captured, then --runs runs) starts only with this much left
 
 
 def run_variants(fast, prompt: list[int], args, t_start: float) -> None:
@@ -622,6 +623,8 @@ def run_variants(fast, prompt: list[int], args, t_start: float) -> None:
         # alone: on a random model's flat logits its nucleus is long, so the kernel takes its slow walks
         for mode, opts in ((" (top-k 50, top-p 0.95)", dict(top_k=50, top_p=0.95)), (" (top-p 0.95)", dict(top_p=0.95))):
             for pick, label in ((fast.argmax, ""), ("torch", ", torch's sampling ops")):
+                if not within_budget(args, t_start, f"sampled{mode}{label}", SAMPLED_RESERVE_S):
+                    continue
                 fast.argmax = pick
                 measure(f"triton + CUDA graph (default), sampled{mode}{label}",
                         fast_gen(GraphDecoder(fast, max_seq, use_graph=graphs), temperature=0.8, seed=0, **opts), args.runs)  # fmt: skip
