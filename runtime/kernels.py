@@ -1049,8 +1049,9 @@ def _sample_kernel(
                     lo = tl.where(lower, lo, mid)
                 above, n_c = _mass_above(x_ptr, N, t, m, hi, BLOCK, ON_GPU)
                 e_c = _exp(_ordered_value(hi.to(tl.int32)) - m, ON_GPU)
-                # of the ties at c the first u stay, u = ceil((top_p·z - above) / e_c), at least one
-                u = tl.ceil(_div_rn(top_p * z - above, tl.maximum(e_c, 1e-38), ON_GPU))
+                # of the ties at c the first u stay, u = ceil((top_p·z - above) / e_c), at least one; e_c is
+                # kept ≥ fp32's smallest normal (a smaller literal would be typed fp64, which div_rn refuses)
+                u = tl.ceil(_div_rn(top_p * z - above, tl.maximum(e_c, 1.1754944e-38), ON_GPU))
                 u = tl.minimum(tl.maximum(u, 1.0), n_c.to(tl.float32)).to(tl.int32)
                 best, win, n_kept = _race_walk(x_ptr, N, t, m, hi, 0, u, min_p, seed, tl.full([], -1.0, tl.float32),
                                                win, True, BLOCK, USE_MIN_P, ON_GPU)  # fmt: skip

@@ -6,11 +6,13 @@ there and still fail to compile for the GPU. benchmarks/kernel_resources.py comp
 must be off there) and asserts that everything compiled, that the atomics of the kernels that arrive on a
 counter keep their memory ordering in the machine code, and that the L2 prefetches are there. Registers and
 instruction counts are reported by the script, not asserted: speed belongs to the benchmarks. Also the switch that
-replaces the GPU autotuner by fixed configs, which is read at import, so it is checked in subprocesses too.
+replaces the GPU autotuner by fixed configs, which is read at import, so it is checked in subprocesses too, and the
+kernels' float literals, which older Tritons type as fp64 when fp32 cannot hold them normally.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -72,3 +74,17 @@ def test_autotune_can_be_switched_off():
         run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**base, **env}, timeout=120)
         assert run.returncode == 0, run.stderr[-2000:]
         assert run.stdout.strip() == want, env
+
+
+def test_kernel_float_literals_are_fp32():
+    # Triton types a Python float literal fp32 only when fp32 holds it as a normal number (|v| in [2^-126, fp32 max]
+    # or 0); else fp64, which then spreads through the arithmetic. Triton 3.6 (the device image of 2026-11-27) then
+    # refused libdevice.div_rn(fp32, fp64) in kernels.sample's top-p path, written with 1e-38, while the Triton of
+    # these tests compiled it. So every float literal in a @triton.jit function of runtime/kernels.py is checked here
+    src = (ROOT / "runtime" / "kernels.py").read_text(encoding="utf-8")
+    jitted = [f for f in ast.walk(ast.parse(src)) if isinstance(f, ast.FunctionDef)
+              and any("triton.jit" in ast.unparse(d) for d in f.decorator_list)]  # fmt: skip
+    assert len(jitted) > 40
+    bad = [(f.name, c.value) for f in jitted for c in ast.walk(f) if isinstance(c, ast.Constant)
+           and type(c.value) is float and c.value != 0 and not 2.0**-126 <= abs(c.value) <= 3.4028234663852886e38]  # fmt: skip
+    assert not bad, bad

@@ -1304,7 +1304,9 @@ def test_gpu_decode_attention_bf16():
         case = _attention_case(torch.bfloat16, 20, 5, 128, slots, pos)
         want, k2, v2 = _attention_ref(*case, 20, 5, 128)
         got = kernels.decode_attention(*case, 20, 5, 128, split=split)
-        assert torch.equal(case[4], k2) and torch.equal(case[5], v2)
+        for name, a, b in (("k", case[4], k2), ("v", case[5], v2)):  # which slots differ, and by how much
+            assert torch.equal(a, b), (split, slots, pos, name, (a != b).nonzero()[:, 2].unique().tolist()[:8],
+                                       float((a.float() - b.float()).abs().max()))  # fmt: skip
         torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=1e-2)
     # the L2 prefetch of four regions after the attention or before its wait (the compiled inline PTX) changes nothing
     regions = [torch.ones(n, dtype=torch.uint8, device="cuda") for n in (1, 4096 * 1000 + 5, 3_000_000, 640)]
