@@ -218,6 +218,9 @@ def compile_one(fn, args: dict, const: dict, opts: dict, arch: int) -> dict:
     # instructions only: nvdisasm also prints the cubin's data sections (.nv.info, constants) as `.byte` lines
     row["sass_instructions"] = sum(1 for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/\s+[A-Z@{]", line))
     row["l2_prefetches"] = sass.count("CCTL.E.PF2")  # kernels._l2_prefetch's instructions
+    # fused multiply-adds in bf16: LLVM contracts a bf16-rounded product and the add after it into one fma.rn.bf16,
+    # which drops the product's rounding, so a kernel that rounds like torch's bf16 ops (rope, norms) must have none
+    row["bf16_fma"] = len(re.findall(r"\bfma\.rn(?:\.[a-z]+)*\.bf16(?:x2)?\b", ck.asm["ptx"]))
     row["loop_bodies"] = loop_bodies(sass)
     row["sync_ops"] = sync_ops(sass)
     return row
@@ -295,7 +298,8 @@ def main() -> int:
                 sync = f"  sync {'/'.join(f'{ops.count(k)} {k}' for k in ('acq_rel', 'release', 'acquire', 'relaxed') if k in ops)}" if ops else ""
                 print(f"{label:<58} regs {row.get('registers', '?'):>4}  stack {row.get('stack_bytes', '?'):>4} B  "
                       f"local {row.get('local_bytes', '?'):>4} B  "
-                      f"smem {row['shared_bytes']:>6} B  sass {row['sass_instructions']:>5}  loop/weight {ipw:>5}{sync}", flush=True)  # fmt: skip
+                      f"smem {row['shared_bytes']:>6} B  sass {row['sass_instructions']:>5}  loop/weight {ipw:>5}{sync}"
+                      + (f"  bf16 fma {row['bf16_fma']}" if row["bf16_fma"] else ""), flush=True)  # fmt: skip
     if args.json:
         print(json.dumps(rows))
     return 1 if any("error" in r for r in rows) else 0

@@ -588,12 +588,26 @@ def _act_mul_norm_kernel(
 
 
 @triton.jit
-def _rope_half(lo, hi, c_lo, c_hi, s_lo, s_hi, dt: tl.constexpr):
+def _opaque(x, ON_GPU: tl.constexpr):
+    # x (fp32) unchanged, through a move LLVM cannot see into on the GPU: a product passed through it is not
+    # contracted with the add after it. Without it `(a·b).to(bf16)` added to another such product compiled to one
+    # fma.rn.bf16, which skips the product's rounding: the rope's k differed from torch's in 1 of 5 values by one
+    # bf16 step (2026-11-27, H200; benchmarks/kernel_resources.py counts bf16 FMAs, tests/test_kernel_compile.py
+    # asserts there are none)
+    if ON_GPU:
+        return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return x
+
+
+@triton.jit
+def _rope_half(lo, hi, c_lo, c_hi, s_lo, s_hi, dt: tl.constexpr, ON_GPU: tl.constexpr):
     # runtime/model.py's rope on the two halves of one head: x·cos + rotate_half(x)·sin, each op rounded to dt
-    # (rotate_half(x) = (−hi, lo)); returns the roped (lo, hi) in fp32
-    r_lo = ((lo * c_lo).to(dt).to(tl.float32) + (-hi * s_lo).to(dt).to(tl.float32)).to(dt).to(tl.float32)
-    r_hi = ((hi * c_hi).to(dt).to(tl.float32) + (lo * s_hi).to(dt).to(tl.float32)).to(dt).to(tl.float32)
-    return r_lo, r_hi
+    # (rotate_half(x) = (−hi, lo)); returns the roped (lo, hi) in fp32. The products of bf16 values are exact in
+    # fp32, and fp32 then dt rounds as one rounding to dt would, so these are torch's bytes
+    r_lo = (_opaque(lo * c_lo, ON_GPU).to(dt).to(tl.float32) + _opaque(-hi * s_lo, ON_GPU).to(dt).to(tl.float32)).to(dt)
+    r_hi = (_opaque(hi * c_hi, ON_GPU).to(dt).to(tl.float32) + _opaque(lo * s_hi, ON_GPU).to(dt).to(tl.float32)).to(dt)
+    return r_lo.to(tl.float32), r_hi.to(tl.float32)
 
 
 @triton.jit
@@ -690,9 +704,9 @@ def _attn_split(
     half = DH // 2
     c_lo, c_hi, s_lo, s_hi = rope
     q_lo, q_hi = _load_halves(qkv_ptr + h * DH, offs, ok, half, CG)
-    q_lo, q_hi = _rope_half(q_lo, q_hi, c_lo, c_hi, s_lo, s_hi, dt)
+    q_lo, q_hi = _rope_half(q_lo, q_hi, c_lo, c_hi, s_lo, s_hi, dt, ON_GPU)
     kn_lo, kn_hi = _load_halves(qkv_ptr + NQ + kvh * DH, offs, ok, half, CG)
-    kn_lo, kn_hi = _rope_half(kn_lo, kn_hi, c_lo, c_hi, s_lo, s_hi, dt)
+    kn_lo, kn_hi = _rope_half(kn_lo, kn_hi, c_lo, c_hi, s_lo, s_hi, dt, ON_GPU)
     vn_lo, vn_hi = _load_halves(qkv_ptr + NQ + NKV + kvh * DH, offs, ok, half, CG)
     first = s == 0
     if (h % GROUP == 0) & first:

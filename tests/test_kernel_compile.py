@@ -4,10 +4,11 @@ Triton's interpreter (tests/test_kernels.py) runs the kernels' Python but not th
 there and still fail to compile for the GPU. benchmarks/kernel_resources.py compiles every kernel for sm_90
 (H100/H200) with the shapes of the 2B-4T model; this test runs its quick mode in a subprocess (the interpreter
 must be off there) and asserts that everything compiled, that the atomics of the kernels that arrive on a
-counter keep their memory ordering in the machine code, and that the L2 prefetches are there. Registers and
-instruction counts are reported by the script, not asserted: speed belongs to the benchmarks. Also the switch that
-replaces the GPU autotuner by fixed configs, which is read at import, so it is checked in subprocesses too, and the
-kernels' float literals, which older Tritons type as fp64 when fp32 cannot hold them normally.
+counter keep their memory ordering in the machine code, that the L2 prefetches are there, and that no bf16 product
+is contracted into a fused multiply-add. Registers and instruction counts are reported by the script, not asserted:
+speed belongs to the benchmarks. Also the switch that replaces the GPU autotuner by fixed configs, which is read at
+import, so it is checked in subprocesses too, and the kernels' float literals, which older Tritons type as fp64 when
+fp32 cannot hold them normally.
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ def test_every_kernel_compiles_for_sm90():
         ops = r["sync_ops"]
         assert set(ops) == {"acq_rel", "release", "acquire"} and ops.count("acquire") >= 10 and ops.count("release") >= 6, r
     assert not any(r["sync_ops"] for r in rows if r not in counted and r not in layers)
+    # no bf16 fused multiply-add anywhere: the kernels that round like torch's bf16 ops (the rope of decode_attention
+    # and of the persistent step) lose a rounding to one; kernels._opaque keeps their products apart
+    assert not {r["kernel"]: r["bf16_fma"] for r in rows if r["bf16_fma"]}
     # real machine code: over 100 instructions each, but the state update (kernels.advance: 4 stores, about 40)
     assert all(r["registers"] > 0 and r["sass_instructions"] > (10 if r["kernel"].startswith("advance") else 100) for r in rows)
     # FastModel(prefetch="after" / "before"): the attention's L2 prefetches are in its machine code (CCTL.E.PF2), and
