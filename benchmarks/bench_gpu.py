@@ -620,18 +620,18 @@ def run_variants(fast, prompt: list[int], args, t_start: float) -> None:
         if fast.tile_times:
             stage("searched tiles", report_tiles, fast)
         configure(default_variant())
-        # sampled decoding: the default draws in kernels.sample; the same step with torch's sampling ops
-        # (argmax="torch", which also makes the greedy argmax torch's) is its baseline, in the same process. Top-p
-        # alone: on a random model's flat logits its nucleus is long, so the kernel takes its slow walks
-        # (the default's pick is read once: each mode's second run leaves fast.argmax at "torch")
-        picks = ((fast.argmax, ""), ("torch", ", torch's sampling ops"))
-        for mode, opts in ((" (top-k 50, top-p 0.95)", dict(top_k=50, top_p=0.95)), (" (top-p 0.95)", dict(top_p=0.95))):
-            for pick, label in picks:
-                if not within_budget(args, t_start, f"sampled{mode}{label}", SAMPLED_RESERVE_S):
-                    continue
-                fast.argmax = pick
-                measure(f"triton + CUDA graph (default), sampled{mode}{label}",
-                        fast_gen(GraphDecoder(fast, max_seq, use_graph=graphs), temperature=0.8, seed=0, **opts), args.runs)  # fmt: skip
+        # sampled decoding: with a top-k the default draws in kernels.sample; the same step with torch's sampling
+        # ops (argmax="torch", which also makes the greedy argmax torch's) is its baseline, in the same process.
+        # Top-p alone always takes torch's ops (FastModel.sample)
+        sampled = [(" (top-k 50, top-p 0.95)", dict(top_k=50, top_p=0.95), fast.argmax, ""),
+                   (" (top-k 50, top-p 0.95)", dict(top_k=50, top_p=0.95), "torch", ", torch's sampling ops"),
+                   (" (top-p 0.95: torch's sampling ops)", dict(top_p=0.95), fast.argmax, "")]
+        for mode, opts, pick, label in sampled:
+            if not within_budget(args, t_start, f"sampled{mode}{label}", SAMPLED_RESERVE_S):
+                continue
+            fast.argmax = pick
+            measure(f"triton + CUDA graph (default), sampled{mode}{label}",
+                    fast_gen(GraphDecoder(fast, max_seq, use_graph=graphs), temperature=0.8, seed=0, **opts), args.runs)
         configure(default_variant())
         if args.no_eager:
             return

@@ -131,13 +131,11 @@ def variants(quick: bool) -> list[tuple[str, object, dict, dict, dict]]:
     out.append(("attention_combine", K._attention_combine_kernel, args, dict(DH=128, BLOCK_S=16, BLOCK_D=128), {"num_warps": 4}))
     args = {"x_ptr": "*fp32", "N": V, "pv_ptr": "*fp32", "pi_ptr": "*i32", "cnt_ptr": "*i32", "out_ptr": "*i64"}
     out.append(("argmax", K._argmax_kernel, args, dict(BLOCK=4096, BLOCK_P=32), {"num_warps": 8}))
-    # the sampled step's draw (kernels.sample): top-k 50 with top-p and min-p, the largest k, and top-p alone
+    # the sampled step's draw (kernels.sample): top-k 50 with top-p and min-p, and the largest k
     args = {"x_ptr": "*fp32", "N": V, "K": 50, "temp_ptr": "*fp32", "top_p_ptr": "*fp32", "min_p_ptr": "*fp32",
-            "rng_ptr": "*i64", "pk_ptr": "*i64", "po_ptr": "*i32", "pm_ptr": "*fp32", "ps_ptr": "*fp32",
-            "cnt_ptr": "*i32", "out_ptr": "*i64"}  # fmt: skip
-    for label, k, kp in (("k=50", 50, 64), (f"k={K.SAMPLE_MAX_K}", K.SAMPLE_MAX_K, K.SAMPLE_MAX_K),
-                         ("top-p", 1, K.SAMPLE_CANDIDATES)):  # fmt: skip
-        const = dict(KP=kp, BLOCK=4096, BLOCK_P=32, HAS_K=label != "top-p", USE_TOP_P=True, USE_MIN_P=True, ON_GPU=True)
+            "rng_ptr": "*i64", "pk_ptr": "*i64", "po_ptr": "*i32", "cnt_ptr": "*i32", "out_ptr": "*i64"}  # fmt: skip
+    for label, k, kp in (("k=50", 50, 64), (f"k={K.SAMPLE_MAX_K}", K.SAMPLE_MAX_K, K.SAMPLE_MAX_K)):
+        const = dict(KP=kp, BLOCK=4096, BLOCK_P=32, USE_TOP_P=True, USE_MIN_P=True, ON_GPU=True)
         out.append((f"sample {label}", K._sample_kernel, {**args, "K": k}, const, {"num_warps": 8}))
     args = {"nxt_ptr": "*i64", "out_ptr": "*i64", "n_ptr": "*i64", "tok_ptr": "*i64", "pos_ptr": "*i64", "S": 1024}
     out.append(("advance", K._advance_kernel, args, {}, {"num_warps": 1}))

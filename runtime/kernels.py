@@ -898,32 +898,17 @@ def _scaled(x_ptr, offs, N, t, ON_GPU: tl.constexpr):
 
 
 @triton.jit
-def _mass_above(x_ptr, N, t, m, c, BLOCK: tl.constexpr, ON_GPU: tl.constexpr):
-    # one walk over the logits: Σ exp(y - m) over the tokens whose _ordered(y) > c (int64), and how many have
-    # _ordered(y) == c
-    mass = 0.0
-    n = 0
-    for b0 in range(0, N, BLOCK):
-        o = b0 + tl.arange(0, BLOCK)
-        y = _scaled(x_ptr, o, N, t, ON_GPU)
-        key = _ordered(y).to(tl.int64)
-        mass += tl.sum(tl.where((o < N) & (key > c), _exp(y - m, ON_GPU), 0.0), axis=0)
-        n += tl.sum(((o < N) & (key == c)).to(tl.int32), axis=0)
-    return mass, n
-
-
-@triton.jit
 def _race(e, u, ON_GPU: tl.constexpr):
     # the exponential race's entries e / E, E = -log(U) ~ Exp(1): the largest is a draw in proportion to e
     return _div_rn(e, -_log(u, ON_GPU), ON_GPU)
 
 
 @triton.jit
-def _race_walk(x_ptr, N, t, m, c, r0, r1, min_p, seed, best, win, ABOVE: tl.constexpr, BLOCK: tl.constexpr,
-               USE_MIN_P: tl.constexpr, ON_GPU: tl.constexpr):  # fmt: skip
+def _race_walk(x_ptr, N, t, m, c, r0, r1, min_p, seed, best, win, BLOCK: tl.constexpr, USE_MIN_P: tl.constexpr,
+               ON_GPU: tl.constexpr):  # fmt: skip
     # one walk over the logits, racing (best, win: the race's leader so far) the tokens at _ordered value c
-    # whose rank among those ties (by id) is in [r0, r1), and with ABOVE every token above c; with min-p only
-    # those with e ≥ min_p. Returns the new (best, win) and how many tokens raced.
+    # whose rank among those ties (by id) is in [r0, r1); with min-p only those with e ≥ min_p. Returns the new
+    # (best, win) and how many tokens raced.
     seen = 0  # ties at c before this block
     n = 0
     for b0 in range(0, N, BLOCK):
@@ -933,8 +918,6 @@ def _race_walk(x_ptr, N, t, m, c, r0, r1, min_p, seed, best, win, ABOVE: tl.cons
         tie = (o < N) & (key == c)
         rank = seen + tl.cumsum(tie.to(tl.int32), axis=0) - 1
         want = tie & (rank >= r0) & (rank < r1)
-        if ABOVE:
-            want = want | ((o < N) & (key > c))
         e = _exp(y - m, ON_GPU)
         if USE_MIN_P:
             want = want & (e >= min_p)
@@ -949,20 +932,16 @@ def _race_walk(x_ptr, N, t, m, c, r0, r1, min_p, seed, best, win, ABOVE: tl.cons
 
 @triton.jit
 def _sample_kernel(
-    x_ptr, N, K, temp_ptr, top_p_ptr, min_p_ptr, rng_ptr, pk_ptr, po_ptr, pm_ptr, ps_ptr, cnt_ptr, out_ptr,
-    KP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr, HAS_K: tl.constexpr, USE_TOP_P: tl.constexpr,
-    USE_MIN_P: tl.constexpr, ON_GPU: tl.constexpr, PDL: tl.constexpr = False,
+    x_ptr, N, K, temp_ptr, top_p_ptr, min_p_ptr, rng_ptr, pk_ptr, po_ptr, cnt_ptr, out_ptr, KP: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_P: tl.constexpr, USE_TOP_P: tl.constexpr, USE_MIN_P: tl.constexpr,
+    ON_GPU: tl.constexpr, PDL: tl.constexpr = False,
 ):  # fmt: skip
-    # One draw from logits x [N] / temperature through top-k (HAS_K), top-p and min-p (runtime/sampling.py's
+    # One draw from logits x [N] / temperature through top-k, then top-p and min-p (runtime/sampling.py's
     # filters), in one launch. The order is value descending, then id ascending (_sort_key). Program p keeps the
-    # first KP keys of its block in pk [P, KP]; the last program to arrive merges the lists into the first KP
-    # keys of the whole order, g, and races the kept ones among them. Kept tokens past g are found by walking x:
-    # - with top-k (KP ≥ K), only ties at the k-th logit can be past g (when more than KP - K + 1 tokens tie
-    #   there); po [P] holds how many of each block's values tie with its list's last one but fell off it;
-    # - without (then top-p is on), top-p needs the softmax's denominator, from each block's max and
-    #   Σ exp(y - max) in pm / ps [P]; when every token of g stays, the cut is found by bisection over the
-    #   ordered values (a walk a step, at most 32, and one for the mass at the cut), then a last walk races
-    #   every kept token.
+    # first KP ≥ K keys of its block in pk [P, KP]; the last program to arrive merges the lists into the first KP
+    # keys of the whole order, g, and races the kept ones among them. Only ties at the k-th logit can be kept
+    # past g (when more than KP - K + 1 tokens tie there): po [P] holds how many of each block's values tie with
+    # its list's last one but fell off it, and a walk over x races those that stay.
     _pdl_enter(PDL)
     p = tl.program_id(0)
     t = tl.load(temp_ptr)
@@ -971,18 +950,13 @@ def _sample_kernel(
     y = _scaled(x_ptr, offs, N, t, ON_GPU)
     top = tl.topk(tl.where(ok, _sort_key(y, offs), _NO_KEY), KP)  # [KP] sorted, first first
     tl.store(pk_ptr + p * KP + tl.arange(0, KP), top)
-    if HAS_K:
-        # A list holds every value of its block above the k-th logit (fewer than K ≤ KP tokens are above it),
-        # so only ties with its last value can be missing from it. With padding in it, nothing is.
-        last = tl.min(top, axis=0)
-        last_v = _key_value(last)
-        over = tl.sum((ok & (y == last_v)).to(tl.int32), axis=0)
-        over -= tl.sum(((top != _NO_KEY) & (_key_value(top) == last_v)).to(tl.int32), axis=0)
-        tl.store(po_ptr + p, tl.where(last != _NO_KEY, over, 0))
-    else:
-        bm = tl.max(tl.where(ok, y, float("-inf")), axis=0)
-        tl.store(pm_ptr + p, bm)
-        tl.store(ps_ptr + p, tl.sum(tl.where(ok, _exp(y - bm, ON_GPU), 0.0), axis=0))
+    # A list holds every value of its block above the k-th logit (fewer than K ≤ KP tokens are above it), so
+    # only ties with its last value can be missing from it. With padding in it, nothing is.
+    last = tl.min(top, axis=0)
+    last_v = _key_value(last)
+    over = tl.sum((ok & (y == last_v)).to(tl.int32), axis=0)
+    over -= tl.sum(((top != _NO_KEY) & (_key_value(top) == last_v)).to(tl.int32), axis=0)
+    tl.store(po_ptr + p, tl.where(last != _NO_KEY, over, 0))
     n_prog = tl.num_programs(0)
     if _last_arrival(cnt_ptr, n_prog):
         j = tl.arange(0, BLOCK_P * KP)
@@ -994,81 +968,46 @@ def _sample_kernel(
         i = tl.arange(0, KP)
         m = tl.max(tl.where(i == 0, gv, float("-inf")), axis=0)  # the top logit
         q = tl.arange(0, BLOCK_P)
-        top_p = tl.load(top_p_ptr)
-        min_p = tl.load(min_p_ptr)
         # U: Philox keyed by the stream (a 32-bit seed and the draw's number), its counter the token id, so a
         # token's U does not depend on where it is found
         draw = tl.load(rng_ptr + 1)
         seed = (draw << 32) | (tl.load(rng_ptr) & 4294967295)
-        if HAS_K:
-            kth = tl.max(tl.where(i == K - 1, gv, float("-inf")), axis=0)
-            # every token at the k-th logit: those in the lists, and those that fell off a list ending at it
-            ends = tl.load(pk_ptr + q * KP + KP - 1, mask=q < n_prog, other=_NO_KEY, cache_modifier=".cg")
-            fell = tl.load(po_ptr + q, mask=q < n_prog, other=0, cache_modifier=".cg")
-            n_kth = tl.sum(((lists != _NO_KEY) & (_key_value(lists) == kth)).to(tl.int32), axis=0)
-            n_kth += tl.sum(tl.where((ends != _NO_KEY) & (_key_value(ends) == kth), fell, 0), axis=0)
-            surv = real & (gv >= kth)  # top-k's survivors in g
-            in_g = tl.sum((surv & (gv == kth)).to(tl.int32), axis=0)  # the lowest ids of the ties at the k-th
-            past = (n_kth - in_g).to(tl.float32)  # survivors past g, all at the k-th logit
-            e = tl.where(surv, _exp(gv - m, ON_GPU), 0.0)  # [KP] unnormalised probabilities
-            e_k = _exp(kth - m, ON_GPU)
-            keep = surv
-            more = past  # how many of the survivors past g stay
-            if USE_TOP_P:  # keep each token whose higher-ranked mass is below top_p of the survivors' total
-                cum = tl.cumsum(e, axis=0)
-                total = tl.max(cum, axis=0)
-                z = total + past * e_k
-                keep = surv & (cum - e < top_p * z)
-                every = tl.sum(keep.to(tl.int32), axis=0) == tl.sum(surv.to(tl.int32), axis=0)
-                # past g: the first u ties stay, u = ceil((top_p·z - total) / e_k), at most ``past``
-                u = tl.minimum(tl.maximum(tl.ceil(_div_rn(top_p * z - total, e_k, ON_GPU)), 0.0), past)
-                more = tl.where(every & (e_k > 0), u, 0.0)
-            if USE_MIN_P:  # keep p ≥ min_p · p_max, i.e. e ≥ min_p (the top token has e = 1)
-                keep = keep & (e >= min_p)
-                more = tl.where(e_k >= min_p, more, 0.0)
-        else:
-            pm = tl.load(pm_ptr + q, mask=q < n_prog, other=float("-inf"), cache_modifier=".cg")
-            ps = tl.load(ps_ptr + q, mask=q < n_prog, other=0.0, cache_modifier=".cg")
-            z = tl.sum(ps * _exp(pm - m, ON_GPU), axis=0)  # Σ exp(y - m) over the vocabulary
-            e = tl.where(real, _exp(gv - m, ON_GPU), 0.0)
+        kth = tl.max(tl.where(i == K - 1, gv, float("-inf")), axis=0)
+        # every token at the k-th logit: those in the lists, and those that fell off a list ending at it
+        ends = tl.load(pk_ptr + q * KP + KP - 1, mask=q < n_prog, other=_NO_KEY, cache_modifier=".cg")
+        fell = tl.load(po_ptr + q, mask=q < n_prog, other=0, cache_modifier=".cg")
+        n_kth = tl.sum(((lists != _NO_KEY) & (_key_value(lists) == kth)).to(tl.int32), axis=0)
+        n_kth += tl.sum(tl.where((ends != _NO_KEY) & (_key_value(ends) == kth), fell, 0), axis=0)
+        surv = real & (gv >= kth)  # top-k's survivors in g
+        in_g = tl.sum((surv & (gv == kth)).to(tl.int32), axis=0)  # the lowest ids of the ties at the k-th
+        past = (n_kth - in_g).to(tl.float32)  # survivors past g, all at the k-th logit
+        e = tl.where(surv, _exp(gv - m, ON_GPU), 0.0)  # [KP] unnormalised probabilities
+        e_k = _exp(kth - m, ON_GPU)
+        keep = surv
+        more = past  # how many of the survivors past g stay
+        if USE_TOP_P:  # keep each token whose higher-ranked mass is below top_p of the survivors' total
+            top_p = tl.load(top_p_ptr)
             cum = tl.cumsum(e, axis=0)
-            keep = real & (cum - e < top_p * z)  # (without top-k, top-p is on: sample() checks)
-            n_real = tl.sum(real.to(tl.int32), axis=0)
-            past = (tl.sum(keep.to(tl.int32), axis=0) == n_real) & (n_real < N)  # the kept run past g
-            if USE_MIN_P:
-                keep = keep & (e >= min_p)
-                past = past & (tl.min(tl.where(real, e, 1.0), axis=0) >= min_p)
+            total = tl.max(cum, axis=0)
+            z = total + past * e_k
+            keep = surv & (cum - e < top_p * z)
+            every = tl.sum(keep.to(tl.int32), axis=0) == tl.sum(surv.to(tl.int32), axis=0)
+            # past g: the first u ties stay, u = ceil((top_p·z - total) / e_k), at most ``past``
+            u = tl.minimum(tl.maximum(tl.ceil(_div_rn(top_p * z - total, e_k, ON_GPU)), 0.0), past)
+            more = tl.where(every & (e_k > 0), u, 0.0)
+        min_p = tl.load(min_p_ptr)
+        if USE_MIN_P:  # keep p ≥ min_p · p_max, i.e. e ≥ min_p (the top token has e = 1)
+            keep = keep & (e >= min_p)
+            more = tl.where(e_k >= min_p, more, 0.0)
         # the race over the kept tokens of g
         race = tl.where(keep, _race(e, tl.rand(seed, gid.to(tl.int32)), ON_GPU), -1.0)
         best, at = tl.max(race, axis=0, return_indices=True, return_indices_tie_break_left=True)
         win = tl.max(tl.where(i == at, gid, -1), axis=0)
         n_kept = tl.sum(keep.to(tl.int32), axis=0)
-        if HAS_K:
-            if more > 0:  # kept ties at the k-th past g: ranks in_g .. in_g + more - 1 among those ties
-                best, win, n_past = _race_walk(x_ptr, N, t, m, _ordered(kth).to(tl.int64), in_g,
-                                               in_g + more.to(tl.int32), min_p, seed, best, win, False, BLOCK,
-                                               USE_MIN_P, ON_GPU)  # fmt: skip
-                n_kept += n_past
-        else:
-            if past:
-                # the cut c: the smallest ordered value whose higher-ranked mass is below top_p·z. Bisection keeps
-                # mass_above(lo) ≥ top_p·z > mass_above(hi); g's last value stays, so it bounds c from above.
-                lo = tl.full([], -2147483649, tl.int64)  # below every ordered value
-                hi = tl.min(tl.where(real, _ordered(gv), 2147483647), axis=0).to(tl.int64)
-                while hi - lo > 1:
-                    mid = lo + (hi - lo) // 2
-                    above, _ = _mass_above(x_ptr, N, t, m, mid, BLOCK, ON_GPU)
-                    lower = above < top_p * z
-                    hi = tl.where(lower, mid, hi)
-                    lo = tl.where(lower, lo, mid)
-                above, n_c = _mass_above(x_ptr, N, t, m, hi, BLOCK, ON_GPU)
-                e_c = _exp(_ordered_value(hi.to(tl.int32)) - m, ON_GPU)
-                # of the ties at c the first u stay, u = ceil((top_p·z - above) / e_c), at least one; e_c is
-                # kept ≥ fp32's smallest normal (a smaller literal would be typed fp64, which div_rn refuses)
-                u = tl.ceil(_div_rn(top_p * z - above, tl.maximum(e_c, 1.1754944e-38), ON_GPU))
-                u = tl.minimum(tl.maximum(u, 1.0), n_c.to(tl.float32)).to(tl.int32)
-                best, win, n_kept = _race_walk(x_ptr, N, t, m, hi, 0, u, min_p, seed, tl.full([], -1.0, tl.float32),
-                                               win, True, BLOCK, USE_MIN_P, ON_GPU)  # fmt: skip
+        if more > 0:  # kept ties at the k-th past g: ranks in_g .. in_g + more - 1 among those ties
+            best, win, n_past = _race_walk(x_ptr, N, t, m, _ordered(kth).to(tl.int64), in_g, in_g + more.to(tl.int32),
+                                           min_p, seed, best, win, BLOCK, USE_MIN_P, ON_GPU)  # fmt: skip
+            n_kept += n_past
         tl.store(out_ptr, win)
         tl.store(out_ptr + 1, n_kept.to(tl.int64))
         tl.store(rng_ptr + 1, draw + 1)
@@ -1919,32 +1858,29 @@ def argmax(x: torch.Tensor, counter: torch.Tensor, block: int | None = None, pdl
 
 # the largest top-k that ``sample`` takes (its last program sorts n_programs · next_power_of_2(k) keys)
 SAMPLE_MAX_K = 256
-# top-p without top-k: how many of the most likely tokens ``sample`` sorts; a longer nucleus is found by walking
-# the logits once for each bit of bisection (not measured yet: a guess between the merge's sort and the walks)
-SAMPLE_CANDIDATES = 128
 
 
 def sample(
-    x: torch.Tensor, temperature: torch.Tensor, k: int | None, top_p: torch.Tensor | None, min_p: torch.Tensor | None,
-    rng: torch.Tensor, counter: torch.Tensor, block: int | None = None, candidates: int | None = None,
-    pdl: bool = False,
+    x: torch.Tensor, temperature: torch.Tensor, k: int, top_p: torch.Tensor | None, min_p: torch.Tensor | None,
+    rng: torch.Tensor, counter: torch.Tensor, block: int | None = None, pdl: bool = False,
 ) -> torch.Tensor:  # fmt: skip
-    """One id drawn from fp32 logits x [V] / temperature through top-k (1 ≤ k ≤ SAMPLE_MAX_K, or None), top-p
-    and min-p (None: off; top-p is needed without top-k), in one launch: runtime/sampling.py's filter_logits
-    (ties at a cut keep the lower ids) and a draw in proportion to the kept tokens' probabilities. temperature,
-    top_p, min_p: fp32 [1]. Returns int64 [2]: the id, and how many tokens the filters kept (the most likely
-    ones, so the count says which).
+    """One id drawn from fp32 logits x [V] / temperature through top-k (1 ≤ k ≤ SAMPLE_MAX_K), then top-p and
+    min-p (None: off), in one launch: runtime/sampling.py's filter_logits (ties at a cut keep the lower ids) and
+    a draw in proportion to the kept tokens' probabilities. temperature, top_p, min_p: fp32 [1]. Returns int64
+    [2]: the id, and how many tokens the filters kept (the most likely ones, so the count says which).
+
+    Top-p without a top-k is not here: its nucleus can hold most of the vocabulary, which one program finds only
+    by walking the logits again and again (a kernel that did, by bisection, decoded at 353 tok/s against 808
+    with torch's sort on an H200, 2026-11-27).
 
     ``rng`` int64 [2], (seed, draws): the draw uses Philox keyed by the low 32 bits of seed and by draws, which
     the launch then increments, so a CUDA graph replays a new draw each time. ``counter``: int32 [≥ 1], zero,
-    left zero (``argmax``'s). ``block``: values per program (default 4,096) and ``candidates`` (default
-    SAMPLE_CANDIDATES): smaller in the tests, to run several programs and the walks."""
+    left zero (``argmax``'s). ``block``: values per program (default 4,096): smaller in the tests, to run
+    several programs."""
     if x.dim() != 1 or x.dtype != torch.float32 or x.numel() == 0:
         raise KernelShapeError(f"sample: x must be a non-empty 1-D fp32 tensor, got {x.dtype} {tuple(x.shape)}")
-    if k is not None and not 1 <= k <= SAMPLE_MAX_K:
-        raise KernelShapeError(f"sample: k must be None or in 1..{SAMPLE_MAX_K}, got {k}")
-    if k is None and top_p is None:
-        raise KernelShapeError("sample: needs a top-k or a top-p")
+    if not isinstance(k, int) or not 1 <= k <= SAMPLE_MAX_K:
+        raise KernelShapeError(f"sample: k must be in 1..{SAMPLE_MAX_K}, got {k}")
     for name, t in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p)):
         if t is not None and (t.dtype != torch.float32 or t.numel() != 1 or t.device != x.device):
             raise KernelShapeError(f"sample: {name} must be fp32 [1] on {x.device}")
@@ -1953,20 +1889,18 @@ def sample(
     _check_counter(counter, 1, x.device, "sample")
     x = x.contiguous()
     n = x.numel()
-    kp = triton.next_power_of_2(min(k if k is not None else candidates or SAMPLE_CANDIDATES, n))
+    kp = triton.next_power_of_2(min(k, n))
     block = max(block or min(4096, triton.next_power_of_2(n)), kp)
     n_prog = triton.cdiv(n, block)
     lists = torch.empty((n_prog * kp,), dtype=torch.long, device=x.device)
     fell = torch.empty((n_prog,), dtype=torch.int32, device=x.device)
-    block_max, block_sum = torch.empty((2, n_prog), dtype=torch.float32, device=x.device)
     out = torch.empty((2,), dtype=torch.long, device=x.device)
     use_pdl = _use_pdl(x, pdl)
     _sample_kernel[(n_prog,)](
-        x, n, min(k or 1, n), temperature, temperature if top_p is None else top_p,
-        temperature if min_p is None else min_p, rng, lists, fell, block_max, block_sum, counter, out, KP=kp,
-        BLOCK=block, BLOCK_P=triton.next_power_of_2(n_prog), HAS_K=k is not None, USE_TOP_P=top_p is not None,
-        USE_MIN_P=min_p is not None, ON_GPU=not _INTERPRET, PDL=use_pdl, launch_pdl=use_pdl,
-        num_warps=4 if block <= 1024 else 8,
+        x, n, min(k, n), temperature, temperature if top_p is None else top_p, temperature if min_p is None else min_p,
+        rng, lists, fell, counter, out, KP=kp, BLOCK=block, BLOCK_P=triton.next_power_of_2(n_prog),
+        USE_TOP_P=top_p is not None, USE_MIN_P=min_p is not None, ON_GPU=not _INTERPRET, PDL=use_pdl,
+        launch_pdl=use_pdl, num_warps=4 if block <= 1024 else 8,
     )  # fmt: skip
     return out
 
