@@ -314,14 +314,16 @@ def kernel_rows(prof, per: int) -> list[tuple[str, float, float]]:
     return sorted(rows, key=lambda r: -r[2])
 
 
-def profile_step(dec, prompt: list[int], name: str, tok_s: float | None, steps: int = 20) -> None:
+def profile_step(dec, prompt: list[int], name: str, tok_s: float | None, steps: int = 20, **sampling) -> None:
     """Kernel time inside variant ``name``'s CUDA-graph step (torch.profiler; CUPTI records the kernels of a graph
-    replay): per kernel name, launches and µs per token, and their sum against the measured time per token."""
+    replay): per kernel name, launches and µs per token, and their sum against the measured time per token.
+    ``sampling``: generate()'s options of a sampled step (temperature, top_k, ...), else the greedy step."""
     from torch.profiler import ProfilerActivity, profile
 
-    list(dec.generate(prompt, 2))  # captured already; the state is at the prompt's end + 2
+    list(dec.generate(prompt, 2, **sampling))  # captured already; the state is at the prompt's end + 2
     steps = min(steps, dec.max_seq - len(prompt) - 3)  # replays past the cache would index out of it
-    key = dec.sampling_key()  # the greedy step's graph
+    key = dec.sampling_key(sampling.get("temperature", 0.0), sampling.get("top_k"), sampling.get("top_p"),
+                           sampling.get("min_p"))  # fmt: skip
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             dec._replay(key)
@@ -630,8 +632,11 @@ def run_variants(fast, prompt: list[int], args, t_start: float) -> None:
             if not within_budget(args, t_start, f"sampled{mode}{label}", SAMPLED_RESERVE_S):
                 continue
             fast.argmax = pick
-            measure(f"triton + CUDA graph (default), sampled{mode}{label}",
-                    fast_gen(GraphDecoder(fast, max_seq, use_graph=graphs), temperature=0.8, seed=0, **opts), args.runs)
+            name, opts = f"triton + CUDA graph (default), sampled{mode}{label}", dict(temperature=0.8, **opts)
+            dec = GraphDecoder(fast, max_seq, use_graph=graphs)
+            measure(name, fast_gen(dec, seed=0, **opts), args.runs)
+            if args.profile and graphs and "tok_s" in rows.get(name, {}):  # where the draw's time goes
+                stage("profile", profile_step, dec, prompt, name, rows[name]["tok_s"], **opts)
         configure(default_variant())
         if args.no_eager:
             return
