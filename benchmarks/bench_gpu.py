@@ -909,10 +909,10 @@ def attention_scaling(net, slot_counts=(80, 768, 2100, 4096), timer=None) -> Non
 
 
 # --- main -----------------------------------------------------------------------------------------------------
-def stage(name: str, fn, *args) -> None:
+def stage(name: str, fn, *args, **kwargs) -> None:
     """Run one stage of the benchmark; a failure is reported and the next stages still run."""
     try:
-        fn(*args)
+        fn(*args, **kwargs)
     except Exception as e:  # noqa: BLE001 - one broken stage must not cost the figures of the others
         import traceback
 
