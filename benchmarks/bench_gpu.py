@@ -628,11 +628,11 @@ def run_variants(fast, prompt: list[int], args, t_start: float) -> None:
         sampled = [(" (top-k 50, top-p 0.95)", dict(top_k=50, top_p=0.95), fast.argmax, ""),
                    (" (top-k 50, top-p 0.95)", dict(top_k=50, top_p=0.95), "torch", ", torch's sampling ops"),
                    (" (top-p 0.95: torch's sampling ops)", dict(top_p=0.95), fast.argmax, "")]
-        for mode, opts, pick, label in sampled:
+        for mode, filters, pick, label in sampled:
             if not within_budget(args, t_start, f"sampled{mode}{label}", SAMPLED_RESERVE_S):
                 continue
             fast.argmax = pick
-            name, opts = f"triton + CUDA graph (default), sampled{mode}{label}", dict(temperature=0.8, **opts)
+            name, opts = f"triton + CUDA graph (default), sampled{mode}{label}", dict(temperature=0.8, **filters)
             dec = GraphDecoder(fast, max_seq, use_graph=graphs)
             measure(name, fast_gen(dec, seed=0, **opts), args.runs)
             if args.profile and graphs and "tok_s" in rows.get(name, {}):  # where the draw's time goes

@@ -22,8 +22,8 @@ torch's own ops (the bf16 head's matmul, torch's embedding and argmax) are not T
 Launches: the step is the one a CUDA graph captures (``GraphDecoder._step``, greedy: forward, argmax and the state
 updates; ``--sampled``: the top-k / top-p draw instead of the argmax), run eagerly. Each Triton launch counts, and
 each torch op outside them that is neither a view nor an allocation (a TorchDispatchMode), as one kernel a GPU
-would run; cuBLAS may split a matmul in two, which this does not see. On the H200 the profiler counted 314 launches in the default's step of then (RESULTS.md), where this
-counted 312.
+would run; cuBLAS may split a matmul in two, which this does not see. On the H200 the profiler counted 314
+launches in the default's step of then (RESULTS.md), where this counted 312.
 
 The test (tests/test_kernels.py) runs every variant on a tiny model and requires each t2 weight byte and each
 int8 head byte read exactly once, the cache read at the filled positions only, and the default's, the folded
@@ -217,9 +217,11 @@ def step_traffic(fast, prompt: list[int], token: int, sampled: bool = False) -> 
     dec.adopt(prompt)
     dec._tok.fill_(token)
     dec.use_graph = True  # _step then passes the position as a device tensor, as in the captured graph
-    key = dec.sampling_key(0.8, 50, 0.95) if sampled else dec.sampling_key()
-    dec._temp.fill_(0.8)
-    dec._top_p.fill_(0.95)
+    key = dec.sampling_key()
+    if sampled:  # the values generate() would put in the step's buffers
+        key = dec.sampling_key(0.8, 50, 0.95)
+        dec._temp.fill_(0.8)
+        dec._top_p.fill_(0.95)
     # a first step makes what the variant makes once (counters, the persistent stack), as a graph's warm-up steps
     # do before the capture; then the state goes back and the counted step runs at the same position
     saved = [b.clone() for b in dec._state]

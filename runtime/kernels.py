@@ -40,9 +40,9 @@ Kernels
   chunks of the cache plus a combine (flash-decoding); optionally its programs also bring the weights of the
   GEMVs after it into L2 (``prefetch``, ``_l2_prefetch``).
 - ``argmax``: the greedy step's argmax in one launch (block maxima, then the last program reduces them).
-- ``sample``: the sampled step's top-k / top-p / min-p draw in one launch (each block's first k in order,
-  merged by the last program, which draws by an exponential race over Philox numbers; kept tokens past the
-  merge are found by walking the logits).
+- ``sample``: the sampled step's draw with a top-k (then top-p and min-p) in one launch (each block's first k
+  in order, merged by the last program, which draws by an exponential race over Philox numbers; ties at the
+  k-th logit kept past the merge are found by walking the logits).
 - ``decode_layers`` (FastModel(gemv="persistent")): every decoder layer of a decode step in one persistent launch,
   the folded step's kernels as phases of work items and flags in place of kernel boundaries (``_wait`` /
   ``_arrive`` / ``_signal``), each phase's weights in flight before its wait.
