@@ -516,6 +516,16 @@ def report_tiles(fast) -> None:
         say(f"searched tiles, {site} [{lin.out_features}x{lin.in_features}]: {pick} {times[pick]:.0f} us a step, "
             f"slowest tile {max(times.values()):.0f} us"
             + (f"; the autotuner's pick {auto} {times[auto]:.0f} us" if auto in times else ""))
+    # then each site's pack_act warps, timed with every tile at its pick, beside pack_act_launch's own warps
+    packs = RESULTS.setdefault("searched_pack_warps", {})
+    widths = {"qkv": (fast.qkv[0].in_features, False), "o": (fast.net.layers[0].attn.o_proj.in_features, False),
+              "gate_up": (fast.gate_up[0].in_features, False), "down": (fast.net.layers[0].mlp.down_proj.in_features, True)}  # fmt: skip
+    for site, times in fast.pack_times.items():
+        w = fast.pack_pick[site]
+        own = kernels.pack_act_launch((widths[site][0] + 15) // 16, widths[site][1])[1]
+        packs[site] = {"pick": w, "step_us": times[w], "default_warps": own, "all_us": {str(k): t for k, t in times.items()}}
+        say(f"searched pack warps, {site}: {w} {times[w]:.0f} us a step (pack_act_launch's: {own}); "
+            + ", ".join(f"{k} warps {t:.0f}" for k, t in sorted(times.items())))
 
 
 VARIANT_RESERVE_S = 60  # a graph variant after the first starts only with this much of --budget-s left (the probes')
@@ -569,7 +579,7 @@ def run_variants(fast, prompt: list[int], args, t_start: float) -> None:
     # replicated packing, L2 prefetch)
     configs = parse_persistent_configs(args.persistent_configs)
     runs = [(v, c) for v in variants for c in (configs if v.gemv == "persistent" else [None])]
-    fast.tile_pick = None  # searched again in the first timed decoder (below)
+    fast.tile_pick = fast.pack_pick = None  # searched again in the first timed decoder (below)
     with torch.inference_mode():
         fast.set_backend("triton")
         # every graph variant: first its step checked against the reference network (step_check), then its speed

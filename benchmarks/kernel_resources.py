@@ -82,9 +82,10 @@ def variants(quick: bool) -> list[tuple[str, object, dict, dict, dict]]:
     for label, (k, act, norm) in {"norm": (D, False, True), "relu2 + norm": (I, True, True)}.items():
         args = {"x_ptr": bf, "nw_ptr": bf, "xq_ptr": "*i32", "s_ptr": "*fp32", "qs_ptr": "*i32", "K": k,
                 "K16": k // 16, "eps": 1e-5, "stride_xm": 2 * k if act else k, "stride_xq": k // 4}  # fmt: skip
-        block_c, warps = K.pack_act_launch(k // 16, act)
+        block_c, own = K.pack_act_launch(k // 16, act)
         const = dict(ACT=act, NORM=norm, RELU2=act, BLOCK_C=block_c, ON_GPU=True)
-        out.append((f"pack_act {label} w{warps}", K._pack_act_kernel, args, const, {"num_warps": warps}))
+        for warps in sorted({own, *K.PACK_WARPS}):  # pack_act_launch's warps and every count the step search tries
+            out.append((f"pack_act {label} w{warps}", K._pack_act_kernel, args, const, {"num_warps": warps}))
     for norm in (False, True):
         for bn, bw, warps in gemv_cfgs:
             args = {"x_ptr": bf, "nw_ptr": bf, "w_ptr": "*i32", "scale_ptr": "*fp32", "y_ptr": "*fp32", "N": V, "K": D,

@@ -54,8 +54,10 @@ What it changes, and why:
     sampling (top-p without top-k, temperature or min-p alone) always runs torch's ops.
   - ``tiles="searched"`` (default): the graph step's packed GEMV tiles are chosen per site (q/k/v, o, gate|up,
     down) by timing the whole decode step with each tile (``GraphDecoder.search_tiles``, once per model, before
-    the first capture); "autotune" leaves them to Triton's autotuner, which times each GEMV alone and picked
-    tiles 4 % slower in the step on an H200.
+    the first capture), then the warps of the ``pack_act`` before each the same way (``kernels.PACK_WARPS``: a
+    pack is one program, so its warps set how long its chain of instructions takes; not measured yet); "autotune"
+    leaves the tiles to Triton's autotuner, which times each GEMV alone and picked tiles 4 % slower in the step on
+    an H200, and the packs at ``kernels.pack_act_launch``'s warps.
   - ``prefetch="after"`` (not measured yet, so "off" by default; every gemv but "persistent"): the
     attention kernels, once done, bring the weights of the layer's o, gate|up and down GEMVs and of the next
     layer's q/k/v into L2, while the combine and the packing (which read no weights) run, so that those GEMVs read
@@ -174,6 +176,8 @@ class FastModel:
         self.tiles = tiles  # the graph step's packed GEMV tiles: "searched" (GraphDecoder.search_tiles) or "autotune"
         self.tile_pick: dict[str, tuple[int, int, int]] | None = None  # search_tiles' tile per site, once made
         self.tile_times: dict[str, dict[tuple[int, int, int], float]] = {}  # its µs a step, per site and tile
+        self.pack_pick: dict[str, int] | None = None  # search_tiles' warps for each site's pack_act, once made
+        self.pack_times: dict[str, dict[int, float]] = {}  # its µs a step, per site and warps
         self._pick_counter: torch.Tensor | None = None  # their int32 counter (zero), made on first use
         self.attention = attention  # "triton" / "split" / "folded": the graph decode step's attention kernel(s) (kernels.py)
         self.gemv = gemv  # the decode GEMV variant (the module docstring)
@@ -331,12 +335,14 @@ class FastModel:
                 log.info("gemv=%r: some layers' rows are not whole int32 words; those run the plain path", self.gemv)
         return self._fusable
 
-    def _pack(self, inp: torch.Tensor, k: int, norm, act: str | None = None):
-        # inp [M, K] (gate | up [M, 2K] with act) → kernels.PackedAct of norm?(act?(inp)): a packed GEMV's input
+    def _pack(self, inp: torch.Tensor, k: int, norm, act: str | None = None, site: str | None = None):
+        # inp [M, K] (gate | up [M, 2K] with act) → kernels.PackedAct of norm?(act?(inp)): a packed GEMV's input,
+        # with the searched warps of ``site`` at M = 1
         from bitnet158.runtime import kernels
 
         w, eps = _norm_args(norm)
-        return kernels.pack_act(inp, k, norm=w, eps=eps, act=act, pdl=self.pdl)
+        warps = self.pack_pick[site] if self.pack_pick and self.tiles == "searched" and site and inp.shape[0] == 1 else None
+        return kernels.pack_act(inp, k, norm=w, eps=eps, act=act, pdl=self.pdl, warps=warps)
 
     def _fused_layer(self, i: int, x: torch.Tensor, cos, sin, pos, mask) -> torch.Tensor:
         # the same layer with gemv="fused" (four GEMV launches) or "packed" (eight): x [B, T, D], B·T ≤ GEMV_MAX_M
@@ -350,7 +356,7 @@ class FastModel:
         def gemv(site: str, lin: BitLinear, inp: torch.Tensor, norm=None, act=None, residual=None) -> torch.Tensor:
             # lin(norm?(act?(inp))) (+ residual), inp [B·T, K] (gate | up [B·T, 2K] with act)
             if self.gemv == "packed":
-                return packed(site, lin, self._pack(inp, lin.in_features, norm, act), residual)
+                return packed(site, lin, self._pack(inp, lin.in_features, norm, act, site), residual)
             w, eps = _norm_args(norm)
             return kernels.bitlinear_gemv(inp, lin.packed, lin.scale, lin.in_features, norm=w, eps=eps, act=act,
                                           residual=residual, pdl=self.pdl)  # fmt: skip
@@ -689,7 +695,7 @@ def _keep_tiles(key: str, pick: dict) -> None:
     # only a cache, so nothing is raised
     path = _tile_cache_file()
     picks = _tile_cache()
-    picks[key] = {s: list(c) for s, c in pick.items()}
+    picks[key] = {s: c if isinstance(c, dict) else list(c) for s, c in pick.items()}
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
@@ -884,7 +890,7 @@ class GraphDecoder:
         self._restore(saved)
         return sorted(times)[len(times) // 2]
 
-    def _tile_cache_key(self, configs: list) -> str:
+    def _tile_cache_key(self, configs: list, pack_warps: tuple) -> str:
         # what the search's pick depends on: the device and its software, the step's variant and the matrices
         import triton
 
@@ -894,21 +900,26 @@ class GraphDecoder:
         return " | ".join([torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type, f"torch {torch.__version__}",
                            f"triton {triton.__version__}", str(fast.net.dtype), f"attention {fast.attention}", f"pdl {fast.pdl}",
                            f"head {fast.head}", f"prefetch {fast.prefetch}", f"{len(fast.net.layers)} layers {shapes}",
-                           f"pos {SEARCH_POS}", str(configs)])  # fmt: skip
+                           f"pos {SEARCH_POS}", str(configs), f"pack warps {list(pack_warps)}"])  # fmt: skip
 
     @torch.inference_mode()
-    def search_tiles(self, key: tuple | None = None, configs: list | None = None, reps: int = 10, cached: bool = True):
+    def search_tiles(self, key: tuple | None = None, configs: list | None = None, reps: int = 10, cached: bool = True,
+                     pack_warps: Sequence[int] | None = None):  # fmt: skip
         """Choose the packed GEMV tile (kernels.PACKED_GEMV_CONFIGS, or ``configs``) of each of the graph step's
-        four sites, q/k/v, o, gate|up and down, by timing the decode step itself (sampling mode ``key``, default
-        greedy): site by site, every tile, the other sites at their current pick (kernels.FIXED_GEMV at first),
-        each a graph of the step replayed ``reps`` times at position SEARCH_POS (or past the context). Returns the
-        pick, kept in ``fast.tile_pick`` for every later capture (µs a step in ``fast.tile_times``); None where it
-        does not apply: gemv other than "packed", no CUDA graph, or BITNET158_AUTOTUNE=0 without ``configs``.
+        four sites, q/k/v, o, gate|up and down, then the warps of the pack_act before each (kernels.PACK_WARPS,
+        or ``pack_warps``), by timing the decode step itself (sampling mode ``key``, default greedy): site by site,
+        every tile, the other sites at their current pick (kernels.FIXED_GEMV at first), then site by site every
+        warp count (pack_act_launch's at first), each a graph of the step replayed ``reps`` times at position
+        SEARCH_POS (or past the context). Returns the tile pick, kept in ``fast.tile_pick`` for every later capture
+        (µs a step in ``fast.tile_times``), and the warps in ``fast.pack_pick`` (``fast.pack_times``); None where
+        it does not apply: gemv other than "packed", no CUDA graph, or BITNET158_AUTOTUNE=0 without ``configs``.
 
         Why the whole step: Triton's autotuner times one GEMV alone, again and again, and tiles that tie there
         do not tie in the step, where with PDL a GEMV launches while the kernel before it runs and fetches what
         its tile lets it before its wait. On an H200 the searched tiles ran the decode 4 % faster than the
-        autotuned ones in the same process (benchmarks/RESULTS.md). 96 timed steps at the 2B-4T shape.
+        autotuned ones in the same process (benchmarks/RESULTS.md). 96 timed steps at the 2B-4T shape, and 12
+        for the packs (9 with the folded attention, which packs o's input itself). A pack's warps can change the
+        last bit of its norm's sum of squares (kernels.pack_act), so the pick can move a rounding.
 
         The pick is kept in $XDG_CACHE_HOME/bitnet158/gemv_tiles.json (``cached``: read it first), keyed by the
         GPU, torch, Triton, the step's variant and the matrix shapes, so that later runs skip the search."""
@@ -922,10 +933,15 @@ class GraphDecoder:
         if configs is None and not kernels.autotuning():
             return None
         configs = [tuple(c) for c in configs or kernels.PACKED_GEMV_CONFIGS]
-        cache_key = self._tile_cache_key(configs)
+        pack_warps = tuple(pack_warps or kernels.PACK_WARPS)
+        # the sites whose input a pack_act launch packs (the folded attention packs o's)
+        pack_sites = [s for s in SITES if not (s == "o" and fast.attention == "folded")]
+        cache_key = self._tile_cache_key(configs, pack_warps)
         known = _tile_cache().get(cache_key) if cached else None
-        if isinstance(known, dict) and all(tuple(known.get(s) or ()) in configs for s in SITES):
+        if isinstance(known, dict) and all(tuple(known.get(s) or ()) in configs for s in SITES) and \
+                isinstance(known.get("pack"), dict) and all(known["pack"].get(s) in pack_warps for s in pack_sites):  # fmt: skip
             fast.tile_pick, fast.tile_times = {s: tuple(known[s]) for s in SITES}, {}
+            fast.pack_pick, fast.pack_times = {s: known["pack"][s] for s in pack_sites}, {}
             return fast.tile_pick
         key = key or self.sampling_key()
         t0 = time.perf_counter()
@@ -934,22 +950,30 @@ class GraphDecoder:
         self._pos.fill_(max(int(pos), min(self.max_seq - 1, SEARCH_POS)))
         pick = dict.fromkeys(SITES, kernels.FIXED_GEMV if kernels.FIXED_GEMV in configs else configs[0])
         times: dict[str, dict] = {s: {} for s in SITES}
-        fast.tile_pick = pick
+        packs: dict[str, int] = {}  # no entry: pack_act_launch's warps
+        pack_times: dict[str, dict] = {s: {} for s in pack_sites}
+        fast.tile_pick, fast.pack_pick = pick, packs
         try:
             for site in SITES:
                 for cfg in configs:
                     pick[site] = cfg
                     times[site][cfg] = self._time_step(key, reps)
                 pick[site] = min(times[site], key=times[site].get)
+            for site in pack_sites:
+                for w in pack_warps:
+                    packs[site] = w
+                    pack_times[site][w] = self._time_step(key, reps)
+                packs[site] = min(pack_times[site], key=pack_times[site].get)
         except BaseException:
-            fast.tile_pick = None
+            fast.tile_pick = fast.pack_pick = None
             raise
         finally:
             self._pos.copy_(pos)
-        fast.tile_times = times
-        log.info("packed GEMV tiles searched in %.1f s: %s (%.0f µs a step)", time.perf_counter() - t0,
-                 ", ".join(f"{s} {pick[s]}" for s in SITES), times[SITES[-1]][pick[SITES[-1]]])  # fmt: skip
-        _keep_tiles(cache_key, pick)
+        fast.tile_times, fast.pack_times = times, pack_times
+        last = pack_times[pack_sites[-1]][packs[pack_sites[-1]]] if pack_sites else times[SITES[-1]][pick[SITES[-1]]]
+        log.info("packed GEMV tiles searched in %.1f s: %s; pack warps %s (%.0f µs a step)", time.perf_counter() - t0,
+                 ", ".join(f"{s} {pick[s]}" for s in SITES), packs, last)  # fmt: skip
+        _keep_tiles(cache_key, {**pick, "pack": packs})
         return pick
 
     @torch.inference_mode()

@@ -1432,6 +1432,13 @@ def pack_act_launch(k16: int, act: bool) -> tuple[int, int]:
     return block_c, max(4, min(16, block_c * (32 if act else 16) // 1024))
 
 
+# the warps GraphDecoder.search_tiles tries for each site's pack_act. Why search them: a pack is one program on one
+# multiprocessor, a chain of dependent instructions that more warps shorten and interleave (at K = 2,560 a thread
+# issues 856 SASS instructions with 4 warps, 552 with 8, 408 with 16: benchmarks/kernel_resources.py), while
+# their cross-warp reductions grow; only the step's time says which wins
+PACK_WARPS = (4, 8, 16)
+
+
 class PackedAct(NamedTuple):
     """A GEMV input quantized and packed once (``pack_act``): xq int32 [M, 4, K16], s f32 [M], qsum int32 [M]."""
 
@@ -1457,17 +1464,23 @@ def pack_act(
     eps: float = 0.0,
     act: str | None = None,
     pdl: bool = False,
+    warps: int | None = None,
 ) -> PackedAct:
     """Quantize a GEMV input once for ``bitlinear_gemv_packed``: x [M, K] float (gate | up [M, 2K] with
-    ``act``), with ``norm`` / ``act`` / ``pdl`` as in ``bitlinear_gemv``. One program per row (decode)."""
+    ``act``), with ``norm`` / ``act`` / ``pdl`` as in ``bitlinear_gemv``. One program per row (decode), of
+    ``warps`` warps (a power of two up to 32; None: pack_act_launch's). The warps set the order of the fp32 sum
+    of squares (the norm's 1/rms), so another count may change it in its last bit, and so a rounding of q."""
     _check_act(act, "pack_act")
+    if warps is not None and (not isinstance(warps, int) or warps < 1 or warps > 32 or warps & (warps - 1)):
+        raise KernelShapeError(f"pack_act: warps must be a power of two in 1..32, got {warps!r}")
     x = _check_x(x, 2 * K if act else K, "pack_act")
     _check_norm(norm, K, x, "pack_act")
     m = x.shape[0]
     out = PackedAct.empty(m, K, x.device)
     if m:
         k16 = out.xq.shape[2]
-        block_c, warps = pack_act_launch(k16, act is not None)
+        block_c, default_warps = pack_act_launch(k16, act is not None)
+        warps = warps or default_warps
         _pack_act_kernel[(m,)](
             x, norm if norm is not None else x, out.xq, out.s, out.qsum, K, k16, eps, x.stride(0), out.xq.stride(0),
             ACT=act is not None, NORM=norm is not None, RELU2=act == "relu2", BLOCK_C=block_c,

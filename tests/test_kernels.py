@@ -229,7 +229,11 @@ def test_gemv_fused_refuses_bad_operands():
             with pytest.raises(kernels.KernelShapeError):
                 kernels.pack_act(x, 160, **kw)
                 pytest.fail(name)
+    for warps in (3, 0, 64, 4.0):
+        with pytest.raises(kernels.KernelShapeError, match="warps must be a power of two"):
+            kernels.pack_act(x, 160, warps=warps)
     a = kernels.pack_act(x, 160)
+    assert _same_pack(a, kernels.pack_act(x, 160, warps=16))  # the interpreter has no warps: the same pack
     for name, call in {
         "residual shape": lambda: kernels.bitlinear_gemv_packed(a, packed, scale, x.dtype, residual=res[:, :-1]),
         "weights of another K": lambda: kernels.bitlinear_gemv_packed(a, packed[:, :-4], scale, x.dtype),
@@ -839,87 +843,107 @@ def test_fast_model_searched_tiles_reach_the_graph_step(monkeypatch):
     fast = FastModel(net, backend="triton", gemv="packed")
     assert fast.tiles == "searched" and fast.tile_pick is None
     seen = []  # (rows, config) of each packed GEMV launch
-    real = kernels.bitlinear_gemv_packed
+    packs = []  # (rows, warps) of each pack_act launch
+    real, real_pack = kernels.bitlinear_gemv_packed, kernels.pack_act
     monkeypatch.setattr(kernels, "bitlinear_gemv_packed", lambda a, *r, **kw: seen.append((a.xq.shape[0], kw.get("config"))) or real(a, *r, **kw))
+    monkeypatch.setattr(kernels, "pack_act", lambda x, *r, **kw: packs.append((x.shape[0], kw.get("warps"))) or real_pack(x, *r, **kw))
     tok, pos = torch.tensor([[1]]), torch.tensor([2])
     pick = dict(zip(SITES, [(4, 8, 1), (8, 4, 1), (2, 16, 1), (16, 8, 2)]))
+    warps = dict(zip(SITES, [8, 16, 2, 4]))
     with torch.inference_mode():
         net.setup_cache(1, 16)
         fast.logits_last(torch.tensor([[7, 2]]), 0)  # a two-token prompt: the GEMVs of two rows
         want = fast.logits_last(tok, pos)
         assert len(seen) == 16 and all(c is None for _, c in seen)
-        fast.tile_pick = pick
+        assert packs == [(2, None)] * 8 + [(1, None)] * 8
+        fast.tile_pick, fast.pack_pick = pick, warps
         seen.clear()
+        packs.clear()
         fast.logits_last(torch.tensor([[7, 2]]), 0)
         got = fast.logits_last(tok, pos)
         assert seen == [(2, None)] * 8 + [(1, pick[s]) for s in SITES] * 2
-        assert torch.equal(got, want)
+        assert packs == [(2, None)] * 8 + [(1, warps[s]) for s in SITES] * 2
+        assert torch.equal(got, want)  # the interpreter has no warps: the same arithmetic
         fast.tiles = "autotune"
         seen.clear()
+        packs.clear()
         fast.logits_last(tok, pos)
-        assert seen == [(1, None)] * 8
+        assert seen == [(1, None)] * 8 and packs == [(1, None)] * 8
 
 
 def test_search_tiles_descends_site_by_site(monkeypatch, tmp_path):
-    # GraphDecoder.search_tiles' logic with a fake clock (the step's time a sum of per-site costs of the tiles in
-    # use; CUDA graphs time it on a GPU): each site ends at its cheapest tile, timed with the sites before it at
-    # their picks and the sites after it at FIXED_GEMV; the decoder's position comes back; a second call
-    # searches nothing; tiles="autotune", gemv="folded" and (on a GPU) BITNET158_AUTOTUNE=0 without configs search
-    # nothing. The pick is kept on disk: another model of the same shapes takes it without timing, unless told
-    # not to; a model of other shapes, a damaged file or one that cannot be written mean a search
+    # GraphDecoder.search_tiles' logic with a fake clock (the step's time a sum of per-site costs of the tiles and
+    # pack warps in use; CUDA graphs time it on a GPU): each site ends at its cheapest tile, timed with the sites
+    # before it at their picks and the sites after it at FIXED_GEMV, then each site's pack at its cheapest warps,
+    # the same way (pack_act_launch's warps before their turn); the decoder's position comes back; a second call
+    # searches nothing; tiles="autotune", gemv="folded" and (on a GPU) BITNET158_AUTOTUNE=0 without configs
+    # search nothing; the folded attention packs o's input itself, so o's pack is not searched. The pick is kept
+    # on disk: another model of the same shapes takes it without timing, unless told not to; a model of other
+    # shapes, other pack warps to try, a damaged file or one that cannot be written mean a search
     from bitnet158.runtime.fast import SITES, FastModel, GraphDecoder
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
     net = tiny_model(layers=1, seed=6).net
     configs = [kernels.FIXED_GEMV, (4, 8, 1), (8, 4, 1)]
+    warps = (4, 8)
     cost = {"qkv": [5, 3, 4], "o": [2, 4, 1], "gate_up": [1, 2, 3], "down": [9, 8, 7]}  # per site, by configs
+    pack_cost = {"qkv": [0.5, 0.25], "o": [0.25, 0.5], "gate_up": [0.5, 0.25], "down": [0.25, 0.5]}  # by warps
+    pack_cost = {s: dict(zip((4, 8, 16), c + [1.0])) for s, c in pack_cost.items()}  # 16 warps: the dearest
     timed = []
 
     def fake_time_step(self, key, reps):
-        pick = self.fast.tile_pick
-        timed.append((dict(pick), int(self._pos)))
-        return float(sum(cost[s][configs.index(pick[s])] for s in SITES))
+        pick, packs = self.fast.tile_pick, self.fast.pack_pick
+        timed.append((dict(pick), dict(packs), int(self._pos)))
+        return float(sum(cost[s][configs.index(pick[s])] + pack_cost[s][packs.get(s, 4)] for s in SITES))
 
     monkeypatch.setattr(GraphDecoder, "_time_step", fake_time_step)
     fast = FastModel(net, backend="triton")
     dec = GraphDecoder(fast, 200, use_graph=False)
-    assert dec.search_tiles(configs=configs) is None  # no graph, nothing to time
+    assert dec.search_tiles(configs=configs, pack_warps=warps) is None  # no graph, nothing to time
     dec.use_graph = True  # the search's own logic from here (the fake clock needs no graph)
     dec._pos.fill_(5)
-    pick = dec.search_tiles(configs=configs)
+    pick = dec.search_tiles(configs=configs, pack_warps=warps)
     assert pick == {"qkv": (4, 8, 1), "o": (8, 4, 1), "gate_up": kernels.FIXED_GEMV, "down": (8, 4, 1)}
-    assert fast.tile_pick is pick and int(dec._pos) == 5 and len(timed) == 12
-    assert all(p == 199 for _, p in timed)  # at SEARCH_POS (256) or the cache's last slot, past the context
-    assert timed[3] == ({"qkv": (4, 8, 1), "o": kernels.FIXED_GEMV, "gate_up": kernels.FIXED_GEMV, "down": kernels.FIXED_GEMV}, 199)
-    assert fast.tile_times["o"] == {configs[0]: 3.0 + 2 + 1 + 9, configs[1]: 3.0 + 4 + 1 + 9, configs[2]: 3.0 + 1 + 1 + 9}
-    assert dec.search_tiles(configs=configs) is pick and len(timed) == 12
+    assert fast.tile_pick is pick and fast.pack_pick == {"qkv": 8, "o": 4, "gate_up": 8, "down": 4}
+    assert int(dec._pos) == 5 and len(timed) == 12 + 8
+    assert all(p == 199 for *_, p in timed)  # at SEARCH_POS (256) or the cache's last slot, past the context
+    assert timed[3] == ({"qkv": (4, 8, 1), "o": kernels.FIXED_GEMV, "gate_up": kernels.FIXED_GEMV, "down": kernels.FIXED_GEMV}, {}, 199)
+    assert timed[13] == (pick, {"qkv": 8}, 199)  # qkv's pack at 8 warps, then o's at 4 with qkv's picked
+    assert timed[14] == (pick, {"qkv": 8, "o": 4}, 199)
+    assert fast.tile_times["o"] == {configs[0]: 3.0 + 2 + 1 + 9 + 1.5, configs[1]: 3.0 + 4 + 1 + 9 + 1.5, configs[2]: 3.0 + 1 + 1 + 9 + 1.5}
+    assert fast.pack_times["gate_up"] == {4: 12.0 + 0.25 + 0.25 + 0.5 + 0.25, 8: 12.0 + 0.25 + 0.25 + 0.25 + 0.25}
+    assert dec.search_tiles(configs=configs, pack_warps=warps) is pick and len(timed) == 20
     kept = tmp_path / "cache" / "bitnet158" / "gemv_tiles.json"
-    assert list(json.loads(kept.read_text()).values()) == [{s: list(c) for s, c in pick.items()}]
+    assert list(json.loads(kept.read_text()).values()) == [{**{s: list(c) for s, c in pick.items()}, "pack": fast.pack_pick}]
 
-    def searched(model, prefetch="off", **kw) -> int:  # how many steps a search on a fresh FastModel of ``model`` timed
+    def searched(model, prefetch="off", attention="split", pack_warps=warps, **kw) -> int:
+        # how many steps a search on a fresh FastModel of ``model`` timed
         n = len(timed)
-        d = GraphDecoder(FastModel(model, backend="triton", prefetch=prefetch), 200, use_graph=False)
+        d = GraphDecoder(FastModel(model, backend="triton", prefetch=prefetch, attention=attention), 200, use_graph=False)
         d.use_graph = True
-        assert d.search_tiles(configs=configs, **kw) == pick
+        assert d.search_tiles(configs=configs, pack_warps=pack_warps, **kw) == pick
+        assert d.fast.pack_pick == {s: fast.pack_pick[s] for s in SITES if not (s == "o" and attention == "folded")}
         return len(timed) - n
 
     assert searched(net) == 0  # from the file
-    assert searched(net, cached=False) == 12
-    assert searched(tiny_model(layers=1, seed=7, inter=96).net) == 12  # other shapes: another key
-    assert searched(net, prefetch="after") == 12  # the step it times differs: another key
-    assert len(json.loads(kept.read_text())) == 3
+    assert searched(net, cached=False) == 20
+    assert searched(tiny_model(layers=1, seed=7, inter=96).net) == 20  # other shapes: another key
+    assert searched(net, prefetch="after") == 20  # the step it times differs: another key
+    assert searched(net, attention="folded") == 12 + 6  # no pack_act before o
+    assert searched(net, pack_warps=(4, 8, 16)) == 12 + 12  # other warps to try: another key
+    assert len(json.loads(kept.read_text())) == 5
     kept.write_text("{not json")
-    assert searched(net) == 12 and len(json.loads(kept.read_text())) == 1
+    assert searched(net) == 20 and len(json.loads(kept.read_text())) == 1
     monkeypatch.setenv("XDG_CACHE_HOME", str(kept))  # a file where the folder would go: searched, not kept
-    assert searched(net) == 12 and searched(net) == 12
+    assert searched(net) == 20 and searched(net) == 20
     monkeypatch.setattr(GraphDecoder, "_record", lambda self, key, warm: "graph")  # a capture without CUDA
     n = len(timed)
     for opts in ({"tiles": "autotune"}, {"gemv": "folded"}, {}):
         other = GraphDecoder(FastModel(net, backend="triton", **opts), 200, use_graph=False)
         other.use_graph = True
         assert other._capture(other.sampling_key()) == "graph"
-        assert other.fast.tile_pick is None  # the default too: on the CPU BITNET158_AUTOTUNE's tuning is off
+        assert other.fast.tile_pick is None and other.fast.pack_pick is None  # the default: no tuning on the CPU
     assert len(timed) == n
 
 
@@ -1463,29 +1487,41 @@ def test_gpu_persistent_step_replays_exactly(config):
 
 @gpu
 @needs_cuda
-def test_gpu_search_tiles_times_the_decode_step():
+def test_gpu_search_tiles_times_the_decode_step(monkeypatch, tmp_path):
     # GraphDecoder.search_tiles on a GPU: every site's step timed at every tile given (CUDA graphs of the whole
-    # step), the fastest kept, the state back where it was; the graph step then runs those tiles and decodes
-    # exactly what the same step with the autotuner's tiles (the fixed tile under BITNET158_AUTOTUNE=0) decodes
+    # step), then at every pack warp count given, the fastest kept, the state back where it was. With the packs
+    # at their default warps (4 at these widths) the graph step then runs those tiles and decodes exactly what
+    # the same step with the autotuner's tiles (the fixed tile under BITNET158_AUTOTUNE=0) decodes; with searched
+    # warps (which may move a rounding of the norms' sums) it decodes what the same step run eagerly decodes
     from bitnet158.runtime.fast import SITES, FastModel, GraphDecoder
 
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # the picks' file: not the user's
     net = tiny_model(device="cuda", dtype=torch.bfloat16, seed=8, hidden=512, inter=1376, layers=3).net
     configs = [(16, 128, 4), (8, 64, 4), (4, 256, 4)]
     ids = [3, 14, 15, 9, 26]
     with torch.inference_mode():
         fast = FastModel(net, backend="triton")
         dec = GraphDecoder(fast, 200)
-        pick = dec.search_tiles(configs=configs)
+        pick = dec.search_tiles(configs=configs, pack_warps=(4,))
         assert set(pick) == set(SITES) and all(p in configs for p in pick.values())
         for s in SITES:
             assert set(fast.tile_times[s]) == set(configs) and min(fast.tile_times[s].values()) > 0
             assert fast.tile_times[s][pick[s]] == min(fast.tile_times[s].values())
+        assert fast.pack_pick == dict.fromkeys(SITES, 4)
         assert int(dec._pos) == 0 and int(dec._n) == 0 and not dec._out.any()
         got = list(dec.generate(ids, 10))
         assert fast.tile_pick is pick  # the capture kept it
         fast.tiles = "autotune"
         want = list(GraphDecoder(fast, 200).generate(ids, 10))
-    assert got == want
+        assert got == want
+        fast.tiles, fast.tile_pick = "searched", None
+        dec = GraphDecoder(fast, 200)
+        dec.search_tiles(configs=configs, pack_warps=(4, 8, 16))
+        for s in SITES:
+            times = fast.pack_times[s]
+            assert set(times) == {4, 8, 16} and min(times.values()) > 0 and times[fast.pack_pick[s]] == min(times.values())
+        got = list(dec.generate(ids, 10))
+        assert got == list(GraphDecoder(fast, 200, use_graph=False).generate(ids, 10))
 
 
 @gpu
