@@ -1013,6 +1013,157 @@ def _sample_kernel(
         tl.store(rng_ptr + 1, draw + 1)
 
 
+# the no-top-k draw's keys (_nucleus_level_kernel): a scaled logit's _ordered bits plus 2^31, so that the keys
+# 0 .. 2^32 − 1 (int64) order as the values do and their bits read as unsigned digits
+_KEY_BIAS = tl.constexpr(2147483648)
+
+
+@triton.jit
+def _nucleus_key(y):
+    # fp32 values → int64 keys in [0, 2^32) that order as the values (-0.0 and 0.0 one key)
+    return _ordered(y).to(tl.int64) + _KEY_BIAS
+
+
+@triton.jit
+def _nucleus_level_kernel(
+    x_ptr, N, temp_ptr, top_p_ptr, sf_ptr, st_ptr, pmax_ptr, pm_ptr, pc_ptr, cnt_ptr,
+    LEVEL: tl.constexpr, BITS: tl.constexpr, TOP_P: tl.constexpr, BLOCK: tl.constexpr, CH: tl.constexpr,
+    BLOCK_P: tl.constexpr, ON_GPU: tl.constexpr, PDL: tl.constexpr = False,
+):  # fmt: skip
+    # One launch of the top-p cut's radix select (``sample`` without a top-k): level LEVEL of 32 / BITS over the
+    # keys of y = x / temperature (_nucleus_key). The top-p cut is the highest key c whose tokens at or above it
+    # hold top_p of the mass Z = Σ e, e = exp(y − m): every token above c stays, and the first u of those at c
+    # (by id). Level L finds c's L-th digit of BITS bits: each program sums the mass e of its block's keys that
+    # carry the digits found so far (st[0]), in NB = 2^BITS bins by their next digit, into pm [P, NB] (at the
+    # last level also the counts, pc [P, NB]); the last program to arrive (_last_arrival) sums the bins in
+    # program order (so a replay gives the same sums) and takes the highest bin whose mass with all above it
+    # (sf[2]) reaches the target top_p · Z (sf[1]): the digit; then sf[2] becomes the mass above that bin. Level 0
+    # also finds m (sf[0]): each program's bins hold exp(y − its own max), rescaled by the last program. After
+    # the last level st[0] is c, st[1] is u and st[2] c's bin. TOP_P off: level 0 finds m only (min-p or the
+    # temperature alone). sf f32 [3], st int64 [3], pmax f32 [P]; cnt the int32 counter (zero, left zero).
+    NB: tl.constexpr = 1 << BITS
+    LAST: tl.constexpr = LEVEL == 32 // BITS - 1
+    SHIFT: tl.constexpr = 32 - BITS * (LEVEL + 1)  # the digit's lowest bit
+    _pdl_enter(PDL)
+    p = tl.program_id(0)
+    n_prog = tl.num_programs(0)
+    t = tl.load(temp_ptr)
+    bins = tl.arange(0, NB)
+    if LEVEL == 0:
+        offs = p * BLOCK + tl.arange(0, BLOCK)
+        m = tl.max(tl.where(offs < N, _scaled(x_ptr, offs, N, t, ON_GPU), float("-inf")), axis=0)
+        tl.store(pmax_ptr + p, m)
+        m = tl.where(m == float("-inf"), 0.0, m)  # a block of -inf only: its e are 0, not NaN
+        prefix = tl.zeros((), dtype=tl.int64)
+    else:
+        m = tl.load(sf_ptr)
+        prefix = tl.load(st_ptr)
+    if TOP_P:
+        # the bins of CH keys at a time, as [CH, NB] sums (one select and one add a key and bin; summed over
+        # the CH rows once, at the end)
+        mass = tl.zeros((CH, NB), dtype=tl.float32)
+        count = tl.zeros((CH, NB), dtype=tl.int32)
+        for c in tl.static_range(BLOCK // CH):
+            offs = p * BLOCK + c * CH + tl.arange(0, CH)
+            y = _scaled(x_ptr, offs, N, t, ON_GPU)
+            key = _nucleus_key(y)
+            ok = offs < N
+            if LEVEL > 0:
+                ok = ok & ((key >> (SHIFT + BITS)) == prefix)
+            hit = (((key >> SHIFT) & (NB - 1)).to(tl.int32)[:, None] == bins[None, :]) & ok[:, None]
+            mass += tl.where(hit, _exp(y - m, ON_GPU)[:, None], 0.0)
+            if LAST:
+                count += hit.to(tl.int32)
+        tl.store(pm_ptr + p * NB + bins, tl.sum(mass, axis=0))
+        if LAST:
+            tl.store(pc_ptr + p * NB + bins, tl.sum(count, axis=0))
+    if _last_arrival(cnt_ptr, n_prog):
+        j = tl.arange(0, BLOCK_P)
+        j_ok = j < n_prog
+        if LEVEL == 0:
+            pmax = tl.load(pmax_ptr + j, mask=j_ok, other=float("-inf"), cache_modifier=".cg")
+            m = tl.max(pmax, axis=0)
+            tl.store(sf_ptr, m)
+        if TOP_P:
+            pm = tl.load(pm_ptr + j[:, None] * NB + bins[None, :], mask=j_ok[:, None], other=0.0, cache_modifier=".cg")
+            if LEVEL == 0:  # each program's exp(y − m_p) → exp(y − m); a program of -inf only (or none) adds 0
+                pm = pm * tl.where(pmax == float("-inf"), 0.0, _exp(pmax - m, ON_GPU))[:, None]
+                target = tl.load(top_p_ptr) * tl.sum(tl.sum(pm, axis=1), axis=0)
+                tl.store(sf_ptr + 1, target)
+                above = 0.0
+            else:
+                target = tl.load(sf_ptr + 1)
+                above = tl.load(sf_ptr + 2)
+            mb = tl.sum(pm, axis=0)  # [NB] the bins' mass
+            reach = above + tl.cumsum(mb, axis=0, reverse=True)  # [NB] the mass at or above each bin
+            b = tl.max(tl.where(reach >= target, bins, -1), axis=0)
+            # none reaches it only where rounding left this range's mass short of what the level above summed:
+            # then everything in the range stays, so the cut is its lowest bin with mass
+            b = tl.where(b >= 0, b, tl.min(tl.where(mb > 0, bins, NB - 1), axis=0))
+            above += tl.sum(tl.where(bins > b, mb, 0.0), axis=0)
+            prefix = (prefix << BITS) | b.to(tl.int64)
+            tl.store(sf_ptr + 2, above)
+            tl.store(st_ptr, prefix)
+            if LAST:
+                pc = tl.load(pc_ptr + j[:, None] * NB + bins[None, :], mask=j_ok[:, None], other=0, cache_modifier=".cg")
+                ties = tl.sum(tl.sum(tl.where(bins[None, :] == b, pc, 0), axis=1), axis=0)  # tokens at c
+                e_c = _exp(_ordered_value((prefix - _KEY_BIAS).to(tl.int32)) - m, ON_GPU)
+                # the ties stay while the mass above each is below the target: the first u, 1 ≤ u ≤ ties
+                u = tl.ceil(_div_rn(target - above, e_c, ON_GPU))
+                u = tl.minimum(tl.maximum(u, 1.0), ties.to(tl.float32))
+                tl.store(st_ptr + 1, u.to(tl.int64))
+                tl.store(st_ptr + 2, b.to(tl.int64))
+
+
+@triton.jit
+def _nucleus_race_kernel(
+    x_ptr, N, temp_ptr, min_p_ptr, rng_ptr, sf_ptr, st_ptr, pc_ptr, pv_ptr, pi_ptr, pn_ptr, cnt_ptr, out_ptr,
+    BITS: tl.constexpr, TOP_P: tl.constexpr, USE_MIN_P: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr,
+    ON_GPU: tl.constexpr, PDL: tl.constexpr = False,
+):  # fmt: skip
+    # The draw after _nucleus_level_kernel's levels: each program races (e / -log U, as _sample_kernel) the tokens
+    # of its block that the top-p cut keeps (keys above c, and ties at c ranked by id below u: the ties in the
+    # programs before come from the last level's counts), and with min-p those with e ≥ min_p; it writes its
+    # leader (pv, pi) and how many it kept (pn). The last program to arrive takes the leader of the leaders (the
+    # lower id on a tie, as torch.argmax), writes out = (id, kept) and advances the stream's draw count.
+    NB: tl.constexpr = 1 << BITS
+    _pdl_enter(PDL)
+    p = tl.program_id(0)
+    n_prog = tl.num_programs(0)
+    t = tl.load(temp_ptr)
+    m = tl.load(sf_ptr)
+    offs = p * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N
+    y = _scaled(x_ptr, offs, N, t, ON_GPU)
+    e = _exp(y - m, ON_GPU)
+    keep = ok
+    if TOP_P:
+        cut = tl.load(st_ptr)
+        u = tl.load(st_ptr + 1)
+        j = tl.arange(0, BLOCK_P)
+        before = tl.sum(tl.load(pc_ptr + j * NB + tl.load(st_ptr + 2), mask=j < p, other=0, cache_modifier=".cg"), axis=0)
+        key = _nucleus_key(y)
+        tie = ok & (key == cut)
+        rank = before + tl.cumsum(tie.to(tl.int32), axis=0) - 1
+        keep = ok & ((key > cut) | (tie & (rank < u)))
+    if USE_MIN_P:  # keep p ≥ min_p · p_max, i.e. e ≥ min_p (the top token has e = 1)
+        keep = keep & (e >= tl.load(min_p_ptr))
+    draw = tl.load(rng_ptr + 1)
+    seed = (draw << 32) | (tl.load(rng_ptr) & 4294967295)
+    race = tl.where(keep, _race(e, tl.rand(seed, offs), ON_GPU), -1.0)
+    best, at = tl.max(race, axis=0, return_indices=True, return_indices_tie_break_left=True)
+    tl.store(pv_ptr + p, best)
+    tl.store(pi_ptr + p, (p * BLOCK + at).to(tl.int64))
+    tl.store(pn_ptr + p, tl.sum(keep.to(tl.int32), axis=0))
+    if _last_arrival(cnt_ptr, n_prog):
+        j = tl.arange(0, BLOCK_P)
+        pv = tl.load(pv_ptr + j, mask=j < n_prog, other=-2.0, cache_modifier=".cg")
+        _, jb = tl.max(pv, axis=0, return_indices=True, return_indices_tie_break_left=True)
+        tl.store(out_ptr, tl.load(pi_ptr + jb, cache_modifier=".cg"))
+        tl.store(out_ptr + 1, tl.sum(tl.load(pn_ptr + j, mask=j < n_prog, other=0, cache_modifier=".cg"), axis=0).to(tl.int64))
+        tl.store(rng_ptr + 1, draw + 1)
+
+
 @triton.jit
 def _advance_kernel(nxt_ptr, out_ptr, n_ptr, tok_ptr, pos_ptr, S, PDL: tl.constexpr = False):
     # one program: the decode state after a step's pick (int64 scalars): out[n] = tok = nxt (no write at n ≥ S),
@@ -1871,29 +2022,38 @@ def argmax(x: torch.Tensor, counter: torch.Tensor, block: int | None = None, pdl
 
 # the largest top-k that ``sample`` takes (its last program sorts n_programs · next_power_of_2(k) keys)
 SAMPLE_MAX_K = 256
+# ``sample`` without a top-k: the bits of the top-p cut each level finds (8: four levels of 256 bins; 4: eight
+# of 16, a quarter of the binning work a level and twice the launches), and the values per program
+NUCLEUS_BITS = 8
+NUCLEUS_BLOCK = 1024
 
 
 def sample(
-    x: torch.Tensor, temperature: torch.Tensor, k: int, top_p: torch.Tensor | None, min_p: torch.Tensor | None,
-    rng: torch.Tensor, counter: torch.Tensor, block: int | None = None, pdl: bool = False,
+    x: torch.Tensor, temperature: torch.Tensor, k: int | None, top_p: torch.Tensor | None, min_p: torch.Tensor | None,
+    rng: torch.Tensor, counter: torch.Tensor, block: int | None = None, pdl: bool = False, bits: int | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """One id drawn from fp32 logits x [V] / temperature through top-k (1 ≤ k ≤ SAMPLE_MAX_K), then top-p and
-    min-p (None: off), in one launch: runtime/sampling.py's filter_logits (ties at a cut keep the lower ids) and
+    """One id drawn from fp32 logits x [V] / temperature through top-k (1 ≤ k ≤ SAMPLE_MAX_K, or None: none),
+    then top-p and min-p (None: off): runtime/sampling.py's filter_logits (ties at a cut keep the lower ids) and
     a draw in proportion to the kept tokens' probabilities. temperature, top_p, min_p: fp32 [1]. Returns int64
     [2]: the id, and how many tokens the filters kept (the most likely ones, so the count says which).
 
-    Top-p without a top-k is not here: its nucleus can hold most of the vocabulary, which one program finds only
-    by walking the logits again and again (a kernel that did, by bisection, decoded at 353 tok/s against 808
-    with torch's sort on an H200, 2026-11-27).
+    With a top-k: one launch (_sample_kernel: each block's first k in order, merged by the last program).
+    Without: top-p's nucleus can hold most of the vocabulary, so no program sorts it or walks it alone (a
+    kernel that walked it by bisection decoded at 353 tok/s against 808 with torch's sort on an H200,
+    2026-11-27). Its cut is a radix select over the values' bits instead, 32 / ``bits`` launches
+    (NUCLEUS_BITS; 4 or 8) of all programs, each summing the mass of the candidates per digit
+    (_nucleus_level_kernel), then one launch of the draw (_nucleus_race_kernel): 5 launches with top-p, 2 without
+    (min-p or the temperature alone). The masses are summed in a fixed order, so a replay draws the same.
 
     ``rng`` int64 [2], (seed, draws): the draw uses Philox keyed by the low 32 bits of seed and by draws, which
-    the launch then increments, so a CUDA graph replays a new draw each time. ``counter``: int32 [≥ 1], zero,
-    left zero (``argmax``'s). ``block``: values per program (default 4,096): smaller in the tests, to run
-    several programs."""
+    the launch then increments, so a CUDA graph replays a new draw each time; a token's number is keyed by its
+    id, so both ways draw the same id from the same filtered set. ``counter``: int32 [≥ 1], zero, left zero
+    (``argmax``'s). ``block``: values per program (default 4,096 with a top-k, NUCLEUS_BLOCK without): smaller
+    in the tests, to run several programs."""
     if x.dim() != 1 or x.dtype != torch.float32 or x.numel() == 0:
         raise KernelShapeError(f"sample: x must be a non-empty 1-D fp32 tensor, got {x.dtype} {tuple(x.shape)}")
-    if not isinstance(k, int) or not 1 <= k <= SAMPLE_MAX_K:
-        raise KernelShapeError(f"sample: k must be in 1..{SAMPLE_MAX_K}, got {k}")
+    if k is not None and (not isinstance(k, int) or not 1 <= k <= SAMPLE_MAX_K):
+        raise KernelShapeError(f"sample: k must be None or in 1..{SAMPLE_MAX_K}, got {k}")
     for name, t in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p)):
         if t is not None and (t.dtype != torch.float32 or t.numel() != 1 or t.device != x.device):
             raise KernelShapeError(f"sample: {name} must be fp32 [1] on {x.device}")
@@ -1902,13 +2062,16 @@ def sample(
     _check_counter(counter, 1, x.device, "sample")
     x = x.contiguous()
     n = x.numel()
+    out = torch.empty((2,), dtype=torch.long, device=x.device)
+    use_pdl = _use_pdl(x, pdl)
+    if k is None:
+        _sample_vocab(x, temperature, top_p, min_p, rng, counter, out, block, use_pdl, bits or NUCLEUS_BITS)
+        return out
     kp = triton.next_power_of_2(min(k, n))
     block = max(block or min(4096, triton.next_power_of_2(n)), kp)
     n_prog = triton.cdiv(n, block)
     lists = torch.empty((n_prog * kp,), dtype=torch.long, device=x.device)
     fell = torch.empty((n_prog,), dtype=torch.int32, device=x.device)
-    out = torch.empty((2,), dtype=torch.long, device=x.device)
-    use_pdl = _use_pdl(x, pdl)
     _sample_kernel[(n_prog,)](
         x, n, min(k, n), temperature, temperature if top_p is None else top_p, temperature if min_p is None else min_p,
         rng, lists, fell, counter, out, KP=kp, BLOCK=block, BLOCK_P=triton.next_power_of_2(n_prog),
@@ -1916,6 +2079,37 @@ def sample(
         launch_pdl=use_pdl, num_warps=4 if block <= 1024 else 8,
     )  # fmt: skip
     return out
+
+
+def _sample_vocab(x, temperature, top_p, min_p, rng, counter, out, block, pdl: bool, bits: int) -> None:
+    # sample without a top-k (its docstring): the levels of the top-p cut (none without top-p), then the draw
+    if bits not in (4, 8):
+        raise KernelShapeError(f"sample: bits must be 4 or 8, got {bits!r}")
+    n = x.numel()
+    block = triton.next_power_of_2(block or min(NUCLEUS_BLOCK, n))
+    n_prog = triton.cdiv(n, block)
+    nb = 1 << bits
+    dev = x.device
+    sf = torch.empty((3,), dtype=torch.float32, device=dev)  # m, the target top_p · Z, the mass above the range
+    st = torch.empty((3,), dtype=torch.long, device=dev)  # the cut's digits so far, u, the cut's bin
+    pmax = torch.empty((n_prog,), dtype=torch.float32, device=dev)
+    pm = torch.empty((n_prog, nb), dtype=torch.float32, device=dev)
+    pc = torch.empty((n_prog, nb), dtype=torch.int32, device=dev)
+    use_top_p = top_p is not None
+    common = dict(BLOCK=block, BLOCK_P=triton.next_power_of_2(n_prog), ON_GPU=not _INTERPRET, PDL=pdl, launch_pdl=pdl,
+                  num_warps=8 if block >= 1024 else 4)  # fmt: skip
+    for level in range(32 // bits if use_top_p else 1):
+        _nucleus_level_kernel[(n_prog,)](
+            x, n, temperature, top_p if use_top_p else temperature, sf, st, pmax, pm, pc, counter, LEVEL=level,
+            BITS=bits, TOP_P=use_top_p, CH=min(block, 8192 // nb), **common,
+        )  # fmt: skip
+    pv = torch.empty((n_prog,), dtype=torch.float32, device=dev)
+    pi = torch.empty((n_prog,), dtype=torch.long, device=dev)
+    pn = torch.empty((n_prog,), dtype=torch.int32, device=dev)
+    _nucleus_race_kernel[(n_prog,)](
+        x, n, temperature, temperature if min_p is None else min_p, rng, sf, st, pc, pv, pi, pn, counter, out,
+        BITS=bits, TOP_P=use_top_p, USE_MIN_P=min_p is not None, **common,
+    )  # fmt: skip
 
 
 def advance(nxt: torch.Tensor, out: torch.Tensor, n: torch.Tensor, tok: torch.Tensor, pos: torch.Tensor, pdl: bool = False) -> None:

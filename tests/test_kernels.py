@@ -432,11 +432,80 @@ def test_sample_kernel(at_once):
         return
     for bad in (dict(x=torch.zeros(2, 3)), dict(x=torch.zeros(4, dtype=torch.float64)), dict(k=0),
                 dict(k=kernels.SAMPLE_MAX_K + 1), dict(rng=torch.zeros(2, dtype=torch.int32)),
-                dict(top_p=torch.ones(2)), dict(counter=torch.zeros(1)), dict(k=None), dict(k=None, top_p=torch.ones(1))):  # fmt: skip
+                dict(top_p=torch.ones(2)), dict(counter=torch.zeros(1)), dict(k=2.0), dict(k=None, bits=5)):  # fmt: skip
         args = dict(x=torch.randn(9), temperature=torch.ones(1), k=3, top_p=None, min_p=None,
                     rng=torch.zeros(2, dtype=torch.long), counter=counter) | bad  # fmt: skip
         with pytest.raises(kernels.KernelShapeError):
             kernels.sample(**args)
+
+
+def _vocab_cases():
+    # (logits, top_p, min_p) for sample without a top-k: _sample_cases' logits and filters, and larger ones over
+    # many programs: bf16-rounded values (ties), a flat run where the cut falls inside ties spread over the
+    # programs, -inf logits (a whole block of them) and a nucleus of nearly everything
+    seen, cases = set(), []
+    for x, _, p, m in _sample_cases():
+        if (id(x), p, m) not in seen:
+            seen.add((id(x), p, m))
+            cases.append((x, p, m))
+    g = torch.Generator().manual_seed(3)
+    b = (torch.randn(700, generator=g) * 2).to(torch.bfloat16).float()
+    flat = torch.randn(600, generator=g) * 0.01
+    flat[100:500] = 0.25  # 400 ties in 13 blocks of 32, all in the nucleus's last part
+    inf = torch.randn(300, generator=g)
+    inf[64:128] = float("-inf")  # two whole blocks
+    inf[200:210] = float("-inf")
+    cases += [(b, 0.9113, None), (b, 0.5117, 0.01), (flat, 0.8013, None), (flat, 0.3011, None), (inf, 0.9113, None),
+              (inf, None, 0.05), (torch.randn(500, generator=g) * 0.1, 0.9917, None)]  # fmt: skip
+    return cases
+
+
+@interp
+@pytest.mark.parametrize("bits,at_once", [(8, False), (4, False), (8, True)])
+def test_sample_kernel_without_top_k(bits, at_once):
+    # sample(k=None): the radix select of the top-p cut over several programs (block 32) and the race draw the
+    # id that runtime/sampling.py's filters and the race over the same Philox numbers give, exactly, with the
+    # same count of kept tokens; top-p cuts inside a tie group, with the kept ties and the dropped ones in
+    # different programs, occur (asserted). The draw count advances and the counter ends at zero. at_once: the
+    # programs of each launch run together, so the last to arrive is any of them
+    g = torch.Generator().manual_seed(2)
+    counter = torch.zeros(1, dtype=torch.int32)
+    cases = _vocab_cases()
+    if at_once:
+        cases = cases[::2]
+    cut_across = 0
+    for x, top_p, min_p in cases:
+        rng = torch.tensor([int(torch.randint(0, 2**32, (), generator=g)), int(torch.randint(0, 50, (), generator=g))])
+        want, kept = _sample_reference(x, 0.8, None, top_p, min_p, rng)
+        draws = int(rng[1])
+        kernels_used = (kernels._nucleus_level_kernel, kernels._nucleus_race_kernel)
+        with programs_at_once(*kernels_used) if at_once else contextlib.nullcontext():
+            got = kernels.sample(x, torch.tensor([0.8]), None, None if top_p is None else torch.tensor([top_p]),
+                                 None if min_p is None else torch.tensor([min_p]), rng, counter, block=32, bits=bits)  # fmt: skip
+        assert got.dtype == torch.long and got.shape == (2,)
+        assert int(got[0]) == want and int(got[1]) == int(kept.sum()), (x.numel(), top_p, min_p)
+        assert int(rng[1]) == draws + 1 and not counter.any()
+        y = x / 0.8
+        cut = y[kept].min()
+        at_cut = (y == cut).nonzero()[:, 0] // 32  # the blocks of the ties at the cut
+        cut_across += bool(((y == cut) & ~kept).any()) and int(at_cut.min()) != int(at_cut.max())
+    assert cut_across
+
+
+@interp
+def test_sample_without_top_k_draws_in_proportion():
+    # consecutive draws of one stream without a top-k: each token top-p 0.85 keeps about as often as its
+    # probability after the filter, the others never. p ≈ (0.427, 0.259, 0.157, 0.095, 0.058, 0.003): the mass
+    # above the fourth is 0.844, so it stays, and the fifth (0.939 above it) goes
+    x = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -3.0])
+    kept = x[:4].softmax(-1)
+    rng = torch.tensor([54321, 0])
+    counter = torch.zeros(1, dtype=torch.int32)
+    n = 400
+    ids = [int(kernels.sample(x, torch.ones(1), None, torch.tensor([0.85]), None, rng, counter)[0]) for _ in range(n)]
+    freq = torch.bincount(torch.tensor(ids), minlength=6).double() / n
+    assert freq[4:].sum() == 0
+    assert torch.all((freq[:4] - kept.double()).abs() < 4 * (kept * (1 - kept) / n).sqrt().double()), freq
 
 
 @interp
