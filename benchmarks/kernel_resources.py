@@ -138,6 +138,22 @@ def variants(quick: bool) -> list[tuple[str, object, dict, dict, dict]]:
     for label, k, kp in (("k=50", 50, 64), (f"k={K.SAMPLE_MAX_K}", K.SAMPLE_MAX_K, K.SAMPLE_MAX_K)):
         const = dict(KP=kp, BLOCK=4096, BLOCK_P=32, USE_TOP_P=True, USE_MIN_P=True, ON_GPU=True)
         out.append((f"sample {label}", K._sample_kernel, {**args, "K": k}, const, {"num_warps": 8}))
+    # the draw without a top-k (kernels.sample with k None): the top-p cut's levels, first and last, and the race
+    blk = K.NUCLEUS_BLOCK
+    n_prog = -(-V // blk)
+    bp = 1 << (n_prog - 1).bit_length()
+    bits = K.NUCLEUS_BITS
+    args = {"x_ptr": "*fp32", "N": V, "temp_ptr": "*fp32", "top_p_ptr": "*fp32", "sf_ptr": "*fp32", "st_ptr": "*i64",
+            "pmax_ptr": "*fp32", "pm_ptr": "*fp32", "pc_ptr": "*i32", "cnt_ptr": "*i32"}  # fmt: skip
+    for level, top_p in ((0, True), (32 // bits - 1, True), (0, False)):
+        const = dict(LEVEL=level, BITS=bits, TOP_P=top_p, BLOCK=blk, CH=min(blk, 8192 >> bits), BLOCK_P=bp, ON_GPU=True)
+        label = f"sample nucleus level {level} of {32 // bits}" + ("" if top_p else ", max only")
+        out.append((label, K._nucleus_level_kernel, args, const, {"num_warps": 8}))
+    args = {"x_ptr": "*fp32", "N": V, "temp_ptr": "*fp32", "min_p_ptr": "*fp32", "rng_ptr": "*i64", "sf_ptr": "*fp32",
+            "st_ptr": "*i64", "pc_ptr": "*i32", "pv_ptr": "*fp32", "pi_ptr": "*i64", "pn_ptr": "*i32", "cnt_ptr": "*i32",
+            "out_ptr": "*i64"}  # fmt: skip
+    const = dict(BITS=K.NUCLEUS_BITS, TOP_P=True, USE_MIN_P=True, BLOCK=blk, BLOCK_P=bp, ON_GPU=True)
+    out.append(("sample nucleus race", K._nucleus_race_kernel, args, const, {"num_warps": 8}))
     args = {"nxt_ptr": "*i64", "out_ptr": "*i64", "n_ptr": "*i64", "tok_ptr": "*i64", "pos_ptr": "*i64", "S": 1024}
     out.append(("advance", K._advance_kernel, args, {}, {"num_warps": 1}))
     # the decoder layers of a decode step in one launch (FastModel(gemv="persistent")), 30 layers of the 2B-4T shape

@@ -48,10 +48,11 @@ What it changes, and why:
   - ``pdl=True`` (default) launches those kernels, the attention kernels and the int8 head with programmatic
     dependent launch (sm_90+; ignored elsewhere), so that each launch overlaps the end of the kernel before it.
   - ``argmax="triton"`` (default): the step's pick over the vocabulary in one launch: the greedy argmax
-    (``kernels.argmax``, 2.8 µs on an H200, against torch's reduction: 28 µs) and, with a top-k ≤
-    ``kernels.SAMPLE_MAX_K``, the top-k / top-p / min-p draw (``kernels.sample``: 925-937 tok/s against
-    767-798 with torch's ops for top-k 50 + top-p 0.95 on an H200); "torch" keeps torch's ops for both. Other
-    sampling (top-p without top-k, temperature or min-p alone) always runs torch's ops.
+    (``kernels.argmax``, 2.8 µs on an H200, against torch's reduction: 28 µs) and the top-k / top-p / min-p
+    draw (``kernels.sample``: with a top-k ≤ ``kernels.SAMPLE_MAX_K`` one launch, 925-937 tok/s against 767-798
+    with torch's ops for top-k 50 + top-p 0.95 on an H200; without a top-k a radix select of the top-p cut in
+    nine launches, not measured yet, where torch's ops sort the vocabulary: 808 tok/s); "torch" keeps torch's
+    ops for both, as does a top-k above SAMPLE_MAX_K.
   - ``tiles="searched"`` (default): the graph step's packed GEMV tiles are chosen per site (q/k/v, o, gate|up,
     down) by timing the whole decode step with each tile (``GraphDecoder.search_tiles``, once per model, before
     the first capture), then the warps of the ``pack_act`` before each the same way (``kernels.PACK_WARPS``: a
@@ -641,14 +642,15 @@ class FastModel:
         min_p: torch.Tensor | None, rng: torch.Tensor,
     ) -> torch.Tensor:  # fmt: skip
         """A sampled next id (int64 [1]) of fp32 logits [V] on the device, as ``sample_on_device`` (whose
-        arguments these are): ``argmax="triton"`` on the triton backend, with 1 ≤ top_k ≤ kernels.SAMPLE_MAX_K,
-        runs ``kernels.sample`` (one launch; it draws from the stream ``rng``, int64 [2]); else torch's ops draw
-        from torch's generator. The filters are the same; the random numbers differ."""
-        if self.argmax == "triton" and self.backend == "triton" and top_k:
+        arguments these are): ``argmax="triton"`` on the triton backend, with no top-k or 1 ≤ top_k ≤
+        kernels.SAMPLE_MAX_K, runs ``kernels.sample`` (one launch with a top-k, a radix select of the top-p cut
+        without; it draws from the stream ``rng``, int64 [2]); else torch's ops draw from torch's generator. The
+        filters are the same; the random numbers differ."""
+        if self.argmax == "triton" and self.backend == "triton":
             from bitnet158.runtime import kernels
 
-            if top_k <= kernels.SAMPLE_MAX_K:
-                return kernels.sample(logits, temperature, top_k, top_p, min_p, rng, self._counter(logits.device),
+            if not top_k or top_k <= kernels.SAMPLE_MAX_K:
+                return kernels.sample(logits, temperature, top_k or None, top_p, min_p, rng, self._counter(logits.device),
                                       pdl=self.pdl)[:1]  # fmt: skip
         return sample_on_device(logits, temperature, top_k, top_p, min_p)
 

@@ -42,7 +42,9 @@ Kernels
 - ``argmax``: the greedy step's argmax in one launch (block maxima, then the last program reduces them).
 - ``sample``: the sampled step's draw with a top-k (then top-p and min-p) in one launch (each block's first k
   in order, merged by the last program, which draws by an exponential race over Philox numbers; ties at the
-  k-th logit kept past the merge are found by walking the logits).
+  k-th logit kept past the merge are found by walking the logits). Without a top-k, the top-p cut is a radix
+  select over the values' bits, 4 bits a launch, all programs binning the mass of the candidates and the last
+  one choosing the digit (``_nucleus_level_kernel``), then a launch of the race (``_nucleus_race_kernel``).
 - ``decode_layers`` (FastModel(gemv="persistent")): every decoder layer of a decode step in one persistent launch,
   the folded step's kernels as phases of work items and flags in place of kernel boundaries (``_wait`` /
   ``_arrive`` / ``_signal``), each phase's weights in flight before its wait.
@@ -2022,15 +2024,17 @@ def argmax(x: torch.Tensor, counter: torch.Tensor, block: int | None = None, pdl
 
 # the largest top-k that ``sample`` takes (its last program sorts n_programs · next_power_of_2(k) keys)
 SAMPLE_MAX_K = 256
-# ``sample`` without a top-k: the bits of the top-p cut each level finds (8: four levels of 256 bins; 4: eight
-# of 16, a quarter of the binning work a level and twice the launches), and the values per program
-NUCLEUS_BITS = 8
+# ``sample`` without a top-k: the bits of the top-p cut each launch finds, and the values per program. 4 bits: 8
+# levels of 16 bins. A level's binning costs a select and an add per value and bin, so 8 bits (4 levels of 256
+# bins) compiled to 36,000-55,000 SASS instructions a thread a level at 1,024 values a program, against
+# 1,200-1,800 for 4 bits (benchmarks/kernel_resources.py, sm_90): 4 bits trade 4 more launches for that
+NUCLEUS_BITS = 4
 NUCLEUS_BLOCK = 1024
 
 
 def sample(
     x: torch.Tensor, temperature: torch.Tensor, k: int | None, top_p: torch.Tensor | None, min_p: torch.Tensor | None,
-    rng: torch.Tensor, counter: torch.Tensor, block: int | None = None, pdl: bool = False, bits: int | None = None,
+    rng: torch.Tensor, counter: torch.Tensor, block: int | None = None, pdl: bool = False,
 ) -> torch.Tensor:  # fmt: skip
     """One id drawn from fp32 logits x [V] / temperature through top-k (1 ≤ k ≤ SAMPLE_MAX_K, or None: none),
     then top-p and min-p (None: off): runtime/sampling.py's filter_logits (ties at a cut keep the lower ids) and
@@ -2040,10 +2044,10 @@ def sample(
     With a top-k: one launch (_sample_kernel: each block's first k in order, merged by the last program).
     Without: top-p's nucleus can hold most of the vocabulary, so no program sorts it or walks it alone (a
     kernel that walked it by bisection decoded at 353 tok/s against 808 with torch's sort on an H200,
-    2026-11-27). Its cut is a radix select over the values' bits instead, 32 / ``bits`` launches
-    (NUCLEUS_BITS; 4 or 8) of all programs, each summing the mass of the candidates per digit
-    (_nucleus_level_kernel), then one launch of the draw (_nucleus_race_kernel): 5 launches with top-p, 2 without
-    (min-p or the temperature alone). The masses are summed in a fixed order, so a replay draws the same.
+    2026-11-27). Its cut is a radix select over the values' bits instead, 32 / NUCLEUS_BITS launches of all
+    programs, each summing the mass of the candidates per digit (_nucleus_level_kernel), then one launch of the
+    draw (_nucleus_race_kernel): 9 launches with top-p, 2 without (min-p or the temperature alone). The masses
+    are summed in a fixed order, so a replay draws the same.
 
     ``rng`` int64 [2], (seed, draws): the draw uses Philox keyed by the low 32 bits of seed and by draws, which
     the launch then increments, so a CUDA graph replays a new draw each time; a token's number is keyed by its
@@ -2065,7 +2069,7 @@ def sample(
     out = torch.empty((2,), dtype=torch.long, device=x.device)
     use_pdl = _use_pdl(x, pdl)
     if k is None:
-        _sample_vocab(x, temperature, top_p, min_p, rng, counter, out, block, use_pdl, bits or NUCLEUS_BITS)
+        _sample_vocab(x, temperature, top_p, min_p, rng, counter, out, block, use_pdl)
         return out
     kp = triton.next_power_of_2(min(k, n))
     block = max(block or min(4096, triton.next_power_of_2(n)), kp)
@@ -2081,10 +2085,9 @@ def sample(
     return out
 
 
-def _sample_vocab(x, temperature, top_p, min_p, rng, counter, out, block, pdl: bool, bits: int) -> None:
+def _sample_vocab(x, temperature, top_p, min_p, rng, counter, out, block, pdl: bool) -> None:
     # sample without a top-k (its docstring): the levels of the top-p cut (none without top-p), then the draw
-    if bits not in (4, 8):
-        raise KernelShapeError(f"sample: bits must be 4 or 8, got {bits!r}")
+    bits = NUCLEUS_BITS
     n = x.numel()
     block = triton.next_power_of_2(block or min(NUCLEUS_BLOCK, n))
     n_prog = triton.cdiv(n, block)

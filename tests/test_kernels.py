@@ -432,7 +432,7 @@ def test_sample_kernel(at_once):
         return
     for bad in (dict(x=torch.zeros(2, 3)), dict(x=torch.zeros(4, dtype=torch.float64)), dict(k=0),
                 dict(k=kernels.SAMPLE_MAX_K + 1), dict(rng=torch.zeros(2, dtype=torch.int32)),
-                dict(top_p=torch.ones(2)), dict(counter=torch.zeros(1)), dict(k=2.0), dict(k=None, bits=5)):  # fmt: skip
+                dict(top_p=torch.ones(2)), dict(counter=torch.zeros(1)), dict(k=2.0)):  # fmt: skip
         args = dict(x=torch.randn(9), temperature=torch.ones(1), k=3, top_p=None, min_p=None,
                     rng=torch.zeros(2, dtype=torch.long), counter=counter) | bad  # fmt: skip
         with pytest.raises(kernels.KernelShapeError):
@@ -461,8 +461,8 @@ def _vocab_cases():
 
 
 @interp
-@pytest.mark.parametrize("bits,at_once", [(8, False), (4, False), (8, True)])
-def test_sample_kernel_without_top_k(bits, at_once):
+@pytest.mark.parametrize("at_once", [False, True])
+def test_sample_kernel_without_top_k(at_once):
     # sample(k=None): the radix select of the top-p cut over several programs (block 32) and the race draw the
     # id that runtime/sampling.py's filters and the race over the same Philox numbers give, exactly, with the
     # same count of kept tokens; top-p cuts inside a tie group, with the kept ties and the dropped ones in
@@ -481,7 +481,7 @@ def test_sample_kernel_without_top_k(bits, at_once):
         kernels_used = (kernels._nucleus_level_kernel, kernels._nucleus_race_kernel)
         with programs_at_once(*kernels_used) if at_once else contextlib.nullcontext():
             got = kernels.sample(x, torch.tensor([0.8]), None, None if top_p is None else torch.tensor([top_p]),
-                                 None if min_p is None else torch.tensor([min_p]), rng, counter, block=32, bits=bits)  # fmt: skip
+                                 None if min_p is None else torch.tensor([min_p]), rng, counter, block=32)  # fmt: skip
         assert got.dtype == torch.long and got.shape == (2,)
         assert int(got[0]) == want and int(got[1]) == int(kept.sum()), (x.numel(), top_p, min_p)
         assert int(rng[1]) == draws + 1 and not counter.any()
@@ -494,18 +494,18 @@ def test_sample_kernel_without_top_k(bits, at_once):
 
 @interp
 def test_sample_without_top_k_draws_in_proportion():
-    # consecutive draws of one stream without a top-k: each token top-p 0.85 keeps about as often as its
-    # probability after the filter, the others never. p ≈ (0.427, 0.259, 0.157, 0.095, 0.058, 0.003): the mass
-    # above the fourth is 0.844, so it stays, and the fifth (0.939 above it) goes
+    # consecutive draws of one stream without a top-k (here min-p 0.05: the two launches of the draw without the
+    # top-p levels, whose cut the test above checks exactly): each kept token about as often as its probability
+    # after the filter, the others never. e = exp(x − 2) ≥ 0.05 keeps x ≥ -0.996: all but the last
     x = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -3.0])
-    kept = x[:4].softmax(-1)
+    kept = x[:5].softmax(-1)
     rng = torch.tensor([54321, 0])
     counter = torch.zeros(1, dtype=torch.int32)
-    n = 400
-    ids = [int(kernels.sample(x, torch.ones(1), None, torch.tensor([0.85]), None, rng, counter)[0]) for _ in range(n)]
+    n = 300
+    ids = [int(kernels.sample(x, torch.ones(1), None, None, torch.tensor([0.05]), rng, counter)[0]) for _ in range(n)]
     freq = torch.bincount(torch.tensor(ids), minlength=6).double() / n
-    assert freq[4:].sum() == 0
-    assert torch.all((freq[:4] - kept.double()).abs() < 4 * (kept * (1 - kept) / n).sqrt().double()), freq
+    assert freq[5] == 0
+    assert torch.all((freq[:5] - kept.double()).abs() < 4 * (kept * (1 - kept) / n).sqrt().double()), freq
 
 
 @interp
@@ -1118,9 +1118,15 @@ def test_fast_model_folded_step_equals_packed():
         assert list(dec.generate([3, 1], 3, temperature=5.0, top_k=8, min_p=1.0, seed=2)) == tokens["torch"]
         draws = {tuple(dec.generate([3, 1], 3, temperature=3.0, top_k=8, seed=s)) for s in range(4)}
         assert len(draws) > 1  # the seed reaches the kernel's stream
-        # top-p alone draws with torch's ops, from torch's generator: the kernel's stream is not drawn from
+        # without a top-k the kernels draw too (the radix select of the top-p cut), from the decoder's stream,
+        # reproducibly; min-p 1 alone is greedy. A top-k above kernels.SAMPLE_MAX_K draws with torch's ops, from
+        # torch's generator: the kernel's stream is not drawn from
         a = list(dec.generate([3, 1], 3, temperature=3.0, top_p=0.99, seed=5))
-        assert int(dec._rng[1]) == 0 and a == list(dec.generate([3, 1], 3, temperature=3.0, top_p=0.99, seed=5))
+        assert int(dec._rng[1]) == 3 and a == list(dec.generate([3, 1], 3, temperature=3.0, top_p=0.99, seed=5))
+        assert list(dec.generate([3, 1], 3, temperature=5.0, min_p=1.0, seed=2)) == tokens["torch"]
+        big = dict(temperature=3.0, top_k=kernels.SAMPLE_MAX_K + 1, top_p=0.99, seed=5)
+        a = list(dec.generate([3, 1], 3, **big))
+        assert int(dec._rng[1]) == 0 and a == list(dec.generate([3, 1], 3, **big))
 
 
 @interp
@@ -1633,30 +1639,31 @@ def test_gpu_decode_variants_follow_the_default():
 @gpu
 @needs_cuda
 def test_gpu_sample_in_a_graph():
-    # kernels.sample over 128,256 logits (32 programs), replayed from one CUDA graph over fresh logits: each
-    # replay draws the reference's id and keeps the reference's number of tokens (runtime/sampling.py's filters,
-    # the race over the same Philox numbers), and advances the stream. Top-k 50 with top-p and min-p, with 100
-    # ties at the top in some replays (past the merged 64); the largest top-k with top-p. The filters' sums run in
-    # another order than torch's, which may move a cut whose mass lies within rounding of top_p: at most one
-    # replay in 20 may differ, and never to a token the filters drop.
+    # kernels.sample over 128,256 logits (32 programs; 126 without a top-k), replayed from one CUDA graph over
+    # fresh logits: each replay draws the reference's id and keeps the reference's number of tokens
+    # (runtime/sampling.py's filters, the race over the same Philox numbers), and advances the stream. Top-k 50
+    # with top-p and min-p, with 100 ties at the top in some replays (past the merged 64); the largest top-k with
+    # top-p; top-p alone (the radix select's nine launches), and min-p alone. The filters' sums run in another
+    # order than torch's, which may move a cut whose mass lies within rounding of top_p: at most one replay in 20
+    # may differ, and never to a token the filters drop.
     torch.manual_seed(0)
     logits = torch.randn(128256, device="cuda")
     t, top_p, min_p = (torch.tensor([v], device="cuda") for v in (0.8, 0.95, 0.01))
     rng = torch.tensor([987654321, 0], device="cuda")
     counter = torch.zeros(1, dtype=torch.int32, device="cuda")
     with torch.inference_mode():
-        for k, mp in ((50, min_p), (kernels.SAMPLE_MAX_K, None)):
+        for k, tp, mp in ((50, top_p, min_p), (kernels.SAMPLE_MAX_K, top_p, None), (None, top_p, None), (None, None, min_p)):
             rng[1] = 0
-            kernels.sample(logits, t, k, top_p, mp, rng, counter)  # compile outside the capture
+            kernels.sample(logits, t, k, tp, mp, rng, counter)  # compile outside the capture
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                out = kernels.sample(logits, t, k, top_p, mp, rng, counter)
+                out = kernels.sample(logits, t, k, tp, mp, rng, counter)
             same = 0
             for rep in range(20):
                 logits.copy_(torch.randn_like(logits) * (1 + rep % 4))
                 if rep % 5 == 0:
                     logits[1000:1100] = logits.max()  # 100 ties at the top
-                want, kept = _sample_reference(logits, 0.8, k, 0.95, None if mp is None else 0.01, rng)
+                want, kept = _sample_reference(logits, 0.8, k, None if tp is None else 0.95, None if mp is None else 0.01, rng)
                 graph.replay()
                 assert kept[int(out[0])] and int(rng[1]) == rep + 2, (k, rep)
                 same += int(out[0]) == want and int(out[1]) == int(kept.sum())
