@@ -399,30 +399,37 @@ def _sample_cases():
     return cases
 
 
-@interp
-@pytest.mark.parametrize("at_once", [False, True])
-def test_sample_kernel(at_once):
-    # one launch, several programs (block 32): the id the filters of runtime/sampling.py and the race over the
-    # kernel's own Philox numbers give, exactly. Kept tokens past the merged lists (ties at the k-th logit) and
-    # top-p cuts inside a tie group both occur (asserted). The draw count advances and the counter ends at zero.
-    g = torch.Generator().manual_seed(1)
+def _checked_draws(cases, seed: int, at_once: tuple = ()):
+    # kernels.sample on each case (logits, k, top_p, min_p) at temperature 0.8, block 32 (several programs), with
+    # the launches of the kernels ``at_once`` running their programs together (programs_at_once): the id that the
+    # filters of runtime/sampling.py and the race over the kernel's own Philox numbers give, exactly, and as many
+    # kept tokens; the draw count advances and the counter ends at zero. Yields (logits, kept mask) of each
+    g = torch.Generator().manual_seed(seed)
     counter = torch.zeros(1, dtype=torch.int32)
-    cases = _sample_cases()
-    if at_once:
-        cases = cases[::3]
-    past_lists = cut_in_ties = 0
     for x, k, top_p, min_p in cases:
         rng = torch.tensor([int(torch.randint(0, 2**32, (), generator=g)), int(torch.randint(0, 50, (), generator=g))])
         want, kept = _sample_reference(x, 0.8, k, top_p, min_p, rng)
         draws = int(rng[1])
-        t = torch.tensor([0.8])
-        with programs_at_once(kernels._sample_kernel) if at_once else contextlib.nullcontext():
-            got = kernels.sample(x, t, k, None if top_p is None else torch.tensor([top_p]),
+        with programs_at_once(*at_once) if at_once else contextlib.nullcontext():
+            got = kernels.sample(x, torch.tensor([0.8]), k, None if top_p is None else torch.tensor([top_p]),
                                  None if min_p is None else torch.tensor([min_p]), rng, counter, block=32)  # fmt: skip
         # the id, and how many tokens stayed: they are the most likely ones, so the count says which
         assert got.dtype == torch.long and got.shape == (2,)
-        assert int(got[0]) == want and int(got[1]) == int(kept.sum()), (k, top_p, min_p)
+        assert int(got[0]) == want and int(got[1]) == int(kept.sum()), (x.numel(), k, top_p, min_p)
         assert int(rng[1]) == draws + 1 and not counter.any()
+        yield x, kept
+
+
+@interp
+@pytest.mark.parametrize("at_once", [False, True])
+def test_sample_kernel(at_once):
+    # one launch, several programs: exactly the reference's draw (_checked_draws). Kept tokens past the merged
+    # lists (ties at the k-th logit) and top-p cuts inside a tie group both occur (asserted).
+    cases = _sample_cases()
+    if at_once:
+        cases = cases[::3]
+    past_lists = cut_in_ties = 0
+    for (x, k, _, _), (_, kept) in zip(cases, _checked_draws(cases, 1, (kernels._sample_kernel,) if at_once else ())):
         y = x / 0.8
         past_lists += int(kept.sum()) > triton.next_power_of_2(min(k, x.numel()))
         cut = y[kept].min()
@@ -434,7 +441,7 @@ def test_sample_kernel(at_once):
                 dict(k=kernels.SAMPLE_MAX_K + 1), dict(rng=torch.zeros(2, dtype=torch.int32)),
                 dict(top_p=torch.ones(2)), dict(counter=torch.zeros(1)), dict(k=2.0)):  # fmt: skip
         args = dict(x=torch.randn(9), temperature=torch.ones(1), k=3, top_p=None, min_p=None,
-                    rng=torch.zeros(2, dtype=torch.long), counter=counter) | bad  # fmt: skip
+                    rng=torch.zeros(2, dtype=torch.long), counter=torch.zeros(1, dtype=torch.int32)) | bad  # fmt: skip
         with pytest.raises(kernels.KernelShapeError):
             kernels.sample(**args)
 
@@ -463,28 +470,14 @@ def _vocab_cases():
 @interp
 @pytest.mark.parametrize("at_once", [False, True])
 def test_sample_kernel_without_top_k(at_once):
-    # sample(k=None): the radix select of the top-p cut over several programs (block 32) and the race draw the
-    # id that runtime/sampling.py's filters and the race over the same Philox numbers give, exactly, with the
-    # same count of kept tokens; top-p cuts inside a tie group, with the kept ties and the dropped ones in
-    # different programs, occur (asserted). The draw count advances and the counter ends at zero. at_once: the
-    # programs of each launch run together, so the last to arrive is any of them
-    g = torch.Generator().manual_seed(2)
-    counter = torch.zeros(1, dtype=torch.int32)
-    cases = _vocab_cases()
+    # sample(k=None): the radix select of the top-p cut over several programs and the race give exactly the
+    # reference's draw (_checked_draws); top-p cuts inside a tie group, with the kept ties and the dropped ones
+    # in different programs, occur (asserted). at_once: each launch's last program to arrive is any of them
+    cases = [(x, None, p, m) for x, p, m in _vocab_cases()]
     if at_once:
         cases = cases[::2]
     cut_across = 0
-    for x, top_p, min_p in cases:
-        rng = torch.tensor([int(torch.randint(0, 2**32, (), generator=g)), int(torch.randint(0, 50, (), generator=g))])
-        want, kept = _sample_reference(x, 0.8, None, top_p, min_p, rng)
-        draws = int(rng[1])
-        kernels_used = (kernels._nucleus_level_kernel, kernels._nucleus_race_kernel)
-        with programs_at_once(*kernels_used) if at_once else contextlib.nullcontext():
-            got = kernels.sample(x, torch.tensor([0.8]), None, None if top_p is None else torch.tensor([top_p]),
-                                 None if min_p is None else torch.tensor([min_p]), rng, counter, block=32)  # fmt: skip
-        assert got.dtype == torch.long and got.shape == (2,)
-        assert int(got[0]) == want and int(got[1]) == int(kept.sum()), (x.numel(), top_p, min_p)
-        assert int(rng[1]) == draws + 1 and not counter.any()
+    for x, kept in _checked_draws(cases, 2, (kernels._nucleus_level_kernel, kernels._nucleus_race_kernel) if at_once else ()):
         y = x / 0.8
         cut = y[kept].min()
         at_cut = (y == cut).nonzero()[:, 0] // 32  # the blocks of the ties at the cut
