@@ -146,7 +146,7 @@ def variants(quick: bool) -> list[tuple[str, object, dict, dict, dict]]:
     args = {"x_ptr": "*fp32", "N": V, "temp_ptr": "*fp32", "top_p_ptr": "*fp32", "sf_ptr": "*fp32", "st_ptr": "*i64",
             "pmax_ptr": "*fp32", "pm_ptr": "*fp32", "pc_ptr": "*i32", "cnt_ptr": "*i32"}  # fmt: skip
     for level, top_p in ((0, True), (32 // bits - 1, True), (0, False)):
-        const = dict(LEVEL=level, BITS=bits, TOP_P=top_p, BLOCK=blk, CH=min(blk, 8192 >> bits), BLOCK_P=bp, ON_GPU=True)
+        const = dict(LEVEL=level, BITS=bits, TOP_P=top_p, BLOCK=blk, CH=K.nucleus_chunk(blk), BLOCK_P=bp, ON_GPU=True)
         label = f"sample nucleus level {level} of {32 // bits}" + ("" if top_p else ", max only")
         out.append((label, K._nucleus_level_kernel, args, const, {"num_warps": 8}))
     args = {"x_ptr": "*fp32", "N": V, "temp_ptr": "*fp32", "min_p_ptr": "*fp32", "rng_ptr": "*i64", "sf_ptr": "*fp32",

@@ -900,6 +900,14 @@ def _scaled(x_ptr, offs, N, t, ON_GPU: tl.constexpr):
 
 
 @triton.jit
+def _stream(rng_ptr):
+    # the sampling stream rng (seed, draws), int64 [2]: (draws, the Philox key of this draw: the draw number in
+    # the high 32 bits, the seed's low 32 bits below); tl.rand(key, id) is then token id's number for this draw
+    draw = tl.load(rng_ptr + 1)
+    return draw, (draw << 32) | (tl.load(rng_ptr) & 4294967295)
+
+
+@triton.jit
 def _race(e, u, ON_GPU: tl.constexpr):
     # the exponential race's entries e / E, E = -log(U) ~ Exp(1): the largest is a draw in proportion to e
     return _div_rn(e, -_log(u, ON_GPU), ON_GPU)
@@ -972,8 +980,7 @@ def _sample_kernel(
         q = tl.arange(0, BLOCK_P)
         # U: Philox keyed by the stream (a 32-bit seed and the draw's number), its counter the token id, so a
         # token's U does not depend on where it is found
-        draw = tl.load(rng_ptr + 1)
-        seed = (draw << 32) | (tl.load(rng_ptr) & 4294967295)
+        draw, seed = _stream(rng_ptr)
         kth = tl.max(tl.where(i == K - 1, gv, float("-inf")), axis=0)
         # every token at the k-th logit: those in the lists, and those that fell off a list ending at it
         ends = tl.load(pk_ptr + q * KP + KP - 1, mask=q < n_prog, other=_NO_KEY, cache_modifier=".cg")
@@ -1150,8 +1157,7 @@ def _nucleus_race_kernel(
         keep = ok & ((key > cut) | (tie & (rank < u)))
     if USE_MIN_P:  # keep p ≥ min_p · p_max, i.e. e ≥ min_p (the top token has e = 1)
         keep = keep & (e >= tl.load(min_p_ptr))
-    draw = tl.load(rng_ptr + 1)
-    seed = (draw << 32) | (tl.load(rng_ptr) & 4294967295)
+    draw, seed = _stream(rng_ptr)
     race = tl.where(keep, _race(e, tl.rand(seed, offs), ON_GPU), -1.0)
     best, at = tl.max(race, axis=0, return_indices=True, return_indices_tie_break_left=True)
     tl.store(pv_ptr + p, best)
@@ -2032,6 +2038,12 @@ NUCLEUS_BITS = 4
 NUCLEUS_BLOCK = 1024
 
 
+def nucleus_chunk(block: int) -> int:
+    """CH of _nucleus_level_kernel for ``block`` values a program: the keys binned at a time, 8,192 key-bin
+    sums (32 registers a thread at 8 warps)."""
+    return min(block, 8192 >> NUCLEUS_BITS)
+
+
 def sample(
     x: torch.Tensor, temperature: torch.Tensor, k: int | None, top_p: torch.Tensor | None, min_p: torch.Tensor | None,
     rng: torch.Tensor, counter: torch.Tensor, block: int | None = None, pdl: bool = False,
@@ -2104,7 +2116,7 @@ def _sample_vocab(x, temperature, top_p, min_p, rng, counter, out, block, pdl: b
     for level in range(32 // bits if use_top_p else 1):
         _nucleus_level_kernel[(n_prog,)](
             x, n, temperature, top_p if use_top_p else temperature, sf, st, pmax, pm, pc, counter, LEVEL=level,
-            BITS=bits, TOP_P=use_top_p, CH=min(block, 8192 // nb), **common,
+            BITS=bits, TOP_P=use_top_p, CH=nucleus_chunk(block), **common,
         )  # fmt: skip
     pv = torch.empty((n_prog,), dtype=torch.float32, device=dev)
     pi = torch.empty((n_prog,), dtype=torch.long, device=dev)
