@@ -972,13 +972,16 @@ def bench_model(path: Path, label: str, args, random: bool, t_start: float) -> N
         f"{RESULTS['roofline_tok_s']:.0f} tok/s (int8 head {RESULTS['roofline_int8_tok_s']:.0f})")
     vocab = model.config.vocab_size
     prompt = make_prompt(vocab, args.prompt_len)
-    stage("correctness", check_correctness, model, fast, prompt[:64])
-    if not RESULTS.get("correct"):
-        say("correctness failed: timing anyway, but these figures are not of a correct fast path")
-    text_ids = None
-    if args.file and model.tokenizer.vocab_size > 100:
-        text_ids = model.tokenizer.encode(TEXT, add_special_tokens=True)
-    stage("int8 head effect", int8_head_effect, fast, prompt[:256], text_ids)
+    if args.no_checks:
+        say("--no-checks: no correctness check and no int8 head effect in this run (timings only)")
+    else:
+        stage("correctness", check_correctness, model, fast, prompt[:64])
+        if not RESULTS.get("correct"):
+            say("correctness failed: timing anyway, but these figures are not of a correct fast path")
+        text_ids = None
+        if args.file and model.tokenizer.vocab_size > 100:
+            text_ids = model.tokenizer.encode(TEXT, add_special_tokens=True)
+        stage("int8 head effect", int8_head_effect, fast, prompt[:256], text_ids)
     stage("variants", run_variants, fast, prompt, args, t_start)
     if args.profile and DEV == "cuda":
         # probes, each only within --budget-s (the prefill's first run autotunes its matmul)
@@ -1083,6 +1086,9 @@ def main() -> int:
                     help="kernel times inside the default's graph step, and without PDL if that variant runs (torch.profiler)")
     ap.add_argument("--json", help="write all figures here")
     ap.add_argument("--tmp", default=None, help="scratch folder (default: a temp dir)")
+    ap.add_argument("--reuse-file", action="store_true", help="take the random model already in --tmp (made by an earlier run)")
+    ap.add_argument("--no-checks", action="store_true", help="timings only: skip the correctness check and the int8 head's "
+                    "effect (benchmarks/ab_check.sh, whose GPU tests check correctness)")
     ap.add_argument("--hf-worker", help=argparse.SUPPRESS)
     ap.add_argument("--smoke", action="store_true", help="CPU dry run of the whole script on a tiny model (interpreter)")
     args = ap.parse_args()
@@ -1119,9 +1125,12 @@ def main() -> int:
             bench_model(Path(args.file), args.file, args, False, t_all)
         else:
             path = Path(args.tmp) / "random_2b4t.bin"
-            t0 = time.perf_counter()
-            size = write_random_model(path, config, force=True, progress=False)
-            say(f"wrote the random {'2B-4T-shaped' if not args.smoke else 'tiny'} file ({size / 1e9:.2f} GB) in {time.perf_counter() - t0:.1f} s")
+            if args.reuse_file and path.exists():  # an earlier run's file: the same seed, so the same bytes
+                say(f"reusing {path} ({path.stat().st_size / 1e9:.2f} GB)")
+            else:
+                t0 = time.perf_counter()
+                size = write_random_model(path, config, force=True, progress=False)
+                say(f"wrote the random {'2B-4T-shaped' if not args.smoke else 'tiny'} file ({size / 1e9:.2f} GB) in {time.perf_counter() - t0:.1f} s")
             bench_model(path, "random 2B-4T shape" if not args.smoke else "random tiny (smoke)", args, True, t_all)
         if not args.no_micro and DEV == "cuda":  # last: the whole-model figures come first if time runs short
             stage("microbench", microbench, [(n, nn, k) for n, (nn, k) in {
@@ -1132,7 +1141,7 @@ def main() -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(RESULTS, indent=2, default=str))
         print_table()
-    return 0 if RESULTS.get("correct") else 1
+    return 0 if RESULTS.get("correct") or args.no_checks else 1
 
 
 if __name__ == "__main__":

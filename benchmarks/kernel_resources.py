@@ -236,7 +236,7 @@ def compile_one(fn, args: dict, const: dict, opts: dict, arch: int) -> dict:
     # fused multiply-adds in bf16: LLVM contracts a bf16-rounded product and the add after it into one fma.rn.bf16,
     # which drops the product's rounding, so a kernel that rounds like torch's bf16 ops (rope, norms) must have none
     row["bf16_fma"] = len(re.findall(r"\bfma\.rn(?:\.[a-z]+)*\.bf16(?:x2)?\b", ck.asm["ptx"]))
-    row["loop_bodies"] = loop_bodies(sass)
+    row["loops"] = loops(sass)
     row["sync_ops"] = sync_ops(sass)
     return row
 
@@ -258,9 +258,12 @@ def sync_ops(sass: str) -> list[str]:
     return out
 
 
-def loop_bodies(sass: str) -> list[int]:
-    """Instructions in the body of each loop of a disassembly (a branch back to an earlier label), in code order."""
-    labels, pending, bodies = {}, [], []
+def loops(sass: str) -> list[dict]:
+    """Each loop of a disassembly (a branch back to an earlier label), in code order: its body's instructions
+    ("size"), the CTA barriers in it ("barriers": each one a stop of every warp of the program, as a layout
+    conversion through shared memory takes two), and the global loads after its backward branch to the end of
+    the code ("loads_after")."""
+    labels, pending, found, code = {}, [], [], []
     for line in sass.splitlines():
         m = re.match(r"(\.L_x_\d+):", line)
         if m:
@@ -272,10 +275,17 @@ def loop_bodies(sass: str) -> list[int]:
         addr = int(m[1], 16)
         labels.update((name, addr) for name in pending)
         pending = []
+        code.append((addr, m[2]))
         b = re.search(r"BRA.*`\((\.L_x_\d+)\)", m[2])
         if b and b[1] in labels and labels[b[1]] <= addr:
-            bodies.append((addr - labels[b[1]]) // 16 + 1)
-    return bodies
+            found.append((labels[b[1]], addr))
+    out = []
+    for start, end in found:
+        body = [ins for a, ins in code if start <= a <= end]
+        after = [ins for a, ins in code if a > end]
+        out.append({"size": (end - start) // 16 + 1, "barriers": sum("BAR.SYNC" in ins for ins in body),
+                    "loads_after": sum(bool(re.match(r"(@!?U?P\w+\s+)?LDG", ins)) for ins in after)})  # fmt: skip
+    return out
 
 
 def per_weight(fn, const: dict, opts: dict, bodies: list[int]) -> float | None:
@@ -300,7 +310,7 @@ def main() -> int:
     for label, fn, a, const, opts in variants(args.quick):
         try:
             row = {"kernel": label, **compile_one(fn, a, const, opts, args.arch)}
-            row["instr_per_weight"] = per_weight(fn, const, opts, row["loop_bodies"])
+            row["instr_per_weight"] = per_weight(fn, const, opts, [lp["size"] for lp in row["loops"]])
         except Exception as e:  # noqa: BLE001 - report every kernel that fails, not just the first
             row = {"kernel": label, "error": f"{type(e).__name__}: {str(e)[:400]}"}
         rows.append(row)

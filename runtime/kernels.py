@@ -180,19 +180,35 @@ def _row_block(w_ptr, N, stride_wn, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _gemv_store(dot, s, m, rows, row_ok, scale_ptr, res_ptr, y_ptr, stride_rm, stride_ym,
-                SCALE_PER_ROW: tl.constexpr, HAS_RES: tl.constexpr, CG: tl.constexpr = False):  # fmt: skip
-    # y = dot · scale / s rounded to y's dtype (+ the residual: both terms in that dtype, the sum rounded to it;
-    # CG: the residual read from L2, as _gemv_input's)
+def _row_scales(scale_ptr, rows, row_ok, SCALE_PER_ROW: tl.constexpr):
+    # the weight scale of each output row [BLOCK_N], or the tensor's one scale. Weights' scales are constants of
+    # the step, so a kernel reads them before its PDL wait: a 4-byte read that the weights streamed since the last
+    # token evicted from L2, which after the dot loop cost a DRAM round trip at the end of every GEMV
     if SCALE_PER_ROW:
-        sc = tl.load(scale_ptr + rows, mask=row_ok, other=1.0)
+        at = rows
     else:
-        sc = tl.load(scale_ptr)
-    y = tl.div_rn(dot.to(tl.float32) * sc, s)
-    dt = y_ptr.dtype.element_ty
+        at = tl.zeros_like(rows)  # every row reads the one scale
+    return tl.load(scale_ptr + at, mask=row_ok, other=1.0)
+
+
+@triton.jit
+def _residual(res_ptr, m, rows, row_ok, stride_rm, HAS_RES: tl.constexpr, CG: tl.constexpr = False):
+    # the residual's values of row m at the output rows, in fp32 (0 without HAS_RES), read once the input is ready
+    # (after the PDL wait) but before the dot loop, so its L2 round trip overlaps the weights' (CG: as _gemv_input's)
+    r = tl.zeros(rows.shape, dtype=tl.float32)
     if HAS_RES:
         cm: tl.constexpr = ".cg" if CG else ""
         r = tl.load(res_ptr + m.to(tl.int64) * stride_rm + rows, mask=row_ok, other=0.0, cache_modifier=cm).to(tl.float32)
+    return r
+
+
+@triton.jit
+def _gemv_store(dot, s, sc, r, m, rows, row_ok, y_ptr, stride_ym, HAS_RES: tl.constexpr):
+    # y = dot · sc / s rounded to y's dtype (+ the residual r of _residual: both terms in that dtype, the sum
+    # rounded to it); sc: _row_scales
+    y = tl.div_rn(dot.to(tl.float32) * sc, s)
+    dt = y_ptr.dtype.element_ty
+    if HAS_RES:
         y = r + y.to(dt).to(tl.float32)
     tl.store(y_ptr + m.to(tl.int64) * stride_ym + rows, y.to(dt), mask=row_ok)
 
@@ -301,7 +317,9 @@ def _gemv_w2a8_kernel(
     # the first weight tile is fetched before anything else: weights do not depend on earlier kernels (so this
     # may run before _pdl_enter's wait), and the fetch overlaps the input statistics below
     wt_next = _weight_tile(w_rows, row_ok, 0, K16, BLOCK_W)
+    sc = _row_scales(scale_ptr, rows, row_ok, SCALE_PER_ROW)
     _pdl_enter(PDL)
+    r = _residual(res_ptr, m, rows, row_ok, stride_rm, HAS_RES)
     x_row = x_ptr + m.to(tl.int64) * stride_xm
     s, rstd = _input_scale(x_row, nw_ptr, K, eps, ACT, NORM, RELU2, BLOCK_P)
 
@@ -323,24 +341,36 @@ def _gemv_w2a8_kernel(
             codes = (wt >> (2 * k)) & 0x03030303  # [BLOCK_N, BLOCK_W] four codes in byte lanes
             acc = _dp4a(codes, tl.broadcast_to(xw[None, :], (BLOCK_N, BLOCK_W)), acc, ON_GPU)
     dot = tl.sum(acc, axis=1) - tl.sum(qsum, axis=0)  # [BLOCK_N] Σ t·q, exact
-    _gemv_store(dot, s, m, rows, row_ok, scale_ptr, res_ptr, y_ptr, stride_rm, stride_ym, SCALE_PER_ROW, HAS_RES)
+    _gemv_store(dot, s, sc, r, m, rows, row_ok, y_ptr, stride_ym, HAS_RES)
 
 
 @triton.jit
-def _pack_row(x_row, nw_ptr, xq_row, s_ptr, qs_ptr, K, K16, eps, ACT: tl.constexpr, NORM: tl.constexpr,
+def _norm_weights(nw_ptr, K, BLOCK_C: tl.constexpr, NORM: tl.constexpr):
+    # a _pack_row's norm weights [16·BLOCK_C] in fp32 (0 past K; all 0 without NORM). A constant of the step: a
+    # pack_act reads them before its PDL wait. Read after the row's sum of squares, as they were, they cost each
+    # pack a DRAM round trip (the weights streamed since the last token evicted them from L2) after a barrier
+    nw = tl.zeros((BLOCK_C * 16,), dtype=tl.float32)
+    if NORM:
+        offs = tl.arange(0, BLOCK_C * 16)
+        nw = tl.load(nw_ptr + offs, mask=offs < K, other=0.0).to(tl.float32)
+    return nw
+
+
+@triton.jit
+def _pack_row(x_row, nw, xq_row, s_ptr, qs_ptr, K, K16, eps, ACT: tl.constexpr, NORM: tl.constexpr,
               RELU2: tl.constexpr, BLOCK_C: tl.constexpr, ON_GPU: tl.constexpr, CG: tl.constexpr):  # fmt: skip
     # one GEMV input row (x, norm(x), or [norm](act(gate)·up), as _gemv_input) quantized once and packed the way
     # the dp4a loop reads it: xq_row [4, K16] int32, word (k, c) holds q[16c + 4i + k] in byte i (field-major, so
     # that the GEMV loop reads one contiguous vector per field); s_ptr ← the row's scale; qs_ptr ← Σ q (the
-    # t = code − 1 correction). The whole row is loaded at once (16·BLOCK_C ≥ K values) as one contiguous vector:
-    # wide loads, one wait on memory, the statistics and the packing on registers.
+    # t = code − 1 correction). nw: _norm_weights. The whole row is loaded at once (16·BLOCK_C ≥ K values) as one
+    # contiguous vector: wide loads, one wait on memory, the statistics and the packing on registers.
     dt = x_row.dtype.element_ty
     offs = tl.arange(0, BLOCK_C * 16)
     ok = offs < K
-    v = _gemv_input(x_row, nw_ptr, offs, ok, K, 1.0, ACT, False, RELU2, CG)
+    v = _gemv_input(x_row, None, offs, ok, K, 1.0, ACT, False, RELU2, CG)
     if NORM:
         rstd = tl.math.rsqrt(tl.sum(v * v, axis=0) / K + eps)
-        v = _norm_apply(v, rstd, tl.load(nw_ptr + offs, mask=ok, other=0.0).to(tl.float32), dt)
+        v = _norm_apply(v, rstd, nw, dt)
     amax = tl.max(tl.abs(v), axis=0)
     s = tl.div_rn(1.0, tl.maximum(amax, 1e-5)) * 127.0
     q = _quant(v, s, ON_GPU)  # [16·C]; 0 past K
@@ -354,23 +384,42 @@ def _pack_row(x_row, nw_ptr, xq_row, s_ptr, qs_ptr, K, K16, eps, ACT: tl.constex
 
 
 @triton.jit
+def _act_fields(xq_row, w0, K16, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, CG: tl.constexpr):
+    # the four fields' activation words of columns w0 .. w0 + BLOCK_W − 1 of a _pack_row row xq_row [4, K16], each
+    # as a [BLOCK_N, BLOCK_W] tile of equal rows: loaded straight into the weight tile's layout (each thread the
+    # words its own dp4a's take), so the four loads are in flight at once. Loaded as one [BLOCK_W] vector and
+    # broadcast, each field passed through shared memory between two barriers, and the next field's load waited
+    # for them: four L2 round trips one after another a tile (benchmarks/kernel_resources.py counts the barriers
+    # in the loop: 8 a tile before, none now). Masked past K16: 0, no memory access
+    cm: tl.constexpr = ".cg" if CG else ""
+    cols = w0 + tl.arange(0, BLOCK_W)
+    at = xq_row + (cols[None, :] + tl.zeros((BLOCK_N, 1), dtype=tl.int32))  # [BLOCK_N, BLOCK_W], rows alike
+    ok = (cols < K16)[None, :] & (tl.zeros((BLOCK_N, 1), dtype=tl.int32) == 0)
+    return (tl.load(at, mask=ok, other=0, cache_modifier=cm), tl.load(at + K16, mask=ok, other=0, cache_modifier=cm),
+            tl.load(at + 2 * K16, mask=ok, other=0, cache_modifier=cm),
+            tl.load(at + 3 * K16, mask=ok, other=0, cache_modifier=cm))  # fmt: skip
+
+
+@triton.jit
 def _packed_dot(xq_row, w_rows, row_ok, wt_first, K16, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
                 ON_GPU: tl.constexpr, CG: tl.constexpr):  # fmt: skip
     # Σ c·q [BLOCK_N] of the weight rows w_rows [BLOCK_N, 1] (codes c = t + 1) with a _pack_row row xq_row
-    # [4, K16]; wt_first: their first _weight_tile, fetched by the caller (before its wait), each next one in flight
-    # during a tile's math. CG: xq read from L2, as _gemv_input's
-    cm: tl.constexpr = ".cg" if CG else ""
+    # [4, K16]; wt_first: their first _weight_tile, fetched by the caller (before its wait). Each next weight tile
+    # and its four activation fields (_act_fields) are in flight during a tile's math: fetched in the loop body
+    # that uses them, the compiler spreads the four field loads over the math, one L2 round trip after another.
+    # CG: xq read from L2, as _gemv_input's
     acc = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.int32)  # Σ c·q per (row, word column)
     wt_next = wt_first
+    xf_next = _act_fields(xq_row, 0, K16, BLOCK_N, BLOCK_W, CG)
     for w0 in range(0, K16, BLOCK_W):
-        cols = w0 + tl.arange(0, BLOCK_W)
-        col_ok = cols < K16
         wt = wt_next
+        x0, x1, x2, x3 = xf_next
         wt_next = _weight_tile(w_rows, row_ok, w0 + BLOCK_W, K16, BLOCK_W)
-        for k in tl.static_range(4):
-            xw = tl.load(xq_row + k * K16 + cols, mask=col_ok, other=0, cache_modifier=cm)  # [BLOCK_W] field k
-            codes = (wt >> (2 * k)) & 0x03030303
-            acc = _dp4a(codes, tl.broadcast_to(xw[None, :], (BLOCK_N, BLOCK_W)), acc, ON_GPU)
+        xf_next = _act_fields(xq_row, w0 + BLOCK_W, K16, BLOCK_N, BLOCK_W, CG)
+        acc = _dp4a(wt & 0x03030303, x0, acc, ON_GPU)  # field k: the codes in bits 2k, 2k + 1 of each byte
+        acc = _dp4a((wt >> 2) & 0x03030303, x1, acc, ON_GPU)
+        acc = _dp4a((wt >> 4) & 0x03030303, x2, acc, ON_GPU)
+        acc = _dp4a((wt >> 6) & 0x03030303, x3, acc, ON_GPU)
     return tl.sum(acc, axis=1)
 
 
@@ -440,9 +489,10 @@ def _pack_act_kernel(
     PDL: tl.constexpr = False,
 ):  # fmt: skip
     # one program per row m: _pack_row of x [M, K] (gate | up [M, 2K] with ACT) into xq [M, 4, K16], s, qs [M]
+    nw = _norm_weights(nw_ptr, K, BLOCK_C, NORM)
     _pdl_enter(PDL)
     m = tl.program_id(0)
-    _pack_row(x_ptr + m.to(tl.int64) * stride_xm, nw_ptr, xq_ptr + m.to(tl.int64) * stride_xq, s_ptr + m, qs_ptr + m,
+    _pack_row(x_ptr + m.to(tl.int64) * stride_xm, nw, xq_ptr + m.to(tl.int64) * stride_xq, s_ptr + m, qs_ptr + m,
               K, K16, eps, ACT, NORM, RELU2, BLOCK_C, ON_GPU, False)  # fmt: skip
 
 
@@ -463,14 +513,19 @@ def _gemv_packed_kernel(
     # work of one pack_act launch without the launch
     m, rows, row_ok, w_rows = _row_block(w_ptr, N, stride_wn, BLOCK_N)
     wt_first = _weight_tile(w_rows, row_ok, 0, K16, BLOCK_W)  # before the wait, as in _gemv_w2a8_kernel
+    sc = _row_scales(scale_ptr, rows, row_ok, SCALE_PER_ROW)
     _pdl_enter(PDL)
-    xq_row = xq_ptr + m.to(tl.int64) * stride_xq
-    dot = _packed_dot(xq_row, w_rows, row_ok, wt_first, K16, BLOCK_N, BLOCK_W, ON_GPU, False) - tl.load(qs_ptr + m)
-    _gemv_store(dot, tl.load(s_ptr + m), m, rows, row_ok, scale_ptr, res_ptr, y_ptr, stride_rm, stride_ym, SCALE_PER_ROW, HAS_RES)
+    # the input's scale, Σ q and the residual: read with the first activation words, not after the loop
+    s = tl.load(s_ptr + m)
+    qs = tl.load(qs_ptr + m)
+    r = _residual(res_ptr, m, rows, row_ok, stride_rm, HAS_RES)
+    dot = _packed_dot(xq_ptr + m.to(tl.int64) * stride_xq, w_rows, row_ok, wt_first, K16, BLOCK_N, BLOCK_W, ON_GPU, False) - qs
+    _gemv_store(dot, s, sc, r, m, rows, row_ok, y_ptr, stride_ym, HAS_RES)
     if PACK:
         if _last_arrival(cnt_ptr + m, tl.num_programs(0)):
-            _pack_row(y_ptr + m.to(tl.int64) * stride_ym, p_nw_ptr, p_xq_ptr + m.to(tl.int64) * p_stride_xq, p_s_ptr + m,
-                      p_qs_ptr + m, P_K, P_K16, p_eps, P_ACT, P_NORM, P_RELU2, P_BLOCK_C, ON_GPU, True)  # fmt: skip
+            _pack_row(y_ptr + m.to(tl.int64) * stride_ym, _norm_weights(p_nw_ptr, P_K, P_BLOCK_C, P_NORM),
+                      p_xq_ptr + m.to(tl.int64) * p_stride_xq, p_s_ptr + m, p_qs_ptr + m, P_K, P_K16, p_eps, P_ACT, P_NORM,
+                      P_RELU2, P_BLOCK_C, ON_GPU, True)  # fmt: skip
 
 
 @triton.jit
@@ -533,8 +588,9 @@ def _gemv_w8a8_kernel(
 ):  # fmt: skip
     # x [M, K] float (the final RMSNorm applied here with NORM); w int8 weights viewed as int32 words [N, K4]
     # (4 weights each); scale f32 [N]; y f32 [M, N]
-    _pdl_enter(PDL)
     m, rows, row_ok, w_rows = _row_block(w_ptr, N, stride_wn, BLOCK_N)
+    sc = _row_scales(scale_ptr, rows, row_ok, True)
+    _pdl_enter(PDL)
     x_row = x_ptr + m.to(tl.int64) * stride_xm
     s, rstd = _input_scale(x_row, nw_ptr, K, eps, False, NORM, False, BLOCK_P)
     lane = tl.arange(0, 4)
@@ -547,7 +603,7 @@ def _gemv_w8a8_kernel(
         xw = tl.sum((_quant(xv, s, ON_GPU) & 0xFF) << (lane[None, :] * 8), axis=1)
         acc = _dp4a(wt, tl.broadcast_to(xw[None, :], (BLOCK_N, BLOCK_W)), acc, ON_GPU)
     # per-row scales, f32 logits, no residual
-    _gemv_store(tl.sum(acc, axis=1), s, m, rows, row_ok, scale_ptr, y_ptr, y_ptr, 0, stride_ym, True, False)
+    _gemv_store(tl.sum(acc, axis=1), s, sc, None, m, rows, row_ok, y_ptr, stride_ym, False)
 
 
 @triton.jit
@@ -751,7 +807,8 @@ def _attn_split(
                 if HANDOFF == "count":
                     _arrive(cnt_ptr + n_heads)
                 elif _last_arrival(cnt_ptr + n_heads, n_heads):
-                    _pack_row(y_ptr, p_nw_ptr, p_xq_ptr, p_s_ptr, p_qs_ptr, NQ, P_K16, p_eps, False, P_NORM, False,
+                    _pack_row(y_ptr, _norm_weights(p_nw_ptr, NQ, P_BLOCK_C, P_NORM), p_xq_ptr, p_s_ptr, p_qs_ptr, NQ, P_K16,
+                              p_eps, False, P_NORM, False,
                               P_BLOCK_C, ON_GPU, True)  # fmt: skip
                     if HANDOFF == "signal":
                         _signal(ready_ptr)
@@ -1213,7 +1270,8 @@ def _gemv_phase(
     if pid < n_items:
         _wait(wait_ptr, wait_for, err_ptr, SPIN)
         if REPLICATE:
-            _pack_row(x_row, x_nw, xq_row, s_ptr, qs_ptr, X_K, X_K16, eps, X_ACT, X_NORM, X_RELU2, X_BLOCK_C, ON_GPU, True)
+            _pack_row(x_row, _norm_weights(x_nw, X_K, X_BLOCK_C, X_NORM), xq_row, s_ptr, qs_ptr, X_K, X_K16, eps, X_ACT,
+                      X_NORM, X_RELU2, X_BLOCK_C, ON_GPU, True)  # fmt: skip
             tl.debug_barrier()  # the program's own packed row, written by all its threads, before any reads it
     _mark(tr_ptr + 1, TRACE, ON_GPU)
     s = tl.load(s_ptr, cache_modifier=".cg")
@@ -1222,11 +1280,14 @@ def _gemv_phase(
         rows, row_ok, w_rows = _rows_at(w_ptr, it * BLOCK_N, N, K16, BLOCK_N)
         _, next_ok, next_rows = _rows_at(w_ptr, (it + P) * BLOCK_N, N, K16, BLOCK_N)
         wt_next = _weight_tile(next_rows, next_ok, 0, K16, BLOCK_W)
+        sc = _row_scales(scale_ptr, rows, row_ok, True)
+        zero = tl.cast(0, tl.int32)
+        r = _residual(res_ptr, zero, rows, row_ok, 0, HAS_RES, True)
         dot = _packed_dot(xq_row, w_rows, row_ok, wt, K16, BLOCK_N, BLOCK_W, ON_GPU, True) - qs
-        _gemv_store(dot, s, tl.cast(0, tl.int32), rows, row_ok, scale_ptr, res_ptr, y_ptr, 0, 0, True, HAS_RES, True)
+        _gemv_store(dot, s, sc, r, zero, rows, row_ok, y_ptr, 0, HAS_RES)
         if PACK and not REPLICATE:
             if _last_arrival(cnt_ptr, n_items) & pack_on:
-                _pack_row(y_ptr, p_nw_ptr, p_xq_ptr, p_s_ptr, p_qs_ptr, P_K, P_K16, eps, P_ACT, P_NORM, P_RELU2,
+                _pack_row(y_ptr, _norm_weights(p_nw_ptr, P_K, P_BLOCK_C, P_NORM), p_xq_ptr, p_s_ptr, p_qs_ptr, P_K, P_K16, eps, P_ACT, P_NORM, P_RELU2,
                           P_BLOCK_C, ON_GPU, True)  # fmt: skip
                 _signal(ready_ptr)
         else:
@@ -1326,7 +1387,7 @@ def _decode_layers_kernel(
         if REPLICATE:
             _arrive(flags_ptr)
         else:
-            _pack_row(row, nw_attn, in_xq, in_s, in_qs, D, K16D, eps, False, True, False, C_D, ON_GPU, False)
+            _pack_row(row, _norm_weights(nw_attn, D, C_D, True), in_xq, in_s, in_qs, D, K16D, eps, False, True, False, C_D, ON_GPU, False)
             _signal(flags_ptr)
     pos = tl.load(pos_ptr)
     # the bytes of one layer's q/k/v, o, gate|up and down weights (int32 words), for PREFETCH

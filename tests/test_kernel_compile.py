@@ -4,8 +4,9 @@ Triton's interpreter (tests/test_kernels.py) runs the kernels' Python but not th
 there and still fail to compile for the GPU. benchmarks/kernel_resources.py compiles every kernel for sm_90
 (H100/H200) with the shapes of the 2B-4T model; this test runs its quick mode in a subprocess (the interpreter
 must be off there) and asserts that everything compiled, that the atomics of the kernels that arrive on a
-counter keep their memory ordering in the machine code, that the L2 prefetches are there, and that no bf16 product
-is contracted into a fused multiply-add. Registers and instruction counts are reported by the script, not asserted:
+counter keep their memory ordering in the machine code, that the L2 prefetches are there, that the packed GEMV's
+loop waits on no barrier and nothing after it on memory, and that no bf16 product is contracted into a fused
+multiply-add. Registers and instruction counts are reported by the script, not asserted:
 speed belongs to the benchmarks. Also the switch that replaces the GPU autotuner by fixed configs, which is read at
 import, so it is checked in subprocesses too, and the kernels' float literals, which older Tritons type as fp64 when
 fp32 cannot hold them normally.
@@ -54,6 +55,14 @@ def test_every_kernel_compiles_for_sm90():
         ops = r["sync_ops"]
         assert set(ops) == {"acq_rel", "release", "acquire"} and ops.count("acquire") >= 10 and ops.count("release") >= 6, r
     assert not any(r["sync_ops"] for r in rows if r not in counted and r not in layers)
+    # the packed GEMV's dot loop (kernels._packed_dot) waits on no barrier: its activation words are loaded in the
+    # weights' layout, not broadcast through shared memory, which took 8 barriers a tile and kept the four fields'
+    # L2 round trips one after another. And nothing waits on memory after it: the scale is read before the PDL
+    # wait, the input's scale, Σ q and the residual with the first words (the folded GEMVs' tails read their rows)
+    packed = [r for r in rows if r["kernel"].startswith("gemv_packed")]
+    for r in packed:
+        main = max(r["loops"], key=lambda lp: lp["size"])
+        assert main["barriers"] == 0 and (main["loads_after"] == 0 or "packs" in r["kernel"]), r
     # no bf16 fused multiply-add anywhere: the kernels that round like torch's bf16 ops (the rope of decode_attention
     # and of the persistent step) lose a rounding to one; kernels._opaque keeps their products apart
     assert not {r["kernel"]: r["bf16_fma"] for r in rows if r["bf16_fma"]}
