@@ -57,9 +57,11 @@ python3 - "$OUT" <<'EOF'
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
-print(f"\n{'tree, process':<16} decode tok/s (the default, each timing)")
-for f in sorted(out.glob("ab_*_*.json"), key=lambda p: (p.stem.split("_")[2], p.stem.split("_")[1])):
-    r = json.loads(f.read_text()).get("decode", {})
-    rates = [x for row in r.values() for x in (*row.get("earlier_tok_s", []), row.get("tok_s")) if x]
-    print(f"{f.stem[3:]:<16} {'  '.join(f'{x:,.1f}' for x in rates)}")
+runs = sorted(out.glob("ab_*_*.json"), key=lambda p: (p.stem.split("_")[2], p.stem.split("_")[1]))
+print("\ndecode tok/s, the 2B-4T-shaped random model (each timing of each process; base = the earlier commit)")
+for f in runs:
+    for name, row in json.loads(f.read_text()).get("decode", {}).items():
+        rates = [x for x in (*row.get("earlier_tok_s", []), row.get("tok_s")) if x]
+        what = "greedy" if "sampled" not in name else name.split("sampled", 1)[1].strip()
+        print(f"{f.stem[3:]:<8} {what:<48} {'  '.join(f'{x:,.1f}' for x in rates)}")
 EOF
