@@ -4,14 +4,16 @@
 #
 #   # here, before the call: the earlier commit's package into .base (git-ignored), then carry it with the wheels
 #   rm -rf .base && mkdir .base && git archive <commit> pyproject.toml formats runtime converter compare | tar -x -C .base
-#   bash benchmarks/ab_check.sh             # carry: .whl, .base; timeout_s=480; logs and JSON under $OUT
+#   bash benchmarks/ab_check.sh             # carry: .whl, .base; timeout_s=560; logs and JSON under $OUT
 #
 # Why: a kernel change that keeps the arithmetic (the same tokens, bit for bit) can only be judged by its speed
 # against the code it replaces, on the same machine, and device sessions draw different machines (the same
 # default measured 944-1,078 tok/s over three H200s). Both trees run the working tree's bench_gpu.py (the harness)
 # on the same random 2B-4T-shaped file (seed 0), each tree in its own processes with its own tile cache (each
 # searches its own tiles and pack warps: the search is part of the default), alternating base, new, base, new;
-# then the GPU tests of the kernels the working tree changed. Each process times the default twice.
+# then the GPU tests of the kernels the working tree changed. Each process times the greedy default twice, then
+# the sampled rows (top-p alone and top-k 50 + top-p, each with the draw kernels and with torch's ops); the last
+# one also profiles the step. About 7-8 minutes.
 set -u -o pipefail
 OUT=${OUT:-/tmp/device_out}
 mkdir -p "$OUT"
@@ -49,8 +51,8 @@ run base 2
 run new 2 --profile
 
 # the GPU tests of what the working tree changed (fixed launch configs, as device_check.sh's)
-PYTHONPATH=/tmp/site_new BITNET158_AUTOTUNE=0 XDG_CACHE_HOME=/tmp/cache_tests timeout 150 python3 -m pytest -q -m gpu \
-  -p no:cacheprovider tests/test_kernels.py -k "bitlinear_exact or quantize_and_head or packed or folded or persistent or variants_follow or graph_decoder" 2>&1 \
+PYTHONPATH=/tmp/site_new BITNET158_AUTOTUNE=0 XDG_CACHE_HOME=/tmp/cache_tests timeout 170 python3 -m pytest -q -m gpu \
+  -p no:cacheprovider tests/test_kernels.py -k "bitlinear_exact or quantize_and_head or packed or folded or persistent or decode_attention or variants_follow or graph_decoder or sample_in_a_graph" 2>&1 \
   | tee "$OUT/pytest_gpu.log" | tail -n 15
 
 python3 - "$OUT" <<'EOF'

@@ -185,10 +185,10 @@ def _row_scales(scale_ptr, rows, row_ok, SCALE_PER_ROW: tl.constexpr):
     # the step, so a kernel reads them before its PDL wait: a 4-byte read that the weights streamed since the last
     # token evicted from L2, which after the dot loop cost a DRAM round trip at the end of every GEMV
     if SCALE_PER_ROW:
-        at = rows
+        sc = tl.load(scale_ptr + rows, mask=row_ok, other=1.0)
     else:
-        at = tl.zeros_like(rows)  # every row reads the one scale
-    return tl.load(scale_ptr + at, mask=row_ok, other=1.0)
+        sc = tl.broadcast_to(tl.load(scale_ptr), rows.shape)
+    return sc
 
 
 @triton.jit
@@ -712,11 +712,12 @@ def _combine_head(pm_ptr, pl_ptr, pacc_ptr, y_ptr, h, S, DH: tl.constexpr, BLOCK
     s_ok = ss < S
     d = tl.arange(0, BLOCK_D)
     d_ok = d < DH
+    # the partial sums read first: read after m's max, as they were, they waited for m's L2 round trip (SASS)
+    at = (h * S + ss).to(tl.int64)[:, None] * DH + d[None, :]
+    acc = tl.load(pacc_ptr + at, mask=s_ok[:, None] & d_ok[None, :], other=0.0, cache_modifier=cm)
     m = tl.load(pm_ptr + h * S + ss, mask=s_ok, other=float("-inf"), cache_modifier=cm)
     l = tl.load(pl_ptr + h * S + ss, mask=s_ok, other=0.0, cache_modifier=cm)
     w = tl.exp(m - tl.max(m, axis=0))  # empty splits (m = −inf) weigh 0; split 0 is never empty
-    at = (h * S + ss).to(tl.int64)[:, None] * DH + d[None, :]
-    acc = tl.load(pacc_ptr + at, mask=s_ok[:, None] & d_ok[None, :], other=0.0, cache_modifier=cm)
     y = tl.sum(w[:, None] * acc, axis=0) / tl.sum(w * l, axis=0)
     tl.store(y_ptr + h * DH + d, y.to(y_ptr.dtype.element_ty), mask=d_ok)
 
