@@ -405,9 +405,9 @@ def _packed_dot(xq_row, w_rows, row_ok, wt_first, K16, BLOCK_N: tl.constexpr, BL
                 ON_GPU: tl.constexpr, CG: tl.constexpr):  # fmt: skip
     # Σ c·q [BLOCK_N] of the weight rows w_rows [BLOCK_N, 1] (codes c = t + 1) with a _pack_row row xq_row
     # [4, K16]; wt_first: their first _weight_tile, fetched by the caller (before its wait). Each next weight tile
-    # and its four activation fields (_act_fields) are in flight during a tile's math: fetched in the loop body
-    # that uses them, the compiler spreads the four field loads over the math, one L2 round trip after another.
-    # CG: xq read from L2, as _gemv_input's
+    # and its four activation fields (_act_fields) are fetched one tile ahead, in flight during a tile's math
+    # (fetched in the tile that used them, the four field loads were spread over the math by the compiler, one L2
+    # round trip after another). CG: xq read from L2, as _gemv_input's
     acc = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.int32)  # Σ c·q per (row, word column)
     wt_next = wt_first
     xf_next = _act_fields(xq_row, 0, K16, BLOCK_N, BLOCK_W, CG)
@@ -519,7 +519,8 @@ def _gemv_packed_kernel(
     s = tl.load(s_ptr + m)
     qs = tl.load(qs_ptr + m)
     r = _residual(res_ptr, m, rows, row_ok, stride_rm, HAS_RES)
-    dot = _packed_dot(xq_ptr + m.to(tl.int64) * stride_xq, w_rows, row_ok, wt_first, K16, BLOCK_N, BLOCK_W, ON_GPU, False) - qs
+    xq_row = xq_ptr + m.to(tl.int64) * stride_xq
+    dot = _packed_dot(xq_row, w_rows, row_ok, wt_first, K16, BLOCK_N, BLOCK_W, ON_GPU, False) - qs
     _gemv_store(dot, s, sc, r, m, rows, row_ok, y_ptr, stride_ym, HAS_RES)
     if PACK:
         if _last_arrival(cnt_ptr + m, tl.num_programs(0)):
@@ -808,9 +809,8 @@ def _attn_split(
                 if HANDOFF == "count":
                     _arrive(cnt_ptr + n_heads)
                 elif _last_arrival(cnt_ptr + n_heads, n_heads):
-                    _pack_row(y_ptr, _norm_weights(p_nw_ptr, NQ, P_BLOCK_C, P_NORM), p_xq_ptr, p_s_ptr, p_qs_ptr, NQ, P_K16,
-                              p_eps, False, P_NORM, False,
-                              P_BLOCK_C, ON_GPU, True)  # fmt: skip
+                    _pack_row(y_ptr, _norm_weights(p_nw_ptr, NQ, P_BLOCK_C, P_NORM), p_xq_ptr, p_s_ptr, p_qs_ptr, NQ,
+                              P_K16, p_eps, False, P_NORM, False, P_BLOCK_C, ON_GPU, True)  # fmt: skip
                     if HANDOFF == "signal":
                         _signal(ready_ptr)
     else:
@@ -1288,8 +1288,8 @@ def _gemv_phase(
         _gemv_store(dot, s, sc, r, zero, rows, row_ok, y_ptr, 0, HAS_RES)
         if PACK and not REPLICATE:
             if _last_arrival(cnt_ptr, n_items) & pack_on:
-                _pack_row(y_ptr, _norm_weights(p_nw_ptr, P_K, P_BLOCK_C, P_NORM), p_xq_ptr, p_s_ptr, p_qs_ptr, P_K, P_K16, eps, P_ACT, P_NORM, P_RELU2,
-                          P_BLOCK_C, ON_GPU, True)  # fmt: skip
+                _pack_row(y_ptr, _norm_weights(p_nw_ptr, P_K, P_BLOCK_C, P_NORM), p_xq_ptr, p_s_ptr, p_qs_ptr, P_K,
+                          P_K16, eps, P_ACT, P_NORM, P_RELU2, P_BLOCK_C, ON_GPU, True)  # fmt: skip
                 _signal(ready_ptr)
         else:
             _arrive(cnt_ptr)
@@ -1388,7 +1388,8 @@ def _decode_layers_kernel(
         if REPLICATE:
             _arrive(flags_ptr)
         else:
-            _pack_row(row, _norm_weights(nw_attn, D, C_D, True), in_xq, in_s, in_qs, D, K16D, eps, False, True, False, C_D, ON_GPU, False)
+            _pack_row(row, _norm_weights(nw_attn, D, C_D, True), in_xq, in_s, in_qs, D, K16D, eps, False, True, False, C_D,
+                      ON_GPU, False)  # fmt: skip
             _signal(flags_ptr)
     pos = tl.load(pos_ptr)
     # the bytes of one layer's q/k/v, o, gate|up and down weights (int32 words), for PREFETCH
