@@ -4,7 +4,7 @@
 #
 #   # here, before the call: the earlier commit's package into .base (git-ignored), then carry it with the wheels
 #   rm -rf .base && mkdir .base && git archive <commit> pyproject.toml formats runtime converter compare | tar -x -C .base
-#   bash benchmarks/ab_check.sh             # carry: .whl, .base; timeout_s=560; logs and JSON under $OUT
+#   bash benchmarks/ab_check.sh             # carry: .whl, .base; timeout_s=560 (AB_SECONDS=530 by default)
 #
 # Why: a kernel change that keeps the arithmetic (the same tokens, bit for bit) can only be judged by its speed
 # against the code it replaces, on the same machine, and device sessions draw different machines (the same
@@ -37,23 +37,48 @@ for tree in base new; do  # each tree's package (no dependencies) into its own f
     > "$OUT/pip_$tree.log" 2>&1 || { echo "error: pip install of $tree failed (pip_$tree.log)" | tee -a "$OUT/env.txt"; exit 1; }
 done
 
-run() {  # run TREE N EXTRA...: the default twice in one process of TREE's package
-  local tree=$1 n=$2; shift 2
-  PYTHONPATH="/tmp/site_$tree" XDG_CACHE_HOME="/tmp/cache_$tree" timeout -k 5 110 python3 benchmarks/bench_gpu.py \
-    --variants default,default --no-micro --no-eager --no-checks --runs 3 --budget-s 100 --tmp /tmp/ab --reuse-file \
-    --json "$OUT/ab_${tree}_$n.json" "$@" > "$OUT/ab_${tree}_$n.log" 2>&1
-  echo "$tree run $n exit: $?"
-  grep -E "^decode |CORRECTNESS|searched" "$OUT/ab_${tree}_$n.log" | head -n 12
+# every step within the call: each gets at most its cap and what is left of AB_SECONDS (the call's timeout_s
+# less a margin), and a step with under 40 s left is skipped. The first process of each tree compiles its kernels
+# and searches its tiles (cached for its second process), so it gets the longest cap
+START=$SECONDS
+TOTAL=${AB_SECONDS:-530}
+budget() {  # budget CAP: the seconds the next step may take (0: skip it)
+  local t=$((TOTAL - (SECONDS - START) - 15))
+  [ "$t" -gt "$1" ] && t=$1
+  [ "$t" -lt 40 ] && t=0
+  echo "$t"
 }
-run base 1
-run new 1
-run base 2
-run new 2 --profile
+run() {  # run TREE N CAP EXTRA...: the default twice (then the sampled rows) in one process of TREE's package
+  local tree=$1 n=$2 t; t=$(budget "$3"); shift 3
+  if [ "$t" = 0 ]; then echo "$tree run $n: skipped (no time left)"; return; fi
+  PYTHONPATH="/tmp/site_$tree" XDG_CACHE_HOME="/tmp/cache_$tree" timeout -k 5 "$t" python3 benchmarks/bench_gpu.py \
+    --variants default,default --no-micro --no-eager --no-checks --runs 3 --budget-s $((t - 15)) --tmp /tmp/ab --reuse-file \
+    --json "$OUT/ab_${tree}_$n.json" "$@" > "$OUT/ab_${tree}_$n.log" 2>&1
+  echo "$tree run $n exit: $? ($((SECONDS - START)) s in)"
+  grep -E "^decode |searched" "$OUT/ab_${tree}_$n.log" | head -n 12
+}
+run base 1 150
+run new 1 150
+run base 2 90
+run new 2 100 --profile
 
-# the GPU tests of what the working tree changed (fixed launch configs, as device_check.sh's)
-PYTHONPATH=/tmp/site_new BITNET158_AUTOTUNE=0 XDG_CACHE_HOME=/tmp/cache_tests timeout 170 python3 -m pytest -q -m gpu \
-  -p no:cacheprovider tests/test_kernels.py -k "bitlinear_exact or quantize_and_head or packed or folded or persistent or decode_attention or variants_follow or graph_decoder or sample_in_a_graph" 2>&1 \
-  | tee "$OUT/pytest_gpu.log" | tail -n 15
+# the GPU tests of the kernels the working tree changed, most telling first (fixed launch configs, as
+# device_check.sh's): every decode variant against the default, the packed and fused GEMVs, the graph decoder,
+# the folded kernels, the attention and its combine, the sampler's modes, the int8 head, the persistent step,
+# the plain GEMV
+T=tests/test_kernels.py
+t=$(budget 170)
+if [ "$t" = 0 ]; then
+  echo "GPU tests: skipped (no time left)"
+else
+  PYTHONPATH=/tmp/site_new BITNET158_AUTOTUNE=0 XDG_CACHE_HOME=/tmp/cache_tests timeout "$t" python3 -m pytest -q -m gpu \
+    -p no:cacheprovider "$T::test_gpu_decode_variants_follow_the_default" "$T::test_gpu_packed_and_fused_gemv" \
+    "$T::test_gpu_graph_decoder_matches_eager[False]" "$T::test_gpu_folded_kernels_and_argmax_in_a_graph" \
+    "$T::test_gpu_decode_attention_bf16" "$T::test_gpu_sample_in_a_graph" "$T::test_gpu_quantize_and_head_exact" \
+    "$T::test_gpu_persistent_step_replays_exactly[config0]" "$T::test_gpu_persistent_step_replays_exactly[config3]" \
+    "$T::test_gpu_bitlinear_exact[1-2560-6912]" "$T::test_gpu_bitlinear_exact[3-37-320]" 2>&1 \
+    | tee "$OUT/pytest_gpu.log" | tail -n 15
+fi
 
 python3 - "$OUT" <<'EOF'
 import json, sys
