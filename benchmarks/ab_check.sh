@@ -19,6 +19,8 @@ OUT=${OUT:-/tmp/device_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
+START=$SECONDS
+TOTAL=${AB_SECONDS:-530}  # the call's timeout_s less a margin: every step below fits in it
 [ -f .base/pyproject.toml ] || { echo "error: no .base/pyproject.toml: see the header of this script" >&2; exit 2; }
 
 {
@@ -37,11 +39,9 @@ for tree in base new; do  # each tree's package (no dependencies) into its own f
     > "$OUT/pip_$tree.log" 2>&1 || { echo "error: pip install of $tree failed (pip_$tree.log)" | tee -a "$OUT/env.txt"; exit 1; }
 done
 
-# every step within the call: each gets at most its cap and what is left of AB_SECONDS (the call's timeout_s
-# less a margin), and a step with under 40 s left is skipped. The first process of each tree compiles its kernels
-# and searches its tiles (cached for its second process), so it gets the longest cap
-START=$SECONDS
-TOTAL=${AB_SECONDS:-530}
+# each step gets at most its cap and what is left of AB_SECONDS, and a step with under 40 s left is skipped. The
+# first process of each tree compiles its kernels and searches its tiles (cached for its second process), so it
+# gets the longest cap
 budget() {  # budget CAP: the seconds the next step may take (0: skip it)
   local t=$((TOTAL - (SECONDS - START) - 15))
   [ "$t" -gt "$1" ] && t=$1
