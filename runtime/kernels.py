@@ -559,10 +559,15 @@ def _mm_w2a8_kernel(
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(q_ptr + rm.to(tl.int64)[:, None] * stride_qm + kk[None, :], mask=m_ok[:, None] & (kk < K)[None, :], other=0)
-        # [BLOCK_K, BLOCK_N] weight tile: element (k, n) is field k % 4 of byte k // 4 of row n. Each byte is
-        # loaded by the 4 lanes that need it (one memory transaction), then unpacked in registers.
-        wb = tl.load(w_ptr + rn.to(tl.int64)[None, :] * stride_wn + (kk // 4)[:, None], mask=n_ok[None, :] & (kk < K)[:, None], other=0x55)
-        t = ((wb.to(tl.int32) >> ((kk % 4) * 2)[:, None]) & 3) - 1
+        # the weight tile's bytes [BLOCK_N, BLOCK_K / 4], contiguous along K (wide loads the pipeliner can stage),
+        # unpacked in registers to [BLOCK_K, BLOCK_N]: weight k of a row is field k % 4 of byte k // 4. Loaded
+        # as one byte per weight instead, the tile took 64 single-byte loads a thread at 128×128×128, each byte
+        # four times, outside the pipeline (benchmarks/kernel_resources.py). Past K: code 1 (t = 0), and a = 0
+        kb = k0 // 4 + tl.arange(0, BLOCK_K // 4)
+        wb = tl.load(w_ptr + rn.to(tl.int64)[:, None] * stride_wn + kb[None, :], mask=n_ok[:, None] & (kb < KB)[None, :], other=0x55)
+        f = tl.arange(0, 4)
+        t = ((wb.to(tl.int32)[:, :, None] >> (f * 2)[None, None, :]) & 3) - 1  # [BLOCK_N, BLOCK_K / 4, 4]
+        t = tl.trans(tl.reshape(t, (BLOCK_N, BLOCK_K)))  # [BLOCK_K, BLOCK_N]
         if INT8_DOT:
             acc = tl.dot(a, t.to(tl.int8), acc, out_dtype=tl.int32)
         else:
