@@ -12,8 +12,8 @@
 # on the same random 2B-4T-shaped file (seed 0), each tree in its own processes with its own tile cache (each
 # searches its own tiles and pack warps: the search is part of the default), alternating base, new, base, new;
 # then the GPU tests of the kernels the working tree changed. Each process times the greedy default twice, then
-# the sampled rows (top-p alone and top-k 50 + top-p, each with the draw kernels and with torch's ops); the last
-# one also profiles the step. About 7-8 minutes.
+# the sampled rows (top-p alone and top-k 50 + top-p, each with the draw kernels and with torch's ops) and the
+# prefill of the 512-token prompt; the last one also profiles the step. About 7-8 minutes.
 set -u -o pipefail
 OUT=${OUT:-/tmp/device_out}
 mkdir -p "$OUT"
@@ -55,7 +55,7 @@ run() {  # run TREE N CAP EXTRA...: the default twice (then the sampled rows) in
     --variants default,default --no-micro --no-eager --no-checks --runs 3 --budget-s $((t - 15)) --tmp /tmp/ab --reuse-file \
     --json "$OUT/ab_${tree}_$n.json" "$@" > "$OUT/ab_${tree}_$n.log" 2>&1
   echo "$tree run $n exit: $? ($((SECONDS - START)) s in)"
-  grep -E "^decode |searched" "$OUT/ab_${tree}_$n.log" | head -n 12
+  grep -E "^decode |^prefill |searched" "$OUT/ab_${tree}_$n.log" | head -n 14
 }
 run base 1 150
 run new 1 150
@@ -91,4 +91,7 @@ for f in runs:
         rates = [x for x in (*row.get("earlier_tok_s", []), row.get("tok_s")) if x]
         what = "greedy" if "sampled" not in name else name.split("sampled", 1)[1].strip()
         print(f"{f.stem[3:]:<8} {what:<48} {'  '.join(f'{x:,.1f}' for x in rates)}")
+    pre = json.loads(f.read_text()).get("prefill", {}).get("triton")
+    if pre:
+        print(f"{f.stem[3:]:<8} {'prefill of ' + str(pre['tokens']) + ' tokens':<48} {pre['tok_s']:,.0f}")
 EOF

@@ -237,6 +237,7 @@ def compile_one(fn, args: dict, const: dict, opts: dict, arch: int) -> dict:
     # which drops the product's rounding, so a kernel that rounds like torch's bf16 ops (rope, norms) must have none
     row["bf16_fma"] = len(re.findall(r"\bfma\.rn(?:\.[a-z]+)*\.bf16(?:x2)?\b", ck.asm["ptx"]))
     row["loops"] = loops(sass)
+    row["byte_loads"] = len(re.findall(r"\bLDG\.E\.[US]8\b", sass))  # single-byte global loads
     row["sync_ops"] = sync_ops(sass)
     return row
 
