@@ -1,6 +1,7 @@
 """HF and GGUF checkpoints → bitnet158 packed files (and packed → GGUF)."""
 
 import importlib.metadata
+import os
 
 
 def converter_version() -> str:
@@ -13,3 +14,12 @@ def converter_version() -> str:
         return f"bitnet158 {importlib.metadata.version('bitnet158')}"
     except importlib.metadata.PackageNotFoundError:
         return "bitnet158 (source tree)"
+
+
+def refuse_source_as_output(out: str | os.PathLike, sources, error: type[Exception]) -> None:
+    """Raise ``error`` when ``out`` is one of ``sources`` (the files a conversion reads), symlinks followed: with
+    --force the rename at the end would replace that source with the output."""
+    target = os.path.realpath(out)
+    for src in sources:
+        if os.path.realpath(src) == target:
+            raise error(f"{out} is the source file {src}: write the output to another path")

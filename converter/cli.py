@@ -81,7 +81,8 @@ def inspect(file: str, verify: bool) -> None:
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="The packed file to write.")
 @click.option("--layers", type=int, default=None, help="Decoder layers (default: the shape's).")
 @click.option("--vocab", type=int, default=None, help="Vocabulary size (default: the shape's; at least 263).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the weights: a seed gives the same weights on any machine (same torch).")
+@click.option("--seed", type=click.IntRange(-(2**63), 2**64 - 1), default=0, show_default=True,  # torch's: 64 bits
+              help="Seed of the weights: a seed gives the same weights on any machine (same torch).")
 @click.option("--embed-dtype", type=click.Choice(list(EMBED_DTYPES)), default="bf16", show_default=True,
               help="dtype of the tied embedding.")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")

@@ -37,7 +37,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -47,9 +46,9 @@ import gguf
 import numpy as np
 import torch
 
-from bitnet158.converter import converter_version
+from bitnet158.converter import converter_version, refuse_source_as_output
 from bitnet158.formats import gguf as gguf_fmt
-from bitnet158.formats.packed import PackedFile, PackedWriter, TensorSpec
+from bitnet158.formats.packed import PackedFile, PackedWriter, TensorSpec, create_temp_beside, fsync_dir
 from bitnet158.formats.source import SourceError, fetch_from_hub
 
 logger = logging.getLogger(__name__)
@@ -468,13 +467,14 @@ def packed_to_gguf(src_path: str | os.PathLike, out_path: str | os.PathLike, *, 
     out_path = Path(out_path)
     if out_path.exists() and not force:
         raise GGUFConversionError(f"{out_path} exists; pass --force to overwrite it")
+    refuse_source_as_output(out_path, [src_path], GGUFConversionError)
 
     with PackedFile(src_path) as src:
         cfg, tok, prov = src.config, src.tokenizer, src.provenance
         arch = _check_exportable(cfg, qtype)
         planned = _plan(src, qtype)
 
-        fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent or ".")
+        fd, tmp = create_temp_beside(out_path)
         os.close(fd)
         try:
             w = gguf.GGUFWriter(tmp, arch)
@@ -504,6 +504,7 @@ def packed_to_gguf(src_path: str | os.PathLike, out_path: str | os.PathLike, *, 
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, out_path)
+            fsync_dir(str(out_path.parent.resolve()))
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
@@ -543,6 +544,7 @@ def gguf_to_packed(src: str | os.PathLike, out_path: str | os.PathLike, *, activ
     except SourceError as e:
         raise GGUFConversionError(str(e)) from None
     src_path = Path(src_path).resolve()
+    refuse_source_as_output(out_path, [src_path], GGUFConversionError)
     with gguf_fmt.GGUFSource(src_path, activation=activation) as src:
         # The packed tensor table is fixed up front, and a scale's shape ([1] or [out]) is only known after the
         # TQ block scales are folded: decode each ternary tensor once here and keep just its (small) scale.

@@ -41,7 +41,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from bitnet158.converter import converter_version
+from bitnet158.converter import converter_version, refuse_source_as_output
 from bitnet158.converter.tokenizer import (
     TOKENIZER_FILES,
     TokenizerError,
@@ -326,6 +326,8 @@ def _int(cfg: dict, key: str, default=None) -> int:
 
 def _detect_family(cfg: dict, names: set[str]) -> str:
     archs = cfg.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise ConversionError(f"config.json: architectures must be a list of class names, found {archs!r}")
     model_type = cfg.get("model_type")
     qc = cfg.get("quantization_config")
     bitnet_quant = isinstance(qc, dict) and qc.get("quant_method") == "bitnet"
@@ -646,6 +648,10 @@ def _build_source(folder, source, commit, cfg, gen, weights: _WeightFiles) -> HF
     except TokenizerError as e:
         raise ConversionError(str(e)) from e
     config = _model_config(cfg, family, gen, tok_facts)
+    if config["num_hidden_layers"] > len(names):  # a layer is 9 tensors or more: a lying count must not size the plan
+        held = {m[1] for n in names if (m := re.match(r"model\.layers\.(\d+)\.", n))}
+        raise ConversionError(f"config.json: num_hidden_layers is {config['num_hidden_layers']}, but the checkpoint "
+                              f"holds tensors of {len(held)} layers")
     expected = canonical_shapes(config)
     qc = cfg.get("quantization_config") or {}
     # transformers' default linear_class is "bitlinear" (weight_scale divides).
@@ -772,6 +778,7 @@ def convert_hf(src: str, out: str, *, revision: str | None = None, dtype: str = 
         raise ConversionError(f"{out} exists; pass --force to overwrite it")
     start = time.perf_counter()
     with load_hf_source(src, revision=revision, allow_pickle=allow_pickle) as hf:
+        refuse_source_as_output(out_path, [Path(hf.folder) / f for f in hf.files], ConversionError)
         files = _sha256_files(hf.folder, hf.files, progress)
         provenance = {
             "source": hf.source,

@@ -122,8 +122,13 @@ def normalize_tokenizer(folder: Path) -> tuple[dict, list[str], dict]:
     if (folder / "tokenizer.json").is_file():
         try:
             tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        except Exception as e:  # tokenizers raises a bare Exception on malformed files
-            raise TokenizerError(f"tokenizer.json: cannot load it ({e})") from e
+            # some inconsistent files load, then panic on first use (a post-processor naming a token that the
+            # vocabulary lacks): used once here, such a file is refused before anything is written
+            tok.decode(tok.encode("a 1", add_special_tokens=True).ids)
+        except BaseException as e:  # tokenizers raises a bare Exception, or a Rust panic (a BaseException)
+            if not isinstance(e, Exception) and type(e).__module__ != "pyo3_runtime":
+                raise
+            raise TokenizerError(f"tokenizer.json: cannot load or use it ({e})") from e
         used.append("tokenizer.json")
         from_sp = False
     elif (folder / "tokenizer.model").is_file():

@@ -1208,6 +1208,10 @@ def build_tokenizer(metadata: dict, chat_template: str | None = None) -> dict:
             parts = m.split(" ") if isinstance(m, str) else ()
             if len(parts) != 2 or not parts[0] or not parts[1]:
                 raise GGUFFormatError(f"tokenizer.ggml.merges[{i}] = {m!r} is not two tokens separated by a space")
+            # tokenizers' BPE refuses such a merge with a bare Exception: name the entry instead
+            missing = next((t for t in (parts[0], parts[1], parts[0] + parts[1]) if t not in vocab), None)
+            if missing is not None:
+                raise GGUFFormatError(f"tokenizer.ggml.merges[{i}] = {m!r}: {missing!r} is not in the vocabulary")
             merges.append((parts[0], parts[1]))
         if pre is None and n == LLAMA3_VOCAB_SIZE and "<|begin_of_text|>" in vocab:
             logger.info("no tokenizer.ggml.pre; a %d-token vocabulary with <|begin_of_text|>: using the Llama-3 "

@@ -392,9 +392,8 @@ class PackedWriter:
         self._size = offsets[last.name] + tensor_nbytes(last.dtype, last.shape)
         self._crcs: dict[str, int] = {}
 
-        directory = os.path.dirname(os.path.abspath(self.path))
-        self._tmp = os.path.join(directory, f".{os.path.basename(self.path)}.{secrets.token_hex(4)}.tmp")
-        self._fd: int | None = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        fd, self._tmp = create_temp_beside(self.path)
+        self._fd: int | None = fd
         # If the writer is dropped without close()/abort(), the temp file still goes away.
         self._finalizer = weakref.finalize(self, _remove_quietly, self._fd, self._tmp)
         try:
@@ -545,7 +544,7 @@ class PackedWriter:
             self.abort()
             raise
         self._finalizer.detach()
-        _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+        fsync_dir(os.path.dirname(os.path.abspath(self.path)))
         logger.info("wrote %s (%d tensors, %d bytes)", self.path, len(self._specs), self._size)
 
     def abort(self) -> None:
@@ -564,8 +563,18 @@ class PackedWriter:
             self.abort()
 
 
-def _fsync_dir(directory: str) -> None:
-    # Makes the rename durable; some filesystems refuse to fsync a directory, which only weakens durability.
+def create_temp_beside(path: str | os.PathLike) -> tuple[int, str]:
+    """A new temp file beside ``path`` for an output written whole and renamed over ``path`` at the end: (a
+    write-only fd, its path ``.NAME.XXXXXXXX.tmp``). Created with mode 0666 less the umask, so the renamed file
+    gets the permissions of any new file (tempfile.mkstemp's 0600 would stick to it)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
+    return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+
+
+def fsync_dir(directory: str) -> None:
+    """Make a rename in ``directory`` durable; a filesystem that refuses to fsync a directory only weakens
+    durability, so nothing is raised."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:
@@ -650,7 +659,10 @@ class PackedFile:
             raise self._err(f"file is {size} bytes, shorter than the {PREAMBLE_SIZE}-byte preamble")
         magic, version, flags, header_len, header_crc, reserved = PREAMBLE.unpack(pre)
         if magic != MAGIC:
-            raise self._err(f"wrong magic {magic!r} at offset 0 (expected {MAGIC!r}): not a bitnet158 packed file")
+            gguf = magic[:4] == b"GGUF"  # what a tool that takes packed files only is most often handed instead
+            hint = "; it is a GGUF file: bitnet-run reads it as it is, bitnet-convert gguf-to-packed converts it"
+            raise self._err(f"wrong magic {magic!r} at offset 0 (expected {MAGIC!r}): not a bitnet158 packed file"
+                            f"{hint if gguf else ''}")  # fmt: skip
         if version != VERSION:
             raise self._err(f"version {version} at offset 8: this reader reads version {VERSION} only")
         if flags != 0:

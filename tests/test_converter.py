@@ -290,6 +290,36 @@ def test_tokenizer_config_flags_and_jinja_file(tiny, tmp_path):
         assert pf.tokenizer["chat_template"] == "{{ messages[0]['content'] }}" == ref.chat_template
 
 
+# a post-processor naming a special token that it does not map: tokenizers loads it, then panics on encode
+PANICKING_POST_PROCESSOR = {
+    "type": "TemplateProcessing", "special_tokens": {},
+    "single": [{"SpecialToken": {"id": "<nope>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+    "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+}
+
+
+def test_tokenizer_that_panics_is_refused(tiny, tmp_path):
+    ckpt = tiny.onebitllm(tmp_path / "src", tokenizer="bpe")
+    edit_json(ckpt.path / "tokenizer.json", post_processor=PANICKING_POST_PROCESSOR)
+    with pytest.raises(ConversionError, match=r"tokenizer\.json: cannot load or use it"):
+        convert(ckpt, tmp_path)
+    assert not list(tmp_path.glob("out.bnp*")) and not list(tmp_path.glob(".out.bnp*"))
+
+
+def test_output_over_a_source_file_is_refused(onebitllm_ckpt, tmp_path):
+    # with --force the rename at the end would replace the checkpoint's own file with the packed output
+    src = copy_ckpt(onebitllm_ckpt, tmp_path)
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    for name in ("config.json", "model.safetensors"):
+        with pytest.raises(ConversionError, match=f"{name} is the source file .*: write the output to another path"):
+            convert_hf(str(src), str(src / name), force=True, progress=False)
+    link = tmp_path / "link.json"  # the same file by another name
+    link.symlink_to(src / "config.json")
+    with pytest.raises(ConversionError, match="is the source file"):
+        convert_hf(str(src), str(link), force=True, progress=False)
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before
+
+
 # --- strictness ---------------------------------------------------------------------------------------------------
 def _add_tensor(folder: Path, name: str, value: torch.Tensor) -> None:
     state = load_file(str(folder / "model.safetensors"))
@@ -345,6 +375,9 @@ def test_plain_llama_refused(llama_bitnet_ckpt, onebitllm_ckpt, tmp_path):
     ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
     ({"attention_bias": True}, "attention_bias"),
     ({"architectures": ["MistralForCausalLM"], "model_type": "mistral"}, "unsupported model"),
+    ({"architectures": 256}, "architectures must be a list of class names"),
+    ({"num_hidden_layers": 1000}, r"num_hidden_layers is \d+, but the checkpoint holds tensors of \d+ layers"),
+    ({"architectures": [["LlamaForCausalLM"]]}, "architectures must be a list of class names"),
     ({"quantization_config": {"quant_method": "bitnet", "modules_to_not_convert": ["model.layers.0.mlp.up_proj"]}},
      "modules_to_not_convert"),
 ])
@@ -620,3 +653,5 @@ def test_random_model_command(tmp_path):
     assert out.read_bytes() == before
     r = runner.invoke(main, ["random", "7b", "-o", str(tmp_path / "x.bin")])
     assert r.exit_code == 2 and not (tmp_path / "x.bin").exists()
+    r = runner.invoke(main, ["random", "2b4t", "-o", str(tmp_path / "x.bin"), "--seed", str(2**64)])  # torch's: 64 bits
+    assert r.exit_code == 2 and "Invalid value for '--seed'" in r.output and not (tmp_path / "x.bin").exists()

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import stat
 import struct
 from pathlib import Path
 
@@ -325,9 +327,20 @@ def test_refusals(tmp_path):
     with pytest.raises(gc.GGUFConversionError, match="--force"):
         gc.packed_to_gguf(relu, existing, qtype="i2_s")
     assert existing.read_bytes() == b"keep"
-    gc.packed_to_gguf(relu, existing, qtype="i2_s", force=True)
+    umask = os.umask(0o022)
+    try:  # the written files get a new file's permissions (0666 less the umask), not a temp file's 0600
+        gc.packed_to_gguf(relu, existing, qtype="i2_s", force=True)
+        make_packed(again := tmp_path / "again.bin", act="relu2")
+    finally:
+        os.umask(umask)
     assert existing.read_bytes()[:4] == b"GGUF"
     assert not list(tmp_path.glob(".*.tmp"))  # failed exports left no temp files
+    assert [stat.S_IMODE(p.stat().st_mode) for p in (existing, again)] == [0o644, 0o644]
+    for fn, src in ((gc.packed_to_gguf, relu), (gc.gguf_to_packed, existing)):  # in place: it would replace the source
+        before = src.read_bytes()
+        with pytest.raises(gc.GGUFConversionError, match="is the source file"):
+            fn(src, src, force=True)
+        assert src.read_bytes() == before
 
 
 # ---------------------------------------------------------------------------------------------------------------

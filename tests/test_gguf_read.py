@@ -499,6 +499,18 @@ def test_2b4t_defaults_without_pre_or_template(tmp_path):
         assert rendered == "User: Hello<|eot_id|>Assistant: "  # REFERENCE §6; BOS comes from the post-processor
 
 
+@pytest.mark.parametrize("which", [0, 1, "merged"])
+def test_merge_outside_the_vocabulary_is_one_clear_error(tmp_path, which):
+    # a merge whose part (or whose result) is no token: tokenizers' BPE would raise a bare Exception
+    kv = gpt2_vocab_kv(train_bpe(False))
+    a, b = kv["merges"][5].split(" ")
+    kv["tokens"][kv["tokens"].index(a + b if which == "merged" else (a, b)[which])] = "\u2603never"
+    path = tmp_path / "m.gguf"
+    write_model(path, tok_kv=kv)
+    with G.GGUFSource(path) as src, pytest.raises(G.GGUFFormatError, match=r"merges\[\d+\] .* not in the vocabulary"):
+        src.tokenizer
+
+
 def test_llama_sentencepiece_tokenizer_matches_sentencepiece(tmp_path):
     import sentencepiece as spm
     from tokenizers import Tokenizer

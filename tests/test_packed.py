@@ -333,7 +333,7 @@ def tensor(h, name):
 HOSTILE = {
     # name: (build kwargs, regex the error must match)
     "wrong magic": (dict(magic=b"BN158PAX"), r"wrong magic .* offset 0"),
-    "gguf magic": (dict(magic=b"GGUF\x03\x00\x00\x00"), r"wrong magic"),
+    "gguf magic": (dict(magic=b"GGUF\x03\x00\x00\x00"), r"wrong magic .*; it is a GGUF file: bitnet-run reads it"),
     "bad version": (dict(version=2), r"version 2 at offset 8.*reads version 1"),
     "flags": (dict(flags=1), r"flags 0x1 at offset 12"),
     "reserved": (dict(reserved=7), r"reserved .* offset 28"),
