@@ -29,9 +29,10 @@ DEFAULT_PROMPT = "The capital of France is Paris. The capital of Germany is"
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
 @click.option("--max-kl", type=float, default=None, help="Fail (exit 3) when mean KL(A‖B) in nats exceeds X.")
 @click.option("--min-top1", type=float, default=None, help="Fail (exit 3) when top-1 agreement (0..1) is below Y.")
-@click.option("--gen-tokens", type=int, default=16, show_default=True,
+@click.option("--gen-tokens", type=click.IntRange(min=0), default=16, show_default=True,
               help="Greedy tokens each model generates to find where they diverge (0: skip).")
-@click.option("--max-tokens", type=int, default=1024, show_default=True, help="Compare at most this many tokens.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="Compare at most this many tokens.")
 @click.option("--activation-a", type=click.Choice(["relu2", "silu"]), default=None,
               help="Override A's activation (GGUF files whose architecture mislabels it).")
 @click.option("--activation-b", type=click.Choice(["relu2", "silu"]), default=None, help="Override B's activation.")
@@ -43,9 +44,15 @@ def main(a, b, prompt, text_file, device, max_kl, min_top1, gen_tokens, max_toke
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     if prompt is not None and text_file is not None:
         raise click.UsageError("give --prompt or --text, not both")
-    if min_top1 is not None and not 0.0 <= min_top1 <= 1.0:
+    if min_top1 is not None and not 0.0 <= min_top1 <= 1.0:  # (not, so that NaN fails too)
         raise click.UsageError("--min-top1 is a fraction between 0 and 1")
-    text = Path(text_file).read_text(encoding="utf-8") if text_file else (prompt or DEFAULT_PROMPT)
+    if max_kl is not None and not max_kl >= 0.0:
+        raise click.UsageError("--max-kl is a number of nats, 0 or more")
+    try:
+        text = Path(text_file).read_text(encoding="utf-8") if text_file else (prompt or DEFAULT_PROMPT)
+    except UnicodeDecodeError as e:
+        click.echo(f"error: {text_file} is not UTF-8 text (byte {e.start}: {e.reason})", err=True)
+        sys.exit(1)
     keep_compile_cache()  # the runtime's compiled CPU step, as bitnet-run keeps it
     try:
         with open_model(a, device=device, activation=activation_a) as ma, \

@@ -26,6 +26,11 @@ from bitnet158.runtime.tokenizer import Tokenizer
 DEFAULT_MAX_NEW_TOKENS = 256
 
 
+def _stop_strings(stop: str | Sequence[str]) -> list[str]:
+    # one string is one stop string, not a stop at each of its characters
+    return [stop] if isinstance(stop, str) else list(stop)
+
+
 class BitNetModel:
     """A loaded model: the network (``net``), its ``config`` and ``tokenizer``.
 
@@ -158,7 +163,7 @@ class BitNetModel:
         min_p: float | None = None,
         repetition_penalty: float = 1.0,
         seed: int | None = None,
-        stop: Sequence[str] = (),
+        stop: str | Sequence[str] = (),
         stats: GenerationStats | None = None,
     ) -> Iterator[str]:
         """Stream the assistant's reply to a conversation, ``messages`` ({"role", "content"} dicts, rendered with
@@ -176,7 +181,7 @@ class BitNetModel:
             repetition_penalty=repetition_penalty, seed=seed, stop_ids=self.tokenizer.chat_stop_ids(), stats=stats,
             reuse_cache=True,
         )  # fmt: skip
-        return stream_text(self.tokenizer, tokens, prompt_ids, list(stop), stats)
+        return stream_text(self.tokenizer, tokens, prompt_ids, _stop_strings(stop), stats)
 
     def generate_ids(
         self,
@@ -232,7 +237,7 @@ class BitNetModel:
         min_p: float | None = None,
         repetition_penalty: float = 1.0,
         seed: int | None = None,
-        stop: Sequence[str] = (),
+        stop: str | Sequence[str] = (),
         chat: bool = False,
         system: str | None = None,
         truncate: bool = False,
@@ -259,7 +264,7 @@ class BitNetModel:
             truncate=truncate,
             stats=stats,
         )
-        return stream_text(self.tokenizer, tokens, prompt_ids, list(stop), stats)
+        return stream_text(self.tokenizer, tokens, prompt_ids, _stop_strings(stop), stats)
 
     def perplexity(
         self, text: str, ctx: int | None = None, stride: int | None = None, progress: bool = False

@@ -10,6 +10,11 @@ import click
 import torch
 
 from bitnet158.runtime.generate import ContextOverflowError, GenerationStats
+from bitnet158.runtime.sampling import SEED_MAX, SEED_MIN
+from bitnet158.runtime.tokenizer import TokenizerError
+
+# --threads' bound: OpenMP fails to start (or crashes) far above any machine's cores, e.g. at 16,384
+MAX_THREADS = 1024
 
 
 def _peak_memory(device: torch.device) -> str:
@@ -79,7 +84,7 @@ def _chat_loop(model, system: str | None, max_new_tokens: int | None, sampling: 
             # when turns must go, a quarter of the context more goes too: the next turns then reuse the cache
             slack = model.config.max_position_embeddings // 4
             messages = model.fit_chat([*messages, {"role": "user", "content": text}], n, slack)
-        except ContextOverflowError as e:
+        except (ContextOverflowError, TokenizerError) as e:  # this message cannot go: the chat goes on
             click.echo(f"error: {e}", err=True)
             continue
         stats = GenerationStats()
@@ -99,6 +104,15 @@ def _chat_loop(model, system: str | None, max_new_tokens: int | None, sampling: 
                 f"{stats.prompt_tokens - stats.cached_tokens} run + {stats.cached_tokens} cached]",
                 err=True,
             )
+
+
+def _read_text(read, name: str) -> str:
+    # a text file's contents: one error line (exit 1) when it is not UTF-8
+    try:
+        return read()
+    except UnicodeDecodeError as e:
+        click.echo(f"error: {name} is not UTF-8 text (byte {e.start}: {e.reason})", err=True)
+        sys.exit(1)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -134,7 +148,7 @@ def _chat_loop(model, system: str | None, max_new_tokens: int | None, sampling: 
     help="Drop tokens below this fraction of the top token's probability (llama.cpp's min-p); 0 = off.",
 )
 @click.option("--repetition-penalty", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
-@click.option("--seed", type=int, help="Seed for sampling (temperature > 0).")
+@click.option("--seed", type=click.IntRange(SEED_MIN, SEED_MAX), help="Seed for sampling (temperature > 0).")
 @click.option("--stop", multiple=True, help="Stop when this text is generated (not printed); repeatable.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Default: cuda when available, else cpu.")
 @click.option("--dtype", type=click.Choice(["bf16", "f16", "f32"]), help="Default: bf16 on cuda, f32 on cpu.")
@@ -170,7 +184,7 @@ def _chat_loop(model, system: str | None, max_new_tokens: int | None, sampling: 
     "bitnet-b1.58, which reads as relu²).",
 )
 @click.option("--truncate", is_flag=True, help="Drop the oldest prompt tokens when prompt + generation overflow.")
-@click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch (default: torch's choice).")
+@click.option("--threads", type=click.IntRange(1, MAX_THREADS), help="CPU threads for torch (default: torch's choice).")
 @click.option("--quiet", "-q", is_flag=True, help="No statistics on stderr.")
 @click.option("--perplexity", "ppl_file", type=click.Path(dir_okay=False), help="Score this text file instead.")
 @click.option("--ctx", type=click.IntRange(min=2), help="Perplexity window (default: the model context).")
@@ -213,7 +227,7 @@ def main(
         if prompt is not None:
             click.echo("error: give --prompt or --prompt-file, not both", err=True)
             sys.exit(2)
-        prompt = prompt_file.read()
+        prompt = _read_text(prompt_file.read, prompt_file.name)
     interactive = chat and prompt is None and ppl_file is None
     if (prompt is None) == (ppl_file is None) and not interactive:
         click.echo("error: give exactly one of --prompt or --perplexity (or --chat alone, to chat)", err=True)
@@ -233,7 +247,7 @@ def main(
         load_s = time.perf_counter() - t0
         if ppl_file is not None:
             with open(ppl_file, encoding="utf-8") as f:
-                text = f.read()
+                text = _read_text(f.read, ppl_file)
             ppl, n = model.perplexity(text, ctx=ctx, stride=stride, progress=not quiet)
             click.echo(f"perplexity: {ppl:.4f} over {n} tokens")
             return

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -74,8 +75,8 @@ def fit_context(prompt_ids: list[int], max_new_tokens: int, context: int, trunca
     """
     if not prompt_ids:
         raise ValueError("the prompt is empty: nothing to condition on (give a prompt, or a tokenizer that adds BOS)")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     need = len(prompt_ids) + max_new_tokens
     if need <= context:
         return prompt_ids, 0

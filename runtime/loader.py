@@ -1,4 +1,4 @@
-"""Build a runnable model from a weight source (a packed file now, GGUF through the same read surface later).
+"""Build a runnable model from a weight source: a packed file or a GGUF, through the same read surface.
 
 The source is memory-mapped. Ternary weights go to the device as their packed bytes (a copy of the uint8 mmap view,
 never unpacked on the host); floats are cast to the compute dtype on their way to the device. Every tensor name and

@@ -7,6 +7,7 @@ tensor, so the caller decides when to synchronise.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +15,10 @@ import torch
 
 class SamplingError(ValueError):
     """An out-of-range sampling parameter."""
+
+
+# the seeds torch's generators take (manual_seed: a 64-bit value, signed or not)
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 
 
 @dataclass(frozen=True)
@@ -28,6 +33,12 @@ class SamplingParams:
     min_p: float | None = None
 
     def __post_init__(self):
+        for names, kind, what in ((("top_k", "seed"), numbers.Integral, "an int or None"),
+                                  (("temperature", "top_p", "min_p", "repetition_penalty"), numbers.Real, "a number")):
+            for name in names:  # (numpy's scalars pass; a bool, a str or a float where an int goes do not)
+                v = getattr(self, name)
+                if v is not None and (isinstance(v, bool) or not isinstance(v, kind)):
+                    raise SamplingError(f"{name} must be {what}, got {v!r}")
         if not self.temperature >= 0:
             raise SamplingError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k is not None and self.top_k < 0:
@@ -38,6 +49,8 @@ class SamplingParams:
             raise SamplingError(f"min_p must be in [0, 1], got {self.min_p}")
         if not self.repetition_penalty > 0:
             raise SamplingError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
+            raise SamplingError(f"seed must be a 64-bit integer, in [{SEED_MIN}, {SEED_MAX}], got {self.seed}")
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

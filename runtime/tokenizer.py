@@ -47,8 +47,13 @@ class Tokenizer:
             raise TokenizerError("tokenizer: the file has no tokenizer_json string")
         try:
             self._tok = HFTokenizer.from_str(tok["tokenizer_json"])
-        except Exception as e:  # the tokenizers library raises a bare Exception on malformed JSON
-            raise TokenizerError(f"tokenizer: tokenizer_json does not load: {e}") from e
+            # Some inconsistent files load, then panic on first use (a post-processor naming a token that the
+            # vocabulary lacks): used once here, such a file fails at load, not in the middle of a generation
+            self._tok.decode(self._tok.encode("a 1", add_special_tokens=True).ids)
+        except BaseException as e:  # tokenizers raises a bare Exception, or a Rust panic (a BaseException)
+            if not isinstance(e, Exception) and type(e).__module__ != "pyo3_runtime":
+                raise
+            raise TokenizerError(f"tokenizer: tokenizer_json does not load or does not work: {e}") from e
         self.chat_template: str | None = tok.get("chat_template")
         self.bos_token: str | None = tok.get("bos_token")
         self.eos_token: str | None = tok.get("eos_token")
@@ -63,7 +68,18 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``; ``add_special_tokens`` applies the post-processor (BOS as the HF tokenizer)."""
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        if not isinstance(text, str):
+            raise TypeError(f"the text to encode must be a str, got {type(text).__name__}")
+        try:
+            return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        except TypeError:
+            # Input bytes that are not UTF-8 (argv, stdin) reach Python as lone surrogates (surrogateescape), which
+            # tokenizers refuses as "TextInputSequence must be str": say what is wrong with the text instead
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise TokenizerError("the text holds bytes that are not UTF-8") from None
+            raise
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         """Text of ``ids`` (a list of ints or a 1-D tensor)."""

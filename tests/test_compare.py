@@ -113,6 +113,15 @@ def test_errors_are_one_line(packed, tmp_path):
     assert r.exit_code == 1 and "error:" in r.output and "Traceback" not in r.output
     r = _run(packed, packed, "--prompt", "x", "--text", packed)
     assert r.exit_code == 2
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"\xff\xfe\x00text")
+    r = _run(packed, packed, "--text", binary)
+    assert r.exit_code == 1 and r.output == f"error: {binary} is not UTF-8 text (byte 0: invalid start byte)\n"
+    # numbers out of range are usage errors (NaN too, which click's FloatRange lets through)
+    for opt, value in (("--max-tokens", "0"), ("--max-tokens", "-5"), ("--gen-tokens", "-1"), ("--max-kl", "nan"),
+                       ("--max-kl", "-1"), ("--min-top1", "nan")):  # fmt: skip
+        r = _run(packed, packed, opt, value)
+        assert r.exit_code == 2 and opt in r.output, (opt, value, r.output)
 
 
 def test_vocab_mismatch_refused():

@@ -6,6 +6,7 @@ lossless here: the fixtures' weights are bf16 values). transformers runs them in
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -358,6 +359,12 @@ def test_min_p_matches_transformers():
         assert torch.equal(min_p_filter(logits, min_p), want)
     with pytest.raises(SamplingError, match="min_p"):
         SamplingParams(min_p=1.5)
+    with pytest.raises(SamplingError, match="seed must be a 64-bit integer"):
+        SamplingParams(seed=2**64)
+    for kw in ({"seed": 1.5}, {"seed": "1"}, {"top_k": 1.5}, {"top_k": True}, {"temperature": "0.5"},
+               {"top_p": None, "min_p": "x"}):  # fmt: skip
+        with pytest.raises(SamplingError, match=f"{[k for k, v in kw.items() if v is not None][0]} must be"):
+            SamplingParams(**kw)
 
 
 def test_min_p_sampling(ms_model):
@@ -398,6 +405,13 @@ def test_generate_stops_at_eos_and_stop_string(ms_model):
     out = "".join(ms_model.generate(prompt, 24, stop=[stop, "never generated"]))
     assert out == plain[: plain.index(stop)]
     assert ms_model.last_stats.stop_reason == "stop string"
+    for n in (1.5, "3", True):  # not an int: one clear error, before anything runs
+        with pytest.raises(ValueError, match="max_new_tokens must be an int >= 1"):
+            list(ms_model.generate(prompt, n))
+    # one string is one stop string, not one stop at each of its characters
+    stop = next(s for i in range(len(plain) - 1, 0, -1) if (s := plain[i - 1 : i + 1]).strip() and
+                min(plain.index(c) for c in s) < plain.index(s))  # fmt: skip
+    assert "".join(ms_model.generate(prompt, 24, stop=stop)) == plain[: plain.index(stop)]
 
 
 def test_streaming_detokenizer_multibyte(ms_model, onebitllm_pair):
@@ -452,6 +466,21 @@ def test_chat_template_sandbox_and_tojson(ms_model):
     t = Tokenizer({**tok_dict, "chat_template": "{{ messages.__class__.__mro__ }}"})
     with pytest.raises(TokenizerError):  # the sandbox refuses attribute escapes
         t.apply_chat_template([])
+
+
+def test_tokenizer_that_panics_fails_at_load(ms_model):
+    # tokenizers loads a post-processor naming a special token that it does not map, then panics (a
+    # BaseException) on the first encode: the file is refused when it is opened, with one error
+    from bitnet158.runtime.tokenizer import Tokenizer, TokenizerError
+
+    tj = json.loads(ms_model.tokenizer._tok.to_str())
+    tj["post_processor"] = {
+        "type": "TemplateProcessing", "special_tokens": {},
+        "single": [{"SpecialToken": {"id": "<nope>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+    }
+    with pytest.raises(TokenizerError, match="does not load or does not work"):
+        Tokenizer({"tokenizer_json": json.dumps(tj)})
 
 
 def test_config_validation():
@@ -557,6 +586,11 @@ def test_errors_are_one_line(ms_file, tmp_path):
     assert hub.startswith("error: cannot read no-such-org/no-such-model: no such file, nor from the hub (")
     assert "exceeds the context of 256" in run(ms_file, "--prompt", "hi", "-n", "300", "--device", "cpu")
     assert "fp16 with relu" in run(ms_file, "--prompt", "hi", "--dtype", "f16", "--device", "cpu")
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"\xff\xfe\x00text")
+    not_utf8 = f"error: {binary} is not UTF-8 text (byte 0: invalid start byte)"
+    assert run(ms_file, "-f", binary, "--device", "cpu") == not_utf8
+    assert run(ms_file, "--perplexity", binary, "--device", "cpu") == not_utf8
     if not torch.cuda.is_available():
         assert "no CUDA device" in run(ms_file, "--prompt", "hi", "--device", "cuda")
         with pytest.raises(DeviceError):
@@ -620,6 +654,14 @@ def test_cli_prompt_file(ms_file, tmp_path):
         assert r.exit_code == 0 and r.stdout == want, r.output
     r = runner.invoke(cli_main, [ms_file, "-p", "x", "-f", str(tmp_path / "p.txt"), "--device", "cpu"])
     assert r.exit_code == 2 and "not both" in r.output
+    # out-of-range numbers are usage errors, before anything loads: a seed torch cannot take, threads OpenMP
+    # cannot start (16,384 failed, 100,000 crashed)
+    for opt, value in (("--seed", str(2**64)), ("--seed", str(-(2**63) - 1)), ("--threads", "100000")):
+        r = runner.invoke(cli_main, [ms_file, "-p", "x", opt, value])
+        assert r.exit_code == 2 and f"Invalid value for '{opt}'" in r.output, r.output
+    r = runner.invoke(cli_main, [ms_file, "-p", "x", "--seed", str(2**64 - 1), "--temperature", "0.7", "-n", "2",
+                                 "--device", "cpu", "-q"])  # fmt: skip
+    assert r.exit_code == 0, r.output
 
 
 def test_cli_interactive_chat(ms_file):
@@ -662,6 +704,24 @@ def test_cli_chat_ctrl_c_ends_the_reply_not_the_chat(ms_file, monkeypatch):
     assert r.exit_code == 0, r.output
     assert r.stdout == "part\npartial\n"
     assert seen[1] == ["one", "part", "two"]  # the interrupted reply stays in the conversation
+
+
+def test_text_that_is_not_utf8(ms_file, monkeypatch):
+    # bytes that are not UTF-8 reach Python as lone surrogates (argv and stdin decode with surrogateescape):
+    # one error line for --prompt; in a chat that message is refused and the chat goes on
+    from bitnet158.runtime import cli
+    from bitnet158.runtime.tokenizer import TokenizerError
+
+    bad = b"ab\xffcd".decode("utf-8", "surrogateescape")
+    r = CliRunner().invoke(cli_main, [ms_file, "-p", bad, "--device", "cpu", "-q"])
+    assert r.exit_code == 1 and r.output == "error: the text holds bytes that are not UTF-8\n", r.output
+    lines = iter(["Hello", bad, "Hello"])
+    monkeypatch.setattr(cli, "_read_message", lambda: next(lines, None))
+    r = CliRunner().invoke(cli_main, [ms_file, "--chat", "-n", "3", "--device", "cpu", "-q"])
+    assert r.exit_code == 0 and "error: the text holds bytes that are not UTF-8" in r.stderr, r.output
+    assert r.stdout.count("\n") == 2  # two replies
+    with pytest.raises(TokenizerError):
+        load(ms_file, device="cpu").tokenizer.encode(bad)
 
 
 def test_fit_chat_drops_the_oldest_turns(ms_model):
