@@ -32,6 +32,7 @@ read surface as a packed file; codes and scales are copied over unchanged, float
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -505,8 +506,12 @@ def packed_to_gguf(src_path: str | os.PathLike, out_path: str | os.PathLike, *, 
                 os.fsync(f.fileno())
             os.replace(tmp, out_path)
             fsync_dir(str(out_path.parent.resolve()))
-        except BaseException:
+        except BaseException as e:
             Path(tmp).unlink(missing_ok=True)
+            if isinstance(e, OSError) and e.errno == errno.ENOSPC:  # say which file, and that nothing is left over
+                total = sum(p.nbytes for p in planned)
+                raise OSError(errno.ENOSPC, f"no space left on the device while writing {out_path} ({total} bytes of "
+                                            "tensors); nothing was written") from e  # fmt: skip
             raise
     total = sum(p.nbytes for p in planned)
     logger.info("wrote %s: arch %s, %d tensors, %d data bytes", out_path, arch, len(planned), total)

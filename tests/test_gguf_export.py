@@ -7,6 +7,7 @@ package's own GGUFReader and TQ1_0/TQ2_0 quantizers.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -341,6 +342,25 @@ def test_refusals(tmp_path):
         with pytest.raises(gc.GGUFConversionError, match="is the source file"):
             fn(src, src, force=True)
         assert src.read_bytes() == before
+
+
+@pytest.mark.parametrize("where", ["write", "fsync"])
+def test_export_disk_full_leaves_nothing(tmp_path, monkeypatch, where):
+    src = tmp_path / "m.bin"
+    make_packed(src, act="relu2")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if where == "write":
+        monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", full)
+    else:
+        monkeypatch.setattr(os, "fsync", full)
+    out = tmp_path / "out" / "m.gguf"
+    out.parent.mkdir()
+    with pytest.raises(OSError, match=r"no space left on the device while writing .*m\.gguf .*nothing was written") as info:
+        gc.packed_to_gguf(src, out, qtype="i2_s")
+    assert info.value.errno == errno.ENOSPC and os.listdir(out.parent) == []
 
 
 # ---------------------------------------------------------------------------------------------------------------
