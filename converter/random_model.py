@@ -57,6 +57,9 @@ class RandomModelError(ValueError):
 # the byte tokenizer's few merges: GGUF needs at least one (tokenizer.ggml.merges, for llama.cpp and our reader)
 MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n")]
 MIN_VOCAB = 3 + 256 + len(MERGES)  # <unk> <s> </s>, the 256 bytes, one token a merge
+# the largest a random model may be: what the runtime loads (runtime/config.py), and a bound on the tensor table
+# built before any check of the file's size (a billion layers took minutes of Python before failing)
+MAX_LAYERS, MAX_VOCAB = 1024, 1 << 22
 
 
 def byte_tokenizer() -> dict:
@@ -83,12 +86,13 @@ def model_config(shape: str, layers: int | None = None, vocab: int | None = None
         raise RandomModelError(f"unknown shape {shape!r} (known: {', '.join(SHAPES)})")
     c = dict(SHAPES[shape])
     if layers is not None:
-        if layers < 1:
-            raise RandomModelError(f"layers must be at least 1, got {layers}")
+        if not 1 <= layers <= MAX_LAYERS:
+            raise RandomModelError(f"layers must be in [1, {MAX_LAYERS}], got {layers}")
         c["num_hidden_layers"] = layers
     if vocab is not None:
-        if vocab < MIN_VOCAB:
-            raise RandomModelError(f"vocab must be at least {MIN_VOCAB} (the byte tokenizer's ids), got {vocab}")
+        if not MIN_VOCAB <= vocab <= MAX_VOCAB:
+            raise RandomModelError(f"vocab must be in [{MIN_VOCAB}, {MAX_VOCAB}] (at least the byte tokenizer's ids), "
+                                   f"got {vocab}")
         c["vocab_size"] = vocab
     return c
 

@@ -938,6 +938,8 @@ class GGUFSource:
                 raise GGUFFormatError(f"{a}{k} = {v} is out of range")
         if heads % kv_heads:
             raise GGUFFormatError(f"{a}attention.head_count {heads} is not a multiple of head_count_kv {kv_heads}")
+        if n_layers > len(f.tensors):  # a layer is 9 tensors or more: a lying count must not size the loops below
+            raise GGUFFormatError(f"{a}block_count = {n_layers}, but the file holds only {len(f.tensors)} tensors")
         head_dim = self._meta(K(Keys.Attention.KEY_LENGTH), (int,), None) or hidden // heads
 
         self._map_names(arch, n_layers)

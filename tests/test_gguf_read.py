@@ -421,6 +421,20 @@ def test_source_upstream_bitnet_arch(tmp_path):
             assert np.array_equal(s.numpy(), scale) and np.array_equal(packed.numpy(), codes_to_t2(t))
 
 
+def test_lying_block_count_is_refused_at_once(tmp_path):
+    # block_count sizes per-layer loops: 2^31 - 1 layers made opening the file hang (and fill memory); 100,000
+    # would have opened to a misleading error about sub-norms
+    path = tmp_path / "m.gguf"
+    write_model(path)
+    raw = bytearray(path.read_bytes())
+    at = raw.find(b"bitnet-b1.58.block_count") + len(b"bitnet-b1.58.block_count")
+    assert struct.unpack_from("<II", raw, at) == (4, LAYERS)  # a UINT32 value
+    struct.pack_into("<I", raw, at + 4, 100_000)
+    path.write_bytes(raw)
+    with pytest.raises(G.GGUFFormatError, match=r"block_count = 100000, but the file holds only \d+ tensors"):
+        G.GGUFSource(path)
+
+
 def test_source_activation_override_and_bad_arch(tmp_path):
     path = tmp_path / "m.gguf"
     write_model(path)
