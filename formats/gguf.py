@@ -993,6 +993,10 @@ class GGUFSource:
         act = activation or ("relu2" if arch in ARCH_2B4T else "silu")
         # the family names the graph: relu² + sub-norms is Microsoft's 2B-4T, SiLU + sub-norms is 1bitLLM
         family = "bitnet" if act == "relu2" else ("1bitllm" if sub_norms else "llama-bitnet")
+        n_rot = self._meta(K(Keys.Rope.DIMENSION_COUNT), (int,), head_dim)
+        if n_rot != head_dim:  # llama.cpp would rotate only the first n_rot dims of each head: another model
+            raise GGUFFormatError(f"{a}rope.dimension_count = {n_rot}, but heads have {head_dim} dims: partial "
+                                  "rotary embeddings are not supported")
         rope_scaling = None
         st = self._meta(K(Keys.Rope.SCALING_TYPE), (str,), None)
         factor = self._meta(K(Keys.Rope.SCALING_FACTOR), (float, int), None)

@@ -265,7 +265,7 @@ def quantized_rows(arr: np.ndarray, qtype) -> np.ndarray:
 
 def write_model(path: Path, *, arch="bitnet-b1.58", qtype="i2_s", tok_kv=None, tied=True, sub_norms=True,
                 extra_scales=False, pre=None, add_bos=None, chat_template=None, row_scales=False,
-                vocab_override=None, embed_qtype=None):
+                vocab_override=None, embed_qtype=None, rope_dims=None):
     """A tiny BitNet GGUF; returns {canonical name: (t int8, scale array)} and {canonical float name: array}.
     ``embed_qtype``: token_embd (and an untied output, in Q6_K) quantized as llama-quantize writes them; their
     arrays are then gguf.quants.dequantize's f32 values."""
@@ -281,6 +281,8 @@ def write_model(path: Path, *, arch="bitnet-b1.58", qtype="i2_s", tok_kv=None, t
     w.add_uint32(f"{a}.attention.head_count_kv", KV_HEADS)
     w.add_float32(f"{a}.attention.layer_norm_rms_epsilon", 1e-5)
     w.add_float32(f"{a}.rope.freq_base", 500000.0)
+    if rope_dims is not None:
+        w.add_rope_dimension_count(rope_dims)
     w.add_uint32(f"{a}.vocab_size", vocab)
     w.add_tokenizer_model(tok_kv.get("model", "gpt2"))
     if pre is not None:
@@ -432,6 +434,18 @@ def test_lying_block_count_is_refused_at_once(tmp_path):
     struct.pack_into("<I", raw, at + 4, 100_000)
     path.write_bytes(raw)
     with pytest.raises(G.GGUFFormatError, match=r"block_count = 100000, but the file holds only \d+ tensors"):
+        G.GGUFSource(path)
+
+
+def test_partial_rotary_embeddings_are_refused(tmp_path):
+    # rope.dimension_count below the head size rotates only part of each head in llama.cpp: another model
+    path = tmp_path / "m.gguf"
+    write_model(path, rope_dims=HEAD_DIM)
+    with G.GGUFSource(path) as src:
+        assert src.config["head_dim"] == HEAD_DIM
+    write_model(path, rope_dims=HEAD_DIM // 2)
+    with pytest.raises(G.GGUFFormatError, match=f"rope.dimension_count = {HEAD_DIM // 2}, but heads have {HEAD_DIM} "
+                                                "dims: partial rotary embeddings are not supported"):
         G.GGUFSource(path)
 
 
