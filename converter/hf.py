@@ -379,14 +379,23 @@ def _rope(cfg: dict, family: str) -> tuple[float, dict | None]:
         log.info("config.json has no rope_theta; using the %s default %s", family, theta)
     if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:
         raise ConversionError(f"config.json: rope_theta must be a positive number, found {theta!r}")
+    # transformers' default rope rotates int(head_dim · partial_rotary_factor) dims of each head: another model
+    partial = cfg.get("partial_rotary_factor", params.get("partial_rotary_factor", 1.0))
+    if isinstance(partial, bool) or partial != 1.0:
+        raise ConversionError(f"config.json: partial_rotary_factor {partial!r}: rotary embeddings over part of each "
+                              "head are not supported")
     scaling = cfg.get("rope_scaling")
     if scaling is None and params:
-        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+        scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "partial_rotary_factor")}
     if scaling is not None:
         if not isinstance(scaling, dict):
             raise ConversionError("config.json: rope_scaling must be an object or null")
         kind = scaling.get("rope_type", scaling.get("type"))
-        if kind in (None, "default") and set(scaling) <= {"rope_type", "type"}:
+        extra = sorted(set(scaling) - {"rope_type", "type"})
+        if kind in (None, "default") and extra:
+            raise ConversionError(f"config.json: rope type {kind or 'default'!r} with the parameters {extra} is not "
+                                  "supported")
+        if kind in (None, "default"):
             scaling = None
         elif kind in SUPPORTED_ROPE_SCALING:
             scaling = {"rope_type": kind, **{k: v for k, v in scaling.items() if k not in ("type", "rope_type")}}

@@ -373,6 +373,9 @@ def test_plain_llama_refused(llama_bitnet_ckpt, onebitllm_ckpt, tmp_path):
     ({"quantization_config": {"quant_method": "bitnet", "linear_class": "bitlinear", "use_rms_norm": True}},
      "use_rms_norm"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope scaling type 'yarn'"),
+    ({"partial_rotary_factor": 0.5}, "partial_rotary_factor 0.5: rotary embeddings over part of each head"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.25}},
+     "partial_rotary_factor 0.25"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
     ({"attention_bias": True}, "attention_bias"),
     ({"architectures": ["MistralForCausalLM"], "model_type": "mistral"}, "unsupported model"),
@@ -408,6 +411,11 @@ def test_rope_spellings(onebitllm_ckpt, tmp_path):
     with load_hf_source(str(src)) as hf:
         assert hf.config["rope_theta"] == 12345.0 and hf.config["rope_scaling"] is None
         assert hf.source_dtype == "float16"
+    # a partial_rotary_factor of 1 is the whole head: the default rope
+    edit_json(src / "config.json", rope_parameters={"rope_type": "default", "rope_theta": 12345.0,
+                                                    "partial_rotary_factor": 1.0})  # fmt: skip
+    with load_hf_source(str(src)) as hf:
+        assert hf.config["rope_theta"] == 12345.0 and hf.config["rope_scaling"] is None
     llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
               "original_max_position_embeddings": 128}
     edit_json(src / "config.json", rope_parameters={"rope_theta": 500000.0, **llama3})
