@@ -10,7 +10,9 @@ import time
 import click
 from bitnet158.converter.hf import FLOAT_DTYPES, convert_hf
 from bitnet158.converter.random_model import EMBED_DTYPES, SHAPES, describe_shape, model_config, write_random_model
+from bitnet158.formats import gguf
 from bitnet158.formats.packed import describe
+from bitnet158.formats.source import GGUF_MAGIC
 
 
 def _fail(e: BaseException) -> None:
@@ -66,11 +68,14 @@ def hf_to_packed(src: str, out: str, revision: str | None, dtype: str, force: bo
 
 @main.command("inspect")
 @click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--verify", is_flag=True, help="Also check every tensor checksum and the ternary codes.")
+@click.option("--verify", is_flag=True,
+              help="Also check every tensor: its checksum (packed files) and its ternary codes and scales.")
 def inspect(file: str, verify: bool) -> None:
-    """Print a packed file's config, tokenizer summary and tensor table."""
+    """Print a packed or GGUF file's config, tokenizer summary and tensor table."""
     try:
-        text = describe(file, verify=verify)
+        with open(file, "rb") as f:
+            is_gguf = f.read(4) == GGUF_MAGIC
+        text = (gguf.describe if is_gguf else describe)(file, verify=verify)
     except (ValueError, OSError) as e:
         _fail(e)
     click.echo(text)

@@ -90,14 +90,16 @@ sub-norms) or ``bitnet`` (upstream llama.cpp: the 1bitLLM graph: SiLU, sub-norms
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import math
 import mmap
 import os
 import struct
 from dataclasses import dataclass
 
 import numpy as np
-from bitnet158.formats.packed import model_tensors
+from bitnet158.formats.packed import human_bytes, model_tensors, tokenizer_summary
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, Keys
 
 logger = logging.getLogger(__name__)
@@ -1127,6 +1129,47 @@ class GGUFSource:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def describe(path: str | os.PathLike, verify: bool = False) -> str:
+    """Human-readable summary of a GGUF model file (``bitnet-convert inspect``), as formats.packed.describe is for
+    a packed file: the header and ``general.*`` keys, the config and tokenizer bitnet158 runs it with, every
+    tensor under its GGUF and canonical names, totals. With ``verify``, every tensor is decoded first (ternary
+    codes and scales checked, quantized floats dequantized): GGUF has no checksums to compare."""
+    with GGUFSource(path) as src:
+        f = src._file
+        if verify:
+            for name, t in src.tensors.items():
+                src.ternary(name) if t.dtype == "t2" else src.torch(name)
+        size = os.path.getsize(src.path)
+        lines = [f"{src.path}: GGUF version {f.version}, architecture {src.arch}, {human_bytes(size)} ({size} bytes)"]
+        lines.append(f"metadata: {len(f.metadata)} keys")
+        lines += [f"  {k}: {v}" for k, v in f.metadata.items()
+                  if k.startswith("general.") and isinstance(v, (str, int, float))]  # fmt: skip
+        lines.append("config (as bitnet158 runs it):")
+        lines += [f"  {k}: {json.dumps(v)}" for k, v in src.config.items()]
+        lines.append("tokenizer:")
+        lines += tokenizer_summary(src.tokenizer)
+        canon = {t.gguf_name: t.name for t in src.tensors.values()}
+        lines.append(f"tensors: {len(f.tensors)}")
+        width = max(len(n) for n in f.tensors)
+        lines.append(f"  {'name':<{width}}  {'type':<6}  {'shape':<16}  {'offset':>12}  {'nbytes':>12}  canonical name")
+        for t in f.tensors.values():
+            shape = "x".join(map(str, t.shape))
+            lines.append(f"  {t.name:<{width}}  {t.type_name:<6}  {shape:<16}  {t.offset:>12}  {t.nbytes:>12}  "
+                         f"{canon.get(t.name, '(scale multiplier)')}")  # fmt: skip
+        t2 = [t for t in src.tensors.values() if t.dtype == "t2"]
+        params = sum(t.shape[0] * t.shape[1] for t in t2)
+        t2_bytes = sum(f.tensors[t.gguf_name].nbytes for t in t2)  # the block scales (I2_S: its 32-byte tail) included
+        other = sum(math.prod(t.shape) for t in src.tensors.values() if t.dtype != "t2")
+        lines.append("totals:")
+        lines.append(f"  ternary params: {params:,} in {len(t2)} tensors, {human_bytes(t2_bytes)}")
+        if params:
+            lines.append(f"  bits per ternary weight (incl. scales): {8 * t2_bytes / params:.4f}")
+        lines.append(f"  other params: {other:,}")
+        if verify:
+            lines.append("verify: OK (every tensor decodes: no code 3, scales finite and > 0)")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------------

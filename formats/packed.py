@@ -880,7 +880,8 @@ class PackedFile:
 # --- inspect ------------------------------------------------------------------------------------------------
 
 
-def _human(n: int) -> str:
+def human_bytes(n: int) -> str:
+    """n bytes as B / KiB / MiB / GiB (2 decimals above bytes)."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n} {unit}" if unit == "B" else f"{n:.2f} {unit}"
@@ -888,7 +889,8 @@ def _human(n: int) -> str:
     raise AssertionError
 
 
-def _tokenizer_summary(tok: dict) -> list[str]:
+def tokenizer_summary(tok: dict) -> list[str]:
+    """The lines ``inspect`` prints for a PACKED.md §4 tokenizer dict: model kind and size, BOS/EOS, chat template."""
     lines = []
     try:
         tj = json.loads(tok["tokenizer_json"])
@@ -913,11 +915,11 @@ def describe(path: str | os.PathLike, verify: bool = False) -> str:
     with PackedFile(path) as pf:
         if verify:
             pf.verify()
-        lines = [f"{pf.path}: bitnet158 packed file, version {pf.version}, {_human(pf.size)} ({pf.size} bytes)"]
+        lines = [f"{pf.path}: bitnet158 packed file, version {pf.version}, {human_bytes(pf.size)} ({pf.size} bytes)"]
         lines.append("config:")
         lines += [f"  {k}: {json.dumps(v)}" for k, v in pf.config.items()]
         lines.append("tokenizer:")
-        lines += _tokenizer_summary(pf.tokenizer)
+        lines += tokenizer_summary(pf.tokenizer)
         lines.append("provenance:")
         for k, v in pf.provenance.items():
             if k == "files" and isinstance(v, dict):
@@ -939,11 +941,11 @@ def describe(path: str | os.PathLike, verify: bool = False) -> str:
         scale_names = {t.scale for t in t2}
         other = sum(math.prod(t.shape) for t in pf.tensors.values() if t.dtype != "t2" and t.name not in scale_names)
         lines.append("totals:")
-        lines.append(f"  ternary params: {params:,} in {len(t2)} tensors, {_human(t2_bytes)} packed")
+        lines.append(f"  ternary params: {params:,} in {len(t2)} tensors, {human_bytes(t2_bytes)} packed")
         if params:
             lines.append(f"  bits per ternary weight (incl. scales): {8 * (t2_bytes + scale_bytes) / params:.4f}")
         lines.append(f"  other params: {other:,}")
-        lines.append(f"  file size: {_human(pf.size)}")
+        lines.append(f"  file size: {human_bytes(pf.size)}")
         if verify:
             lines.append("verify: OK (all CRCs match, no code 3)")
     return "\n".join(lines)

@@ -11,6 +11,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import struct
@@ -488,6 +489,32 @@ def test_cli_commands(tmp_path):
         assert pb.config["hidden_act"] == "silu"
     r = runner.invoke(main, ["gguf-to-packed", str(out), "-o", str(back)])
     assert r.exit_code != 0 and "--force" in r.output
+
+
+def test_inspect_a_gguf(tmp_path):
+    # `bitnet-convert inspect` reads a GGUF as it reads a packed file; --verify decodes every tensor, so a code 3
+    # in a TQ2_0 weight (GGUF has no checksums) fails it, while the plain summary still prints
+    from bitnet158.converter.cli import main
+    from bitnet158.formats.gguf import GGUFFile
+
+    src = tmp_path / "m.bin"
+    make_packed(src, act="silu")
+    out = tmp_path / "m.gguf"
+    gc.packed_to_gguf(src, out, qtype="tq2_0")
+    runner = CliRunner()
+    r = runner.invoke(main, ["inspect", str(out), "--verify"])
+    assert r.exit_code == 0, r.output
+    assert f"{out}: GGUF version 3, architecture bitnet, " in r.output and '  hidden_act: "silu"' in r.output
+    assert re.search(r"  blk\.0\.attn_q\.weight +TQ2_0 +256x256 +\d+ +\d+  layers\.0\.attn\.q_proj\.weight", r.output)
+    assert "bits per ternary weight (incl. scales): 2.0625" in r.output and "verify: OK" in r.output
+    with GGUFFile(out) as f:
+        at = f.tensors["blk.0.attn_q.weight"].offset
+    raw = bytearray(out.read_bytes())
+    raw[at] = 0xFF  # four codes 3
+    out.write_bytes(raw)
+    assert runner.invoke(main, ["inspect", str(out)]).exit_code == 0
+    r = runner.invoke(main, ["inspect", str(out), "--verify"])
+    assert r.exit_code == 1 and r.output.startswith("error: ") and "code 3" in r.output, r.output
 
 
 def test_gguf_to_packed_from_the_hub(tiny, tmp_path, monkeypatch):
