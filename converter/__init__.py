@@ -22,4 +22,5 @@ def refuse_source_as_output(out: str | os.PathLike, sources, error: type[Excepti
     target = os.path.realpath(out)
     for src in sources:
         if os.path.realpath(src) == target:
-            raise error(f"{out} is the source file {src}: write the output to another path")
+            which = "itself" if os.fspath(src) == os.fspath(out) else os.fspath(src)
+            raise error(f"{out} is the source file {which}: write the output to another path")
