@@ -239,6 +239,9 @@ def main(
         torch.set_num_threads(threads)
     keep_compile_cache()
     try:
+        if ppl_file is not None:  # read first: a missing or non-UTF-8 text fails before the model loads
+            with open(ppl_file, encoding="utf-8") as f:
+                text = _read_text(f.read, ppl_file)
         t0 = time.perf_counter()
         model = load(
             file, device=device, dtype=dtype, cache_unpacked=cache_unpacked, force=force_fp16, reference=reference,
@@ -246,8 +249,6 @@ def main(
         )  # fmt: skip
         load_s = time.perf_counter() - t0
         if ppl_file is not None:
-            with open(ppl_file, encoding="utf-8") as f:
-                text = _read_text(f.read, ppl_file)
             ppl, n = model.perplexity(text, ctx=ctx, stride=stride, progress=not quiet)
             click.echo(f"perplexity: {ppl:.4f} over {n} tokens")
             return

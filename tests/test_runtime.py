@@ -591,6 +591,10 @@ def test_errors_are_one_line(ms_file, tmp_path):
     not_utf8 = f"error: {binary} is not UTF-8 text (byte 0: invalid start byte)"
     assert run(ms_file, "-f", binary, "--device", "cpu") == not_utf8
     assert run(ms_file, "--perplexity", binary, "--device", "cpu") == not_utf8
+    # the text is read before the model loads: its error comes first, however slow the model is to load
+    assert run(tmp_path / "missing.bin", "--perplexity", binary) == not_utf8
+    missing_text = tmp_path / "none.txt"
+    assert run(ms_file, "--perplexity", missing_text).endswith(f"No such file or directory: {str(missing_text)!r}")
     if not torch.cuda.is_available():
         assert "no CUDA device" in run(ms_file, "--prompt", "hi", "--device", "cuda")
         with pytest.raises(DeviceError):
