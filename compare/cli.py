@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from bitnet158.compare.core import compare_models, format_table, open_model
+from bitnet158.runtime.cli import read_text
 from bitnet158.runtime.cpu import keep_compile_cache
 
 EXIT_THRESHOLD = 3
@@ -48,11 +49,10 @@ def main(a, b, prompt, text_file, device, max_kl, min_top1, gen_tokens, max_toke
         raise click.UsageError("--min-top1 is a fraction between 0 and 1")
     if max_kl is not None and not max_kl >= 0.0:
         raise click.UsageError("--max-kl is a number of nats, 0 or more")
-    try:
-        text = Path(text_file).read_text(encoding="utf-8") if text_file else (prompt or DEFAULT_PROMPT)
-    except UnicodeDecodeError as e:
-        click.echo(f"error: {text_file} is not UTF-8 text (byte {e.start}: {e.reason})", err=True)
-        sys.exit(1)
+    if text_file:
+        text = read_text(lambda: Path(text_file).read_text(encoding="utf-8"), text_file)
+    else:
+        text = prompt or DEFAULT_PROMPT
     keep_compile_cache()  # the runtime's compiled CPU step, as bitnet-run keeps it
     try:
         with open_model(a, device=device, activation=activation_a) as ma, \

@@ -106,8 +106,9 @@ def _chat_loop(model, system: str | None, max_new_tokens: int | None, sampling: 
             )
 
 
-def _read_text(read, name: str) -> str:
-    # a text file's contents: one error line (exit 1) when it is not UTF-8
+def read_text(read, name: str) -> str:
+    """``read()``: a text file's contents, or one error line (exit 1) naming ``name`` when it is not UTF-8
+    (bitnet-run's prompt and perplexity files, bitnet-compare's --text)."""
     try:
         return read()
     except UnicodeDecodeError as e:
@@ -227,7 +228,7 @@ def main(
         if prompt is not None:
             click.echo("error: give --prompt or --prompt-file, not both", err=True)
             sys.exit(2)
-        prompt = _read_text(prompt_file.read, prompt_file.name)
+        prompt = read_text(prompt_file.read, prompt_file.name)
     interactive = chat and prompt is None and ppl_file is None
     if (prompt is None) == (ppl_file is None) and not interactive:
         click.echo("error: give exactly one of --prompt or --perplexity (or --chat alone, to chat)", err=True)
@@ -241,7 +242,7 @@ def main(
     try:
         if ppl_file is not None:  # read first: a missing or non-UTF-8 text fails before the model loads
             with open(ppl_file, encoding="utf-8") as f:
-                text = _read_text(f.read, ppl_file)
+                text = read_text(f.read, ppl_file)
         t0 = time.perf_counter()
         model = load(
             file, device=device, dtype=dtype, cache_unpacked=cache_unpacked, force=force_fp16, reference=reference,
