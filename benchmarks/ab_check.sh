@@ -31,7 +31,9 @@ TOTAL=${AB_SECONDS:-530}  # the call's timeout_s less a margin: every step below
 
 for tree in base new; do  # each tree's package (no dependencies) into its own folder, with the carried wheels
   src=.; [ "$tree" = base ] && src=.base
-  mkdir -p "/tmp/site_$tree" "/tmp/cache_$tree"
+  # a warm machine keeps /tmp from the call before: pip --target keeps a package already there, so the site is
+  # made afresh (the tile caches stay: a tree's picks are its own either way)
+  rm -rf "/tmp/site_$tree" && mkdir -p "/tmp/site_$tree" "/tmp/cache_$tree"
   if compgen -G ".whl/*.whl" > /dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "/tmp/site_$tree" .whl/*.whl
   fi
@@ -63,7 +65,8 @@ run base 2 90
 run new 2 100 --profile
 
 # the GPU tests of the kernels the working tree changed, most telling first (fixed launch configs, as
-# device_check.sh's): every decode variant against the default, the packed and fused GEMVs, the graph decoder,
+# device_check.sh's): the step search (the default's first capture: its pack-warp search once failed there),
+# every decode variant against the default, the packed and fused GEMVs, the graph decoder,
 # the folded kernels, the attention and its combine, the sampler's modes, the int8 head, the persistent step,
 # the plain GEMV
 T=tests/test_kernels.py
@@ -72,7 +75,7 @@ if [ "$t" = 0 ]; then
   echo "GPU tests: skipped (no time left)"
 else
   PYTHONPATH=/tmp/site_new BITNET158_AUTOTUNE=0 XDG_CACHE_HOME=/tmp/cache_tests timeout "$t" python3 -m pytest -q -m gpu \
-    -p no:cacheprovider "$T::test_gpu_decode_variants_follow_the_default" "$T::test_gpu_packed_and_fused_gemv" \
+    -p no:cacheprovider "$T::test_gpu_search_tiles_times_the_decode_step" "$T::test_gpu_decode_variants_follow_the_default" "$T::test_gpu_packed_and_fused_gemv" \
     "$T::test_gpu_graph_decoder_matches_eager[False]" "$T::test_gpu_folded_kernels_and_argmax_in_a_graph" \
     "$T::test_gpu_decode_attention_bf16" "$T::test_gpu_sample_in_a_graph" "$T::test_gpu_quantize_and_head_exact" \
     "$T::test_gpu_persistent_step_replays_exactly[config0]" "$T::test_gpu_persistent_step_replays_exactly[config3]" \

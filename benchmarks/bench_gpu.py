@@ -48,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import NamedTuple
 
@@ -65,6 +66,14 @@ TEXT = (
 RESULTS: dict = {}
 DEV = "cuda"  # "cpu" only for --smoke (a tiny model through the whole script, kernels in Triton's interpreter)
 TRAINED = False  # a converted model (--file) or the smoke run's tiny fp32 one: step_check judges logits there
+
+
+def failure(e: BaseException, n: int = 300) -> str:
+    # one line for a failed variant or stage: the error and where it was raised (a device call's log is all
+    # there is to read afterwards: "KeyError: 'o'" alone named no line)
+    tb = traceback.extract_tb(e.__traceback__)
+    where = f" (at {Path(tb[-1].filename).name}:{tb[-1].lineno} in {tb[-1].name})" if tb else ""
+    return f"{type(e).__name__}: {str(e)[:n]}{where}"
 
 
 def say(msg: str) -> None:
@@ -553,8 +562,8 @@ def run_variants(fast, prompt: list[int], args, t_start: float) -> None:
         try:
             r = decode_rate(gen_fn, tokens, runs)
         except Exception as e:  # noqa: BLE001 - report the failure of one variant and go on with the others
-            say(f"decode {name}: FAILED {type(e).__name__}: {str(e)[:300]}")
-            rows[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            say(f"decode {name}: FAILED {failure(e)}")
+            rows[name] = {"error": failure(e)}
             return
         b = bytes_per_token(net, head, max_seq)
         r["roofline_tok_s"] = RESULTS["bandwidth"] / b["total"]
@@ -611,8 +620,8 @@ def run_variants(fast, prompt: list[int], args, t_start: float) -> None:
                 say(f"check: {name}: {step_summary(c)} -> {'PASS' if c['pass'] else 'FAIL'} "
                     f"(greedy equal to the first variant's for {c['greedy_prefix_equal_to_first']}/{len(got)})")
             except Exception as e:  # noqa: BLE001
-                say(f"decode {name}: FAILED {type(e).__name__}: {str(e)[:300]}")
-                rows[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+                say(f"decode {name}: FAILED {failure(e)}")
+                rows[name] = {"error": failure(e)}
                 continue
             if graphs and variant == variants[0]:
                 torch.cuda.reset_peak_memory_stats()
@@ -715,8 +724,8 @@ def run_compile_variants(fast, prompt: list[int], args, t_start: float) -> None:
             say(f"decode {name}: {r['tok_s']:.1f} tok/s ({r['fraction_of_roofline']:.0%} of roofline), greedy tokens equal "
                 f"to the uncompiled step for {r['greedy_prefix_equal']}/32  [{time.perf_counter() - t0:.0f} s with compilation]")
         except Exception as e:  # noqa: BLE001 - a compile failure is a result to report, not the end of the run
-            rows[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-            say(f"decode {name}: FAILED {type(e).__name__}: {str(e)[:300]}")
+            rows[name] = {"error": failure(e)}
+            say(f"decode {name}: FAILED {failure(e)}")
         fast.set_backend("triton")
         fast.set_head("bf16")
 
@@ -933,9 +942,9 @@ def stage(name: str, fn, *args, **kwargs) -> None:
     except Exception as e:  # noqa: BLE001 - one broken stage must not cost the figures of the others
         import traceback
 
-        say(f"stage {name}: FAILED {type(e).__name__}: {str(e)[:500]}")
+        say(f"stage {name}: FAILED {failure(e, 500)}")
         traceback.print_exc(limit=6)
-        RESULTS.setdefault("failed_stages", {})[name] = f"{type(e).__name__}: {str(e)[:500]}"
+        RESULTS.setdefault("failed_stages", {})[name] = failure(e, 500)
 
 
 def make_prompt(vocab: int, n: int, seed: int = 1) -> list[int]:
@@ -1018,8 +1027,9 @@ def print_table() -> None:
     say(f"GPU: {r['gpu']} | torch {r['torch']} | triton {r['triton']} | copy bandwidth {r['bandwidth'] / 1e12:.2f} TB/s")
     say(f"model: {r.get('model')} | load {r.get('load_s', float('nan')):.1f} s | resident {r.get('resident_bytes', 0) / 1e9:.3f} GB "
         f"(+int8 head {r.get('resident_int8_head_bytes', 0) / 1e9:.3f} GB total) | peak during decode {r.get('peak_mem_decode_bytes', 0) / 1e9:.3f} GB")
+    verdict = "not checked (--no-checks)" if "correct" not in r else "PASS" if r["correct"] else "FAIL"
     say(f"roofline (weights only): bf16 head {r.get('roofline_tok_s', 0):.0f} tok/s, int8 head {r.get('roofline_int8_tok_s', 0):.0f} tok/s "
-        f"(bf16 head + the KV cache at the mean decode position: {r.get('roofline_with_kv_tok_s', 0):.0f}) | CORRECTNESS: {'PASS' if r.get('correct') else 'FAIL'}")
+        f"(bf16 head + the KV cache at the mean decode position: {r.get('roofline_with_kv_tok_s', 0):.0f}) | CORRECTNESS: {verdict}")
     if "int8_head" in r:
         h = r["int8_head"]
         say(f"int8 head vs bf16 head: logits rel err {h['logits_rel_err']:.2e}, top-1 agree {h['top1_agreement']:.3f}"
@@ -1115,6 +1125,7 @@ def main() -> int:
     import triton
 
     args.tmp = args.tmp or tempfile.mkdtemp(prefix="bench_gpu_")
+    Path(args.tmp).mkdir(parents=True, exist_ok=True)  # a named --tmp may not exist yet (a fresh device machine)
     RESULTS.update(gpu=torch.cuda.get_device_name() if DEV == "cuda" else "cpu (smoke)", torch=torch.__version__, triton=triton.__version__)
     t_all = time.perf_counter()
     # a timeout's SIGTERM ends the run through the finally below, which still prints the table
@@ -1147,7 +1158,10 @@ def main() -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(RESULTS, indent=2, default=str))
         print_table()
-    return 0 if RESULTS.get("correct") or args.no_checks else 1
+    failed = [n for n, d in RESULTS.get("decode", {}).items() if "error" in d] + list(RESULTS.get("failed_stages", {}))
+    if failed:  # every figure the run could take is printed above; the exit says some are missing
+        print(f"error: {len(failed)} variant(s) or stage(s) failed: {', '.join(failed)}", file=sys.stderr)
+    return 0 if (RESULTS.get("correct") or args.no_checks) and not failed else 1
 
 
 if __name__ == "__main__":

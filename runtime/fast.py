@@ -342,7 +342,7 @@ class FastModel:
         from bitnet158.runtime import kernels
 
         w, eps = _norm_args(norm)
-        warps = self.pack_pick[site] if self.pack_pick and self.tiles == "searched" and site and inp.shape[0] == 1 else None
+        warps = self.pack_pick.get(site) if self.pack_pick and self.tiles == "searched" and site and inp.shape[0] == 1 else None
         return kernels.pack_act(inp, k, norm=w, eps=eps, act=act, pdl=self.pdl, warps=warps)
 
     def _fused_layer(self, i: int, x: torch.Tensor, cos, sin, pos, mask) -> torch.Tensor:

@@ -140,3 +140,12 @@ def test_head_quality_on_the_demo_model(tmp_path):
     assert abs(res["ppl_int8"] / res["ppl_bf16"] - 1) < 0.01
     assert res["top1_agreement"] > 0.97 and 0 < res["kl_mean"] < 1e-2 and 0 < res["logits_rel_err"] < 0.05
     assert 0 <= res["tokens_before_first_difference"] <= 8 and res["identical"] <= 2
+
+
+def test_a_failed_variant_names_where_it_failed(bench):
+    # a device call leaves only its log: a failed variant's line names the error and the line that raised it
+    try:
+        {}["o"]
+    except KeyError as e:
+        msg = bench.failure(e)
+    assert msg.startswith("KeyError: 'o' (at test_benchmarks.py:") and msg.endswith("in test_a_failed_variant_names_where_it_failed)")

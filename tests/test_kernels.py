@@ -926,6 +926,12 @@ def test_fast_model_searched_tiles_reach_the_graph_step(monkeypatch):
         assert seen == [(2, None)] * 8 + [(1, pick[s]) for s in SITES] * 2
         assert packs == [(2, None)] * 8 + [(1, warps[s]) for s in SITES] * 2
         assert torch.equal(got, want)  # the interpreter has no warps: the same arithmetic
+        # mid-search (search_tiles times each site's pack warps in turn): a site without a pick yet takes
+        # pack_act_launch's warps. A lookup that required every site failed the first capture on a GPU
+        fast.pack_pick = {"qkv": 8}
+        packs.clear()
+        assert torch.equal(fast.logits_last(tok, pos), want)
+        assert packs == [(1, 8), (1, None), (1, None), (1, None)] * 2
         fast.tiles = "autotune"
         seen.clear()
         packs.clear()
