@@ -959,15 +959,22 @@ def test_search_tiles_descends_site_by_site(monkeypatch, tmp_path):
     pack_cost = {"qkv": [0.5, 0.25], "o": [0.25, 0.5], "gate_up": [0.5, 0.25], "down": [0.25, 0.5]}  # by warps
     pack_cost = {s: dict(zip((4, 8, 16), c + [1.0])) for s, c in pack_cost.items()}  # 16 warps: the dearest
     timed = []
+    real_steps = [True]  # the first search also runs a real step (the interpreter) in each half-done state of the
+    # pack warps: a pick the step cannot take while the search is under way fails there (a lookup of a site's
+    # pack warps once did, on a GPU, in every first capture). One step a state: each costs seconds here
+    stepped = set()
 
     def fake_time_step(self, key, reps):
         pick, packs = self.fast.tile_pick, self.fast.pack_pick
         timed.append((dict(pick), dict(packs), int(self._pos)))
+        if real_steps[0] and 0 < len(packs) < len(SITES) and frozenset(packs) not in stepped:
+            stepped.add(frozenset(packs))
+            self._logits_fn(self._tok, self._pos)
         return float(sum(cost[s][configs.index(pick[s])] + pack_cost[s][packs.get(s, 4)] for s in SITES))
 
     monkeypatch.setattr(GraphDecoder, "_time_step", fake_time_step)
     fast = FastModel(net, backend="triton")
-    dec = GraphDecoder(fast, 200, use_graph=False)
+    dec = GraphDecoder(fast, 40, use_graph=False)  # 40 slots: the real steps stay short
     assert dec.search_tiles(configs=configs, pack_warps=warps) is None  # no graph, nothing to time
     dec.use_graph = True  # the search's own logic from here (the fake clock needs no graph)
     dec._pos.fill_(5)
@@ -975,12 +982,14 @@ def test_search_tiles_descends_site_by_site(monkeypatch, tmp_path):
     assert pick == {"qkv": (4, 8, 1), "o": (8, 4, 1), "gate_up": kernels.FIXED_GEMV, "down": (8, 4, 1)}
     assert fast.tile_pick is pick and fast.pack_pick == {"qkv": 8, "o": 4, "gate_up": 8, "down": 4}
     assert int(dec._pos) == 5 and len(timed) == 12 + 8
-    assert all(p == 199 for *_, p in timed)  # at SEARCH_POS (256) or the cache's last slot, past the context
-    assert timed[3] == ({"qkv": (4, 8, 1), "o": kernels.FIXED_GEMV, "gate_up": kernels.FIXED_GEMV, "down": kernels.FIXED_GEMV}, {}, 199)
-    assert timed[13] == (pick, {"qkv": 8}, 199)  # qkv's pack at 8 warps, then o's at 4 with qkv's picked
-    assert timed[14] == (pick, {"qkv": 8, "o": 4}, 199)
+    assert all(p == 39 for *_, p in timed)  # at SEARCH_POS (256) or the cache's last slot, past the context
+    assert timed[3] == ({"qkv": (4, 8, 1), "o": kernels.FIXED_GEMV, "gate_up": kernels.FIXED_GEMV, "down": kernels.FIXED_GEMV}, {}, 39)
+    assert timed[13] == (pick, {"qkv": 8}, 39)  # qkv's pack at 8 warps, then o's at 4 with qkv's picked
+    assert timed[14] == (pick, {"qkv": 8, "o": 4}, 39)
     assert fast.tile_times["o"] == {configs[0]: 3.0 + 2 + 1 + 9 + 1.5, configs[1]: 3.0 + 4 + 1 + 9 + 1.5, configs[2]: 3.0 + 1 + 1 + 9 + 1.5}
     assert fast.pack_times["gate_up"] == {4: 12.0 + 0.25 + 0.25 + 0.5 + 0.25, 8: 12.0 + 0.25 + 0.25 + 0.25 + 0.25}
+    assert len(stepped) == 3  # {qkv}, {qkv, o}, {qkv, o, gate_up}
+    real_steps[0] = False
     assert dec.search_tiles(configs=configs, pack_warps=warps) is pick and len(timed) == 20
     kept = tmp_path / "cache" / "bitnet158" / "gemv_tiles.json"
     assert list(json.loads(kept.read_text()).values()) == [{**{s: list(c) for s, c in pick.items()}, "pack": fast.pack_pick}]
