@@ -41,6 +41,19 @@ for tree in base new; do  # each tree's package (no dependencies) into its own f
     > "$OUT/pip_$tree.log" 2>&1 || { echo "error: pip install of $tree failed (pip_$tree.log)" | tee -a "$OUT/env.txt"; exit 1; }
 done
 
+# the user's first run, with the working tree: the demo model converted and generated from by bitnet-run's
+# default, the step search on and no tile cache. The tests run with BITNET158_AUTOTUNE=0 (no search), and a crash
+# in the search of every first capture once hid behind that
+rm -rf /tmp/cache_first
+export PYTHONPATH=/tmp/site_new  # for the two CLIs below only: unset after them
+python3 -c "from bitnet158.converter.cli import main; main()" hf-to-packed examples/tiny-bitnet -o /tmp/tiny.bin --force \
+  > "$OUT/first_run.log" 2>&1 &&
+  XDG_CACHE_HOME=/tmp/cache_first timeout 120 env -u BITNET158_AUTOTUNE python3 -c "from bitnet158.runtime.cli import main; main()" \
+  /tmp/tiny.bin --prompt "Blessed are the" -n 24 >> "$OUT/first_run.log" 2>&1
+echo "first run of bitnet-run (demo model, step search on, empty cache) exit: $? ($((SECONDS - START)) s in)"
+tail -n 3 "$OUT/first_run.log"
+unset PYTHONPATH
+
 # each step gets at most its cap and what is left of AB_SECONDS, and a step with under 40 s left is skipped. The
 # first process of each tree compiles its kernels and searches its tiles (cached for its second process), so it
 # gets the longest cap

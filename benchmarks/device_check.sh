@@ -77,6 +77,12 @@ fi
 # 4. the demo model: correctness with real logit margins, and every variant's greedy tokens against the default's
 python3 -c "import sys; from bitnet158.converter.cli import main; sys.argv[1:] = ['hf-to-packed', 'examples/tiny-bitnet', \
   '-o', '/tmp/tiny.bin', '--force']; main()" > "$OUT/convert_demo.log" 2>&1 || echo "demo conversion failed" | tee -a "$OUT/env.txt"
+# the user's first run: bitnet-run's default with its step search on (the tests above run without it) and no
+# tile cache; a crash there once hid behind BITNET158_AUTOTUNE=0
+XDG_CACHE_HOME=/tmp/cache_first timeout 120 env -u BITNET158_AUTOTUNE python3 -c "import sys; from bitnet158.runtime.cli import main; \
+  sys.argv[1:] = ['/tmp/tiny.bin', '--prompt', 'Blessed are the', '-n', '24']; main()" > "$OUT/first_run.log" 2>&1
+echo "first run of bitnet-run (step search on, empty cache) exit: $?" | tee -a "$OUT/env.txt"
+tail -n 3 "$OUT/first_run.log"
 if [ "$MODE" = quick ]; then
   timeout -k 5 50 python3 benchmarks/bench_gpu.py --file /tmp/tiny.bin --no-micro --prompt-len 64 --tokens 64 --runs 1 \
     --variants torch/plain,default,default/prefetch,folded/packed/pdl/argmax,default/int8 --no-eager --json "$OUT/bench_demo.json" \
