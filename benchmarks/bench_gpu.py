@@ -39,6 +39,7 @@ What it does, in order (each step logs one line; a short table comes last):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -279,11 +280,31 @@ def step_summary(c: dict) -> str:
             + ("" if c["judged"] else " (random model: not judged, see step_check)"))  # fmt: skip
 
 
+@contextlib.contextmanager
+def shared_weights(fast):
+    """A timing probe: within it every layer's four GEMVs (q/k/v, o, gate|up, down) read layer 0's packed weight
+    bytes (the logits are wrong). At 2B-4T a layer's are 17.4 MB, which stay in an H100's 50 MB L2, so a step
+    recorded inside reads its linear weights from L2, not DRAM, with every launch and its latency unchanged."""
+    layers = fast.net.layers
+    groups = [fast.qkv, [x.attn.o_proj for x in layers], fast.gate_up, [x.mlp.down_proj for x in layers]]
+    saved = [[lin.packed for lin in g] for g in groups]
+    try:
+        for g in groups:
+            for lin in g[1:]:
+                lin.packed = g[0].packed
+        yield
+    finally:
+        for g, own in zip(groups, saved):
+            for lin, packed in zip(g, own):
+                lin.packed = packed
+
+
 def step_gap(dec, prompt: list[int], tok_s: float) -> None:
     """Where the decode loop's time a token goes beyond one replay of its step (2026-11-27 on an H200: 955 µs a
     replay at position 79 as GraphDecoder.search_tiles timed it, 1,186 µs a token in the loop): one replay with
-    the state restored at positions 79, 256 and the prompt's end, then replays back to back from the prompt's end
-    with no host read between them (and the host's own time to submit each), against the loop's µs a token.
+    the state restored at positions 79, 256 and the prompt's end, the last again with the linear weights in L2
+    (shared_weights), then replays back to back from the prompt's end with no host read between them (and the
+    host's own time to submit each), against the loop's µs a token.
     Writes garbage into the cache at 79 and 256: the next generation prefills anew."""
     key = dec.sampling_key()
     out = {}
@@ -295,6 +316,12 @@ def step_gap(dec, prompt: list[int], tok_s: float) -> None:
             if p < dec.max_seq:
                 dec._pos.fill_(p)
                 out[f"one replay at {p}"] = dec._time_step(key, 10)
+        # the same replay with the linear weights in L2 (shared_weights): what it saves is what the chain waits on
+        # DRAM; what is left is launches, latencies and the head (the fix for each differs: prefetching or more
+        # bytes in flight for the one, fewer launches for the other)
+        with shared_weights(dec.fast):
+            dec._pos.fill_(end)
+            out[f"one replay at {end}, every layer on layer 0's weights (in L2)"] = dec._time_step(key, 10)
         dec._restore(saved)
         graph, n = dec._graphs[key], max(1, min(64, dec.max_seq - end - 1))
         sync()

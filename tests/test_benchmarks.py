@@ -149,3 +149,29 @@ def test_a_failed_variant_names_where_it_failed(bench):
     except KeyError as e:
         msg = bench.failure(e)
     assert msg.startswith("KeyError: 'o' (at test_benchmarks.py:") and msg.endswith("in test_a_failed_variant_names_where_it_failed)")
+
+
+def test_shared_weights_probe_points_every_layer_at_layer_0(bench, tmp_path):
+    # the step-gap probe's L2 case: inside shared_weights every layer's four GEMVs read layer 0's packed bytes (the
+    # step computes something else), and after it each has its own again, bit for bit the same logits
+    from bitnet158.converter.random_model import model_config, write_random_model
+    from bitnet158.runtime.fast import FastModel
+    from bitnet158.runtime.loader import load
+
+    small = dict(hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    write_random_model(tmp_path / "m.bin", {**model_config("2b4t", 3, 300), **small}, progress=False)
+    net = load(tmp_path / "m.bin", device="cpu").net
+    fast = FastModel(net, backend="reference")
+    layers = net.layers
+    groups = [fast.qkv, [x.attn.o_proj for x in layers], fast.gate_up, [x.mlp.down_proj for x in layers]]
+    own = [[lin.packed.data_ptr() for lin in g] for g in groups]
+    assert all(len(set(g)) == 3 for g in own)
+    tok = torch.tensor([[5, 9, 200]])
+    with torch.inference_mode():
+        net.setup_cache(1, 8)
+        want = fast.logits_last(tok, 0)
+        with bench.shared_weights(fast):
+            assert all({lin.packed.data_ptr() for lin in g} == {g[0].packed.data_ptr()} for g in groups)
+            assert not torch.equal(fast.logits_last(tok, 0), want)
+        assert [[lin.packed.data_ptr() for lin in g] for g in groups] == own
+        assert torch.equal(fast.logits_last(tok, 0), want)
