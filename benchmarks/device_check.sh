@@ -79,6 +79,7 @@ python3 -c "import sys; from bitnet158.converter.cli import main; sys.argv[1:] =
   '-o', '/tmp/tiny.bin', '--force']; main()" > "$OUT/convert_demo.log" 2>&1 || echo "demo conversion failed" | tee -a "$OUT/env.txt"
 # the user's first run: bitnet-run's default with its step search on (the tests above run without it) and no
 # tile cache; a crash there once hid behind BITNET158_AUTOTUNE=0
+rm -rf /tmp/cache_first  # empty also on a warm machine
 XDG_CACHE_HOME=/tmp/cache_first timeout 120 env -u BITNET158_AUTOTUNE python3 -c "import sys; from bitnet158.runtime.cli import main; \
   sys.argv[1:] = ['/tmp/tiny.bin', '--prompt', 'Blessed are the', '-n', '24']; main()" > "$OUT/first_run.log" 2>&1
 echo "first run of bitnet-run (step search on, empty cache) exit: $?" | tee -a "$OUT/env.txt"
