@@ -37,8 +37,10 @@ cd "$(dirname "$0")/.."
   python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| triton', triton.__version__, '| transformers', transformers.__version__)"
 } 2>&1 | tee "$OUT/env.txt"
 
-# 2. packages: the carried wheels, then this repository without its dependencies (all present there but gguf)
-mkdir -p /tmp/site
+# 2. packages: the carried wheels, then this repository without its dependencies (all present there but gguf),
+# into a fresh folder: on a warm machine pip --target keeps a package already there (2026-11-28: a whole call
+# measured the previous call's code)
+rm -rf /tmp/site && mkdir -p /tmp/site
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || echo "warning: installing the carried wheels failed" | tee -a "$OUT/env.txt"
