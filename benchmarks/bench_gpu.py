@@ -967,8 +967,6 @@ def stage(name: str, fn, *args, **kwargs) -> None:
     try:
         fn(*args, **kwargs)
     except Exception as e:  # noqa: BLE001 - one broken stage must not cost the figures of the others
-        import traceback
-
         say(f"stage {name}: FAILED {failure(e, 500)}")
         traceback.print_exc(limit=6)
         RESULTS.setdefault("failed_stages", {})[name] = failure(e, 500)
