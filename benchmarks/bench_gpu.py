@@ -285,8 +285,7 @@ def shared_weights(fast):
     """A timing probe: within it every layer's four GEMVs (q/k/v, o, gate|up, down) read layer 0's packed weight
     bytes (the logits are wrong). At 2B-4T a layer's are 17.4 MB, which stay in an H100's 50 MB L2, so a step
     recorded inside reads its linear weights from L2, not DRAM, with every launch and its latency unchanged."""
-    layers = fast.net.layers
-    groups = [fast.qkv, [x.attn.o_proj for x in layers], fast.gate_up, [x.mlp.down_proj for x in layers]]
+    groups = list(zip(*(fast.site_linears(i) for i in range(len(fast.net.layers)))))  # per site, every layer's
     saved = [[lin.packed for lin in g] for g in groups]
     try:
         for g in groups:
@@ -537,14 +536,15 @@ def report_tiles(fast) -> None:
     """GraphDecoder.search_tiles' pick per site with the step time it gave, the slowest tile's there, and the
     step time at the tile Triton's autotuner picked for the same GEMV where an 'autotune' variant ran."""
     from bitnet158.runtime import kernels
+    from bitnet158.runtime.fast import SITES
 
     tuned = {(k[0], k[1], k[2]): (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_W"], c.num_warps)
              for k, c in getattr(kernels._gemv_packed_tuned, "cache", {}).items() if len(k) > 3 and not k[3]}  # fmt: skip
     out = RESULTS.setdefault("searched_tiles", {})
+    first = dict(zip(SITES, fast.site_linears(0)))  # layer 0's matrix of each site
     for site, pick in fast.tile_pick.items():
         times = fast.tile_times[site]
-        lin = {"qkv": fast.qkv[0], "o": fast.net.layers[0].attn.o_proj, "gate_up": fast.gate_up[0],
-               "down": fast.net.layers[0].mlp.down_proj}[site]  # fmt: skip
+        lin = first[site]
         auto = tuned.get((lin.out_features, lin.packed.shape[1] // 4, site in ("o", "down")))
         out[site] = {"pick": list(pick), "step_us": times[pick], "slowest_us": max(times.values()),
                      "autotune_pick": list(auto) if auto else None, "autotune_step_us": times.get(auto),
@@ -554,11 +554,9 @@ def report_tiles(fast) -> None:
             + (f"; the autotuner's pick {auto} {times[auto]:.0f} us" if auto in times else ""))
     # then each site's pack_act warps, timed with every tile at its pick, beside pack_act_launch's own warps
     packs = RESULTS.setdefault("searched_pack_warps", {})
-    widths = {"qkv": (fast.qkv[0].in_features, False), "o": (fast.net.layers[0].attn.o_proj.in_features, False),
-              "gate_up": (fast.gate_up[0].in_features, False), "down": (fast.net.layers[0].mlp.down_proj.in_features, True)}  # fmt: skip
     for site, times in fast.pack_times.items():
         w = fast.pack_pick[site]
-        own = kernels.pack_act_launch((widths[site][0] + 15) // 16, widths[site][1])[1]
+        own = kernels.pack_act_launch((first[site].in_features + 15) // 16, site == "down")[1]  # down packs act(gate)·up
         packs[site] = {"pick": w, "step_us": times[w], "default_warps": own, "all_us": {str(k): t for k, t in times.items()}}
         say(f"searched pack warps, {site}: {w} {times[w]:.0f} us a step (pack_act_launch's: {own}); "
             + ", ".join(f"{k} warps {t:.0f}" for k, t in sorted(times.items())))

@@ -170,7 +170,7 @@ def regions(fast) -> dict[str, list[torch.Tensor]]:
     persistent step reads its stack's per-row scales, not the BitLinears')."""
     net = fast.net
     layers = net.layers
-    lins = [lin for i, layer in enumerate(layers) for lin in (fast.qkv[i], layer.attn.o_proj, fast.gate_up[i], layer.mlp.down_proj)]
+    lins = [lin for i in range(len(layers)) for lin in fast.site_linears(i)]
     t2, scales = [lin.packed for lin in lins], [lin.scale for lin in lins]
     norms = [n.weight for layer in layers for n in (layer.attn_norm, layer.attn.sub_norm, layer.mlp_norm, layer.mlp.sub_norm) if n is not None]
     st = fast._stack

@@ -323,15 +323,17 @@ class FastModel:
             return False
         return self._fusable_layers()[i]
 
+    def site_linears(self, i: int) -> tuple[BitLinear, BitLinear, BitLinear, BitLinear]:
+        """Layer i's four GEMV matrices, in SITES order: q/k/v (fused), o, gate|up (fused), down."""
+        layer = self.net.layers[i]
+        return self.qkv[i], layer.attn.o_proj, self.gate_up[i], layer.mlp.down_proj
+
     def _fusable_layers(self) -> list[bool]:
         # per layer: every matrix of it readable by the packed GEMVs (rows of whole int32 words)
         from bitnet158.runtime import kernels
 
         if self._fusable is None:
-            self._fusable = [
-                all(kernels.gemv_compatible(lin.packed) for lin in (self.qkv[j], layer.attn.o_proj, self.gate_up[j], layer.mlp.down_proj))
-                for j, layer in enumerate(self.net.layers)
-            ]  # fmt: skip
+            self._fusable = [all(kernels.gemv_compatible(lin.packed) for lin in self.site_linears(j)) for j in range(len(self.net.layers))]
             if not all(self._fusable):
                 log.info("gemv=%r: some layers' rows are not whole int32 words; those run the plain path", self.gemv)
         return self._fusable
@@ -896,9 +898,9 @@ class GraphDecoder:
         # what the search's pick depends on: the device and its software, the step's variant and the matrices
         import triton
 
-        fast, layer = self.fast, self.fast.net.layers[0]
+        fast = self.fast
         dev = fast.device
-        shapes = ",".join(f"{lin.out_features}x{lin.in_features}" for lin in (fast.qkv[0], layer.attn.o_proj, fast.gate_up[0], layer.mlp.down_proj))
+        shapes = ",".join(f"{lin.out_features}x{lin.in_features}" for lin in fast.site_linears(0))
         return " | ".join([torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type, f"torch {torch.__version__}",
                            f"triton {triton.__version__}", str(fast.net.dtype), f"attention {fast.attention}", f"pdl {fast.pdl}",
                            f"head {fast.head}", f"prefetch {fast.prefetch}", f"{len(fast.net.layers)} layers {shapes}",

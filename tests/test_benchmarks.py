@@ -162,8 +162,7 @@ def test_shared_weights_probe_points_every_layer_at_layer_0(bench, tmp_path):
     write_random_model(tmp_path / "m.bin", {**model_config("2b4t", 3, 300), **small}, progress=False)
     net = load(tmp_path / "m.bin", device="cpu").net
     fast = FastModel(net, backend="reference")
-    layers = net.layers
-    groups = [fast.qkv, [x.attn.o_proj for x in layers], fast.gate_up, [x.mlp.down_proj for x in layers]]
+    groups = list(zip(*(fast.site_linears(i) for i in range(3))))  # per site, the three layers' matrices
     own = [[lin.packed.data_ptr() for lin in g] for g in groups]
     assert all(len(set(g)) == 3 for g in own)
     tok = torch.tensor([[5, 9, 200]])
