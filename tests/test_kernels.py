@@ -959,15 +959,15 @@ def test_search_tiles_descends_site_by_site(monkeypatch, tmp_path):
     pack_cost = {"qkv": [0.5, 0.25], "o": [0.25, 0.5], "gate_up": [0.5, 0.25], "down": [0.25, 0.5]}  # by warps
     pack_cost = {s: dict(zip((4, 8, 16), c + [1.0])) for s, c in pack_cost.items()}  # 16 warps: the dearest
     timed = []
-    real_steps = [True]  # the first search also runs a real step (the interpreter) in each half-done state of the
-    # pack warps: a pick the step cannot take while the search is under way fails there (a lookup of a site's
-    # pack warps once did, on a GPU, in every first capture). One step a state: each costs seconds here
+    # the first search also runs a real step (the interpreter) in each of its three half-done states of the pack
+    # warps: a pick the step cannot take while the search is under way fails there (a lookup of a site's pack
+    # warps once did, on a GPU, in every first capture). One step a state, in that search only: each costs seconds
     stepped = set()
 
     def fake_time_step(self, key, reps):
         pick, packs = self.fast.tile_pick, self.fast.pack_pick
         timed.append((dict(pick), dict(packs), int(self._pos)))
-        if real_steps[0] and 0 < len(packs) < len(SITES) and frozenset(packs) not in stepped:
+        if len(stepped) < 3 and 0 < len(packs) < len(SITES) and frozenset(packs) not in stepped:
             stepped.add(frozenset(packs))
             self._logits_fn(self._tok, self._pos)
         return float(sum(cost[s][configs.index(pick[s])] + pack_cost[s][packs.get(s, 4)] for s in SITES))
@@ -989,7 +989,6 @@ def test_search_tiles_descends_site_by_site(monkeypatch, tmp_path):
     assert fast.tile_times["o"] == {configs[0]: 3.0 + 2 + 1 + 9 + 1.5, configs[1]: 3.0 + 4 + 1 + 9 + 1.5, configs[2]: 3.0 + 1 + 1 + 9 + 1.5}
     assert fast.pack_times["gate_up"] == {4: 12.0 + 0.25 + 0.25 + 0.5 + 0.25, 8: 12.0 + 0.25 + 0.25 + 0.25 + 0.25}
     assert len(stepped) == 3  # {qkv}, {qkv, o}, {qkv, o, gate_up}
-    real_steps[0] = False
     assert dec.search_tiles(configs=configs, pack_warps=warps) is pick and len(timed) == 20
     kept = tmp_path / "cache" / "bitnet158" / "gemv_tiles.json"
     assert list(json.loads(kept.read_text()).values()) == [{**{s: list(c) for s, c in pick.items()}, "pack": fast.pack_pick}]
