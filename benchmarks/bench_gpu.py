@@ -668,7 +668,7 @@ def run_variants(fast, prompt: list[int], args, t_start: float) -> None:
         configure(default_variant())
         # sampled decoding: the default draws in kernels.sample (one launch with a top-k, the radix select of the
         # top-p cut without); the same step with torch's sampling ops (argmax="torch", which also makes the greedy
-        # argmax torch's) is its baseline, in the same process. Top-p alone first: its kernels are not measured yet
+        # argmax torch's) is its baseline, in the same process. Top-p alone first
         sampled = [(" (top-p 0.95)", dict(top_p=0.95), fast.argmax, ""),
                    (" (top-p 0.95)", dict(top_p=0.95), "torch", ", torch's sampling ops"),
                    (" (top-k 50, top-p 0.95)", dict(top_k=50, top_p=0.95), fast.argmax, ""),

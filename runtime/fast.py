@@ -14,14 +14,15 @@ What it changes, and why:
   network still runs unchanged.
 - **Fewer launches per token.** With the "triton" backend the RMSNorms (the one after attention together with
   the residual add) and the MLP's act(gate)·up + sub-norm run as single Triton kernels.
-- **Decode-step kernels** (the "triton" backend; the defaults are the fastest combination measured on an H200,
-  benchmarks/RESULTS.md: 843 tok/s at the 2B-4T shape against 396 for the first graph step):
+- **Decode-step kernels** (the "triton" backend; the defaults are the fastest combination measured,
+  benchmarks/RESULTS.md: 928-981 tok/s at the 2B-4T shape on an H100, 944-1,078 on an H200, against 396 for the
+  first graph step):
   - ``attention="split"`` (default): in the graph decode step (one token, batch 1, position on the device) rope,
     the KV-cache write and the attention over the filled positions run as ``kernels.decode_attention``,
-    flash-decoding style: H × up to 16 programs over chunks of the cache, then a combine kernel. "folded" (not
-    measured yet; with gemv="packed"): the same launch also does the combine (the last split of each head to
-    finish) and the o projection's ``pack_act`` (the last head), as gemv="folded"'s attention does, so a layer
-    takes eight launches, not ten, while its GEMVs stay "packed"'s (the folded GEMVs were what measured slower).
+    flash-decoding style: H × up to 16 programs over chunks of the cache, then a combine kernel. "folded" (with
+    gemv="packed"; no faster than "split" on an H200, 934-950 against 944-982 tok/s): the same launch also does
+    the combine (the last split of each head to finish) and the o projection's ``pack_act`` (the last head), as
+    gemv="folded"'s attention does, so a layer takes eight launches, not ten, while its GEMVs stay "packed"'s.
     With the other GEMVs it runs as "split" ("folded" and "persistent" fold the attention anyway). "triton" is the
     same in one kernel of H programs; "torch" the model's own ops over the whole static cache (~15 launches).
   - ``gemv=`` (inputs of up to ``GEMV_MAX_M`` rows):
@@ -43,27 +44,29 @@ What it changes, and why:
       fetched before its wait. Its weights are stacked over the layers once, on first use (the BitLinears and
       norms re-pointed at their slices: no second copy). Prefill and host-position steps run "folded". Its launch
       config, including how each GEMV input is handed over (packed once by the last program of the phase before,
-      or by every program for itself) and whether each phase brings the weights two phases ahead into L2 (not
-      measured yet), is ``persistent_config`` (None: ``kernels.PERSISTENT_CONFIG``).
+      or by every program for itself) and whether each phase brings the weights two phases ahead into L2 (no
+      change on an H200), is ``persistent_config`` (None: ``kernels.PERSISTENT_CONFIG``).
   - ``pdl=True`` (default) launches those kernels, the attention kernels and the int8 head with programmatic
     dependent launch (sm_90+; ignored elsewhere), so that each launch overlaps the end of the kernel before it.
   - ``argmax="triton"`` (default): the step's pick over the vocabulary in one launch: the greedy argmax
     (``kernels.argmax``, 2.8 µs on an H200, against torch's reduction: 28 µs) and the top-k / top-p / min-p
-    draw (``kernels.sample``: with a top-k ≤ ``kernels.SAMPLE_MAX_K`` one launch, 925-937 tok/s against 767-798
-    with torch's ops for top-k 50 + top-p 0.95 on an H200; without a top-k a radix select of the top-p cut in
-    nine launches, not measured yet, where torch's ops sort the vocabulary: 808 tok/s); "torch" keeps torch's
-    ops for both, as does a top-k above SAMPLE_MAX_K.
+    draw (``kernels.sample``: with a top-k ≤ ``kernels.SAMPLE_MAX_K`` one launch, 924-956 tok/s against 780-790
+    with torch's ops for top-k 50 + top-p 0.95 on an H100; without a top-k a radix select of the top-p cut in
+    nine launches, 951-1,012 tok/s against 818-822 for torch's ops, which sort the vocabulary); "torch" keeps
+    torch's ops for both, as does a top-k above SAMPLE_MAX_K.
   - ``tiles="searched"`` (default): the graph step's packed GEMV tiles are chosen per site (q/k/v, o, gate|up,
     down) by timing the whole decode step with each tile (``GraphDecoder.search_tiles``, once per model, before
     the first capture), then the warps of the ``pack_act`` before each the same way (``kernels.PACK_WARPS``: a
-    pack is one program, so its warps set how long its chain of instructions takes; not measured yet); "autotune"
-    leaves the tiles to Triton's autotuner, which times each GEMV alone and picked tiles 4 % slower in the step on
-    an H200, and the packs at ``kernels.pack_act_launch``'s warps.
-  - ``prefetch="after"`` (not measured yet, so "off" by default; every gemv but "persistent"): the
-    attention kernels, once done, bring the weights of the layer's o, gate|up and down GEMVs and of the next
-    layer's q/k/v into L2, while the combine and the packing (which read no weights) run, so that those GEMVs read
-    from L2 what each would otherwise wait on memory for. "before": the same, issued before the attention's wait
-    for the q/k/v GEMV (so during it: earlier, but competing with its reads).
+    pack is one program, so its warps set how long its chain of instructions takes; 4, 8 and 16 warps timed
+    within 1 % of each other on an H100 and an H200); "autotune" leaves the tiles to Triton's autotuner, which
+    times each GEMV alone and picked tiles 4 % slower in the step on an H200, and the packs at
+    ``kernels.pack_act_launch``'s warps.
+  - ``prefetch="after"`` ("off" by default: it gained nothing steady on an H200, 847 and 972 against 944-982
+    tok/s; every gemv but "persistent"): the attention kernels, once done, bring the weights of the layer's o,
+    gate|up and down GEMVs and of the next layer's q/k/v into L2, while the combine and the packing (which read
+    no weights) run, so that those GEMVs read from L2 what each would otherwise wait on memory for. "before": the
+    same, issued before the attention's wait for the q/k/v GEMV (so during it: earlier, but competing with its
+    reads).
   Other backends ("reference", "triton_op" under torch.compile, "cpu") run the model's attention ops and the
   plain BitLinear path whatever these options say.
 - **Fewer bytes per token.** Decode only computes the head for the last position; ``head="int8"`` replaces the

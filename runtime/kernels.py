@@ -2240,7 +2240,8 @@ WAIT_POLLS = 1 << 21
 # decode_layers' launch: rows of a tile for the K = D matrices (the others keep its size in words), warps,
 # programs a multiprocessor (capped by what fits: every program must be resident, _decode_layers_kernel), and the
 # handoff at the packing boundaries (0: the last program packs and signals; 1: REPLICATE, every program packs), and
-# the L2 prefetch of the weights two phases ahead (0 / 1: PREFETCH, not measured yet)
+# the L2 prefetch of the weights two phases ahead (0 / 1: PREFETCH; on an H200 it changed nothing, 627.7 against
+# 622.7 tok/s, benchmarks/RESULTS.md)
 PERSISTENT_CONFIG = (16, 8, 1, 0, 0)
 
 
