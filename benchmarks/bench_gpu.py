@@ -298,12 +298,57 @@ def shared_weights(fast):
                 lin.packed = packed
 
 
+SKIPPABLE = ("packs", "attention", "gemvs")  # skipping()'s kernels
+
+
+@contextlib.contextmanager
+def skipping(fast, what: str):
+    """A timing probe: within it the first call of each shape of ``what`` ("packs": the pack_act launches before
+    the packed GEMVs; "attention": the attention and its combine; "gemvs": the packed GEMVs) runs, and every later
+    one returns that first result without launching (the logits are wrong). GraphDecoder._time_step runs one eager
+    step before its capture, so the step graph it records then has none of those launches, with every other
+    kernel, launch and byte of the step unchanged. The whole step's replay less this one is what those kernels
+    cost on the step's dependent chain: the most that folding or fusing them away could save. Yields the number
+    of calls that returned an earlier result. Only the default's kinds of step (gemv="packed", attention "split")."""
+    from bitnet158.runtime import kernels
+
+    if what not in SKIPPABLE:
+        raise ValueError(f"skipping: {what!r} is none of {SKIPPABLE}")
+    first: dict[tuple, object] = {}
+    skipped = [0]
+
+    def once(key: tuple, run):
+        if key in first:
+            skipped[0] += 1
+        else:
+            first[key] = run()
+        return first[key]
+
+    real_gemv = kernels.bitlinear_gemv_packed
+    try:
+        if what == "packs":  # FastModel._pack(inp, k, norm, act, site)
+            real = fast._pack
+            fast._pack = lambda inp, k, norm, act=None, site=None: once(
+                (site, k, act, tuple(inp.shape)), lambda: real(inp, k, norm, act, site))
+        elif what == "attention":  # FastModel._attend(i, qkv, cos, sin, pos, mask, pack_next=None)
+            real = fast._attend
+            fast._attend = lambda i, qkv, *a, **kw: once((tuple(qkv.shape), tuple(kw)), lambda: real(i, qkv, *a, **kw))
+        else:  # kernels.bitlinear_gemv_packed(a, packed, scale, dtype, residual=None, ...)
+            kernels.bitlinear_gemv_packed = lambda a, packed, *r, **kw: once(
+                (tuple(a.xq.shape), tuple(packed.shape), kw.get("residual") is None), lambda: real_gemv(a, packed, *r, **kw))
+        yield skipped
+    finally:
+        kernels.bitlinear_gemv_packed = real_gemv
+        for name in ("_pack", "_attend"):
+            fast.__dict__.pop(name, None)  # the instance's wrapper: the class's method again
+
+
 def step_gap(dec, prompt: list[int], tok_s: float) -> None:
     """Where the decode loop's time a token goes beyond one replay of its step (2026-11-27 on an H200: 955 µs a
     replay at position 79 as GraphDecoder.search_tiles timed it, 1,186 µs a token in the loop): one replay with
     the state restored at positions 79, 256 and the prompt's end, the last again with the linear weights in L2
-    (shared_weights), then replays back to back from the prompt's end with no host read between them (and the
-    host's own time to submit each), against the loop's µs a token.
+    (shared_weights) and without each kind of kernel (skipping), then replays back to back from the prompt's end
+    with no host read between them (and the host's own time to submit each), against the loop's µs a token.
     Writes garbage into the cache at 79 and 256: the next generation prefills anew."""
     key = dec.sampling_key()
     out = {}
@@ -321,6 +366,13 @@ def step_gap(dec, prompt: list[int], tok_s: float) -> None:
         with shared_weights(dec.fast):
             dec._pos.fill_(end)
             out[f"one replay at {end}, every layer on layer 0's weights (in L2)"] = dec._time_step(key, 10)
+        # the same replay without the packs, the attention or the GEMVs (skipping): what each kind costs on the
+        # chain, so which one a fold or a fusion must remove to reach a target
+        if dec.fast.gemv == "packed" and dec.fast.attention == "split":
+            for what in SKIPPABLE:
+                with skipping(dec.fast, what):
+                    dec._pos.fill_(end)
+                    out[f"one replay at {end}, {what} skipped"] = dec._time_step(key, 10)
         dec._restore(saved)
         graph, n = dec._graphs[key], max(1, min(64, dec.max_seq - end - 1))
         sync()

@@ -174,3 +174,41 @@ def test_shared_weights_probe_points_every_layer_at_layer_0(bench, tmp_path):
             assert not torch.equal(fast.logits_last(tok, 0), want)
         assert [[lin.packed.data_ptr() for lin in g] for g in groups] == own
         assert torch.equal(fast.logits_last(tok, 0), want)
+
+
+@pytest.mark.parametrize("what, real_calls", [("packs", 4), ("attention", 1), ("gemvs", 4)])
+def test_skipping_probe_launches_each_kind_once_a_shape(bench, tmp_path, monkeypatch, what, real_calls):
+    # the step-gap probe's ablations: inside skipping(fast, what) only the first call of each shape of that kind
+    # runs (one per site for the packs and GEMVs, one attention), every later one returns its result, so the
+    # logits change; after it the step runs every kernel again and gives the same logits bit for bit
+    from bitnet158.converter.random_model import model_config, write_random_model
+    from bitnet158.runtime import kernels
+    from bitnet158.runtime.fast import FastModel
+    from bitnet158.runtime.loader import load
+
+    small = dict(hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    write_random_model(tmp_path / "m.bin", {**model_config("2b4t", 3, 300), **small}, progress=False)
+    fast = FastModel(load(tmp_path / "m.bin", device="cpu").net, backend="triton", gemv="packed")
+    calls = []  # the real kernels (or _attend) underneath the probe
+    counted = {"packs": (kernels, "pack_act"), "attention": (FastModel, "_attend"),
+               "gemvs": (kernels, "bitlinear_gemv_packed")}[what]  # fmt: skip
+    real = getattr(*counted)
+    monkeypatch.setattr(*counted, lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    tok, pos = torch.tensor([[9]]), torch.tensor([3])
+    with torch.inference_mode():
+        fast.net.setup_cache(1, 8)
+        fast.logits_last(torch.tensor([[5, 9, 200]]), 0)
+        calls.clear()
+        want = fast.logits_last(tok, pos)
+        per_step = len(calls)  # one a layer and site (3 layers)
+        assert per_step == 3 * real_calls
+        calls.clear()
+        with bench.skipping(fast, what) as skipped:
+            got = [fast.logits_last(tok, pos) for _ in range(2)]
+        assert len(calls) == real_calls and skipped[0] == 2 * per_step - real_calls
+        assert not torch.equal(got[1], want) and torch.equal(got[0], got[1])
+        assert "_pack" not in vars(fast) and "_attend" not in vars(fast)
+        assert torch.equal(fast.logits_last(tok, pos), want)
+    with pytest.raises(ValueError, match="none of"):
+        with bench.skipping(fast, "head"):
+            pass
