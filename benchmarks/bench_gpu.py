@@ -332,7 +332,7 @@ def skipping(fast, what: str):
                 (site, k, act, tuple(inp.shape)), lambda: real(inp, k, norm, act, site))
         elif what == "attention":  # FastModel._attend(i, qkv, cos, sin, pos, mask, pack_next=None)
             real = fast._attend
-            fast._attend = lambda i, qkv, *a, **kw: once((tuple(qkv.shape), tuple(kw)), lambda: real(i, qkv, *a, **kw))
+            fast._attend = lambda i, qkv, *a, **kw: once(tuple(qkv.shape), lambda: real(i, qkv, *a, **kw))
         else:  # kernels.bitlinear_gemv_packed(a, packed, scale, dtype, residual=None, ...)
             kernels.bitlinear_gemv_packed = lambda a, packed, *r, **kw: once(
                 (tuple(a.xq.shape), tuple(packed.shape), kw.get("residual") is None), lambda: real_gemv(a, packed, *r, **kw))

@@ -151,16 +151,22 @@ def test_a_failed_variant_names_where_it_failed(bench):
     assert msg.startswith("KeyError: 'o' (at test_benchmarks.py:") and msg.endswith("in test_a_failed_variant_names_where_it_failed)")
 
 
-def test_shared_weights_probe_points_every_layer_at_layer_0(bench, tmp_path):
-    # the step-gap probe's L2 case: inside shared_weights every layer's four GEMVs read layer 0's packed bytes (the
-    # step computes something else), and after it each has its own again, bit for bit the same logits
+def probe_net(folder: Path):
+    """The step-gap probes' model: a random 3-layer network of the 2B-4T family, small, loaded on the CPU."""
     from bitnet158.converter.random_model import model_config, write_random_model
-    from bitnet158.runtime.fast import FastModel
     from bitnet158.runtime.loader import load
 
     small = dict(hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-    write_random_model(tmp_path / "m.bin", {**model_config("2b4t", 3, 300), **small}, progress=False)
-    net = load(tmp_path / "m.bin", device="cpu").net
+    write_random_model(folder / "m.bin", {**model_config("2b4t", 3, 300), **small}, progress=False)
+    return load(folder / "m.bin", device="cpu").net
+
+
+def test_shared_weights_probe_points_every_layer_at_layer_0(bench, tmp_path):
+    # the step-gap probe's L2 case: inside shared_weights every layer's four GEMVs read layer 0's packed bytes (the
+    # step computes something else), and after it each has its own again, bit for bit the same logits
+    from bitnet158.runtime.fast import FastModel
+
+    net = probe_net(tmp_path)
     fast = FastModel(net, backend="reference")
     groups = list(zip(*(fast.site_linears(i) for i in range(3))))  # per site, the three layers' matrices
     own = [[lin.packed.data_ptr() for lin in g] for g in groups]
@@ -181,14 +187,10 @@ def test_skipping_probe_launches_each_kind_once_a_shape(bench, tmp_path, monkeyp
     # the step-gap probe's ablations: inside skipping(fast, what) only the first call of each shape of that kind
     # runs (one per site for the packs and GEMVs, one attention), every later one returns its result, so the
     # logits change; after it the step runs every kernel again and gives the same logits bit for bit
-    from bitnet158.converter.random_model import model_config, write_random_model
     from bitnet158.runtime import kernels
     from bitnet158.runtime.fast import FastModel
-    from bitnet158.runtime.loader import load
 
-    small = dict(hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-    write_random_model(tmp_path / "m.bin", {**model_config("2b4t", 3, 300), **small}, progress=False)
-    fast = FastModel(load(tmp_path / "m.bin", device="cpu").net, backend="triton", gemv="packed")
+    fast = FastModel(probe_net(tmp_path), backend="triton", gemv="packed")
     calls = []  # the real kernels (or _attend) underneath the probe
     counted = {"packs": (kernels, "pack_act"), "attention": (FastModel, "_attend"),
                "gemvs": (kernels, "bitlinear_gemv_packed")}[what]  # fmt: skip
