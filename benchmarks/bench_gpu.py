@@ -493,7 +493,7 @@ def trace_step(fast, prompt: list[int], name: str) -> None:
 class Variant(NamedTuple):
     attention: str
     gemv: str
-    pdl: bool
+    pdl: bool | str  # FastModel(pdl=): False, True or "early"
     head: str
     argmax: str = "torch"
     tiles: str = "searched"
@@ -511,7 +511,7 @@ GRAPH_VARIANTS = [Variant(*v) for v in [
     ("split", "packed", True, "bf16", "torch", "autotune"), ("split", "packed", True, "bf16", "triton", "autotune"),
     ("split", "packed", True, "int8", "triton"), ("split", "packed", True, "bf16", "triton", "searched", "after"),
     ("split", "packed", True, "bf16", "triton", "searched", "before"), ("folded", "packed", True, "bf16", "triton"),
-    ("folded", "packed", True, "bf16", "triton", "searched", "after"),
+    ("folded", "packed", True, "bf16", "triton", "searched", "after"), ("split", "packed", "early", "bf16", "triton"),
 ]]  # fmt: skip
 
 
@@ -526,23 +526,26 @@ def default_variant() -> Variant:
 
 
 def parse_variant(spec: str) -> Variant:
-    """'attention/gemv[/pdl][/int8][/argmax][/autotune][/prefetch|/prefetch-early]' (e.g. 'split/folded/pdl/argmax')
-    → a Variant; 'default' for FastModel's defaults, 'default/int8' … for them with flags changed. 'argmax':
+    """'attention/gemv[/pdl|/pdl-early][/int8][/argmax][/autotune][/prefetch|/prefetch-early]' (e.g.
+    'split/folded/pdl/argmax') → a Variant; 'default' for FastModel's defaults, 'default/int8' … for them with flags
+    changed. 'pdl-early': FastModel(pdl="early"), each kernel lets the next launch before its wait. 'argmax':
     FastModel(argmax="triton"), the greedy step's argmax as one kernel; 'autotune': FastModel(tiles="autotune"), the
     packed GEMV's tiles from Triton's autotuner instead of GraphDecoder.search_tiles; 'prefetch' /
     'prefetch-early': FastModel(prefetch="after" / "before"), the attention brings the next GEMVs' weights into L2."""
     parts = spec.split("/")
     flags = set(parts[2:] if parts[0] != "default" else parts[1:])
-    allowed = {"pdl", "int8", "argmax", "autotune", "prefetch", "prefetch-early"}
-    if parts[0] != "default" and len(parts) < 2 or not flags <= allowed or {"prefetch", "prefetch-early"} <= flags:
-        raise SystemExit(f"--variants: bad variant {spec!r} (attention/gemv[/pdl][/int8][/argmax][/autotune]"
+    allowed = {"pdl", "pdl-early", "int8", "argmax", "autotune", "prefetch", "prefetch-early"}
+    if parts[0] != "default" and len(parts) < 2 or not flags <= allowed or {"prefetch", "prefetch-early"} <= flags \
+            or {"pdl", "pdl-early"} <= flags:  # fmt: skip
+        raise SystemExit(f"--variants: bad variant {spec!r} (attention/gemv[/pdl|/pdl-early][/int8][/argmax][/autotune]"
                          "[/prefetch|/prefetch-early], or default[/flags])")  # fmt: skip
     prefetch = "after" if "prefetch" in flags else "before" if "prefetch-early" in flags else None
+    pdl = "early" if "pdl-early" in flags else "pdl" in flags
     if parts[0] == "default":
         d = default_variant()
         return d._replace(head="int8" if "int8" in flags else d.head, tiles="autotune" if "autotune" in flags else d.tiles,
-                          prefetch=prefetch or d.prefetch)  # fmt: skip
-    return Variant(parts[0], parts[1], "pdl" in flags, "int8" if "int8" in flags else "bf16",
+                          prefetch=prefetch or d.prefetch, pdl="early" if pdl == "early" else d.pdl)  # fmt: skip
+    return Variant(parts[0], parts[1], pdl, "int8" if "int8" in flags else "bf16",
                    "triton" if "argmax" in flags else "torch", "autotune" if "autotune" in flags else "searched",
                    prefetch or "off")  # fmt: skip
 
@@ -572,7 +575,7 @@ def variant_name(v: Variant) -> str:
     elif v.gemv != "plain":
         parts.append(f"{v.gemv} GEMVs")
     if v.pdl:
-        parts.append("PDL")
+        parts.append("PDL" + (" (early trigger)" if v.pdl == "early" else ""))
     if v.head == "int8":
         parts.append("int8 head")
     if v.argmax == "triton":
@@ -659,7 +662,8 @@ def run_variants(fast, prompt: list[int], args, t_start: float) -> None:
         fast.set_head(v.head)
 
     variants = [parse_variant(v) for v in args.variants.split(",")] if args.variants else GRAPH_VARIANTS
-    profiled = {default_variant(), default_variant()._replace(pdl=False)}  # with and without PDL
+    # with and without PDL, and with its early trigger
+    profiled = {default_variant(), default_variant()._replace(pdl=False), default_variant()._replace(pdl="early")}
     profiled |= {v for v in variants if v.gemv in ("folded", "persistent") or v.attention == "folded"}  # against the default's
     # the persistent step once per launch config (FastModel.persistent_config: tile rows, warps, programs an SM,
     # replicated packing, L2 prefetch)
@@ -709,7 +713,7 @@ def run_variants(fast, prompt: list[int], args, t_start: float) -> None:
                 RESULTS["resident_int8_head_bytes"] = fast.resident_bytes()
             if args.profile and variant in profiled and graphs:
                 stage("profile", profile_step, dec, prompt, name, rows[name].get("tok_s"))
-                if variant == default_variant() and rows[name].get("tok_s"):
+                if variant._replace(pdl=True) == default_variant() and variant.pdl and rows[name].get("tok_s"):
                     stage("step gap", step_gap, dec, prompt, rows[name]["tok_s"])
                 if config is not None:
                     stage("trace", trace_step, fast, prompt, name)

@@ -5,7 +5,8 @@
 #   bash benchmarks/device_check.sh quick      # the same steps cut to about 7 minutes (timeout_s=480): the
 #                                              # GPU tests of the attention kernel, the tile search, the decode
 #                                              # variants, the graph decoder and the sampler; the default and
-#                                              # the default with the int8 head, each twice, alternating, then
+#                                              # the default with PDL's early trigger, each twice, alternating,
+#                                              # and the default with the int8 head once, then
 #                                              # sampled decoding with the kernel and with torch's ops; on both
 #                                              # models; no eager baselines, transformers or microbenchmarks;
 #                                              # --profile (the default's step and each sampled step, the
@@ -88,7 +89,7 @@ echo "first run of bitnet-run (step search on, empty cache) exit: $?" | tee -a "
 tail -n 3 "$OUT/first_run.log"
 if [ "$MODE" = quick ]; then
   timeout -k 5 50 python3 benchmarks/bench_gpu.py --file /tmp/tiny.bin --no-micro --prompt-len 64 --tokens 64 --runs 1 \
-    --variants torch/plain,default,default/prefetch,folded/packed/pdl/argmax,default/int8 --no-eager --json "$OUT/bench_demo.json" \
+    --variants torch/plain,default,default/pdl-early,default/prefetch,folded/packed/pdl/argmax,default/int8 --no-eager --json "$OUT/bench_demo.json" \
     > "$OUT/bench_demo.log" 2>&1
 else
   timeout -k 10 90 python3 benchmarks/bench_gpu.py --file /tmp/tiny.bin --no-micro --prompt-len 64 --tokens 128 --runs 1 \
@@ -100,7 +101,7 @@ grep -E "^check:|CORRECTNESS|FAILED" "$OUT/bench_demo.log"
 # 5. the benchmark, autotuned; its table comes last in the output
 unset BITNET158_AUTOTUNE
 if [ "$MODE" = quick ]; then
-  timeout -k 5 200 python3 benchmarks/bench_gpu.py --variants default,default/int8,default,default/int8 \
+  timeout -k 5 200 python3 benchmarks/bench_gpu.py --variants default,default/pdl-early,default/int8,default,default/pdl-early \
     --no-micro --no-eager --profile --budget-s 175 --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
 else
   timeout -k 10 330 python3 benchmarks/bench_gpu.py --hf --compile --budget-s 240 --profile --json "$OUT/bench.json" 2>&1 \

@@ -184,13 +184,17 @@ def variants(quick: bool) -> list[tuple[str, object, dict, dict, dict]]:
                      C_D=c_d, C_Q=c_d, C_I=c_i, BLOCK_N_ATT=64, BLOCK_S=16, BLOCK_D=128, ON_GPU=True, SPIN=K.WAIT_POLLS)  # fmt: skip
         label = f"decode_layers {rows} rows w{warps}{' replicate' if replicate else ''}{' trace' if trace else ''}{' + L2 prefetch' if prefetch else ''}"
         out.append((label, K._decode_layers_kernel, args, const, {"num_warps": warps}))
-    # the kernels that take programmatic dependent launch (FastModel(pdl=True)), once per variant with it on
-    seen = set()
+    # the kernels that take programmatic dependent launch (FastModel(pdl=True)), once per variant with it on, and
+    # once per kernel with its early trigger (FastModel(pdl="early"): the same code but for the order of the two)
+    seen, early = set(), set()
     for label, fn, a, const, opts in list(out):
         variant = (fn, label.rsplit(" ", 2)[0] if "BLOCK_W" in const else label)
         if "PDL" in fn.arg_names and variant not in seen:
             seen.add(variant)
-            out.append((f"{label} +pdl", fn, a, {**const, "PDL": True}, {**opts, "launch_pdl": True}))
+            out.append((f"{label} +pdl", fn, a, {**const, "PDL": 1}, {**opts, "launch_pdl": True}))
+            if fn not in early:
+                early.add(fn)
+                out.append((f"{label} +pdl early", fn, a, {**const, "PDL": 2}, {**opts, "launch_pdl": True}))
     return out
 
 
@@ -239,6 +243,9 @@ def compile_one(fn, args: dict, const: dict, opts: dict, arch: int) -> dict:
     row["loops"] = loops(sass)
     row["byte_loads"] = len(re.findall(r"\bLDG\.E\.[US]8\b", sass))  # single-byte global loads
     row["sync_ops"] = sync_ops(sass)
+    # the grid dependency controls in the machine code's order (kernels._pdl_enter; griddepcontrol.wait is ACQBULK,
+    # .launch_dependents PREEXIT): PDL 1 waits, then lets the next kernel launch; PDL 2 (pdl="early") the reverse
+    row["pdl_order"] = [{"ACQBULK": "wait", "PREEXIT": "launch_dependents"}[m] for m in re.findall(r"\b(ACQBULK|PREEXIT)\b", sass)]
     return row
 
 

@@ -6,7 +6,8 @@
 ``n`` dependent launches of a kernel whose programs each read one value and write it back, replayed from one
 CUDA graph, with and without programmatic dependent launch (sm_90+), for a 1-program grid and a GEMV-sized one
 (528 programs, 4 a multiprocessor of an H100). Prints µs per launch: a decode step of L launches cannot run faster
-than L times that, so this is the baseline the launch count of runtime/fast.py's step is judged against. "+ arrival":
+than L times that, so this is the baseline the launch count of runtime/fast.py's step is judged against. "PDL early":
+each kernel lets the next one launch before its wait (FastModel(pdl="early")), not after it. "+ arrival":
 the same kernel with every program arriving on an atomic counter and the last one reading the others' writes
 (the mechanism of FastModel(gemv="folded")), so the difference is the fixed cost of a folded tail.
 """
@@ -20,12 +21,13 @@ import triton
 import triton.language as tl
 
 # the runtime kernels' PDL entry and rule (sm_90+, a triton with gdc_*) and their counter arrival
-from bitnet158.runtime.kernels import _last_arrival, _pdl_enter, _use_pdl
+from bitnet158.runtime.kernels import _last_arrival, _pdl, _pdl_enter
 
 
 @triton.jit
 def _chain_kernel(x_ptr, cnt_ptr, PDL: tl.constexpr, ARRIVE: tl.constexpr):
-    # with PDL: wait for the previous kernel, then let the next one launch (as kernels.py's kernels do). ARRIVE:
+    # with PDL: wait for the previous kernel, then let the next one launch (as kernels.py's kernels do; PDL 2: the
+    # other way round). ARRIVE:
     # every program then arrives on a counter and the last reads what the others wrote (kernels._last_arrival, the
     # folded kernels' mechanism), so the difference is what a folded tail costs beyond its own work
     _pdl_enter(PDL)
@@ -38,21 +40,23 @@ def _chain_kernel(x_ptr, cnt_ptr, PDL: tl.constexpr, ARRIVE: tl.constexpr):
 
 
 def launch_floor(timer, out: dict | None = None, n: int = 300) -> dict:
-    """µs per dependent launch in a graph: {'1 programs': …, '1 programs + PDL': …, '528 programs': …, …}.
+    """µs per dependent launch in a graph: {'1 programs': …, '1 programs + PDL': …, '1 programs + PDL early': …,
+    '528 programs': …, …}.
     ``timer(fns)``: seconds per call of the calls in ``fns`` replayed from one CUDA graph (bench_gpu.graph_time)."""
 
     out = {} if out is None else out
     x = torch.zeros(529, device="cuda")
     cnt = torch.zeros(1, dtype=torch.int32, device="cuda")
     for grid in (1, 528):
-        for pdl in (False, True):
-            use = _use_pdl(x, pdl)
-            if pdl and not use:
+        for pdl in (False, True, "early"):
+            flags = _pdl(x, pdl)
+            if pdl and not flags["PDL"]:
                 continue
             for arrive in (False, True):
-                t = timer([lambda grid=grid, use=use, arrive=arrive: _chain_kernel[(grid,)](x, cnt, PDL=use, ARRIVE=arrive, launch_pdl=use)
+                t = timer([lambda grid=grid, flags=flags, arrive=arrive: _chain_kernel[(grid,)](x, cnt, ARRIVE=arrive, **flags)
                            for _ in range(n)])  # fmt: skip
-                out[f"{grid} programs{' + PDL' if pdl else ''}{' + arrival' if arrive else ''}"] = t * 1e6
+                label = {False: "", True: " + PDL", "early": " + PDL early"}[pdl]
+                out[f"{grid} programs{label}{' + arrival' if arrive else ''}"] = t * 1e6
     print("launch floor in a CUDA graph (µs per dependent launch): " + ", ".join(f"{k} {v:.2f}" for k, v in out.items()), flush=True)
     return out
 

@@ -47,7 +47,11 @@ What it changes, and why:
       or by every program for itself) and whether each phase brings the weights two phases ahead into L2 (no
       change on an H200), is ``persistent_config`` (None: ``kernels.PERSISTENT_CONFIG``).
   - ``pdl=True`` (default) launches those kernels, the attention kernels and the int8 head with programmatic
-    dependent launch (sm_90+; ignored elsewhere), so that each launch overlaps the end of the kernel before it.
+    dependent launch (sm_90+; ignored elsewhere), so that each launch overlaps the end of the kernel before it:
+    each kernel lets the next one launch once its own wait for the one before is over. ``pdl="early"`` (not
+    measured yet): before that wait, so a kernel can be resident, its weights in flight, while the two before it
+    still run, and the launches of the chain overlap more than one kernel (``kernels._pdl_enter``: the same
+    waits, so the same values; benchmarks/RESULTS.md has the prediction).
   - ``argmax="triton"`` (default): the step's pick over the vocabulary in one launch: the greedy argmax
     (``kernels.argmax``, 2.8 µs on an H200, against torch's reduction: 28 µs) and the top-k / top-p / min-p
     draw (``kernels.sample``: with a top-k ≤ ``kernels.SAMPLE_MAX_K`` one launch, 924-956 tok/s against 780-790
@@ -115,6 +119,7 @@ GEMVS = ("plain", "fused", "packed", "folded", "persistent")
 ARGMAXES = ("torch", "triton")
 TILES = ("searched", "autotune")
 PREFETCHES = ("off", "after", "before")  # FastModel(prefetch=): when the attention brings the next weights into L2
+PDLS = (False, True, "early")  # FastModel(pdl=): programmatic dependent launch off, on, on with the early trigger (kernels.PDL_MODES)
 SITES = ("qkv", "o", "gate_up", "down")  # a layer's four packed GEMVs, in order
 SEARCH_POS = 256  # the decode position GraphDecoder.search_tiles times the step at (attention over 256 keys)
 
@@ -164,7 +169,7 @@ class FastModel:
 
     def __init__(
         self, net: Transformer, *, head: str = "bf16", backend: str = "triton", attention: str = "split",
-        gemv: str = "packed", pdl: bool = True, argmax: str = "triton", tiles: str = "searched", prefetch: str = "off",
+        gemv: str = "packed", pdl: bool | str = True, argmax: str = "triton", tiles: str = "searched", prefetch: str = "off",
     ):  # fmt: skip
         if attention not in ATTENTIONS:
             raise FastPathError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
@@ -176,6 +181,8 @@ class FastModel:
             raise FastPathError(f"tiles must be one of {TILES}, got {tiles!r}")
         if prefetch not in PREFETCHES:
             raise FastPathError(f"prefetch must be one of {PREFETCHES}, got {prefetch!r}")
+        if pdl not in PDLS:
+            raise FastPathError(f"pdl must be one of {PDLS}, got {pdl!r}")
         self.argmax = argmax  # the step's pick: torch's ops, or one kernel (argmax, sample) on backend "triton"
         self.tiles = tiles  # the graph step's packed GEMV tiles: "searched" (GraphDecoder.search_tiles) or "autotune"
         self.tile_pick: dict[str, tuple[int, int, int]] | None = None  # search_tiles' tile per site, once made
@@ -518,7 +525,8 @@ class FastModel:
             from bitnet158.runtime.kernels import head_int8_op
 
             n = self.net.norm  # the final norm runs inside the head's kernel
-            logits = head_int8_op(x.reshape(-1, x.shape[-1]), self.head_q, self.head_scale, n.weight, n.eps, self.pdl)
+            logits = head_int8_op(x.reshape(-1, x.shape[-1]), self.head_q, self.head_scale, n.weight, n.eps,
+                                  PDLS.index(self.pdl))  # fmt: skip
             return logits.view(b, x.shape[1], -1)
         x = self._norm(self.net.norm, x)
         if self.head == "bf16":

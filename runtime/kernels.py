@@ -50,7 +50,8 @@ Kernels
   ``_arrive`` / ``_signal``), each phase's weights in flight before its wait.
 - ``bitlinear_op`` / ``head_int8_op``: the same as torch.library custom ops, opaque to torch.compile.
 
-``pdl=True`` (the decode-step kernels): programmatic dependent launch on sm_90+, see ``_pdl_enter``.
+``pdl=True`` (the decode-step kernels): programmatic dependent launch on sm_90+, see ``_pdl_enter``; ``pdl="early"``
+the same, with each kernel letting the next one launch before its wait, not after.
 
 Under ``TRITON_INTERPRET=1`` (tests on the CPU) dp4a and rint are computed with plain integer / float ops
 instead of the PTX instruction and the libdevice call, which the interpreter cannot run; the arithmetic is the
@@ -71,7 +72,7 @@ from triton.language.extra import libdevice
 
 try:  # programmatic dependent launch (sm_90+): in triton ≥ 3.4
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except ImportError:  # pragma: no cover - older triton: pdl=True is refused by _use_pdl
+except ImportError:  # pragma: no cover - older triton: _pdl launches without it
     gdc_launch_dependents = gdc_wait = None
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -118,9 +119,18 @@ def _dp4a(a, b, c, ON_GPU: tl.constexpr):
 def _pdl_enter(PDL: tl.constexpr):
     # Launched with programmatic dependent launch, a kernel may start while the previous one still runs (hiding
     # the launch gap). It waits here, before any read of the previous kernels' outputs or any write, until that
-    # kernel has finished and its writes are visible, then lets the next kernel start launching: that one becomes
-    # resident only once every block of this grid is running, and waits the same way.
-    if PDL:
+    # kernel has finished and its writes are visible. PDL 1: then it lets the next kernel start launching, which
+    # becomes resident only once every block of this grid is past its wait, and waits the same way. PDL 2
+    # (pdl="early"): it lets the next kernel launch first, so that kernel can be resident, and its weights in
+    # flight, while this one still waits; and the kernel after it, as soon as that one is resident (as deep as the
+    # multiprocessors hold them). Still correct: a wait is for the previous grid's completion, whenever that grid
+    # let this one launch, and every block of every kernel waits, so a kernel completes only after all before it
+    # (PTX ISA, griddepcontrol). What moves earlier is only what comes before the wait, which in every kernel here
+    # reads only what no kernel of the step writes (weights, scales, norm weights, the position, older cache slots).
+    if PDL == 2:
+        gdc_launch_dependents()
+        gdc_wait()
+    elif PDL:
         gdc_wait()
         gdc_launch_dependents()
 
@@ -1557,10 +1567,18 @@ def _check_residual(residual: torch.Tensor | None, m: int, n: int, dtype: torch.
                                f"{residual.dtype} {tuple(residual.shape)}")  # fmt: skip
 
 
-def _use_pdl(t: torch.Tensor, pdl: bool) -> bool:
-    # programmatic dependent launch where asked for and available (a CUDA sm_90+ device, triton with gdc_*); an
-    # optimization only, so elsewhere the kernel launches normally
-    return pdl and not _INTERPRET and gdc_wait is not None and t.is_cuda and _sm90(t.device.index)
+PDL_MODES = (False, True, "early")  # FastModel(pdl=...) and the kernels' pdl: off, on, on with the early trigger
+
+
+def _pdl(t: torch.Tensor, pdl: bool | str) -> dict:
+    # the launch flags of programmatic dependent launch where asked for and available (a CUDA sm_90+ device,
+    # triton with gdc_*): PDL 0, 1 or 2 (pdl="early") for _pdl_enter, and launch_pdl. An optimization only, so
+    # elsewhere the kernel launches normally
+    if pdl not in PDL_MODES:
+        raise KernelShapeError(f"pdl must be one of {PDL_MODES}, got {pdl!r}")
+    on = bool(pdl) and not _INTERPRET and gdc_wait is not None and t.is_cuda and _sm90(t.device.index)
+    mode = (2 if pdl == "early" else 1) if on else 0
+    return {"PDL": mode, "launch_pdl": mode > 0}
 
 
 @functools.cache
@@ -1605,7 +1623,7 @@ def bitlinear_gemv(
     eps: float = 0.0,
     act: str | None = None,
     residual: torch.Tensor | None = None,
-    pdl: bool = False,
+    pdl: bool | str = False,
 ) -> torch.Tensor:
     """Decode W2A8 GEMV with fused activation quantization: x [M, K] float → y [M, N] in x's dtype.
 
@@ -1619,7 +1637,8 @@ def bitlinear_gemv(
     - ``residual`` [M, N]: returns residual + y, the block's residual add.
 
     ``pdl``: launch with programmatic dependent launch (sm_90+; ignored elsewhere), so that the launch overlaps
-    the previous kernel's end; every kernel launched so in a sequence must be one of this module's.
+    the previous kernel's end ("early": the next launch may also start before this one's wait, ``_pdl_enter``);
+    every kernel launched so in a sequence must be one of this module's.
     """
     _check_act(act, "bitlinear_gemv")
     x = _check_x(x, 2 * K if act else K, "bitlinear_gemv")
@@ -1637,10 +1656,8 @@ def bitlinear_gemv(
     res = residual if residual is not None else y
     args = (x, norm if norm is not None else x, res, words, scale, y, n, K, k16, eps,
             x.stride(0), res.stride(0), words.stride(0), y.stride(0))  # fmt: skip
-    use_pdl = _use_pdl(x, pdl)
     flags = dict(ACT=act is not None, NORM=norm is not None, RELU2=act == "relu2", HAS_RES=residual is not None,
-                 SCALE_PER_ROW=scale.numel() != 1 or n == 1, BLOCK_P=prologue_block(K),
-                 PDL=use_pdl, launch_pdl=use_pdl)  # fmt: skip
+                 SCALE_PER_ROW=scale.numel() != 1 or n == 1, BLOCK_P=prologue_block(K), **_pdl(x, pdl))  # fmt: skip
     if config is None and _TUNE:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m)
         _gemv_w2a8_tuned[grid](*args, **flags, ON_GPU=True)
@@ -1690,7 +1707,7 @@ def pack_act(
     norm: torch.Tensor | None = None,
     eps: float = 0.0,
     act: str | None = None,
-    pdl: bool = False,
+    pdl: bool | str = False,
     warps: int | None = None,
 ) -> PackedAct:
     """Quantize a GEMV input once for ``bitlinear_gemv_packed``: x [M, K] float (gate | up [M, 2K] with
@@ -1711,7 +1728,7 @@ def pack_act(
         _pack_act_kernel[(m,)](
             x, norm if norm is not None else x, out.xq, out.s, out.qsum, K, k16, eps, x.stride(0), out.xq.stride(0),
             ACT=act is not None, NORM=norm is not None, RELU2=act == "relu2", BLOCK_C=block_c,
-            ON_GPU=not _INTERPRET, PDL=_use_pdl(x, pdl), launch_pdl=_use_pdl(x, pdl), num_warps=warps,
+            ON_GPU=not _INTERPRET, **_pdl(x, pdl), num_warps=warps,
         )  # fmt: skip
     return out
 
@@ -1761,7 +1778,7 @@ def bitlinear_gemv_packed(
     dtype: torch.dtype,
     residual: torch.Tensor | None = None,
     config: tuple[int, int, int] | None = None,
-    pdl: bool = False,
+    pdl: bool | str = False,
     pack_next: NextPack | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, PackedAct]:
     """The decode GEMV on a ``pack_act`` input: → y [M, N] in ``dtype`` (residual + y with ``residual`` [M, N]),
@@ -1788,8 +1805,7 @@ def bitlinear_gemv_packed(
         return y if nxt is None else (y, nxt)
     res = residual if residual is not None else y
     args = (a.xq, a.s, a.qsum, words, scale, res, y, n, k16, a.xq.stride(0), words.stride(0), res.stride(0), y.stride(0))
-    use_pdl = _use_pdl(a.xq, pdl)
-    flags = dict(HAS_RES=residual is not None, SCALE_PER_ROW=scale.numel() != 1 or n == 1, PDL=use_pdl, launch_pdl=use_pdl,
+    flags = dict(HAS_RES=residual is not None, SCALE_PER_ROW=scale.numel() != 1 or n == 1, **_pdl(a.xq, pdl),
                  PACK=nxt is not None, **tail)  # fmt: skip
     if config is None and _TUNE:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m)
@@ -1860,7 +1876,7 @@ def head_int8(
     *,
     norm: torch.Tensor | None = None,
     eps: float = 0.0,
-    pdl: bool = False,
+    pdl: bool | str = False,
 ) -> torch.Tensor:
     """Logits of the int8 head: x [M, D] float (int8-quantized per row in the kernel) · wqᵀ · scale → f32 [M, V].
 
@@ -1884,15 +1900,15 @@ def head_int8(
         return y
     args = (x, norm if norm is not None else x, words, scale, y, v, d, words.shape[1], eps,
             x.stride(0), words.stride(0), y.stride(0))  # fmt: skip
-    use_pdl = _use_pdl(x, pdl)
+    use_pdl = _pdl(x, pdl)
     if config is None and _TUNE:
         grid = lambda meta: (triton.cdiv(v, meta["BLOCK_N"]), m)
-        _gemv_w8a8_tuned[grid](*args, NORM=norm is not None, BLOCK_P=prologue_block(d), ON_GPU=True, PDL=use_pdl, launch_pdl=use_pdl)
+        _gemv_w8a8_tuned[grid](*args, NORM=norm is not None, BLOCK_P=prologue_block(d), ON_GPU=True, **use_pdl)
     else:
         bn, bw, warps = config or FIXED_GEMV
         _gemv_w8a8_kernel[(triton.cdiv(v, bn), m)](
             *args, NORM=norm is not None, BLOCK_N=bn, BLOCK_W=bw, BLOCK_P=prologue_block(d), ON_GPU=not _INTERPRET,
-            num_warps=warps, PDL=use_pdl, launch_pdl=use_pdl,
+            num_warps=warps, **use_pdl,
         )  # fmt: skip
     return y
 
@@ -1919,14 +1935,15 @@ def head_int8_op(
     scale: torch.Tensor,
     norm: torch.Tensor | None = None,
     eps: float = 0.0,
-    pdl: bool = False,
+    pdl: int = 0,
 ) -> torch.Tensor:
-    """``head_int8`` as a custom op."""
-    return head_int8(x, wq, scale, norm=norm, eps=eps, pdl=pdl)
+    """``head_int8`` as a custom op; ``pdl``: the index of head_int8's pdl in PDL_MODES (an op's schema takes no
+    bool | str)."""
+    return head_int8(x, wq, scale, norm=norm, eps=eps, pdl=PDL_MODES[pdl])
 
 
 @head_int8_op.register_fake
-def _head_int8_fake(x, wq, scale, norm=None, eps=0.0, pdl=False):
+def _head_int8_fake(x, wq, scale, norm=None, eps=0.0, pdl=0):
     return x.new_empty((x.shape[0], wq.shape[0]), dtype=torch.float32)
 
 
@@ -1997,7 +2014,7 @@ def _attention_splits(slots: int) -> tuple[int, int, int]:
 
 def decode_attention(
     qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor, cache_k: torch.Tensor,
-    cache_v: torch.Tensor, n_heads: int, n_kv: int, head_dim: int, pdl: bool = False, split: bool = False,
+    cache_v: torch.Tensor, n_heads: int, n_kv: int, head_dim: int, pdl: bool | str = False, split: bool = False,
     pack_next: NextPack | None = None, pipe: bool | None = None, prefetch: Sequence[torch.Tensor] = (),
     prefetch_early: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, PackedAct]:  # fmt: skip
@@ -2055,26 +2072,26 @@ def decode_attention(
         tail = _no_pack(y)
     # the kernel's pack arguments (its input row is y: K = NQ, one row, no act)
     tail = {k: v for k, v in tail.items() if k not in ("P_K", "p_stride_xq", "P_ACT", "P_RELU2")}
-    use_pdl = _use_pdl(qkv, pdl)
+    use_pdl = _pdl(qkv, pdl)
     combine = dict(BLOCK_S=triton.next_power_of_2(n_split), BLOCK_D=triton.next_power_of_2(head_dim))
     pf = {f"pf{j}": t for j, t in enumerate(prefetch)} | {f"pf{j}_n": t.numel() * t.element_size() for j, t in enumerate(prefetch)}
     _decode_attention_kernel[(n_heads, n_split)](
         qkv, cos, sin, pos, cache_k, cache_v, y, pm, pl, pacc,
         n_heads * head_dim, n_kv * head_dim, cache_k.stride(1), cache_k.stride(2), head_dim**-0.5, chunk, n_split,
         GROUP=n_heads // n_kv, DH=head_dim, HALF=triton.next_power_of_2(head_dim // 2), BLOCK_N=block_n, SPLIT=split,
-        PDL=use_pdl, launch_pdl=use_pdl, ON_GPU=not _INTERPRET, FOLD=nxt is not None, **combine, **tail,
+        **use_pdl, ON_GPU=not _INTERPRET, FOLD=nxt is not None, **combine, **tail,
         PIPE=chunk > block_n if pipe is None else pipe, **pf, N_PF=len(prefetch), PF_EARLY=prefetch_early, num_warps=4,
     )  # fmt: skip
     if nxt is not None:
         return y, nxt
     if split:
         _attention_combine_kernel[(n_heads,)](
-            pm, pl, pacc, y, n_split, DH=head_dim, **combine, PDL=use_pdl, launch_pdl=use_pdl, num_warps=4,
+            pm, pl, pacc, y, n_split, DH=head_dim, **combine, **use_pdl, num_warps=4,
         )  # fmt: skip
     return y
 
 
-def argmax(x: torch.Tensor, counter: torch.Tensor, block: int | None = None, pdl: bool = False) -> torch.Tensor:
+def argmax(x: torch.Tensor, counter: torch.Tensor, block: int | None = None, pdl: bool | str = False) -> torch.Tensor:
     """``x.argmax(-1, keepdim=True)`` of a 1-D float x as int64 [1], in one launch (the greedy decode step's:
     torch's reduction takes 28 µs over 128,256 logits on an H200, benchmarks/RESULTS.md). ``counter``: int32
     [≥ 1], zero, left zero (``NextPack``'s). ``block``: values per program (default 4,096; the tests use small
@@ -2088,10 +2105,9 @@ def argmax(x: torch.Tensor, counter: torch.Tensor, block: int | None = None, pdl
     pv = torch.empty((n_prog,), dtype=torch.float32, device=x.device)
     pi = torch.empty((n_prog,), dtype=torch.int32, device=x.device)
     out = torch.empty((1,), dtype=torch.long, device=x.device)
-    use_pdl = _use_pdl(x, pdl)
     _argmax_kernel[(n_prog,)](
-        x, x.numel(), pv, pi, counter, out, BLOCK=block, BLOCK_P=triton.next_power_of_2(n_prog), PDL=use_pdl,
-        launch_pdl=use_pdl, num_warps=4 if block <= 1024 else 8,
+        x, x.numel(), pv, pi, counter, out, BLOCK=block, BLOCK_P=triton.next_power_of_2(n_prog), **_pdl(x, pdl),
+        num_warps=4 if block <= 1024 else 8,
     )  # fmt: skip
     return out
 
@@ -2114,7 +2130,7 @@ def nucleus_chunk(block: int) -> int:
 
 def sample(
     x: torch.Tensor, temperature: torch.Tensor, k: int | None, top_p: torch.Tensor | None, min_p: torch.Tensor | None,
-    rng: torch.Tensor, counter: torch.Tensor, block: int | None = None, pdl: bool = False,
+    rng: torch.Tensor, counter: torch.Tensor, block: int | None = None, pdl: bool | str = False,
 ) -> torch.Tensor:  # fmt: skip
     """One id drawn from fp32 logits x [V] / temperature through top-k (1 ≤ k ≤ SAMPLE_MAX_K, or None: none),
     then top-p and min-p (None: off): runtime/sampling.py's filter_logits (ties at a cut keep the lower ids) and
@@ -2147,7 +2163,7 @@ def sample(
     x = x.contiguous()
     n = x.numel()
     out = torch.empty((2,), dtype=torch.long, device=x.device)
-    use_pdl = _use_pdl(x, pdl)
+    use_pdl = _pdl(x, pdl)
     if k is None:
         _sample_vocab(x, temperature, top_p, min_p, rng, counter, out, block, use_pdl)
         return out
@@ -2159,13 +2175,13 @@ def sample(
     _sample_kernel[(n_prog,)](
         x, n, min(k, n), temperature, temperature if top_p is None else top_p, temperature if min_p is None else min_p,
         rng, lists, fell, counter, out, KP=kp, BLOCK=block, BLOCK_P=triton.next_power_of_2(n_prog),
-        USE_TOP_P=top_p is not None, USE_MIN_P=min_p is not None, ON_GPU=not _INTERPRET, PDL=use_pdl,
-        launch_pdl=use_pdl, num_warps=4 if block <= 1024 else 8,
+        USE_TOP_P=top_p is not None, USE_MIN_P=min_p is not None, ON_GPU=not _INTERPRET, **use_pdl,
+        num_warps=4 if block <= 1024 else 8,
     )  # fmt: skip
     return out
 
 
-def _sample_vocab(x, temperature, top_p, min_p, rng, counter, out, block, pdl: bool) -> None:
+def _sample_vocab(x, temperature, top_p, min_p, rng, counter, out, block, use_pdl: dict) -> None:
     # sample without a top-k (its docstring): the levels of the top-p cut (none without top-p), then the draw
     bits = NUCLEUS_BITS
     n = x.numel()
@@ -2179,7 +2195,7 @@ def _sample_vocab(x, temperature, top_p, min_p, rng, counter, out, block, pdl: b
     pm = torch.empty((n_prog, nb), dtype=torch.float32, device=dev)
     pc = torch.empty((n_prog, nb), dtype=torch.int32, device=dev)
     use_top_p = top_p is not None
-    common = dict(BLOCK=block, BLOCK_P=triton.next_power_of_2(n_prog), ON_GPU=not _INTERPRET, PDL=pdl, launch_pdl=pdl,
+    common = dict(BLOCK=block, BLOCK_P=triton.next_power_of_2(n_prog), ON_GPU=not _INTERPRET, **use_pdl,
                   num_warps=8 if block >= 1024 else 4)  # fmt: skip
     for level in range(32 // bits if use_top_p else 1):
         _nucleus_level_kernel[(n_prog,)](
@@ -2195,7 +2211,7 @@ def _sample_vocab(x, temperature, top_p, min_p, rng, counter, out, block, pdl: b
     )  # fmt: skip
 
 
-def advance(nxt: torch.Tensor, out: torch.Tensor, n: torch.Tensor, tok: torch.Tensor, pos: torch.Tensor, pdl: bool = False) -> None:
+def advance(nxt: torch.Tensor, out: torch.Tensor, n: torch.Tensor, tok: torch.Tensor, pos: torch.Tensor, pdl: bool | str = False) -> None:
     """The graph decode step's state after its pick, in one launch instead of four torch ops: ``out[n] = nxt``,
     ``tok = nxt``, ``pos += 1``, ``n += 1``. nxt, n, pos int64 [1], tok int64 [1, 1], out int64 [S] (nothing is
     written past it), all contiguous on one device."""
@@ -2203,8 +2219,7 @@ def advance(nxt: torch.Tensor, out: torch.Tensor, n: torch.Tensor, tok: torch.Te
     if any(t.dtype != torch.long or not t.is_contiguous() or t.device != out.device for t in ts) or out.dim() != 1 or \
             any(t.numel() != 1 for t in (nxt, n, tok, pos)):  # fmt: skip
         raise KernelShapeError("advance: nxt, n, tok, pos must be int64 scalars and out int64 [S], contiguous on one device")
-    use_pdl = _use_pdl(out, pdl)
-    _advance_kernel[(1,)](nxt, out, n, tok, pos, out.numel(), PDL=use_pdl, launch_pdl=use_pdl, num_warps=1)
+    _advance_kernel[(1,)](nxt, out, n, tok, pos, out.numel(), **_pdl(out, pdl), num_warps=1)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ def bench():
 def test_graph_variants_name_fastmodel_options(bench):
     from bitnet158.runtime import fast
 
-    allowed = {"attention": fast.ATTENTIONS, "gemv": fast.GEMVS, "pdl": (False, True), "head": fast.HEADS, "argmax": fast.ARGMAXES,
+    allowed = {"attention": fast.ATTENTIONS, "gemv": fast.GEMVS, "pdl": fast.PDLS, "head": fast.HEADS, "argmax": fast.ARGMAXES,
                "tiles": fast.TILES, "prefetch": fast.PREFETCHES}  # fmt: skip
     variants = [*bench.GRAPH_VARIANTS, bench.default_variant()]
     for v in variants:
@@ -48,6 +48,7 @@ def test_graph_variants_name_fastmodel_options(bench):
     assert {v.gemv for v in bench.GRAPH_VARIANTS} == set(fast.GEMVS)  # every GEMV variant is measured
     assert {v.argmax for v in bench.GRAPH_VARIANTS} == set(fast.ARGMAXES)
     assert {v.prefetch for v in bench.GRAPH_VARIANTS} == set(fast.PREFETCHES)
+    assert {v.pdl for v in bench.GRAPH_VARIANTS} == set(fast.PDLS)
     assert bench.variant_name(bench.default_variant()).endswith("(default)")
     assert len({bench.variant_name(v) for v in bench.GRAPH_VARIANTS}) == len(bench.GRAPH_VARIANTS)  # result keys
 
@@ -61,8 +62,12 @@ def test_variant_specs_parse(bench):
     assert bench.parse_variant("split/packed/pdl/argmax/autotune") == bench.Variant("split", "packed", True, "bf16", "triton", "autotune")
     assert bench.parse_variant("default/prefetch") == bench.default_variant()._replace(prefetch="after")
     assert bench.parse_variant("split/packed/pdl/prefetch-early").prefetch == "before"
+    assert bench.parse_variant("split/packed/pdl-early/argmax") == bench.Variant("split", "packed", "early", "bf16", "triton")
+    assert bench.parse_variant("default/pdl-early") == bench.default_variant()._replace(pdl="early")
+    assert bench.variant_name(bench.parse_variant("default/pdl-early")).endswith("PDL (early trigger) + argmax kernel + searched tiles")
     assert bench.default_variant().tiles == "searched" and bench.default_variant().argmax == "triton"
-    for bad in ("split", "split/packed/fast", "split/packed/pdl/bf16", "default/fast", "default/prefetch/prefetch-early"):
+    for bad in ("split", "split/packed/fast", "split/packed/pdl/bf16", "default/fast", "default/prefetch/prefetch-early",
+                "split/packed/pdl/pdl-early"):
         with pytest.raises(SystemExit):
             bench.parse_variant(bad)
     # the device script's quick run asks for these: each must parse

@@ -48,6 +48,14 @@ def test_every_kernel_compiles_for_sm90():
     assert kinds >= {"gemv_w2a8", "gemv_packed", "pack_act", "head_int8", "matmul_w2a8", "decode_attention", "attention_combine",
                      "argmax", "sample", "advance", "decode_layers"}, kinds  # fmt: skip
     assert any(r["kernel"].endswith("+pdl") for r in rows)  # programmatic dependent launch compiles too
+    # and in the machine code each kernel with it waits, then lets the next launch (kernels._pdl_enter), or with
+    # the early trigger (FastModel(pdl="early")), one variant of every such kernel, the reverse; without it, neither
+    order = {r["kernel"]: r["pdl_order"] for r in rows}
+    early = {k for k in order if k.endswith("+pdl early")}
+    assert {k.split()[0] for k in early} == {k.split()[0] for k in order if k.endswith("+pdl")}, early
+    for k, got in order.items():
+        want = ["launch_dependents", "wait"] if k in early else ["wait", "launch_dependents"] if k.endswith("+pdl") else []
+        assert got == want, (k, got)
     # the folded kernels (FastModel(gemv="folded")), the argmax and the sampler arrive on counters: each atomic
     # keeps the barrier / release / acquire that lets the last program read the others' output (_last_arrival)
     counted = [r for r in rows if "packs" in r["kernel"] or "folded" in r["kernel"] or r["kernel"].startswith(("argmax", "sample"))]

@@ -939,6 +939,47 @@ def test_fast_model_searched_tiles_reach_the_graph_step(monkeypatch):
         assert seen == [(1, None)] * 8 and packs == [(1, None)] * 8
 
 
+@interp
+def test_pdl_option_reaches_every_decode_kernel(monkeypatch):
+    # FastModel(pdl=...) goes to every kernel launch of a decode step, greedy (int8 head) and sampled (the draw
+    # with a top-k, then top-p's radix select without one): "early" to exactly the launches that True reaches, so
+    # that an A/B of the early trigger changes nothing else. kernels._pdl maps the option to the launch flags
+    # where PDL exists (sm_90+, no interpreter): the early trigger is PDL 2, so _pdl_enter lets the next kernel
+    # launch before its wait (tests/test_kernel_compile.py finds that order in the machine code)
+    from types import SimpleNamespace
+
+    from bitnet158.runtime.fast import FastModel, FastPathError, GraphDecoder
+
+    net = tiny_model(layers=2, seed=6).net
+    with pytest.raises(FastPathError, match="pdl must be one of"):
+        FastModel(net, pdl="late")
+    real = kernels._pdl
+    seen = []
+    monkeypatch.setattr(kernels, "_pdl", lambda t, pdl: seen.append(pdl) or real(t, pdl))
+    ids = [3, 14, 15, 9, 26]
+    calls, tokens = {}, {}
+    with torch.inference_mode():
+        for pdl in (True, "early"):
+            fast = FastModel(net, backend="triton", head="int8", pdl=pdl)
+            dec = GraphDecoder(fast, 32, use_graph=False)
+            seen.clear()
+            tokens[pdl] = [list(dec.generate(ids, 3)), list(dec.generate(ids, 3, temperature=0.8, top_k=5, top_p=0.9, seed=1)),
+                           list(dec.generate(ids, 3, temperature=0.8, top_p=0.9, seed=1))]  # fmt: skip
+            calls[pdl] = list(seen)
+    assert set(calls["early"]) == {"early"} and set(calls[True]) == {True}
+    assert len(calls["early"]) == len(calls[True]) > 3 * 2 * 10  # every pack, GEMV and attention launch, and more
+    assert tokens["early"] == tokens[True]  # the interpreter has no PDL: the same launches, the same values
+    # the launch flags, on a stand-in for a tensor on an sm_90 GPU outside the interpreter
+    monkeypatch.setattr(kernels, "_INTERPRET", False)
+    monkeypatch.setattr(kernels, "_sm90", lambda index: True)
+    gpu = SimpleNamespace(is_cuda=True, device=SimpleNamespace(index=0))
+    assert [real(gpu, p) for p in (False, True, "early")] == [
+        {"PDL": 0, "launch_pdl": False}, {"PDL": 1, "launch_pdl": True}, {"PDL": 2, "launch_pdl": True}]  # fmt: skip
+    assert real(torch.zeros(1), "early") == {"PDL": 0, "launch_pdl": False}  # the CPU: no PDL
+    with pytest.raises(kernels.KernelShapeError, match="pdl must be one of"):
+        real(gpu, "late")
+
+
 def test_search_tiles_descends_site_by_site(monkeypatch, tmp_path):
     # GraphDecoder.search_tiles' logic with a fake clock (the step's time a sum of per-site costs of the tiles and
     # pack warps in use; CUDA graphs time it on a GPU): each site ends at its cheapest tile, timed with the sites
@@ -1625,6 +1666,13 @@ def test_gpu_decode_variants_follow_the_default():
         # the L2 prefetch changes no value: the default's tokens exactly
         for prefetch in ("after", "before"):
             assert list(GraphDecoder(FastModel(model.net, backend="triton", prefetch=prefetch), 64).generate(ids, 10)) == default
+        # nor does PDL's early trigger (the same kernels launched earlier): greedy, and sampled with each draw
+        # (the top-p radix select, the top-k kernel), each kernel of the step once with the trigger
+        for head, kw in (("bf16", {}), ("int8", dict(temperature=0.8, top_p=0.9, seed=3)),
+                         ("bf16", dict(temperature=0.8, top_k=5, top_p=0.9, seed=3))):  # fmt: skip
+            runs = [list(GraphDecoder(FastModel(model.net, backend="triton", head=head, pdl=pdl), 64).generate(ids, 24, **kw))
+                    for pdl in (True, "early")]  # fmt: skip
+            assert runs[0] == runs[1], (head, kw)
         variants = [("triton", "plain", False, "bf16"), ("split", "plain", False, "bf16"), ("triton", "fused", False, "bf16"),
                     ("torch", "packed", False, "bf16"), ("triton", "packed", False, "bf16"), ("split", "packed", True, "bf16"),
                     ("split", "fused", True, "bf16"), ("torch", "packed", True, "bf16"), ("split", "packed", True, "int8"),
