@@ -713,7 +713,7 @@ def run_variants(fast, prompt: list[int], args, t_start: float) -> None:
                 RESULTS["resident_int8_head_bytes"] = fast.resident_bytes()
             if args.profile and variant in profiled and graphs:
                 stage("profile", profile_step, dec, prompt, name, rows[name].get("tok_s"))
-                if variant._replace(pdl=True) == default_variant() and variant.pdl and rows[name].get("tok_s"):
+                if variant in (default_variant(), default_variant()._replace(pdl="early")) and rows[name].get("tok_s"):
                     stage("step gap", step_gap, dec, prompt, rows[name]["tok_s"])
                 if config is not None:
                     stage("trace", trace_step, fast, prompt, name)

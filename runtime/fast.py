@@ -522,11 +522,11 @@ class FastModel:
         x = self._hidden(tokens, start_pos)  # [B, T, D]
         x = x[:, -1:] if last_only else x  # [B, T', D]: decode only needs the last position
         if self.head == "int8" and self.backend in ("triton", "triton_op"):
-            from bitnet158.runtime.kernels import head_int8_op
+            from bitnet158.runtime.kernels import PDL_MODES, head_int8_op
 
             n = self.net.norm  # the final norm runs inside the head's kernel
             logits = head_int8_op(x.reshape(-1, x.shape[-1]), self.head_q, self.head_scale, n.weight, n.eps,
-                                  PDLS.index(self.pdl))  # fmt: skip
+                                  PDL_MODES.index(self.pdl))  # fmt: skip
             return logits.view(b, x.shape[1], -1)
         x = self._norm(self.net.norm, x)
         if self.head == "bf16":

@@ -948,8 +948,9 @@ def test_pdl_option_reaches_every_decode_kernel(monkeypatch):
     # launch before its wait (tests/test_kernel_compile.py finds that order in the machine code)
     from types import SimpleNamespace
 
-    from bitnet158.runtime.fast import FastModel, FastPathError, GraphDecoder
+    from bitnet158.runtime.fast import PDLS, FastModel, FastPathError, GraphDecoder
 
+    assert PDLS == kernels.PDL_MODES  # FastModel's check (no triton needed) and the kernels' are one list
     net = tiny_model(layers=2, seed=6).net
     with pytest.raises(FastPathError, match="pdl must be one of"):
         FastModel(net, pdl="late")
