@@ -23,12 +23,13 @@ What it does, in order (each step logs one line; a short table comes last):
    passes ``step_check``; the persistent one at each of ``--persistent-configs``; after the first, each only while
    VARIANT_RESERVE_S seconds of ``--budget-s`` are left) and the int8 head, sampled decoding, then the eager baselines over ``--slow-tokens``
    (reference; triton runtime loop; the first graph step run eagerly; ``--no-eager`` skips them); with
-   ``--profile`` the kernels inside the graph step of the default, of the default without PDL and of the
-   folded and persistent variants run (torch.profiler; with PDL a kernel's span includes its wait for the previous one, without
-   it only its own run), and for the persistent one the kernel's own trace of each phase (``trace_summary``);
-   with ``--profile`` also, for the default, where the loop's time goes beyond one replay (``step_gap``), and
-   within ``--budget-s`` the attention across cache sizes (``attention_scaling``) and the prefill's kernels
-   (``profile_prefill``); prefill tok/s for 512 tokens, the time to first token, peak GPU memory;
+   ``--profile`` the kernels inside the graph step of the default, of the default without PDL or with its early
+   trigger, and of the folded and persistent variants run, each once (torch.profiler; with PDL a kernel's span
+   includes its wait for the previous one, without it only its own run), and for the persistent one the kernel's
+   own trace of each phase (``trace_summary``); with ``--profile`` also, for the default and with PDL's early
+   trigger, where the loop's time goes beyond one replay (``step_gap``), and within ``--budget-s`` the attention
+   across cache sizes (``attention_scaling``) and the prefill's kernels (``profile_prefill``); prefill tok/s for
+   512 tokens, the time to first token, peak GPU memory;
 6. with ``--hf``: transformers' BitNetForCausalLM on the same weights (an HF packed checkpoint written here,
    autobitlinear offline), in a subprocess with TORCHDYNAMO_DISABLE=1, decode over ``--hf-tokens`` tokens;
 7. with ``--compile``, last and only within ``--budget-s``: torch.compile + CUDA graph + int8 head.
@@ -343,13 +344,13 @@ def skipping(fast, what: str):
             fast.__dict__.pop(name, None)  # the instance's wrapper: the class's method again
 
 
-def step_gap(dec, prompt: list[int], tok_s: float) -> None:
+def step_gap(dec, prompt: list[int], tok_s: float, name: str) -> None:
     """Where the decode loop's time a token goes beyond one replay of its step (2026-11-27 on an H200: 955 µs a
     replay at position 79 as GraphDecoder.search_tiles timed it, 1,186 µs a token in the loop): one replay with
     the state restored at positions 79, 256 and the prompt's end, the last again with the linear weights in L2
     (shared_weights) and without each kind of kernel (skipping), then replays back to back from the prompt's end
     with no host read between them (and the host's own time to submit each), against the loop's µs a token.
-    Writes garbage into the cache at 79 and 256: the next generation prefills anew."""
+    Writes garbage into the cache at 79 and 256: the next generation prefills anew. Kept under variant ``name``."""
     key = dec.sampling_key()
     out = {}
     with torch.inference_mode():
@@ -386,8 +387,8 @@ def step_gap(dec, prompt: list[int], tok_s: float) -> None:
         out["host time to submit one replay"] = (t_host - t0) / n * 1e6
         dec._restore(saved)
     out["the decode loop, a token"] = 1e6 / tok_s
-    RESULTS["step_gap_us"] = out
-    say("step gap (us): " + "; ".join(f"{k} {v:.0f}" for k, v in out.items()))
+    RESULTS.setdefault("step_gap_us", {})[name] = out
+    say(f"step gap (us), {name}: " + "; ".join(f"{k} {v:.0f}" for k, v in out.items()))
 
 
 def kernel_rows(prof, per: int) -> list[tuple[str, float, float]]:
@@ -493,7 +494,7 @@ def trace_step(fast, prompt: list[int], name: str) -> None:
 class Variant(NamedTuple):
     attention: str
     gemv: str
-    pdl: bool | str  # FastModel(pdl=): False, True or "early"
+    pdl: bool | str  # FastModel(pdl=): False, True, "early" or "early-packs"
     head: str
     argmax: str = "torch"
     tiles: str = "searched"
@@ -512,6 +513,7 @@ GRAPH_VARIANTS = [Variant(*v) for v in [
     ("split", "packed", True, "int8", "triton"), ("split", "packed", True, "bf16", "triton", "searched", "after"),
     ("split", "packed", True, "bf16", "triton", "searched", "before"), ("folded", "packed", True, "bf16", "triton"),
     ("folded", "packed", True, "bf16", "triton", "searched", "after"), ("split", "packed", "early", "bf16", "triton"),
+    ("split", "packed", "early-packs", "bf16", "triton"),
 ]]  # fmt: skip
 
 
@@ -526,25 +528,27 @@ def default_variant() -> Variant:
 
 
 def parse_variant(spec: str) -> Variant:
-    """'attention/gemv[/pdl|/pdl-early][/int8][/argmax][/autotune][/prefetch|/prefetch-early]' (e.g.
-    'split/folded/pdl/argmax') → a Variant; 'default' for FastModel's defaults, 'default/int8' … for them with flags
-    changed. 'pdl-early': FastModel(pdl="early"), each kernel lets the next launch before its wait. 'argmax':
+    """'attention/gemv[/pdl|/pdl-early|/pdl-early-packs][/int8][/argmax][/autotune][/prefetch|/prefetch-early]'
+    (e.g. 'split/folded/pdl/argmax') → a Variant; 'default' for FastModel's defaults, 'default/int8' … for them with
+    flags changed. 'pdl-early': FastModel(pdl="early"), each kernel lets the next launch before its wait;
+    'pdl-early-packs': FastModel(pdl="early-packs"), only the packs and the attention's combine do. 'argmax':
     FastModel(argmax="triton"), the greedy step's argmax as one kernel; 'autotune': FastModel(tiles="autotune"), the
     packed GEMV's tiles from Triton's autotuner instead of GraphDecoder.search_tiles; 'prefetch' /
     'prefetch-early': FastModel(prefetch="after" / "before"), the attention brings the next GEMVs' weights into L2."""
     parts = spec.split("/")
     flags = set(parts[2:] if parts[0] != "default" else parts[1:])
-    allowed = {"pdl", "pdl-early", "int8", "argmax", "autotune", "prefetch", "prefetch-early"}
+    pdls = {"pdl": True, "pdl-early": "early", "pdl-early-packs": "early-packs"}  # flag → FastModel(pdl=)
+    allowed = {*pdls, "int8", "argmax", "autotune", "prefetch", "prefetch-early"}
     if parts[0] != "default" and len(parts) < 2 or not flags <= allowed or {"prefetch", "prefetch-early"} <= flags \
-            or {"pdl", "pdl-early"} <= flags:  # fmt: skip
-        raise SystemExit(f"--variants: bad variant {spec!r} (attention/gemv[/pdl|/pdl-early][/int8][/argmax][/autotune]"
-                         "[/prefetch|/prefetch-early], or default[/flags])")  # fmt: skip
+            or len(flags & set(pdls)) > 1:  # fmt: skip
+        raise SystemExit(f"--variants: bad variant {spec!r} (attention/gemv[/pdl|/pdl-early|/pdl-early-packs][/int8]"
+                         "[/argmax][/autotune][/prefetch|/prefetch-early], or default[/flags])")  # fmt: skip
     prefetch = "after" if "prefetch" in flags else "before" if "prefetch-early" in flags else None
-    pdl = "early" if "pdl-early" in flags else "pdl" in flags
+    pdl = next((pdls[f] for f in flags if f in pdls), False)
     if parts[0] == "default":
         d = default_variant()
         return d._replace(head="int8" if "int8" in flags else d.head, tiles="autotune" if "autotune" in flags else d.tiles,
-                          prefetch=prefetch or d.prefetch, pdl="early" if pdl == "early" else d.pdl)  # fmt: skip
+                          prefetch=prefetch or d.prefetch, pdl=pdl if pdl else d.pdl)  # fmt: skip
     return Variant(parts[0], parts[1], pdl, "int8" if "int8" in flags else "bf16",
                    "triton" if "argmax" in flags else "torch", "autotune" if "autotune" in flags else "searched",
                    prefetch or "off")  # fmt: skip
@@ -575,7 +579,8 @@ def variant_name(v: Variant) -> str:
     elif v.gemv != "plain":
         parts.append(f"{v.gemv} GEMVs")
     if v.pdl:
-        parts.append("PDL" + (" (early trigger)" if v.pdl == "early" else ""))
+        early = {"early": " (early trigger)", "early-packs": " (early trigger in the packs)"}
+        parts.append("PDL" + early.get(v.pdl, ""))
     if v.head == "int8":
         parts.append("int8 head")
     if v.argmax == "triton":
@@ -662,13 +667,14 @@ def run_variants(fast, prompt: list[int], args, t_start: float) -> None:
         fast.set_head(v.head)
 
     variants = [parse_variant(v) for v in args.variants.split(",")] if args.variants else GRAPH_VARIANTS
-    # with and without PDL, and with its early trigger
-    profiled = {default_variant(), default_variant()._replace(pdl=False), default_variant()._replace(pdl="early")}
+    # with and without PDL, and with its early trigger (in every kernel, or in the packs and combines)
+    profiled = {default_variant()._replace(pdl=p) for p in (True, False, "early", "early-packs")}
     profiled |= {v for v in variants if v.gemv in ("folded", "persistent") or v.attention == "folded"}  # against the default's
     # the persistent step once per launch config (FastModel.persistent_config: tile rows, warps, programs an SM,
     # replicated packing, L2 prefetch)
     configs = parse_persistent_configs(args.persistent_configs)
     runs = [(v, c) for v in variants for c in (configs if v.gemv == "persistent" else [None])]
+    seen = set()  # the (variant, config) runs profiled
     fast.tile_pick = fast.pack_pick = None  # searched again in the first timed decoder (below)
     with torch.inference_mode():
         fast.set_backend("triton")
@@ -711,10 +717,11 @@ def run_variants(fast, prompt: list[int], args, t_start: float) -> None:
                 RESULTS["peak_mem_decode_bytes"] = torch.cuda.max_memory_allocated()
             if head == "int8":
                 RESULTS["resident_int8_head_bytes"] = fast.resident_bytes()
-            if args.profile and variant in profiled and graphs:
+            if args.profile and variant in profiled and (variant, config) not in seen and graphs:
+                seen.add((variant, config))  # once a variant and launch config: a repeat only times it again
                 stage("profile", profile_step, dec, prompt, name, rows[name].get("tok_s"))
                 if variant in (default_variant(), default_variant()._replace(pdl="early")) and rows[name].get("tok_s"):
-                    stage("step gap", step_gap, dec, prompt, rows[name]["tok_s"])
+                    stage("step gap", step_gap, dec, prompt, rows[name]["tok_s"], name)
                 if config is not None:
                     stage("trace", trace_step, fast, prompt, name)
             del dec

@@ -5,8 +5,9 @@
 #   bash benchmarks/device_check.sh quick      # the same steps cut to about 7 minutes (timeout_s=480): the
 #                                              # GPU tests of the attention kernel, the tile search, the decode
 #                                              # variants, the graph decoder and the sampler; the default and
-#                                              # the default with PDL's early trigger, each twice, alternating,
-#                                              # and the default with the int8 head once, then
+#                                              # the default with PDL's early trigger (in every kernel, and in
+#                                              # the packs only), each twice, alternating, and the default with
+#                                              # the int8 head once (the first to go if time runs short), then
 #                                              # sampled decoding with the kernel and with torch's ops; on both
 #                                              # models; no eager baselines, transformers or microbenchmarks;
 #                                              # --profile (the default's step and each sampled step, the
@@ -89,7 +90,7 @@ echo "first run of bitnet-run (step search on, empty cache) exit: $?" | tee -a "
 tail -n 3 "$OUT/first_run.log"
 if [ "$MODE" = quick ]; then
   timeout -k 5 50 python3 benchmarks/bench_gpu.py --file /tmp/tiny.bin --no-micro --prompt-len 64 --tokens 64 --runs 1 \
-    --variants torch/plain,default,default/pdl-early,default/prefetch,folded/packed/pdl/argmax,default/int8 --no-eager --json "$OUT/bench_demo.json" \
+    --variants torch/plain,default,default/pdl-early,default/pdl-early-packs,default/prefetch,folded/packed/pdl/argmax,default/int8 --no-eager --json "$OUT/bench_demo.json" \
     > "$OUT/bench_demo.log" 2>&1
 else
   timeout -k 10 90 python3 benchmarks/bench_gpu.py --file /tmp/tiny.bin --no-micro --prompt-len 64 --tokens 128 --runs 1 \
@@ -101,7 +102,7 @@ grep -E "^check:|CORRECTNESS|FAILED" "$OUT/bench_demo.log"
 # 5. the benchmark, autotuned; its table comes last in the output
 unset BITNET158_AUTOTUNE
 if [ "$MODE" = quick ]; then
-  timeout -k 5 200 python3 benchmarks/bench_gpu.py --variants default,default/pdl-early,default/int8,default,default/pdl-early \
+  timeout -k 5 200 python3 benchmarks/bench_gpu.py --variants default,default/pdl-early,default/pdl-early-packs,default,default/pdl-early,default/pdl-early-packs,default/int8 \
     --no-micro --no-eager --profile --budget-s 175 --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
 else
   timeout -k 10 330 python3 benchmarks/bench_gpu.py --hf --compile --budget-s 240 --profile --json "$OUT/bench.json" 2>&1 \

@@ -7,7 +7,8 @@
 CUDA graph, with and without programmatic dependent launch (sm_90+), for a 1-program grid and a GEMV-sized one
 (528 programs, 4 a multiprocessor of an H100). Prints µs per launch: a decode step of L launches cannot run faster
 than L times that, so this is the baseline the launch count of runtime/fast.py's step is judged against. "PDL early":
-each kernel lets the next one launch before its wait (FastModel(pdl="early")), not after it. "+ arrival":
+each kernel lets the next one launch before its wait (FastModel(pdl="early")), not after it; "PDL early every
+other": every other kernel does (FastModel(pdl="early-packs"), where a pack and a GEMV alternate). "+ arrival":
 the same kernel with every program arriving on an atomic counter and the last one reading the others' writes
 (the mechanism of FastModel(gemv="folded")), so the difference is the fixed cost of a folded tail.
 """
@@ -48,14 +49,16 @@ def launch_floor(timer, out: dict | None = None, n: int = 300) -> dict:
     x = torch.zeros(529, device="cuda")
     cnt = torch.zeros(1, dtype=torch.int32, device="cuda")
     for grid in (1, 528):
-        for pdl in (False, True, "early"):
-            flags = _pdl(x, pdl)
-            if pdl and not flags["PDL"]:
+        for pdl in (False, True, "early", "early-packs"):
+            # kernel i's flags: with "early-packs" the even ones are the light kernels (the packs)
+            flags = [_pdl(x, pdl, light=i % 2 == 0) for i in range(n)]
+            if pdl and not flags[0]["PDL"]:
                 continue
             for arrive in (False, True):
-                t = timer([lambda grid=grid, flags=flags, arrive=arrive: _chain_kernel[(grid,)](x, cnt, ARRIVE=arrive, **flags)
-                           for _ in range(n)])  # fmt: skip
-                label = {False: "", True: " + PDL", "early": " + PDL early"}[pdl]
+                t = timer([lambda grid=grid, f=f, arrive=arrive: _chain_kernel[(grid,)](x, cnt, ARRIVE=arrive, **f)
+                           for f in flags])  # fmt: skip
+                label = {False: "", True: " + PDL", "early": " + PDL early", "early-packs": " + PDL early every other"}
+                label = label[pdl]
                 out[f"{grid} programs{label}{' + arrival' if arrive else ''}"] = t * 1e6
     print("launch floor in a CUDA graph (µs per dependent launch): " + ", ".join(f"{k} {v:.2f}" for k, v in out.items()), flush=True)
     return out

@@ -51,7 +51,10 @@ What it changes, and why:
     each kernel lets the next one launch once its own wait for the one before is over. ``pdl="early"`` (not
     measured yet): before that wait, so a kernel can be resident, its weights in flight, while the two before it
     still run, and the launches of the chain overlap more than one kernel (``kernels._pdl_enter``: the same
-    waits, so the same values; benchmarks/RESULTS.md has the prediction).
+    waits, so the same values; benchmarks/RESULTS.md has the prediction). ``pdl="early-packs"`` (not measured
+    yet): the early trigger only in the kernels that read no weights (each ``pack_act``, the attention's
+    combine), so each GEMV is resident with its weights in flight while the GEMV before it runs, and no launch
+    runs further ahead than that (the bound, should blocks waiting early crowd out the running kernel's).
   - ``argmax="triton"`` (default): the step's pick over the vocabulary in one launch: the greedy argmax
     (``kernels.argmax``, 2.8 µs on an H200, against torch's reduction: 28 µs) and the top-k / top-p / min-p
     draw (``kernels.sample``: with a top-k ≤ ``kernels.SAMPLE_MAX_K`` one launch, 924-956 tok/s against 780-790
@@ -119,7 +122,9 @@ GEMVS = ("plain", "fused", "packed", "folded", "persistent")
 ARGMAXES = ("torch", "triton")
 TILES = ("searched", "autotune")
 PREFETCHES = ("off", "after", "before")  # FastModel(prefetch=): when the attention brings the next weights into L2
-PDLS = (False, True, "early")  # FastModel(pdl=): programmatic dependent launch off, on, on with the early trigger (kernels.PDL_MODES)
+# FastModel(pdl=): programmatic dependent launch off, on, on with the early trigger in every kernel or only in
+# the packs and the combine (kernels.PDL_MODES)
+PDLS = (False, True, "early", "early-packs")
 SITES = ("qkv", "o", "gate_up", "down")  # a layer's four packed GEMVs, in order
 SEARCH_POS = 256  # the decode position GraphDecoder.search_tiles times the step at (attention over 256 keys)
 

@@ -51,7 +51,8 @@ Kernels
 - ``bitlinear_op`` / ``head_int8_op``: the same as torch.library custom ops, opaque to torch.compile.
 
 ``pdl=True`` (the decode-step kernels): programmatic dependent launch on sm_90+, see ``_pdl_enter``; ``pdl="early"``
-the same, with each kernel letting the next one launch before its wait, not after.
+the same, with each kernel letting the next one launch before its wait, not after; ``pdl="early-packs"`` that only in
+``pack_act`` and the attention's combine (``_pdl``).
 
 Under ``TRITON_INTERPRET=1`` (tests on the CPU) dp4a and rint are computed with plain integer / float ops
 instead of the PTX instruction and the libdevice call, which the interpreter cannot run; the arithmetic is the
@@ -121,12 +122,13 @@ def _pdl_enter(PDL: tl.constexpr):
     # the launch gap). It waits here, before any read of the previous kernels' outputs or any write, until that
     # kernel has finished and its writes are visible. PDL 1: then it lets the next kernel start launching, which
     # becomes resident only once every block of this grid is past its wait, and waits the same way. PDL 2
-    # (pdl="early"): it lets the next kernel launch first, so that kernel can be resident, and its weights in
-    # flight, while this one still waits; and the kernel after it, as soon as that one is resident (as deep as the
-    # multiprocessors hold them). Still correct: a wait is for the previous grid's completion, whenever that grid
-    # let this one launch, and every block of every kernel waits, so a kernel completes only after all before it
-    # (PTX ISA, griddepcontrol). What moves earlier is only what comes before the wait, which in every kernel here
-    # reads only what no kernel of the step writes (weights, scales, norm weights, the position, older cache slots).
+    # (pdl="early"; with "early-packs" only in the packs and the combine, _pdl): it lets the next kernel launch
+    # first, so that kernel can be resident, and its weights in flight, while this one still waits; and the kernel
+    # after it, as soon as that one is resident (as deep as the multiprocessors hold them). Still correct: a wait
+    # is for the previous grid's completion, whenever that grid let this one launch, and every block of every
+    # kernel waits, so a kernel completes only after all before it (PTX ISA, griddepcontrol). What moves earlier is
+    # only what comes before the wait, which in every kernel here reads only what no kernel of the step writes
+    # (weights, scales, norm weights, the position, older cache slots).
     if PDL == 2:
         gdc_launch_dependents()
         gdc_wait()
@@ -1567,17 +1569,23 @@ def _check_residual(residual: torch.Tensor | None, m: int, n: int, dtype: torch.
                                f"{residual.dtype} {tuple(residual.shape)}")  # fmt: skip
 
 
-PDL_MODES = (False, True, "early")  # FastModel(pdl=...) and the kernels' pdl: off, on, on with the early trigger
+# FastModel(pdl=...) and the kernels' pdl: off; on; on with the early trigger in every kernel; on with the early
+# trigger only in the kernels that read no weights, each pack_act and the attention's combine (light=True below)
+PDL_MODES = (False, True, "early", "early-packs")
 
 
-def _pdl(t: torch.Tensor, pdl: bool | str) -> dict:
+def _pdl(t: torch.Tensor, pdl: bool | str, light: bool = False) -> dict:
     # the launch flags of programmatic dependent launch where asked for and available (a CUDA sm_90+ device,
-    # triton with gdc_*): PDL 0, 1 or 2 (pdl="early") for _pdl_enter, and launch_pdl. An optimization only, so
-    # elsewhere the kernel launches normally
+    # triton with gdc_*): PDL 0, 1 or 2 (the early trigger: pdl="early", or "early-packs" at a light launch) for
+    # _pdl_enter, and launch_pdl. An optimization only, so elsewhere the kernel launches normally. "early-packs"
+    # bounds how far the launches run ahead: a pack lets the GEMV after it launch at once, so that GEMV is resident
+    # with its weights in flight while the GEMV before the pack still runs; but that GEMV lets the next pack launch
+    # only after its own wait, so no kernel gets further ahead than that
     if pdl not in PDL_MODES:
         raise KernelShapeError(f"pdl must be one of {PDL_MODES}, got {pdl!r}")
     on = bool(pdl) and not _INTERPRET and gdc_wait is not None and t.is_cuda and _sm90(t.device.index)
-    mode = (2 if pdl == "early" else 1) if on else 0
+    early = pdl == "early" or pdl == "early-packs" and light
+    mode = (2 if early else 1) if on else 0
     return {"PDL": mode, "launch_pdl": mode > 0}
 
 
@@ -1637,7 +1645,8 @@ def bitlinear_gemv(
     - ``residual`` [M, N]: returns residual + y, the block's residual add.
 
     ``pdl``: launch with programmatic dependent launch (sm_90+; ignored elsewhere), so that the launch overlaps
-    the previous kernel's end ("early": the next launch may also start before this one's wait, ``_pdl_enter``);
+    the previous kernel's end ("early": the next launch may also start before this one's wait, ``_pdl_enter``;
+    "early-packs" is True here: a GEMV reads weights);
     every kernel launched so in a sequence must be one of this module's.
     """
     _check_act(act, "bitlinear_gemv")
@@ -1711,7 +1720,8 @@ def pack_act(
     warps: int | None = None,
 ) -> PackedAct:
     """Quantize a GEMV input once for ``bitlinear_gemv_packed``: x [M, K] float (gate | up [M, 2K] with
-    ``act``), with ``norm`` / ``act`` / ``pdl`` as in ``bitlinear_gemv``. One program per row (decode), of
+    ``act``), with ``norm`` / ``act`` / ``pdl`` as in ``bitlinear_gemv`` (but "early-packs" is "early" here: a
+    pack reads no weights). One program per row (decode), of
     ``warps`` warps (a power of two up to 32; None: pack_act_launch's). The warps set the order of the fp32 sum
     of squares (the norm's 1/rms), so another count may change it in its last bit, and so a rounding of q."""
     _check_act(act, "pack_act")
@@ -1728,7 +1738,7 @@ def pack_act(
         _pack_act_kernel[(m,)](
             x, norm if norm is not None else x, out.xq, out.s, out.qsum, K, k16, eps, x.stride(0), out.xq.stride(0),
             ACT=act is not None, NORM=norm is not None, RELU2=act == "relu2", BLOCK_C=block_c,
-            ON_GPU=not _INTERPRET, **_pdl(x, pdl), num_warps=warps,
+            ON_GPU=not _INTERPRET, **_pdl(x, pdl, light=True), num_warps=warps,
         )  # fmt: skip
     return out
 
@@ -2028,8 +2038,9 @@ def decode_attention(
     depends only on the cache size, so a CUDA graph replays it at every position. A program whose chunk spans
     several key blocks (caches over 1,024 slots when split, or the one-kernel form) has the next block in flight
     during each block's math; ``pipe`` forces that on or off (benchmarks/bench_gpu.py's A/B). ``pdl`` as for
-    ``bitlinear_gemv``; with it the kernel reads pos, cos / sin and the cached keys / values below pos before
-    waiting for the previous kernel, so that kernel must not write them (the decode step's q/k/v GEMV does not).
+    ``bitlinear_gemv`` (with "early-packs" the combine, which reads no weights, triggers early); with it the kernel
+    reads pos, cos / sin and the cached keys / values below pos before waiting for the previous kernel, so that
+    kernel must not write them (the decode step's q/k/v GEMV does not).
 
     ``prefetch``: up to four contiguous tensors (the weights of the GEMVs after the attention) that the
     attention's programs bring into L2 (``_l2_prefetch``), so that those GEMVs read them from L2: once their work
@@ -2086,7 +2097,7 @@ def decode_attention(
         return y, nxt
     if split:
         _attention_combine_kernel[(n_heads,)](
-            pm, pl, pacc, y, n_split, DH=head_dim, **combine, **use_pdl, num_warps=4,
+            pm, pl, pacc, y, n_split, DH=head_dim, **combine, **_pdl(qkv, pdl, light=True), num_warps=4,
         )  # fmt: skip
     return y
 

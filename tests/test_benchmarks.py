@@ -65,9 +65,13 @@ def test_variant_specs_parse(bench):
     assert bench.parse_variant("split/packed/pdl-early/argmax") == bench.Variant("split", "packed", "early", "bf16", "triton")
     assert bench.parse_variant("default/pdl-early") == bench.default_variant()._replace(pdl="early")
     assert bench.variant_name(bench.parse_variant("default/pdl-early")).endswith("PDL (early trigger) + argmax kernel + searched tiles")
+    assert bench.parse_variant("default/pdl-early-packs") == bench.default_variant()._replace(pdl="early-packs")
+    assert bench.parse_variant("split/packed/pdl-early-packs").pdl == "early-packs"
+    assert "PDL (early trigger in the packs) + " in bench.variant_name(bench.parse_variant("default/pdl-early-packs"))
+    assert bench.parse_variant("default/pdl").pdl is True and bench.parse_variant("split/packed").pdl is False
     assert bench.default_variant().tiles == "searched" and bench.default_variant().argmax == "triton"
     for bad in ("split", "split/packed/fast", "split/packed/pdl/bf16", "default/fast", "default/prefetch/prefetch-early",
-                "split/packed/pdl/pdl-early"):
+                "split/packed/pdl/pdl-early", "default/pdl-early/pdl-early-packs", "split/packed/pdl-late"):
         with pytest.raises(SystemExit):
             bench.parse_variant(bad)
     # the device script's quick run asks for these: each must parse

@@ -942,10 +942,12 @@ def test_fast_model_searched_tiles_reach_the_graph_step(monkeypatch):
 @interp
 def test_pdl_option_reaches_every_decode_kernel(monkeypatch):
     # FastModel(pdl=...) goes to every kernel launch of a decode step, greedy (int8 head) and sampled (the draw
-    # with a top-k, then top-p's radix select without one): "early" to exactly the launches that True reaches, so
-    # that an A/B of the early trigger changes nothing else. kernels._pdl maps the option to the launch flags
-    # where PDL exists (sm_90+, no interpreter): the early trigger is PDL 2, so _pdl_enter lets the next kernel
-    # launch before its wait (tests/test_kernel_compile.py finds that order in the machine code)
+    # with a top-k, then top-p's radix select without one): "early" and "early-packs" to exactly the launches that
+    # True reaches, so that an A/B of the early trigger changes nothing else. kernels._pdl maps the option to the
+    # launch flags where PDL exists (sm_90+, no interpreter): the early trigger is PDL 2, so _pdl_enter lets the
+    # next kernel launch before its wait (tests/test_kernel_compile.py finds that order in the machine code); with
+    # "early-packs" only at the launches that read no weights: every pack_act and the attention's combine
+    import sys
     from types import SimpleNamespace
 
     from bitnet158.runtime.fast import PDLS, FastModel, FastPathError, GraphDecoder
@@ -955,28 +957,45 @@ def test_pdl_option_reaches_every_decode_kernel(monkeypatch):
     with pytest.raises(FastPathError, match="pdl must be one of"):
         FastModel(net, pdl="late")
     real = kernels._pdl
-    seen = []
-    monkeypatch.setattr(kernels, "_pdl", lambda t, pdl: seen.append(pdl) or real(t, pdl))
+    seen = []  # (pdl, light, the launching function)
+
+    def record(t, pdl, light=False):
+        seen.append((pdl, light, sys._getframe(1).f_code.co_name))
+        return real(t, pdl, light)
+
+    monkeypatch.setattr(kernels, "_pdl", record)
     ids = [3, 14, 15, 9, 26]
     calls, tokens = {}, {}
     with torch.inference_mode():
-        for pdl in (True, "early"):
+        for pdl in (True, "early", "early-packs"):
             fast = FastModel(net, backend="triton", head="int8", pdl=pdl)
             dec = GraphDecoder(fast, 32, use_graph=False)
             seen.clear()
             tokens[pdl] = [list(dec.generate(ids, 3)), list(dec.generate(ids, 3, temperature=0.8, top_k=5, top_p=0.9, seed=1)),
                            list(dec.generate(ids, 3, temperature=0.8, top_p=0.9, seed=1))]  # fmt: skip
+            # and the graph step's own kernels (the position on the device: the split attention and its combine),
+            # which a GraphDecoder without a graph does not run
+            tokens[pdl].append(fast.logits_last(torch.tensor([[7]]), torch.tensor([len(ids) + 2])))
             calls[pdl] = list(seen)
-    assert set(calls["early"]) == {"early"} and set(calls[True]) == {True}
-    assert len(calls["early"]) == len(calls[True]) > 3 * 2 * 10  # every pack, GEMV and attention launch, and more
-    assert tokens["early"] == tokens[True]  # the interpreter has no PDL: the same launches, the same values
+    for pdl in ("early", "early-packs"):
+        assert {c[0] for c in calls[pdl]} == {pdl} and [c[1:] for c in calls[pdl]] == [c[1:] for c in calls[True]]
+        assert tokens[pdl][:3] == tokens[True][:3]  # the interpreter has no PDL: the same launches, the same values
+        assert torch.equal(tokens[pdl][3], tokens[True][3])
+    assert {c[0] for c in calls[True]} == {True} and len(calls[True]) > 3 * 2 * 10  # every pack, GEMV, attention, more
+    # light: every pack_act launch, and one a split attention launch (its combine); no launch that reads weights
+    light = [f for _, lt, f in calls[True] if lt]
+    heavy = [f for _, lt, f in calls[True] if not lt]
+    assert set(light) == {"pack_act", "decode_attention"} and "pack_act" not in heavy
+    assert light.count("decode_attention") == heavy.count("decode_attention") > 0
+    assert {"bitlinear_gemv_packed", "head_int8", "argmax", "sample", "advance"} <= set(heavy)
     # the launch flags, on a stand-in for a tensor on an sm_90 GPU outside the interpreter
     monkeypatch.setattr(kernels, "_INTERPRET", False)
     monkeypatch.setattr(kernels, "_sm90", lambda index: True)
     gpu = SimpleNamespace(is_cuda=True, device=SimpleNamespace(index=0))
-    assert [real(gpu, p) for p in (False, True, "early")] == [
-        {"PDL": 0, "launch_pdl": False}, {"PDL": 1, "launch_pdl": True}, {"PDL": 2, "launch_pdl": True}]  # fmt: skip
-    assert real(torch.zeros(1), "early") == {"PDL": 0, "launch_pdl": False}  # the CPU: no PDL
+    off, on, early = {"PDL": 0, "launch_pdl": False}, {"PDL": 1, "launch_pdl": True}, {"PDL": 2, "launch_pdl": True}
+    assert [real(gpu, p) for p in (False, True, "early", "early-packs")] == [off, on, early, on]
+    assert [real(gpu, p, light=True) for p in (False, True, "early", "early-packs")] == [off, on, early, early]
+    assert real(torch.zeros(1), "early") == real(torch.zeros(1), "early-packs", light=True) == off  # the CPU: no PDL
     with pytest.raises(kernels.KernelShapeError, match="pdl must be one of"):
         real(gpu, "late")
 
@@ -1667,13 +1686,14 @@ def test_gpu_decode_variants_follow_the_default():
         # the L2 prefetch changes no value: the default's tokens exactly
         for prefetch in ("after", "before"):
             assert list(GraphDecoder(FastModel(model.net, backend="triton", prefetch=prefetch), 64).generate(ids, 10)) == default
-        # nor does PDL's early trigger (the same kernels launched earlier): greedy, and sampled with each draw
+        # nor does PDL's early trigger, in every kernel or in the packs and combines only (the same kernels launched
+        # earlier): greedy, and sampled with each draw
         # (the top-p radix select, the top-k kernel), each kernel of the step once with the trigger
         for head, kw in (("bf16", {}), ("int8", dict(temperature=0.8, top_p=0.9, seed=3)),
                          ("bf16", dict(temperature=0.8, top_k=5, top_p=0.9, seed=3))):  # fmt: skip
             runs = [list(GraphDecoder(FastModel(model.net, backend="triton", head=head, pdl=pdl), 64).generate(ids, 24, **kw))
-                    for pdl in (True, "early")]  # fmt: skip
-            assert runs[0] == runs[1], (head, kw)
+                    for pdl in (True, "early", "early-packs")]  # fmt: skip
+            assert runs[0] == runs[1] == runs[2], (head, kw)
         variants = [("triton", "plain", False, "bf16"), ("split", "plain", False, "bf16"), ("triton", "fused", False, "bf16"),
                     ("torch", "packed", False, "bf16"), ("triton", "packed", False, "bf16"), ("split", "packed", True, "bf16"),
                     ("split", "fused", True, "bf16"), ("torch", "packed", True, "bf16"), ("split", "packed", True, "int8"),
