@@ -1721,9 +1721,9 @@ def pack_act(
 ) -> PackedAct:
     """Quantize a GEMV input once for ``bitlinear_gemv_packed``: x [M, K] float (gate | up [M, 2K] with
     ``act``), with ``norm`` / ``act`` / ``pdl`` as in ``bitlinear_gemv`` (but "early-packs" is "early" here: a
-    pack reads no weights). One program per row (decode), of
-    ``warps`` warps (a power of two up to 32; None: pack_act_launch's). The warps set the order of the fp32 sum
-    of squares (the norm's 1/rms), so another count may change it in its last bit, and so a rounding of q."""
+    pack reads no weights). One program per row (decode), of ``warps`` warps (a power of two up to 32; None:
+    pack_act_launch's). The warps set the order of the fp32 sum of squares (the norm's 1/rms), so another count
+    may change it in its last bit, and so a rounding of q."""
     _check_act(act, "pack_act")
     if warps is not None and (not isinstance(warps, int) or warps < 1 or warps > 32 or warps & (warps - 1)):
         raise KernelShapeError(f"pack_act: warps must be a power of two in 1..32, got {warps!r}")

@@ -1687,8 +1687,8 @@ def test_gpu_decode_variants_follow_the_default():
         for prefetch in ("after", "before"):
             assert list(GraphDecoder(FastModel(model.net, backend="triton", prefetch=prefetch), 64).generate(ids, 10)) == default
         # nor does PDL's early trigger, in every kernel or in the packs and combines only (the same kernels launched
-        # earlier): greedy, and sampled with each draw
-        # (the top-p radix select, the top-k kernel), each kernel of the step once with the trigger
+        # earlier): greedy, and sampled with each draw (the top-p radix select, the top-k kernel), each kernel of the
+        # step once with the trigger
         for head, kw in (("bf16", {}), ("int8", dict(temperature=0.8, top_p=0.9, seed=3)),
                          ("bf16", dict(temperature=0.8, top_k=5, top_p=0.9, seed=3))):  # fmt: skip
             runs = [list(GraphDecoder(FastModel(model.net, backend="triton", head=head, pdl=pdl), 64).generate(ids, 24, **kw))
