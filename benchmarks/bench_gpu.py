@@ -34,7 +34,8 @@ What it does, in order (each step logs one line; a short table comes last):
    autobitlinear offline), in a subprocess with TORCHDYNAMO_DISABLE=1, decode over ``--hf-tokens`` tokens;
 7. with ``--compile``, last and only within ``--budget-s``: torch.compile + CUDA graph + int8 head.
 
-``--smoke`` runs the whole script on the CPU with a tiny model (kernels in Triton's interpreter) as a dry run.
+``--smoke`` runs the whole script on the CPU with a tiny model (kernels in Triton's interpreter) as a dry run, at
+``SMOKE_SIZES`` (8 tokens a run, one run) unless the sizes are given.
 """
 
 from __future__ import annotations
@@ -1164,19 +1165,27 @@ def print_table() -> None:
         say(f"{'head':<14}{'128256x2560':>13}{h['int8_us']:>9.1f}{h['int8_GBs']:>7.0f}{h['bf16_us']:>9.1f}{h['bf16_GBs']:>7.0f}   (int8 head)")
 
 
+# --tokens, --prompt-len, --runs, --slow-runs, --slow-tokens and --hf-tokens when not given. The smoke run's kernels
+# run in Triton's interpreter at about 1 token a second on 2 CPU cores (2026-11-29), so the full sizes there took
+# over 15 minutes for the first variant alone (now the whole dry run takes about 6)
+FULL_SIZES = dict(tokens=256, prompt_len=512, runs=3, slow_runs=2, slow_tokens=48, hf_tokens=32)
+SMOKE_SIZES = dict(tokens=8, prompt_len=16, runs=1, slow_runs=1, slow_tokens=4, hf_tokens=4)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--file", help="benchmark this converted packed file instead of the random 2B-4T-shaped one")
-    ap.add_argument("--tokens", type=int, default=256, help="decode tokens per timed run")
-    ap.add_argument("--prompt-len", type=int, default=512)
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--slow-runs", type=int, default=2, help="runs of the eager (launch-bound, slow) variants")
-    ap.add_argument("--slow-tokens", type=int, default=48, help="decode tokens per run of the eager variants")
+    # the run's sizes: FULL_SIZES, or SMOKE_SIZES under --smoke, unless given
+    ap.add_argument("--tokens", type=int, help="decode tokens per timed run (default 256)")
+    ap.add_argument("--prompt-len", type=int, help="default 512")
+    ap.add_argument("--runs", type=int, help="default 3")
+    ap.add_argument("--slow-runs", type=int, help="runs of the eager (launch-bound, slow) variants (default 2)")
+    ap.add_argument("--slow-tokens", type=int, help="decode tokens per run of the eager variants (default 48)")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile + CUDA graph (last)")
     ap.add_argument("--budget-s", type=float, default=300,
                     help="skip the compile variant and the --profile probes past this much wall time")
     ap.add_argument("--hf", action="store_true", help="also time transformers on the random model's weights")
-    ap.add_argument("--hf-tokens", type=int, default=32)
+    ap.add_argument("--hf-tokens", type=int, help="default 32")
     ap.add_argument("--no-micro", action="store_true")
     ap.add_argument("--variants", help="comma-separated graph variants to run, attention/gemv[/pdl][/int8][/argmax] or "
                     "default (e.g. torch/plain,default,split/folded/pdl/argmax); all of GRAPH_VARIANTS if not given")
@@ -1194,6 +1203,9 @@ def main() -> int:
     ap.add_argument("--hf-worker", help=argparse.SUPPRESS)
     ap.add_argument("--smoke", action="store_true", help="CPU dry run of the whole script on a tiny model (interpreter)")
     args = ap.parse_args()
+    for k, v in (SMOKE_SIZES if args.smoke else FULL_SIZES).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     global DEV, TRAINED
     config = model_config("2b4t")  # bitnet-convert random 2b4t
     TRAINED = bool(args.file) or args.smoke
