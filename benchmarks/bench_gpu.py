@@ -1175,17 +1175,19 @@ SMOKE_SIZES = dict(tokens=8, prompt_len=16, runs=1, slow_runs=1, slow_tokens=4, 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--file", help="benchmark this converted packed file instead of the random 2B-4T-shaped one")
-    # the run's sizes: FULL_SIZES, or SMOKE_SIZES under --smoke, unless given
-    ap.add_argument("--tokens", type=int, help="decode tokens per timed run (default 256)")
-    ap.add_argument("--prompt-len", type=int, help="default 512")
-    ap.add_argument("--runs", type=int, help="default 3")
-    ap.add_argument("--slow-runs", type=int, help="runs of the eager (launch-bound, slow) variants (default 2)")
-    ap.add_argument("--slow-tokens", type=int, help="decode tokens per run of the eager variants (default 48)")
+    def size(k: str) -> str:  # the defaults of a size option, for its help
+        return f"(default {FULL_SIZES[k]}; {SMOKE_SIZES[k]} with --smoke)"
+
+    ap.add_argument("--tokens", type=int, help="decode tokens per timed run " + size("tokens"))
+    ap.add_argument("--prompt-len", type=int, help=size("prompt_len"))
+    ap.add_argument("--runs", type=int, help=size("runs"))
+    ap.add_argument("--slow-runs", type=int, help="runs of the eager (launch-bound, slow) variants " + size("slow_runs"))
+    ap.add_argument("--slow-tokens", type=int, help="decode tokens per run of the eager variants " + size("slow_tokens"))
     ap.add_argument("--compile", action="store_true", help="also time torch.compile + CUDA graph (last)")
     ap.add_argument("--budget-s", type=float, default=300,
                     help="skip the compile variant and the --profile probes past this much wall time")
     ap.add_argument("--hf", action="store_true", help="also time transformers on the random model's weights")
-    ap.add_argument("--hf-tokens", type=int, help="default 32")
+    ap.add_argument("--hf-tokens", type=int, help=size("hf_tokens"))
     ap.add_argument("--no-micro", action="store_true")
     ap.add_argument("--variants", help="comma-separated graph variants to run, attention/gemv[/pdl][/int8][/argmax] or "
                     "default (e.g. torch/plain,default,split/folded/pdl/argmax); all of GRAPH_VARIANTS if not given")
