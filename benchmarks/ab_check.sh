@@ -79,19 +79,17 @@ run new 2 100 --profile
 
 # the GPU tests of the kernels the working tree changed, most telling first (fixed launch configs, as
 # device_check.sh's): the step search (the default's first capture: its pack-warp search once failed there),
-# every decode variant against the default, the packed and fused GEMVs, the graph decoder,
-# the folded kernels, the attention and its combine, the sampler's modes, the int8 head, the persistent step,
-# the plain GEMV
+# every decode variant against the default, the packed GEMV, the graph decoder,
+# the folded kernels, the attention and its combine, the sampler's modes, the int8 head, the plain GEMV
 T=tests/test_kernels.py
 t=$(budget 170)
 if [ "$t" = 0 ]; then
   echo "GPU tests: skipped (no time left)"
 else
   PYTHONPATH=/tmp/site_new BITNET158_AUTOTUNE=0 XDG_CACHE_HOME=/tmp/cache_tests timeout "$t" python3 -m pytest -q -m gpu \
-    -p no:cacheprovider "$T::test_gpu_search_tiles_times_the_decode_step" "$T::test_gpu_decode_variants_follow_the_default" "$T::test_gpu_packed_and_fused_gemv" \
+    -p no:cacheprovider "$T::test_gpu_search_tiles_times_the_decode_step" "$T::test_gpu_decode_variants_follow_the_default" "$T::test_gpu_packed_gemv" \
     "$T::test_gpu_graph_decoder_matches_eager[False]" "$T::test_gpu_folded_kernels_and_argmax_in_a_graph" \
     "$T::test_gpu_decode_attention_bf16" "$T::test_gpu_sample_in_a_graph" "$T::test_gpu_quantize_and_head_exact" \
-    "$T::test_gpu_persistent_step_replays_exactly[config0]" "$T::test_gpu_persistent_step_replays_exactly[config3]" \
     "$T::test_gpu_bitlinear_exact[1-2560-6912]" "$T::test_gpu_bitlinear_exact[3-37-320]" 2>&1 \
     | tee "$OUT/pytest_gpu.log" | tail -n 15
 fi

@@ -20,13 +20,12 @@ What it does, in order (each step logs one line; a short table comes last):
    to the logits (and, for a real ``--file``, to the perplexity of a built-in paragraph);
 5. decode tok/s at batch 1 (median of runs of ``--tokens``, after a 512-token prompt) for every variant: the
    CUDA-graph step with each attention / GEMV / argmax variant of FastModel (GRAPH_VARIANTS or ``--variants``: each first
-   passes ``step_check``; the persistent one at each of ``--persistent-configs``; after the first, each only while
-   VARIANT_RESERVE_S seconds of ``--budget-s`` are left) and the int8 head, sampled decoding, then the eager baselines over ``--slow-tokens``
+   passes ``step_check``; after the first, each only while VARIANT_RESERVE_S seconds of ``--budget-s`` are left)
+   and the int8 head, sampled decoding, then the eager baselines over ``--slow-tokens``
    (reference; triton runtime loop; the first graph step run eagerly; ``--no-eager`` skips them); with
    ``--profile`` the kernels inside the graph step of the default, of the default without PDL or with its early
-   trigger, and of the folded and persistent variants run, each once (torch.profiler; with PDL a kernel's span
-   includes its wait for the previous one, without it only its own run), and for the persistent one the kernel's
-   own trace of each phase (``trace_summary``); with ``--profile`` also, for the default and with PDL's early
+   trigger, and of the folded variants run, each once (torch.profiler; with PDL a kernel's span includes its wait
+   for the previous one, without it only its own run); with ``--profile`` also, for the default and with PDL's early
    trigger, where the loop's time goes beyond one replay (``step_gap``), and within ``--budget-s`` the attention
    across cache sizes (``attention_scaling``) and the prefill's kernels (``profile_prefill``); prefill tok/s for
    512 tokens, the time to first token, peak GPU memory;
@@ -452,43 +451,6 @@ def profile_prefill(fast, prompt: list[int]) -> None:
         say(f"  {t:8.1f} us {c:6.0f} launches  {t / c:6.2f} us each  {k[:90]}")
 
 
-PHASES = ("q/k/v", "attention", "o", "gate|up", "down")
-
-
-def trace_summary(times: torch.Tensor) -> dict:
-    """What kernels.decode_layers' trace (int64 [P, L, 5 phases, 3]: ns at entry, input ready, items done; -1 where
-    a program had no split to wait for) says, in µs: per phase the median wait (entry to input ready, the packing
-    included with replicated packing) and own work (input ready to done) over programs and layers, and its median
-    span per layer (the last program done with it less the last one done with the phase before: the chain's
-    share); the median layer (last program done with down to the next such), and the whole kernel."""
-    t = times.double().cpu()
-    ready = torch.where(t[..., 1] < 0, t[..., 0], t[..., 1])  # [P, L, 5]
-    done = t[..., 2].amax(dim=0).flatten()  # [L·5]: the last program done with each phase, in chain order
-    spans = done.diff().view(-1)  # [L·5 − 1]: phase k of layer l after phase k − 1 (or down of l − 1)
-    out = {"phases": {}}
-    for k, name in enumerate(PHASES):
-        span = spans[k - 1 :: 5] if k else spans[4::5]  # q/k/v: after the layer before's down
-        out["phases"][name] = {
-            "wait_us": float((ready[:, :, k] - t[:, :, k, 0]).median()) / 1e3,
-            "work_us": float((t[:, :, k, 2] - ready[:, :, k]).median()) / 1e3,
-            "span_us": float(span.median()) / 1e3 if span.numel() else float("nan"),
-        }
-    out["layer_us"] = float(done[4::5].diff().median()) / 1e3 if t.shape[1] > 1 else float("nan")
-    out["total_us"] = float(t[..., 2].max() - t[..., 0].min()) / 1e3
-    return out
-
-
-def trace_step(fast, prompt: list[int], name: str) -> None:
-    """The persistent step's own breakdown (kernels.decode_layers' trace), after its variant ran: one step at the
-    position after the prompt's, where the cache holds the prompt."""
-    s = trace_summary(fast.trace_step(prompt[-1], len(prompt)))
-    RESULTS.setdefault("trace", {})[name] = s
-    say(f"trace of {name}: kernel {s['total_us']:.0f} us, a layer {s['layer_us']:.1f} us; per phase, median "
-        "span on the chain / wait / own work (us):")
-    for k, v in s["phases"].items():
-        say(f"  {k:<10} {v['span_us']:6.2f} {v['wait_us']:6.2f} {v['work_us']:6.2f}")
-
-
 # --- variants -------------------------------------------------------------------------------------------------
 # the CUDA-graph decode variants of FastModel: (attention, gemv, pdl, head, argmax). The first is the first graph
 # step (torch attention ops, GEMVs that quantize in their loop): the baseline the others are timed against.
@@ -505,11 +467,9 @@ class Variant(NamedTuple):
 GRAPH_VARIANTS = [Variant(*v) for v in [
     ("torch", "plain", False, "bf16"), ("triton", "plain", False, "bf16"), ("split", "plain", False, "bf16"),
     ("triton", "packed", False, "bf16"), ("split", "packed", False, "bf16"), ("split", "packed", True, "bf16"),
-    ("triton", "fused", False, "bf16"), ("split", "fused", True, "bf16"), ("triton", "packed", True, "bf16"),
-    ("triton", "fused", True, "bf16"), ("split", "packed", True, "int8"), ("split", "fused", True, "int8"),
+    ("triton", "packed", True, "bf16"), ("split", "packed", True, "int8"),
     ("torch", "plain", False, "int8"), ("split", "packed", True, "bf16", "triton"), ("split", "folded", True, "bf16"),
     ("split", "folded", True, "bf16", "triton"), ("split", "folded", True, "int8", "triton"),
-    ("split", "persistent", False, "bf16", "triton"), ("split", "persistent", False, "int8", "triton"),
     ("split", "packed", True, "bf16", "torch", "autotune"), ("split", "packed", True, "bf16", "triton", "autotune"),
     ("split", "packed", True, "int8", "triton"), ("split", "packed", True, "bf16", "triton", "searched", "after"),
     ("split", "packed", True, "bf16", "triton", "searched", "before"), ("folded", "packed", True, "bf16", "triton"),
@@ -555,29 +515,11 @@ def parse_variant(spec: str) -> Variant:
                    prefetch or "off")  # fmt: skip
 
 
-def parse_persistent_configs(spec: str | None) -> list[tuple[int, int, int, int, int]]:
-    """'rows,warps,per_sm,replicate[,prefetch];...' → kernels.decode_layers configs (prefetch 0 when left out, as
-    before it existed; default: kernels.PERSISTENT_CONFIG alone)."""
-    from bitnet158.runtime import kernels
-
-    if not spec:
-        return [kernels.PERSISTENT_CONFIG]
-    try:
-        out = [tuple(int(x) for x in c.split(",")) for c in spec.split(";")]
-    except ValueError:
-        out = []
-    if not out or any(len(c) not in (4, 5) or min(c[:3]) < 1 or not set(c[3:]) <= {0, 1} for c in out):
-        raise SystemExit(f"--persistent-configs: bad {spec!r} (rows,warps,per_sm,replicate[,prefetch];... e.g. '16,8,1,0;16,4,2,1,1')")
-    return [(*c, 0)[:5] for c in out]
-
-
 def variant_name(v: Variant) -> str:
     parts = ["triton + CUDA graph"]
     if v.attention != "torch":
         parts.append("attention kernel" + {"split": " (split)", "folded": " (split, + combine + o's packing)"}.get(v.attention, ""))
-    if v.gemv == "persistent":
-        parts.append("persistent layers (one launch)")
-    elif v.gemv != "plain":
+    if v.gemv != "plain":
         parts.append(f"{v.gemv} GEMVs")
     if v.pdl:
         early = {"early": " (early trigger)", "early-packs": " (early trigger in the packs)"}
@@ -670,27 +612,19 @@ def run_variants(fast, prompt: list[int], args, t_start: float) -> None:
     variants = [parse_variant(v) for v in args.variants.split(",")] if args.variants else GRAPH_VARIANTS
     # with and without PDL, and with its early trigger (in every kernel, or in the packs and combines)
     profiled = {default_variant()._replace(pdl=p) for p in (True, False, "early", "early-packs")}
-    profiled |= {v for v in variants if v.gemv in ("folded", "persistent") or v.attention == "folded"}  # against the default's
-    # the persistent step once per launch config (FastModel.persistent_config: tile rows, warps, programs an SM,
-    # replicated packing, L2 prefetch)
-    configs = parse_persistent_configs(args.persistent_configs)
-    runs = [(v, c) for v in variants for c in (configs if v.gemv == "persistent" else [None])]
-    seen = set()  # the (variant, config) runs profiled
+    profiled |= {v for v in variants if v.gemv == "folded" or v.attention == "folded"}  # against the default's
+    seen = set()  # the variants profiled
     fast.tile_pick = fast.pack_pick = None  # searched again in the first timed decoder (below)
     with torch.inference_mode():
         fast.set_backend("triton")
         # every graph variant: first its step checked against the reference network (step_check), then its speed
         n_check = min(32, n)
         first = None  # the first variant's greedy tokens: how long each other variant's sequence stays equal
-        for k, (variant, config) in enumerate(runs):
+        for k, variant in enumerate(variants):
             name, head = variant_name(variant), variant.head
-            if k and not within_budget(args, t_start, f"variant {name}{'' if config is None else f' {config}'}", VARIANT_RESERVE_S):
+            if k and not within_budget(args, t_start, f"variant {name}", VARIANT_RESERVE_S):
                 continue
             configure(variant)
-            fast.persistent_config = config
-            if config is not None:
-                name += " [{} rows, {} warps, {}/SM{}{}]".format(*config[:3], ", replicated packing" if config[3] else "",
-                                                                 ", L2 prefetch" if config[4] else "") if len(configs) > 1 else ""
             try:
                 dec = GraphDecoder(fast, max_seq, use_graph=graphs)
                 if graphs and variant.tiles == "searched" and fast.tile_pick is None:
@@ -718,15 +652,12 @@ def run_variants(fast, prompt: list[int], args, t_start: float) -> None:
                 RESULTS["peak_mem_decode_bytes"] = torch.cuda.max_memory_allocated()
             if head == "int8":
                 RESULTS["resident_int8_head_bytes"] = fast.resident_bytes()
-            if args.profile and variant in profiled and (variant, config) not in seen and graphs:
-                seen.add((variant, config))  # once a variant and launch config: a repeat only times it again
+            if args.profile and variant in profiled and variant not in seen and graphs:
+                seen.add(variant)  # once a variant: a repeat only times it again
                 stage("profile", profile_step, dec, prompt, name, rows[name].get("tok_s"))
                 if variant in (default_variant(), default_variant()._replace(pdl="early")) and rows[name].get("tok_s"):
                     stage("step gap", step_gap, dec, prompt, rows[name]["tok_s"], name)
-                if config is not None:
-                    stage("trace", trace_step, fast, prompt, name)
             del dec
-        fast.persistent_config = None
         if fast.tile_times:
             stage("searched tiles", report_tiles, fast)
         configure(default_variant())
@@ -1192,9 +1123,6 @@ def main() -> int:
     ap.add_argument("--variants", help="comma-separated graph variants to run, attention/gemv[/pdl][/int8][/argmax] or "
                     "default (e.g. torch/plain,default,split/folded/pdl/argmax); all of GRAPH_VARIANTS if not given")
     ap.add_argument("--no-eager", action="store_true", help="skip the eager baselines (reference, triton eager)")
-    ap.add_argument("--persistent-configs", help="launch configs of the persistent variants, rows,warps,per_sm,replicate[,prefetch];... "
-                    "(tile rows of the K = D matrices, warps, programs a multiprocessor, every program packing its "
-                    "inputs 0/1, the L2 prefetch of the weights two phases ahead 0/1; default kernels.PERSISTENT_CONFIG)")
     ap.add_argument("--profile", action="store_true",
                     help="kernel times inside the default's graph step, and without PDL if that variant runs (torch.profiler)")
     ap.add_argument("--json", help="write all figures here")

@@ -13,8 +13,8 @@
 #                                              # --profile (the default's step and each sampled step, the
 #                                              # step-gap probe, the attention at 80 to 4,096 cache slots
 #                                              # pipelined and not, and the prefill's kernels). The folded
-#                                              # attention, the L2 prefetch and the persistent step were measured
-#                                              # on 2026-11-27 (no gain): the full run still times them
+#                                              # attention and the L2 prefetch were measured on 2026-11-27 (no
+#                                              # gain): the full run still times them
 #
 # Steps, each under its own timeout (about 7 minutes in all, at most 9.5; give the run timeout_s=600):
 #   1. environment: GPU, driver, python, torch, triton, transformers              (-> $OUT/env.txt)

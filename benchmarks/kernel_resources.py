@@ -44,20 +44,13 @@ def variants(quick: bool) -> list[tuple[str, object, dict, dict, dict]]:
     bf = "*bf16"
     out = []
     gemv_cfgs = K._GEMV_CONFIGS[3:4] if quick else K._GEMV_CONFIGS
-    w2a8 = {  # label → (K, ACT, NORM, HAS_RES): the plain GEMV and the four fused ones of FastModel(gemv="fused")
-        "plain": (D, False, False, False),
-        "norm (qkv, gate|up)": (D, False, True, False),
-        "norm + residual (o)": (NQ, False, True, True),
-        "relu2 + norm + residual (down)": (I, True, True, True),
-    }
-    for label, (k, act, norm, res) in w2a8.items():
+    # the plain GEMV (the first graph step's, and any decode-sized BitLinear on the triton backend): K = D and I
+    for label, k in (("K=D", D), ("K=I", I)):
         for bn, bw, warps in gemv_cfgs:
-            args = {"x_ptr": bf, "nw_ptr": bf, "res_ptr": bf, "w_ptr": "*i32", "scale_ptr": "*fp32", "y_ptr": bf,
-                    "N": D, "K": k, "K16": k // 16, "eps": 1e-5, "stride_xm": 2 * k if act else k, "stride_rm": D,
-                    "stride_wn": k // 16, "stride_ym": D}  # fmt: skip
-            const = dict(ACT=act, NORM=norm, RELU2=act, HAS_RES=res, SCALE_PER_ROW=False, BLOCK_N=bn, BLOCK_W=bw,
-                         BLOCK_P=K.prologue_block(k), ON_GPU=True)  # fmt: skip
-            out.append((f"gemv_w2a8 {label} {bn}x{bw} w{warps}", K._gemv_w2a8_kernel, args, const, {"num_warps": warps}))
+            args = {"x_ptr": bf, "w_ptr": "*i32", "scale_ptr": "*fp32", "y_ptr": bf, "N": D, "K": k, "K16": k // 16,
+                    "stride_xm": k, "stride_wn": k // 16, "stride_ym": D}  # fmt: skip
+            const = dict(SCALE_PER_ROW=False, BLOCK_N=bn, BLOCK_W=bw, BLOCK_P=K.prologue_block(k), ON_GPU=True)
+            out.append((f"gemv_w2a8 plain {label} {bn}x{bw} w{warps}", K._gemv_w2a8_kernel, args, const, {"num_warps": warps}))
     packed = {  # label → (N, K, HAS_RES, the folded tail's (P_K, P_ACT) or None): FastModel(gemv="packed" / "folded")
         "(qkv)": (3840, D, False, None),
         "+ residual (down)": (D, I, True, None),
@@ -156,34 +149,6 @@ def variants(quick: bool) -> list[tuple[str, object, dict, dict, dict]]:
     out.append(("sample nucleus race", K._nucleus_race_kernel, args, const, {"num_warps": 8}))
     args = {"nxt_ptr": "*i64", "out_ptr": "*i64", "n_ptr": "*i64", "tok_ptr": "*i64", "pos_ptr": "*i64", "S": 1024}
     out.append(("advance", K._advance_kernel, args, {}, {"num_warps": 1}))
-    # the decoder layers of a decode step in one launch (FastModel(gemv="persistent")), 30 layers of the 2B-4T shape
-    names = ["tok_ptr", "pos_ptr", "embed_ptr", "cos_ptr", "sin_ptr", "k_ptr", "v_ptr", "x_ptr", "qkv_ptr", "y_ptr",
-             "gu_ptr", "pm_ptr", "pl_ptr", "pacc_ptr", "in_xq", "in_s", "in_qs", "o_xq", "o_s", "o_qs", "gu_xq", "gu_s",
-             "gu_qs", "d_xq", "d_s", "d_qs", "w_qkv", "sc_qkv", "w_o", "sc_o", "w_gu", "sc_gu", "w_d", "sc_d", "nw_attn",
-             "nw_attn_sub", "nw_mlp", "nw_mlp_sub", "flags_ptr", "err_ptr", "trace_ptr"]  # fmt: skip
-
-    def kind(n: str) -> str:  # the pointer type of each argument: weights as int32 words, scales and partials f32
-        if n.startswith(("w_", "flags", "err")) or n.endswith(("_xq", "_qs")):
-            return "*i32"
-        if n.startswith(("sc_", "pm", "pl", "pacc")) or n.endswith("_s"):
-            return "*fp32"
-        return "*i64" if n.startswith(("tok", "pos", "trace")) else bf  # the norms, the embedding, the caches, the buffers
-
-    args = {n: kind(n) for n in names}
-    args.update(L=30, stride_kl=5 * 4096 * 128, stride_kh=4096 * 128, stride_ks=128, CHUNK=256, S=16, scale=128**-0.5, eps=1e-5)
-    c_d, c_i = K.pack_act_launch(D // 16, False)[0], K.pack_act_launch(I // 16, True)[0]
-    # (rows, warps, replicate, trace, prefetch)
-    layer_cfgs = [(*K.PERSISTENT_CONFIG[:2], r, False, False) for r in (0, 1)] + [(*K.PERSISTENT_CONFIG[:2], 0, True, False)]
-    layer_cfgs += [(*K.PERSISTENT_CONFIG[:2], 0, False, True)]
-    if not quick:
-        layer_cfgs += [(rows, warps, r, False, False) for rows, warps in ((8, 8), (16, 4), (32, 8), (16, 16)) for r in (0, 1)]
-        layer_cfgs += [(16, 4, 1, False, True)]
-    for rows, warps, replicate, trace, prefetch in layer_cfgs:
-        const = dict(REPLICATE=bool(replicate), TRACE=trace, PREFETCH=prefetch, D=D, NQ=NQ, NKV=NKV, I=I, H=20, GROUP=4, DH=128, HALF=64, NF=29, ATTN_SUB=True, MLP_SUB=True, RELU2=True,
-                     BN_QKV=rows, BN_O=rows, BN_GU=rows, BN_D=max(1, rows * c_d // c_i), BW_D=c_d, BW_Q=c_d, BW_I=c_i,
-                     C_D=c_d, C_Q=c_d, C_I=c_i, BLOCK_N_ATT=64, BLOCK_S=16, BLOCK_D=128, ON_GPU=True, SPIN=K.WAIT_POLLS)  # fmt: skip
-        label = f"decode_layers {rows} rows w{warps}{' replicate' if replicate else ''}{' trace' if trace else ''}{' + L2 prefetch' if prefetch else ''}"
-        out.append((label, K._decode_layers_kernel, args, const, {"num_warps": warps}))
     # the kernels that take programmatic dependent launch (FastModel(pdl=True)), once per variant with it on, and
     # once per kernel with its early trigger (FastModel(pdl="early"): the same code but for the order of the two)
     seen, early = set(), set()
@@ -251,10 +216,10 @@ def compile_one(fn, args: dict, const: dict, opts: dict, arch: int) -> dict:
 
 def sync_ops(sass: str) -> list[str]:
     """The ordering of each synchronising memory operation of a disassembly, in code order: every global atomic
-    or reduction (kernels._last_arrival, _arrive, _signal) and every acquire load (_wait's polls: a strong GPU-scope
-    load, then an L1 invalidation). "release": a CTA barrier before it (every thread's stores first) and a GPU-scope
-    memory barrier right before it; "acquire": an L1 invalidation right after it (the reads that follow see other
-    programs' writes); "acq_rel": both; "relaxed": neither (which no kernel here may have)."""
+    or reduction (kernels._last_arrival) and every acquire load (a flag's poll: a strong GPU-scope load, then an L1
+    invalidation). "release": a CTA barrier before it (every thread's stores first) and a GPU-scope memory barrier
+    right before it; "acquire": an L1 invalidation right after it (the reads that follow see other programs'
+    writes); "acq_rel": both; "relaxed": neither (which no kernel here may have)."""
     lines = [m[1] for m in re.finditer(r"^\s+/\*[0-9a-f]{4,}\*/\s+(.*)$", sass, re.M)]
     out = []
     for i, ins in enumerate(lines):

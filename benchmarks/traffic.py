@@ -12,9 +12,8 @@ only if it reads each weight byte once and the KV cache only where it is filled.
 would do) still gives the right logits, so no correctness test sees it, and on the GPU it only shows as a slower
 step. Here every ``tl.load`` of the step is recorded (the interpreter's builder, patched for the step: its
 addresses under the mask and its element size) and mapped onto the model's tensors:
-- t2 weights: the packed linears (q/k/v and gate/up fused), wherever the variant keeps them (stacked for
-  gemv="persistent");
-- scales, norm weights, the embedding row (the persistent step reads it in its kernel), the int8 head;
+- t2 weights: the packed linears (q/k/v and gate/up fused);
+- scales, norm weights, the int8 head;
 - the KV cache: which positions were read, and how often each byte (GQA: once per query head of a group);
 - other: activations, packed inputs, attention partials, counters. These stay in L2 on a GPU.
 torch's own ops (the bf16 head's matmul, torch's embedding and argmax) are not Triton loads and are not counted.
@@ -26,8 +25,8 @@ would run; cuBLAS may split a matmul in two, which this does not see. On the H20
 launches in the default's step of then (RESULTS.md), where this counted 312.
 
 The test (tests/test_kernels.py) runs every variant on a tiny model and requires each t2 weight byte and each
-int8 head byte read exactly once, the cache read at the filled positions only, and the default's, the folded
-attention's and the persistent step's launch counts. Nothing here is a timing.
+int8 head byte read exactly once, the cache read at the filled positions only, and the default's and the folded
+attention's launch counts. Nothing here is a timing.
 """
 
 from __future__ import annotations
@@ -54,7 +53,6 @@ ROOT = Path(__file__).resolve().parent.parent
 class Variant(NamedTuple):
     name: str
     opts: dict  # FastModel keyword arguments
-    persistent: tuple[int, int, int, int, int] | None = None  # FastModel.persistent_config (None: the default)
 
 
 VARIANTS = [
@@ -62,11 +60,8 @@ VARIANTS = [
     Variant("packed, int8 head", {"head": "int8"}),
     Variant("packed, torch's pick", {"argmax": "torch"}),  # torch's argmax, or its sampling ops with --sampled
     Variant("plain", {"gemv": "plain"}),
-    Variant("fused", {"gemv": "fused"}),
     Variant("packed, folded attention", {"attention": "folded"}),
     Variant("folded", {"gemv": "folded"}),
-    Variant("persistent, last program packs", {"gemv": "persistent"}, (16, 8, 1, 0, 0)),
-    Variant("persistent, every program packs", {"gemv": "persistent"}, (16, 8, 1, 1, 0)),
 ]
 
 
@@ -166,20 +161,14 @@ def reads_of(loads: dict[int, np.ndarray], tensors: list[torch.Tensor]) -> Reads
 
 
 def regions(fast) -> dict[str, list[torch.Tensor]]:
-    """The model's tensors by kind, as the variant holds them after its first step (stacked or not; the
-    persistent step reads its stack's per-row scales, not the BitLinears')."""
+    """The model's tensors by kind, as the variant holds them after its first step (q/k/v and gate/up fused)."""
     net = fast.net
     layers = net.layers
     lins = [lin for i in range(len(layers)) for lin in fast.site_linears(i)]
     t2, scales = [lin.packed for lin in lins], [lin.scale for lin in lins]
     norms = [n.weight for layer in layers for n in (layer.attn_norm, layer.attn.sub_norm, layer.mlp_norm, layer.mlp.sub_norm) if n is not None]
-    st = fast._stack
-    if st is not None:  # gemv="persistent": the linears and norms are views of its stacks
-        t2 = [st.qkv, st.o, st.gate_up, st.down]
-        scales = [st.qkv_scale, st.o_scale, st.gate_up_scale, st.down_scale]  # its own per-row copies
-        norms = [w for w in (st.attn_norm, st.attn_sub_norm, st.mlp_norm, st.mlp_sub_norm) if w is not None]
     out = {"t2 weights": _unique(t2), "scales": _unique(scales), "norms": _unique([*norms, net.norm.weight]),
-           "KV cache": [net.cache_k, net.cache_v], "embedding": [net.embed]}  # fmt: skip
+           "KV cache": [net.cache_k, net.cache_v]}  # fmt: skip
     if fast.head == "int8":
         out["int8 head"] = [fast.head_q, fast.head_scale]
     return out
@@ -222,7 +211,7 @@ def step_traffic(fast, prompt: list[int], token: int, sampled: bool = False) -> 
         key = dec.sampling_key(0.8, 50, 0.95)
         dec._temp.fill_(0.8)
         dec._top_p.fill_(0.95)
-    # a first step makes what the variant makes once (counters, the persistent stack), as a graph's warm-up steps
+    # a first step makes what the variant makes once (counters), as a graph's warm-up steps
     # do before the capture; then the state goes back and the counted step runs at the same position
     saved = [b.clone() for b in dec._state]
     dec._step(key)
@@ -249,12 +238,7 @@ def run(fast_for, prompt: list[int], token: int, variants: list[Variant], sample
     """``step_traffic`` of each variant; ``fast_for(variant)`` makes its FastModel."""
     rows = []
     for v in variants:
-        fast = fast_for(v)
-        fast.persistent_config = v.persistent
-        r = step_traffic(fast, prompt, token, sampled)
-        if fast.gemv == "persistent" and fast.step_failed():
-            raise RuntimeError(f"{v.name}: a wait timed out")
-        rows.append({"variant": v.name, **r})
+        rows.append({"variant": v.name, **step_traffic(fast_for(v), prompt, token, sampled)})
     return rows
 
 
@@ -263,7 +247,7 @@ def _mb(n: int) -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    kinds = ["t2 weights", "scales", "norms", "embedding", "KV cache", "int8 head"]
+    kinds = ["t2 weights", "scales", "norms", "KV cache", "int8 head"]
     print("bytes read by the Triton kernels of one graph decode step (MB, or k for kB); x: reads per byte read")
     print("| variant | " + " | ".join(kinds) + " | other | total | launches (Triton + torch) |")
     print("|---" * (len(kinds) + 4) + "|")

@@ -23,29 +23,19 @@ What it changes, and why:
     gemv="packed"; no faster than "split" on an H200, 934-950 against 944-982 tok/s): the same launch also does
     the combine (the last split of each head to finish) and the o projection's ``pack_act`` (the last head), as
     gemv="folded"'s attention does, so a layer takes eight launches, not ten, while its GEMVs stay "packed"'s.
-    With the other GEMVs it runs as "split" ("folded" and "persistent" fold the attention anyway). "triton" is the
+    With the other GEMVs it runs as "split" ("folded" folds the attention anyway). "triton" is the
     same in one kernel of H programs; "torch" the model's own ops over the whole static cache (~15 launches).
   - ``gemv=`` (inputs of up to ``GEMV_MAX_M`` rows):
     - "packed" (default): ``kernels.pack_act`` (norm / act·up, quantization, packing: once per input) before
       each GEMV, whose loop is then a shift, a mask and a dp4a per field (``kernels.bitlinear_gemv_packed``,
       residual adds in its epilogue): ten launches a layer with the split attention;
-    - "fused": the norms, the MLP's act(gate)·up and the residual adds inside the GEMV launches
-      (``kernels.bitlinear_gemv``'s ``norm`` / ``act`` / ``residual``): five launches a layer, but each GEMV
-      program recomputes its input's statistics and quantizes in its loop (slower on the H200);
     - "plain": norm kernels, then GEMVs that quantize their input inside the weight loop;
     - "folded" (measured slower than "packed" on an H200, 803 against 813 tok/s): "packed" with each ``pack_act``
       done by the last program of the kernel that produces its input (``kernels.NextPack``, an atomic counter
       per launch): with the split attention, five launches a layer (qkv, attention + combine + pack, o,
       gate|up, down), and the layer's input packed by the layer before.
-    - "persistent" (measured slower on an H200, 494-651 tok/s by launch config; its in-kernel trace is in
-      benchmarks/RESULTS.md): "folded"'s arithmetic, but in the graph decode step
-      every layer (and the embedding row) runs in one launch, ``kernels.decode_layers``: a persistent grid of a
-      program or so a multiprocessor, where a flag replaces each kernel boundary and each phase's weights are
-      fetched before its wait. Its weights are stacked over the layers once, on first use (the BitLinears and
-      norms re-pointed at their slices: no second copy). Prefill and host-position steps run "folded". Its launch
-      config, including how each GEMV input is handed over (packed once by the last program of the phase before,
-      or by every program for itself) and whether each phase brings the weights two phases ahead into L2 (no
-      change on an H200), is ``persistent_config`` (None: ``kernels.PERSISTENT_CONFIG``).
+    (A persistent step, every layer in one launch with flags in place of kernel boundaries, measured 23-40 %
+    slower than "packed" on an H200 and was removed: benchmarks/RESULTS.md.)
   - ``pdl=True`` (default) launches those kernels, the attention kernels and the int8 head with programmatic
     dependent launch (sm_90+; ignored elsewhere), so that each launch overlaps the end of the kernel before it:
     each kernel lets the next one launch once its own wait for the one before is over. ``pdl="early"`` (not
@@ -69,7 +59,7 @@ What it changes, and why:
     times each GEMV alone and picked tiles 4 % slower in the step on an H200, and the packs at
     ``kernels.pack_act_launch``'s warps.
   - ``prefetch="after"`` ("off" by default: it gained nothing steady on an H200, 847 and 972 against 944-982
-    tok/s; every gemv but "persistent"): the attention kernels, once done, bring the weights of the layer's o,
+    tok/s): the attention kernels, once done, bring the weights of the layer's o,
     gate|up and down GEMVs and of the next layer's q/k/v into L2, while the combine and the packing (which read
     no weights) run, so that those GEMVs read from L2 what each would otherwise wait on memory for. "before": the
     same, issued before the attention's wait for the q/k/v GEMV (so during it: earlier, but competing with its
@@ -118,7 +108,7 @@ log = logging.getLogger(__name__)
 
 HEADS = ("bf16", "int8")
 ATTENTIONS = ("torch", "triton", "split", "folded")
-GEMVS = ("plain", "fused", "packed", "folded", "persistent")
+GEMVS = ("plain", "packed", "folded")
 ARGMAXES = ("torch", "triton")
 TILES = ("searched", "autotune")
 PREFETCHES = ("off", "after", "before")  # FastModel(prefetch=): when the attention brings the next weights into L2
@@ -197,13 +187,10 @@ class FastModel:
         self._pick_counter: torch.Tensor | None = None  # their int32 counter (zero), made on first use
         self.attention = attention  # "triton" / "split" / "folded": the graph decode step's attention kernel(s) (kernels.py)
         self.gemv = gemv  # the decode GEMV variant (the module docstring)
-        self.pdl = pdl  # programmatic dependent launch for the fused / packed / attention / int8 head kernels
+        self.pdl = pdl  # programmatic dependent launch for the packed / folded / attention / int8 head kernels
         self.prefetch = prefetch  # "after" / "before": the attention brings the next weights into L2 (_prefetch_after)
         self._fusable: list[bool] | None = None  # per layer: every matrix readable by the GEMV (made when needed)
         self._counters: torch.Tensor | None = None  # gemv="folded": int32 [layers, 4 sites, width], all zero
-        self._stack = None  # gemv="persistent": kernels.LayerStack, made on first use
-        self.persistent_config: tuple[int, int, int, int, int] | None = None  # its launch config (kernels.decode_layers)
-        self._step_err: torch.Tensor | None = None  # its int32 [1] timeout flag (kernels.decode_layers)
         self.net = net
         self.config = net.config
         self.qkv: list[BitLinear] = []
@@ -249,9 +236,6 @@ class FastModel:
         n = self.net.resident_weight_bytes()
         if self.head_q is not None:
             n += self.head_q.numel() + self.head_scale.numel() * 4
-        if self._stack is not None:  # its per-row scales (the rest are the network's own tensors, re-pointed)
-            st = self._stack
-            n += sum(t.numel() * 4 for t in (st.qkv_scale, st.o_scale, st.gate_up_scale, st.down_scale))
         return n
 
     def _norm(self, norm, x: torch.Tensor, residual: torch.Tensor | None = None):
@@ -268,10 +252,10 @@ class FastModel:
     def _layer(self, i: int, x: torch.Tensor, cos, sin, pos, mask, carry=None):
         # x [B, T, D] → ([B, T, D], carry); the operations of Block/Attention/MLP.forward with fused projections.
         # carry: with gemv="folded", layer i's input already normed and packed (kernels.PackedAct) by layer i − 1
-        if self._fused_gemv(i, x):
-            if self.gemv in ("folded", "persistent"):
+        if self._packed_gemv(i, x):
+            if self.gemv == "folded":
                 return self._folded_layer(i, x, cos, sin, pos, mask, carry)
-            return self._fused_layer(i, x, cos, sin, pos, mask), None
+            return self._packed_layer(i, x, cos, sin, pos, mask), None
         layer = self.net.layers[i]
         a, m = layer.attn, layer.mlp
         qkv = self.qkv[i](self._norm(layer.attn_norm, x))  # [B, T, Nq + 2·Nkv]
@@ -329,8 +313,8 @@ class FastModel:
             out.append(self.qkv[i + 1].packed)
         return out
 
-    def _fused_gemv(self, i: int, x: torch.Tensor) -> bool:
-        # gemv="fused" / "packed" apply to decode-sized inputs on the triton backend, for layers whose rows are
+    def _packed_gemv(self, i: int, x: torch.Tensor) -> bool:
+        # gemv="packed" / "folded" apply to decode-sized inputs on the triton backend, for layers whose rows are
         # whole int32 words
         from bitnet158.runtime import kernels
 
@@ -362,8 +346,9 @@ class FastModel:
         warps = self.pack_pick.get(site) if self.pack_pick and self.tiles == "searched" and site and inp.shape[0] == 1 else None
         return kernels.pack_act(inp, k, norm=w, eps=eps, act=act, pdl=self.pdl, warps=warps)
 
-    def _fused_layer(self, i: int, x: torch.Tensor, cos, sin, pos, mask) -> torch.Tensor:
-        # the same layer with gemv="fused" (four GEMV launches) or "packed" (eight): x [B, T, D], B·T ≤ GEMV_MAX_M
+    def _packed_layer(self, i: int, x: torch.Tensor, cos, sin, pos, mask) -> torch.Tensor:
+        # the same layer with gemv="packed": a pack_act before each GEMV, whose epilogue adds the residual (eight
+        # launches and the attention's): x [B, T, D], B·T ≤ GEMV_MAX_M
         from bitnet158.runtime import kernels
 
         def packed(site: str, lin: BitLinear, act_in: kernels.PackedAct, residual=None) -> torch.Tensor:
@@ -373,18 +358,14 @@ class FastModel:
 
         def gemv(site: str, lin: BitLinear, inp: torch.Tensor, norm=None, act=None, residual=None) -> torch.Tensor:
             # lin(norm?(act?(inp))) (+ residual), inp [B·T, K] (gate | up [B·T, 2K] with act)
-            if self.gemv == "packed":
-                return packed(site, lin, self._pack(inp, lin.in_features, norm, act, site), residual)
-            w, eps = _norm_args(norm)
-            return kernels.bitlinear_gemv(inp, lin.packed, lin.scale, lin.in_features, norm=w, eps=eps, act=act,
-                                          residual=residual, pdl=self.pdl)  # fmt: skip
+            return packed(site, lin, self._pack(inp, lin.in_features, norm, act, site), residual)
 
         layer = self.net.layers[i]
         a, m = layer.attn, layer.mlp
         b, t, d = x.shape
         x2 = x.reshape(b * t, d)
         qkv = gemv("qkv", self.qkv[i], x2, layer.attn_norm).view(b, t, -1)  # [B, T, Nq + 2·Nkv]
-        if self.attention == "folded" and self.gemv == "packed" and self._attention_kernel(qkv, pos):
+        if self.attention == "folded" and self._attention_kernel(qkv, pos):
             # one launch for the attention, its combine and the packing of o's input (the sub-norm): two fewer a layer
             fold = kernels.NextPack(self._counter_block(i)[0], *_norm_args(a.sub_norm))
             h = packed("o", a.o_proj, self._attend(i, qkv, cos, sin, pos, mask, pack_next=fold), residual=x2)
@@ -426,79 +407,11 @@ class FastModel:
             act_o = self._pack(y, nq, a.sub_norm)
         h, act_gu = gemv(act_o, a.o_proj, residual=x2, pack_next=nxt(1, layer.mlp_norm))  # h = x + attention
         gu, act_d = gemv(act_gu, self.gate_up[i], pack_next=nxt(2, m.sub_norm, "relu2" if m.relu2 else "silu"))
-        if i + 1 < len(self.net.layers) and self._fused_gemv(i + 1, x):  # the next layer takes a folded input
+        if i + 1 < len(self.net.layers) and self._packed_gemv(i + 1, x):  # the next layer takes a folded input
             out, carry = gemv(act_d, m.down_proj, residual=h, pack_next=nxt(3, self.net.layers[i + 1].attn_norm))
         else:
             out, carry = gemv(act_d, m.down_proj, residual=h), None
         return out.view(b, t, d), carry
-
-    def _persistent_step(self, tokens: torch.Tensor, pos: torch.Tensor, trace: bool = False):
-        # gemv="persistent", the graph decode step: tokens [1, 1], pos [1] on the device → the last layer's output
-        # [1, 1, D], every layer in one launch (kernels.decode_layers; with trace also its times)
-        from bitnet158.runtime import kernels
-
-        net = self.net
-        if self._stack is None:
-            self._stack = self._stack_layers()
-            self._step_err = torch.zeros((1,), dtype=torch.int32, device=self.device)
-        out = kernels.decode_layers(tokens.view(1), pos, net.embed, net.cos, net.sin, net.cache_k, net.cache_v,
-                                    self._stack, self._step_err, self.persistent_config, trace)  # fmt: skip
-        return (out[0].view(1, 1, -1), out[1]) if trace else out.view(1, 1, -1)
-
-    @torch.inference_mode()
-    def trace_step(self, token: int, pos: int) -> torch.Tensor:
-        """Run one gemv="persistent" decode step of ``token`` at position ``pos`` (its keys / values go into the
-        cache) with the kernel's trace on: int64 [programs, layers, 5 phases, 3 times] (kernels.decode_layers), for
-        benchmarks/bench_gpu.py's breakdown of the step."""
-        dev = self.device
-        _, times = self._persistent_step(torch.tensor([[token]], device=dev), torch.tensor([pos], device=dev), trace=True)
-        return times
-
-    @torch.inference_mode()  # the flag is an inference tensor (made in a step)
-    def step_failed(self) -> bool:
-        """True if a gemv="persistent" step timed out waiting since the last call (kernels.decode_layers: its output
-        was wrong); the flag is cleared. Reading it waits for the device."""
-        if self._step_err is None or not self._step_err.item():
-            return False
-        self._step_err.zero_()
-        return True
-
-    def _stack_layers(self):
-        # kernels.LayerStack of the network: each kind of matrix and norm copied into one [L, ...] tensor, and the
-        # BitLinears (fused ones and their parts) and RMSNorms re-pointed at their slices, so the weights stay in
-        # memory once; per-row scales as new small tensors (the BitLinears keep theirs)
-        from bitnet158.runtime.kernels import LayerStack
-
-        layers = self.net.layers
-
-        def rows(fused: list[BitLinear], parts: list[list[BitLinear]]) -> tuple[torch.Tensor, torch.Tensor]:
-            packed = torch.stack([f.packed for f in fused])  # uint8 [L, N, KB]
-            scale = torch.stack([f.scale.expand(f.out_features) for f in fused]).contiguous()  # f32 [L, N]
-            for f, ps, p in zip(fused, parts, packed):
-                f.packed = p
-                _point_parts(ps, p)  # fuse_bitlinears' views, now into the stack
-            return packed.view(torch.int32), scale
-
-        def norms(mods: list) -> torch.Tensor | None:
-            if any(m is None for m in mods):
-                return None
-            w = torch.stack([m.weight for m in mods])  # [L, width]
-            for m, row in zip(mods, w):
-                m.weight = row
-            return w
-
-        a = [layer.attn for layer in layers]
-        m = [layer.mlp for layer in layers]
-        eps = {n.eps for layer in layers for n in (layer.attn_norm, layer.attn.sub_norm, layer.mlp_norm, layer.mlp.sub_norm) if n is not None}
-        if len(eps) != 1 or len({x.relu2 for x in m}) != 1:
-            raise FastPathError(f"gemv='persistent' needs one norm eps and one MLP act for every layer, got eps {sorted(eps)}")
-        return LayerStack(
-            *rows(self.qkv, [[x.q_proj, x.k_proj, x.v_proj] for x in a]), *rows([x.o_proj for x in a], [[]] * len(a)),
-            *rows(self.gate_up, [[x.gate_proj, x.up_proj] for x in m]), *rows([x.down_proj for x in m], [[]] * len(m)),
-            norms([layer.attn_norm for layer in layers]), norms([x.sub_norm for x in a]),
-            norms([layer.mlp_norm for layer in layers]), norms([x.sub_norm for x in m]),
-            eps.pop(), m[0].relu2, a[0].n_heads, a[0].n_kv, a[0].head_dim,
-        )  # fmt: skip
 
     def _counter_block(self, i: int) -> torch.Tensor:
         # layer i's zeroed int32 counters of the folded kernels [4, max(H + 1, GEMV_MAX_M)], made once per model:
@@ -542,8 +455,6 @@ class FastModel:
         # tokens [B, T] → the last layer's output [B, T, D] (before the final norm); see logits()
         net = self.net
         b, t = tokens.shape
-        if self.gemv == "persistent" and self._graph_step(tokens.shape, start_pos) and all(self._fusable_layers()):
-            return self._persistent_step(tokens, start_pos)
         if isinstance(start_pos, int):
             if start_pos + t > net.max_seq or b > net.max_batch:
                 raise FastPathError(
@@ -1083,17 +994,12 @@ class GraphDecoder:
         stops = set(stop_ids)
         done = 0  # ids already yielded
         made = 1  # ids the device has produced; steps have run (fed) the first made - 1 of them
-        failed = False
         try:
             while done < max_new_tokens:
                 steps = min(self.chunk, max_new_tokens - made)
                 for _ in range(steps):
                     self._replay(key)
                 made += steps
-                if self.fast.step_failed():
-                    failed = True
-                    raise FastPathError("a decode step timed out inside kernels.decode_layers; its output is wrong "
-                                        "(try another FastModel gemv)")  # fmt: skip
                 for tok in self._out[done:made].tolist():  # the one host sync per chunk
                     if tok in stops:
                         stats.stop_reason = "eos"
@@ -1105,5 +1011,4 @@ class GraphDecoder:
         finally:
             _sync(self.fast.device)
             stats.decode_s = time.perf_counter() - t1
-            if not failed:
-                self._ctx_prompt, self._ctx_fed = list(prompt_ids), made - 1
+            self._ctx_prompt, self._ctx_fed = list(prompt_ids), made - 1

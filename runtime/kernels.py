@@ -15,9 +15,8 @@ Kernels
   one ``dp4a`` multiplies them with the activation word holding those four activations: 4 MACs per instruction,
   about 0.75 integer instructions per weight (plus the activation packing, shared by the BLOCK_N rows of a
   program), so the kernel stays bound by memory, not by unpacking. The codes
-  are t + 1, so Σ c·q − Σ q = Σ t·q; Σ q comes out of the same dp4a pass. Options fuse the decode step's
-  neighbouring ops into the launch (``norm``, ``act`` for gate|up, ``residual``; FastModel(gemv="fused")).
-  The first weight tile is fetched before the input statistics, the next one during each tile's math.
+  are t + 1, so Σ c·q − Σ q = Σ t·q; Σ q comes out of the same dp4a pass. The first weight tile is fetched
+  before max|x|, the next one during each tile's math.
 - ``pack_act`` + ``bitlinear_gemv_packed`` (FastModel(gemv="packed"), the CUDA default): the input (with its
   norm / act) quantized and packed into dp4a words once per row, then a GEMV whose loop is only shift, mask and
   dp4a: about one SASS instruction per weight instead of two to four (benchmarks/kernel_resources.py counts them
@@ -45,9 +44,6 @@ Kernels
   k-th logit kept past the merge are found by walking the logits). Without a top-k, the top-p cut is a radix
   select over the values' bits, 4 bits a launch, all programs binning the mass of the candidates and the last
   one choosing the digit (``_nucleus_level_kernel``), then a launch of the race (``_nucleus_race_kernel``).
-- ``decode_layers`` (FastModel(gemv="persistent")): every decoder layer of a decode step in one persistent launch,
-  the folded step's kernels as phases of work items and flags in place of kernel boundaries (``_wait`` /
-  ``_arrive`` / ``_signal``), each phase's weights in flight before its wait.
 - ``bitlinear_op`` / ``head_int8_op``: the same as torch.library custom ops, opaque to torch.compile.
 
 ``pdl=True`` (the decode-step kernels): programmatic dependent launch on sm_90+, see ``_pdl_enter``; ``pdl="early"``
@@ -178,17 +174,10 @@ def _prefetch_regions(pf0, pf1, pf2, pf3, pf0_n, pf1_n, pf2_n, pf3_n, N_PF: tl.c
 
 
 @triton.jit
-def _rows_at(w_ptr, first, N, stride_wn, BLOCK_N: tl.constexpr):
-    # output rows first .. first + BLOCK_N − 1: (rows [BLOCK_N], their mask, weight row pointers [BLOCK_N, 1])
-    rows = first + tl.arange(0, BLOCK_N)
-    return rows, rows < N, w_ptr + rows.to(tl.int64)[:, None] * stride_wn
-
-
-@triton.jit
 def _row_block(w_ptr, N, stride_wn, BLOCK_N: tl.constexpr):
     # a GEMV program's rows: (input row m, output rows [BLOCK_N], their mask, weight row pointers [BLOCK_N, 1])
-    rows, row_ok, w_rows = _rows_at(w_ptr, tl.program_id(0) * BLOCK_N, N, stride_wn, BLOCK_N)
-    return tl.program_id(1), rows, row_ok, w_rows
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return tl.program_id(1), rows, rows < N, w_ptr + rows.to(tl.int64)[:, None] * stride_wn
 
 
 @triton.jit
@@ -204,13 +193,12 @@ def _row_scales(scale_ptr, rows, row_ok, SCALE_PER_ROW: tl.constexpr):
 
 
 @triton.jit
-def _residual(res_ptr, m, rows, row_ok, stride_rm, HAS_RES: tl.constexpr, CG: tl.constexpr = False):
+def _residual(res_ptr, m, rows, row_ok, stride_rm, HAS_RES: tl.constexpr):
     # the residual's values of row m at the output rows, in fp32 (0 without HAS_RES), read once the input is ready
-    # (after the PDL wait) but before the dot loop, so its L2 round trip overlaps the weights' (CG: as _gemv_input's)
+    # (after the PDL wait) but before the dot loop, so its L2 round trip overlaps the weights'
     r = tl.zeros(rows.shape, dtype=tl.float32)
     if HAS_RES:
-        cm: tl.constexpr = ".cg" if CG else ""
-        r = tl.load(res_ptr + m.to(tl.int64) * stride_rm + rows, mask=row_ok, other=0.0, cache_modifier=cm).to(tl.float32)
+        r = tl.load(res_ptr + m.to(tl.int64) * stride_rm + rows, mask=row_ok, other=0.0).to(tl.float32)
     return r
 
 
@@ -269,22 +257,22 @@ def _gemv_input(x_row, nw_ptr, j, ok, K, rstd, ACT: tl.constexpr, NORM: tl.const
 
 
 @triton.jit
-def _input_scale(x_row, nw_ptr, K, eps, ACT: tl.constexpr, NORM: tl.constexpr, RELU2: tl.constexpr, BLOCK: tl.constexpr):
+def _input_scale(x_row, nw_ptr, K, eps, NORM: tl.constexpr, BLOCK: tl.constexpr):
     # (s, rstd) of one input row of K values (_gemv_input): s = 127 · (1 / max(max|in|, 1e-5)) in fp32, and
-    # with NORM rstd = rsqrt(mean(v²) + eps) of the values before the norm. Every program of a GEMV recomputes
-    # them (the row is a few KB and sits in L2), so the norm costs no launch of its own.
+    # with NORM rstd = rsqrt(mean(x²) + eps) of the values before the norm. Every program of a GEMV recomputes
+    # them (the row is a few KB and sits in L2), so the int8 head's final norm costs no launch of its own.
     rstd = 1.0
     if NORM:
         ss = tl.zeros((BLOCK,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK):
             offs = k0 + tl.arange(0, BLOCK)
-            v = _gemv_input(x_row, nw_ptr, offs, offs < K, K, rstd, ACT, False, RELU2)
+            v = _gemv_input(x_row, nw_ptr, offs, offs < K, K, rstd, False, False, False)
             ss += v * v
         rstd = tl.math.rsqrt(tl.sum(ss, axis=0) / K + eps)
     amax = tl.zeros((BLOCK,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK):
         offs = k0 + tl.arange(0, BLOCK)
-        amax = tl.maximum(amax, tl.abs(_gemv_input(x_row, nw_ptr, offs, offs < K, K, rstd, ACT, NORM, RELU2)))
+        amax = tl.maximum(amax, tl.abs(_gemv_input(x_row, nw_ptr, offs, offs < K, K, rstd, False, NORM, False)))
     m = tl.maximum(tl.max(amax, axis=0), 1e-5)
     return tl.div_rn(1.0, m) * 127.0, rstd
 
@@ -305,7 +293,7 @@ def _quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK: tl.conste
     # one program per row: x [M, K] float → q int8 [M, K], s f32 [M]
     m = tl.program_id(0)
     x_row = x_ptr + m.to(tl.int64) * stride_xm
-    s, _ = _input_scale(x_row, x_row, K, 0.0, False, False, False, BLOCK)
+    s, _ = _input_scale(x_row, x_row, K, 0.0, False, BLOCK)
     for k0 in range(0, K, BLOCK):
         offs = k0 + tl.arange(0, BLOCK)
         xv = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
@@ -315,25 +303,23 @@ def _quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK: tl.conste
 
 @triton.jit
 def _gemv_w2a8_kernel(
-    x_ptr, nw_ptr, res_ptr, w_ptr, scale_ptr, y_ptr,
-    N, K, K16, eps,
-    stride_xm, stride_rm, stride_wn, stride_ym,
-    ACT: tl.constexpr, NORM: tl.constexpr, RELU2: tl.constexpr, HAS_RES: tl.constexpr,
+    x_ptr, w_ptr, scale_ptr, y_ptr,
+    N, K, K16,
+    stride_xm, stride_wn, stride_ym,
     SCALE_PER_ROW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_P: tl.constexpr,
     ON_GPU: tl.constexpr, PDL: tl.constexpr = False,
 ):  # fmt: skip
-    # x [M, K] float (gate | up [M, 2K] with ACT); w: t2 bytes viewed as int32 words [N, K16] (word = 16 weights
-    # of a row); y [M, N] (= res + x·Wᵀ with HAS_RES); grid (cdiv(N, BLOCK_N), M). BLOCK_P: the input
-    # statistics' chunk (prologue_block), as large as registers allow, since each chunk is a wait on memory
+    # x [M, K] float; w: t2 bytes viewed as int32 words [N, K16] (word = 16 weights of a row); y [M, N] = x·Wᵀ;
+    # grid (cdiv(N, BLOCK_N), M). BLOCK_P: max|x|'s chunk (prologue_block), as large as registers allow, since
+    # each chunk is a wait on memory
     m, rows, row_ok, w_rows = _row_block(w_ptr, N, stride_wn, BLOCK_N)
     # the first weight tile is fetched before anything else: weights do not depend on earlier kernels (so this
-    # may run before _pdl_enter's wait), and the fetch overlaps the input statistics below
+    # may run before _pdl_enter's wait), and the fetch overlaps max|x| below
     wt_next = _weight_tile(w_rows, row_ok, 0, K16, BLOCK_W)
     sc = _row_scales(scale_ptr, rows, row_ok, SCALE_PER_ROW)
     _pdl_enter(PDL)
-    r = _residual(res_ptr, m, rows, row_ok, stride_rm, HAS_RES)
     x_row = x_ptr + m.to(tl.int64) * stride_xm
-    s, rstd = _input_scale(x_row, nw_ptr, K, eps, ACT, NORM, RELU2, BLOCK_P)
+    s, _ = _input_scale(x_row, x_row, K, 0.0, False, BLOCK_P)
 
     lane = tl.arange(0, 4)  # byte lane i of an activation word
     acc = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.int32)  # Σ c·q per (row, word column)
@@ -346,14 +332,14 @@ def _gemv_w2a8_kernel(
         for k in tl.static_range(4):
             # activation word for field k: byte i = q[16·col + 4i + k], the weights that field k holds
             j = cols[:, None] * 16 + lane[None, :] * 4 + k  # [BLOCK_W, 4]
-            xv = _gemv_input(x_row, nw_ptr, j, j < K, K, rstd, ACT, NORM, RELU2)
+            xv = tl.load(x_row + j, mask=j < K, other=0.0).to(tl.float32)
             q = _quant(xv, s, ON_GPU)  # masked positions give q = 0, so padding codes never count
             xw = tl.sum((q & 0xFF) << (lane[None, :] * 8), axis=1)  # [BLOCK_W] packed int8×4
             qsum = _dp4a(ones, xw, qsum, ON_GPU)
             codes = (wt >> (2 * k)) & 0x03030303  # [BLOCK_N, BLOCK_W] four codes in byte lanes
             acc = _dp4a(codes, tl.broadcast_to(xw[None, :], (BLOCK_N, BLOCK_W)), acc, ON_GPU)
     dot = tl.sum(acc, axis=1) - tl.sum(qsum, axis=0)  # [BLOCK_N] Σ t·q, exact
-    _gemv_store(dot, s, sc, r, m, rows, row_ok, y_ptr, stride_ym, HAS_RES)
+    _gemv_store(dot, s, sc, 0.0, m, rows, row_ok, y_ptr, stride_ym, False)
 
 
 @triton.jit
@@ -396,38 +382,36 @@ def _pack_row(x_row, nw, xq_row, s_ptr, qs_ptr, K, K16, eps, ACT: tl.constexpr, 
 
 
 @triton.jit
-def _act_fields(xq_row, w0, K16, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, CG: tl.constexpr):
+def _act_fields(xq_row, w0, K16, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
     # the four fields' activation words of columns w0 .. w0 + BLOCK_W − 1 of a _pack_row row xq_row [4, K16], each
     # as a [BLOCK_N, BLOCK_W] tile of equal rows: loaded straight into the weight tile's layout (each thread the
     # words its own dp4a's take), so the four loads are in flight at once. Loaded as one [BLOCK_W] vector and
     # broadcast, each field passed through shared memory between two barriers, and the next field's load waited
     # for them: four L2 round trips one after another a tile (benchmarks/kernel_resources.py counts the barriers
     # in the loop: 8 a tile before, none now). Masked past K16: 0, no memory access
-    cm: tl.constexpr = ".cg" if CG else ""
     cols = w0 + tl.arange(0, BLOCK_W)
     at = xq_row + (cols[None, :] + tl.zeros((BLOCK_N, 1), dtype=tl.int32))  # [BLOCK_N, BLOCK_W], rows alike
     ok = (cols < K16)[None, :] & (tl.zeros((BLOCK_N, 1), dtype=tl.int32) == 0)
-    return (tl.load(at, mask=ok, other=0, cache_modifier=cm), tl.load(at + K16, mask=ok, other=0, cache_modifier=cm),
-            tl.load(at + 2 * K16, mask=ok, other=0, cache_modifier=cm),
-            tl.load(at + 3 * K16, mask=ok, other=0, cache_modifier=cm))  # fmt: skip
+    return (tl.load(at, mask=ok, other=0), tl.load(at + K16, mask=ok, other=0), tl.load(at + 2 * K16, mask=ok, other=0),
+            tl.load(at + 3 * K16, mask=ok, other=0))  # fmt: skip
 
 
 @triton.jit
 def _packed_dot(xq_row, w_rows, row_ok, wt_first, K16, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
-                ON_GPU: tl.constexpr, CG: tl.constexpr):  # fmt: skip
+                ON_GPU: tl.constexpr):  # fmt: skip
     # Σ c·q [BLOCK_N] of the weight rows w_rows [BLOCK_N, 1] (codes c = t + 1) with a _pack_row row xq_row
     # [4, K16]; wt_first: their first _weight_tile, fetched by the caller (before its wait). Each next weight tile
     # and its four activation fields (_act_fields) are fetched one tile ahead, in flight during a tile's math
     # (fetched in the tile that used them, the four field loads were spread over the math by the compiler, one L2
-    # round trip after another). CG: xq read from L2, as _gemv_input's
+    # round trip after another)
     acc = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.int32)  # Σ c·q per (row, word column)
     wt_next = wt_first
-    xf_next = _act_fields(xq_row, 0, K16, BLOCK_N, BLOCK_W, CG)
+    xf_next = _act_fields(xq_row, 0, K16, BLOCK_N, BLOCK_W)
     for w0 in range(0, K16, BLOCK_W):
         wt = wt_next
         x0, x1, x2, x3 = xf_next
         wt_next = _weight_tile(w_rows, row_ok, w0 + BLOCK_W, K16, BLOCK_W)
-        xf_next = _act_fields(xq_row, w0 + BLOCK_W, K16, BLOCK_N, BLOCK_W, CG)
+        xf_next = _act_fields(xq_row, w0 + BLOCK_W, K16, BLOCK_N, BLOCK_W)
         acc = _dp4a(wt & 0x03030303, x0, acc, ON_GPU)  # field k: the codes in bits 2k, 2k + 1 of each byte
         acc = _dp4a((wt >> 2) & 0x03030303, x1, acc, ON_GPU)
         acc = _dp4a((wt >> 4) & 0x03030303, x2, acc, ON_GPU)
@@ -446,51 +430,6 @@ def _last_arrival(cnt_ptr, n):
     if last:
         tl.store(cnt_ptr, 0)
     return last
-
-
-@triton.jit
-def _arrive(cnt_ptr):
-    # count this program's earlier global writes as done on an int32 counter (a barrier, then one release), for
-    # the programs that _wait on it
-    tl.debug_barrier()
-    tl.atomic_add(cnt_ptr, 1, sem="release", scope="gpu")
-
-
-@triton.jit
-def _signal(flag_ptr):
-    # _arrive on a flag that only this program sets: 0 → 1
-    tl.debug_barrier()
-    tl.atomic_xchg(flag_ptr, 1, sem="release", scope="gpu")
-
-
-@triton.jit
-def _wait(flag_ptr, target, err_ptr, SPIN: tl.constexpr):
-    # spin until the int32 *flag_ptr ≥ target (acquire: the writes counted there are then visible to this
-    # program, read through L2), at most SPIN polls: past that, record the timeout in *err_ptr (the host checks it;
-    # a wrong result, not a hung GPU) and go on. Every 256 polls it also reads *err_ptr, so that once one wait has
-    # given up the others of the launch give up within a few hundred polls, not SPIN each
-    n = 0
-    failed = 0
-    v = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="gpu")
-    while (v < target) & (n < SPIN) & (failed == 0):
-        v = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="gpu")
-        n += 1
-        if n % 256 == 0:
-            failed = tl.load(err_ptr, volatile=True)
-    if v < target:
-        tl.store(err_ptr, 1)
-    tl.debug_barrier()
-
-
-@triton.jit
-def _mark(at_ptr, TRACE: tl.constexpr, ON_GPU: tl.constexpr):
-    # with TRACE, the GPU's global nanosecond timer into *at_ptr (decode_layers' trace; 0 under the interpreter)
-    if TRACE:
-        if ON_GPU:
-            t = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
-        else:
-            t = tl.zeros((), dtype=tl.int64)
-        tl.store(at_ptr, t)
 
 
 @triton.jit
@@ -532,7 +471,7 @@ def _gemv_packed_kernel(
     qs = tl.load(qs_ptr + m)
     r = _residual(res_ptr, m, rows, row_ok, stride_rm, HAS_RES)
     xq_row = xq_ptr + m.to(tl.int64) * stride_xq
-    dot = _packed_dot(xq_row, w_rows, row_ok, wt_first, K16, BLOCK_N, BLOCK_W, ON_GPU, False) - qs
+    dot = _packed_dot(xq_row, w_rows, row_ok, wt_first, K16, BLOCK_N, BLOCK_W, ON_GPU) - qs
     _gemv_store(dot, s, sc, r, m, rows, row_ok, y_ptr, stride_ym, HAS_RES)
     if PACK:
         if _last_arrival(cnt_ptr + m, tl.num_programs(0)):
@@ -610,7 +549,7 @@ def _gemv_w8a8_kernel(
     sc = _row_scales(scale_ptr, rows, row_ok, True)
     _pdl_enter(PDL)
     x_row = x_ptr + m.to(tl.int64) * stride_xm
-    s, rstd = _input_scale(x_row, nw_ptr, K, eps, False, NORM, False, BLOCK_P)
+    s, rstd = _input_scale(x_row, nw_ptr, K, eps, NORM, BLOCK_P)
     lane = tl.arange(0, 4)
     acc = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.int32)
     for w0 in range(0, K4, BLOCK_W):
@@ -687,11 +626,9 @@ def _rope_half(lo, hi, c_lo, c_hi, s_lo, s_hi, dt: tl.constexpr, ON_GPU: tl.cons
 
 
 @triton.jit
-def _load_halves(row, offs, ok, half, CG: tl.constexpr = False):
-    # the lo / hi halves of one head-dim row (rope tables, q, k, v) as fp32 [HALF] each (CG: as _gemv_input's)
-    cm: tl.constexpr = ".cg" if CG else ""
-    return (tl.load(row + offs, mask=ok, other=0.0, cache_modifier=cm).to(tl.float32),
-            tl.load(row + half + offs, mask=ok, other=0.0, cache_modifier=cm).to(tl.float32))  # fmt: skip
+def _load_halves(row, offs, ok, half):
+    # the lo / hi halves of one head-dim row (rope tables, q, k, v) as fp32 [HALF] each
+    return tl.load(row + offs, mask=ok, other=0.0).to(tl.float32), tl.load(row + half + offs, mask=ok, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -760,31 +697,29 @@ def _attn_prefetch(cos_row, sin_row, k_ptr, v_ptr, kvh, lo, hi, stride_kh, strid
 @triton.jit
 def _attn_split(
     qkv_ptr, rope, cache_k, cache_v, kv_first, pos, h, s, lo, hi, y_ptr, pm_ptr, pl_ptr, pacc_ptr,
-    NQ, NKV, stride_ks, scale, S, n_heads, cnt_ptr, p_nw_ptr, p_xq_ptr, p_s_ptr, p_qs_ptr, P_K16, p_eps, ready_ptr,
+    NQ, NKV, stride_ks, scale, S, n_heads, cnt_ptr, p_nw_ptr, p_xq_ptr, p_s_ptr, p_qs_ptr, P_K16, p_eps,
     GROUP: tl.constexpr, DH: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
     FOLD: tl.constexpr, P_NORM: tl.constexpr, P_BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-    ON_GPU: tl.constexpr, CG: tl.constexpr, HANDOFF: tl.constexpr, PIPE: tl.constexpr = False,
+    ON_GPU: tl.constexpr, PIPE: tl.constexpr = False,
 ):  # fmt: skip
     # split s of query head h after _attn_prefetch: rope of q and k, the k/v write into the cache at pos (split 0 of
     # the group's first head), then softmax(q·kᵀ · scale) · v over keys lo .. hi − 1 with an online softmax in
     # fp32; split 0 also counts the new token itself, from registers. SPLIT: the partial (max m, sum l, Σ p·v
     # [DH]) goes to pm/pl/pacc [H, S(, DH)] for _combine_head (flash-decoding); else one split covers every key and
     # y is written here. FOLD (with SPLIT): the last split of head h to finish (counter cnt_ptr[h]) combines head
-    # h. Then by HANDOFF: "pack": the last of the n_heads heads (counter cnt_ptr[n_heads]) packs y for the o
-    # projection (_pack_row, the sub-norm with P_NORM) into p_xq / p_s / p_qs; "signal": the same, then it sets
-    # ready_ptr (_signal); "count": each head arrives on cnt_ptr[n_heads] and the o projection's programs pack y
-    # themselves (decode_layers' REPLICATE). CG: qkv was written by other programs of the same launch
+    # h, and the last of the n_heads heads (counter cnt_ptr[n_heads]) packs y for the o projection (_pack_row,
+    # the sub-norm with P_NORM) into p_xq / p_s / p_qs
     kvh = h // GROUP
     dt = qkv_ptr.dtype.element_ty
     offs = tl.arange(0, HALF)
     ok = offs < DH // 2
     half = DH // 2
     c_lo, c_hi, s_lo, s_hi = rope
-    q_lo, q_hi = _load_halves(qkv_ptr + h * DH, offs, ok, half, CG)
+    q_lo, q_hi = _load_halves(qkv_ptr + h * DH, offs, ok, half)
     q_lo, q_hi = _rope_half(q_lo, q_hi, c_lo, c_hi, s_lo, s_hi, dt, ON_GPU)
-    kn_lo, kn_hi = _load_halves(qkv_ptr + NQ + kvh * DH, offs, ok, half, CG)
+    kn_lo, kn_hi = _load_halves(qkv_ptr + NQ + kvh * DH, offs, ok, half)
     kn_lo, kn_hi = _rope_half(kn_lo, kn_hi, c_lo, c_hi, s_lo, s_hi, dt, ON_GPU)
-    vn_lo, vn_hi = _load_halves(qkv_ptr + NQ + NKV + kvh * DH, offs, ok, half, CG)
+    vn_lo, vn_hi = _load_halves(qkv_ptr + NQ + NKV + kvh * DH, offs, ok, half)
     first = s == 0
     if (h % GROUP == 0) & first:
         slot = pos.to(tl.int64) * stride_ks
@@ -823,13 +758,9 @@ def _attn_split(
         if FOLD:
             if _last_arrival(cnt_ptr + h, S):
                 _combine_head(pm_ptr, pl_ptr, pacc_ptr, y_ptr, h, S, DH, BLOCK_S, BLOCK_D, True)
-                if HANDOFF == "count":
-                    _arrive(cnt_ptr + n_heads)
-                elif _last_arrival(cnt_ptr + n_heads, n_heads):
+                if _last_arrival(cnt_ptr + n_heads, n_heads):
                     _pack_row(y_ptr, _norm_weights(p_nw_ptr, NQ, P_BLOCK_C, P_NORM), p_xq_ptr, p_s_ptr, p_qs_ptr, NQ,
                               P_K16, p_eps, False, P_NORM, False, P_BLOCK_C, ON_GPU, True)  # fmt: skip
-                    if HANDOFF == "signal":
-                        _signal(ready_ptr)
     else:
         tl.store(y_ptr + h * DH + offs, (acc_lo / l).to(dt), mask=ok)
         tl.store(y_ptr + h * DH + half + offs, (acc_hi / l).to(dt), mask=ok)
@@ -866,8 +797,7 @@ def _decode_attention_kernel(
     _pdl_enter(PDL)
     _attn_split(qkv_ptr, rope, cache_k, cache_v, kv_first, pos, h, s, lo, hi, y_ptr, pm_ptr, pl_ptr, pacc_ptr, NQ, NKV,
                 stride_ks, scale, S, tl.num_programs(0), cnt_ptr, p_nw_ptr, p_xq_ptr, p_s_ptr, p_qs_ptr, P_K16, p_eps,
-                cnt_ptr, GROUP, DH, HALF, BLOCK_N, SPLIT, FOLD, P_NORM, P_BLOCK_C, BLOCK_S, BLOCK_D, ON_GPU, False,
-                "pack", PIPE)  # fmt: skip
+                GROUP, DH, HALF, BLOCK_N, SPLIT, FOLD, P_NORM, P_BLOCK_C, BLOCK_S, BLOCK_D, ON_GPU, PIPE)  # fmt: skip
     if not PF_EARLY:
         _prefetch_regions(pf0, pf1, pf2, pf3, pf0_n, pf1_n, pf2_n, pf3_n, N_PF, ON_GPU)
 
@@ -1260,213 +1190,6 @@ def _advance_kernel(nxt_ptr, out_ptr, n_ptr, tok_ptr, pos_ptr, S, PDL: tl.conste
     tl.store(n_ptr, n + 1)
 
 
-@triton.jit(noinline=True)
-def _gemv_phase(
-    pid, P, wait_ptr, wait_for, err_ptr, xq_row, s_ptr, qs_ptr, x_row, x_nw, X_K, X_K16, eps,
-    w_ptr, scale_ptr, res_ptr, y_ptr, N, K16, cnt_ptr, ready_ptr, p_nw_ptr, p_xq_ptr, p_s_ptr, p_qs_ptr, P_K, P_K16,
-    pack_on, tr_ptr, X_ACT: tl.constexpr, X_NORM: tl.constexpr, X_RELU2: tl.constexpr, X_BLOCK_C: tl.constexpr,
-    HAS_RES: tl.constexpr, PACK: tl.constexpr, P_ACT: tl.constexpr, P_NORM: tl.constexpr, P_RELU2: tl.constexpr,
-    P_BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, REPLICATE: tl.constexpr,
-    ON_GPU: tl.constexpr, SPIN: tl.constexpr, TRACE: tl.constexpr,
-):  # fmt: skip
-    # one GEMV of decode_layers: items of BLOCK_N rows of w [N, K16] (per-row scales) times the packed row xq_row /
-    # s / qs, program pid taking items pid, pid + P, ...; y [N] (+ res, in place when res is y). Each item's
-    # weights are fetched before the previous item's math, the first before the wait on wait_ptr ≥ wait_for (the
-    # input is ready). REPLICATE: the input is not packed yet; after the wait the program packs the raw row x_row
-    # itself (_pack_row with the X_* options) into its own xq_row / s / qs, and each item just arrives on cnt_ptr.
-    # Else each item arrives on cnt_ptr and, with PACK, the last one packs y for the next GEMV (_pack_row with the
-    # P_* options) and sets ready_ptr, unless pack_on is false (the last layer). TRACE: the times of entry, input
-    # ready and items done into tr_ptr [3].
-    # Not inlined (as _attn_phase): inlined, the compiler hoists each phase's loop-invariant values (index vectors,
-    # pointers) out of the layer loop, where they stay live across all five phases. As functions the kernel takes
-    # 196 registers a thread instead of 254 (Triton 3.6, 16-row tiles, 8 warps), and 32-row tiles or 4-warp
-    # programs (two a multiprocessor) compile without spills (benchmarks/kernel_resources.py).
-    _mark(tr_ptr, TRACE, ON_GPU)
-    n_items = tl.cdiv(N, BLOCK_N)
-    _, row_ok, w_rows = _rows_at(w_ptr, pid * BLOCK_N, N, K16, BLOCK_N)
-    wt = _weight_tile(w_rows, row_ok, 0, K16, BLOCK_W)  # nothing when pid ≥ n_items
-    if pid < n_items:
-        _wait(wait_ptr, wait_for, err_ptr, SPIN)
-        if REPLICATE:
-            _pack_row(x_row, _norm_weights(x_nw, X_K, X_BLOCK_C, X_NORM), xq_row, s_ptr, qs_ptr, X_K, X_K16, eps, X_ACT,
-                      X_NORM, X_RELU2, X_BLOCK_C, ON_GPU, True)  # fmt: skip
-            tl.debug_barrier()  # the program's own packed row, written by all its threads, before any reads it
-    _mark(tr_ptr + 1, TRACE, ON_GPU)
-    s = tl.load(s_ptr, cache_modifier=".cg")
-    qs = tl.load(qs_ptr, cache_modifier=".cg")
-    for it in range(pid, n_items, P):
-        rows, row_ok, w_rows = _rows_at(w_ptr, it * BLOCK_N, N, K16, BLOCK_N)
-        _, next_ok, next_rows = _rows_at(w_ptr, (it + P) * BLOCK_N, N, K16, BLOCK_N)
-        wt_next = _weight_tile(next_rows, next_ok, 0, K16, BLOCK_W)
-        sc = _row_scales(scale_ptr, rows, row_ok, True)
-        zero = tl.cast(0, tl.int32)
-        r = _residual(res_ptr, zero, rows, row_ok, 0, HAS_RES, True)
-        dot = _packed_dot(xq_row, w_rows, row_ok, wt, K16, BLOCK_N, BLOCK_W, ON_GPU, True) - qs
-        _gemv_store(dot, s, sc, r, zero, rows, row_ok, y_ptr, 0, HAS_RES)
-        if PACK and not REPLICATE:
-            if _last_arrival(cnt_ptr, n_items) & pack_on:
-                _pack_row(y_ptr, _norm_weights(p_nw_ptr, P_K, P_BLOCK_C, P_NORM), p_xq_ptr, p_s_ptr, p_qs_ptr, P_K,
-                          P_K16, eps, P_ACT, P_NORM, P_RELU2, P_BLOCK_C, ON_GPU, True)  # fmt: skip
-                _signal(ready_ptr)
-        else:
-            _arrive(cnt_ptr)
-        wt = wt_next
-    _mark(tr_ptr + 2, TRACE, ON_GPU)
-
-
-@triton.jit(noinline=True)
-def _attn_phase(
-    pid, P, pos, cos_ptr, sin_ptr, k_l, v_l, qkv_ptr, y_ptr, pm_ptr, pl_ptr, pacc_ptr, fl, n_qkv, err_ptr, sub_nw,
-    o_xq, o_s, o_qs, tr_ptr, stride_kh, stride_ks, CHUNK, S, scale, eps, NQ: tl.constexpr, NKV: tl.constexpr,
-    H: tl.constexpr, GROUP: tl.constexpr, DH: tl.constexpr, HALF: tl.constexpr, K16Q: tl.constexpr,
-    ATTN_SUB: tl.constexpr, C_Q: tl.constexpr, BLOCK_N_ATT: tl.constexpr, BLOCK_S: tl.constexpr,
-    BLOCK_D: tl.constexpr, REPLICATE: tl.constexpr, ON_GPU: tl.constexpr, SPIN: tl.constexpr, TRACE: tl.constexpr,
-):  # fmt: skip
-    # the attention of decode_layers (one layer: caches k_l / v_l [B, Hkv, S, Dh], flags fl): program pid takes
-    # splits pid, pid + P, ... of the H × S; the rope rows and the first key / value block of its first split are
-    # in flight before its wait for the q/k/v rows (flag 1 ≥ n_qkv). The last split of a head combines it, and
-    # the last head packs y with the sub-norm for o and signals flag 2 (REPLICATE: counts the head on flag 8 + H).
-    # TRACE: tr_ptr[1] ← the time the input was ready. Not inlined, as _gemv_phase.
-    for it in range(pid, H * S, P):
-        h = it // S
-        s = it % S
-        lo = s * CHUNK
-        hi = tl.minimum(lo + CHUNK, pos)
-        rope, cache_k, cache_v, kv_first = _attn_prefetch(cos_ptr + pos * DH, sin_ptr + pos * DH, k_l, v_l, h // GROUP,
-                                                          lo, hi, stride_kh, stride_ks, DH, HALF, BLOCK_N_ATT)  # fmt: skip
-        if it == pid:
-            _wait(fl + 1, n_qkv, err_ptr, SPIN)
-            _mark(tr_ptr + 1, TRACE, ON_GPU)
-        _attn_split(qkv_ptr, rope, cache_k, cache_v, kv_first, pos, h, s, lo, hi, y_ptr, pm_ptr, pl_ptr, pacc_ptr, NQ,
-                    NKV, stride_ks, scale, S, H, fl + 8, sub_nw, o_xq, o_s, o_qs, K16Q, eps, fl + 2, GROUP, DH, HALF,
-                    BLOCK_N_ATT, True, True, ATTN_SUB, C_Q, BLOCK_S, BLOCK_D, ON_GPU, True,
-                    "count" if REPLICATE else "signal")  # fmt: skip
-
-
-@triton.jit
-def _decode_layers_kernel(
-    tok_ptr, pos_ptr, embed_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, x_ptr, qkv_ptr, y_ptr, gu_ptr, pm_ptr, pl_ptr,
-    pacc_ptr, in_xq, in_s, in_qs, o_xq, o_s, o_qs, gu_xq, gu_s, gu_qs, d_xq, d_s, d_qs,
-    w_qkv, sc_qkv, w_o, sc_o, w_gu, sc_gu, w_d, sc_d, nw_attn, nw_attn_sub, nw_mlp, nw_mlp_sub, flags_ptr, err_ptr,
-    trace_ptr, L, stride_kl, stride_kh, stride_ks, CHUNK, S, scale, eps,
-    D: tl.constexpr, NQ: tl.constexpr, NKV: tl.constexpr, I: tl.constexpr, H: tl.constexpr, GROUP: tl.constexpr,
-    DH: tl.constexpr, HALF: tl.constexpr, NF: tl.constexpr, ATTN_SUB: tl.constexpr, MLP_SUB: tl.constexpr,
-    RELU2: tl.constexpr, BN_QKV: tl.constexpr, BN_O: tl.constexpr, BN_GU: tl.constexpr, BN_D: tl.constexpr,
-    BW_D: tl.constexpr, BW_Q: tl.constexpr, BW_I: tl.constexpr, C_D: tl.constexpr, C_Q: tl.constexpr,
-    C_I: tl.constexpr, BLOCK_N_ATT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-    REPLICATE: tl.constexpr, ON_GPU: tl.constexpr, SPIN: tl.constexpr, TRACE: tl.constexpr = False,
-    PREFETCH: tl.constexpr = False,
-):  # fmt: skip
-    # The decode step's L layers in one launch (decode_layers): FastModel(gemv="folded")'s five kernels a layer as
-    # phases of one persistent grid of P programs, each kernel boundary a flag in flags_ptr [L + 1, NF] (zero before
-    # the launch; row L only counts the last layer's down rows): per layer 0 input ready, 1 q/k/v rows done
-    # (count), 2 attention output packed, 3 o arrivals, 4 o output packed, 5 gate|up arrivals, 6 gate|up output
-    # packed, 7 down arrivals, 8 .. 8 + H − 1 splits done per head, 8 + H heads combined. Work items are numbered
-    # in dependency order (layer, phase, item) and program pid takes items pid, pid + P, ... of each phase in that
-    # order, so an item only waits on items numbered below it: with every program resident the lowest unfinished
-    # item can always run (no deadlock), and with P = 1 every wait is already met. x [D] is the residual stream,
-    # updated in place by the o and down rows; buffers are reused by every layer, which is safe because a layer's
-    # first phase waits, through the chain of flags, on every item of the layer before. The per-layer weights are
-    # [L, ...] stacks (one layer a stride apart), the caches [L, B, Hkv, S, Dh] (batch row 0). Every read of
-    # another program's output goes through L2 (CG), after the acquire of its _wait.
-    # Two handoffs at the four boundaries where the folded step packs: the last program to finish a phase packs
-    # the next GEMV's input and signals it (flags 0, 2, 4, 6); or with REPLICATE every program of the next phase
-    # waits for the count of finished items (flags 3, 5, 8 + H, and 0 = the down rows of the layer before) and
-    # packs the row itself into its own row of the packed buffers ([P, 4, K16]): the same work on every
-    # multiprocessor at once, one handoff and one L2 round trip less on the chain.
-    # TRACE: each program's times of each phase of each layer into trace_ptr [P, L, 5, 3] (entered, input ready,
-    # its items done), from the GPU's global timer: where the step's time goes, which a profiler cannot see.
-    # PREFETCH: on entering each phase, before its wait, the programs bring the weights of the phase after the next
-    # into L2, each its 1/P of them (_l2_prefetch): at q/k/v o's, at the attention gate|up's, at o down's, at
-    # gate|up the next layer's q/k/v (and q/k/v of layer 0 at the start; the attention reads no weights). Each
-    # GEMV then reads from L2 what a program otherwise waits on memory for, tile after tile (the measured trace:
-    # gate|up's own work took 8.7 µs for 33 KB a program, about 4 GB/s a program), and at most two GEMVs' weights
-    # (13 MB at 2B-4T) are in L2 at once. Each region is the very pointer its phase reads (w_*_l). Prefetches
-    # change no value (nothing under the interpreter).
-    pid = tl.program_id(0)
-    P = tl.num_programs(0)
-    K16D: tl.constexpr = (D + 15) // 16
-    K16Q: tl.constexpr = (NQ + 15) // 16
-    K16I: tl.constexpr = (I + 15) // 16
-    NQKV: tl.constexpr = NQ + 2 * NKV
-    n_qkv = tl.cdiv(NQKV, BN_QKV)
-    n_o = tl.cdiv(D, BN_O)
-    n_gu = tl.cdiv(2 * I, BN_GU)
-    n_d = tl.cdiv(D, BN_D)
-    mine = pid if REPLICATE else 0  # this program's row of the packed-input buffers
-    in_xq, in_s, in_qs = in_xq + mine * (4 * K16D), in_s + mine, in_qs + mine
-    o_xq, o_s, o_qs = o_xq + mine * (4 * K16Q), o_s + mine, o_qs + mine
-    gu_xq, gu_s, gu_qs = gu_xq + mine * (4 * K16D), gu_s + mine, gu_qs + mine
-    d_xq, d_s, d_qs = d_xq + mine * (4 * K16I), d_s + mine, d_qs + mine
-    if pid == 0:  # item 0: the token's embedding row into x (and, packing once, layer 0's packed input)
-        row = embed_ptr + tl.load(tok_ptr).to(tl.int64) * D
-        offs = tl.arange(0, C_D * 16)
-        tl.store(x_ptr + offs, tl.load(row + offs, mask=offs < D), mask=offs < D)
-        if REPLICATE:
-            _arrive(flags_ptr)
-        else:
-            _pack_row(row, _norm_weights(nw_attn, D, C_D, True), in_xq, in_s, in_qs, D, K16D, eps, False, True, False, C_D,
-                      ON_GPU, False)  # fmt: skip
-            _signal(flags_ptr)
-    pos = tl.load(pos_ptr)
-    # the bytes of one layer's q/k/v, o, gate|up and down weights (int32 words), for PREFETCH
-    B_QKV: tl.constexpr = NQKV * K16D * 4
-    B_O: tl.constexpr = D * K16Q * 4
-    B_GU: tl.constexpr = 2 * I * K16D * 4
-    B_D: tl.constexpr = D * K16I * 4
-    if PREFETCH:
-        _l2_prefetch(w_qkv, B_QKV, pid, P, w_qkv, 128, ON_GPU)
-    for layer in range(L):
-        fl = flags_ptr + layer * NF
-        lw = tl.cast(layer, tl.int64)  # a Python int under the interpreter
-        tr = trace_ptr + (pid * L + lw) * 15  # this program's [5, 3] times of this layer
-        # this layer's weights (the next layer's q/k/v: w_qkv_l + NQKV · K16D)
-        w_qkv_l = w_qkv + lw * NQKV * K16D
-        w_o_l = w_o + lw * D * K16Q
-        w_gu_l = w_gu + lw * 2 * I * K16D
-        w_d_l = w_d + lw * D * K16I
-        if PREFETCH:
-            _l2_prefetch(w_o_l, B_O, pid, P, w_o, 128, ON_GPU)
-        # q/k/v of the normed input
-        in_for = tl.where(layer == 0, 1, n_d) if REPLICATE else 1
-        _gemv_phase(pid, P, fl, in_for, err_ptr, in_xq, in_s, in_qs, x_ptr, nw_attn + lw * D, D, K16D, eps,
-                    w_qkv_l, sc_qkv + lw * NQKV, qkv_ptr, qkv_ptr, NQKV, K16D, fl + 1, fl, nw_attn,
-                    in_xq, in_s, in_qs, D, K16D, False, tr, False, True, False, C_D,
-                    False, False, False, False, False, C_D, BN_QKV, BW_D, REPLICATE, ON_GPU, SPIN, TRACE)  # fmt: skip
-        # attention: H × S splits, the last split of a head combines it, then the handoff of y to o
-        if PREFETCH:
-            _l2_prefetch(w_gu_l, B_GU, pid, P, w_gu, 128, ON_GPU)
-        _mark(tr + 3, TRACE, ON_GPU)
-        _mark(tr + 4, TRACE, ON_GPU)  # input ready: rewritten after the wait by a program with splits
-        _attn_phase(pid, P, pos, cos_ptr, sin_ptr, k_ptr + lw * stride_kl, v_ptr + lw * stride_kl, qkv_ptr, y_ptr,
-                    pm_ptr, pl_ptr, pacc_ptr, fl, n_qkv, err_ptr, nw_attn_sub + lw * NQ, o_xq, o_s, o_qs, tr + 3,
-                    stride_kh, stride_ks, CHUNK, S, scale, eps, NQ, NKV, H, GROUP, DH, HALF, K16Q, ATTN_SUB, C_Q,
-                    BLOCK_N_ATT, BLOCK_S, BLOCK_D, REPLICATE, ON_GPU, SPIN, TRACE)  # fmt: skip
-        _mark(tr + 5, TRACE, ON_GPU)
-        # h = x + o(sub_norm(y)), in place; then mlp_norm(h) for gate|up
-        if PREFETCH:
-            _l2_prefetch(w_d_l, B_D, pid, P, w_d, 128, ON_GPU)
-        o_wait, o_for = (fl + 8 + H, H) if REPLICATE else (fl + 2, 1)
-        _gemv_phase(pid, P, o_wait, o_for, err_ptr, o_xq, o_s, o_qs, y_ptr, nw_attn_sub + lw * NQ, NQ, K16Q, eps,
-                    w_o_l, sc_o + lw * D, x_ptr, x_ptr, D, K16Q, fl + 3, fl + 4, nw_mlp + lw * D,
-                    gu_xq, gu_s, gu_qs, D, K16D, True, tr + 6, False, ATTN_SUB, False, C_Q,
-                    True, True, False, True, False, C_D, BN_O, BW_Q, REPLICATE, ON_GPU, SPIN, TRACE)  # fmt: skip
-        # gate | up of mlp_norm(h); then sub_norm(act(gate) · up) for down
-        if PREFETCH and layer + 1 < L:
-            _l2_prefetch(w_qkv_l + NQKV * K16D, B_QKV, pid, P, w_qkv, 128, ON_GPU)
-        gu_wait, gu_for = (fl + 3, n_o) if REPLICATE else (fl + 4, 1)
-        _gemv_phase(pid, P, gu_wait, gu_for, err_ptr, gu_xq, gu_s, gu_qs, x_ptr, nw_mlp + lw * D, D, K16D, eps,
-                    w_gu_l, sc_gu + lw * 2 * I, gu_ptr, gu_ptr, 2 * I, K16D, fl + 5, fl + 6,
-                    nw_mlp_sub + lw * I, d_xq, d_s, d_qs, I, K16I, True, tr + 9, False, True, False, C_D,
-                    False, True, True, MLP_SUB, RELU2, C_I, BN_GU, BW_D, REPLICATE, ON_GPU, SPIN, TRACE)  # fmt: skip
-        # x = h + down(...), in place; then the next layer's attn_norm(x) (flag 0 of the next layer)
-        d_wait, d_for, d_cnt = (fl + 5, n_gu, fl + NF) if REPLICATE else (fl + 6, 1, fl + 7)
-        _gemv_phase(pid, P, d_wait, d_for, err_ptr, d_xq, d_s, d_qs, gu_ptr, nw_mlp_sub + lw * I, I, K16I, eps,
-                    w_d_l, sc_d + lw * D, x_ptr, x_ptr, D, K16I, d_cnt, fl + NF, nw_attn + (lw + 1) * D,
-                    in_xq, in_s, in_qs, D, K16D, layer + 1 < L, tr + 12, True, MLP_SUB, RELU2, C_I,
-                    True, True, False, True, False, C_D, BN_D, BW_I, REPLICATE, ON_GPU, SPIN, TRACE)  # fmt: skip
-
-
 # --------------------------------------------------------------------------------------------------------------
 # launch configurations
 #
@@ -1501,7 +1224,7 @@ def autotuning() -> bool:
 
 _gemv_w2a8_tuned = triton.autotune(
     configs=[triton.Config({"BLOCK_N": bn, "BLOCK_W": bw}, num_warps=w) for bn, bw, w in _GEMV_CONFIGS],
-    key=["N", "K16", "ACT", "NORM", "HAS_RES"],  # the fused prologues change the best tile
+    key=["N", "K16"],
 )(_gemv_w2a8_kernel)
 
 
@@ -1595,9 +1318,9 @@ def _sm90(index: int | None) -> bool:
 
 
 def prologue_block(K: int) -> int:
-    """The GEMVs' input-statistics chunk for K inputs: the whole row up to 4,096 values (gate|up: pairs), so that
-    each pass of the prologue waits on memory once at K = 2,560 and twice at 6,912; no tile spills with it
-    (benchmarks/kernel_resources.py)."""
+    """The GEMVs' input-statistics chunk for K inputs (the plain GEMV's max|x|, the int8 head's norm and max): the
+    whole row up to 4,096 values, so that each pass of the prologue waits on memory once at K = 2,560 and twice at
+    6,912; no tile spills with it (benchmarks/kernel_resources.py)."""
     return min(triton.next_power_of_2(K), 4096)
 
 
@@ -1627,10 +1350,6 @@ def bitlinear_gemv(
     K: int,
     config: tuple[int, int, int] | None = None,
     *,
-    norm: torch.Tensor | None = None,
-    eps: float = 0.0,
-    act: str | None = None,
-    residual: torch.Tensor | None = None,
     pdl: bool | str = False,
 ) -> torch.Tensor:
     """Decode W2A8 GEMV with fused activation quantization: x [M, K] float → y [M, N] in x's dtype.
@@ -1638,35 +1357,23 @@ def bitlinear_gemv(
     ``packed`` uint8 [N, ceil(K/4)] (t2), its row bytes a multiple of 4 (``gemv_compatible``); ``scale`` f32 [1]
     or [N]. ``config`` = (BLOCK_N, BLOCK_W words, num_warps) bypasses the autotuner (benchmarks, tests).
 
-    The decode step's other ops can run inside the same launch (FastModel(gemv="fused"): five launches a layer):
-    - ``act`` "relu2" | "silu": x is gate | up [M, 2K] and the GEMV's input is act(gate) · up;
-    - ``norm`` weight [K] (with ``eps``): the input is RMSNorm of x (or of act(gate) · up: the MLP sub-norm),
-      with runtime/model.py's rounding steps;
-    - ``residual`` [M, N]: returns residual + y, the block's residual add.
-
     ``pdl``: launch with programmatic dependent launch (sm_90+; ignored elsewhere), so that the launch overlaps
     the previous kernel's end ("early": the next launch may also start before this one's wait, ``_pdl_enter``;
     "early-packs" is True here: a GEMV reads weights);
     every kernel launched so in a sequence must be one of this module's.
     """
-    _check_act(act, "bitlinear_gemv")
-    x = _check_x(x, 2 * K if act else K, "bitlinear_gemv")
+    x = _check_x(x, K, "bitlinear_gemv")
     _check_weight(packed, scale, K, x, "bitlinear_gemv")
     if not gemv_compatible(packed):
         raise KernelShapeError(f"bitlinear_gemv: row bytes {packed.shape[1]} must be a multiple of 4 (use bitlinear_matmul)")
     m, n = x.shape[0], packed.shape[0]
-    _check_norm(norm, K, x, "bitlinear_gemv")
-    _check_residual(residual, m, n, x.dtype, x.device, "bitlinear_gemv")
     words = packed.view(torch.int32)  # [N, K16]: little-endian, weight 16w + k in bits 2k..2k+1 of word w
     k16 = words.shape[1]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return y
-    res = residual if residual is not None else y
-    args = (x, norm if norm is not None else x, res, words, scale, y, n, K, k16, eps,
-            x.stride(0), res.stride(0), words.stride(0), y.stride(0))  # fmt: skip
-    flags = dict(ACT=act is not None, NORM=norm is not None, RELU2=act == "relu2", HAS_RES=residual is not None,
-                 SCALE_PER_ROW=scale.numel() != 1 or n == 1, BLOCK_P=prologue_block(K), **_pdl(x, pdl))  # fmt: skip
+    args = (x, words, scale, y, n, K, k16, x.stride(0), words.stride(0), y.stride(0))
+    flags = dict(SCALE_PER_ROW=scale.numel() != 1 or n == 1, BLOCK_P=prologue_block(K), **_pdl(x, pdl))
     if config is None and _TUNE:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m)
         _gemv_w2a8_tuned[grid](*args, **flags, ON_GPU=True)
@@ -2231,168 +1938,3 @@ def advance(nxt: torch.Tensor, out: torch.Tensor, n: torch.Tensor, tok: torch.Te
             any(t.numel() != 1 for t in (nxt, n, tok, pos)):  # fmt: skip
         raise KernelShapeError("advance: nxt, n, tok, pos must be int64 scalars and out int64 [S], contiguous on one device")
     _advance_kernel[(1,)](nxt, out, n, tok, pos, out.numel(), **_pdl(out, pdl), num_warps=1)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# the decoder layers of a decode step in one launch
-
-
-class LayerStack(NamedTuple):
-    """The decoder layers' weights for ``decode_layers``, stacked over the L layers (one layer a stride apart, so
-    the kernel takes one pointer a kind): t2 rows as int32 words [L, N, K16] with per-row f32 scales [L, N], the
-    norm weights [L, width] (a sub-norm None where the family has none), and the shapes."""
-
-    qkv: torch.Tensor  # [L, Nq + 2·Nkv, K16(D)]: q | k | v rows
-    qkv_scale: torch.Tensor
-    o: torch.Tensor  # [L, D, K16(Nq)]
-    o_scale: torch.Tensor
-    gate_up: torch.Tensor  # [L, 2·I, K16(D)]: gate | up rows
-    gate_up_scale: torch.Tensor
-    down: torch.Tensor  # [L, D, K16(I)]
-    down_scale: torch.Tensor
-    attn_norm: torch.Tensor  # [L, D]
-    attn_sub_norm: torch.Tensor | None  # [L, Nq]
-    mlp_norm: torch.Tensor  # [L, D]
-    mlp_sub_norm: torch.Tensor | None  # [L, I]
-    eps: float  # every norm's
-    relu2: bool  # the MLP's act: relu² (else SiLU)
-    n_heads: int
-    n_kv: int
-    head_dim: int
-
-
-# decode_layers' bound on a wait: polls before it gives up (about a second; _wait)
-WAIT_POLLS = 1 << 21
-# decode_layers' launch: rows of a tile for the K = D matrices (the others keep its size in words), warps,
-# programs a multiprocessor (capped by what fits: every program must be resident, _decode_layers_kernel), and the
-# handoff at the packing boundaries (0: the last program packs and signals; 1: REPLICATE, every program packs), and
-# the L2 prefetch of the weights two phases ahead (0 / 1: PREFETCH; on an H200 it changed nothing, 627.7 against
-# 622.7 tok/s, benchmarks/RESULTS.md)
-PERSISTENT_CONFIG = (16, 8, 1, 0, 0)
-
-
-def _layer_stack_shapes(w: LayerStack) -> tuple[int, int, int, int]:
-    # (L, D, Nq, I) of a LayerStack, every tensor checked against them
-    n_layers, d, inter = w.qkv.shape[0], w.o.shape[1], w.gate_up.shape[1] // 2
-    nq, nkv = w.n_heads * w.head_dim, w.n_kv * w.head_dim
-    if w.n_heads % w.n_kv or w.head_dim % 2:
-        raise KernelShapeError(f"decode_layers: heads {w.n_heads}/{w.n_kv}, Dh {w.head_dim}")
-    k16 = {k: (k + 15) // 16 for k in (d, nq, inter)}
-    want = {  # name → (shape, dtype; None: the model's float)
-        "qkv": ((n_layers, nq + 2 * nkv, k16[d]), torch.int32), "o": ((n_layers, d, k16[nq]), torch.int32),
-        "gate_up": ((n_layers, 2 * inter, k16[d]), torch.int32), "down": ((n_layers, d, k16[inter]), torch.int32),
-        "attn_norm": ((n_layers, d), None), "attn_sub_norm": ((n_layers, nq), None),
-        "mlp_norm": ((n_layers, d), None), "mlp_sub_norm": ((n_layers, inter), None),
-    }  # fmt: skip
-    for name in ("qkv", "o", "gate_up", "down"):
-        want[name + "_scale"] = (want[name][0][:2], torch.float32)
-    for name, (shape, dtype) in want.items():
-        t = getattr(w, name)
-        if t is None and name.endswith("sub_norm"):
-            continue
-        if tuple(t.shape) != shape or (dtype is not None and t.dtype != dtype) or not t.is_contiguous():
-            raise KernelShapeError(f"decode_layers: {name} must be {dtype or 'float'} {shape} contiguous, got {t.dtype} {tuple(t.shape)}")
-    return n_layers, d, nq, inter
-
-
-@functools.cache
-def _resident_per_sm(index: int, n_regs: int, shared: int, warps: int) -> int:
-    # how many programs of a kernel fit on one multiprocessor at once: registers (allocated per warp in units of
-    # 256), threads and shared memory (+1 KB reserved a block)
-    p = torch.cuda.get_device_properties(index)
-    warp_regs = -(-n_regs * 32 // 256) * 256
-    by_regs = getattr(p, "regs_per_multiprocessor", 65536) // (warp_regs * warps)
-    by_threads = getattr(p, "max_threads_per_multi_processor", 2048) // (32 * warps)
-    by_smem = getattr(p, "shared_memory_per_multiprocessor", 233472) // (shared + 1024)
-    return min(by_regs, by_threads, by_smem, 32)
-
-
-def decode_layers(
-    tok: torch.Tensor, pos: torch.Tensor, embed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-    cache_k: torch.Tensor, cache_v: torch.Tensor, w: LayerStack, err: torch.Tensor,
-    config: tuple[int, int, int, int] | None = None, trace: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Every decoder layer of a decode step in one launch (FastModel(gemv="persistent")): token id ``tok`` int64
-    [1] at position ``pos`` int64 [1] (both on the device: a CUDA graph replays it) → the last layer's output x
-    [1, D] in embed's dtype, before the final norm; keys and values are written into the caches.
-
-    The arithmetic is ``FastModel(gemv="folded")``'s, bit for bit (the same helpers): the embedding row, layer 0's
-    packed input, then per layer the q/k/v GEMV, the split attention (combine and sub-norm packing by the last
-    split), o (+ residual, packs mlp_norm), gate|up (packs act·up + sub-norm), down (+ residual, packs the next
-    layer's attn_norm). One persistent grid runs them all; flags replace the kernel boundaries (see
-    _decode_layers_kernel), so the weights of each phase are in flight while its input is still being made.
-
-    embed [V, D]; cos / sin [S, Dh] (the whole rope tables); caches [L, B, Hkv, S, Dh] with contiguous rows (batch
-    row 0 is used); ``w`` the stacked weights; ``err`` int32 [1]: set to 1 if a wait timed out (a program was
-    not resident, or a flag was never set), which the caller checks: the output is wrong then, not the GPU hung.
-    ``config`` = (rows of a K = D tile, warps, programs a multiprocessor, replicate 0 / 1, prefetch 0 / 1), default
-    ``PERSISTENT_CONFIG``. The interpreter counts as one multiprocessor and runs its programs one after another,
-    so there more than one times out, unless something runs them at once (the tests do). ``trace``: also return
-    each program's times (GPU global timer, ns; 0 under the interpreter) of each phase of each layer, int64 [P, L,
-    5 phases (q/k/v, attention, o, gate|up, down), 3 (entered, input ready, its items done)]: where the step's
-    time goes."""
-    n_layers, d, nq, inter = _layer_stack_shapes(w)
-    nkv, dh = w.n_kv * w.head_dim, w.head_dim
-    dev = embed.device
-    if embed.dim() != 2 or embed.shape[1] != d or not embed.is_contiguous():
-        raise KernelShapeError(f"decode_layers: embed must be [V, {d}] contiguous, got {tuple(embed.shape)}")
-    if tok.numel() != 1 or tok.dtype != torch.long or pos.numel() != 1 or pos.dtype != torch.long:
-        raise KernelShapeError("decode_layers: tok and pos must be int64 [1]")
-    slots = cache_k.shape[3] if cache_k.dim() == 5 else 0
-    if (cache_k.shape != cache_v.shape or cache_k.stride() != cache_v.stride() or cache_k.dim() != 5
-            or cache_k.shape[0] != n_layers or cache_k.shape[2] != w.n_kv or cache_k.shape[4] != dh
-            or cache_k.stride(4) != 1):  # fmt: skip
-        raise KernelShapeError(f"decode_layers: caches must be [{n_layers}, B, {w.n_kv}, S, {dh}] with contiguous rows, got {tuple(cache_k.shape)}")
-    if cos.shape != (slots, dh) or sin.shape != (slots, dh) or not (cos.is_contiguous() and sin.is_contiguous()):
-        raise KernelShapeError(f"decode_layers: cos / sin must be [{slots}, {dh}] contiguous, got {tuple(cos.shape)}")
-    if err.dtype != torch.int32 or err.numel() != 1 or err.device != dev:
-        raise KernelShapeError("decode_layers: err must be int32 [1] on the model's device")
-    rows, warps, per_sm, replicate, prefetch = config or PERSISTENT_CONFIG
-    block_n, chunk, n_split = _attention_splits(slots)
-    dt = embed.dtype
-    x = torch.empty((1, d), dtype=dt, device=dev)
-    qkv = torch.empty((nq + 2 * nkv,), dtype=dt, device=dev)
-    y = torch.empty((nq,), dtype=dt, device=dev)
-    gu = torch.empty((2 * inter,), dtype=dt, device=dev)
-    pm = torch.empty((w.n_heads, n_split), dtype=torch.float32, device=dev)
-    pl = torch.empty_like(pm)
-    pacc = torch.empty((w.n_heads, n_split, dh), dtype=torch.float32, device=dev)
-    nf = 9 + w.n_heads
-    flags = torch.zeros((n_layers + 1, nf), dtype=torch.int32, device=dev)  # + the row the last down rows count on
-    bw = {k: triton.next_power_of_2((k + 15) // 16) for k in (d, nq, inter)}  # whole-row tiles
-    tile = rows * bw[d]  # words a tile, kept for the other K
-    # the packings' blocks, pack_act's (so that the folded step's tails pack alike)
-    c_d, c_q, c_i = (pack_act_launch((k + 15) // 16, act)[0] for k, act in ((d, False), (nq, False), (inter, True)))
-
-    def args(act_rows: int, times: torch.Tensor) -> tuple:
-        # the kernel's arguments, with packed inputs of q/k/v, o, gate|up and down (xq, s, qsum each) of act_rows
-        # rows (one shared, or with REPLICATE one a program) and the trace's times (err when there is none: not
-        # written)
-        acts = (t for k in (d, nq, d, inter) for t in PackedAct.empty(act_rows, k, dev)[:3])
-        return (tok, pos, embed, cos, sin, cache_k, cache_v, x, qkv, y, gu, pm, pl, pacc, *acts,
-                w.qkv, w.qkv_scale, w.o, w.o_scale, w.gate_up, w.gate_up_scale, w.down, w.down_scale,
-                w.attn_norm, w.attn_sub_norm if w.attn_sub_norm is not None else w.attn_norm, w.mlp_norm,
-                w.mlp_sub_norm if w.mlp_sub_norm is not None else w.mlp_norm, flags, err, times,
-                n_layers, cache_k.stride(0), cache_k.stride(2), cache_k.stride(3), chunk, n_split, dh**-0.5, w.eps)  # fmt: skip
-
-    meta = dict(
-        D=d, NQ=nq, NKV=nkv, I=inter, H=w.n_heads, GROUP=w.n_heads // w.n_kv, DH=dh,
-        HALF=triton.next_power_of_2(dh // 2), NF=nf, ATTN_SUB=w.attn_sub_norm is not None,
-        MLP_SUB=w.mlp_sub_norm is not None, RELU2=w.relu2, BN_QKV=rows, BN_O=max(1, tile // bw[nq]), BN_GU=rows,
-        BN_D=max(1, tile // bw[inter]), BW_D=bw[d], BW_Q=bw[nq], BW_I=bw[inter], C_D=c_d, C_Q=c_q,
-        C_I=c_i, BLOCK_N_ATT=block_n, BLOCK_S=triton.next_power_of_2(n_split),
-        BLOCK_D=triton.next_power_of_2(dh), REPLICATE=bool(replicate), PREFETCH=bool(prefetch), ON_GPU=not _INTERPRET,
-        num_warps=warps,
-    )  # fmt: skip
-    if _INTERPRET:  # one multiprocessor of per_sm programs; one alone meets every wait when it reaches it, or never
-        programs, spin = per_sm, 1 if per_sm == 1 else WAIT_POLLS
-    else:
-        spin = WAIT_POLLS
-        if per_sm > 1:  # one program a multiprocessor always fits; more only as far as registers etc. allow
-            compiled = _decode_layers_kernel.warmup(*args(1, err), **meta, SPIN=spin, grid=(1,))
-            compiled._init_handles()  # loads the binary: n_regs
-            per_sm = max(1, min(per_sm, _resident_per_sm(dev.index or 0, compiled.n_regs, compiled.metadata.shared, warps)))
-        programs = torch.cuda.get_device_properties(dev).multi_processor_count * per_sm
-    times = torch.full((programs, n_layers, 5, 3), -1, dtype=torch.int64, device=dev) if trace else err
-    _decode_layers_kernel[(programs,)](*args(programs if replicate else 1, times), **meta, SPIN=spin, TRACE=trace)
-    return (x, times) if trace else x

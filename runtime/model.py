@@ -192,8 +192,8 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", inv_freq.to(embed.device), persistent=False)
         self.max_seq = 0
         self.max_batch = 0
-        # every layer's cache in one tensor [L, B, Hkv, max_seq, Dh] each (setup_cache): the layers hold views, and
-        # a kernel can reach layer i's at a stride (kernels.decode_layers)
+        # every layer's cache in one tensor [L, B, Hkv, max_seq, Dh] each (setup_cache): the layers hold views, so
+        # growing the cache is one copy, and a check or a benchmark sees every layer's cache at once
         self.cache_k: torch.Tensor | None = None
         self.cache_v: torch.Tensor | None = None
 

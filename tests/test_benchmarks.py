@@ -80,31 +80,6 @@ def test_variant_specs_parse(bench):
     assert len(specs) >= 4
     for spec in specs:
         bench.parse_variant(spec)
-    configs = [line.split('--persistent-configs "')[1].split('"')[0] for line in script.splitlines() if "--persistent-configs" in line]
-    assert all(bench.parse_persistent_configs(c) for c in configs)
-
-
-def test_persistent_configs_parse(bench):
-    from bitnet158.runtime import kernels
-
-    assert bench.parse_persistent_configs(None) == [kernels.PERSISTENT_CONFIG]
-    assert bench.parse_persistent_configs("16,8,1,0;8,8,2,1,1") == [(16, 8, 1, 0, 0), (8, 8, 2, 1, 1)]
-    for bad in ("16,8,1", "16,8,0,0", "16,8,1,2", "16,8,1,0,2", "16,8,1,0,1,0", "a,b,c,d", "16,8,1,0;"):
-        with pytest.raises(SystemExit):
-            bench.parse_persistent_configs(bad)
-
-
-def test_trace_summary(bench):
-    # two programs, two layers, every phase a 1 µs wait then 2 µs of work, one after the other; one program had
-    # no attention split to wait for (-1: its input-ready time is its entry)
-    t0 = torch.arange(10, dtype=torch.int64).view(2, 5) * 3000  # [L, 5] phase entries, ns
-    times = torch.stack([t0, t0 + 1000, t0 + 3000], dim=-1).expand(2, 2, 5, 3).clone()  # [P, L, 5, 3]
-    times[1, 0, 1, 1] = -1
-    s = bench.trace_summary(times)
-    assert list(s["phases"]) == list(bench.PHASES)
-    for name, v in s["phases"].items():
-        assert (v["wait_us"], v["work_us"], v["span_us"]) == (1.0, 2.0, 3.0), name
-    assert (s["layer_us"], s["total_us"]) == (15.0, 30.0)
 
 
 def test_attention_scaling_runs_both_ways(bench):

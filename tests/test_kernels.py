@@ -130,8 +130,8 @@ def test_gemv_refuses_rows_not_whole_words():
     assert_out(kernels.bitlinear_triton(x, packed, scale, 290), ref_y(x, packed, scale, 290))
 
 
-# --- decode GEMV with the layer's other ops fused in -------------------------------------------------------------
-def _fused_case(M, N, K, dtype, seed):
+# --- packed decode GEMV: the input's norm / act·up quantized and packed once (pack_act), the residual in its epilogue
+def _layer_case(M, N, K, dtype, seed):
     x, packed, scale = rand_case(M, N, K, per_row=seed % 2 == 1, dtype=dtype, seed=seed)
     g = torch.Generator().manual_seed(seed + 1)
     w = (1 + 0.1 * torch.randn(K, generator=g)).to(DEV, dtype)
@@ -140,67 +140,47 @@ def _fused_case(M, N, K, dtype, seed):
     return x, packed, scale, w, gu, res
 
 
-# (M, N, K, seed, dtype): K = 528 in fp32 only, to keep the interpreter's time down
-FUSED_CASES = [(1, 37, 160, 0, torch.float32), (1, 37, 160, 0, torch.bfloat16), (2, 21, 528, 1, torch.float32)]
+# (M, N, K, seed, dtype): K = 528 in fp32 only, to keep the interpreter's time down; K = 13: one padded word
+LAYER_CASES = [(1, 37, 160, 0, torch.float32), (1, 37, 160, 0, torch.bfloat16), (2, 21, 528, 1, torch.float32),
+               (2, 5, 13, 2, torch.bfloat16)]  # fmt: skip
 
 
 @interp
-@pytest.mark.parametrize("M,N,K,seed,dtype", FUSED_CASES)
-def test_gemv_fused_ops_equal_the_separate_kernels(M, N, K, seed, dtype):
-    # norm / act·up / sub-norm / residual inside the GEMV give what the separate kernels (rmsnorm, act_mul_norm,
-    # then the plain GEMV, then the add) give. K = 160 fits one reduction block, so even the fp32 statistics
-    # are summed in the same order: bit for bit. K = 528 sums in 256-element chunks: equal to fp32 rounding.
-    x, packed, scale, w, gu, res = _fused_case(M, N, K, dtype, seed)
-
-    def gemv(inp, **kw):
-        return kernels.bitlinear_gemv(inp, packed, scale, K, **kw)
-
-    cases = {
-        "norm": (gemv(x, norm=w, eps=1e-5), gemv(kernels.rmsnorm(x, w, 1e-5))),
-        "norm + residual": (gemv(x, norm=w, eps=1e-5, residual=res), res + gemv(kernels.rmsnorm(x, w, 1e-5))),
-        "relu2 + norm + residual": (
-            gemv(gu, act="relu2", norm=w, eps=1e-5, residual=res),
-            res + gemv(kernels.act_mul_norm(gu, w, 1e-5, relu2=True)),
-        ),
-        "silu": (gemv(gu, act="silu"), gemv(kernels.act_mul_norm(gu, None, 0.0, relu2=False))),
+@pytest.mark.parametrize("M,N,K,seed,dtype", LAYER_CASES)
+def test_packed_gemv_equals_the_separate_kernels(M, N, K, seed, dtype):
+    # pack_act + bitlinear_gemv_packed (+ its residual) compute what the separate kernels compute: rmsnorm or
+    # act_mul_norm, then the plain GEMV (which quantizes in its loop), then torch's add. Bit for bit without a
+    # norm; with one, the sum of squares is reduced in another order (pack_act holds the whole row), which may
+    # move a rounding tie of the quantization: then at most a q step or two on an output. The residual: torch's
+    # bf16 add rounds to nearest, the interpreter's cast truncates, so one bf16 ulp
+    x, packed, scale, w, gu, res = _layer_case(M, N, K, dtype, seed)
+    options = {
+        "plain": ({}, x, x),
+        "norm": (dict(norm=w, eps=1e-5), x, kernels.rmsnorm(x, w, 1e-5)),
+        "relu2 + norm": (dict(act="relu2", norm=w, eps=1e-5), gu, kernels.act_mul_norm(gu, w, 1e-5, relu2=True)),
+        "silu": (dict(act="silu"), gu, kernels.act_mul_norm(gu, None, 0.0, relu2=False)),
     }
-    for name, (got, want) in cases.items():
-        assert got.dtype == dtype and got.shape == (M, N), name
-        if dtype == torch.float32 and K <= 256:
-            assert torch.equal(got, want), name
-        elif dtype == torch.float32:
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()), msg=name)
-        elif "residual" not in name:
-            assert torch.equal(got, want), name  # the same bf16 casts on both sides (the interpreter's)
-        else:  # torch's bf16 add rounds to nearest, the interpreter's cast truncates: one bf16 ulp
-            assert_out(got, want)
-    if dtype == torch.float32:  # and against the torch modules (RMSNorm, BitLinear's quantizer, unpack_t2)
-        from bitnet158.runtime.model import RMSNorm
-
-        want = ref_y(RMSNorm(w, 1e-5)(x), packed, scale, K)
-        torch.testing.assert_close(cases["norm"][0], want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
-
-
-@interp
-@pytest.mark.parametrize("M,N,K,seed,dtype", FUSED_CASES + [(2, 5, 13, 2, torch.bfloat16)])
-def test_packed_gemv_equals_the_fused_gemv(M, N, K, seed, dtype):
-    # pack_act + bitlinear_gemv_packed compute what bitlinear_gemv computes with the same options: bit for bit
-    # without a norm; with one, the sum of squares is reduced in another order (pack_act holds the whole row),
-    # which may move a rounding tie of the quantization: then at most a q step or two on an output. K = 13: one
-    # padded word
-    x, packed, scale, w, gu, res = _fused_case(M, N, K, dtype, seed)
-    options = [({}, x), (dict(norm=w, eps=1e-5), x), (dict(act="relu2", norm=w, eps=1e-5), gu), (dict(act="silu"), gu)]
-    for kw, inp in options:
+    for name, (kw, inp, separate) in options.items():
         a = kernels.pack_act(inp, K, **kw)
         assert a.xq.shape == (M, 4, (K + 15) // 16) and a.xq.dtype == torch.int32
         for r in (None, res):
             got = kernels.bitlinear_gemv_packed(a, packed, scale, dtype, residual=r)
-            want = kernels.bitlinear_gemv(inp, packed, scale, K, residual=r, **kw)
-            if "norm" not in kw:
-                assert torch.equal(got, want), (kw, r is not None)
-            else:
+            want = kernels.bitlinear_gemv(separate, packed, scale, K)
+            want = want if r is None else r + want
+            assert got.dtype == dtype and got.shape == (M, N), name
+            if "norm" in kw:
                 step = (scale.max() / a.s)[:, None]  # one q step on one input, in output units
-                assert bool(((got.float() - want.float()).abs() <= 2 * step + want.float().abs() * 2**-7).all()), kw
+                assert bool(((got.float() - want.float()).abs() <= 2 * step + want.float().abs() * 2**-7).all()), name
+            elif r is None or dtype == torch.float32:
+                assert torch.equal(got, want), (name, r is not None)
+            else:
+                assert_out(got, want)
+    if dtype == torch.float32:  # and against the torch modules (RMSNorm, BitLinear's quantizer, unpack_t2)
+        from bitnet158.runtime.model import RMSNorm
+
+        want = ref_y(RMSNorm(w, 1e-5)(x), packed, scale, K)
+        got = kernels.bitlinear_gemv_packed(kernels.pack_act(x, K, norm=w, eps=1e-5), packed, scale, dtype)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
     # the packed words themselves: word (k, c) holds q[16c + 4i + k] in byte i; qsum = Σ q
     q, s = quantize_activations(x)
     a = kernels.pack_act(x, K)
@@ -211,24 +191,17 @@ def test_packed_gemv_equals_the_fused_gemv(M, N, K, seed, dtype):
 
 
 @interp
-def test_gemv_fused_refuses_bad_operands():
-    x, packed, scale, w, gu, res = _fused_case(1, 37, 160, torch.float32, 0)
+def test_packed_gemv_refuses_bad_operands():
+    x, packed, scale, w, gu, res = _layer_case(1, 37, 160, torch.float32, 0)
     bad = {
         "act": dict(act="gelu"),
         "gate|up width": dict(act="relu2"),  # x is [1, K], not [1, 2K]
         "norm shape": dict(norm=w[:-1]),
-        "residual shape": dict(residual=res[:, :-1]),
-        "residual dtype": dict(residual=res.double()),
     }
     for name, kw in bad.items():
         with pytest.raises(kernels.KernelShapeError):
-            kernels.bitlinear_gemv(x, packed, scale, 160, **kw)
+            kernels.pack_act(x, 160, **kw)
             pytest.fail(name)
-    for name, kw in bad.items():
-        if "residual" not in name:
-            with pytest.raises(kernels.KernelShapeError):
-                kernels.pack_act(x, 160, **kw)
-                pytest.fail(name)
     for warps in (3, 0, 64, 4.0):
         with pytest.raises(kernels.KernelShapeError, match="warps must be a power of two"):
             kernels.pack_act(x, 160, warps=warps)
@@ -236,6 +209,7 @@ def test_gemv_fused_refuses_bad_operands():
     assert _same_pack(a, kernels.pack_act(x, 160, warps=16))  # the interpreter has no warps: the same pack
     for name, call in {
         "residual shape": lambda: kernels.bitlinear_gemv_packed(a, packed, scale, x.dtype, residual=res[:, :-1]),
+        "residual dtype": lambda: kernels.bitlinear_gemv_packed(a, packed, scale, x.dtype, residual=res.double()),
         "weights of another K": lambda: kernels.bitlinear_gemv_packed(a, packed[:, :-4], scale, x.dtype),
     }.items():
         with pytest.raises(kernels.KernelShapeError):
@@ -267,7 +241,7 @@ def test_folded_gemv_packs_what_pack_act_packs(M, N, K, seed, dtype):
     # pack_next: the GEMV's last program per row packs y for the next GEMV: the same y, and bit for bit the
     # PackedAct that pack_act makes of it (the same _pack_row code), for each option; the counter ends at zero,
     # so the next launch (a graph replay) reuses it. The fixed interpreter tile gives 3 to 7 programs a row.
-    x, packed, scale, _, _, res = _fused_case(M, N, K, dtype, seed)
+    x, packed, scale, _, _, res = _layer_case(M, N, K, dtype, seed)
     a = kernels.pack_act(x, K)
     g = torch.Generator().manual_seed(seed)
     w_full, w_half = ((1 + 0.1 * torch.randn(n, generator=g)).to(DEV, dtype) for n in (N, N // 2))
@@ -866,8 +840,8 @@ def test_fast_model_attention_kernel_in_the_graph_step():
 
 @interp
 @pytest.mark.parametrize("relu2,sub_norms", [(True, True), (False, False)])
-def test_fast_model_fused_and_packed_gemv_steps(relu2, sub_norms):
-    # gemv="fused" (five launches a layer) and "packed" (pack_act + lean GEMV) against the separate kernels, in
+def test_fast_model_packed_gemv_steps(relu2, sub_norms):
+    # gemv="packed" (pack_act + lean GEMV) against "plain" (the separate kernels), in
     # the tensor-position step that CUDA graphs capture (with the attention kernel) and in the host-position
     # step; and greedy tokens as the reference network's
     from bitnet158.runtime.fast import FastModel, FastPathError, GraphDecoder
@@ -880,7 +854,7 @@ def test_fast_model_fused_and_packed_gemv_steps(relu2, sub_norms):
     ref_tokens = list(generate_tokens(net, [3], 3, Sampler(SamplingParams()))) if relu2 else None
     with torch.inference_mode():  # (short: every GEMV runs in Triton's interpreter)
         steps = {}
-        for gemv in ("plain", "fused", "packed"):
+        for gemv in ("plain", "packed"):
             fast = FastModel(net, backend="triton", attention="triton" if relu2 else "split", gemv=gemv)
             net.setup_cache(1, 16)
             steps[gemv] = [fast.logits_last(torch.tensor([[7]]), torch.tensor([0])), fast.logits_last(torch.tensor([[1]]), 1)]
@@ -888,9 +862,8 @@ def test_fast_model_fused_and_packed_gemv_steps(relu2, sub_norms):
                 assert fast._fusable == [True]
                 if relu2:
                     assert list(GraphDecoder(fast, 16, use_graph=False).generate([3], 3)) == ref_tokens, gemv
-    for gemv in ("fused", "packed"):
-        for a, b in zip(steps["plain"], steps[gemv]):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(steps["plain"], steps["packed"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_fast_model_searched_tiles_reach_the_graph_step(monkeypatch):
@@ -1087,8 +1060,8 @@ def test_search_tiles_descends_site_by_site(monkeypatch, tmp_path):
 @contextlib.contextmanager
 def programs_at_once(*jitted):
     """Under the interpreter, run each launch of these kernels with all its programs at once, a thread each, as a
-    GPU runs resident programs, instead of one after another: a persistent kernel's programs then wait on each
-    other for real, and the last program to arrive on a counter is whichever gets there last. The interpreter's
+    GPU runs resident programs, instead of one after another: the last program to arrive on a counter is then
+    whichever gets there last. The interpreter's
     program index becomes per thread; the GIL switches threads every 0.1 ms, between interpreted operations, so
     the programs interleave finely (each atomic is one operation). It uses the interpreter's internals (its
     builder's grid_idx / grid_dim and InterpretedFunction.rewritten_fn, as in Triton 3.6 and 3.9)."""
@@ -1198,108 +1171,14 @@ def test_fast_model_folded_step_equals_packed():
 
 
 @interp
-@pytest.mark.parametrize("layers,relu2,sub_norms,replicate,programs,prefetch",
-                         [(2, True, True, 0, 3, 0), (2, True, True, 1, 7, 1), (1, False, False, 1, 3, 0)])  # fmt: skip
-def test_fast_model_persistent_step_equals_folded(layers, relu2, sub_norms, replicate, programs, prefetch):
-    # gemv="persistent" runs the graph step's layers in one launch (kernels.decode_layers), with either handoff
-    # (the last program packs, or every program packs: replicate): the same logits and cache bytes as
-    # gemv="folded", bit for bit, at consecutive positions after a prefill and a host-position step (which run the
-    # folded path). Run by one program, and by several at once (programs_at_once): each phase's items spread over
-    # them (7 programs: more than the o phase's 4 items, so some have none), every wait met by the others' work,
-    # each last arrival in whichever program gets there last. The stacked weights are the network's own
-    # (re-pointed views, nothing held twice), and no wait timed out
-    from bitnet158.runtime.fast import FastModel
-
-    net = tiny_model(layers=layers, seed=6, relu2=relu2, sub_norms=sub_norms).net
-    weights = net.resident_weight_bytes()
-    with torch.inference_mode():
-        steps = {}
-        for gemv, n in (("folded", 1), ("persistent", 1), ("persistent", programs)):
-            fast = FastModel(net, backend="triton", gemv=gemv)
-            fast.persistent_config = (*kernels.PERSISTENT_CONFIG[:2], n, replicate, prefetch)
-            net.setup_cache(1, 16)
-            net.cache_k.zero_(), net.cache_v.zero_()
-            steps[gemv, n] = [fast.logits_last(torch.tensor([[3, 5]]), 0), fast.logits_last(torch.tensor([[7]]), 2)]
-            with programs_at_once(kernels._decode_layers_kernel) if n > 1 else contextlib.nullcontext():
-                steps[gemv, n] += [fast.logits_last(torch.tensor([[tok]]), torch.tensor([p])) for p, tok in ((3, 1), (4, 9))]
-                steps[gemv, n] += [net.cache_k.clone(), net.cache_v.clone()]
-                if n > 1:  # the kernel's own trace: every phase of every layer of every program (0 here: no timer)
-                    times = fast.trace_step(2, 5)
-            assert not fast.step_failed()
-    for a, b, c in zip(steps["folded", 1], steps["persistent", 1], steps["persistent", programs]):
-        assert torch.equal(a, b) and torch.equal(a, c)
-    assert fast._stack is not None
-    assert fast.qkv[0].packed.data_ptr() == fast._stack.qkv.data_ptr()  # re-pointed into the stack
-    assert net.layers[-1].mlp.down_proj.packed.data_ptr() == fast._stack.down[-1].data_ptr()
-    assert net.resident_weight_bytes() == weights
-    assert (fast._stack.attn_sub_norm is None) == (not sub_norms)
-    assert times.shape == (programs, layers, 5, 3) and not times.any()
-
-
-@interp
-def test_wait_gives_up_into_the_error_flag():
-    # kernels._wait spins on a flag at most SPIN polls, then records the timeout instead of hanging the GPU (and
-    # a persistent step whose programs do not all run at once times out); a GraphDecoder whose persistent step
-    # timed out refuses to go on
-    from bitnet158.runtime.fast import FastModel, FastPathError, GraphDecoder
-
-    @triton.jit
-    def waiter(flag, target, err, out, SPIN: tl.constexpr):
-        kernels._wait(flag, target, err, SPIN)
-        tl.store(out, 7)
-
-    # met; never met (gives up after 3 polls); never met with an earlier wait's failure already recorded (gives up
-    # at its first look at the error flag, 256 polls, not SPIN)
-    for target, err0, spin, want in ((2, 0, 3, 0), (3, 0, 3, 1), (3, 1, 1 << 30, 1)):
-        flag, err, out = torch.tensor([2], dtype=torch.int32), torch.tensor([err0], dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
-        waiter[(1,)](flag, target, err, out, spin)
-        assert (int(err), int(out)) == (want, 7)
-    # a persistent step of 3 programs one after another (the interpreter's own order): program 0 waits on the
-    # items of program 1, and its wait gives up
-    net = tiny_model(layers=1).net
-    fast = FastModel(net, backend="triton", gemv="persistent")
-    fast.persistent_config = (*kernels.PERSISTENT_CONFIG[:2], 3, 0, 0)
-    net.setup_cache(1, 16)
-    with torch.inference_mode(), patch.object(kernels, "WAIT_POLLS", 300):
-        fast.logits_last(torch.tensor([[4]]), torch.tensor([0]))
-    assert fast.step_failed() and not fast.step_failed()
-    fast = FastModel(net, backend="triton", gemv="persistent")
-    fast._step_err = torch.ones(1, dtype=torch.int32)
-    with pytest.raises(FastPathError, match="timed out"):
-        list(GraphDecoder(fast, 16, use_graph=False).generate([3, 1], 2))
-    assert not fast.step_failed()  # reported once, then cleared for the next generation
-
-
-def test_persistent_programs_a_multiprocessor():
-    # decode_layers' grid is per_sm programs a multiprocessor, capped by what fits at once (every program must be
-    # resident, or the step times out): registers are allocated per warp in units of 256, and an H100 / H200
-    # multiprocessor has 65,536 of them, 2,048 threads and 228 KB of shared memory (1 KB reserved a block)
-    hopper = SimpleNamespace(regs_per_multiprocessor=65536, max_threads_per_multi_processor=2048,
-                             shared_memory_per_multiprocessor=233472)  # fmt: skip
-    kernels._resident_per_sm.cache_clear()
-    try:
-        with patch.object(torch.cuda, "get_device_properties", lambda index: hopper):
-            fits = kernels._resident_per_sm
-            assert fits(0, 196, 8192, 8) == 1  # the default config: 196 registers, 8 warps
-            assert fits(0, 254, 8192, 4) == 2  # 16 rows, 4 warps: two a multiprocessor
-            assert fits(0, 255, 8192, 4) == 2 and fits(0, 128, 8192, 8) == 2 and fits(0, 129, 8192, 8) == 1
-            assert fits(0, 81, 8192, 4) == 5  # 81 · 32 = 2,592 registers a warp take 2,816: 5 programs, not 6
-            assert fits(0, 32, 8192, 4) == 16  # then threads bound it: 2,048 / 128
-            assert fits(0, 32, 100_000, 4) == 2  # and shared memory
-    finally:
-        kernels._resident_per_sm.cache_clear()
-
-
-@interp
 @pytest.mark.parametrize("relu2,sub_norms", [(True, True), (False, False)])
 def test_decode_step_reads_each_weight_byte_once(relu2, sub_norms):
     # benchmarks/traffic.py counts every load of a graph decode step's kernels: each decode variant (the default,
-    # the int8 head, plain / fused / folded / persistent GEMVs) reads each t2 weight byte and each int8 head byte
-    # exactly once, and the KV cache at the filled positions only, all of them (a re-read or a whole-cache read
-    # gives the same logits, so only counting sees it). The counter itself sees a second read. Launches: the
+    # the int8 head, plain / folded GEMVs) reads each t2 weight byte and each int8 head byte exactly once, and the
+    # KV cache at the filled positions only, all of them (a re-read or a whole-cache read gives the same logits,
+    # so only counting sees it). The counter itself sees a second read. Launches: the
     # default's step is ten kernels a layer and five more (embedding, final norm, head, argmax, the state update;
-    # no rope gather or mask: the attention kernel reads the tables), the folded attention two fewer a layer, the
-    # persistent step one launch for the layers
+    # no rope gather or mask: the attention kernel reads the tables), the folded attention two fewer a layer
     from bitnet158.runtime.fast import FastModel
 
     spec = importlib.util.spec_from_file_location("traffic", ROOT / "benchmarks" / "traffic.py")
@@ -1315,14 +1194,13 @@ def test_decode_step_reads_each_weight_byte_once(relu2, sub_norms):
                 r = row[kind]
                 assert r.read == r.distinct == r.size > 0, (row["variant"], kind, r[:3])
         assert row["kv_filled"] and row["kv_positions"][0] == 0 and row["kv_positions"][1] in (6, 7), row["variant"]
-    assert "int8 head" in rows[1] and rows[-1]["embedding"].read  # the persistent kernel reads the token's row
+    assert "int8 head" in rows[1]
     launches = {r["variant"]: r["launches"] for r in rows}
     default = launches["packed (CUDA default)"]
     triton = sum(c for k, c in default.items() if k.startswith("triton"))
     assert triton == 10 * 2 + 3 and sum(default.values()) == triton + 2, default
     assert not {"torch: index", "torch: arange", "torch: le"} & set(default), default
     assert sum(launches["packed, folded attention"].values()) == sum(default.values()) - 2 * 2
-    assert launches["persistent, last program packs"]["triton: _decode_layers_kernel"] == 1
 
     def argmax_as(launch):  # the default's launches with ``launch`` in place of the argmax kernel
         return {**{k: c for k, c in default.items() if k != "triton: _argmax_kernel"}, launch: 1}
@@ -1341,31 +1219,6 @@ def test_decode_step_reads_each_weight_byte_once(relu2, sub_norms):
             kernels.bitlinear_gemv(x, packed, scale, 64)
     twice = traffic.reads_of(traffic.by_size(loads), [packed])
     assert twice.read == 2 * twice.distinct == 2 * packed.numel() and twice.mask.all()
-
-
-def test_decode_layers_checks_its_inputs():
-    # a LayerStack of the wrong shape or dtype is refused before anything runs
-    d, nq, nkv, inter, n_layers = 64, 64, 32, 160, 2
-    i32, f32 = torch.int32, torch.float32
-    w = kernels.LayerStack(
-        torch.zeros(n_layers, nq + 2 * nkv, d // 16, dtype=i32), torch.ones(n_layers, nq + 2 * nkv),
-        torch.zeros(n_layers, d, nq // 16, dtype=i32), torch.ones(n_layers, d),
-        torch.zeros(n_layers, 2 * inter, d // 16, dtype=i32), torch.ones(n_layers, 2 * inter),
-        torch.zeros(n_layers, d, inter // 16, dtype=i32), torch.ones(n_layers, d),
-        torch.ones(n_layers, d), None, torch.ones(n_layers, d), torch.ones(n_layers, inter), 1e-5, True, 4, 2, 16,
-    )  # fmt: skip
-    assert kernels._layer_stack_shapes(w) == (n_layers, d, nq, inter)
-    for bad in (dict(o=w.o[:, :-1]), dict(down_scale=w.down_scale.double()), dict(mlp_sub_norm=torch.ones(n_layers, d)),
-                dict(qkv=w.qkv.float()), dict(n_kv=3)):  # fmt: skip
-        with pytest.raises(kernels.KernelShapeError, match="decode_layers"):
-            kernels._layer_stack_shapes(w._replace(**bad))
-    args = (torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), torch.zeros(61, d), torch.zeros(16, 16),
-            torch.zeros(16, 16), torch.zeros(n_layers, 1, 2, 16, 16), torch.zeros(n_layers, 1, 2, 16, 16), w,
-            torch.zeros(1, dtype=i32))  # fmt: skip
-    for at, bad, what in ((5, torch.zeros(n_layers + 1, 1, 2, 16, 16), "caches"), (3, torch.zeros(8, 16), "cos"),
-                          (8, torch.zeros(1, dtype=f32), "err"), (0, torch.zeros(2, dtype=torch.long), "tok")):  # fmt: skip
-        with pytest.raises(kernels.KernelShapeError, match=what):
-            kernels.decode_layers(*args[:at], bad, *args[at + 1 :])
 
 
 @interp
@@ -1528,19 +1381,17 @@ def test_gpu_graph_decoder_matches_eager(compile):
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("N,K", [(3840, 2560), (2560, 6912), (37, 320)])
-def test_gpu_packed_and_fused_gemv(N, K):
+def test_gpu_packed_gemv(N, K):
     # the input quantization does not depend on the tile: the packed GEMV equals the plain one and the reference
-    # bit for bit; with a norm the three kernels reduce the statistics in other orders, so rarely one q step
+    # bit for bit; with a norm the two kernels reduce the statistics in other orders, so rarely one q step
     for dtype in (torch.bfloat16, torch.float32):
-        x, packed, scale, w, gu, res = _fused_case(2, N, K, dtype, seed=N + K)
+        x, packed, scale, w, gu, res = _layer_case(2, N, K, dtype, seed=N + K)
         want = ref_y(x, packed, scale, K)
         assert_out(kernels.bitlinear_gemv_packed(kernels.pack_act(x, K), packed, scale, dtype), want)
         chain = res + kernels.bitlinear_gemv(kernels.act_mul_norm(gu, w, 1e-5, relu2=True), packed, scale, K)
-        fused = kernels.bitlinear_gemv(gu, packed, scale, K, act="relu2", norm=w, eps=1e-5, residual=res)
         a = kernels.pack_act(gu, K, act="relu2", norm=w, eps=1e-5)
-        packed_y = kernels.bitlinear_gemv_packed(a, packed, scale, dtype, residual=res)
-        for got in (fused, packed_y):
-            torch.testing.assert_close(got.float(), chain.float(), rtol=2e-2, atol=2e-2 * float(chain.float().abs().max()))
+        got = kernels.bitlinear_gemv_packed(a, packed, scale, dtype, residual=res)
+        torch.testing.assert_close(got.float(), chain.float(), rtol=2e-2, atol=2e-2 * float(chain.float().abs().max()))
 
 
 @gpu
@@ -1595,41 +1446,6 @@ def test_gpu_folded_kernels_and_argmax_in_a_graph():
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("config", [(16, 8, 1, 0, 0), (16, 8, 1, 1, 0), (16, 4, 2, 0, 0), (16, 4, 2, 1, 1)])
-def test_gpu_persistent_step_replays_exactly(config):
-    # gemv="persistent" on a GPU: a grid of programs on every multiprocessor (two each of 4 warps in the last
-    # config), flags instead of kernel boundaries.
-    # Its graph step replayed 20 times at one position (idempotent: the same cache slot rewritten with the same
-    # bytes) gives the same logits bit for bit every time, which a missing barrier, release or acquire would break
-    # (METHOD.md: a race shows up as a replay that differs), no wait times out, and it agrees with gemv="folded"
-    # (the norms' sums may run in another order there: close, and the same greedy token)
-    from bitnet158.runtime.fast import FastModel
-
-    net = tiny_model(device="cuda", dtype=torch.bfloat16, seed=9, hidden=512, inter=1376, layers=4).net
-    tok, pos = torch.tensor([[5]], device="cuda"), torch.tensor([9], device="cuda")
-    with torch.inference_mode():
-        folded = FastModel(net, backend="triton", gemv="folded")
-        net.setup_cache(1, 64)
-        folded.logits_last(torch.tensor([list(range(1, 10))], device="cuda"), 0)  # fill positions 0-8
-        want = folded.logits_last(tok, pos)
-        fast = FastModel(net, backend="triton", gemv="persistent")
-        fast.persistent_config = config
-        fast.logits_last(tok, pos)  # compile outside the capture
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = fast.logits_last(tok, pos)
-        graph.replay()
-        first = out.clone()
-        for rep in range(20):
-            graph.replay()
-            assert torch.equal(out, first), rep
-    assert not fast.step_failed()
-    torch.testing.assert_close(first, want, rtol=2e-2, atol=2e-2 * float(want.abs().max()))
-    assert int(first.argmax()) == int(want.argmax())
-
-
-@gpu
-@needs_cuda
 def test_gpu_search_tiles_times_the_decode_step(monkeypatch, tmp_path):
     # GraphDecoder.search_tiles on a GPU: every site's step timed at every tile given (CUDA graphs of the whole
     # step), then at every pack warp count given, the fastest kept, the state back where it was. With the packs
@@ -1670,7 +1486,7 @@ def test_gpu_search_tiles_times_the_decode_step(monkeypatch, tmp_path):
 @gpu
 @needs_cuda
 def test_gpu_decode_variants_follow_the_default():
-    # every FastModel decode variant (attention kernel, fused / packed GEMVs, PDL, int8 head) runs in a CUDA graph; the
+    # every FastModel decode variant (attention kernel, plain / packed / folded GEMVs, PDL, int8 head) runs in a CUDA graph; the
     # bf16-head ones give the first graph step's greedy tokens (torch attention, plain GEMVs), and without the
     # attention kernel (which only the tensor-position step uses) the graph replays what the step computes eagerly
     from bitnet158.runtime.fast import FastModel, GraphDecoder
@@ -1694,14 +1510,13 @@ def test_gpu_decode_variants_follow_the_default():
             runs = [list(GraphDecoder(FastModel(model.net, backend="triton", head=head, pdl=pdl), 64).generate(ids, 24, **kw))
                     for pdl in (True, "early", "early-packs")]  # fmt: skip
             assert runs[0] == runs[1] == runs[2], (head, kw)
-        variants = [("triton", "plain", False, "bf16"), ("split", "plain", False, "bf16"), ("triton", "fused", False, "bf16"),
+        variants = [("triton", "plain", False, "bf16"), ("split", "plain", False, "bf16"),
                     ("torch", "packed", False, "bf16"), ("triton", "packed", False, "bf16"), ("split", "packed", True, "bf16"),
-                    ("split", "fused", True, "bf16"), ("torch", "packed", True, "bf16"), ("split", "packed", True, "int8"),
+                    ("torch", "packed", True, "bf16"), ("split", "packed", True, "int8"),
                     ("split", "folded", True, "bf16"), ("torch", "folded", False, "bf16"), ("split", "folded", True, "int8"),
-                    ("split", "persistent", False, "bf16"), ("split", "persistent", True, "int8"),
                     ("folded", "packed", True, "bf16")]  # fmt: skip
         for attention, gemv, pdl, head in variants:
-            argmax = "triton" if gemv in ("folded", "persistent") else "torch"
+            argmax = "triton" if gemv == "folded" else "torch"
             fast = FastModel(model.net, backend="triton", attention=attention, gemv=gemv, pdl=pdl, head=head, argmax=argmax)
             got = list(GraphDecoder(fast, 64).generate(ids, 10))
             if attention == "torch":
