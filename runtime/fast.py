@@ -140,16 +140,11 @@ def fuse_bitlinears(parts: Sequence[BitLinear]) -> BitLinear:
     scale = torch.cat([p.scale.expand(p.out_features) for p in parts]).contiguous()  # f32 [ΣN]
     fused = BitLinear(packed, scale, k)
     fused.backend = parts[0].backend
-    _point_parts(parts, packed)
-    return fused
-
-
-def _point_parts(parts: Sequence[BitLinear], packed: torch.Tensor) -> None:
-    # re-point each part at its rows of the fused bytes packed [ΣN, ceil(K/4)], in order (views: no copy)
     row = 0
-    for p in parts:
+    for p in parts:  # each part re-pointed at its rows of the fused bytes, in order (views: no copy)
         p.packed = packed[row : row + p.out_features]
         row += p.out_features
+    return fused
 
 
 def _register_op_backend() -> None:
