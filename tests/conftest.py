@@ -62,6 +62,15 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", _INDUCTOR_DEFAULT)
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Without CUDA every Triton kernel runs in Triton's CPU interpreter. Triton reads the switch when a @triton.jit
+# function is defined, its own standard library's included (tl.max's index reduction), and importing transformers
+# imports Triton (through torch._inductor). So it is set here, before any test module imports either; set in a test
+# module it came too late whenever an earlier one had imported transformers, and an interpreted kernel then failed
+# with "Cannot call @triton.jit'd outside of the scope of a kernel" (pytest tests/test_ternary.py
+# tests/test_fast_default.py). Importing torch does not import Triton.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
 HIDDEN, INTERMEDIATE, LAYERS, HEADS, KV_HEADS = 64, 160, 2, 4, 2
 
 BOS, EOS, EOT = "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"

@@ -7,18 +7,13 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"  # the attention probe's kernels, as in tests/test_kernels.py
-    if "bitnet158.runtime.kernels" in sys.modules:
-        importlib.reload(sys.modules["bitnet158.runtime.kernels"])  # defined before the interpreter was switched on
+HAS_CUDA = torch.cuda.is_available()  # without CUDA the kernels run in the interpreter (tests/conftest.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,22 +1,15 @@
 """The fast path as the default on CUDA: load()'s dispatch, the CLI flags, and the triton model against the
-reference on a tiny converted model (on the CPU through Triton's interpreter, set below before any kernel is
-defined, as tests/test_kernels.py does). Tests marked ``gpu`` run the real default on a CUDA device."""
+reference on a tiny converted model (on the CPU through Triton's interpreter, which tests/conftest.py switches on
+before anything imports Triton). Tests marked ``gpu`` run the real default on a CUDA device."""
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
 
 import pytest
 import torch
 
-HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"  # read when a @triton.jit function is defined, i.e. on import below
+HAS_CUDA = torch.cuda.is_available()  # without CUDA the kernels run in the interpreter (tests/conftest.py)
 triton = pytest.importorskip("triton")
-if "bitnet158.runtime.kernels" in sys.modules and not HAS_CUDA:
-    importlib.reload(sys.modules["bitnet158.runtime.kernels"])  # defined before the interpreter was switched on
 
 from bitnet158.converter.hf import convert_hf
 from bitnet158.runtime import load

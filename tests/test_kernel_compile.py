@@ -22,12 +22,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-if not torch.cuda.is_available():
-    # as tests/test_kernels.py: Triton reads the switch when it is first imported, and a module collected after this
-    # one (tests/test_benchmarks.py) runs kernels in the interpreter. Nothing here runs a kernel in this process
-    os.environ["TRITON_INTERPRET"] = "1"
 triton = pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"

@@ -1,7 +1,7 @@
 """The Triton kernels and the fast path against the pure-torch reference.
 
-Without CUDA the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set below before any kernel is
-defined). Integer results must match exactly; float outputs are compared bit for bit where the arithmetic is the
+Without CUDA the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set by tests/conftest.py before anything
+imports Triton). Integer results must match exactly; float outputs are compared bit for bit where the arithmetic is the
 same (fp32 outputs), and to one bf16 ulp for bf16 outputs in the interpreter (its fp32 → bf16 cast truncates
 where the GPU rounds to nearest even). Tests marked ``gpu`` run the compiled kernels on a CUDA device.
 """
@@ -13,7 +13,6 @@ import importlib.util
 import inspect
 import json
 import math
-import os
 import sys
 import threading
 from pathlib import Path
@@ -23,14 +22,10 @@ from unittest.mock import patch
 import pytest
 import torch
 
-HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"  # read when a @triton.jit function is defined, i.e. on import below
+HAS_CUDA = torch.cuda.is_available()  # without CUDA the kernels run in the interpreter (tests/conftest.py)
 triton = pytest.importorskip("triton")
 tl = triton.language  # for the test kernels; the interpreter also looks for it in programs_at_once's launcher
 
-if "bitnet158.runtime.kernels" in sys.modules and not HAS_CUDA:
-    importlib.reload(sys.modules["bitnet158.runtime.kernels"])  # defined before the interpreter was switched on
 from bitnet158.formats.ternary import pack_t2, unpack_t2
 from bitnet158.runtime import kernels
 from bitnet158.runtime.bitlinear import BitLinear, int8_head_logits, quantize_activations, quantize_head
