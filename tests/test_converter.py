@@ -192,9 +192,11 @@ def test_already_ternary_times_c_keeps_c(tiny, tmp_path):
         assert requantized < 0.7 * float(c)  # what re-ternarizing would have stored
 
 
-@pytest.mark.parametrize("fixture", ["ms_packed_auto", "ms_packed_bitlinear", "llama_bitnet_ckpt"])
+@pytest.mark.parametrize("fixture", ["ms_packed_auto", "ms_packed_bitlinear", "ms_packed_bitlinear/no-linear-class",
+                                     "llama_bitnet_ckpt"])
 def test_scale_conventions_match_transformers(fixture, request, tmp_path):
-    """W = scale · t from our file equals the weight transformers itself applies (multiply vs divide)."""
+    """W = scale · t from our file equals the weight transformers itself applies (multiply vs divide).
+    "/no-linear-class": a quantization_config without linear_class, which transformers reads as "bitlinear"."""
     from transformers import AutoModelForCausalLM
     from transformers.integrations.bitnet import (
         AutoBitLinear,
@@ -202,10 +204,16 @@ def test_scale_conventions_match_transformers(fixture, request, tmp_path):
         unpack_weights,
     )
 
-    ckpt = request.getfixturevalue(fixture)
-    model, info = AutoModelForCausalLM.from_pretrained(str(ckpt.path), output_loading_info=True)
+    name, _, variant = fixture.partition("/")
+    src = request.getfixturevalue(name).path
+    if variant:
+        src = copy_ckpt(request.getfixturevalue(name), tmp_path)
+        cfg = json.loads((src / "config.json").read_text())
+        del cfg["quantization_config"]["linear_class"]
+        (src / "config.json").write_text(json.dumps(cfg))
+    model, info = AutoModelForCausalLM.from_pretrained(str(src), output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
-    with PackedFile(convert(ckpt, tmp_path)) as pf:
+    with PackedFile(convert(src, tmp_path)) as pf:
         for i, layer in enumerate(model.model.layers):
             for lin in LINEARS:
                 mod = layer.get_submodule(lin.replace("attn.", "self_attn."))
