@@ -436,6 +436,24 @@ def test_rope_spellings(onebitllm_ckpt, tmp_path):
         assert hf.config["rope_scaling"] == {"rope_type": "linear", "factor": 2.0}
 
 
+@pytest.mark.parametrize("fixture", ["ms_latent", "onebitllm_ckpt", "llama_bitnet_ckpt"])
+def test_missing_config_keys_take_transformers_defaults(fixture, request, tmp_path):
+    """A config.json without rope_theta, rms_norm_eps, hidden_act or head_dim gets the values transformers' own
+    config class (BitNetConfig, LlamaConfig) gives the same file: the defaults differ by family (500000 / 1e-5 /
+    relu2 for BitNet, 10000 / 1e-6 / silu for Llama)."""
+    from transformers import AutoConfig
+
+    src = copy_ckpt(request.getfixturevalue(fixture), tmp_path)
+    edit_json(src / "config.json", _del_rope_theta=None, _del_rope_parameters=None, _del_rope_scaling=None,
+              _del_rms_norm_eps=None, _del_hidden_act=None, _del_head_dim=None)
+    ref = AutoConfig.from_pretrained(str(src))
+    ref_theta = ref.rope_parameters["rope_theta"] if getattr(ref, "rope_parameters", None) else ref.rope_theta
+    with load_hf_source(str(src)) as hf:
+        c = hf.config
+    assert (c["rope_theta"], c["rms_norm_eps"], c["hidden_act"]) == (ref_theta, ref.rms_norm_eps, ref.hidden_act)
+    assert c["rope_scaling"] is None and c["head_dim"] == ref.hidden_size // ref.num_attention_heads
+
+
 def test_sharded_safetensors(ms_latent, tmp_path):
     src = copy_ckpt(ms_latent, tmp_path)
     state = load_file(str(src / "model.safetensors"))
