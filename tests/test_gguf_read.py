@@ -265,7 +265,7 @@ def quantized_rows(arr: np.ndarray, qtype) -> np.ndarray:
 
 def write_model(path: Path, *, arch="bitnet-b1.58", qtype="i2_s", tok_kv=None, tied=True, sub_norms=True,
                 extra_scales=False, pre=None, add_bos=None, chat_template=None, row_scales=False,
-                vocab_override=None, embed_qtype=None, rope_dims=None):
+                vocab_override=None, embed_qtype=None, rope_dims=None, freq_base=500000.0):
     """A tiny BitNet GGUF; returns {canonical name: (t int8, scale array)} and {canonical float name: array}.
     ``embed_qtype``: token_embd (and an untied output, in Q6_K) quantized as llama-quantize writes them; their
     arrays are then gguf.quants.dequantize's f32 values."""
@@ -280,7 +280,8 @@ def write_model(path: Path, *, arch="bitnet-b1.58", qtype="i2_s", tok_kv=None, t
     w.add_uint32(f"{a}.attention.head_count", HEADS)
     w.add_uint32(f"{a}.attention.head_count_kv", KV_HEADS)
     w.add_float32(f"{a}.attention.layer_norm_rms_epsilon", 1e-5)
-    w.add_float32(f"{a}.rope.freq_base", 500000.0)
+    if freq_base is not None:
+        w.add_float32(f"{a}.rope.freq_base", freq_base)
     if rope_dims is not None:
         w.add_rope_dimension_count(rope_dims)
     w.add_uint32(f"{a}.vocab_size", vocab)
@@ -421,6 +422,16 @@ def test_source_upstream_bitnet_arch(tmp_path):
         for name, (t, scale) in ternary.items():
             packed, s = src.ternary(name)
             assert np.array_equal(s.numpy(), scale) and np.array_equal(packed.numpy(), codes_to_t2(t))
+
+
+def test_rope_freq_base_defaults_as_llama_cpp(tmp_path):
+    """A file without rope.freq_base runs at llama.cpp's default base, 10000 (load_hparams sets it before the optional
+    key), whatever the arch: not at the 2B-4T's 500000."""
+    for arch in ("bitnet-b1.58", "bitnet"):
+        path = tmp_path / f"{arch}.gguf"
+        write_model(path, arch=arch, qtype="tq2_0", freq_base=None)
+        with G.GGUFSource(path) as src:
+            assert src.config["rope_theta"] == 10000.0
 
 
 def test_lying_block_count_is_refused_at_once(tmp_path):
