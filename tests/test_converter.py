@@ -205,12 +205,12 @@ def test_scale_conventions_match_transformers(fixture, request, tmp_path):
     )
 
     name, _, variant = fixture.partition("/")
-    src = request.getfixturevalue(name).path
+    ckpt = request.getfixturevalue(name)
+    src = ckpt.path
     if variant:
-        src = copy_ckpt(request.getfixturevalue(name), tmp_path)
-        cfg = json.loads((src / "config.json").read_text())
-        del cfg["quantization_config"]["linear_class"]
-        (src / "config.json").write_text(json.dumps(cfg))
+        src = copy_ckpt(ckpt, tmp_path)
+        qc = {k: v for k, v in ckpt.config["quantization_config"].items() if k != "linear_class"}
+        edit_json(src / "config.json", quantization_config=qc)
     model, info = AutoModelForCausalLM.from_pretrained(str(src), output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     with PackedFile(convert(src, tmp_path)) as pf:

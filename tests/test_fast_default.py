@@ -4,7 +4,6 @@ before anything imports Triton). Tests marked ``gpu`` run the real default on a 
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
