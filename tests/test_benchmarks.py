@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import re
 import sys
 from pathlib import Path
 
@@ -75,6 +76,11 @@ def test_variant_specs_parse(bench):
     assert len(specs) >= 4
     for spec in specs:
         bench.parse_variant(spec)
+    # ... and its quick run's GPU tests (pytest -k): each name must still select a GPU test, or it checks nothing
+    quick = re.search(r'quick="([^"]*)"', script).group(1) + re.search(r'-k "\$quick( or [^"]*)"', script).group(1)
+    gpu_tests = re.findall(r"^@gpu\n(?:@.*\n)*def (test_\w+)", (ROOT / "tests" / "test_kernels.py").read_text(), re.M)
+    names = quick.split(" or ")
+    assert len(names) >= 6 and all(any(n in t for t in gpu_tests) for n in names), (names, gpu_tests)
 
 
 def test_attention_scaling_runs_both_ways(bench):

@@ -308,7 +308,8 @@ def test_advance_is_the_four_state_updates():
 def test_argmax_kernel(at_once):
     # one launch, several programs (block 16): torch.argmax's index, ties to the first maximal index across and
     # within blocks; the counter ends at zero. at_once: the programs run together (programs_at_once), so the last
-    # to arrive, which reduces the partials, is any of them
+    # to arrive, which reduces the partials, is any of them. The interpreter breaks ties to the left whatever the
+    # kernel asks: test_gpu_argmax_ties_at_the_vocabulary_size checks the tie-break on a GPU
     g = torch.Generator().manual_seed(0)
     counter = torch.zeros(1, dtype=torch.int32, device=DEV)
     cases = [torch.randn(n, generator=g) for n in (1, 15, 16, 17, 200)]
@@ -1299,6 +1300,25 @@ def test_gpu_quantize_and_head_exact():
     ref = (q.double() @ wq.double().T).float() * ws / sr
     assert torch.equal(kernels.head_int8(x, wq, ws), ref)
     assert torch.equal(int8_head_logits(x, wq, ws), ref)  # float64 on CUDA
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("pdl", [False, True, "early"])
+def test_gpu_argmax_ties_at_the_vocabulary_size(pdl):
+    # Triton's interpreter always breaks a tie to the left (np.nanargmax), whatever tie_break_left says, so only a
+    # GPU checks that the greedy pick takes the first maximal id within a program and across the 32 programs of
+    # 128,256 bf16 logits (block 4,096), as torch.argmax does. Each case has ties in both places
+    counter = torch.zeros(1, dtype=torch.int32, device="cuda")
+    x = torch.randn(128256, device="cuda").bfloat16()
+    for ties, first in (([5000, 4100, 120000], 4100), ([127000, 60000, 60001], 60000), ([4095, 4096, 0], 0)):
+        y = x.clone()
+        y[ties] = 8.0
+        assert int(kernels.argmax(y, counter, pdl=pdl)) == first == int(y.argmax())
+        assert int(kernels.argmax(y, counter, block=16, pdl=pdl)) == first  # 8,016 programs
+        assert not counter.any()
+    zeros = torch.zeros(128256, device="cuda", dtype=torch.bfloat16)
+    assert int(kernels.argmax(zeros, counter, pdl=pdl)) == 0
 
 
 
