@@ -284,7 +284,8 @@ def _block_d(d, nblk: int, exact: bool, what: str) -> np.ndarray:
     d_arr = d_arr.reshape(-1)
     if d_arr.size != nblk:
         raise GGUFFormatError(f"{what}: {d_arr.size} block scales given, {nblk} blocks")
-    d16 = d_arr.astype("<f2")
+    with np.errstate(over="ignore"):  # an overflow becomes inf, refused just below with a clearer message
+        d16 = d_arr.astype("<f2")
     if not np.all(np.isfinite(d16)) or np.any(d16 < 0):
         raise GGUFFormatError(f"{what}: a block scale is negative, or overflows or is not finite in f16")
     if exact and d_arr.dtype != np.float16 and np.any(d16.astype(np.float64) != d_arr.astype(np.float64)):

@@ -315,6 +315,27 @@ def test_tokenizer_that_panics_is_refused(tiny, tmp_path):
     assert not list(tmp_path.glob("out.bnp*")) and not list(tmp_path.glob(".out.bnp*"))
 
 
+def test_tokenizer_config_not_an_object_and_ctrl_c(tiny, tmp_path, monkeypatch):
+    from bitnet158.converter import tokenizer as tokenizer_module
+
+    ckpt = tiny.onebitllm(tmp_path / "src", tokenizer="bpe")
+    good = (ckpt.path / "tokenizer_config.json").read_text()
+    (ckpt.path / "tokenizer_config.json").write_text("[1]")
+    with pytest.raises(ConversionError, match=r"tokenizer_config.json: expected a JSON object, found list"):
+        convert(ckpt, tmp_path)
+    (ckpt.path / "tokenizer_config.json").write_text(good)
+
+    class Interrupted:  # Ctrl-C while tokenizer.json loads is the user's, not a bad tokenizer
+        @staticmethod
+        def from_file(path):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(tokenizer_module, "Tokenizer", Interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        convert(ckpt, tmp_path)
+    assert not list(tmp_path.glob("out.bnp*")) and not list(tmp_path.glob(".out.bnp*"))
+
+
 def test_output_over_a_source_file_is_refused(onebitllm_ckpt, tmp_path):
     # with --force the rename at the end would replace the checkpoint's own file with the packed output
     src = copy_ckpt(onebitllm_ckpt, tmp_path)
@@ -355,12 +376,36 @@ def test_missing_and_misshapen_tensors(onebitllm_ckpt, tmp_path):
     save_file(state, str(src / "model.safetensors"))
     with pytest.raises(ConversionError, match=r"ffn_layernorm\.weight: shape \(7,\), expected \(160,\)"):
         convert(src, tmp_path)
+    state["model.layers.1.mlp.ffn_layernorm.weight"] = torch.ones(160, dtype=torch.float16)
+    up = state["model.layers.0.mlp.up_proj.weight"]
+    state["model.layers.0.mlp.up_proj.weight"] = up[:-1]
+    save_file(state, str(src / "model.safetensors"))
+    with pytest.raises(ConversionError, match=r"up_proj\.weight: shape \(159, 64\), expected \(160, 64\)"):
+        convert(src, tmp_path)
+    state["model.layers.0.mlp.up_proj.weight"] = up.to(torch.int8)
+    save_file(state, str(src / "model.safetensors"))
+    with pytest.raises(ConversionError, match=r"up_proj\.weight: expected a float latent weight, found torch.int8"):
+        convert(src, tmp_path)
+
+
+def test_latent_weight_with_a_scale_and_f16_overflow_refused(ms_latent, tmp_path):
+    src = copy_ckpt(ms_latent, tmp_path)
+    good = load_file(str(src / "model.safetensors"))
+    _add_tensor(src, "model.layers.0.mlp.up_proj.weight_scale", torch.ones(1, dtype=torch.bfloat16))
+    with pytest.raises(ConversionError, match=r"up_proj.weight is a float weight but \S+ exists"):
+        convert(src, tmp_path)
+    big = torch.full((64,), 1e5, dtype=torch.bfloat16)  # past f16's 65,504
+    save_file({**good, "model.norm.weight": big}, str(src / "model.safetensors"))
+    with pytest.raises(ConversionError, match=r"norm.weight: not finite after conversion to f16"):
+        convert(src, tmp_path, dtype="f16")
+    assert not (tmp_path / "out.bnp").exists()
+    convert(src, tmp_path)  # bf16 holds it
 
 
 def test_bias_refused(onebitllm_ckpt, tmp_path):
     src = copy_ckpt(onebitllm_ckpt, tmp_path)
     _add_tensor(src, "model.layers.0.self_attn.q_proj.bias", torch.zeros(64, dtype=torch.float16))
-    with pytest.raises(ConversionError, match="bias"):
+    with pytest.raises(ConversionError, match=r"has bias tensors \(model.layers.0.self_attn.q_proj.bias\)"):
         convert(src, tmp_path)
 
 
@@ -392,12 +437,64 @@ def test_plain_llama_refused(llama_bitnet_ckpt, onebitllm_ckpt, tmp_path):
     ({"architectures": [["LlamaForCausalLM"]]}, "architectures must be a list of class names"),
     ({"quantization_config": {"quant_method": "bitnet", "modules_to_not_convert": ["model.layers.0.mlp.up_proj"]}},
      "modules_to_not_convert"),
+    # each sanity check of config.json names the key: a lying or broken config never reaches the plan
+    ({"hidden_act": "relu2"}, "hidden_act 'relu2', but the llama-bitnet family uses silu"),
+    ({"rope_scaling": [2.0]}, "rope_scaling must be an object or null"),
+    ({"rope_scaling": {"rope_type": "default", "factor": 2.0}},
+     r"rope type 'default' with the parameters \['factor'\] is not supported"),
+    ({"hidden_size": 0}, r"hidden_size must be a positive integer, found 0"),
+    ({"num_attention_heads": True}, r"num_attention_heads must be a positive integer, found True"),
+    ({"num_key_value_heads": 3}, "num_attention_heads 4 is not a multiple of num_key_value_heads 3"),
+    ({"num_attention_heads": 3, "num_key_value_heads": 3, "_del_head_dim": None},
+     "hidden_size 64 is not a multiple of num_attention_heads 3"),
+    ({"head_dim": 15}, "head_dim 15 is odd"),
+    ({"rope_parameters": 5, "_del_rope_theta": None}, "rope_parameters must be an object"),
+    ({"rope_theta": -1.0}, r"rope_theta must be a positive number, found -1.0"),
+    ({"rope_theta": "1e4"}, r"rope_theta must be a positive number, found '1e4'"),
+    ({"rms_norm_eps": 0}, r"rms_norm_eps must be a positive number, found 0"),
+    ({"vocab_size": 10}, r"the tokenizer has \d+ tokens but config.json vocab_size is 10"),
+    ({"tie_word_embeddings": "yes"}, "tie_word_embeddings must be true or false, found 'yes'"),
+    ({"bos_token_id": "0"}, "bos_token_id must be an integer, found '0'"),
+    ({"eos_token_id": [1, "2"]}, r"config.json: eos_token_id must be an integer or a list of integers"),
+    ({"eos_token_id": 100000}, r"bos/eos token ids \[100000\] are outside the vocabulary"),
 ])
 def test_unsupported_configs_refused(llama_bitnet_ckpt, tmp_path, change, message):
     src = copy_ckpt(llama_bitnet_ckpt, tmp_path)
     edit_json(src / "config.json", **change)
     with pytest.raises(ConversionError, match=message):
         convert(src, tmp_path)
+
+
+@pytest.mark.parametrize("fixture,architectures,message", [
+    ("onebitllm_ckpt", ["BitNetForCausalLM"], r"says BitNetForCausalLM but the tensors use 1bitLLM names"),
+    ("ms_packed_auto", ["BitnetForCausalLM"], r"BitnetForCausalLM \(1bitLLM\) but the tensors use Microsoft names"),
+    ("ms_packed_auto", ["LlamaForCausalLM"], r"says LlamaForCausalLM, which has no sub-norms, but the tensors include"),
+])
+def test_architecture_that_contradicts_the_tensors_is_refused(fixture, architectures, message, request, tmp_path):
+    # the sub-norms' names tell the families apart: a config.json naming another family is wrong, not a hint
+    src = copy_ckpt(request.getfixturevalue(fixture), tmp_path)
+    edit_json(src / "config.json", architectures=architectures, _del_model_type=None)
+    with pytest.raises(ConversionError, match=message):
+        convert(src, tmp_path)
+
+
+def test_unreadable_sources_are_refused(ms_packed_auto, tmp_path):
+    src = copy_ckpt(ms_packed_auto, tmp_path)
+    cfg = json.loads((src / "config.json").read_text())
+    edit_json(src / "config.json", hidden_act="gelu")  # relu2 and silu are the only activations
+    with pytest.raises(ConversionError, match=r"hidden_act 'gelu' is not supported \(relu2 or silu\)"):
+        convert(src, tmp_path)
+    edit_json(src / "config.json", hidden_act="relu2", quantization_config={"quant_method": "gptq"})
+    with pytest.raises(ConversionError, match=r"quantization_config \{'quant_method': 'gptq'\} is not a bitnet one"):
+        convert(src, tmp_path)
+    (src / "config.json").write_text(json.dumps([cfg]))
+    with pytest.raises(ConversionError, match=r"config.json: expected a JSON object"):
+        convert(src, tmp_path)
+    with pytest.raises(ConversionError, match=r"is a file; give the model folder"):
+        convert(src / "config.json", tmp_path)
+    with pytest.raises(ConversionError, match=r"no such folder, and not a hub id of the form org/name"):
+        convert(tmp_path / "no" / "such" / "folder", tmp_path)
+    assert not (tmp_path / "out.bnp").exists()
 
 
 def test_a_folder_of_gguf_files_points_to_gguf_to_packed(tmp_path):
@@ -472,6 +569,23 @@ def test_sharded_safetensors(ms_latent, tmp_path):
         for n in pa.tensors:
             assert torch.equal(pa.torch(n), pb.torch(n)), n
         assert set(shards) | {"model.safetensors.index.json"} <= set(pb.provenance["files"])
+    # an index that is no map, names a shard outside the folder or not there, or a shard that does not hold the
+    # tensor; a tensor in two shards: each refused
+    index = src / "model.safetensors.index.json"
+    fname, other = shards
+    save_file({names[0]: state[names[0]]}, str(src / "model-extra.safetensors"))
+    for weight_map, message in (
+        ([fname], "weight_map is not an object"),
+        ({names[0]: "../" + fname}, r"weight file \.\./model-00001-of-00002.safetensors is missing"),
+        ({names[0]: "model-00003.safetensors"}, "weight file model-00003.safetensors is missing"),
+        ({**weight_map, names[0]: other}, f"tensor {names[0]} is mapped to {other}, which does not hold it"),
+        ({**weight_map, names[1]: "model-extra.safetensors"},
+         f"tensor {names[0]} appears in both (model-00001-of-00002|model-extra).safetensors and"),
+    ):
+        index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        with pytest.raises(ConversionError, match=message):
+            convert(src, tmp_path, "c.bnp")
+    assert not (tmp_path / "c.bnp").exists()
 
 
 def test_pickle_refused_then_allowed(onebitllm_ckpt, tmp_path):
@@ -488,6 +602,36 @@ def test_pickle_refused_then_allowed(onebitllm_ckpt, tmp_path):
         for n in pr.tensors:
             assert torch.equal(pr.torch(n), po.torch(n)), n
         assert "pytorch_model.bin" in po.provenance["files"]
+    # a pickle that is no state dict; an index naming a missing shard, or two shards holding one tensor
+    out.unlink()
+    torch.save([state], src / "pytorch_model.bin")
+    with pytest.raises(ConversionError, match=r"pytorch_model.bin: expected a dict of tensors \(a state dict\)"):
+        convert(src, tmp_path, allow_pickle=True)
+    names = sorted(state)
+    torch.save({k: state[k] for k in names[:2]}, src / "a.bin")
+    torch.save({k: state[k] for k in names[1:]}, src / "b.bin")
+    for shards, message in ((["a.bin", "c.bin"], "weight file c.bin is missing"),
+                            (["a.bin", "b.bin"], f"tensor {names[1]} appears in both a.bin and b.bin")):
+        index = {"weight_map": {n: shards[i % 2] for i, n in enumerate(names)}}
+        (src / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+        with pytest.raises(ConversionError, match=message):
+            convert(src, tmp_path, allow_pickle=True)
+    for f in ("pytorch_model.bin", "pytorch_model.bin.index.json", "a.bin", "b.bin"):
+        (src / f).unlink()
+    with pytest.raises(ConversionError, match=r"no model.safetensors, model.safetensors.index.json or pytorch_model"):
+        convert(src, tmp_path)
+    assert not out.exists()
+
+
+def test_bad_options_are_refused_before_reading(ms_packed_auto, tmp_path):
+    with pytest.raises(ConversionError, match=r"dtype 'f64': choose one of bf16, f16, f32"):
+        convert(ms_packed_auto, tmp_path, dtype="f64")
+    (tmp_path / "dir.bnp").mkdir()
+    with pytest.raises(ConversionError, match=r"dir.bnp is a folder; give a file name"):
+        convert(ms_packed_auto, tmp_path, "dir.bnp", force=True)
+    with pytest.raises(ConversionError, match=r"--revision applies to hub ids, but .* is a local folder"):
+        convert(ms_packed_auto, tmp_path, revision="main")
+    assert [p.name for p in tmp_path.iterdir()] == ["dir.bnp"] and not any((tmp_path / "dir.bnp").iterdir())
 
 
 def test_overwrite_needs_force(ms_packed_auto, tmp_path):
@@ -581,6 +725,30 @@ def test_packed_code3_and_bad_scale_refused(ms_packed_auto, tmp_path):
     good["model.layers.0.mlp.up_proj.weight_scale"] = torch.zeros(1, dtype=torch.bfloat16)
     save_file(good, str(src / "model.safetensors"))
     with pytest.raises(ConversionError, match="up_proj.weight_scale: the scale must be finite and > 0"):
+        convert(src, tmp_path)
+    good["model.layers.0.mlp.up_proj.weight_scale"] = torch.ones(2, dtype=torch.bfloat16)
+    save_file(good, str(src / "model.safetensors"))
+    with pytest.raises(ConversionError, match=r"weight_scale: expected one scale per tensor, found shape \(2,\)"):
+        convert(src, tmp_path)
+    assert not (tmp_path / "out.bnp").exists()
+
+
+def test_packed_checkpoint_inconsistencies_refused(ms_packed_auto, tmp_path):
+    src = copy_ckpt(ms_packed_auto, tmp_path)
+    good = load_file(str(src / "model.safetensors"))
+    up = "model.layers.0.mlp.up_proj.weight"
+    for change, message in (
+        ({"model.norm.weight": torch.ones(64, dtype=torch.int32)}, r"norm.weight: expected a float tensor, found I32"),
+        ({up: torch.zeros(41, 64, dtype=torch.uint8)}, r"up_proj.weight: packed shape \(41, 64\), expected \(40, 64\)"),
+        ({up + "_scale": None}, r"up_proj.weight is packed \(uint8\) but \S+up_proj.weight_scale is missing"),
+    ):
+        state = {k: v for k, v in {**good, **change}.items() if v is not None}
+        save_file(state, str(src / "model.safetensors"))
+        with pytest.raises(ConversionError, match=message):
+            convert(src, tmp_path)
+    save_file(good, str(src / "model.safetensors"))
+    edit_json(src / "config.json", _del_quantization_config=None)  # multiplies or divides: nothing says
+    with pytest.raises(ConversionError, match=r"is packed but config.json has no quantization_config"):
         convert(src, tmp_path)
     assert not (tmp_path / "out.bnp").exists()
 

@@ -73,7 +73,7 @@ def make_packed(path: Path, *, act: str = "silu", seed: int = 0, scales: str = "
                 tokenizer: tuple[dict, dict] | None = None) -> dict[str, np.ndarray]:
     """Write a tiny random packed model; return its ternary values {name: int8 [out, in]}.
 
-    scales: "f16" -> f16-exact scales (k/64), "f32" -> scales that f16 cannot hold.
+    scales: "f16" -> f16-exact scales (k/64), "f32" -> scales that f16 cannot hold (per tensor or per row).
     tokenizer: (tokenizer dict, {"bos_token_id", "eos_token_id", "vocab_size"}) from the converter; default: ours.
     """
     g = torch.Generator().manual_seed(seed)
@@ -101,8 +101,8 @@ def make_packed(path: Path, *, act: str = "silu", seed: int = 0, scales: str = "
             t = torch.randint(-1, 2, (out_f, in_f), generator=g, dtype=torch.int8)
             t[:, ::256] = 1  # every 256-block has a nonzero, so gguf's TQ quantizers pick d = scale
             name = f"layers.{li}.{lin}.weight"
-            if row_scales:
-                s = (torch.randint(16, 64, (out_f,), generator=g).float() / 64)
+            if row_scales:  # f16-exact, or (scales="f32") not
+                s = (torch.randint(16, 64, (out_f,), generator=g).float() / 64) + (1e-4 if scales == "f32" else 0)
             elif scales == "f16":
                 s = torch.tensor([float(torch.randint(16, 64, (1,), generator=g)) / 64])
             else:
@@ -469,6 +469,49 @@ def test_llama3_pre_tokenizer_detected():
                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     meta = gc.tokenizer_metadata({"tokenizer_json": tok.to_str()}, 300)
     assert (meta.model, meta.pre) == ("gpt2", "llama-bpe")
+    with pytest.raises(gc.GGUFConversionError, match=r"tokenizer has token id \d+ but the model's vocab_size is 100"):
+        gc.tokenizer_metadata({"tokenizer_json": tok.to_str()}, 100)
+
+
+def test_configs_the_gguf_graphs_cannot_run_are_refused(tmp_path):
+    # what the bitnet GGUF graphs hard-code, each checked on a real file's config with one key changed
+    make_packed(src := tmp_path / "m.bin", act="relu2")
+    with PackedFile(src) as pf:
+        cfg = pf.config
+    assert gc._check_exportable(cfg, "i2_s") == "bitnet-b1.58"
+    for change, message in (
+        ({"head_dim": cfg["head_dim"] * 2}, r"num_attention_heads × head_dim = \d+ differs from hidden_size"),
+        ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "cannot be expressed in a bitnet GGUF"),
+        ({"rope_style": "interleaved"}, "rope_style 'interleaved': the bitnet GGUF graphs use NeoX rope"),
+        ({"hidden_act": "gelu"}, "hidden_act 'gelu' has no bitnet.cpp graph"),
+    ):
+        with pytest.raises(gc.GGUFConversionError, match=message):
+            gc._check_exportable({**cfg, **change}, "i2_s")
+    with pytest.raises(gc.GGUFConversionError, match="multiple of 128 .*; tensor w has 320 columns"):
+        gc._check_rows("w", (4, 320), "i2_s")
+    # per-row scales ride in TQ's f16 block scales only when f16 holds them exactly
+    make_packed(rows := tmp_path / "rows.bin", act="silu", row_scales=True, scales="f32")
+    with pytest.raises(gc.GGUFConversionError, match="has per-row scales that are not exact in f16"):
+        gc.packed_to_gguf(rows, tmp_path / "x.gguf", qtype="tq2_0")
+    with pytest.raises(gc.GGUFConversionError, match="unknown GGUF type 'q4_0'; choose one of"):
+        gc.packed_to_gguf(src, tmp_path / "x.gguf", qtype="q4_0")
+    gc.packed_to_gguf(src, tmp_path / "x.gguf", qtype="i2_s")
+    (tmp_path / "back.bin").write_bytes(b"keep")
+    with pytest.raises(gc.GGUFConversionError, match="back.bin exists; pass --force"):
+        gc.gguf_to_packed(tmp_path / "x.gguf", tmp_path / "back.bin")
+    assert (tmp_path / "back.bin").read_bytes() == b"keep"
+
+
+def test_a_model_without_sub_norms_is_not_exported(llama_bitnet_ckpt, tmp_path):
+    # bitnet.cpp's and llama.cpp's bitnet graphs always apply the sub-norms: a Llama-BitNet file would run as
+    # another network there
+    from bitnet158.converter.hf import convert_hf
+
+    src = tmp_path / "llama.bin"
+    convert_hf(str(llama_bitnet_ckpt.path), str(src), progress=False)
+    with pytest.raises(gc.GGUFConversionError, match="the model has no attention/MLP sub-norms"):
+        gc.packed_to_gguf(src, tmp_path / "x.gguf", qtype="tq2_0")
+    assert not (tmp_path / "x.gguf").exists()
 
 
 def test_cli_commands(tmp_path):

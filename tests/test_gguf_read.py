@@ -178,6 +178,37 @@ def test_block_scales_and_folding():
         G.fold_block_scales(t2, np.array([0.5, 0.25, 1, 1, 1, 1], np.float16), shape)
 
 
+def test_codecs_refuse_bad_arguments():
+    """Every encoder and decoder names what is wrong with its arguments, instead of writing or reading garbage."""
+    t = random_ternary(2, 256)
+    t2, code3 = codes_to_t2(t), codes_to_t2(t)
+    code3[1, 7] |= 0b11 << 4
+    tq2, tq1 = G.t2_to_tq2_0(t2, (2, 256), 0.5), G.t2_to_tq1_0(t2, (2, 256), 0.5)
+    cases = [
+        (lambda: G.t2_to_i2s(t2, (2, 0), 1.0), r"2-D shape \(out, in\) with positive dims"),
+        (lambda: G.t2_to_i2s(t2, (2, 256, 1), 1.0), r"2-D shape"),
+        (lambda: G.t2_to_i2s(t2[:, :-1], (2, 256), 1.0), r"t2 data has 126 bytes, shape \(2, 256\) needs 128"),
+        (lambda: G.t2_to_i2s(t2.astype(np.int16), (2, 256), 1.0), r"expected uint8 data, got int16"),
+        (lambda: G.t2_to_i2s(code3, (2, 256), 1.0), r"I2_S: code 3 found in the t2 weights"),
+        (lambda: G.t2_to_tq2_0(code3, (2, 256), 0.5), r"TQ2_0: code 3 found in the t2 weights"),
+        (lambda: G.t2_to_tq1_0(code3, (2, 256), 0.5), r"TQ1_0: code 3 found in the t2 weights"),
+        (lambda: G.tq2_0_to_t2(tq2[:-1], (2, 256)), r"TQ2_0: payload has 131 bytes, shape \(2, 256\) needs 132"),
+        (lambda: G.tq1_0_to_t2(tq1 + b"\0", (2, 256)), r"TQ1_0: payload has 109 bytes, shape \(2, 256\) needs 108"),
+        (lambda: G.t2_to_tq2_0(t2, (2, 256), [0.5, 0.5, 0.5]), r"3 block scales given, 2 blocks"),
+        (lambda: G.t2_to_tq2_0(t2, (2, 256), [0.5, -0.5]), r"negative, or overflows or is not finite in f16"),
+        (lambda: G.t2_to_tq1_0(t2, (2, 256), 1e6, exact=False), r"overflows or is not finite in f16"),
+        (lambda: G.fold_block_scales(t2, np.full(3, 0.5, np.float16), (2, 256)), r"3 block scales for 2 blocks"),
+        (lambda: G.fold_block_scales(t2, np.array([0.5, np.nan], np.float16), (2, 256)), r"negative or not finite"),
+        (lambda: G.float_to_t2(np.ones(4, np.float32)), r"a ternary weight is 2-D, got shape \(4,\)"),
+    ]
+    for call, pattern in cases:
+        with pytest.raises(G.GGUFFormatError, match=pattern):
+            call()
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(G.GGUFFormatError, match=r"I2_S: scale .* is not finite and > 0"):
+            G.t2_to_i2s(t2, (2, 256), bad)
+
+
 # ------------------------------------------------------------------------------------------------
 # tiny GGUF models written with gguf.GGUFWriter
 
@@ -265,10 +296,11 @@ def quantized_rows(arr: np.ndarray, qtype) -> np.ndarray:
 
 def write_model(path: Path, *, arch="bitnet-b1.58", qtype="i2_s", tok_kv=None, tied=True, sub_norms=True,
                 extra_scales=False, pre=None, add_bos=None, chat_template=None, row_scales=False,
-                vocab_override=None, embed_qtype=None, rope_dims=None, freq_base=500000.0):
+                vocab_override=None, embed_qtype=None, rope_dims=None, freq_base=500000.0, drop=()):
     """A tiny BitNet GGUF; returns {canonical name: (t int8, scale array)} and {canonical float name: array}.
     ``embed_qtype``: token_embd (and an untied output, in Q6_K) quantized as llama-quantize writes them; their
-    arrays are then gguf.quants.dequantize's f32 values."""
+    arrays are then gguf.quants.dequantize's f32 values. ``drop``: float tensors (GGUF names) left out. ``sub_norms``:
+    True, False, or the layers that have them."""
     w = gguf.GGUFWriter(str(path), arch)
     a = arch
     tok_kv = tok_kv or gpt2_vocab_kv(train_bpe(False))
@@ -304,6 +336,8 @@ def write_model(path: Path, *, arch="bitnet-b1.58", qtype="i2_s", tok_kv=None, t
     ternary, floats = {}, {}
 
     def add_float(gname, canon, arr, dtype=np.float32):
+        if gname in drop:  # a file that lacks it
+            return
         arr = arr.astype(dtype)
         w.add_tensor(gname, arr)
         floats[canon] = arr
@@ -320,7 +354,7 @@ def write_model(path: Path, *, arch="bitnet-b1.58", qtype="i2_s", tok_kv=None, t
     for i in range(LAYERS):
         add_float(f"blk.{i}.attn_norm.weight", f"layers.{i}.attn_norm.weight", RNG.random(HIDDEN) + 0.5)
         add_float(f"blk.{i}.ffn_norm.weight", f"layers.{i}.mlp_norm.weight", RNG.random(HIDDEN) + 0.5)
-        if sub_norms:
+        if sub_norms is True or sub_norms and i in sub_norms:  # or the layers that have them
             add_float(f"blk.{i}.attn_sub_norm.weight", f"layers.{i}.attn.sub_norm.weight", RNG.random(HIDDEN) + 0.5)
             add_float(f"blk.{i}.ffn_sub_norm.weight", f"layers.{i}.mlp.sub_norm.weight", RNG.random(INTER) + 0.5)
         for suffix, (canon, shape) in LINEARS.items():
@@ -657,6 +691,8 @@ ARRAY_KV = ("tokenizer.ggml.tokens", 9, struct.pack("<IQ", 8, 2) + struct.pack("
 @pytest.mark.parametrize("case,data,match", [
     ("empty", b"", "truncated"),
     ("bad magic", gguf_bytes(magic=b"GGML", **GOOD), "not a GGUF file"),
+    ("big-endian", gguf_bytes(version=3 << 24, **GOOD), "big-endian GGUF file"),
+    ("cut before the data", gguf_bytes(**GOOD)[:-65], "the data section would start at 160, file is 159 bytes"),
     ("version 1", gguf_bytes(version=1, **GOOD), "unsupported GGUF version 1"),
     ("version 4", gguf_bytes(version=4, **GOOD), "unsupported GGUF version 4"),
     ("truncated mid-table", gguf_bytes(**GOOD)[:60], "truncated|cannot fit"),
@@ -684,6 +720,7 @@ ARRAY_KV = ("tokenizer.ggml.tokens", 9, struct.pack("<IQ", 8, 2) + struct.pack("
      "unsupported tensor type 99 in tensor 'w'"),
     ("misaligned data", gguf_bytes(tensors=[("a", [4], 0, 16, bytes(16))]), "not a multiple of the alignment"),
     ("duplicate names", gguf_bytes(tensors=[F32_TENSOR, ("a", [8], 0, 32, bytes(32))]), "duplicate tensor name 'a'"),
+    ("empty name", gguf_bytes(tensors=[("", [8], 0, 0, bytes(32))]), "tensor 0 at offset 24 has an empty name"),
     ("overlap", gguf_bytes(tensors=[("a", [16], 0, 0, bytes(64)), ("b", [8], 0, 32, bytes(32))]), "overlap"),
     ("bad alignment", gguf_bytes(kvs=[("general.alignment", 4, struct.pack("<I", 24))], tensors=[F32_TENSOR]),
      "power of two"),
@@ -729,6 +766,79 @@ def test_source_refuses_inconsistent_models(tmp_path):
     bad.write_bytes(bytes(data))
     with pytest.raises(G.GGUFFormatError, match="shape"):
         G.GGUFSource(bad)
+
+
+def test_source_refuses_mistyped_or_inconsistent_metadata(tmp_path):
+    path = tmp_path / "m.gguf"
+    write_model(path)
+    good = path.read_bytes()
+
+    def patched(key: bytes, raw: bytes) -> Path:  # the 4 bytes after key's name: its type, or a u32 value
+        i = good.find(key) + len(key)
+        bad = tmp_path / "bad.gguf"
+        bad.write_bytes(good[:i] + raw + good[i + 4 :])
+        return bad
+
+    kv = b"bitnet-b1.58.attention.head_count_kv"
+    with pytest.raises(G.GGUFFormatError, match="bitnet-b1.58.attention.head_count_kv = 0 is out of range"):
+        G.GGUFSource(patched(kv + struct.pack("<I", 4), struct.pack("<I", 0)))
+    with pytest.raises(G.GGUFFormatError, match="head_count 4 is not a multiple of head_count_kv 3"):
+        G.GGUFSource(patched(kv + struct.pack("<I", 4), struct.pack("<I", 3)))
+    # the same 4 value bytes read as an f32: a float where a count belongs is refused, not truncated
+    with pytest.raises(G.GGUFFormatError, match=r"'bitnet-b1.58.attention.head_count_kv' has an unexpected type float"):
+        G.GGUFSource(patched(kv, struct.pack("<I", 6)))
+    with G.GGUFFile(path) as f, pytest.raises(G.GGUFFormatError, match=r"'blk.0.attn_q.weight' is I2_S, not a float"):
+        f.float_tensor("blk.0.attn_q.weight")
+    with G.GGUFSource(path) as src, pytest.raises(G.GGUFFormatError, match=r"'norm.weight' is f32, not ternary"):
+        src.ternary("norm.weight")
+    # a norm stored as a ternary type (its tensor info's type field, after the name, n_dims and the dim)
+    norm = b"output_norm.weight" + struct.pack("<IQ", 1, HIDDEN)
+    with pytest.raises(G.GGUFFormatError, match="'output_norm.weight' is I2_S; expected a float or quantized float"):
+        G.GGUFSource(patched(norm, struct.pack("<I", 36)))
+    with G.GGUFSource(path) as src:
+        rows = src.config["vocab_size"]
+    vocab = b"bitnet-b1.58.vocab_size" + struct.pack("<I", 4)
+    with pytest.raises(G.GGUFFormatError, match=f"vocab_size = {rows + 1} but token_embd.weight has {rows} rows"):
+        G.GGUFSource(patched(vocab, struct.pack("<I", rows + 1)))
+    bos = b"tokenizer.ggml.bos_token_id" + struct.pack("<I", 4)
+    with pytest.raises(G.GGUFFormatError, match=f"bos_token_id = {rows} is outside the vocabulary of {rows}"):
+        G.GGUFSource(patched(bos, struct.pack("<I", rows)))
+    # a tokenizer larger than the embedding: ids past its rows
+    write_model(path, vocab_override=rows - 1)
+    short = f"the tokenizer has {rows} tokens but token_embd.weight only {rows - 1} rows"
+    with pytest.raises(G.GGUFFormatError, match=short):
+        G.GGUFSource(path)
+    write_model(path, drop=("output_norm.weight",))
+    with pytest.raises(G.GGUFFormatError, match="tensor for 'norm.weight' is missing"):
+        G.GGUFSource(path)
+    write_model(path, drop=("token_embd.weight",))
+    with pytest.raises(G.GGUFFormatError, match="tensor 'token_embd.weight' is missing"):
+        G.GGUFSource(path)
+    # sub-norms in one layer of two: not a model any family describes
+    write_model(path, sub_norms={0})
+    with pytest.raises(G.GGUFFormatError, match="sub-norm tensors are present in some layers but not all"):
+        G.GGUFSource(path)
+
+
+def test_build_tokenizer_refuses_broken_metadata():
+    good = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a", "b", "ab"], "tokenizer.ggml.merges": ["a b"],
+            "tokenizer.ggml.token_type": np.ones(3, np.int32), "tokenizer.ggml.bos_token_id": 0}
+    assert G.build_tokenizer(good)["bos_token"] == "a"
+    for change, match in [
+        ({"tokenizer.ggml.model": None}, r"the file carries no tokenizer \(tokenizer.ggml.model is missing\)"),
+        ({"tokenizer.ggml.tokens": []}, "tokenizer.ggml.tokens is missing or not an array of strings"),
+        ({"tokenizer.ggml.tokens": ["a", 2, "ab"]}, "tokenizer.ggml.tokens is missing or not an array of strings"),
+        ({"tokenizer.ggml.token_type": np.ones(2, np.int32)}, "token_type has 2 entries for 3 tokens"),
+        ({"tokenizer.ggml.add_bos_token": True, "tokenizer.ggml.bos_token_id": None}, "asks to add BOS/EOS but"),
+        ({"tokenizer.ggml.add_eos_token": True}, "asks to add BOS/EOS but the file gives no bos/eos token id"),
+        ({"tokenizer.ggml.model": 5}, r"metadata key 'tokenizer.ggml.model' has an unexpected type int"),
+        ({"tokenizer.ggml.bos_token_id": 3}, r"tokenizer.ggml.bos_token_id = 3 is not a token id \(vocabulary of 3\)"),
+        ({"tokenizer.ggml.merges": None}, "a gpt2 tokenizer needs tokenizer.ggml.merges"),
+        ({"tokenizer.ggml.pre": "qwen2"}, "unsupported tokenizer.ggml.pre 'qwen2'; supported: llama-bpe"),
+    ]:
+        md = {k: v for k, v in {**good, **change}.items() if v is not None}
+        with pytest.raises(G.GGUFFormatError, match=match):
+            G.build_tokenizer(md)
 
 
 def test_source_float_ternary_linears(tmp_path):

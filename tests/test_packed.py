@@ -27,6 +27,7 @@ from bitnet158.formats import (
     TensorSpec,
     open_source,
 )
+from bitnet158.formats import packed as packed_format
 from bitnet158.formats.packed import describe, model_tensors
 from bitnet158.formats.ternary import pack_t2, unpack_t2
 
@@ -579,6 +580,54 @@ def test_writer_disk_full_leaves_nothing(tmp_path, monkeypatch, where):
     assert os.listdir(tmp_path) == []
 
 
+def test_writer_other_preallocation_errors_propagate(tmp_path, monkeypatch):
+    # only "cannot preallocate here" falls back to sizing the file; an I/O error is the user's to see
+    def broken(*args):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "posix_fallocate", broken)
+    with pytest.raises(OSError, match="Input/output error") as info:
+        writer(tmp_path / "m.bnp")
+    assert info.value.errno == errno.EIO and os.listdir(tmp_path) == []
+
+
+def test_writer_misuse_and_races_lose_nothing(tmp_path):
+    # a directory as the output: refused before anything is written, the directory untouched
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "x").write_bytes(b"keep")
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        writer(tmp_path / "out", overwrite=True)
+    assert os.listdir(tmp_path) == ["out"] and (tmp_path / "out" / "x").read_bytes() == b"keep"
+    # the output appears while the file is being written: kept, and the temp file goes
+    path = tmp_path / "m.bnp"
+    w = writer(path)
+    for name, value in SMALL_DATA.items():
+        w.write(name, value)
+    path.write_bytes(b"someone else's")
+    with pytest.raises(FileExistsError, match="refusing to overwrite"):
+        w.close()
+    assert path.read_bytes() == b"someone else's" and sorted(os.listdir(tmp_path)) == ["m.bnp", "out"]
+    # a closed writer refuses writes; a closed reader refuses verify()
+    with pytest.raises(PackedFormatError, match="the writer is closed"):
+        w.write("w", SMALL_DATA["w"])
+    write_file(tmp_path / "ok.bnp", SMALL_SPECS, SMALL_DATA)
+    f = PackedFile(tmp_path / "ok.bnp")
+    f.close()
+    with pytest.raises(PackedFormatError, match="the file is closed"):
+        f.verify()
+
+
+def test_writer_limits_match_the_readers(tmp_path, monkeypatch):
+    # the writer refuses what a reader would refuse to open (checked with the limits made small)
+    monkeypatch.setattr(packed_format, "MAX_TENSORS", 2)
+    with pytest.raises(PackedFormatError, match="3 tensors, more than 2"):
+        writer(tmp_path / "m.bnp", [*SMALL_SPECS, TensorSpec("e", "f32", (1,))])
+    monkeypatch.setattr(packed_format, "MAX_HEADER_LEN", 1000)
+    with pytest.raises(PackedFormatError, match=r"the header is \d+ bytes, more than 1000"):
+        writer(tmp_path / "m.bnp")
+    assert os.listdir(tmp_path) == []
+
+
 def test_writer_falls_back_when_preallocation_unsupported(tmp_path, monkeypatch):
     def unsupported(*args):
         raise OSError(errno.EOPNOTSUPP, "Operation not supported")
@@ -619,6 +668,7 @@ BAD_WRITES = {
     "scale zero": ("w_scale", np.array([0.0], np.float32), r"finite and > 0"),
     "scale nan": ("w_scale", torch.tensor([float("nan")]), r"finite and > 0"),
     "not an array": ("w_scale", [0.5], r"expected a numpy array or torch tensor"),
+    "numpy wrong shape": ("w_scale", np.array([[0.5]], np.float32), r"'w_scale': got shape \[1, 1\], expected \[1\]"),
 }
 
 

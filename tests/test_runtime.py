@@ -610,6 +610,13 @@ def test_context_overflow_and_truncation(ms_model):
     assert len(ids) == 8 and ms_model.last_stats.truncated_tokens == len(long_prompt) + 8 - 256
     with pytest.raises(ContextOverflowError):
         ms_model.logits(list(range(10)) * 30)
+    with pytest.raises(ValueError, match="logits: token_ids is empty"):
+        ms_model.logits([])
+    with pytest.raises(ValueError, match="a system message needs chat=True"):
+        next(ms_model.generate("hi", system="Be brief."))
+    for bad in (-1, ms_model.config.vocab_size):  # an id past the embedding must not index out of it
+        with pytest.raises(ValueError, match=rf"token ids must be in \[0, {ms_model.config.vocab_size}\)"):
+            ms_model.logits([1, bad])
 
 
 def test_cli_generate_and_perplexity(ms_file, tmp_path):
