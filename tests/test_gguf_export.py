@@ -575,6 +575,9 @@ def test_gguf_to_packed_from_the_hub(tiny, tmp_path, monkeypatch):
         shutil.copy(one / "ggml-model-i2_s.gguf", two / name)
     tiny.offline_hub_cache(one, "tiny-org/one", "1" * 40, tmp_path, monkeypatch)
     tiny.offline_hub_cache(two, "tiny-org/two", "2" * 40, tmp_path, monkeypatch)
+    (readme := tmp_path / "readme").mkdir()
+    (readme / "README.md").write_text("no model here")
+    tiny.offline_hub_cache(readme, "tiny-org/readme", "4" * 40, tmp_path, monkeypatch)
     runner = CliRunner()
     for spec in ("tiny-org/one", "tiny-org/one/ggml-model-i2_s.gguf", "tiny-org/two/b.gguf"):
         out = tmp_path / f"{spec.replace('/', '_')}.bin"
@@ -588,6 +591,7 @@ def test_gguf_to_packed_from_the_hub(tiny, tmp_path, monkeypatch):
     for spec, message in (
         ("tiny-org/two", "tiny-org/two holds 2 GGUF files (a.gguf, b.gguf); name one as tiny-org/two/FILE.gguf"),
         ("tiny-org/none", "cannot read tiny-org/none: no such file, nor from the hub"),
+        ("tiny-org/readme", "tiny-org/readme holds no GGUF file; name the model file as tiny-org/readme/FILE"),
         ("no-such-file.gguf", "cannot read no-such-file.gguf: No such file or directory"),
         ("models/x.gguf", "cannot read models/x.gguf: No such file or directory"),  # a path, not a repository
     ):

@@ -296,11 +296,11 @@ def quantized_rows(arr: np.ndarray, qtype) -> np.ndarray:
 
 def write_model(path: Path, *, arch="bitnet-b1.58", qtype="i2_s", tok_kv=None, tied=True, sub_norms=True,
                 extra_scales=False, pre=None, add_bos=None, chat_template=None, row_scales=False,
-                vocab_override=None, embed_qtype=None, rope_dims=None, freq_base=500000.0, drop=()):
+                vocab_override=None, embed_qtype=None, rope_dims=None, freq_base=500000.0, drop=(), rope_scaling=None):
     """A tiny BitNet GGUF; returns {canonical name: (t int8, scale array)} and {canonical float name: array}.
     ``embed_qtype``: token_embd (and an untied output, in Q6_K) quantized as llama-quantize writes them; their
     arrays are then gguf.quants.dequantize's f32 values. ``drop``: float tensors (GGUF names) left out. ``sub_norms``:
-    True, False, or the layers that have them."""
+    True, False, or the layers that have them. ``rope_scaling``: (type, factor) of rope.scaling."""
     w = gguf.GGUFWriter(str(path), arch)
     a = arch
     tok_kv = tok_kv or gpt2_vocab_kv(train_bpe(False))
@@ -316,6 +316,9 @@ def write_model(path: Path, *, arch="bitnet-b1.58", qtype="i2_s", tok_kv=None, t
         w.add_float32(f"{a}.rope.freq_base", freq_base)
     if rope_dims is not None:
         w.add_rope_dimension_count(rope_dims)
+    if rope_scaling is not None:
+        w.add_string(f"{a}.rope.scaling.type", rope_scaling[0])
+        w.add_float32(f"{a}.rope.scaling.factor", rope_scaling[1])
     w.add_uint32(f"{a}.vocab_size", vocab)
     w.add_tokenizer_model(tok_kv.get("model", "gpt2"))
     if pre is not None:
@@ -466,6 +469,16 @@ def test_rope_freq_base_defaults_as_llama_cpp(tmp_path):
         write_model(path, arch=arch, qtype="tq2_0", freq_base=None)
         with G.GGUFSource(path) as src:
             assert src.config["rope_theta"] == 10000.0
+
+
+def test_rope_scaling_linear_is_read_and_others_refused(tmp_path):
+    path = tmp_path / "m.gguf"
+    write_model(path, rope_scaling=("linear", 2.0))
+    with G.GGUFSource(path) as src:
+        assert src.config["rope_scaling"] == {"rope_type": "linear", "factor": 2.0}
+    write_model(path, rope_scaling=("yarn", 4.0))
+    with pytest.raises(G.GGUFFormatError, match="unsupported rope scaling type 'yarn'"):
+        G.GGUFSource(path)
 
 
 def test_lying_block_count_is_refused_at_once(tmp_path):
@@ -803,6 +816,9 @@ def test_source_refuses_mistyped_or_inconsistent_metadata(tmp_path):
     bos = b"tokenizer.ggml.bos_token_id" + struct.pack("<I", 4)
     with pytest.raises(G.GGUFFormatError, match=f"bos_token_id = {rows} is outside the vocabulary of {rows}"):
         G.GGUFSource(patched(bos, struct.pack("<I", rows)))
+    eos = b"tokenizer.ggml.eos_token_id" + struct.pack("<I", 4)
+    with pytest.raises(G.GGUFFormatError, match=f"tokenizer.ggml.eos_token_id = {rows} is outside the vocabulary"):
+        G.GGUFSource(patched(eos, struct.pack("<I", rows)))
     # a tokenizer larger than the embedding: ids past its rows
     write_model(path, vocab_override=rows - 1)
     short = f"the tokenizer has {rows} tokens but token_embd.weight only {rows - 1} rows"

@@ -747,6 +747,23 @@ def test_writer_large_header_offsets_settle(tmp_path):
 # --- open_source ---------------------------------------------------------------------------------------------
 
 
+def test_open_source_without_the_gguf_reader(tmp_path, monkeypatch):
+    # a build without formats/gguf.py says so; a GGUF reader that is there but lacks a dependency says which
+    import importlib
+
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"GGUF" + bytes(60))
+    for missing, error, match in (("bitnet158.formats.gguf", SourceError, "is a GGUF file, but this build has no GGUF"),
+                                  ("gguf", ModuleNotFoundError, "No module named 'gguf'")):
+        def import_module(name, missing=missing):
+            raise ModuleNotFoundError(f"No module named {missing!r}", name=missing)
+
+        with monkeypatch.context() as m:
+            m.setattr(importlib, "import_module", import_module)
+            with pytest.raises(error, match=match):
+                open_source(path)
+
+
 def test_open_source_dispatches_on_magic(tmp_path, monkeypatch):
     packed = build(tmp_path / "ok.bnp")
     src = open_source(packed)

@@ -7,6 +7,7 @@ from transformers.integrations.bitnet import pack_weights, unpack_weights
 
 from bitnet158.formats.ternary import (
     absmean_ternarize,
+    hf_to_t2,
     pack_hf,
     pack_t2,
     scaled_ternary_scale,
@@ -95,6 +96,18 @@ def test_t2_accepts_any_integer_dtype():
 def test_t2_rejects_bad_input():
     with pytest.raises(ValueError, match="values must be in"):
         pack_t2(torch.tensor([[0, 2]], dtype=torch.int8))
+    for dtype in (torch.int16, torch.int32, torch.uint8):  # the wide path checks the range too
+        with pytest.raises(ValueError, match=r"values must be in \{-1, 0, 1\}, found min 0 max 2"):
+            pack_t2(torch.tensor([[0, 2]], dtype=dtype))
+    with pytest.raises(ValueError, match=r"pack_hf: expected a 2-D \[out, in\] tensor, got shape \(4,\)"):
+        pack_hf(torch.zeros(4, dtype=torch.int8))
+    for bad in (torch.zeros(2, 3, dtype=torch.int8), torch.zeros(6, dtype=torch.uint8)):
+        with pytest.raises(ValueError, match=r"unpack_hf: expected uint8 \[R, in\]"):
+            unpack_hf(bad)
+        with pytest.raises(ValueError, match=r"hf_to_t2: expected uint8 \[R, in\]"):
+            hf_to_t2(bad)
+    with pytest.raises(ValueError, match="absmean_ternarize: empty tensor"):
+        absmean_ternarize(torch.zeros(0, 4))
     with pytest.raises(ValueError, match="integer"):
         pack_t2(torch.zeros(2, 2))
     with pytest.raises(ValueError, match="2-D"):
