@@ -478,7 +478,7 @@ def test_architecture_that_contradicts_the_tensors_is_refused(fixture, architect
         convert(src, tmp_path)
 
 
-def test_unreadable_sources_are_refused(ms_packed_auto, tmp_path):
+def test_bad_bitnet_configs_and_unreadable_sources_are_refused(ms_packed_auto, tmp_path):
     src = copy_ckpt(ms_packed_auto, tmp_path)
     cfg = json.loads((src / "config.json").read_text())
     edit_json(src / "config.json", hidden_act="gelu")  # relu2 and silu are the only activations

@@ -760,6 +760,14 @@ def test_array_kv_and_alignment_key_are_honoured(tmp_path):
         G.GGUFFile(path)
 
 
+def patched_after(good: bytes, key: bytes, raw: bytes, out: Path) -> Path:
+    """``good`` with the 4 bytes after ``key`` (a metadata key's name: its type, or with the type its u32 value;
+    a tensor's name, n_dims and dims: its type) replaced by ``raw``, written to ``out``."""
+    i = good.find(key) + len(key)
+    out.write_bytes(good[:i] + raw + good[i + 4 :])
+    return out
+
+
 def test_source_refuses_inconsistent_models(tmp_path):
     path = tmp_path / "m.gguf"
     write_model(path)
@@ -772,13 +780,9 @@ def test_source_refuses_inconsistent_models(tmp_path):
     with pytest.raises(G.GGUFFormatError, match="unexpected tensor 'blk.0.attn_x.weight'"):
         G.GGUFSource(bad)
     # a wrong head count makes the q shape disagree with the config
-    data = bytearray(path.read_bytes())
-    key = b"bitnet-b1.58.attention.head_count\x04\x00\x00\x00"
-    i = data.find(key) + len(key)
-    data[i : i + 4] = struct.pack("<I", 2)
-    bad.write_bytes(bytes(data))
+    key = b"bitnet-b1.58.attention.head_count" + struct.pack("<I", 4)
     with pytest.raises(G.GGUFFormatError, match="shape"):
-        G.GGUFSource(bad)
+        G.GGUFSource(patched_after(path.read_bytes(), key, struct.pack("<I", 2), bad))
 
 
 def test_source_refuses_mistyped_or_inconsistent_metadata(tmp_path):
@@ -786,11 +790,8 @@ def test_source_refuses_mistyped_or_inconsistent_metadata(tmp_path):
     write_model(path)
     good = path.read_bytes()
 
-    def patched(key: bytes, raw: bytes) -> Path:  # the 4 bytes after key's name: its type, or a u32 value
-        i = good.find(key) + len(key)
-        bad = tmp_path / "bad.gguf"
-        bad.write_bytes(good[:i] + raw + good[i + 4 :])
-        return bad
+    def patched(key: bytes, raw: bytes) -> Path:
+        return patched_after(good, key, raw, tmp_path / "bad.gguf")
 
     kv = b"bitnet-b1.58.attention.head_count_kv"
     with pytest.raises(G.GGUFFormatError, match="bitnet-b1.58.attention.head_count_kv = 0 is out of range"):
