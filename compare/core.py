@@ -113,9 +113,7 @@ def compare_models(a, b, text: str, *, gen_tokens: int = 16, max_tokens: int | N
 
     with torch.inference_mode():
         la = a.logits(ids).float().cpu()
-        lb = b.logits(ids).float().cpu()
-        if la.shape != lb.shape:
-            raise CompareError(f"logit shapes differ: A {tuple(la.shape)}, B {tuple(lb.shape)}")
+        lb = b.logits(ids).float().cpu()  # [T, V] both: the vocab sizes are equal
         max_abs, kl, top1 = logit_stats(la, lb)
         div = None
         if gen_tokens > 0:

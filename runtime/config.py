@@ -143,12 +143,10 @@ class ModelConfig:
         )
 
 
-def _rope_scaling(rs: Any) -> dict | None:
+def _rope_scaling(rs: dict | None) -> dict | None:
     """Normalise transformers' rope_scaling dict to {"rope_type": ..., params...} or None (plain rope)."""
     if rs is None:
         return None
-    if not isinstance(rs, dict):
-        raise ConfigError(f"model config: rope_scaling must be an object or null, got {rs!r}")
     rope_type = rs.get("rope_type", rs.get("type", "default"))
     if rope_type not in ROPE_TYPES:
         raise ConfigError(

@@ -23,6 +23,9 @@ Factories (plain functions, reachable through the ``tiny`` fixture, e.g. ``tiny.
   quantization_config bitnet (offline), packed linears, untied lm_head, BPE tokenizer.
 - ``offline_hub_cache(files, repo_id, sha, tmp_path, monkeypatch)``: a huggingface_hub cache holding a folder's
   files as ``repo_id``@``sha``, with the hub set offline (hub ids resolve without a network).
+- ``rewrite_packed(src, dst, edit=None, extra=())``: a copy of packed file ``src`` at ``dst``, each entry passed
+  through ``edit(spec, tensor) -> (spec, tensor) | None`` (a TensorSpec; None drops it) and ``extra`` (spec, tensor) pairs
+  appended: files that the packed format takes but whose contents a test wants changed.
 - ``onebitllm_as_transformers(ckpt, folder) -> Path``: the 1bitLLM checkpoint rewritten as a transformers
   BitNetForCausalLM folder (silu, rope 10000, tied, autobitlinear online, sub-norm keys renamed), which is an
   exact transformers reference for the 1bitLLM family (REFERENCE.md §4).
@@ -382,6 +385,24 @@ def offline_hub_cache(files: Path, repo_id: str, sha: str, tmp_path: Path, monke
     monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
 
 
+def rewrite_packed(src, dst, edit=None, extra=()) -> None:
+    """See the module docstring."""
+    from bitnet158.formats.packed import PackedFile, PackedWriter, TensorSpec
+
+    with PackedFile(src) as pf:
+        entries = []
+        for i in pf.tensors.values():
+            spec = TensorSpec(i.name, i.dtype, tuple(i.shape), i.scale, i.scale_granularity)
+            entry = (spec, pf.torch(i.name)) if edit is None else edit(spec, pf.torch(i.name))
+            if entry is not None:
+                entries.append(entry)
+        entries += list(extra)
+        specs = [spec for spec, _ in entries]
+        with PackedWriter(dst, config=pf.config, tokenizer=pf.tokenizer, provenance=pf.provenance, tensors=specs) as w:
+            for spec, data in entries:
+                w.write(spec.name, data)
+
+
 # --- fixtures ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def tiny():
@@ -390,7 +411,7 @@ def tiny():
         bpe_tokenizer=bpe_tokenizer, sentencepiece_tokenizer=sentencepiece_tokenizer,
         microsoft_latent=microsoft_latent, microsoft_packed=microsoft_packed, onebitllm=onebitllm,
         onebitllm_as_transformers=onebitllm_as_transformers, llama_bitnet=llama_bitnet,
-        offline_hub_cache=offline_hub_cache,
+        offline_hub_cache=offline_hub_cache, rewrite_packed=rewrite_packed,
         TinyCheckpoint=TinyCheckpoint, ENCODE_SAMPLES=ENCODE_SAMPLES, CHAT_TEMPLATE=CHAT_TEMPLATE,
         BOS=BOS, EOS=EOS, EOT=EOT)
 

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from bitnet158.compare.cli import EXIT_THRESHOLD, main
 from bitnet158.compare.core import CompareError, compare_models, logit_stats, perplexity_from_logits
 from bitnet158.converter.hf import convert_hf
-from bitnet158.formats.packed import PackedFile, PackedWriter, TensorSpec
+from bitnet158.runtime import load
 
 PROMPT = "Hello world! The quick brown fox jumps over the lazy dog."
 
@@ -27,17 +27,12 @@ def packed(ms_packed_auto, tmp_path_factory) -> Path:
     return out
 
 
-def _flipped_copy(src: Path, dst: Path, tensor: str = "layers.0.mlp.down_proj.weight") -> None:
-    """Copy a packed file with one ternary tensor negated (code c -> 2 - c)."""
-    with PackedFile(src) as pf:
-        specs = [TensorSpec(i.name, i.dtype, tuple(i.shape), i.scale, i.scale_granularity) for i in pf.tensors.values()]
-        with PackedWriter(dst, config=pf.config, tokenizer=pf.tokenizer, provenance=pf.provenance, tensors=specs) as w:
-            for name in pf.tensors:
-                data = pf.torch(name).clone()
-                if name == tensor:
-                    fields = [(data >> (2 * k)) & 3 for k in range(4)]
-                    data = sum(((2 - f) & 3) << (2 * k) for k, f in enumerate(fields)).to(torch.uint8)
-                w.write(name, data)
+def _flip(spec, data, tensor: str = "layers.0.mlp.down_proj.weight"):
+    """rewrite_packed's edit: one ternary tensor negated (code c -> 2 - c)."""
+    if spec.name == tensor:
+        fields = [(data >> (2 * k)) & 3 for k in range(4)]
+        data = sum(((2 - f) & 3) << (2 * k) for k, f in enumerate(fields)).to(torch.uint8)
+    return spec, data
 
 
 def _run(*args):
@@ -71,9 +66,9 @@ def test_identical_files_zero_deltas(packed, tmp_path):
     assert out["violations"] == [] and out["n_tokens"] > 5 and not out["tokenizer_mismatch"]
 
 
-def test_flipped_tensor_fails_thresholds(packed, tmp_path):
+def test_flipped_tensor_fails_thresholds(packed, tmp_path, tiny):
     bad = tmp_path / "flipped.bin"
-    _flipped_copy(packed, bad)
+    tiny.rewrite_packed(packed, bad, _flip)
     r = _run(packed, bad, "--prompt", PROMPT, "--max-kl", "1e-6", "--min-top1", "0.999", "--gen-tokens", "4")
     assert r.exit_code == EXIT_THRESHOLD, r.output
     assert "FAIL: mean KL" in r.output and "max |Δlogit|" in r.output and "perplexity A" in r.output
@@ -124,10 +119,13 @@ def test_errors_are_one_line(packed, tmp_path):
         assert r.exit_code == 2 and opt in r.output, (opt, value, r.output)
 
 
-def test_vocab_mismatch_refused():
+def test_vocab_mismatch_and_no_tokens_refused(packed):
     class M:
         def __init__(self, v):
             self.config = type("C", (), {"vocab_size": v})()
 
     with pytest.raises(CompareError, match="vocab sizes differ"):
         compare_models(M(10), M(12), "hi")
+    model = load(packed, device="cpu")
+    with pytest.raises(CompareError, match="the text tokenizes to no tokens"):
+        compare_models(model, model, PROMPT, max_tokens=0)

@@ -15,6 +15,7 @@ import re
 import shutil
 import stat
 import struct
+from dataclasses import replace
 from pathlib import Path
 
 import gguf
@@ -671,7 +672,7 @@ def _q8k_fake_quant(x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("qtype,scales", [("tq2_0", "f32"), ("tq1_0", "f16")])
-def test_llama_cpp_runs_our_tq_export(tmp_path, qtype, scales, monkeypatch):
+def test_llama_cpp_runs_our_tq_export(tmp_path, qtype, scales, monkeypatch, tiny):
     """llama.cpp loads our TQ file and computes the same logits as our graph once both use its activation
     quantization (Q8_K) and f32 everywhere else: the file, the .scale tensors and the two graphs agree."""
     llama_cpp = pytest.importorskip("llama_cpp")
@@ -681,12 +682,7 @@ def test_llama_cpp_runs_our_tq_export(tmp_path, qtype, scales, monkeypatch):
     src = tmp_path / "m.bin"
     make_packed(src, act="silu", scales=scales)
     f32 = tmp_path / "m32.bin"  # the same model with an f32 embedding, so llama.cpp's head runs in f32
-    with PackedFile(src) as pf:
-        specs = [TensorSpec(i.name, "f32" if i.dtype == "bf16" else i.dtype, tuple(i.shape), i.scale,
-                            i.scale_granularity) for i in pf.tensors.values()]
-        with PackedWriter(f32, config=pf.config, tokenizer=pf.tokenizer, provenance=pf.provenance, tensors=specs) as w:
-            for i in pf.tensors.values():
-                w.write(i.name, pf.torch(i.name).float() if i.dtype == "bf16" else pf.torch(i.name))
+    tiny.rewrite_packed(src, f32, lambda s, t: (replace(s, dtype="f32"), t.float()) if s.dtype == "bf16" else (s, t))
     g = tmp_path / "m.gguf"
     gc.packed_to_gguf(f32, g, qtype=qtype)
     ids = [0, 5, 17, 42, 99, 3, 200, 150, 77, 12]

@@ -300,7 +300,8 @@ def write_model(path: Path, *, arch="bitnet-b1.58", qtype="i2_s", tok_kv=None, t
     """A tiny BitNet GGUF; returns {canonical name: (t int8, scale array)} and {canonical float name: array}.
     ``embed_qtype``: token_embd (and an untied output, in Q6_K) quantized as llama-quantize writes them; their
     arrays are then gguf.quants.dequantize's f32 values. ``drop``: float tensors (GGUF names) left out. ``sub_norms``:
-    True, False, or the layers that have them. ``rope_scaling``: (type, factor) of rope.scaling."""
+    True, False, or the layers that have them. ``rope_scaling``: (type, factor) of rope.scaling. ``extra_scales`` (arch
+    bitnet): upstream's blk.N.*.scale multipliers, random (True) or the given array."""
     w = gguf.GGUFWriter(str(path), arch)
     a = arch
     tok_kv = tok_kv or gpt2_vocab_kv(train_bpe(False))
@@ -385,10 +386,10 @@ def write_model(path: Path, *, arch="bitnet-b1.58", qtype="i2_s", tok_kv=None, t
                 wf = (np.broadcast_to(scale[:, None] if row_scales else scale, (shape[0], 1)) * t).astype(np.float32)
                 gq = Q.TQ2_0 if qtype == "tq2_0" else Q.TQ1_0
                 w.add_tensor(name, quants.quantize(wf, gq), raw_dtype=gq)
-            if extra_scales:
-                e = np.float32(RNG.uniform(0.5, 2.0))
-                w.add_tensor(f"blk.{i}.{suffix}.scale", np.array([e], np.float32))
-                scale = (scale * e).astype(np.float32)
+            if extra_scales is not False:  # True: random multipliers; an array: that one for every linear
+                e = np.array([RNG.uniform(0.5, 2.0)], np.float32) if extra_scales is True else extra_scales
+                w.add_tensor(f"blk.{i}.{suffix}.scale", e)
+                scale = (scale * e[0]).astype(np.float32)
             ternary[cname] = (t, scale)
     add_float("output_norm.weight", "norm.weight", RNG.random(HIDDEN) + 0.5)
     if not tied:
@@ -459,6 +460,24 @@ def test_source_upstream_bitnet_arch(tmp_path):
         for name, (t, scale) in ternary.items():
             packed, s = src.ternary(name)
             assert np.array_equal(s.numpy(), scale) and np.array_equal(packed.numpy(), codes_to_t2(t))
+
+
+def test_source_refuses_bad_scale_multipliers(tmp_path):
+    """An upstream blk.N.*.scale multiplier must be one finite f32 > 0: another type or shape is refused when the
+    file opens, a bad value when its tensor is read."""
+    path = tmp_path / "m.gguf"
+    for e, message in (
+        (np.array([1.0, 2.0], np.float32), r"tensor 'blk\.0\.\w+\.scale' must be F32 \[1\], got F32 \(2,\)"),
+        (np.array([1.0], np.float16), r"tensor 'blk\.0\.\w+\.scale' must be F32 \[1\], got F16 \(1,\)"),
+    ):
+        write_model(path, arch="bitnet", qtype="tq2_0", extra_scales=e)
+        with pytest.raises(G.GGUFFormatError, match=message):
+            G.GGUFSource(path)
+    for value in (0.0, -1.0, np.inf, np.nan):
+        write_model(path, arch="bitnet", qtype="tq2_0", extra_scales=np.array([value], np.float32))
+        with G.GGUFSource(path) as src, pytest.raises(G.GGUFFormatError, match=(
+                rf"tensor 'blk\.0\.attn_q\.scale': multiplier {value} is not finite and > 0")):
+            src.ternary("layers.0.attn.q_proj.weight")
 
 
 def test_rope_freq_base_defaults_as_llama_cpp(tmp_path):

@@ -226,6 +226,14 @@ def test_window_plan_scores_every_token_once():
             assert scored == list(range(1, n))
         else:  # disjoint chunks: a chunk's first token has no context
             assert scored == [p for p in range(1, n) if p % ctx]
+    from bitnet158.runtime.perplexity import PerplexityError
+
+    for n, ctx, stride, message in ((1, 32, 16, r"the text has 1 token\(s\); perplexity needs at least 2"),
+                                    (100, 1, 1, "ctx must be >= 2, got 1"),
+                                    (100, 32, 0, r"stride must be in \[1, ctx=32\], got 0"),
+                                    (100, 32, 33, r"stride must be in \[1, ctx=32\], got 33")):
+        with pytest.raises(PerplexityError, match=message):
+            window_plan(n, ctx, stride)
 
 
 def test_incremental_decode_equals_full_forward(ms_model):
@@ -269,6 +277,13 @@ def test_bitlinear_reference_is_exact():
         cached = BitLinear(pack_t2(t), sc, 37, cache_unpacked=True)
         assert torch.equal(cached(x), y)
         assert cached.resident_bytes() == lin.resident_bytes() + 24 * 37
+    for packed, sc, message in (
+        (pack_t2(t)[:, :-1], scale, r"packed must be uint8 \[out, 10\], got torch.uint8 \(24, 9\)"),
+        (pack_t2(t), scale.half(), r"scale must be f32 \[1\] or \[24\], got torch.float16 \(24,\)"),
+        (pack_t2(t), scale[:2], r"scale must be f32 \[1\] or \[24\], got torch.float32 \(2,\)"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            BitLinear(packed, sc, 37)
 
 
 def test_resident_weights_and_cache_unpacked(ms_file, ms_model):
@@ -357,10 +372,18 @@ def test_min_p_matches_transformers():
         logits[::7] = float("-inf")  # what top-k / top-p left out before
         want = MinPLogitsWarper(min_p)(torch.zeros(1, 1, dtype=torch.long), logits[None].clone())[0]
         assert torch.equal(min_p_filter(logits, min_p), want)
-    with pytest.raises(SamplingError, match="min_p"):
-        SamplingParams(min_p=1.5)
-    with pytest.raises(SamplingError, match="seed must be a 64-bit integer"):
-        SamplingParams(seed=2**64)
+    for kw, message in (
+        ({"min_p": 1.5}, r"min_p must be in \[0, 1\], got 1.5"),
+        ({"seed": 2**64}, "seed must be a 64-bit integer"),
+        ({"temperature": -0.5}, "temperature must be >= 0, got -0.5"),
+        ({"temperature": float("nan")}, "temperature must be >= 0, got nan"),
+        ({"top_k": -1}, "top_k must be >= 0, got -1"),
+        ({"top_p": 0.0}, r"top_p must be in \(0, 1\], got 0.0"),
+        ({"top_p": 1.5}, r"top_p must be in \(0, 1\], got 1.5"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty must be > 0, got 0.0"),
+    ):
+        with pytest.raises(SamplingError, match=message):
+            SamplingParams(**kw)
     for kw in ({"seed": 1.5}, {"seed": "1"}, {"top_k": 1.5}, {"top_k": True}, {"temperature": "0.5"},
                {"top_p": None, "min_p": "x"}):  # fmt: skip
         with pytest.raises(SamplingError, match=f"{[k for k, v in kw.items() if v is not None][0]} must be"):
@@ -468,6 +491,29 @@ def test_chat_template_sandbox_and_tojson(ms_model):
         t.apply_chat_template([])
 
 
+def test_tokenizer_refuses_misuse(ms_model, monkeypatch):
+    from bitnet158.runtime import tokenizer as tokenizer_module
+    from bitnet158.runtime.tokenizer import Tokenizer, TokenizerError
+
+    for tok in ({}, {"tokenizer_json": None}, [ms_model.tokenizer._tok.to_str()]):
+        with pytest.raises(TokenizerError, match="the file has no tokenizer_json string"):
+            Tokenizer(tok)
+    with pytest.raises(TypeError, match="the text to encode must be a str, got bytes"):
+        ms_model.tokenizer.encode(b"hi")
+    no_template = Tokenizer({"tokenizer_json": ms_model.tokenizer._tok.to_str()})
+    with pytest.raises(TokenizerError, match="this model file carries no chat template"):
+        no_template.apply_chat_template([{"role": "user", "content": "hi"}])
+
+    class Interrupted:  # Ctrl-C while tokenizer_json loads is the user's, not a bad tokenizer
+        @staticmethod
+        def from_str(text):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(tokenizer_module, "HFTokenizer", Interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        Tokenizer({"tokenizer_json": "{}"})
+
+
 def test_tokenizer_that_panics_fails_at_load(ms_model):
     # tokenizers loads a post-processor naming a special token that it does not map, then panics (a
     # BaseException) on the first encode: the file is refused when it is opened, with one error
@@ -515,10 +561,22 @@ def test_config_validation():
         ("sub_norms", 1, "sub_norms"),
         ("rope_scaling", {"rope_type": "yarn", "factor": 2.0}, "yarn"),
         ("family", "gpt2", "family"),
+        ("hidden_size", True, "hidden_size must be int, got True"),  # bool is an int to isinstance
+        ("num_hidden_layers", 2.0, "num_hidden_layers must be int"),
+        ("rope_theta", 0.0, "rope_theta=0.0 must be a finite number > 0"),
+        ("rms_norm_eps", float("nan"), "rms_norm_eps=nan must be a finite number > 0"),
+        ("rope_style", "gptj", "unsupported rope_style 'gptj'"),
+        ("head_dim", 15, "head_dim=15 must be even"),
+        ("bos_token_id", 300, "bos_token_id=300 is not a token id below vocab_size=300"),
+        ("bos_token_id", False, "bos_token_id=False is not a token id"),
+        ("rope_scaling", {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 4.0,
+                          "original_max_position_embeddings": 64}, "high_freq_factor must exceed low_freq_factor"),
     ]
     for key, value, msg in bad:
         with pytest.raises(ConfigError, match=msg):
             ModelConfig.from_dict({**good, key: value})
+    with pytest.raises(ConfigError, match="model config must be an object, got list"):
+        ModelConfig.from_dict([good])
     with pytest.raises(ConfigError, match="missing key 'rope_theta'"):
         ModelConfig.from_dict({k: v for k, v in good.items() if k != "rope_theta"})
     cfg = ModelConfig.from_dict(
@@ -601,6 +659,61 @@ def test_errors_are_one_line(ms_file, tmp_path):
             load(ms_file, device="cuda")
 
 
+def test_loader_refuses_bad_devices_options_and_tensors(ms_file, tmp_path, monkeypatch, tiny):
+    from dataclasses import replace
+
+    from bitnet158.formats.packed import PackedFile, TensorSpec
+    from bitnet158.runtime.loader import LoadError, build_model, resolve_device
+
+    with pytest.raises(DeviceError, match="unsupported device 'mps' \\(use cpu or cuda\\)"):
+        resolve_device("mps")
+    with monkeypatch.context() as m:  # a machine with one GPU
+        m.setattr(torch.cuda, "is_available", lambda: True)
+        m.setattr(torch.cuda, "device_count", lambda: 1)
+        assert resolve_device("cuda:0") == torch.device("cuda:0")
+        with pytest.raises(DeviceError, match="'cuda:1' requested but only 1 CUDA device"):
+            resolve_device("cuda:1")
+    for opts, message in (
+        ({"dtype": torch.int8}, "unsupported dtype torch.int8"),
+        ({"head": "int4"}, "unknown head 'int4' \\(use bf16 or int8\\)"),
+        ({"head": "int8", "reference": True}, "head 'int8' needs a fast path .* the reference path was asked for"),
+    ):
+        with pytest.raises(DeviceError, match=message):
+            load(ms_file, device="cpu", **opts)
+
+    # a packed file holds whatever tensors it declares; the loader checks them against the config
+    q = "layers.0.attn.q_proj.weight"
+    float_q = tmp_path / "float_q.bin"  # q as a float matrix, its scale dropped
+    tiny.rewrite_packed(ms_file, float_q, lambda s, t: None if s.name == q + "_scale" else (
+        (TensorSpec(q, "f32", s.shape), torch.zeros(s.shape)) if s.name == q else (s, t)))
+    extra = tmp_path / "extra.bin"
+    tiny.rewrite_packed(ms_file, extra, extra=[(TensorSpec("layers.0.attn.bias", "f32", (4,)), torch.zeros(4))])
+    wide = tmp_path / "wide.bin"
+    tiny.rewrite_packed(ms_file, wide, lambda s, t: (replace(s, shape=(65,)), torch.ones(65)) if s.name ==
+                        "norm.weight" else (s, t))
+    for path, message in (
+        (float_q, f"tensor '{q}' has dtype f32, expected ternary"),
+        (extra, "unexpected tensor 'layers.0.attn.bias' for a bitnet model with this config"),
+        (wide, "tensor 'norm.weight' has shape \\(65,\\), the config implies \\(64,\\)"),
+    ):
+        with pytest.raises(LoadError, match=message):
+            load(path, device="cpu")
+
+    class Lying(PackedFile):  # a weight source whose ternary() does not fit its tensor table
+        bad = None
+
+        def ternary(self, name):
+            packed, scale = super().ternary(name)
+            return (packed[:, :-1], scale) if self.bad == "shape" else (packed, scale * float(self.bad))
+
+    for bad, message in (("shape", f"tensor '{q}': packed \\(64, 15\\) / scale \\(1,\\) do not fit 64x64"),
+                         ("nan", f"tensor '{q}': its scale must be finite and > 0"),
+                         ("-1", f"tensor '{q}': its scale must be finite and > 0")):
+        with Lying(ms_file) as source, pytest.raises(LoadError, match=message):
+            source.bad = bad
+            build_model(source, device="cpu")
+
+
 def test_context_overflow_and_truncation(ms_model):
     long_prompt = ms_model.tokenizer.encode("word " * 300)
     assert len(long_prompt) > 256
@@ -617,6 +730,19 @@ def test_context_overflow_and_truncation(ms_model):
     for bad in (-1, ms_model.config.vocab_size):  # an id past the embedding must not index out of it
         with pytest.raises(ValueError, match=rf"token ids must be in \[0, {ms_model.config.vocab_size}\)"):
             ms_model.logits([1, bad])
+    with pytest.raises(ValueError, match="the prompt is empty: nothing to condition on"):
+        next(ms_model.generate_ids([], 4))
+    from bitnet158.runtime.perplexity import PerplexityError
+
+    with pytest.raises(PerplexityError, match="ctx=257 exceeds the model context 256"):
+        ms_model.perplexity(TEXT, ctx=257)
+    net = ms_model.net
+    with pytest.raises(ValueError, match="a cache of 257 positions exceeds the model context 256"):
+        net.setup_cache(1, 257)
+    for tokens, start in ((torch.zeros(1, 2, dtype=torch.long), net.max_seq - 1),
+                          (torch.zeros(net.max_batch + 1, 1, dtype=torch.long), 0)):
+        with pytest.raises(ValueError, match=r"exceed the cache \(\d+ / \d+\); call setup_cache first"):
+            net(tokens, start)
 
 
 def test_cli_generate_and_perplexity(ms_file, tmp_path):
