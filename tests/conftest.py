@@ -24,8 +24,8 @@ Factories (plain functions, reachable through the ``tiny`` fixture, e.g. ``tiny.
 - ``offline_hub_cache(files, repo_id, sha, tmp_path, monkeypatch)``: a huggingface_hub cache holding a folder's
   files as ``repo_id``@``sha``, with the hub set offline (hub ids resolve without a network).
 - ``rewrite_packed(src, dst, edit=None, extra=())``: a copy of packed file ``src`` at ``dst``, each entry passed
-  through ``edit(spec, tensor) -> (spec, tensor) | None`` (a TensorSpec; None drops it) and ``extra`` (spec, tensor) pairs
-  appended: files that the packed format takes but whose contents a test wants changed.
+  through ``edit(spec, tensor) -> (spec, tensor) | None`` (a TensorSpec; None drops it) and ``extra`` (spec,
+  tensor) pairs appended: files that the packed format takes but whose contents a test wants changed.
 - ``onebitllm_as_transformers(ckpt, folder) -> Path``: the 1bitLLM checkpoint rewritten as a transformers
   BitNetForCausalLM folder (silu, rope 10000, tied, autobitlinear online, sub-norm keys renamed), which is an
   exact transformers reference for the 1bitLLM family (REFERENCE.md §4).

@@ -858,3 +858,14 @@ def test_random_model_command(tmp_path):
     assert r.exit_code == 2 and not (tmp_path / "x.bin").exists()
     r = runner.invoke(main, ["random", "2b4t", "-o", str(tmp_path / "x.bin"), "--seed", str(2**64)])  # torch's: 64 bits
     assert r.exit_code == 2 and "Invalid value for '--seed'" in r.output and not (tmp_path / "x.bin").exists()
+    # the API behind the command refuses what click's choices keep from it
+    from bitnet158.converter.random_model import RandomModelError, model_config, write_random_model
+
+    with pytest.raises(RandomModelError, match="unknown shape '7b' \\(known: 2b4t, 1bitllm-large\\)"):
+        model_config("7b")
+    small = model_config("2b4t", 1, 300)
+    for config, kw, message in ((small, {"embed_dtype": "f16"}, r"must be one of \('bf16', 'f32'\), got 'f16'"),
+                                ({**small, "tie_word_embeddings": False}, {}, "random models have a tied head")):
+        with pytest.raises(RandomModelError, match=message):
+            write_random_model(tmp_path / "y.bin", config, progress=False, **kw)
+    assert not (tmp_path / "y.bin").exists()

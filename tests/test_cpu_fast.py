@@ -18,6 +18,7 @@ from bitnet158.formats.ternary import pack_t2
 from bitnet158.runtime import cpu, load
 from bitnet158.runtime.bitlinear import BitLinear, int8_head_logits, quantize_activations, quantize_head
 from bitnet158.runtime.cli import main as cli_main
+from bitnet158.runtime.fast import FastPathError
 from bitnet158.runtime import model as model_module
 from bitnet158.runtime.generate import GenerationStats
 from bitnet158.runtime.fast import FastModel
@@ -113,6 +114,8 @@ def test_gemv_beyond_max_k_uses_the_reference_arithmetic(compiled, monkeypatch):
     monkeypatch.setattr(cpu, "kernels", None)  # calling the compiled functions would fail
     x = torch.randn(1, k)
     assert torch.equal(cpu.bitlinear_cpu(x, ref.packed, ref.scale, k), ref(x))
+    with pytest.raises(ValueError, match=f"the compiled CPU GEMV is exact only for K <= {cpu.MAX_K}, got {k}"):
+        cpu._bitlinear(x[0], ref.packed, ref.scale)  # what tracing it at that width would say
 
 
 # --- the decode step against the reference network ------------------------------------------------------------
@@ -355,6 +358,26 @@ def test_compile_failure_falls_back_to_reference(compiled, files, monkeypatch, c
     assert "the compiled CPU path failed (RuntimeError: InvalidCxxCompiler" in caplog.text
     assert fast.backend == "reference"
     assert got == list(ref.generate_ids(PROMPT, 8, stop_ids=()))
+
+
+def test_failure_after_compiling_propagates(compiled, files, monkeypatch):
+    # the fallback above is for a path that never ran: once the compiled code has run, a later failure (out of
+    # memory, a bug) is raised, not hidden behind a silent switch to the reference path
+    def broken(*args):
+        raise RuntimeError("out of memory")
+
+    fast = load(files["1bitllm"], device="cpu", compile_cpu=True)
+    list(fast.generate_ids(PROMPT, 3, stop_ids=()))
+    with pytest.raises(FastPathError, match=r"positions up to \d+ exceed the cache"):
+        fast.fast.logits_last(torch.zeros(1, 2, dtype=torch.long), fast.net.max_seq - 1)
+    monkeypatch.setattr(cpu, "kernels", lambda: SimpleNamespace(layer=broken, head=broken, bitlinear=broken))
+    with pytest.raises(RuntimeError, match="out of memory"):
+        list(fast.generate_ids(PROMPT, 3, stop_ids=()))
+    assert fast.backend != "reference"
+    x, packed, scale = torch.randn(1, 64), pack_t2(torch.ones(8, 64, dtype=torch.int8)), torch.ones(1)
+    monkeypatch.setattr(cpu, "_vec_state", {"ok": True, "failed": False})  # the compiled GEMV has run before
+    with pytest.raises(RuntimeError, match="out of memory"):
+        cpu.bitlinear_cpu(x, packed, scale, 64)
 
 
 @pytest.mark.parametrize("flag, path", [("--compile", "cpu + device sampling"), ("--reference", "reference")])

@@ -870,6 +870,11 @@ def test_build_tokenizer_refuses_broken_metadata():
         ({"tokenizer.ggml.model": 5}, r"metadata key 'tokenizer.ggml.model' has an unexpected type int"),
         ({"tokenizer.ggml.bos_token_id": 3}, r"tokenizer.ggml.bos_token_id = 3 is not a token id \(vocabulary of 3\)"),
         ({"tokenizer.ggml.merges": None}, "a gpt2 tokenizer needs tokenizer.ggml.merges"),
+        ({"tokenizer.ggml.merges": ["a b", "ab"]}, r"merges\[1\] = 'ab' is not two tokens separated by a space"),
+        ({"tokenizer.ggml.merges": [" b"]}, r"merges\[0\] = ' b' is not two tokens separated by a space"),
+        ({"tokenizer.ggml.model": "llama"}, "a llama tokenizer needs tokenizer.ggml.scores, one per token"),
+        ({"tokenizer.ggml.model": "llama", "tokenizer.ggml.scores": np.zeros(2, np.float32)},
+         "a llama tokenizer needs tokenizer.ggml.scores, one per token"),
         ({"tokenizer.ggml.pre": "qwen2"}, "unsupported tokenizer.ggml.pre 'qwen2'; supported: llama-bpe"),
     ]:
         md = {k: v for k, v in {**good, **change}.items() if v is not None}

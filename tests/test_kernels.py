@@ -639,6 +639,31 @@ def _ref_last_logits(net, ids):
 
 
 @interp
+def test_fast_path_refuses_misuse():
+    from bitnet158.runtime.fast import FastModel, FastPathError, GraphDecoder, fuse_bitlinears
+
+    net = tiny_model(layers=1).net
+    attn = net.layers[0].attn
+    with pytest.raises(FastPathError, match=r"in_features differ: \[64, 160\]"):
+        fuse_bitlinears([attn.q_proj, net.layers[0].mlp.down_proj])
+    fast = FastModel(net, backend="reference")
+    with pytest.raises(FastPathError, match="head must be one of"):
+        fast.set_head("int4")
+    if not HAS_CUDA:
+        with pytest.raises(FastPathError, match="CUDA graphs need a CUDA device"):
+            GraphDecoder(fast, 16, use_graph=True)
+    dec = GraphDecoder(fast, 16, use_graph=False)
+    for tokens, start in ((torch.zeros(1, 2, dtype=torch.long), net.max_seq - 1),
+                          (torch.zeros(net.max_batch + 1, 1, dtype=torch.long), 0)):
+        with pytest.raises(FastPathError, match=r"exceed the cache \(16 / 1\)"):
+            fast.logits_last(tokens, start)
+    for prompt, n, message in (([], 3, "need a non-empty prompt and max_new_tokens >= 1"),
+                               ([3], 0, "need a non-empty prompt and max_new_tokens >= 1"),
+                               ([3] * 10, 7, "prompt 10 \\+ 7 new tokens exceed the decoder's max_seq 16")):
+        with pytest.raises(FastPathError, match=message):
+            list(dec.generate(prompt, n))
+
+
 def test_fast_model_matches_reference_network():
     from bitnet158.runtime.fast import FastModel, GraphDecoder
     from bitnet158.runtime.generate import generate_tokens
@@ -763,6 +788,38 @@ def test_decode_attention_kernel(heads, kv, dh, slots, pos, split):
         kernels.decode_attention(case[0][..., :-1], *case[1:], heads, kv, dh)
     with pytest.raises(kernels.KernelShapeError, match="rope tables"):  # a row, not the table
         kernels.decode_attention(case[0], case[1][pos : pos + 1], *case[2:], heads, kv, dh)
+
+
+def test_kernel_wrappers_refuse_bad_operands():
+    # every wrapper checks its operands before it launches: one KernelShapeError naming what is wrong (x on the
+    # meta device stands for "another device")
+    x, packed, scale = rand_case(2, 8, 64, per_row=True)
+    x2, packed2, scale2 = rand_case(1, 8, 36, per_row=False)  # 9 bytes a row: not whole words
+    wq, ws = quantize_head(torch.randn(9, 64).to(DEV))
+    w = torch.ones(64, device=DEV)
+    case = _attention_case(torch.float32, 4, 2, 16, 40, 3)
+    qkv, cos, sin, pos, cache_k, cache_v = case
+    for call, message in (
+        (lambda: kernels.bitlinear_gemv(x.int(), packed, scale, 64), "x must be a float tensor, got torch.int32"),
+        (lambda: kernels.bitlinear_gemv(x, packed, scale.double(), 64), r"scale must be f32 \[1\] or \[8\]"),
+        (lambda: kernels.bitlinear_gemv(x.to("meta"), packed, scale, 64), "must be on one device"),
+        (lambda: kernels.quantize_act(x[0]), r"quantize_act: x must be a float \[M, K\] tensor"),
+        (lambda: kernels.quantize_act(x.int()), r"quantize_act: x must be a float \[M, K\] tensor"),
+        (lambda: kernels.bitlinear_gemv_packed(kernels.pack_act(x2, 36), packed2, scale2, x2.dtype),
+         "row bytes 9 must be 12 \\(whole words\\)"),
+        (lambda: kernels.head_int8(x, wq.float(), ws), "wq must be int8"),
+        (lambda: kernels.head_int8(x[:, :60], wq, ws), r"x must be \[M, D\] with ceil\(D/4\)·4 = 64"),
+        (lambda: kernels.head_int8(x, wq, ws[:-1]), r"scale must be f32 \[9\]"),
+        (lambda: kernels.rmsnorm(x.int(), w, 1e-5), "rmsnorm: expected a float tensor"),
+        (lambda: kernels.rmsnorm(x, w[:-1], 1e-5), r"rmsnorm: weight must be \[64\]"),
+        (lambda: kernels.rmsnorm(x, w, 1e-5, residual=x[:1]), r"rmsnorm: residual \(1, 64\) does not match"),
+        (lambda: kernels.act_mul_norm(x[:, :63], None, 1e-5, True), "the last dim must be 2·I, got 63"),
+        (lambda: kernels.act_mul_norm(x, w, 1e-5, True), r"act_mul_norm: weight must be \[32\]"),
+        (lambda: kernels.decode_attention(*case, 2, 3, 16), "decode_attention: heads 2/3"),  # the same width
+        (lambda: kernels.decode_attention(qkv, cos, sin, pos.int(), cache_k, cache_v, 4, 2, 16), "pos int64 \\[1\\]"),
+    ):
+        with pytest.raises(kernels.KernelShapeError, match=message):
+            call()
 
 
 def test_l2_prefetch_covers_each_line_once():
