@@ -18,10 +18,9 @@ from bitnet158.formats.ternary import pack_t2
 from bitnet158.runtime import cpu, load
 from bitnet158.runtime.bitlinear import BitLinear, int8_head_logits, quantize_activations, quantize_head
 from bitnet158.runtime.cli import main as cli_main
-from bitnet158.runtime.fast import FastPathError
 from bitnet158.runtime import model as model_module
 from bitnet158.runtime.generate import GenerationStats
-from bitnet158.runtime.fast import FastModel
+from bitnet158.runtime.fast import FastModel, FastPathError
 from bitnet158.runtime.loader import DeviceError, narrow_dtype
 from click.testing import CliRunner
 
