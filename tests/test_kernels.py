@@ -801,6 +801,7 @@ def test_kernel_wrappers_refuse_bad_operands():
     qkv, cos, sin, pos, cache_k, cache_v = case
     for call, message in (
         (lambda: kernels.bitlinear_gemv(x.int(), packed, scale, 64), "x must be a float tensor, got torch.int32"),
+        (lambda: kernels.bitlinear_gemv(x, packed[:, :-4], scale, 64), r"packed must be uint8 \[N, 16\] with unit"),
         (lambda: kernels.bitlinear_gemv(x, packed, scale.double(), 64), r"scale must be f32 \[1\] or \[8\]"),
         (lambda: kernels.bitlinear_gemv(x.to("meta"), packed, scale, 64), "must be on one device"),
         (lambda: kernels.quantize_act(x[0]), r"quantize_act: x must be a float \[M, K\] tensor"),
