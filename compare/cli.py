@@ -1,7 +1,9 @@
 """`bitnet-compare A B`: run two models on the same token ids and report how far B is from A.
 
 A and B are each a packed file or a GGUF (detected by magic), local or on the hub as org/name/file, or an HF
-checkpoint, a folder or a hub id org/name (converted to a temp packed file).
+checkpoint, a folder or a hub id org/name (converted to a temp packed file). With --engine-a/--engine-b
+transformers, that side must be an HF checkpoint and runs in transformers' own model class (compare/reference.py):
+the independent reference for our converter and runtime together.
 Exit codes: 0 ok, 1 an error (one `error: ...` line), 2 usage, 3 a --max-kl / --min-top1 threshold was violated.
 """
 
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from bitnet158.compare.core import compare_models, format_table, open_model
+from bitnet158.compare.core import ENGINES, compare_models, format_table, open_model
 from bitnet158.runtime.cli import read_text
 from bitnet158.runtime.cpu import keep_compile_cache
 
@@ -33,14 +35,19 @@ DEFAULT_PROMPT = "The capital of France is Paris. The capital of Germany is"
 @click.option("--gen-tokens", type=click.IntRange(min=0), default=16, show_default=True,
               help="Greedy tokens each model generates to find where they diverge (0: skip).")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=1024, show_default=True,
-              help="Compare at most this many tokens.")
+              help="Compare at most this many tokens (fewer when the models' context holds fewer, with the "
+                   "--gen-tokens).")
 @click.option("--activation-a", type=click.Choice(["relu2", "silu"]), default=None,
               help="Override A's activation (GGUF files whose architecture mislabels it).")
 @click.option("--activation-b", type=click.Choice(["relu2", "silu"]), default=None, help="Override B's activation.")
+@click.option("--engine-a", type=click.Choice(ENGINES), default="bitnet158", show_default=True,
+              help="What runs A: our runtime, or transformers' own model class on an HF checkpoint (the reference).")
+@click.option("--engine-b", type=click.Choice(ENGINES), default="bitnet158", show_default=True,
+              help="What runs B (--engine-a).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 @click.option("-v", "--verbose", is_flag=True, help="Log progress to stderr.")
 def main(a, b, prompt, text_file, device, max_kl, min_top1, gen_tokens, max_tokens, activation_a, activation_b,
-         as_json, verbose):
+         engine_a, engine_b, as_json, verbose):
     """Compare model A with model B on the same token ids (A's tokenizer)."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     if prompt is not None and text_file is not None:
@@ -55,8 +62,8 @@ def main(a, b, prompt, text_file, device, max_kl, min_top1, gen_tokens, max_toke
         text = prompt or DEFAULT_PROMPT
     keep_compile_cache()  # the runtime's compiled CPU step, as bitnet-run keeps it
     try:
-        with open_model(a, device=device, activation=activation_a) as ma, \
-                open_model(b, device=device, activation=activation_b) as mb:
+        with open_model(a, device=device, activation=activation_a, engine=engine_a) as ma, \
+                open_model(b, device=device, activation=activation_b, engine=engine_b) as mb:
             res = compare_models(ma, mb, text, gen_tokens=gen_tokens, max_tokens=max_tokens, max_kl=max_kl,
                                  min_top1=min_top1)
     except (ValueError, OSError) as e:
@@ -64,12 +71,17 @@ def main(a, b, prompt, text_file, device, max_kl, min_top1, gen_tokens, max_toke
         sys.exit(1)
     if as_json:
         out = res.to_dict()
-        out["a"], out["b"] = a, b
+        out["a"], out["b"], out["engine_a"], out["engine_b"] = a, b, engine_a, engine_b
         click.echo(json.dumps(out))
     else:
-        click.echo(format_table(res, a, b))
+        click.echo(format_table(res, _named(a, engine_a), _named(b, engine_b)))
     if res.violations:
         sys.exit(EXIT_THRESHOLD)
+
+
+def _named(spec: str, engine: str) -> str:
+    # a model's line in the table: the transformers engine is said, our runtime (the default) is not
+    return f"{spec} (transformers)" if engine == "transformers" else spec
 
 
 if __name__ == "__main__":

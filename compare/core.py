@@ -1,7 +1,8 @@
 """Compare two models on the same token ids: logit deltas, KL, top-1 agreement, perplexity, greedy divergence.
 
 The models are anything with the runtime's surface (`model.logits(ids) -> [T, V] float32`, `model.tokenizer`,
-`model.config`). Opening the inputs (packed file, GGUF, HF folder) lives in `open_model`.
+`model.config`). Opening the inputs (packed file, GGUF, HF folder) lives in `open_model`; compare/reference.py
+runs an HF checkpoint in transformers instead, the independent reference.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import torch
 from bitnet158.formats.source import HUB_ID
 
 logger = logging.getLogger(__name__)
+
+ENGINES = ("bitnet158", "transformers")  # what runs a model: our runtime, or transformers (an HF checkpoint only)
 
 
 class CompareError(ValueError):
@@ -93,6 +96,7 @@ def compare_models(a, b, text: str, *, gen_tokens: int = 16, max_tokens: int | N
                    max_kl: float | None = None, min_top1: float | None = None) -> CompareResult:
     """Run both models on A's token ids of `text` and measure how far B is from A.
 
+    Compares at most ``max_tokens`` tokens, and no more than both contexts hold with the ``gen_tokens`` greedy ones.
     Raises CompareError when the vocab sizes differ. A tokenizer mismatch (B's ids differ from A's) is reported
     in the result and logged, and both still run on A's ids.
     """
@@ -105,9 +109,16 @@ def compare_models(a, b, text: str, *, gen_tokens: int = 16, max_tokens: int | N
     if mismatch:
         logger.warning("B's tokenizer gives different ids for this text (%d vs %d tokens); using A's ids for both",
                        len(ids), len(ids_b))
-    if max_tokens is not None and len(ids) > max_tokens:
-        logger.info("text has %d tokens; comparing the first %d", len(ids), max_tokens)
-        ids = ids[:max_tokens]
+    # the text, and then each greedy step's text and continuation, must fit both models' context
+    ctx = min(int(m.config.max_position_embeddings) for m in (a, b))
+    room = ctx - max(gen_tokens - 1, 0)
+    if room < 1:
+        raise CompareError(f"{gen_tokens} greedy tokens leave no room for the text in a context of {ctx} tokens")
+    limit = room if max_tokens is None else min(max_tokens, room)
+    if len(ids) > limit:
+        logger.info("text has %d tokens; comparing the first %d (context %d, max_tokens %s, %d greedy tokens)",
+                    len(ids), limit, ctx, max_tokens, gen_tokens)
+        ids = ids[:limit]
     if not ids:
         raise CompareError("the text tokenizes to no tokens")
 
@@ -185,10 +196,22 @@ def _load(path: str, device: str | None, activation: str | None):
 
 
 @contextlib.contextmanager
-def open_model(path: str, *, device: str | None = None, activation: str | None = None):
+def open_model(path: str, *, device: str | None = None, activation: str | None = None, engine: str = "bitnet158"):
     """Load a packed file, a GGUF, an HF folder or a hub id with the runtime, with an optional activation override;
     a checkpoint (folder, or hub id fetched into huggingface_hub's cache) is converted to a temp packed file first,
-    deleted when the context ends."""
+    deleted when the context ends. ``engine="transformers"``: an HF checkpoint run by transformers' own model
+    class instead (compare/reference.py), the independent reference."""
+    if engine not in ENGINES:
+        raise CompareError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if engine == "transformers":
+        from bitnet158.compare.reference import load_transformers
+        from bitnet158.runtime.loader import resolve_device
+
+        if activation is not None:
+            raise CompareError("an activation override applies to the bitnet158 engine; transformers runs the "
+                               "checkpoint as its config.json says")
+        yield load_transformers(path, resolve_device(device))
+        return
     p = Path(path)
     if p.is_dir() or (not p.exists() and HUB_ID.match(path)):
         from bitnet158.converter.hf import convert_hf

@@ -16,6 +16,7 @@ from click.testing import CliRunner
 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
+from bitnet158.compare.reference import cast_float32  # noqa: E402
 from bitnet158.converter.hf import convert_hf  # noqa: E402
 from bitnet158.runtime import load  # noqa: E402
 from bitnet158.runtime.bitlinear import BitLinear, quantize_activations  # noqa: E402
@@ -41,12 +42,8 @@ def _pair(ckpt, ref, tmp_path_factory, name):
 
 
 def _fp32(model):
-    """transformers keeps some tensors of a quantized checkpoint in the file's bf16 even with dtype=float32 (and
-    refuses .float() on quantized models): cast every float parameter and buffer in place."""
-    with torch.no_grad():
-        for t in [*model.parameters(), *model.buffers()]:
-            if t.is_floating_point():
-                t.data = t.data.float()
+    """transformers keeps some tensors of a quantized checkpoint in the file's bf16 even with dtype=float32."""
+    cast_float32(model)
     return model.eval()
 
 
