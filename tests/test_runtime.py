@@ -23,9 +23,9 @@ from bitnet158.runtime.bitlinear import BitLinear, quantize_activations  # noqa:
 from bitnet158.runtime.cli import main as cli_main  # noqa: E402
 from bitnet158.runtime.config import ConfigError, ModelConfig  # noqa: E402
 from bitnet158.runtime.generate import ContextOverflowError  # noqa: E402
-from bitnet158.runtime.loader import DeviceError  # noqa: E402
+from bitnet158.runtime.loader import DeviceError, LoadError, build_model, resolve_device  # noqa: E402
 from bitnet158.runtime.fast import GraphDecoder, sample_on_device  # noqa: E402
-from bitnet158.runtime.perplexity import window_plan  # noqa: E402
+from bitnet158.runtime.perplexity import PerplexityError, window_plan  # noqa: E402
 from bitnet158.runtime.sampling import Sampler, SamplingError, SamplingParams, min_p_filter  # noqa: E402
 
 TEXT = (
@@ -223,7 +223,6 @@ def test_window_plan_scores_every_token_once():
             assert scored == list(range(1, n))
         else:  # disjoint chunks: a chunk's first token has no context
             assert scored == [p for p in range(1, n) if p % ctx]
-    from bitnet158.runtime.perplexity import PerplexityError
 
     for n, ctx, stride, message in ((1, 32, 16, r"the text has 1 token\(s\); perplexity needs at least 2"),
                                     (100, 1, 1, "ctx must be >= 2, got 1"),
@@ -660,7 +659,6 @@ def test_loader_refuses_bad_devices_options_and_tensors(ms_file, tmp_path, monke
     from dataclasses import replace
 
     from bitnet158.formats.packed import PackedFile, TensorSpec
-    from bitnet158.runtime.loader import LoadError, build_model, resolve_device
 
     with pytest.raises(DeviceError, match="unsupported device 'mps' \\(use cpu or cuda\\)"):
         resolve_device("mps")
@@ -733,7 +731,6 @@ def test_context_overflow_and_truncation(ms_model):
             ms_model.logits([1, bad])
     with pytest.raises(ValueError, match="the prompt is empty: nothing to condition on"):
         next(ms_model.generate_ids([], 4))
-    from bitnet158.runtime.perplexity import PerplexityError
 
     with pytest.raises(PerplexityError, match="ctx=257 exceeds the model context 256"):
         ms_model.perplexity(TEXT, ctx=257)
