@@ -21,7 +21,8 @@
 #   1. environment: GPU, driver, python, torch, triton, transformers              (-> $OUT/env.txt)
 #   2. carried wheels (.whl/*.whl, e.g. gguf) into /tmp/site; our package (no deps) into /tmp/site
 #   3. the GPU tests: pytest -m gpu tests/test_kernels.py (+ tests/test_runtime_gpu.py) (-> $OUT/pytest_gpu.log)
-#   4. the trained demo model (examples/tiny-bitnet, converted here): the correctness checks and every decode
+#   4. the trained demo model (examples/tiny-bitnet, converted here): bitnet-run's first run, bitnet-compare
+#      against transformers on CUDA (-> $OUT/compare_demo.log), the correctness checks and every decode
 #      variant on a network whose logits have real margins                        (-> $OUT/bench_demo.log, .json)
 #   5. the benchmark on a random 2B-4T-shaped model, with transformers and torch.compile
 #                                                                                    (-> $OUT/bench.log, bench.json)
@@ -90,6 +91,13 @@ XDG_CACHE_HOME=/tmp/cache_first timeout 120 env -u BITNET158_AUTOTUNE python3 -c
   sys.argv[1:] = ['/tmp/tiny.bin', '--prompt', 'Blessed are the', '-n', '24']; main()" > "$OUT/first_run.log" 2>&1
 echo "first run of bitnet-run (step search on, empty cache) exit: $?" | tee -a "$OUT/env.txt"
 tail -n 3 "$OUT/first_run.log"
+# the fast path on CUDA (bf16, int8 tensor-core prefill) against transformers' BitNetForCausalLM (fp32) on the demo
+# model's held-out text: a report, no thresholds (on the CPU, fp32 on both sides: KL 1.6e-4, top-1 99.6 %)
+timeout 90 python3 -c "import sys; from bitnet158.compare.cli import main; sys.argv[1:] = ['/tmp/tiny.bin', \
+  'examples/tiny-bitnet', '--engine-b', 'transformers', '--device', 'cuda', '--text', 'examples/heldout.txt']; main()" \
+  > "$OUT/compare_demo.log" 2>&1
+echo "bitnet-compare against transformers on CUDA exit: $?" | tee -a "$OUT/env.txt"
+grep -E "KL|top-1|perplexity|diverge" "$OUT/compare_demo.log"
 if [ "$MODE" = quick ]; then
   timeout -k 5 50 python3 benchmarks/bench_gpu.py --file /tmp/tiny.bin --no-micro --prompt-len 64 --tokens 64 --runs 1 \
     --variants torch/plain,default,default/pdl-early,default/pdl-early-packs,default/prefetch,folded/packed/pdl/argmax,default/int8 --no-eager --json "$OUT/bench_demo.json" \

@@ -199,3 +199,25 @@ def test_skipping_probe_launches_each_kind_once_a_shape(bench, tmp_path, monkeyp
     with pytest.raises(ValueError, match="none of"):
         with bench.skipping(fast, "head"):
             pass
+
+
+def test_device_checks_cli_calls_parse(tmp_path, monkeypatch):
+    """The device script's bitnet-compare call (the demo model against transformers on CUDA), run here with the
+    CPU for CUDA: an option it names that the CLI lacks must fail here, not in a device session's minutes."""
+    import ast
+
+    from bitnet158.compare.cli import main
+    from bitnet158.converter.hf import convert_hf
+
+    script = (ROOT / "benchmarks" / "device_check.sh").read_text().replace("\\\n", "")
+    line = next(ln for ln in script.splitlines() if "bitnet158.compare.cli" in ln)
+    argv = ast.literal_eval(re.search(r"sys\.argv\[1:\] = (\[.*?\])", line).group(1))
+    assert argv[argv.index("--device") + 1] == "cuda" and argv[0] == "/tmp/tiny.bin"
+    convert_hf(str(ROOT / "examples" / "tiny-bitnet"), str(tmp_path / "tiny.bin"), progress=False)
+    argv = [str(tmp_path / "tiny.bin"), *argv[1:]]
+    argv[argv.index("--device") + 1] = "cpu"
+    monkeypatch.chdir(ROOT)  # the script runs from the repository root
+    monkeypatch.setattr(sys, "argv", ["bitnet-compare", *argv])
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code == 0
