@@ -32,6 +32,8 @@ DEFAULT_PROMPT = "The capital of France is Paris. The capital of Germany is"
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
 @click.option("--max-kl", type=float, default=None, help="Fail (exit 3) when mean KL(A‖B) in nats exceeds X.")
 @click.option("--min-top1", type=float, default=None, help="Fail (exit 3) when top-1 agreement (0..1) is below Y.")
+@click.option("--max-ppl-diff", type=float, default=None,
+              help="Fail (exit 3) when the perplexities differ by more than this fraction (|ppl_A / ppl_B - 1|).")
 @click.option("--gen-tokens", type=click.IntRange(min=0), default=16, show_default=True,
               help="Greedy tokens each model generates to find where they diverge (0: skip).")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=1024, show_default=True,
@@ -46,8 +48,8 @@ DEFAULT_PROMPT = "The capital of France is Paris. The capital of Germany is"
               help="What runs B (--engine-a).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 @click.option("-v", "--verbose", is_flag=True, help="Log progress to stderr.")
-def main(a, b, prompt, text_file, device, max_kl, min_top1, gen_tokens, max_tokens, activation_a, activation_b,
-         engine_a, engine_b, as_json, verbose):
+def main(a, b, prompt, text_file, device, max_kl, min_top1, max_ppl_diff, gen_tokens, max_tokens, activation_a,
+         activation_b, engine_a, engine_b, as_json, verbose):
     """Compare model A with model B on the same token ids (A's tokenizer)."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     if prompt is not None and text_file is not None:
@@ -56,6 +58,8 @@ def main(a, b, prompt, text_file, device, max_kl, min_top1, gen_tokens, max_toke
         raise click.UsageError("--min-top1 is a fraction between 0 and 1")
     if max_kl is not None and not max_kl >= 0.0:
         raise click.UsageError("--max-kl is a number of nats, 0 or more")
+    if max_ppl_diff is not None and not max_ppl_diff >= 0.0:
+        raise click.UsageError("--max-ppl-diff is a fraction, 0 or more")
     if text_file:
         text = read_text(lambda: Path(text_file).read_text(encoding="utf-8"), text_file)
     else:
@@ -65,7 +69,7 @@ def main(a, b, prompt, text_file, device, max_kl, min_top1, gen_tokens, max_toke
         with open_model(a, device=device, activation=activation_a, engine=engine_a) as ma, \
                 open_model(b, device=device, activation=activation_b, engine=engine_b) as mb:
             res = compare_models(ma, mb, text, gen_tokens=gen_tokens, max_tokens=max_tokens, max_kl=max_kl,
-                                 min_top1=min_top1)
+                                 min_top1=min_top1, max_ppl_diff=max_ppl_diff)
     except (ValueError, OSError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(1)

@@ -93,7 +93,8 @@ def greedy(model, ids: list[int], n: int) -> list[int]:
 
 
 def compare_models(a, b, text: str, *, gen_tokens: int = 16, max_tokens: int | None = None,
-                   max_kl: float | None = None, min_top1: float | None = None) -> CompareResult:
+                   max_kl: float | None = None, min_top1: float | None = None,
+                   max_ppl_diff: float | None = None) -> CompareResult:
     """Run both models on A's token ids of `text` and measure how far B is from A.
 
     Compares at most ``max_tokens`` tokens, and no more than both contexts hold with the ``gen_tokens`` greedy ones.
@@ -148,6 +149,12 @@ def compare_models(a, b, text: str, *, gen_tokens: int = 16, max_tokens: int | N
         res.violations.append(f"mean KL {res.mean_kl:.6g} > --max-kl {max_kl:g}")
     if min_top1 is not None and not res.top1_agreement >= min_top1:
         res.violations.append(f"top-1 agreement {res.top1_agreement:.4f} < --min-top1 {min_top1:g}")
+    if max_ppl_diff is not None:
+        if res.ppl_a is None:
+            res.violations.append("--max-ppl-diff needs a text of two tokens or more")
+        elif not abs(res.ppl_a / res.ppl_b - 1) <= max_ppl_diff:
+            res.violations.append(f"perplexities differ by {abs(res.ppl_a / res.ppl_b - 1):.4%} > --max-ppl-diff "
+                                  f"{max_ppl_diff:g}")
     return res
 
 
