@@ -105,7 +105,7 @@ def load_transformers(src: str, device: torch.device) -> TransformersModel:
     kwargs = {"key_mapping": SUB_NORM_KEYS} if family == "1bitllm" else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(str(folder), config=_config(folder, family, form),
-                                                     dtype=torch.float32, device_map={"": device}, **kwargs)
+                                                     dtype=torch.float32, device_map={"": str(device)}, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
     except (OSError, ValueError, RuntimeError, ImportError) as e:
         raise CompareError(f"transformers cannot load {src}: {type(e).__name__}: {e}") from e
