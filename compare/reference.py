@@ -23,6 +23,7 @@ transformers runs a BitNet checkpoint as BitNet only when told to (REFERENCE.md 
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import torch
@@ -106,7 +107,8 @@ def load_transformers(src: str, device: torch.device) -> TransformersModel:
     try:
         model = AutoModelForCausalLM.from_pretrained(str(folder), config=_config(folder, family, form),
                                                      dtype=torch.float32, device_map={"": str(device)}, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        # compare_models encodes the whole text and then cuts it to the context itself: no warning about its length
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), model_max_length=sys.maxsize)
     except (OSError, ValueError, RuntimeError, ImportError) as e:
         raise CompareError(f"transformers cannot load {src}: {type(e).__name__}: {e}") from e
     cast_float32(model)
