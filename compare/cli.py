@@ -4,7 +4,8 @@ A and B are each a packed file or a GGUF (detected by magic), local or on the hu
 checkpoint, a folder or a hub id org/name (converted to a temp packed file). With --engine-a/--engine-b
 transformers, that side must be an HF checkpoint and runs in transformers' own model class (compare/reference.py):
 the independent reference for our converter and runtime together.
-Exit codes: 0 ok, 1 an error (one `error: ...` line), 2 usage, 3 a --max-kl / --min-top1 threshold was violated.
+Exit codes: 0 ok, 1 an error (one `error: ...` line), 2 usage, 3 a --max-kl / --min-top1 / --max-ppl-diff
+threshold was violated.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The independent side of ``bitnet-compare --engine-b transformers``: transformers' own model class on an HF
 checkpoint, in float32.
 
-    model = load_transformers("microsoft/bitnet-b1.58-2B-4T", device="cpu")
+    model = load_transformers("microsoft/bitnet-b1.58-2B-4T", torch.device("cpu"))
     model.logits(ids)  # float32 [T, V], the surface compare_models takes (with .tokenizer and .config)
 
 Our converter and runtime are what the comparison tests, so this side runs neither: transformers reads the
@@ -49,7 +49,7 @@ class TransformersModel:
     def __init__(self, model, tokenizer, device: torch.device):
         self.model = model
         self.tokenizer = tokenizer  # AutoTokenizer: encode(text) adds BOS as the checkpoint's tokenizer says
-        self.config = model.config  # .vocab_size
+        self.config = model.config  # .vocab_size, .max_position_embeddings
         self.device = device
 
     def logits(self, ids) -> torch.Tensor:
