@@ -5,7 +5,7 @@ checkpoint, a folder or a hub id org/name (converted to a temp packed file). Wit
 transformers, that side must be an HF checkpoint and runs in transformers' own model class (compare/reference.py):
 the independent reference for our converter and runtime together.
 Exit codes: 0 ok, 1 an error (one `error: ...` line), 2 usage, 3 a --max-kl / --min-top1 / --max-ppl-diff
-threshold was violated.
+threshold was violated or --trace found the networks differ.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 import click
 
 from bitnet158.compare.core import ENGINES, compare_models, format_table, open_model
+from bitnet158.compare.trace import TRACE_TOKENS
 from bitnet158.runtime.cli import read_text
 from bitnet158.runtime.cpu import keep_compile_cache
 
@@ -47,10 +48,14 @@ DEFAULT_PROMPT = "The capital of France is Paris. The capital of Germany is"
               help="What runs A: our runtime, or transformers' own model class on an HF checkpoint (the reference).")
 @click.option("--engine-b", type=click.Choice(ENGINES), default="bitnet158", show_default=True,
               help="What runs B (--engine-a).")
+@click.option("--trace", is_flag=True,
+              help=f"Also compare every ternary linear's input over the first {TRACE_TOKENS} tokens, to tell int8 "
+                   "rounding flips from a real difference, which fails (exit 3); our side then runs its reference path "
+                   "in fp32.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 @click.option("-v", "--verbose", is_flag=True, help="Log progress to stderr.")
 def main(a, b, prompt, text_file, device, max_kl, min_top1, max_ppl_diff, gen_tokens, max_tokens, activation_a,
-         activation_b, engine_a, engine_b, as_json, verbose):
+         activation_b, engine_a, engine_b, trace, as_json, verbose):
     """Compare model A with model B on the same token ids (A's tokenizer)."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     if prompt is not None and text_file is not None:
@@ -67,10 +72,10 @@ def main(a, b, prompt, text_file, device, max_kl, min_top1, max_ppl_diff, gen_to
         text = prompt or DEFAULT_PROMPT
     keep_compile_cache()  # the runtime's compiled CPU step, as bitnet-run keeps it
     try:
-        with open_model(a, device=device, activation=activation_a, engine=engine_a) as ma, \
-                open_model(b, device=device, activation=activation_b, engine=engine_b) as mb:
+        with open_model(a, device=device, activation=activation_a, engine=engine_a, traced=trace) as ma, \
+                open_model(b, device=device, activation=activation_b, engine=engine_b, traced=trace) as mb:
             res = compare_models(ma, mb, text, gen_tokens=gen_tokens, max_tokens=max_tokens, max_kl=max_kl,
-                                 min_top1=min_top1, max_ppl_diff=max_ppl_diff)
+                                 min_top1=min_top1, max_ppl_diff=max_ppl_diff, trace=trace)
     except (ValueError, OSError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(1)

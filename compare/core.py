@@ -54,6 +54,7 @@ class CompareResult:
     tokenizer_mismatch: bool
     divergence: Divergence | None
     violations: list[str] = field(default_factory=list)
+    trace: dict | None = None  # compare/trace.py's Trace, with trace=True
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -94,12 +95,13 @@ def greedy(model, ids: list[int], n: int) -> list[int]:
 
 def compare_models(a, b, text: str, *, gen_tokens: int = 16, max_tokens: int | None = None,
                    max_kl: float | None = None, min_top1: float | None = None,
-                   max_ppl_diff: float | None = None) -> CompareResult:
+                   max_ppl_diff: float | None = None, trace: bool = False) -> CompareResult:
     """Run both models on A's token ids of `text` and measure how far B is from A.
 
     Compares at most ``max_tokens`` tokens, and no more than both contexts hold with the ``gen_tokens`` greedy ones.
     Raises CompareError when the vocab sizes differ. A tokenizer mismatch (B's ids differ from A's) is reported
-    in the result and logged, and both still run on A's ids.
+    in the result and logged, and both still run on A's ids. ``trace``: also compare every linear's input over
+    the first tokens (compare/trace.py); its verdict "differ" is a violation.
     """
     va, vb = int(a.config.vocab_size), int(b.config.vocab_size)
     if va != vb:
@@ -155,6 +157,12 @@ def compare_models(a, b, text: str, *, gen_tokens: int = 16, max_tokens: int | N
         elif not abs(res.ppl_a / res.ppl_b - 1) <= max_ppl_diff:
             res.violations.append(f"perplexities differ by {abs(res.ppl_a / res.ppl_b - 1):.4%} > --max-ppl-diff "
                                   f"{max_ppl_diff:g}")
+    if trace:
+        from bitnet158.compare.trace import trace as trace_linears
+
+        res.trace = trace_linears(a, b, ids).to_dict()
+        if res.trace["verdict"] == "differ":
+            res.violations.append(f"trace: {res.trace['summary']}")
     return res
 
 
@@ -178,6 +186,8 @@ def format_table(res: CompareResult, name_a: str, name_b: str) -> str:
     ]
     if res.tokenizer_mismatch:
         rows.append(("tokenizers", "DIFFER on this text (both ran on A's ids)"))
+    if res.trace is not None:
+        rows.append((f"trace ({res.trace['tokens']} tokens)", res.trace["summary"]))
     d = res.divergence
     if d is not None:
         where = "never (identical)" if d.first_diff is None else f"at generated token {d.first_diff}"
@@ -191,23 +201,26 @@ def format_table(res: CompareResult, name_a: str, name_b: str) -> str:
     return "\n".join(lines)
 
 
-def _load(path: str, device: str | None, activation: str | None):
+def _load(path: str, device: str | None, activation: str | None, traced: bool):
     from bitnet158.formats.source import open_source
     from bitnet158.runtime.loader import build_model
 
     source = open_source(path, activation=activation)
     try:
-        return build_model(source, device=device)
+        # traced: the plain network in fp32, whose BitLinears see every input (the fast paths fuse or compile them)
+        return build_model(source, device=device, reference=traced, dtype="f32" if traced else None)
     finally:
         source.close()
 
 
 @contextlib.contextmanager
-def open_model(path: str, *, device: str | None = None, activation: str | None = None, engine: str = "bitnet158"):
+def open_model(path: str, *, device: str | None = None, activation: str | None = None, engine: str = "bitnet158",
+               traced: bool = False):
     """Load a packed file, a GGUF, an HF folder or a hub id with the runtime, with an optional activation override;
     a checkpoint (folder, or hub id fetched into huggingface_hub's cache) is converted to a temp packed file first,
     deleted when the context ends. ``engine="transformers"``: an HF checkpoint run by transformers' own model
-    class instead (compare/reference.py), the independent reference."""
+    class instead (compare/reference.py), the independent reference. ``traced``: our runtime on its reference
+    path in float32, as compare_models(trace=True) needs."""
     if engine not in ENGINES:
         raise CompareError(f"engine must be one of {ENGINES}, got {engine!r}")
     if engine == "transformers":
@@ -227,6 +240,6 @@ def open_model(path: str, *, device: str | None = None, activation: str | None =
             packed = Path(tmp) / "model.bin"
             logger.info("converting the checkpoint %s to a temporary packed file", path)
             convert_hf(path, str(packed), progress=False)
-            yield _load(str(packed), device, activation)
+            yield _load(str(packed), device, activation, traced)
     else:  # a packed file or a GGUF, local or a hub file spec (org/name/file: open_source fetches it)
-        yield _load(path, device, activation)
+        yield _load(path, device, activation, traced)

@@ -293,3 +293,76 @@ def test_transformers_engine_refusals(packed, ms_packed_auto, monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers raises ImportError
     r = _run(packed, ms_packed_auto.path, "--engine-b", "transformers")
     assert r.exit_code == 1 and "needs transformers and accelerate: pip install 'bitnet158[reference]'" in r.output
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --trace (compare/trace.py): rounding flips told from a real difference
+def test_trace_walk_on_made_up_inputs():
+    """walk's verdicts on two linears' inputs [T=3, K=4]: equal inputs agree; an input at a rounding tie that only
+    one side rounds up, then a large difference at and after that position only, is rounding; a difference at a
+    position no flip has reached differs; inputs of other linears are refused."""
+    from bitnet158.compare.trace import walk
+
+    base = torch.tensor([[127.0, 1.0, -3.0, 2.0], [127.0, 10.0, 5.0, -7.0], [127.0, 0.0, 1.0, 4.0]])
+    tied = base.clone()
+    tied[1, 1] = 10.5  # x·s = 10.5 exactly (max 127): rounds to 10 (half to even) ...
+    nudged = tied.clone()
+    nudged[1, 1] = 10.500001  # ... and to 11 a float rounding away
+    later = base * 1.5
+    later_b = later.clone()
+    later_b[1:] += 30.0  # far apart at positions 1 and 2, which the flip reached; position 0 equal
+    names = ["layers.0.attn.q_proj", "layers.0.attn.o_proj"]
+    t = walk(names, [base, later], [base.clone(), later.clone()])
+    assert t.verdict == "agree" and t.max_rel == 0 and t.first_flip is None and t.tokens == 3 and t.linears == 2
+    t = walk(names, [tied, later], [nudged, later_b])
+    assert t.verdict == "rounding" and t.first_flip == "layers.0.attn.q_proj, position 1", t
+    assert 0 < t.max_rel < 1e-6 and "until the first int8 rounding flip, at layers.0.attn.q_proj" in t.describe()
+    t = walk(names, [base, later], [base.clone(), later_b])  # the same difference with no flip before it
+    assert t.verdict == "differ" and t.differ_at == "layers.0.attn.o_proj, position 1", t
+    assert t.to_dict()["summary"].startswith("DIFFER at layers.0.attn.o_proj, position 1: inputs 0.16 apart")
+    # three linears: the flip reaches positions >= p of every later linear and never leaves them; the first flip
+    # stays the first; a flip at position 0 leaves no position to check
+    def tie_at(row: int) -> tuple[torch.Tensor, torch.Tensor]:  # one input that only B rounds up, at row
+        a = base.clone()
+        a[row, 1] = 10.5
+        b = a.clone()
+        b[row, 1] = 10.500001
+        return a, b
+
+    names3 = [*names, "layers.0.mlp.gate_proj"]
+    (a0, b0), (a1, b1) = tie_at(1), tie_at(2)
+    t = walk(names3, [a0, a1, later], [b0, b1, later_b])  # later_b: far apart at rows 1-2, which the first flip reached
+    assert t.verdict == "rounding" and t.first_flip == "layers.0.attn.q_proj, position 1", t
+    (a0, b0), (a1, b1) = tie_at(2), tie_at(0)
+    t = walk(names3, [a0, a1, later], [b0, b1, later + 30])
+    assert t.verdict == "rounding" and t.first_flip == "layers.0.attn.q_proj, position 2", t
+    with pytest.raises(CompareError, match="A ran 1 of 2, B ran 2"):
+        walk(names, [base], [base, later])
+    with pytest.raises(CompareError, match=r"layers.0.attn.o_proj takes \(3, 4\) in A, \(3, 3\) in B"):
+        walk(names, [base, later], [base, later[:, :3]])
+
+
+def test_trace_tells_rounding_from_a_broken_file(tmp_path, tiny, ms_packed_auto, packed):
+    """--trace on the demo model against transformers: rounding (every input agrees to float rounding until an
+    int8 flip); the broken sub-norm file: DIFFER at layer 0's o projection, position 0, the input the sub-norm
+    feeds, and exit 3 with no threshold given. Two of our own files: agree."""
+    demo = Path(__file__).resolve().parents[1] / "examples"
+    ours = tmp_path / "demo.bin"
+    convert_hf(str(demo / "tiny-bitnet"), str(ours), dtype="f32", progress=False)
+    args = ("--engine-b", "transformers", "--text", demo / "heldout.txt", "--trace", "--gen-tokens", "0", "--json")
+    r = _run(ours, demo / "tiny-bitnet", *args)
+    assert r.exit_code == 0, r.output
+    t = json.loads(r.stdout)["trace"]
+    assert t["verdict"] in ("rounding", "agree") and t["max_rel"] < 1e-4 and t["linears"] == 28 and t["tokens"] == 64
+
+    def ones(spec, data):  # every sub-norm's weight 1
+        return (spec, torch.ones_like(data)) if "sub_norm" in spec.name else (spec, data)
+
+    broken = tmp_path / "broken.bin"
+    tiny.rewrite_packed(ours, broken, ones)
+    r = _run(broken, demo / "tiny-bitnet", *args[:-1])
+    assert r.exit_code == EXIT_THRESHOLD, r.output
+    assert "FAIL: trace: DIFFER at layers.0.attn.o_proj, position 0" in r.output
+
+    r = _run(packed, ms_packed_auto.path, "--trace", "--prompt", PROMPT, "--json", "--gen-tokens", "0")
+    assert r.exit_code == 0 and json.loads(r.stdout)["trace"]["verdict"] == "agree", r.output
