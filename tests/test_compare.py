@@ -366,3 +366,18 @@ def test_trace_tells_rounding_from_a_broken_file(tmp_path, tiny, ms_packed_auto,
 
     r = _run(packed, ms_packed_auto.path, "--trace", "--prompt", PROMPT, "--json", "--gen-tokens", "0")
     assert r.exit_code == 0 and json.loads(r.stdout)["trace"]["verdict"] == "agree", r.output
+
+
+def test_traced_loads_our_reference_path_in_fp32(packed, monkeypatch):
+    """--trace needs our BitLinears to see every input: the fast paths fuse q/k/v and gate/up (CUDA) or compile the
+    layer (CPU, large models), and CUDA's default dtype is bf16. So a traced open asks for the plain fp32 network."""
+    from bitnet158.compare.core import open_model
+    from bitnet158.runtime import loader
+
+    asked = []
+    real = loader.build_model
+    monkeypatch.setattr(loader, "build_model", lambda source, **kw: asked.append(kw) or real(source, **kw))
+    for traced in (False, True):
+        with open_model(str(packed), device="cpu", traced=traced):
+            pass
+    assert [(kw["reference"], kw["dtype"]) for kw in asked] == [(False, None), (True, "f32")]
