@@ -40,6 +40,7 @@ class Trace:
     tokens: int
     linears: int
     max_rel: float  # the largest relative difference of inputs no flip had reached (at differ_at, if it differs)
+    checked: int  # how many (linear, position) inputs no flip had reached: what the verdict rests on
     first_flip: str | None = None  # "LINEAR, position P": the first input that rounds differently
     differ_at: str | None = None
 
@@ -50,10 +51,11 @@ class Trace:
         if self.verdict == "differ":
             return (f"DIFFER at {self.differ_at}: inputs {self.max_rel:.2g} apart (of their largest value) before "
                     "any rounding flip reached them")
-        agree = f"{self.linears} linear inputs agree to {self.max_rel:.2g} of their largest value"
+        agree = (f"the inputs agree to {self.max_rel:.2g} of their largest value where no int8 rounding flip had "
+                 f"reached them ({self.checked} of {self.linears} linears × {self.tokens} positions)")
         if self.verdict == "agree":
-            return f"agree: {agree}, with no rounding flip ({self.tokens} tokens)"
-        return f"rounding: {agree} until the first int8 rounding flip, at {self.first_flip}"
+            return f"agree: {agree}; no flip"
+        return f"rounding: {agree}; the first flip at {self.first_flip}"
 
 
 def linears(model) -> list[tuple[str, torch.nn.Module]]:
@@ -83,7 +85,7 @@ def walk(names: list[str], xs_a: list[torch.Tensor], xs_b: list[torch.Tensor]) -
                            f"B ran {len(xs_b)}")
     tokens = xs_a[0].shape[0] if xs_a else 0
     clean = tokens  # positions < clean: no rounding flip has reached them
-    first_flip, worst = None, 0.0
+    first_flip, worst, checked = None, 0.0, 0
     for name, xa, xb in zip(names, xs_a, xs_b):
         if xa.shape != xb.shape:
             raise CompareError(f"the trace needs the same linears on both sides: {name} takes {tuple(xa.shape)} "
@@ -93,12 +95,13 @@ def walk(names: list[str], xs_a: list[torch.Tensor], xs_b: list[torch.Tensor]) -
             p = int(rel.argmax())
             worst = max(worst, float(rel[p]))
             if rel[p] > TOLERANCE:
-                return Trace("differ", tokens, len(names), float(rel[p]), first_flip, f"{name}, position {p}")
+                return Trace("differ", tokens, len(names), float(rel[p]), checked, first_flip, f"{name}, position {p}")
+            checked += clean
         flipped = (quantize_activations(xa)[0] != quantize_activations(xb)[0]).any(-1).nonzero()  # [n, 1]
         if flipped.numel() and int(flipped[0]) < clean:
             clean = int(flipped[0])
             first_flip = first_flip or f"{name}, position {clean}"
-    return Trace("agree" if first_flip is None else "rounding", tokens, len(names), worst, first_flip)
+    return Trace("agree" if first_flip is None else "rounding", tokens, len(names), worst, checked, first_flip)
 
 
 def trace(a, b, ids: list[int]) -> Trace:

@@ -314,11 +314,13 @@ def test_trace_walk_on_made_up_inputs():
     names = ["layers.0.attn.q_proj", "layers.0.attn.o_proj"]
     t = walk(names, [base, later], [base.clone(), later.clone()])
     assert t.verdict == "agree" and t.max_rel == 0 and t.first_flip is None and t.tokens == 3 and t.linears == 2
+    assert t.checked == 6 and t.describe().endswith("(6 of 2 linears × 3 positions); no flip")
     t = walk(names, [tied, later], [nudged, later_b])
     assert t.verdict == "rounding" and t.first_flip == "layers.0.attn.q_proj, position 1", t
-    assert 0 < t.max_rel < 1e-6 and "until the first int8 rounding flip, at layers.0.attn.q_proj" in t.describe()
+    assert 0 < t.max_rel < 1e-6 and t.checked == 4  # all 3 positions of q_proj, then position 0 of o_proj
+    assert t.describe().endswith("(4 of 2 linears × 3 positions); the first flip at layers.0.attn.q_proj, position 1")
     t = walk(names, [base, later], [base.clone(), later_b])  # the same difference with no flip before it
-    assert t.verdict == "differ" and t.differ_at == "layers.0.attn.o_proj, position 1", t
+    assert t.verdict == "differ" and t.differ_at == "layers.0.attn.o_proj, position 1" and t.checked == 3, t
     assert t.to_dict()["summary"].startswith("DIFFER at layers.0.attn.o_proj, position 1: inputs 0.16 apart")
     # three linears: the flip reaches positions >= p of every later linear and never leaves them; the first flip
     # stays the first; a flip at position 0 leaves no position to check
@@ -335,7 +337,7 @@ def test_trace_walk_on_made_up_inputs():
     assert t.verdict == "rounding" and t.first_flip == "layers.0.attn.q_proj, position 1", t
     (a0, b0), (a1, b1) = tie_at(2), tie_at(0)
     t = walk(names3, [a0, a1, later], [b0, b1, later + 30])
-    assert t.verdict == "rounding" and t.first_flip == "layers.0.attn.q_proj, position 2", t
+    assert t.verdict == "rounding" and t.first_flip == "layers.0.attn.q_proj, position 2" and t.checked == 5, t
     with pytest.raises(CompareError, match="A ran 1 of 2, B ran 2"):
         walk(names, [base], [base, later])
     with pytest.raises(CompareError, match=r"layers.0.attn.o_proj takes \(3, 4\) in A, \(3, 3\) in B"):
