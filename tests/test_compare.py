@@ -230,30 +230,40 @@ def test_transformers_engine_against_our_file(packed, ms_packed_auto, onebitllm_
     assert f"{onebitllm_ckpt.path} (transformers)" in r.output and "never (identical)" in r.output
 
 
-def test_transformers_engine_on_the_trained_demo_model(tmp_path, tiny):
+DEMO = Path(__file__).resolve().parents[1] / "examples"
+
+
+@pytest.fixture(scope="module")
+def demo_files(tmp_path_factory, tiny) -> tuple[Path, Path]:
+    """The demo model converted with its f32 tensors kept (so that it is as precise as its checkpoint), and a
+    copy with every sub-norm's weight set to 1: a port's kind of mistake."""
+    ours = tmp_path_factory.mktemp("demo") / "demo.bin"
+    convert_hf(str(DEMO / "tiny-bitnet"), str(ours), dtype="f32", progress=False)
+
+    def ones(spec, data):
+        return (spec, torch.ones_like(data)) if "sub_norm" in spec.name else (spec, data)
+
+    broken = ours.with_name("broken.bin")
+    tiny.rewrite_packed(ours, broken, ones)
+    return ours, broken
+
+
+def test_transformers_engine_on_the_trained_demo_model(demo_files):
     """The demo model (trained, so its logits have real margins) on its held-out text, as far as its context
     goes: our file against transformers differs by int8 rounding flips only (a float order that differs puts an
     activation at k + 1/2 on the other side; its key and value then move the later positions a little: measured
     mean KL 1.6e-4, top-1 99.6 %, perplexities 0.1 % apart). A file with the sub-norms' weights set to 1, a port's
     kind of mistake, is far outside that (KL 0.29, top-1 78 %, perplexity 21 % higher): the same thresholds fail
     it."""
-    demo = Path(__file__).resolve().parents[1] / "examples"
-    ours = tmp_path / "demo.bin"
-    convert_hf(str(demo / "tiny-bitnet"), str(ours), dtype="f32", progress=False)
-    args = ("--engine-b", "transformers", "--text", demo / "heldout.txt", "--max-kl", "1e-2", "--min-top1", "0.98",
+    ours, broken = demo_files
+    args = ("--engine-b", "transformers", "--text", DEMO / "heldout.txt", "--max-kl", "1e-2", "--min-top1", "0.98",
             "--max-ppl-diff", "0.01", "--json")
-    r = _run(ours, demo / "tiny-bitnet", *args)
+    r = _run(ours, DEMO / "tiny-bitnet", *args)
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
     assert out["n_tokens"] == 241 and out["divergence"]["first_diff"] is None  # 256 positions, 16 greedy tokens
     assert abs(out["ppl_a"] / out["ppl_b"] - 1) < 0.005
-
-    def ones(spec, data):  # every sub-norm's weight 1
-        return (spec, torch.ones_like(data)) if "sub_norm" in spec.name else (spec, data)
-
-    broken = tmp_path / "broken.bin"
-    tiny.rewrite_packed(ours, broken, ones)
-    r = _run(broken, demo / "tiny-bitnet", *args)
+    r = _run(broken, DEMO / "tiny-bitnet", *args)
     assert r.exit_code == EXIT_THRESHOLD, r.output
     out = json.loads(r.stdout)
     assert out["mean_kl"] > 0.1 and out["top1_agreement"] < 0.9, out
@@ -344,25 +354,17 @@ def test_trace_walk_on_made_up_inputs():
         walk(names, [base, later], [base, later[:, :3]])
 
 
-def test_trace_tells_rounding_from_a_broken_file(tmp_path, tiny, ms_packed_auto, packed):
+def test_trace_tells_rounding_from_a_broken_file(demo_files, ms_packed_auto, packed):
     """--trace on the demo model against transformers: rounding (every input agrees to float rounding until an
     int8 flip); the broken sub-norm file: DIFFER at layer 0's o projection, position 0, the input the sub-norm
     feeds, and exit 3 with no threshold given. Two of our own files: agree."""
-    demo = Path(__file__).resolve().parents[1] / "examples"
-    ours = tmp_path / "demo.bin"
-    convert_hf(str(demo / "tiny-bitnet"), str(ours), dtype="f32", progress=False)
-    args = ("--engine-b", "transformers", "--text", demo / "heldout.txt", "--trace", "--gen-tokens", "0", "--json")
-    r = _run(ours, demo / "tiny-bitnet", *args)
+    ours, broken = demo_files
+    args = ("--engine-b", "transformers", "--text", DEMO / "heldout.txt", "--trace", "--gen-tokens", "0", "--json")
+    r = _run(ours, DEMO / "tiny-bitnet", *args)
     assert r.exit_code == 0, r.output
     t = json.loads(r.stdout)["trace"]
     assert t["verdict"] in ("rounding", "agree") and t["max_rel"] < 1e-4 and t["linears"] == 28 and t["tokens"] == 64
-
-    def ones(spec, data):  # every sub-norm's weight 1
-        return (spec, torch.ones_like(data)) if "sub_norm" in spec.name else (spec, data)
-
-    broken = tmp_path / "broken.bin"
-    tiny.rewrite_packed(ours, broken, ones)
-    r = _run(broken, demo / "tiny-bitnet", *args[:-1])
+    r = _run(broken, DEMO / "tiny-bitnet", *args[:-1])
     assert r.exit_code == EXIT_THRESHOLD, r.output
     assert "FAIL: trace: DIFFER at layers.0.attn.o_proj, position 0" in r.output
 
