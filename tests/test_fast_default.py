@@ -4,6 +4,8 @@ before anything imports Triton). Tests marked ``gpu`` run the real default on a 
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -40,14 +42,19 @@ def _greedy(model, n=16, **kw):
 
 
 # --- dispatch ---------------------------------------------------------------------------------------------------
-def test_cpu_load_without_torch_compile_is_reference(tiny_file, monkeypatch):
-    # the CPU fast path (tests/test_cpu_fast.py) needs torch.compile; TORCHDYNAMO_DISABLE=1 turns it off
-    from bitnet158.runtime import cpu
+def test_cpu_load_without_torch_compile_is_reference(tiny_file, monkeypatch, caplog):
+    # the CPU fast path (tests/test_cpu_fast.py) needs torch.compile; TORCHDYNAMO_DISABLE=1 turns it off, also for
+    # a model large enough that it would compile by default (the threshold lowered under the tiny model's size)
+    from bitnet158.runtime import cpu, loader
 
+    monkeypatch.setattr(loader, "CPU_COMPILE_MIN_WEIGHTS", 1000)
     monkeypatch.setenv("TORCHDYNAMO_DISABLE", "1")
     cpu.unavailable_reason.cache_clear()
-    model = load(tiny_file, device="cpu")
+    with caplog.at_level(logging.WARNING, logger="bitnet158.runtime.loader"):
+        model = load(tiny_file, device="cpu")
+    cpu.unavailable_reason.cache_clear()  # recomputed once monkeypatch restores the environment
     assert model.fast is None and model.backend == "reference"
+    assert "the compiled CPU path is unavailable (TorchDynamo is disabled (TORCHDYNAMO_DISABLE=1))" in caplog.text
     _, stats = _greedy(model, 3)
     assert stats.path == "reference"
 
