@@ -318,7 +318,9 @@ def _read_json(path: Path) -> dict:
 
 
 def _int(cfg: dict, key: str, default=None) -> int:
-    v = cfg.get(key, default)
+    v = cfg.get(key)
+    if v is None:  # absent or null: transformers' configs take their default for both
+        v = default
     if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
         raise ConversionError(f"config.json: {key} must be a positive integer, found {v!r}")
     return v
@@ -420,6 +422,13 @@ def _model_config(cfg: dict, family: str, gen: dict, tok_facts: dict) -> dict:
     if qc is not None:
         if not isinstance(qc, dict) or qc.get("quant_method") != "bitnet":
             raise ConversionError(f"config.json: quantization_config {qc!r} is not a bitnet one")
+        for key, values in (("linear_class", ("bitlinear", "autobitlinear")),
+                            ("quantization_mode", ("offline", "online"))):
+            # what transformers' BitNetQuantConfig accepts; another linear_class would be read as "bitlinear" (its
+            # weight_scale divides), inverting every scale of an "autobitlinear" checkpoint
+            if qc.get(key, values[0]) not in values:
+                raise ConversionError(f"config.json: quantization_config.{key} {qc[key]!r} is not one of "
+                                      f"{', '.join(values)}")
         if qc.get("use_rms_norm"):
             raise ConversionError("config.json: quantization_config.use_rms_norm is true (an RMSNorm inside every "
                                   "BitLinear); format v1 does not support it")

@@ -425,6 +425,11 @@ def test_plain_llama_refused(llama_bitnet_ckpt, onebitllm_ckpt, tmp_path):
 @pytest.mark.parametrize("change,message", [
     ({"quantization_config": {"quant_method": "bitnet", "linear_class": "bitlinear", "use_rms_norm": True}},
      "use_rms_norm"),
+    # read as "bitlinear", a misspelt "autobitlinear" would invert every scale
+    ({"quantization_config": {"quant_method": "bitnet", "linear_class": "AutoBitLinear"}},
+     "quantization_config.linear_class 'AutoBitLinear' is not one of bitlinear, autobitlinear"),
+    ({"quantization_config": {"quant_method": "bitnet", "quantization_mode": "dynamic"}},
+     "quantization_config.quantization_mode 'dynamic' is not one of offline, online"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope scaling type 'yarn'"),
     ({"partial_rotary_factor": 0.5}, "partial_rotary_factor 0.5: rotary embeddings over part of each head"),
     ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.25}},
@@ -535,7 +540,8 @@ def test_rope_spellings(onebitllm_ckpt, tmp_path):
 
 @pytest.mark.parametrize("fixture", ["ms_latent", "onebitllm_ckpt", "llama_bitnet_ckpt"])
 def test_missing_config_keys_take_transformers_defaults(fixture, request, tmp_path):
-    """A config.json without rope_theta, rms_norm_eps, hidden_act or head_dim gets the values transformers' own
+    """A config.json without rope_theta, rms_norm_eps, hidden_act or head_dim (or with null num_key_value_heads and
+    head_dim) gets the values transformers' own
     config class (BitNetConfig, LlamaConfig) gives the same file: the defaults differ by family (500000 / 1e-5 /
     relu2 for BitNet, 10000 / 1e-6 / silu for Llama)."""
     from transformers import AutoConfig
@@ -549,6 +555,16 @@ def test_missing_config_keys_take_transformers_defaults(fixture, request, tmp_pa
         c = hf.config
     assert (c["rope_theta"], c["rms_norm_eps"], c["hidden_act"]) == (ref_theta, ref.rms_norm_eps, ref.hidden_act)
     assert c["rope_scaling"] is None and c["head_dim"] == ref.hidden_size // ref.num_attention_heads
+    # null is read as absent, as transformers does: head_dim = hidden / heads, and every head a key/value head
+    # (which these GQA checkpoints' k_proj then contradicts)
+    edit_json(src / "config.json", head_dim=None)
+    with load_hf_source(str(src)) as hf:
+        assert hf.config["head_dim"] == ref.hidden_size // ref.num_attention_heads
+    edit_json(src / "config.json", num_key_value_heads=None)
+    assert AutoConfig.from_pretrained(str(src)).num_key_value_heads == ref.num_attention_heads
+    kv_width = ref.num_attention_heads * ref.hidden_size // ref.num_attention_heads
+    with pytest.raises(ConversionError, match=rf"k_proj.weight: .*\({kv_width}, {ref.hidden_size}\)"):
+        load_hf_source(str(src))
 
 
 def test_sharded_safetensors(ms_latent, tmp_path):
