@@ -22,9 +22,10 @@ Microsoft's file, with a warning if a value rounds; TQ exports keep the packed f
 llama.cpp reads), so every value survives a TQ round trip exactly.
 
 Tokenizer metadata comes from the packed file's tokenizer.json: byte-level BPE -> ``gpt2`` (tokens, types, merges,
-``pre`` = ``llama-bpe`` for the Llama-3 split regex, ``gpt-2`` for a plain ByteLevel); SentencePiece-style BPE or
-Unigram -> ``llama`` (tokens, scores, types, add_space_prefix); ids the embedding has beyond the tokenizer become
-``[PADi]`` tokens, as Microsoft's converter writes them.
+``pre`` = ``llama-bpe`` for the Llama-3 split regex, ``gpt-2`` for a plain ByteLevel; any other split is refused,
+since it would read back as one of those); SentencePiece-style BPE -> ``llama`` (tokens, scores, types,
+add_space_prefix); ids the embedding has beyond the tokenizer become ``[PADi]`` tokens, as Microsoft's converter
+writes them.
 
 Import (``gguf_to_packed``) goes through ``bitnet158.formats.gguf.GGUFSource``, which presents a GGUF with the same
 read surface as a packed file; codes and scales are copied over unchanged, float tensors keep their dtype.
@@ -137,9 +138,10 @@ class TokenizerMetadata:
 def tokenizer_metadata(tokenizer: dict, vocab_size: int) -> TokenizerMetadata:
     """Derive GGUF tokenizer metadata from our tokenizer dict (PACKED.md §4).
 
-    Byte-level BPE becomes ``gpt2`` (tokens, types, merges). SentencePiece-style tokenizers (BPE with byte fallback /
-    Metaspace, or Unigram) become ``llama`` (tokens, scores, types); for BPE the score of a token is minus the rank of
-    the merge that makes it, which is the priority llama.cpp's SPM tokenizer merges by.
+    Byte-level BPE becomes ``gpt2`` (tokens, types, merges); a split this cannot name in ``tokenizer.ggml.pre`` is
+    refused. SentencePiece-style BPE (byte fallback / Metaspace) becomes ``llama`` (tokens, scores, types); the score
+    of a token is minus the rank of the merge that makes it, which is the priority llama.cpp's SPM tokenizer merges
+    by. Other models (Unigram, WordPiece) are refused.
     """
     try:
         tj = json.loads(tokenizer["tokenizer_json"])
@@ -148,38 +150,36 @@ def tokenizer_metadata(tokenizer: dict, vocab_size: int) -> TokenizerMetadata:
     except (KeyError, TypeError, json.JSONDecodeError) as e:
         raise GGUFConversionError(f"the packed file's tokenizer_json is not a tokenizers serialization: {e}") from e
 
-    pieces: dict[int, str] = {}
+    if mtype != "BPE":
+        # a Unigram model would need llama.cpp's "t5" tokenizer (Viterbi over scores); as "llama" it would merge by
+        # score and split text differently
+        raise GGUFConversionError(f"tokenizer model type {mtype!r} cannot be written to GGUF here (BPE can)")
+    try:
+        pieces = {int(idx): tok for tok, idx in model["vocab"].items()}
+        added = {int(a["id"]): a for a in tj.get("added_tokens") or []}
+        for idx, a in added.items():
+            pieces[idx] = a["content"]
+        raw_merges = model.get("merges") or []
+        merges = [m if isinstance(m, str) else " ".join(m) for m in raw_merges]
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise GGUFConversionError(f"the packed file's tokenizer_json has a malformed vocab, added_tokens or merges "
+                                  f"({type(e).__name__}: {e})") from e
     scores: dict[int, float] = {}
-    if mtype == "BPE":
-        for tok, idx in model["vocab"].items():
-            pieces[int(idx)] = tok
-    elif mtype == "Unigram":
-        for idx, (tok, score) in enumerate(model["vocab"]):
-            pieces[idx] = tok
-            scores[idx] = float(score)
-    else:
-        raise GGUFConversionError(f"tokenizer model type {mtype!r} cannot be written to GGUF (BPE and Unigram can)")
-    added = {int(a["id"]): a for a in tj.get("added_tokens") or []}
-    for idx, a in added.items():
-        pieces[idx] = a["content"]
 
     if pieces and max(pieces) >= vocab_size:
         raise GGUFConversionError(
             f"tokenizer has token id {max(pieces)} but the model's vocab_size is {vocab_size}"
         )
     byte_level = any(d.get("type") == "ByteLevel" for d in _walk([tj.get("pre_tokenizer"), tj.get("decoder")]))
-    kind = "gpt2" if mtype == "BPE" and byte_level else "llama"
-
-    raw_merges = model.get("merges") or [] if mtype == "BPE" else []
-    merges = [m if isinstance(m, str) else " ".join(m) for m in raw_merges]
+    kind = "gpt2" if byte_level else "llama"
     if kind == "gpt2" and not merges:
         # GGUF has no empty arrays (gguf-py refuses them), and llama.cpp and our reader need tokenizer.ggml.merges
         raise GGUFConversionError("a byte-level BPE tokenizer without merges cannot be written to GGUF "
                                   "(tokenizer.ggml.merges must be a non-empty list)")  # fmt: skip
-    if kind == "llama" and mtype == "BPE":
+    if kind == "llama":
         index = {tok: i for i, tok in pieces.items()}
         for rank, m in enumerate(merges):
-            left, right = m.split(" ", 1)
+            left, _, right = m.partition(" ")
             produced = index.get(left + right)
             if produced is not None and produced not in scores:
                 scores[produced] = -float(rank)
@@ -211,13 +211,24 @@ def tokenizer_metadata(tokenizer: dict, vocab_size: int) -> TokenizerMetadata:
 
     pre = None
     if kind == "gpt2":
-        regexes = [d.get("pattern", {}).get("Regex") for d in _walk(tj.get("pre_tokenizer")) if d.get("type") == "Split"]
-        if gguf_fmt.LLAMA3_SPLIT_REGEX in regexes:  # llama.cpp's name for the Llama-3 split
+        # tokenizer.ggml.pre names the split by a known tokenizer; one this cannot name would read back (here and in
+        # llama.cpp) as another split, a GGUF that tokenizes text differently from the packed file
+        nodes = list(_walk(tj.get("pre_tokenizer")))
+        regexes = [(d.get("pattern") or {}).get("Regex") for d in nodes if d.get("type") == "Split"]
+        byte_levels = [d for d in nodes if d.get("type") == "ByteLevel"]
+        if any(d.get("add_prefix_space") for d in byte_levels):
+            raise GGUFConversionError("the tokenizer's ByteLevel pre-tokenizer adds a prefix space, which GGUF's gpt2 "
+                                      "tokenizer does not: its GGUF would tokenize text differently")
+        if regexes == [gguf_fmt.LLAMA3_SPLIT_REGEX]:  # llama.cpp's name for the Llama-3 split
             pre = "llama-bpe"
-        elif not regexes and any(
-            d.get("type") == "ByteLevel" and d.get("use_regex", True) for d in _walk(tj.get("pre_tokenizer"))
-        ):
+        elif not regexes and any(d.get("use_regex", True) for d in byte_levels):
             pre = "gpt-2"  # a plain ByteLevel pre-tokenizer splits with the GPT-2 regex
+        else:
+            raise GGUFConversionError(
+                "the tokenizer's pre-tokenizer has no tokenizer.ggml.pre name here (the Llama-3 split is llama-bpe, "
+                f"a plain ByteLevel gpt-2; this one splits by {regexes or 'no regex'}): its GGUF would tokenize text "
+                "differently"
+            )
 
     add_space_prefix = None
     if kind == "llama":
@@ -317,6 +328,10 @@ def _float_tensor(src: PackedFile, name: str, gname: str, ggml_type: int) -> _Pl
     def produce() -> np.ndarray:
         t = src.torch(name)
         out = t.to(tdtype)
+        if not bool(torch.isfinite(out).all()) and bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(out)).sum())
+            raise GGUFConversionError(f"{name}: {bad} values are beyond {gguf.GGMLQuantizationType(ggml_type).name}'s "
+                                      "range and would be written as inf")
         if not torch.equal(out.to(torch.float32), t.to(torch.float32)):
             bad = int((out.to(torch.float32) != t.to(torch.float32)).sum())
             logger.warning("%s: %d of %d values are not exact in %s (stored rounded)", gname, bad, t.numel(),
@@ -410,6 +425,13 @@ def _plan(src: PackedFile, qtype: str) -> list[_Planned]:
 
 def _add_metadata(w: gguf.GGUFWriter, cfg: dict, tok: dict, prov: dict, qtype: str) -> None:
     """Write the KV pairs in the order of Microsoft's ggml-model-i2_s.gguf (general.architecture is added by the writer)."""
+    for key in ("vocab_size", "max_position_embeddings", "hidden_size", "num_hidden_layers", "intermediate_size",
+                "head_dim", "num_attention_heads", "num_key_value_heads"):
+        if cfg[key] >= 2**32:  # positive (the packed reader checks), GGUF holds them as uint32
+            raise GGUFConversionError(f"config {key} {cfg[key]} does not fit GGUF's uint32")
+    for key in ("rms_norm_eps", "rope_theta"):
+        if not abs(cfg[key]) <= float(np.finfo(np.float32).max):  # GGUF holds them as float32
+            raise GGUFConversionError(f"config {key} {cfg[key]} does not fit GGUF's float32")
     w.add_name(Path(str(prov.get("source") or "model")).name or "model")
     w.add_vocab_size(cfg["vocab_size"])
     w.add_context_length(cfg["max_position_embeddings"])
@@ -440,12 +462,14 @@ def _add_metadata(w: gguf.GGUFWriter, cfg: dict, tok: dict, prov: dict, qtype: s
         w.add_token_merges(meta.merges)
     if cfg.get("bos_token_id") is not None:
         w.add_bos_token_id(int(cfg["bos_token_id"]))
+    # our config lists every stop id (2B-4T: <|end_of_text|>, <|eot_id|>); llama.cpp, and our reader, stop on eos,
+    # eot and eom, and GGUF has no key for more
     eos = list(cfg.get("eos_token_id") or [])
-    if eos:
-        w.add_eos_token_id(int(eos[0]))
-    if len(eos) > 1:
-        # llama.cpp stops on eos and eot; our config lists every stop id (2B-4T: <|end_of_text|>, <|eot_id|>)
-        w.add_eot_token_id(int(eos[1]))
+    for token_id, add in zip(eos, (w.add_eos_token_id, w.add_eot_token_id, w.add_eom_token_id)):
+        add(int(token_id))
+    if len(eos) > 3:
+        logger.warning("stop ids %s are not written: GGUF holds three (eos, eot, eom); llama.cpp may still stop on "
+                       "them by their text", eos[3:])
     if tok.get("add_eos_token"):
         w.add_add_eos_token(True)
     if meta.add_space_prefix is not None:

@@ -48,7 +48,7 @@ from bitnet158.converter.tokenizer import (
     normalize_tokenizer,
 )
 from bitnet158.formats import ternary
-from bitnet158.formats.packed import PackedWriter, TensorSpec
+from bitnet158.formats.packed import PackedWriter, TensorSpec, model_tensors
 from bitnet158.formats.source import HUB_ID
 
 log = logging.getLogger(__name__)
@@ -104,10 +104,6 @@ SKIPPED = [
     (re.compile(r"^(model\.)?(layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq$"),
      "rotary inv_freq is recomputed from rope_theta"),
 ]
-# Canonical order of a layer's tensors in the output file.
-_CANON_ORDER = ["attn_norm.weight", "attn.q_proj.weight", "attn.k_proj.weight", "attn.v_proj.weight",
-                "attn.sub_norm.weight", "attn.o_proj.weight", "mlp_norm.weight", "mlp.gate_proj.weight",
-                "mlp.up_proj.weight", "mlp.sub_norm.weight", "mlp.down_proj.weight"]
 
 
 class CanonicalTensor(NamedTuple):
@@ -510,31 +506,6 @@ def _model_config(cfg: dict, family: str, gen: dict, tok_facts: dict) -> dict:
     }
 
 
-def canonical_shapes(config: dict) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """Canonical name -> (kind, logical shape) for a PACKED.md §3 config, in file order."""
-    h, inter = config["hidden_size"], config["intermediate_size"]
-    q = config["num_attention_heads"] * config["head_dim"]
-    kv = config["num_key_value_heads"] * config["head_dim"]
-    per_layer = {
-        "attn_norm.weight": ("float", (h,)), "attn.q_proj.weight": ("linear", (q, h)),
-        "attn.k_proj.weight": ("linear", (kv, h)), "attn.v_proj.weight": ("linear", (kv, h)),
-        "attn.sub_norm.weight": ("float", (q,)), "attn.o_proj.weight": ("linear", (h, q)),
-        "mlp_norm.weight": ("float", (h,)), "mlp.gate_proj.weight": ("linear", (inter, h)),
-        "mlp.up_proj.weight": ("linear", (inter, h)), "mlp.sub_norm.weight": ("float", (inter,)),
-        "mlp.down_proj.weight": ("linear", (h, inter)),
-    }
-    out = {"embed.weight": ("float", (config["vocab_size"], h))}
-    for i in range(config["num_hidden_layers"]):
-        for suffix in _CANON_ORDER:
-            if "sub_norm" in suffix and not config["sub_norms"]:
-                continue
-            out[f"layers.{i}.{suffix}"] = per_layer[suffix]
-    out["norm.weight"] = ("float", (h,))
-    if not config["tie_word_embeddings"]:
-        out["lm_head.weight"] = ("float", (config["vocab_size"], h))
-    return out
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The source
 # ---------------------------------------------------------------------------------------------------------------
@@ -670,7 +641,7 @@ def _build_source(folder, source, commit, cfg, gen, weights: _WeightFiles) -> HF
         held = {m[1] for n in names if (m := re.match(r"model\.layers\.(\d+)\.", n))}
         raise ConversionError(f"config.json: num_hidden_layers is {config['num_hidden_layers']}, but the checkpoint "
                               f"holds tensors of {len(held)} layers")
-    expected = canonical_shapes(config)
+    expected = {n: ("linear" if ternary_ else "float", shape) for n, (shape, ternary_) in model_tensors(config).items()}
     qc = cfg.get("quantization_config") or {}
     # transformers' default linear_class is "bitlinear" (weight_scale divides).
     divides = qc.get("linear_class", "bitlinear") != "autobitlinear"

@@ -65,7 +65,10 @@ def _chat_template(folder: Path, tcfg: dict) -> str | None:
     A list of named templates keeps the one named "default" (what transformers uses without a name).
     """
     if (folder / "chat_template.jinja").is_file():
-        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        try:
+            return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise TokenizerError(f"chat_template.jinja: cannot read it as UTF-8 text ({e})") from e
     value = None
     if (folder / "chat_template.json").is_file():
         value = _read_json(folder / "chat_template.json").get("chat_template")

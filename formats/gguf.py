@@ -74,9 +74,9 @@ What the reader checks (GGUFFile), before any allocation sized by the file
 Magic and version; n_kv and n_tensors against the bytes left (each pair / info has a minimum size); every
 string and array length against the bytes left (arrays: count × minimum element size); array nesting depth;
 duplicate keys and tensor names; n_dims in 1..4, every dim > 0, element counts bounded; the tensor type
-(F32, F16, BF16, TQ1_0, TQ2_0, I2_S, else "unsupported tensor type X in tensor Y"); the byte size per type and
-shape; offsets that are multiples of the alignment and end inside the file; no two tensors overlapping.
-Every failure is one GGUFFormatError naming the field and its offset (or the tensor).
+(F32, F16, BF16, TQ1_0, TQ2_0, I2_S, the DEQUANT_TYPES below, else "unsupported tensor type X in tensor Y"); the
+byte size per type and shape; offsets that are multiples of the alignment and end inside the file; no two tensors
+overlapping. Every failure is one GGUFFormatError naming the file, the field and its offset (or the tensor).
 
 GGUFSource: a model under our canonical names
 ---------------------------------------------
@@ -642,12 +642,16 @@ class GGUFFile:
         self.path = str(path)
         size = os.path.getsize(self.path)
         if size < _HEADER_BYTES:
-            raise GGUFFormatError(f"truncated file: {size} bytes, shorter than the {_HEADER_BYTES}-byte GGUF header")
+            raise GGUFFormatError(f"{self.path}: truncated file: {size} bytes, shorter than the {_HEADER_BYTES}-byte "
+                                  "GGUF header")
         with open(self.path, "rb") as f:
             # ACCESS_COPY: a private mapping, so zero-copy tensors are writable views that never touch the file
             self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         try:
             self._parse(size)
+        except GGUFFormatError as e:  # every header error names the file, as the packed reader's do
+            self._mm.close()
+            raise GGUFFormatError(f"{self.path}: {e}") from None
         except BaseException:
             self._mm.close()
             raise
@@ -657,7 +661,8 @@ class GGUFFile:
         c.need(4, "magic")
         magic = bytes(self._mm[0:4])
         if magic != GGUF_MAGIC:
-            raise GGUFFormatError(f"not a GGUF file: magic {magic!r} at offset 0, expected {GGUF_MAGIC!r}")
+            what = " (a bitnet158 packed file)" if bytes(self._mm[0:8]) == b"BN158PAK" else ""
+            raise GGUFFormatError(f"not a GGUF file{what}: magic {magic!r} at offset 0, expected {GGUF_MAGIC!r}")
         c.pos = 4
         self.version = c.u32("version")
         swapped = struct.unpack("<I", struct.pack(">I", self.version))[0]
@@ -846,7 +851,7 @@ _GPT2_PRE = ("gpt-2", "gpt2", "default")
 LLAMA3_VOCAB_SIZE = 128256
 
 # llama.cpp token types (gguf.TokenType)
-_TOKEN_NORMAL, _TOKEN_UNKNOWN, _TOKEN_CONTROL, _TOKEN_USER_DEFINED, _TOKEN_UNUSED, _TOKEN_BYTE = 1, 2, 3, 4, 5, 6
+_TOKEN_NORMAL, _TOKEN_UNKNOWN, _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 1, 2, 3, 4  # (5 unused, 6 byte: not read)
 
 
 @dataclass(frozen=True)
@@ -864,7 +869,7 @@ class GGUFSource:
     """A BitNet GGUF file with the read surface of PackedFile.
 
     Linear weights may be I2_S, TQ1_0, TQ2_0, or F32/F16/BF16 holding exact c · t values (checked when
-    ``ternary()`` reads them); every other tensor is F32/F16/BF16.
+    ``ternary()`` reads them); every other tensor is F32/F16/BF16 or a DEQUANT_TYPES type (read as f32).
 
     ``config`` (PACKED.md §3), ``tokenizer`` (§4, built on first access), ``tensors`` (canonical name ->
     GGUFTensor; no ``*_scale`` entries: scales come with ``ternary()``), ``torch(name)``, ``ternary(name)``,

@@ -568,6 +568,8 @@ def create_temp_beside(path: str | os.PathLike) -> tuple[int, str]:
     write-only fd, its path ``.NAME.XXXXXXXX.tmp``). Created with mode 0666 less the umask, so the renamed file
     gets the permissions of any new file (tempfile.mkstemp's 0600 would stick to it)."""
     directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):  # said of the output, not of the temp file that could not be made
+        raise FileNotFoundError(errno.ENOENT, f"the folder {directory} does not exist", os.fspath(path))
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
     return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
 

@@ -297,6 +297,9 @@ def test_tokenizer_config_flags_and_jinja_file(tiny, tmp_path):
         ref = _roundtrip(ckpt.path, pf, tiny.ENCODE_SAMPLES)
         assert pf.tokenizer["add_bos_token"] is True and pf.tokenizer["add_eos_token"] is False
         assert pf.tokenizer["chat_template"] == "{{ messages[0]['content'] }}" == ref.chat_template
+    (ckpt.path / "chat_template.jinja").write_bytes(b"{{ \xff }}")
+    with pytest.raises(ConversionError, match="chat_template.jinja: cannot read it as UTF-8 text"):
+        convert(ckpt, tmp_path, "bad.bnp")
 
 
 # a post-processor naming a special token that it does not map: tokenizers loads it, then panics on encode

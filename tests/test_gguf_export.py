@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -27,6 +28,7 @@ from gguf import quants
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from bitnet158.converter import gguf_convert as gc
+from bitnet158.formats import gguf as gguf_fmt
 from bitnet158.formats.packed import PackedFile, PackedWriter, TensorSpec
 from bitnet158.formats.ternary import pack_t2
 
@@ -422,6 +424,73 @@ def test_round_trip_bit_exact(tmp_path, qtype, act, scales, rows):
     start1, start2 = min(o for *_, o in t1.values()), min(o for *_, o in t2.values())
     assert {n: (d, t, o - start1) for n, (d, t, o) in t1.items()} == {n: (d, t, o - start2) for n, (d, t, o) in t2.items()}
     assert g.read_bytes()[start1:] == g2.read_bytes()[start2:]
+
+
+def test_metadata_and_values_gguf_cannot_hold(tmp_path, tiny, caplog):
+    """Values GGUF's types cannot hold are refused, not wrapped or written as inf; stop ids go as eos, eot, eom."""
+    src = tmp_path / "m.bin"
+    make_packed(src, act="relu2")
+    for i, (edit, config, message) in enumerate((
+        (None, {"max_position_embeddings": 2**32}, "config max_position_embeddings 4294967296 does not fit GGUF's uint32"),
+        (None, {"rope_theta": 1e39}, "config rope_theta 1e.39 does not fit GGUF's float32"),
+        # bf16 holds 1e5, I2_S's F16 embedding does not
+        (lambda sp, t: (sp, t.index_fill(0, torch.tensor([5]), 1e5)) if sp.name == "embed.weight" else (sp, t), None,
+         "embed.weight: 256 values are beyond F16's range and would be written as inf"),
+    )):
+        bad = tmp_path / f"bad{i}.bin"
+        tiny.rewrite_packed(src, bad, edit, config=config)
+        with pytest.raises(gc.GGUFConversionError, match=message):
+            gc.packed_to_gguf(bad, tmp_path / "x.gguf", qtype="i2_s")
+        assert not (tmp_path / "x.gguf").exists() and not list(tmp_path.glob(".*.tmp"))
+    for n, (eos, back) in enumerate((([1, 5, 7], [1, 5, 7]), ([1, 5, 7, 9], [1, 5, 7]))):
+        stops = tmp_path / f"stops{n}.bin"
+        tiny.rewrite_packed(src, stops, config={"eos_token_id": eos})
+        with caplog.at_level(logging.WARNING, logger="bitnet158.converter.gguf_convert"):
+            gc.packed_to_gguf(stops, tmp_path / f"s{n}.gguf", qtype="i2_s")
+        assert ("stop ids [9] are not written" in caplog.text) == (len(eos) > 3)
+        gc.gguf_to_packed(tmp_path / f"s{n}.gguf", tmp_path / f"s{n}.bin")
+        with PackedFile(tmp_path / f"s{n}.bin") as pf:
+            assert pf.config["eos_token_id"] == back
+
+
+def _edited_tokenizer(edit) -> dict:
+    tok = _tokenizer()
+    tj = json.loads(tok["tokenizer_json"])
+    edit(tj)
+    return {**tok, "tokenizer_json": json.dumps(tj)}
+
+
+def _split(regex: str) -> dict:
+    return {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False}
+
+
+_BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
+
+
+@pytest.mark.parametrize("edit,message", [
+    # a split GGUF cannot name would read back (here and in llama.cpp) as the GPT-2 one: other text ids
+    (lambda tj: tj.update(pre_tokenizer={"type": "Sequence", "pretokenizers": [_split(r"\p{N}+| ?\p{L}+|\s+"),
+                                                                               _BYTE_LEVEL]}),
+     r"no tokenizer.ggml.pre name here .*splits by \['\\\\p\{N\}"),
+    (lambda tj: tj.update(pre_tokenizer={"type": "Sequence", "pretokenizers": [
+        _split(gguf_fmt.LLAMA3_SPLIT_REGEX), _split(r"\p{N}"), _BYTE_LEVEL]}), "no tokenizer.ggml.pre name here"),
+    (lambda tj: tj["pre_tokenizer"].update(add_prefix_space=True), "adds a prefix space"),
+    (lambda tj: tj.update(model={"type": "Unigram", "unk_id": 0, "vocab": [["<unk>", 0.0], ["a", -1.0]]}),
+     "tokenizer model type 'Unigram' cannot be written to GGUF here"),
+    (lambda tj: tj["model"].pop("vocab"), r"malformed vocab, added_tokens or merges \(KeyError: 'vocab'\)"),
+    (lambda tj: tj["model"]["merges"].insert(0, [1, 2]), r"malformed .*TypeError"),
+    (lambda tj: tj["added_tokens"][0].update(id="x"), r"malformed .*ValueError"),
+])
+def test_tokenizers_gguf_cannot_hold_are_refused(edit, message):
+    """A tokenizer that GGUF's metadata cannot describe (so that its GGUF would tokenize text differently), or a
+    malformed one, is one GGUFConversionError, not a GGUF that reads back as another tokenizer or a traceback."""
+    with pytest.raises(gc.GGUFConversionError, match=message):
+        gc.tokenizer_metadata(_edited_tokenizer(edit), 320)
+    # the Llama-3 split alone is llama-bpe, a plain ByteLevel gpt-2
+    llama3 = _edited_tokenizer(lambda tj: tj.update(pre_tokenizer={
+        "type": "Sequence", "pretokenizers": [_split(gguf_fmt.LLAMA3_SPLIT_REGEX), _BYTE_LEVEL]}))
+    assert gc.tokenizer_metadata(llama3, 320).pre == "llama-bpe"
+    assert gc.tokenizer_metadata(_tokenizer(), 320).pre == "gpt-2"
 
 
 @pytest.mark.parametrize("kind", ["bpe", "sentencepiece"])

@@ -722,7 +722,8 @@ ARRAY_KV = ("tokenizer.ggml.tokens", 9, struct.pack("<IQ", 8, 2) + struct.pack("
 
 @pytest.mark.parametrize("case,data,match", [
     ("empty", b"", "truncated"),
-    ("bad magic", gguf_bytes(magic=b"GGML", **GOOD), "not a GGUF file"),
+    ("bad magic", gguf_bytes(magic=b"GGML", **GOOD), "not a GGUF file: magic b'GGML'"),
+    ("a packed file", b"BN158PAK" + bytes(64), "not a GGUF file [(]a bitnet158 packed file[)]: magic b'BN15'"),
     ("big-endian", gguf_bytes(version=3 << 24, **GOOD), "big-endian GGUF file"),
     ("cut before the data", gguf_bytes(**GOOD)[:-65], "the data section would start at 160, file is 159 bytes"),
     ("version 1", gguf_bytes(version=1, **GOOD), "unsupported GGUF version 1"),
@@ -762,8 +763,9 @@ ARRAY_KV = ("tokenizer.ggml.tokens", 9, struct.pack("<IQ", 8, 2) + struct.pack("
     ("deep arrays", gguf_bytes(kvs=[("a", 9, struct.pack("<IQ", 9, 1) * 6 + bytes(32))]), "nested deeper"),
 ])
 def test_hostile_files_raise_one_clear_error(tmp_path, case, data, match):
-    with pytest.raises(G.GGUFFormatError, match=match):
+    with pytest.raises(G.GGUFFormatError, match=match) as e:
         open_small(tmp_path / "x.gguf", data)
+    assert str(e.value).startswith(f"{tmp_path / 'x.gguf'}: ")  # which file, as the packed reader says
 
 
 def test_array_kv_and_alignment_key_are_honoured(tmp_path):

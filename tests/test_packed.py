@@ -538,6 +538,12 @@ def test_writer_refuses_overwrite(tmp_path):
         assert torch.equal(unpack_t2(f.torch("w"), 6), GOLDEN_T)
 
 
+def test_writer_names_a_missing_output_folder(tmp_path):
+    # not the temp file it could not create beside the output
+    with pytest.raises(FileNotFoundError, match=f"the folder {tmp_path / 'no'} does not exist: '.*m.bnp'"):
+        writer(tmp_path / "no" / "m.bnp")
+
+
 def test_writer_leaves_nothing_on_exception(tmp_path):
     path = tmp_path / "m.bnp"
     with pytest.raises(RuntimeError, match="boom"):
