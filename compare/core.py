@@ -239,7 +239,8 @@ def open_model(path: str, *, device: str | None = None, activation: str | None =
         with tempfile.TemporaryDirectory(prefix="bitnet-compare-") as tmp:
             packed = Path(tmp) / "model.bin"
             logger.info("converting the checkpoint %s to a temporary packed file", path)
-            convert_hf(path, str(packed), progress=False)
+            # f32 floats: exact for any checkpoint's, so the comparison sees its values, not the bf16 default's rounding
+            convert_hf(path, str(packed), dtype="f32", progress=False)
             yield _load(str(packed), device, activation, traced)
     else:  # a packed file or a GGUF, local or a hub file spec (org/name/file: open_source fetches it)
         yield _load(path, device, activation, traced)

@@ -201,17 +201,20 @@ class BitNetModel:
     ) -> Iterator[int]:
         """Token-level generation after ``prompt_ids``; validates everything before returning the iterator.
 
-        ``max_new_tokens=None`` means up to DEFAULT_MAX_NEW_TOKENS, fewer when the context has less room left;
-        an explicit number that does not fit is an error (or, with ``truncate``, drops the oldest prompt tokens).
+        ``max_new_tokens=None`` means up to DEFAULT_MAX_NEW_TOKENS, fewer when the context has less room left
+        (half the context when the prompt fills it: room that ``truncate`` makes); a number that does not fit is
+        an error, or with ``truncate`` drops the oldest prompt tokens (a leading BOS stays).
         ``reuse_cache`` (fast path only): skip the prompt's prefix that the last generation left in the cache
         (GraphDecoder.generate's ``reuse``; ``stats.cached_tokens`` counts it), as ``chat`` does.
         """
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                 repetition_penalty=repetition_penalty, seed=seed)  # fmt: skip
-        if max_new_tokens is None:
-            room = self.config.max_position_embeddings - len(prompt_ids)
-            max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, room) if room > 0 else DEFAULT_MAX_NEW_TOKENS
-        ids, dropped = fit_context(list(prompt_ids), max_new_tokens, self.config.max_position_embeddings, truncate)
+        ctx = self.config.max_position_embeddings
+        if max_new_tokens is None:  # no room left: what truncating the prompt makes room for, half the context
+            room = ctx - len(prompt_ids)
+            max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, room if room > 0 else max(1, ctx // 2))
+        keep = int(len(prompt_ids) > 0 and prompt_ids[0] == self.config.bos_token_id)
+        ids, dropped = fit_context(list(prompt_ids), max_new_tokens, ctx, truncate, keep)
         stats = stats if stats is not None else GenerationStats()
         stats.truncated_tokens = dropped
         self.last_stats = stats
@@ -272,7 +275,7 @@ class BitNetModel:
         """(perplexity, scored tokens) of ``text`` in windows of ``ctx`` tokens (default: the model context)
         advancing by ``stride`` (default ctx // 2); see runtime/perplexity.py for exactly which tokens count."""
         ids = self.tokenizer.encode(text, add_special_tokens=True)
-        ctx = ctx or self.config.max_position_embeddings
-        stride = stride or max(1, ctx // 2)
+        ctx = self.config.max_position_embeddings if ctx is None else ctx  # 0 is refused (window_plan), not a default
+        stride = max(1, ctx // 2) if stride is None else stride
         self._forget_cache()
         return _perplexity(self.net, ids, ctx, stride, progress=progress, forward=self._forward)

@@ -8,6 +8,7 @@ import time
 
 import click
 import torch
+from click.core import ParameterSource
 
 from bitnet158.runtime.generate import ContextOverflowError, GenerationStats
 from bitnet158.runtime.sampling import SEED_MAX, SEED_MIN
@@ -106,6 +107,11 @@ def _chat_loop(model, system: str | None, max_new_tokens: int | None, sampling: 
             )
 
 
+# what only a generation uses (--perplexity takes none of them; --ctx and --stride are only its)
+_GENERATION_OPTIONS = ("chat", "max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed",
+                       "stop", "truncate")
+
+
 def read_text(read, name: str) -> str:
     """``read()``: a text file's contents, or one error line (exit 1) naming ``name`` when it is not UTF-8
     (bitnet-run's prompt and perplexity files, bitnet-compare's --text)."""
@@ -136,7 +142,8 @@ def read_text(read, name: str) -> str:
     "--max-new-tokens",
     "-n",
     type=click.IntRange(min=1),
-    help="Default: 256, or fewer when the context has less room left.",
+    help="Default: 256, or fewer when the context has less room left (half of it when --truncate must cut the "
+    "prompt).",
 )
 @click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0), help="0 = greedy.")
 @click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="0 = off.")
@@ -157,7 +164,7 @@ def read_text(read, name: str) -> str:
 @click.option(
     "--cache-unpacked",
     is_flag=True,
-    help="Keep unpacked weights resident: more memory; faster on CUDA and for CPU prefill.",
+    help="With --reference: keep unpacked weights resident (more memory; a faster reference prefill).",
 )
 @click.option(
     "--reference",
@@ -184,7 +191,8 @@ def read_text(read, name: str) -> str:
     help="Override the activation the file records (Microsoft's GGUF converter labels 1bitLLM SiLU models "
     "bitnet-b1.58, which reads as relu²).",
 )
-@click.option("--truncate", is_flag=True, help="Drop the oldest prompt tokens when prompt + generation overflow.")
+@click.option("--truncate", is_flag=True, help="Drop the oldest prompt tokens (not a leading BOS) when prompt + "
+              "generation overflow the context.")
 @click.option("--threads", type=click.IntRange(1, MAX_THREADS), help="CPU threads for torch (default: torch's choice).")
 @click.option("--quiet", "-q", is_flag=True, help="No statistics on stderr.")
 @click.option("--perplexity", "ppl_file", type=click.Path(dir_okay=False), help="Score this text file instead.")
@@ -220,7 +228,10 @@ def main(
     stride,
 ):
     """Run the BitNet b1.58 model in FILE (a bitnet158 packed file, or a GGUF: I2_S, TQ1_0, TQ2_0), local or from
-    the Hugging Face hub as org/name/file, or org/name for a repository with one GGUF."""
+    the Hugging Face hub as org/name/file, or org/name for a repository with one GGUF.
+
+    Sampling applies the repetition penalty, the temperature, top-k, top-p and min-p in that order, with
+    transformers' arithmetic."""
     from bitnet158.runtime.cpu import keep_compile_cache  # these imports here keep `bitnet-run --help` fast
     from bitnet158.runtime.loader import load
 
@@ -235,6 +246,15 @@ def main(
         sys.exit(2)
     if system is not None and not chat:
         click.echo("error: --system needs --chat", err=True)
+        sys.exit(2)
+    # options the chosen job would not use are an error, not silently dropped
+    source = click.get_current_context().get_parameter_source
+    given = [n for n in ("ctx", "stride", *_GENERATION_OPTIONS) if source(n) is ParameterSource.COMMANDLINE]
+    unused = [n for n in given if (n in _GENERATION_OPTIONS) == (ppl_file is not None)]
+    if unused:
+        flags = ", ".join("--" + n.replace("_", "-") for n in unused)
+        why = "not for --perplexity, which scores a text and generates nothing" if ppl_file else "only for --perplexity"
+        click.echo(f"error: {flags}: {why}", err=True)
         sys.exit(2)
     if threads:
         torch.set_num_threads(threads)

@@ -68,8 +68,10 @@ def decode_one_token(net: Transformer, token: torch.Tensor, pos: int) -> torch.T
     return net(token, pos)[0, -1]
 
 
-def fit_context(prompt_ids: list[int], max_new_tokens: int, context: int, truncate: bool) -> tuple[list[int], int]:
-    """Check that prompt + max_new_tokens fits in ``context``; with ``truncate`` drop the oldest prompt tokens.
+def fit_context(prompt_ids: list[int], max_new_tokens: int, context: int, truncate: bool,
+                keep: int = 0) -> tuple[list[int], int]:  # fmt: skip
+    """Check that prompt + max_new_tokens fits in ``context``; with ``truncate`` drop the oldest prompt tokens
+    after the first ``keep`` (a BOS, which the model was trained to see first, as llama.cpp's n_keep keeps it).
 
     Returns (prompt ids to use, number of dropped tokens).
     """
@@ -80,13 +82,14 @@ def fit_context(prompt_ids: list[int], max_new_tokens: int, context: int, trunca
     need = len(prompt_ids) + max_new_tokens
     if need <= context:
         return prompt_ids, 0
-    if not truncate or max_new_tokens >= context:
+    if not truncate or max_new_tokens + keep >= context:
         raise ContextOverflowError(
             f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) = {need} exceeds the context "
-            f"of {context} tokens; shorten the prompt, lower max_new_tokens, or allow truncation (--truncate)"
+            f"of {context} tokens; shorten the prompt, lower max_new_tokens"
+            + (", or allow truncation (--truncate)" if not truncate else "")
         )
     drop = need - context
-    return prompt_ids[drop:], drop
+    return prompt_ids[:keep] + prompt_ids[keep + drop:], drop
 
 
 def generate_tokens(

@@ -188,7 +188,14 @@ def build_model(
         if max(s[1] for s in ternary) > MAX_K:
             log.warning("a linear has more than %d inputs, beyond the compiled CPU path; running the reference", MAX_K)
             fast = None
+    if cache_unpacked and (fast or backend not in (None, "reference")):
+        # only the reference arithmetic reads unpacked weights: elsewhere the copy (4 GB at 2B-4T) would sit unused
+        log.warning("--cache-unpacked is for the reference path; the %s path reads the packed bytes, so nothing is "
+                    "unpacked", fast or backend)
+        cache_unpacked = False
     tokenizer = Tokenizer(source.tokenizer, config.eos_token_id)
+    if tokenizer.max_id >= config.vocab_size:  # such an id would index past the embedding mid-generation
+        raise LoadError(f"the tokenizer has token id {tokenizer.max_id}, past the embedding's {config.vocab_size} rows")
     _check_tensors(source, config)
 
     def floats(name: str) -> torch.Tensor:

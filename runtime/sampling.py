@@ -19,6 +19,8 @@ class SamplingError(ValueError):
 
 # the seeds torch's generators take (manual_seed: a 64-bit value, signed or not)
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+TEMPERATURE_MIN = 1e-6  # a smaller positive one is greedy in all but ties
+PENALTY_MIN, PENALTY_MAX = 1e-6, 1e6
 
 
 @dataclass(frozen=True)
@@ -39,16 +41,19 @@ class SamplingParams:
                 v = getattr(self, name)
                 if v is not None and (isinstance(v, bool) or not isinstance(v, kind)):
                     raise SamplingError(f"{name} must be {what}, got {v!r}")
-        if not self.temperature >= 0:
-            raise SamplingError(f"temperature must be >= 0, got {self.temperature}")
+        # scaled logits must stay finite in fp32: logits / temperature and the penalty's division reach inf (then NaN
+        # probabilities) only below these bounds (or past them, for a penalty multiplying negative logits)
+        if not (self.temperature == 0 or self.temperature >= TEMPERATURE_MIN):
+            raise SamplingError(f"temperature must be 0 (greedy) or at least {TEMPERATURE_MIN}, got {self.temperature}")
         if self.top_k is not None and self.top_k < 0:
             raise SamplingError(f"top_k must be >= 0, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise SamplingError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.min_p is not None and not 0 <= self.min_p <= 1:
             raise SamplingError(f"min_p must be in [0, 1], got {self.min_p}")
-        if not self.repetition_penalty > 0:
-            raise SamplingError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not PENALTY_MIN <= self.repetition_penalty <= PENALTY_MAX:
+            raise SamplingError(f"repetition_penalty must be in [{PENALTY_MIN}, {PENALTY_MAX}], got "
+                                f"{self.repetition_penalty}")
         if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
             raise SamplingError(f"seed must be a 64-bit integer, in [{SEED_MIN}, {SEED_MAX}], got {self.seed}")
 

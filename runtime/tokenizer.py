@@ -60,8 +60,9 @@ class Tokenizer:
         self.eos_token_ids: tuple[int, ...] = tuple(eos_token_ids)
 
     @property
-    def vocab_size(self) -> int:
-        return self._tok.get_vocab_size(with_added_tokens=True)
+    def max_id(self) -> int:
+        """The largest id the tokenizer can produce (its added tokens included)."""
+        return max(self._tok.get_vocab(with_added_tokens=True).values(), default=-1)
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)

@@ -23,10 +23,10 @@ Factories (plain functions, reachable through the ``tiny`` fixture, e.g. ``tiny.
   quantization_config bitnet (offline), packed linears, untied lm_head, BPE tokenizer.
 - ``offline_hub_cache(files, repo_id, sha, tmp_path, monkeypatch)``: a huggingface_hub cache holding a folder's
   files as ``repo_id``@``sha``, with the hub set offline (hub ids resolve without a network).
-- ``rewrite_packed(src, dst, edit=None, extra=(), config=None)``: a copy of packed file ``src`` at ``dst``, each
-  entry passed through ``edit(spec, tensor) -> (spec, tensor) | None`` (a TensorSpec; None drops it), ``extra``
-  (spec, tensor) pairs appended and the config's keys updated from ``config``: files that the packed format takes
-  but whose contents a test wants changed.
+- ``rewrite_packed(src, dst, edit=None, extra=(), config=None, tokenizer=None)``: a copy of packed file ``src`` at
+  ``dst``, each entry passed through ``edit(spec, tensor) -> (spec, tensor) | None`` (a TensorSpec; None drops it),
+  ``extra`` (spec, tensor) pairs appended and the config's and tokenizer's keys updated from ``config`` and
+  ``tokenizer``: files that the packed format takes but whose contents a test wants changed.
 - ``onebitllm_as_transformers(ckpt, folder) -> Path``: the 1bitLLM checkpoint rewritten as a transformers
   BitNetForCausalLM folder (silu, rope 10000, tied, autobitlinear online, sub-norm keys renamed), which is an
   exact transformers reference for the 1bitLLM family (REFERENCE.md §4).
@@ -386,7 +386,7 @@ def offline_hub_cache(files: Path, repo_id: str, sha: str, tmp_path: Path, monke
     monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
 
 
-def rewrite_packed(src, dst, edit=None, extra=(), config=None) -> None:
+def rewrite_packed(src, dst, edit=None, extra=(), config=None, tokenizer=None) -> None:
     """See the module docstring."""
     from bitnet158.formats.packed import PackedFile, PackedWriter, TensorSpec
 
@@ -399,7 +399,8 @@ def rewrite_packed(src, dst, edit=None, extra=(), config=None) -> None:
                 entries.append(entry)
         entries += list(extra)
         specs = [spec for spec, _ in entries]
-        with PackedWriter(dst, config={**pf.config, **(config or {})}, tokenizer=pf.tokenizer, provenance=pf.provenance, tensors=specs) as w:
+        with PackedWriter(dst, config={**pf.config, **(config or {})}, tokenizer={**pf.tokenizer, **(tokenizer or {})},
+                          provenance=pf.provenance, tensors=specs) as w:
             for spec, data in entries:
                 w.write(spec.name, data)
 

@@ -7,6 +7,7 @@ lossless here: the fixtures' weights are bf16 values). transformers runs them in
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 
@@ -22,7 +23,7 @@ from bitnet158.runtime import load  # noqa: E402
 from bitnet158.runtime.bitlinear import BitLinear, quantize_activations  # noqa: E402
 from bitnet158.runtime.cli import main as cli_main  # noqa: E402
 from bitnet158.runtime.config import ConfigError, ModelConfig  # noqa: E402
-from bitnet158.runtime.generate import ContextOverflowError  # noqa: E402
+from bitnet158.runtime.generate import ContextOverflowError, fit_context  # noqa: E402
 from bitnet158.runtime.loader import DeviceError, LoadError, build_model, resolve_device  # noqa: E402
 from bitnet158.runtime.fast import GraphDecoder, sample_on_device  # noqa: E402
 from bitnet158.runtime.perplexity import PerplexityError, window_plan  # noqa: E402
@@ -282,7 +283,7 @@ def test_bitlinear_reference_is_exact():
             BitLinear(packed, sc, 37)
 
 
-def test_resident_weights_and_cache_unpacked(ms_file, ms_model):
+def test_resident_weights_and_cache_unpacked(ms_file, ms_model, caplog):
     c = ms_model.config
     packed_bytes = sum(m.packed.numel() for m in ms_model.net.modules() if isinstance(m, BitLinear))
     linear_weights = c.num_hidden_layers * (
@@ -294,6 +295,11 @@ def test_resident_weights_and_cache_unpacked(ms_file, ms_model):
     assert cached.resident_weight_bytes() == ms_model.resident_weight_bytes() + linear_weights
     ids = ms_model.tokenizer.encode(TEXT)
     assert torch.equal(cached.logits(ids), ms_model.logits(ids))
+    # a fast path reads the packed bytes: an unpacked copy would only take memory, so none is made
+    with caplog.at_level(logging.WARNING, logger="bitnet158.runtime.loader"):
+        fast = load(ms_file, device="cpu", cache_unpacked=True, backend="cpu")
+    assert fast.resident_weight_bytes() == ms_model.resident_weight_bytes()
+    assert "--cache-unpacked is for the reference path; the cpu path reads the packed bytes" in caplog.text
 
 
 def test_sampling_reproducible_and_top_k_1_is_greedy(ms_model):
@@ -371,12 +377,15 @@ def test_min_p_matches_transformers():
     for kw, message in (
         ({"min_p": 1.5}, r"min_p must be in \[0, 1\], got 1.5"),
         ({"seed": 2**64}, "seed must be a 64-bit integer"),
-        ({"temperature": -0.5}, "temperature must be >= 0, got -0.5"),
-        ({"temperature": float("nan")}, "temperature must be >= 0, got nan"),
+        ({"temperature": -0.5}, r"temperature must be 0 \(greedy\) or at least 1e-06, got -0.5"),
+        ({"temperature": float("nan")}, "temperature must be 0 .* got nan"),
+        ({"temperature": 1e-300}, "temperature must be 0 .* got 1e-300"),  # logits / t: inf, then NaN probabilities
         ({"top_k": -1}, "top_k must be >= 0, got -1"),
         ({"top_p": 0.0}, r"top_p must be in \(0, 1\], got 0.0"),
         ({"top_p": 1.5}, r"top_p must be in \(0, 1\], got 1.5"),
-        ({"repetition_penalty": 0.0}, "repetition_penalty must be > 0, got 0.0"),
+        ({"repetition_penalty": 0.0}, r"repetition_penalty must be in \[1e-06, 1000000.0\], got 0.0"),
+        ({"repetition_penalty": 1e-40}, "repetition_penalty must be in .* got 1e-40"),
+        ({"repetition_penalty": float("inf")}, "repetition_penalty must be in .* got inf"),
     ):
         with pytest.raises(SamplingError, match=message):
             SamplingParams(**kw)
@@ -523,6 +532,23 @@ def test_tokenizer_that_panics_fails_at_load(ms_model):
     }
     with pytest.raises(TokenizerError, match="does not load or does not work"):
         Tokenizer({"tokenizer_json": json.dumps(tj)})
+
+
+def test_tokenizer_ids_past_the_embedding_fail_at_load(ms_file, tiny, tmp_path):
+    # an id the embedding has no row for would fail in F.embedding (a device assert on CUDA) mid-generation
+    from bitnet158.formats.packed import PackedFile
+
+    with PackedFile(ms_file) as pf:
+        tj, vocab = json.loads(pf.tokenizer["tokenizer_json"]), pf.config["vocab_size"]
+    tj["added_tokens"].append({"id": vocab, "content": "<|zz|>", "single_word": False, "lstrip": False,
+                               "rstrip": False, "normalized": False, "special": True})
+    bad = tmp_path / "bad.bin"
+    tiny.rewrite_packed(ms_file, bad, tokenizer={"tokenizer_json": json.dumps(tj)})
+    message = f"the tokenizer has token id {vocab}, past the embedding's {vocab} rows"
+    with pytest.raises(LoadError, match=message):
+        load(str(bad), device="cpu")
+    r = CliRunner().invoke(cli_main, [str(bad), "--prompt", "Blessed <|zz|> are", "--device", "cpu"])
+    assert r.exit_code == 1 and r.output == f"error: {message}\n", r.output
 
 
 def test_config_validation():
@@ -720,6 +746,18 @@ def test_context_overflow_and_truncation(ms_model):
         ms_model.generate_ids(long_prompt, 8)
     ids = list(ms_model.generate_ids(long_prompt, 8, truncate=True, stop_ids=()))
     assert len(ids) == 8 and ms_model.last_stats.truncated_tokens == len(long_prompt) + 8 - 256
+    # the oldest tokens go, but not the BOS the model was trained to see first: the same tokens as the cut prompt
+    assert fit_context([9, 1, 2, 3, 4], 2, 5, True, keep=1) == ([9, 3, 4], 2)
+    bos = ms_model.config.bos_token_id
+    assert long_prompt[0] == bos
+    cut = [bos] + long_prompt[1 + len(long_prompt) + 8 - 256:]
+    assert ids == list(ms_model.generate_ids(cut, 8, stop_ids=()))
+    # without a number of tokens, truncation makes room for half the context (not the 256 that cannot fit)
+    assert len(list(ms_model.generate_ids(long_prompt, truncate=True, stop_ids=()))) == 128
+    assert ms_model.last_stats.truncated_tokens == len(long_prompt) + 128 - 256
+    with pytest.raises(ContextOverflowError, match=r"max_new_tokens \(256\) = \d+ exceeds the context of 256 tokens; "
+                                                   r"shorten the prompt, lower max_new_tokens$"):
+        ms_model.generate_ids(long_prompt, 256, truncate=True)
     with pytest.raises(ContextOverflowError):
         ms_model.logits(list(range(10)) * 30)
     with pytest.raises(ValueError, match="logits: token_ids is empty"):
@@ -734,6 +772,9 @@ def test_context_overflow_and_truncation(ms_model):
 
     with pytest.raises(PerplexityError, match="ctx=257 exceeds the model context 256"):
         ms_model.perplexity(TEXT, ctx=257)
+    for kw, message in (({"ctx": 0}, "ctx must be >= 2, got 0"), ({"stride": 0}, r"stride must be in \[1, ctx=256\]")):
+        with pytest.raises(PerplexityError, match=message):  # not the default in disguise
+            ms_model.perplexity(TEXT, **kw)
     net = ms_model.net
     with pytest.raises(ValueError, match="a cache of 257 positions exceeds the model context 256"):
         net.setup_cache(1, 257)
@@ -815,6 +856,20 @@ def test_cli_interactive_chat(ms_file):
     assert runner.invoke(cli_main, args, input="").exit_code == 0  # end of input
     r = runner.invoke(cli_main, [ms_file, "--prompt", "Hi", "--system", "x", "--device", "cpu"])
     assert r.exit_code == 2 and "--system needs --chat" in r.output
+
+
+def test_cli_refuses_options_the_job_does_not_use(ms_file, tmp_path):
+    # an option the job would ignore is one usage error, not silently dropped
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT, encoding="utf-8")
+    for args, message in (
+        (["--prompt", "Hi", "--ctx", "32", "--stride", "8"], "--ctx, --stride: only for --perplexity"),
+        (["--chat", "--ctx", "32"], "--ctx: only for --perplexity"),
+        (["--perplexity", str(text), "--temperature", "0.5", "-n", "3", "--chat"],
+         "--chat, --max-new-tokens, --temperature: not for --perplexity, which scores a text and generates nothing"),
+    ):
+        r = CliRunner().invoke(cli_main, [ms_file, *args, "--device", "cpu"])
+        assert r.exit_code == 2 and r.output == f"error: {message}\n", r.output
 
 
 def test_cli_chat_needs_a_chat_template(onebitllm_pair):
