@@ -69,7 +69,7 @@ def main(a, b, prompt, text_file, device, max_kl, min_top1, max_ppl_diff, gen_to
     if text_file:
         text = read_text(lambda: Path(text_file).read_text(encoding="utf-8"), text_file)
     else:
-        text = DEFAULT_PROMPT if prompt is None else prompt  # an empty --prompt is refused below, not replaced
+        text = DEFAULT_PROMPT if prompt is None else prompt  # an empty --prompt is its own text (BOS alone)
     keep_compile_cache()  # the runtime's compiled CPU step, as bitnet-run keeps it
     try:
         with open_model(a, device=device, activation=activation_a, engine=engine_a, traced=trace) as ma, \
