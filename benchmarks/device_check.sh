@@ -2,7 +2,7 @@
 # The one device check of the GPU fast path (issue 5): run from the repository root on the GPU machine.
 #
 #   bash benchmarks/device_check.sh            # carry: .whl (the gguf wheel); logs and bench.json under $OUT
-#   bash benchmarks/device_check.sh quick      # the same steps cut to about 7 minutes (timeout_s=480): the
+#   bash benchmarks/device_check.sh quick      # the same steps cut to about 7 minutes (timeout_s=600): the
 #                                              # GPU tests of the attention kernel, the tile search, the decode
 #                                              # variants, the graph decoder, the sampler and the argmax's
 #                                              # ties (which the interpreter cannot check); the default and
@@ -69,6 +69,7 @@ if [ "$MODE" = quick ]; then
   quick="decode_attention_bf16 or search_tiles or variants_follow or graph_decoder_matches_eager"
   timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py \
     -k "$quick or gpu_sample_in_a_graph or argmax_ties" \
+    --deselect "tests/test_kernels.py::test_gpu_graph_decoder_matches_eager[True]" \
     2>&1 | tee "$OUT/pytest_gpu.log" | tail -n 25
   echo "pytest -m gpu -k '...' exit: ${PIPESTATUS[0]}" | tee -a "$OUT/pytest_gpu.log"
 else

@@ -616,6 +616,18 @@ def _tile_cache() -> dict:
     return out if isinstance(out, dict) else {}
 
 
+def _valid_pick(known, configs: list, pack_warps: tuple, pack_sites: list) -> bool:
+    # a cache entry as _keep_tiles writes it, its tiles and warps among those searched, ints only (16.0 == 16 would
+    # pass the membership tests, then fail as a launch's block size): anything else, from a damaged or hand-edited
+    # file, means a new search
+    def ints(v) -> bool:
+        return isinstance(v, list) and all(type(x) is int for x in v)
+
+    return isinstance(known, dict) and isinstance(known.get("pack"), dict) and \
+        all(ints(known.get(s)) and tuple(known[s]) in configs for s in SITES) and \
+        all(type(known["pack"].get(s)) is int and known["pack"][s] in pack_warps for s in pack_sites)  # fmt: skip
+
+
 def _keep_tiles(key: str, pick: dict) -> None:
     # add a pick to the cache file: written beside it, then renamed over it; a cache that cannot be written is
     # only a cache, so nothing is raised
@@ -770,7 +782,11 @@ class GraphDecoder:
 
     def _capture(self, key: tuple) -> torch.cuda.CUDAGraph:
         if self.fast.tiles == "searched":
-            self.search_tiles(key)
+            try:
+                self.search_tiles(key)
+            except Exception as e:  # e.g. a tile another GPU cannot compile: the autotuner skips those, a search not
+                log.warning("the decode step's tile search failed (%s: %s); using autotuned tiles", type(e).__name__, e)
+                self.fast.tiles = "autotune"
         graph = self._graphs[key] = self._record(key, 3)
         log.info("captured a decode graph for sampling mode %s", key)
         return graph
@@ -864,8 +880,7 @@ class GraphDecoder:
         pack_sites = [s for s in SITES if not (s == "o" and fast.attention == "folded")]
         cache_key = self._tile_cache_key(configs, pack_warps)
         known = _tile_cache().get(cache_key) if cached else None
-        if isinstance(known, dict) and all(tuple(known.get(s) or ()) in configs for s in SITES) and \
-                isinstance(known.get("pack"), dict) and all(known["pack"].get(s) in pack_warps for s in pack_sites):  # fmt: skip
+        if _valid_pick(known, configs, pack_warps, pack_sites):
             fast.tile_pick, fast.tile_times = {s: tuple(known[s]) for s in SITES}, {}
             fast.pack_pick, fast.pack_times = {s: known["pack"][s] for s in pack_sites}, {}
             return fast.tile_pick

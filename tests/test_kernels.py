@@ -12,6 +12,7 @@ import contextlib
 import importlib.util
 import inspect
 import json
+import logging
 import math
 import sys
 import threading
@@ -1027,7 +1028,7 @@ def test_pdl_option_reaches_every_decode_kernel(monkeypatch):
         real(gpu, "late")
 
 
-def test_search_tiles_descends_site_by_site(monkeypatch, tmp_path):
+def test_search_tiles_descends_site_by_site(monkeypatch, tmp_path, caplog):
     # GraphDecoder.search_tiles' logic with a fake clock (the step's time a sum of per-site costs of the tiles and
     # pack warps in use; CUDA graphs time it on a GPU): each site ends at its cheapest tile, timed with the sites
     # before it at their picks and the sites after it at FIXED_GEMV, then each site's pack at its cheapest warps,
@@ -1099,6 +1100,11 @@ def test_search_tiles_descends_site_by_site(monkeypatch, tmp_path):
     assert len(json.loads(kept.read_text())) == 5
     kept.write_text("{not json")
     assert searched(net) == 20 and len(json.loads(kept.read_text())) == 1
+    entry_key, entry = next(iter(json.loads(kept.read_text()).items()))
+    for damaged in ({**entry, "qkv": 5}, {**entry, "o": [float(v) for v in entry["o"]]},
+                    {**entry, "pack": {**entry["pack"], "down": 4.0}}, {**entry, "pack": None}):
+        kept.write_text(json.dumps({entry_key: damaged}))  # hand-edited: searched again, not taken nor a crash
+        assert searched(net) == 20 and json.loads(kept.read_text())[entry_key] == entry
     monkeypatch.setenv("XDG_CACHE_HOME", str(kept))  # a file where the folder would go: searched, not kept
     assert searched(net) == 20 and searched(net) == 20
     monkeypatch.setattr(GraphDecoder, "_record", lambda self, key, warm: "graph")  # a capture without CUDA
@@ -1109,6 +1115,19 @@ def test_search_tiles_descends_site_by_site(monkeypatch, tmp_path):
         assert other._capture(other.sampling_key()) == "graph"
         assert other.fast.tile_pick is None and other.fast.pack_pick is None  # the default: no tuning on the CPU
     assert len(timed) == n
+
+    # a search that fails (a tile this GPU cannot compile) leaves the capture to the autotuner's tiles, with a warning
+    def no_such_tile(self, key, reps):
+        raise RuntimeError("out of shared memory")
+
+    monkeypatch.setattr(GraphDecoder, "_time_step", no_such_tile)
+    monkeypatch.setattr(kernels, "autotuning", lambda: True)
+    failing = GraphDecoder(FastModel(net, backend="triton"), 200, use_graph=False)
+    failing.use_graph = True
+    with caplog.at_level(logging.WARNING, logger="bitnet158.runtime.fast"):
+        assert failing._capture(failing.sampling_key()) == "graph"
+    assert "tile search failed (RuntimeError: out of shared memory); using autotuned tiles" in caplog.text
+    assert failing.fast.tiles == "autotune" and failing.fast.tile_pick is None and failing.fast.pack_pick is None
 
 
 @contextlib.contextmanager
@@ -1524,7 +1543,8 @@ def test_gpu_search_tiles_times_the_decode_step(monkeypatch, tmp_path):
     # step), then at every pack warp count given, the fastest kept, the state back where it was. With the packs
     # at their default warps (4 at these widths) the graph step then runs those tiles and decodes exactly what
     # the same step with the autotuner's tiles (the fixed tile under BITNET158_AUTOTUNE=0) decodes; with searched
-    # warps (which may move a rounding of the norms' sums) it decodes what the same step run eagerly decodes
+    # warps (which may move a rounding of the norms' sums) it decodes what the same step run eagerly decodes, with
+    # torch's attention on both sides (the attention kernel runs only in the tensor-position step of the graph)
     from bitnet158.runtime.fast import SITES, FastModel, GraphDecoder
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # the picks' file: not the user's
@@ -1546,7 +1566,7 @@ def test_gpu_search_tiles_times_the_decode_step(monkeypatch, tmp_path):
         fast.tiles = "autotune"
         want = list(GraphDecoder(fast, 200).generate(ids, 10))
         assert got == want
-        fast.tiles, fast.tile_pick = "searched", None
+        fast.tiles, fast.tile_pick, fast.attention = "searched", None, "torch"
         dec = GraphDecoder(fast, 200)
         dec.search_tiles(configs=configs, pack_warps=(4, 8, 16))
         for s in SITES:
