@@ -242,7 +242,7 @@ def main(
         prompt = read_text(prompt_file.read, prompt_file.name)
     interactive = chat and prompt is None and ppl_file is None
     if (prompt is None) == (ppl_file is None) and not interactive:
-        click.echo("error: give exactly one of --prompt or --perplexity (or --chat alone, to chat)", err=True)
+        click.echo("error: give exactly one of --prompt (or -f) or --perplexity (or --chat alone, to chat)", err=True)
         sys.exit(2)
     if system is not None and not chat:
         click.echo("error: --system needs --chat", err=True)
