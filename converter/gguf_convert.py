@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from bitnet158.converter import converter_version, refuse_source_as_output
+from bitnet158.converter.hf import all_finite
 from bitnet158.formats import gguf as gguf_fmt
 from bitnet158.formats.packed import PackedFile, PackedWriter, TensorSpec, create_temp_beside, fsync_dir
 from bitnet158.formats.source import SourceError, fetch_from_hub
@@ -328,14 +329,14 @@ def _float_tensor(src: PackedFile, name: str, gname: str, ggml_type: int) -> _Pl
     def produce() -> np.ndarray:
         t = src.torch(name)
         out = t.to(tdtype)
-        if not bool(torch.isfinite(out).all()) and bool(torch.isfinite(t).all()):
-            bad = int((~torch.isfinite(out)).sum())
-            raise GGUFConversionError(f"{name}: {bad} values are beyond {gguf.GGMLQuantizationType(ggml_type).name}'s "
-                                      "range and would be written as inf")
-        if not torch.equal(out.to(torch.float32), t.to(torch.float32)):
-            bad = int((out.to(torch.float32) != t.to(torch.float32)).sum())
-            logger.warning("%s: %d of %d values are not exact in %s (stored rounded)", gname, bad, t.numel(),
-                           gguf.GGMLQuantizationType(ggml_type).name)
+        t32, out32 = t.float(), out.float()
+        if not torch.equal(out32, t32):  # an overflow is inexact too: checked only then, in one pass each
+            type_name = gguf.GGMLQuantizationType(ggml_type).name
+            if not all_finite(out32) and all_finite(t32):
+                raise GGUFConversionError(f"{name}: {int((~torch.isfinite(out32)).sum())} values are beyond "
+                                          f"{type_name}'s range and would be written as inf")
+            bad = int((out32 != t32).sum())
+            logger.warning("%s: %d of %d values are not exact in %s (stored rounded)", gname, bad, t.numel(), type_name)
         # raw little-endian bytes (numpy has no bfloat16)
         return out.contiguous().view(torch.uint8).numpy()
 
