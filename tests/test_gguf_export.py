@@ -486,7 +486,10 @@ def test_tokenizers_gguf_cannot_hold_are_refused(edit, message):
     malformed one, is one GGUFConversionError, not a GGUF that reads back as another tokenizer or a traceback."""
     with pytest.raises(gc.GGUFConversionError, match=message):
         gc.tokenizer_metadata(_edited_tokenizer(edit), 320)
-    # the Llama-3 split alone is llama-bpe, a plain ByteLevel gpt-2
+
+
+def test_tokenizer_pre_names():
+    # the splits GGUF can name: the Llama-3 split alone is llama-bpe, a plain ByteLevel gpt-2
     llama3 = _edited_tokenizer(lambda tj: tj.update(pre_tokenizer={
         "type": "Sequence", "pretokenizers": [_split(gguf_fmt.LLAMA3_SPLIT_REGEX), _BYTE_LEVEL]}))
     assert gc.tokenizer_metadata(llama3, 320).pre == "llama-bpe"
