@@ -3,7 +3,10 @@
 The serialized HF ``tokenizers`` tokenizer carries its own post-processor, so ``encode(add_special_tokens=True)``
 adds BOS (or not) exactly as the source's HF tokenizer does. Chat templates render the way transformers renders
 them (utils/chat_template_utils.py): a jinja2 ImmutableSandboxedEnvironment with trim_blocks and lstrip_blocks,
-the loopcontrols extension, a non-escaping ``tojson`` filter and ``raise_exception`` / ``strftime_now`` globals.
+the loopcontrols extension, the ``{% generation %}`` block (it renders its body; transformers also records where,
+for training masks), a non-escaping ``tojson`` filter, ``raise_exception`` / ``strftime_now`` globals, and the
+hardened ``dict`` and ``namespace``. A chat template is untrusted code from the file: jinja2 >= 3.1.6 (the first
+without the known sandbox escapes, as transformers requires) and no attribute starting with "_" on a namespace.
 """
 
 from __future__ import annotations
@@ -37,6 +40,48 @@ def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False
 
 def _strftime_now(fmt):
     return datetime.now().strftime(fmt)
+
+
+class _Generation(jinja2.ext.Extension):
+    # {% generation %}...{% endgeneration %} marks an assistant reply in training templates; rendered, it is its body
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    @staticmethod
+    def _body(caller):
+        return caller()
+
+
+class _TemplateDict:
+    # ``dict`` in a template: a call and fromkeys, without the class's own attributes to climb through
+    def __call__(self, *args, **kwargs):
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, *args, **kwargs):
+        return dict.fromkeys(*args, **kwargs)
+
+
+class _Namespace(jinja2.utils.Namespace):
+    # ``namespace`` in a template, refusing "_" names (a path towards CPython's internals) as transformers does
+    def __init__(*args, **kwargs):  # jinja2's signature trick: namespace(self=...) stays a plain attribute
+        self, args = args[0], args[1:]
+        attrs = dict(*args, **kwargs)
+        for name in attrs:
+            _Namespace._check(name)
+        jinja2.utils.Namespace.__init__(self, attrs)
+
+    def __setitem__(self, name, value):
+        _Namespace._check(name)
+        jinja2.utils.Namespace.__setitem__(self, name, value)
+
+    @staticmethod
+    def _check(name):
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(f"a chat template may not set {name!r} on a namespace")
 
 
 class Tokenizer:
@@ -97,10 +142,12 @@ class Tokenizer:
 
     @cached_property
     def _template(self) -> jinja2.Template:
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, jinja2.ext.loopcontrols]
+        )
         env.filters["tojson"] = _tojson
-        env.globals["raise_exception"] = _raise_exception
-        env.globals["strftime_now"] = _strftime_now
+        env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now, dict=_TemplateDict(),
+                           namespace=_Namespace)  # fmt: skip
         try:
             return env.from_string(self.chat_template)
         except jinja2.TemplateSyntaxError as e:

@@ -494,6 +494,39 @@ def test_chat_template_sandbox_and_tojson(ms_model):
     t = Tokenizer({**tok_dict, "chat_template": "{{ messages.__class__.__mro__ }}"})
     with pytest.raises(TokenizerError):  # the sandbox refuses attribute escapes
         t.apply_chat_template([])
+    # transformers' hardening: no "_" names on a namespace, and a dict that is not the type (dict.mro() is a step
+    # towards object.__subclasses__)
+    for escape, why in (("{% set ns = namespace(_x=1) %}", "may not set '_x' on a namespace"),
+                        ("{% set ns = namespace() %}{% set ns._x = 1 %}", "may not set '_x' on a namespace"),
+                        ("{{ dict.mro() }}", "has no attribute 'mro'")):  # fmt: skip
+        with pytest.raises(TokenizerError, match=why):
+            Tokenizer({**tok_dict, "chat_template": escape}).apply_chat_template([])
+
+
+def test_chat_template_features_match_transformers(ms_model):
+    # a training template's {% generation %} block, dict(), namespace() and loop controls, rendered as transformers
+    # renders them (its render_jinja_template, the function behind apply_chat_template)
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from bitnet158.runtime.tokenizer import Tokenizer
+
+    template = (
+        "{{ bos_token }}{% set ns = namespace(n=0, self=1) %}{% set d = dict(a=1, **dict.fromkeys(['b'], 2)) %}"
+        "{% for m in messages %}{% if m.role == 'skip' %}{% continue %}{% endif %}{% set ns.n = ns.n + 1 %}"
+        "{% if m.role == 'assistant' %}{% generation %}[{{ m.content }}]{{ eos_token }}{% endgeneration %}"
+        "{% else %}<{{ m.role }}|{{ ns.n }}|{{ d | tojson }}>{{ m.content }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{% generation %}A:{% endgeneration %}{% endif %}"
+    )
+    msgs = [{"role": "user", "content": "hi"}, {"role": "skip", "content": "x"},
+            {"role": "assistant", "content": "yo"}, {"role": "user", "content": "é"}]  # fmt: skip
+    t = Tokenizer({"tokenizer_json": ms_model.tokenizer._tok.to_str(), "chat_template": template,
+                   "bos_token": "<s>", "eos_token": "</s>"})  # fmt: skip
+    for agp in (True, False):
+        ours = t.apply_chat_template(msgs, add_generation_prompt=agp)
+        want = render_jinja_template([msgs], chat_template=template, add_generation_prompt=agp, bos_token="<s>",
+                                     eos_token="</s>")[0][0]  # fmt: skip
+        assert ours == want
+    assert ours == '<s><user|1|{"a": 1, "b": 2}>hi[yo]</s><user|3|{"a": 1, "b": 2}>é'
 
 
 def test_tokenizer_refuses_misuse(ms_model, monkeypatch):
