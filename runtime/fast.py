@@ -116,7 +116,9 @@ PREFETCHES = ("off", "after", "before")  # FastModel(prefetch=): when the attent
 # the packs and the combine (kernels.PDL_MODES)
 PDLS = (False, True, "early", "early-packs")
 SITES = ("qkv", "o", "gate_up", "down")  # a layer's four packed GEMVs, in order
-SEARCH_POS = 256  # the decode position GraphDecoder.search_tiles times the step at (attention over 256 keys)
+# the decode position GraphDecoder.search_tiles times the step at (attention over 256 keys), or the last slot of a
+# smaller cache
+SEARCH_POS = 256
 
 
 def _norm_args(norm) -> tuple[torch.Tensor | None, float]:
@@ -616,16 +618,17 @@ def _tile_cache() -> dict:
     return out if isinstance(out, dict) else {}
 
 
-def _valid_pick(known, configs: list, pack_warps: tuple, pack_sites: list) -> bool:
+def _valid_pick(known, configs: list, pack_warps: tuple, pack_sites: list, pos: int) -> bool:
     # a cache entry as _keep_tiles writes it, its tiles and warps among those searched, ints only (16.0 == 16 would
-    # pass the membership tests, then fail as a launch's block size): anything else, from a damaged or hand-edited
-    # file, means a new search
+    # pass the membership tests, then fail as a launch's block size), searched at position ``pos`` or past it:
+    # anything else, from a smaller cache's search or a damaged or hand-edited file, means a new search
     def ints(v) -> bool:
         return isinstance(v, list) and all(type(x) is int for x in v)
 
     return isinstance(known, dict) and isinstance(known.get("pack"), dict) and \
         all(ints(known.get(s)) and tuple(known[s]) in configs for s in SITES) and \
-        all(type(known["pack"].get(s)) is int and known["pack"][s] in pack_warps for s in pack_sites)  # fmt: skip
+        all(type(known["pack"].get(s)) is int and known["pack"][s] in pack_warps for s in pack_sites) and \
+        type(known.get("pos")) is int and known["pos"] >= pos  # fmt: skip
 
 
 def _keep_tiles(key: str, pick: dict) -> None:
@@ -633,7 +636,7 @@ def _keep_tiles(key: str, pick: dict) -> None:
     # only a cache, so nothing is raised
     path = _tile_cache_file()
     picks = _tile_cache()
-    picks[key] = {s: c if isinstance(c, dict) else list(c) for s, c in pick.items()}
+    picks[key] = {s: list(c) if isinstance(c, tuple) else c for s, c in pick.items()}
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
@@ -842,7 +845,7 @@ class GraphDecoder:
         return " | ".join([torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type, f"torch {torch.__version__}",
                            f"triton {triton.__version__}", str(fast.net.dtype), f"attention {fast.attention}", f"pdl {fast.pdl}",
                            f"head {fast.head}", f"prefetch {fast.prefetch}", f"{len(fast.net.layers)} layers {shapes}",
-                           f"pos {SEARCH_POS}", str(configs), f"pack warps {list(pack_warps)}"])  # fmt: skip
+                           str(configs), f"pack warps {list(pack_warps)}"])  # fmt: skip
 
     @torch.inference_mode()
     def search_tiles(self, key: tuple | None = None, configs: list | None = None, reps: int = 10, cached: bool = True,
@@ -855,6 +858,7 @@ class GraphDecoder:
         SEARCH_POS (or past the context). Returns the tile pick, kept in ``fast.tile_pick`` for every later capture
         (µs a step in ``fast.tile_times``), and the warps in ``fast.pack_pick`` (``fast.pack_times``); None where
         it does not apply: gemv other than "packed", no CUDA graph, or BITNET158_AUTOTUNE=0 without ``configs``.
+        A cache of SEARCH_POS slots or fewer times the step at its last slot, which costs less attention.
 
         Why the whole step: Triton's autotuner times one GEMV alone, again and again, and tiles that tie there
         do not tie in the step, where with PDL a GEMV launches while the kernel before it runs and fetches what
@@ -864,7 +868,10 @@ class GraphDecoder:
         last bit of its norm's sum of squares (kernels.pack_act), so the pick can move a rounding.
 
         The pick is kept in $XDG_CACHE_HOME/bitnet158/gemv_tiles.json (``cached``: read it first), keyed by the
-        GPU, torch, Triton, the step's variant and the matrix shapes, so that later runs skip the search."""
+        GPU, torch, Triton, the step's variant and the matrix shapes, so that later runs skip the search, with the
+        position it was timed at: a run that can time at a later one (a bigger cache) searches again and replaces
+        it, so a short run's pick does not stand for the long ones (the tiles' overlap with the attention, which
+        grows with the position, is what the search weighs)."""
         from bitnet158.runtime import kernels
 
         fast = self.fast
@@ -879,16 +886,17 @@ class GraphDecoder:
         # the sites whose input a pack_act launch packs (the folded attention packs o's)
         pack_sites = [s for s in SITES if not (s == "o" and fast.attention == "folded")]
         cache_key = self._tile_cache_key(configs, pack_warps)
+        pos = self._pos.clone()
+        # past the context, so that the steps' k/v writes land where nothing is read before it is rewritten
+        at = max(int(pos), min(self.max_seq - 1, SEARCH_POS))
         known = _tile_cache().get(cache_key) if cached else None
-        if _valid_pick(known, configs, pack_warps, pack_sites):
+        if _valid_pick(known, configs, pack_warps, pack_sites, min(at, SEARCH_POS)):
             fast.tile_pick, fast.tile_times = {s: tuple(known[s]) for s in SITES}, {}
             fast.pack_pick, fast.pack_times = {s: known["pack"][s] for s in pack_sites}, {}
             return fast.tile_pick
         key = key or self.sampling_key()
         t0 = time.perf_counter()
-        pos = self._pos.clone()
-        # past the context, so that the steps' k/v writes land where nothing is read before it is rewritten
-        self._pos.fill_(max(int(pos), min(self.max_seq - 1, SEARCH_POS)))
+        self._pos.fill_(at)
         pick = dict.fromkeys(SITES, kernels.FIXED_GEMV if kernels.FIXED_GEMV in configs else configs[0])
         times: dict[str, dict] = {s: {} for s in SITES}
         packs: dict[str, int] = {}  # no entry: pack_act_launch's warps
@@ -914,7 +922,7 @@ class GraphDecoder:
         last = pack_times[pack_sites[-1]][packs[pack_sites[-1]]] if pack_sites else times[SITES[-1]][pick[SITES[-1]]]
         log.info("packed GEMV tiles searched in %.1f s: %s; pack warps %s (%.0f µs a step)", time.perf_counter() - t0,
                  ", ".join(f"{s} {pick[s]}" for s in SITES), packs, last)  # fmt: skip
-        _keep_tiles(cache_key, {**pick, "pack": packs})
+        _keep_tiles(cache_key, {**pick, "pack": packs, "pos": min(at, SEARCH_POS)})
         return pick
 
     @torch.inference_mode()

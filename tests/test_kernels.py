@@ -1036,7 +1036,9 @@ def test_search_tiles_descends_site_by_site(monkeypatch, tmp_path, caplog):
     # searches nothing; tiles="autotune", gemv="folded" and (on a GPU) BITNET158_AUTOTUNE=0 without configs
     # search nothing; the folded attention packs o's input itself, so o's pack is not searched. The pick is kept
     # on disk: another model of the same shapes takes it without timing, unless told not to; a model of other
-    # shapes, other pack warps to try, a damaged file or one that cannot be written mean a search
+    # shapes, other pack warps to try, a damaged file or one that cannot be written mean a search, and so does a
+    # pick timed at a smaller cache's last slot (SEARCH_POS or that slot: the attention's length) where the cache
+    # is bigger, which then replaces it
     from bitnet158.runtime.fast import SITES, FastModel, GraphDecoder
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
@@ -1080,18 +1082,25 @@ def test_search_tiles_descends_site_by_site(monkeypatch, tmp_path, caplog):
     assert len(stepped) == 3  # {qkv}, {qkv, o}, {qkv, o, gate_up}
     assert dec.search_tiles(configs=configs, pack_warps=warps) is pick and len(timed) == 20
     kept = tmp_path / "cache" / "bitnet158" / "gemv_tiles.json"
-    assert list(json.loads(kept.read_text()).values()) == [{**{s: list(c) for s, c in pick.items()}, "pack": fast.pack_pick}]
+    assert list(json.loads(kept.read_text()).values()) == [{**{s: list(c) for s, c in pick.items()}, "pack": fast.pack_pick, "pos": 39}]
 
-    def searched(model, prefetch="off", attention="split", pack_warps=warps, **kw) -> int:
-        # how many steps a search on a fresh FastModel of ``model`` timed
+    monkeypatch.setattr("bitnet158.runtime.fast.SEARCH_POS", 150)  # below the tiny model's context (256)
+
+    def searched(model, prefetch="off", attention="split", pack_warps=warps, slots=200, **kw) -> int:
+        # how many steps a search on a fresh FastModel of ``model`` timed, in a decoder of ``slots`` positions
         n = len(timed)
-        d = GraphDecoder(FastModel(model, backend="triton", prefetch=prefetch, attention=attention), 200, use_graph=False)
+        d = GraphDecoder(FastModel(model, backend="triton", prefetch=prefetch, attention=attention), slots, use_graph=False)
         d.use_graph = True
         assert d.search_tiles(configs=configs, pack_warps=pack_warps, **kw) == pick
         assert d.fast.pack_pick == {s: fast.pack_pick[s] for s in SITES if not (s == "o" and attention == "folded")}
+        assert all(p == min(slots - 1, 150) for *_, p in timed[n:])
         return len(timed) - n
 
-    assert searched(net) == 0  # from the file
+    assert searched(net, slots=30) == 0  # from the file: timed at 39, past this decoder's last slot
+    assert searched(net, slots=100) == 20  # this one can time at 99: searched again, and kept instead
+    assert [e["pos"] for e in json.loads(kept.read_text()).values()] == [99]
+    assert searched(net) == 20 and searched(net, slots=100) == 0  # now at SEARCH_POS, for every later run
+    assert searched(net) == 0
     assert searched(net, cached=False) == 20
     assert searched(tiny_model(layers=1, seed=7, inter=96).net) == 20  # other shapes: another key
     assert searched(net, prefetch="after") == 20  # the step it times differs: another key
@@ -1102,7 +1111,8 @@ def test_search_tiles_descends_site_by_site(monkeypatch, tmp_path, caplog):
     assert searched(net) == 20 and len(json.loads(kept.read_text())) == 1
     entry_key, entry = next(iter(json.loads(kept.read_text()).items()))
     for damaged in ({**entry, "qkv": 5}, {**entry, "o": [float(v) for v in entry["o"]]},
-                    {**entry, "pack": {**entry["pack"], "down": 4.0}}, {**entry, "pack": None}):
+                    {**entry, "pack": {**entry["pack"], "down": 4.0}}, {**entry, "pack": None},
+                    {**entry, "pos": "256"}, {k: v for k, v in entry.items() if k != "pos"}):
         kept.write_text(json.dumps({entry_key: damaged}))  # hand-edited: searched again, not taken nor a crash
         assert searched(net) == 20 and json.loads(kept.read_text())[entry_key] == entry
     monkeypatch.setenv("XDG_CACHE_HOME", str(kept))  # a file where the folder would go: searched, not kept
