@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Iterator, Sequence
 
 import torch
@@ -63,6 +64,26 @@ class BitNetModel:
         """The BitLinear backend the network runs ("reference", "triton", ...)."""
         return next(m for m in self.net.modules() if isinstance(m, BitLinear)).backend
 
+    def _on_device(self):
+        # The model's GPU as the current CUDA device while it runs: Triton launches on the current device (and its
+        # stream) whatever its tensors' device, and a CUDA graph captures there, so a model loaded on cuda:1 would
+        # otherwise run its kernels on cuda:0 with cuda:1's pointers
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+
+    def _on_device_each(self, tokens: Iterator[int]) -> Iterator[int]:
+        # a generation, each step between two ids on the model's device, and the caller's code between them on
+        # the caller's (another model's generation may run there)
+        try:
+            while True:
+                with self._on_device():
+                    tok = next(tokens, None)
+                if tok is None:
+                    return
+                yield tok
+        finally:
+            with self._on_device():
+                tokens.close()
+
     def _forward(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
         # fp32 logits [B, T, V] of every position, through the fast forward when there is one (it has the int8 head)
         if self.fast is not None:
@@ -99,9 +120,10 @@ class BitNetModel:
             raise ContextOverflowError(f"{n} tokens exceed the model context of {self.config.max_position_embeddings}")
         if int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size:
             raise ValueError(f"logits: token ids must be in [0, {self.config.vocab_size})")
-        self.net.setup_cache(1, n)
-        self._forget_cache()
-        return self._forward(ids.to(self.device)[None], 0)[0]
+        with self._on_device():
+            self.net.setup_cache(1, n)
+            self._forget_cache()
+            return self._forward(ids.to(self.device)[None], 0)[0]
 
     def encode_prompt(self, prompt: str, chat: bool = False, system: str | None = None) -> list[int]:
         """Prompt ids. chat=True renders a one-user-message chat with the file's template first (after a
@@ -220,14 +242,17 @@ class BitNetModel:
         self.last_stats = stats
         stops = tuple(self.config.eos_token_id) if stop_ids is None else tuple(stop_ids)
         if self.fast is not None:  # the graph decoder: every step and its sampling on the device
-            dec = self._graph_decoder(len(ids) + max_new_tokens, grow=reuse_cache)
+            with self._on_device():
+                dec = self._graph_decoder(len(ids) + max_new_tokens, grow=reuse_cache)
             stats.path = f"{self.backend} + CUDA graph" if dec.use_graph else f"{self.backend} + device sampling"
-            return dec.generate(
+            tokens = dec.generate(
                 ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                 repetition_penalty=repetition_penalty, seed=seed, stop_ids=stops, stats=stats, reuse=reuse_cache,
             )  # fmt: skip
-        stats.path = self.backend
-        return generate_tokens(self.net, ids, max_new_tokens, Sampler(params, self.device), stops, stats)
+        else:
+            stats.path = self.backend
+            tokens = generate_tokens(self.net, ids, max_new_tokens, Sampler(params, self.device), stops, stats)
+        return self._on_device_each(tokens)
 
     def generate(
         self,
@@ -278,4 +303,5 @@ class BitNetModel:
         ctx = self.config.max_position_embeddings if ctx is None else ctx  # 0 is refused (window_plan), not a default
         stride = max(1, ctx // 2) if stride is None else stride
         self._forget_cache()
-        return _perplexity(self.net, ids, ctx, stride, progress=progress, forward=self._forward)
+        with self._on_device():
+            return _perplexity(self.net, ids, ctx, stride, progress=progress, forward=self._forward)

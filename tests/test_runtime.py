@@ -6,6 +6,7 @@ lossless here: the fixtures' weights are bf16 values). transformers runs them in
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -989,6 +990,40 @@ def test_cache_grows_and_keeps_what_it_held(ms_file):
         net.setup_cache(1, 20)
         whole = net(ids, 0)[0]
     assert torch.allclose(torch.cat([full, rest]), whole, rtol=0, atol=1e-4)
+
+
+def test_the_model_runs_on_its_own_device(ms_file, monkeypatch):
+    # Triton launches and CUDA graphs use the current CUDA device, so a model on cuda:1 makes cuda:1 current while
+    # it runs (BitNetModel._on_device), a recording stand-in here: every forward inside it; the caller's code
+    # between two generated ids outside it (another model's generation may run there); an abandoned
+    # generation's cleanup inside it. The real device switch: test_runtime_gpu.py, on two GPUs
+    from bitnet158.runtime.api import BitNetModel
+
+    depth, seen = [0], []
+
+    @contextlib.contextmanager
+    def on_device(self):
+        depth[0] += 1
+        try:
+            yield
+        finally:
+            depth[0] -= 1
+
+    monkeypatch.setattr(BitNetModel, "_on_device", on_device)
+    model = load(ms_file, device="cpu")
+    model.net.register_forward_pre_hook(lambda module, args: seen.append(depth[0]))
+    model.logits([3, 4, 5])
+    model.perplexity("the quick brown fox jumps", ctx=4)
+    assert len(seen) > 2 and seen == [1] * len(seen)
+    seen.clear()
+    between = [depth[0] for _ in model.generate_ids([3, 4], 5, stop_ids=())]
+    assert between == [0] * 5 and seen == [1] * 5
+    tokens = model.generate_ids([3, 4], 5, stop_ids=())
+    next(tokens)
+    closed = []
+    monkeypatch.setattr("bitnet158.runtime.generate._sync", lambda device: closed.append(depth[0]))
+    tokens.close()  # generate_tokens' finally waits for the device: inside
+    assert closed == [1] and depth[0] == 0
 
 
 def test_activation_override(ms_file, ms_latent_pair):

@@ -77,3 +77,22 @@ def test_cuda_logits_match_cpu(ms_file):
     for _ in bf16.generate("Hello", 8):  # generation runs on the device
         pass
     assert bf16.last_stats.generated_tokens >= 1
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_a_model_on_the_second_gpu(ms_file):
+    # load(device="cuda:1") with cuda:0 current: the fast path's Triton kernels and CUDA graphs run on cuda:1
+    # (BitNetModel._on_device) and decode what the same model decodes on cuda:0, and the caller's current device
+    # is cuda:0 again between the ids
+    assert torch.cuda.current_device() == 0
+    first, second = load(ms_file, device="cuda:0"), load(ms_file, device="cuda:1")
+    assert second.fast is not None and second.net.embed.device == torch.device("cuda:1")
+    ids = first.tokenizer.encode("Hello world")
+    want = first.logits(ids).cpu()
+    assert ((second.logits(ids).cpu() - want).abs().max() / want.abs().max()) <= 1e-3  # the same kernels, maybe tiles
+    want = list(first.generate_ids(ids, 12, stop_ids=()))
+    got = []
+    for tok in second.generate_ids(ids, 12, stop_ids=()):
+        assert torch.cuda.current_device() == 0
+        got.append(tok)
+    assert got == want
