@@ -31,7 +31,7 @@ DEFAULT_PROMPT = "The capital of France is Paris. The capital of Germany is"
 @click.argument("b")
 @click.option("--prompt", "-p", help="Text to compare on (default: a short sentence).")
 @click.option("--text", "text_file", type=click.Path(exists=True, dir_okay=False), help="Read the text from FILE.")
-@click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+@click.option("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available).")
 @click.option("--max-kl", type=float, default=None, help="Fail (exit 3) when mean KL(A‖B) in nats exceeds X.")
 @click.option("--min-top1", type=float, default=None, help="Fail (exit 3) when top-1 agreement (0..1) is below Y.")
 @click.option("--max-ppl-diff", type=float, default=None,

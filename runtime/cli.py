@@ -158,7 +158,7 @@ def read_text(read, name: str) -> str:
 @click.option("--repetition-penalty", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
 @click.option("--seed", type=click.IntRange(SEED_MIN, SEED_MAX), help="Seed for sampling (temperature > 0).")
 @click.option("--stop", multiple=True, help="Stop when this text is generated (not printed); repeatable.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Default: cuda when available, else cpu.")
+@click.option("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu).")
 @click.option("--dtype", type=click.Choice(["bf16", "f16", "f32"]), help="Default: bf16 on cuda, f32 on cpu.")
 @click.option("--force-fp16", is_flag=True, help="Allow f16 with relu² activations (it overflows).")
 @click.option(

@@ -47,11 +47,11 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise DeviceError(f"unknown device {device!r} (use cpu or cuda)") from e
+        raise DeviceError(f"unknown device {device!r} (use cpu, cuda or cuda:N)") from e
     if dev.type == "cpu":
         return dev
     if dev.type != "cuda":
-        raise DeviceError(f"unsupported device {device!r} (use cpu or cuda)")
+        raise DeviceError(f"unsupported device {device!r} (use cpu, cuda or cuda:N)")
     if not torch.cuda.is_available():
         raise DeviceError(
             f"device {device!r} requested but no CUDA device is available (torch.cuda.is_available() is False)"

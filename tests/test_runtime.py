@@ -709,6 +709,9 @@ def test_errors_are_one_line(ms_file, tmp_path):
     assert run(tmp_path / "missing.bin", "--perplexity", binary) == not_utf8
     missing_text = tmp_path / "none.txt"
     assert run(ms_file, "--perplexity", missing_text).endswith(f"No such file or directory: {str(missing_text)!r}")
+    assert run(ms_file, "--prompt", "hi", "--device", "gpu") == "error: unknown device 'gpu' (use cpu, cuda or cuda:N)"
+    cuda7 = run(ms_file, "--prompt", "hi", "--device", "cuda:7")  # --device takes cuda:N
+    assert ("CUDA device(s) exist" if torch.cuda.is_available() else "no CUDA device is available") in cuda7
     if not torch.cuda.is_available():
         assert "no CUDA device" in run(ms_file, "--prompt", "hi", "--device", "cuda")
         with pytest.raises(DeviceError):
@@ -720,7 +723,7 @@ def test_loader_refuses_bad_devices_options_and_tensors(ms_file, tmp_path, monke
 
     from bitnet158.formats.packed import PackedFile, TensorSpec
 
-    with pytest.raises(DeviceError, match="unsupported device 'mps' \\(use cpu or cuda\\)"):
+    with pytest.raises(DeviceError, match="unsupported device 'mps' \\(use cpu, cuda or cuda:N\\)"):
         resolve_device("mps")
     with monkeypatch.context() as m:  # a machine with one GPU
         m.setattr(torch.cuda, "is_available", lambda: True)
