@@ -123,6 +123,64 @@ def _walk(node: Any):
             yield from _walk(v)
 
 
+def _gpt2_pre(tj: dict, added: dict) -> str:
+    """tokenizer.ggml.pre for a byte-level BPE tokenizer.json, or GGUFConversionError where no name reads back (here,
+    formats/gguf.py's build_tokenizer, and in llama.cpp) as a tokenizer that gives every text the same ids. Two do:
+    llama-bpe, the Llama-3 split (isolated) then ByteLevel without its own regex, merges ignored for a word in the
+    vocabulary; gpt-2, ByteLevel with the GPT-2 regex. Either with no normalizer, no prefix space, a BPE model
+    without dropout, affixes or byte fallback, and added tokens matched as they are (no strip, not whole-word)."""
+
+    def refuse(why: str):
+        raise GGUFConversionError(f"the tokenizer {why}; GGUF's gpt2 tokenizer has no way to say so, and its GGUF "
+                                  "would tokenize text differently")  # fmt: skip
+
+    if tj.get("normalizer"):
+        refuse(f"has a normalizer ({', '.join(sorted({d.get('type', '?') for d in _walk(tj['normalizer'])}))})")
+    pre_tok = tj.get("pre_tokenizer")
+    if any(d.get("type") == "ByteLevel" and d.get("add_prefix_space") for d in _walk(pre_tok)):
+        refuse("adds a prefix space (ByteLevel add_prefix_space)")
+    sequence = isinstance(pre_tok, dict) and pre_tok.get("type") == "Sequence"
+    steps = pre_tok.get("pretokenizers") if sequence else [pre_tok]
+
+    def byte_level(d, regex: bool) -> bool:
+        return isinstance(d, dict) and d.get("type") == "ByteLevel" and d.get("use_regex", True) == regex
+
+    first = steps[0] if steps else None
+    if len(steps) == 2 and isinstance(first, dict) and first.get("type") == "Split" and not first.get("invert") and \
+            first.get("behavior") == "Isolated" and first.get("pattern") == {"Regex": gguf_fmt.LLAMA3_SPLIT_REGEX} and \
+            byte_level(steps[1], False):  # fmt: skip
+        name = "llama-bpe"
+    elif len(steps) == 1 and byte_level(first, True):
+        name = "gpt-2"
+    else:
+        shown = [d.get("type", "?") if isinstance(d, dict) else repr(d) for d in steps]
+        regexes = [(d.get("pattern") or {}).get("Regex") for d in _walk(pre_tok) if d.get("type") == "Split"]
+        refuse(f"has a pre-tokenizer {shown} that splits by {regexes or 'no regex'}, which has no tokenizer.ggml.pre "
+               "name here (llama-bpe is the Llama-3 split, then ByteLevel; gpt-2 a plain ByteLevel)")  # fmt: skip
+    model = tj["model"]
+    odd = [k for k in ("dropout", "continuing_subword_prefix", "end_of_word_suffix", "byte_fallback") if model.get(k)]
+    if odd:
+        refuse(f"BPE model sets {', '.join(odd)}")
+    stripped = [a["content"] for a in added.values() if a.get("lstrip") or a.get("rstrip") or a.get("single_word")]
+    if stripped:
+        refuse(f"matches added token {stripped[0]!r} with lstrip, rstrip or single_word")
+    if bool(model.get("ignore_merges")) != (name == "llama-bpe"):
+        # ignore_merges takes a word that is in the vocabulary whole instead of merging it; that changes ids only
+        # for a (non-added) token that its merges do not make whole, so where none is, either way is the same
+        from tokenizers import Tokenizer
+
+        bare = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+                "pre_tokenizer": None, "post_processor": None, "decoder": None, "model": {**model, "ignore_merges": False}}
+        plain = Tokenizer.from_str(json.dumps(bare))  # the BPE model alone, merging every word
+        words = [w for w, i in model["vocab"].items() if i not in added]
+        split = next((w for w, e in zip(words, plain.encode_batch(words, add_special_tokens=False))
+                      if e.ids != [model["vocab"][w]]), None)  # fmt: skip
+        if split is not None:
+            refuse(f"{'does not ignore' if name == 'llama-bpe' else 'ignores'} merges for words in its vocabulary "
+                   f"(ignore_merges), and its merges split the token {split!r}")  # fmt: skip
+    return name
+
+
 @dataclass
 class TokenizerMetadata:
     """What goes into the ``tokenizer.*`` GGUF keys."""
@@ -162,6 +220,10 @@ def tokenizer_metadata(tokenizer: dict, vocab_size: int) -> TokenizerMetadata:
             pieces[idx] = a["content"]
         raw_merges = model.get("merges") or []
         merges = [m if isinstance(m, str) else " ".join(m) for m in raw_merges]
+        # GGUF's merges are "left right" strings: a merge that is not two tokens without spaces has no such form
+        bad = next((m for m in merges if len(m.split(" ")) != 2 or not all(m.split(" "))), None)
+        if bad is not None:
+            raise ValueError(f"merge {bad!r} is not two tokens separated by one space")
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise GGUFConversionError(f"the packed file's tokenizer_json has a malformed vocab, added_tokens or merges "
                                   f"({type(e).__name__}: {e})") from e
@@ -210,26 +272,7 @@ def tokenizer_metadata(tokenizer: dict, vocab_size: int) -> TokenizerMetadata:
             types.append(_NORMAL)
         score_list.append(scores.get(i, 0.0))
 
-    pre = None
-    if kind == "gpt2":
-        # tokenizer.ggml.pre names the split by a known tokenizer; one this cannot name would read back (here and in
-        # llama.cpp) as another split, a GGUF that tokenizes text differently from the packed file
-        nodes = list(_walk(tj.get("pre_tokenizer")))
-        regexes = [(d.get("pattern") or {}).get("Regex") for d in nodes if d.get("type") == "Split"]
-        byte_levels = [d for d in nodes if d.get("type") == "ByteLevel"]
-        if any(d.get("add_prefix_space") for d in byte_levels):
-            raise GGUFConversionError("the tokenizer's ByteLevel pre-tokenizer adds a prefix space, which GGUF's gpt2 "
-                                      "tokenizer does not: its GGUF would tokenize text differently")
-        if regexes == [gguf_fmt.LLAMA3_SPLIT_REGEX]:  # llama.cpp's name for the Llama-3 split
-            pre = "llama-bpe"
-        elif not regexes and any(d.get("use_regex", True) for d in byte_levels):
-            pre = "gpt-2"  # a plain ByteLevel pre-tokenizer splits with the GPT-2 regex
-        else:
-            raise GGUFConversionError(
-                "the tokenizer's pre-tokenizer has no tokenizer.ggml.pre name here (the Llama-3 split is llama-bpe, "
-                f"a plain ByteLevel gpt-2; this one splits by {regexes or 'no regex'}): its GGUF would tokenize text "
-                "differently"
-            )
+    pre = _gpt2_pre(tj, added) if kind == "gpt2" else None
 
     add_space_prefix = None
     if kind == "llama":

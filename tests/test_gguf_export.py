@@ -471,10 +471,25 @@ _BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": T
     # a split GGUF cannot name would read back (here and in llama.cpp) as the GPT-2 one: other text ids
     (lambda tj: tj.update(pre_tokenizer={"type": "Sequence", "pretokenizers": [_split(r"\p{N}+| ?\p{L}+|\s+"),
                                                                                _BYTE_LEVEL]}),
-     r"no tokenizer.ggml.pre name here .*splits by \['\\\\p\{N\}"),
+     r"splits by \['\\\\p\{N\}.*which has no tokenizer.ggml.pre name here"),
     (lambda tj: tj.update(pre_tokenizer={"type": "Sequence", "pretokenizers": [
         _split(gguf_fmt.LLAMA3_SPLIT_REGEX), _split(r"\p{N}"), _BYTE_LEVEL]}), "no tokenizer.ggml.pre name here"),
+    # the Llama-3 split before a ByteLevel that splits again, or a Digits split: no name reads back as either
+    (lambda tj: tj.update(pre_tokenizer={"type": "Sequence", "pretokenizers": [
+        _split(gguf_fmt.LLAMA3_SPLIT_REGEX), {**_BYTE_LEVEL, "use_regex": True}]}),
+     r"pre-tokenizer \['Split', 'ByteLevel'\] .*no tokenizer.ggml.pre name"),
+    (lambda tj: tj.update(pre_tokenizer={"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True}, {**_BYTE_LEVEL, "use_regex": True}]}),
+     r"pre-tokenizer \['Digits', 'ByteLevel'\] that splits by no regex"),
     (lambda tj: tj["pre_tokenizer"].update(add_prefix_space=True), "adds a prefix space"),
+    (lambda tj: tj.update(normalizer={"type": "Lowercase"}), r"has a normalizer \(Lowercase\)"),
+    (lambda tj: tj["model"].update(dropout=0.1, end_of_word_suffix="</w>"), "BPE model sets dropout, end_of_word_suffix"),
+    (lambda tj: tj["added_tokens"][1].update(lstrip=True), "matches added token '</s>' with lstrip"),
+    # ignore_merges (GGUF's gpt-2 never ignores them) where the merges do not make a token of the vocabulary whole
+    (lambda tj: (tj["model"].update(ignore_merges=True), tj["model"]["vocab"].update({"zq": 310})),
+     "ignores merges for words in its vocabulary .* split the token 'zq'"),
+    (lambda tj: tj["model"]["merges"].insert(0, "nospace"), r"malformed .*merge 'nospace' is not two tokens"),
+    (lambda tj: tj["model"]["merges"].insert(0, ["a b", "c"]), r"malformed .*merge 'a b c' is not two tokens"),
     (lambda tj: tj.update(model={"type": "Unigram", "unk_id": 0, "vocab": [["<unk>", 0.0], ["a", -1.0]]}),
      "tokenizer model type 'Unigram' cannot be written to GGUF here"),
     (lambda tj: tj["model"].pop("vocab"), r"malformed vocab, added_tokens or merges \(KeyError: 'vocab'\)"),
@@ -494,6 +509,13 @@ def test_tokenizer_pre_names():
         "type": "Sequence", "pretokenizers": [_split(gguf_fmt.LLAMA3_SPLIT_REGEX), _BYTE_LEVEL]}))
     assert gc.tokenizer_metadata(llama3, 320).pre == "llama-bpe"
     assert gc.tokenizer_metadata(_tokenizer(), 320).pre == "gpt-2"
+    # ignore_merges either way where every token of the vocabulary is its own merges' result (a trained BPE): the
+    # same ids. The demo model's Llama-3 split says false; llama-bpe's readers ignore merges
+    for pre, ignore in (("llama-bpe", False), ("gpt-2", True)):
+        tok = llama3 if pre == "llama-bpe" else _tokenizer()
+        tj = json.loads(tok["tokenizer_json"])
+        tj["model"]["ignore_merges"] = ignore
+        assert gc.tokenizer_metadata({**tok, "tokenizer_json": json.dumps(tj)}, 320).pre == pre
 
 
 @pytest.mark.parametrize("kind", ["bpe", "sentencepiece"])
