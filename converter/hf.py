@@ -460,8 +460,8 @@ def _model_config(cfg: dict, family: str, gen: dict, tok_facts: dict) -> dict:
         raise ConversionError(f"config.json: rms_norm_eps must be a positive number, found {eps!r}")
     vocab = _int(cfg, "vocab_size")
     if tok_facts["vocab_size"] > vocab:
-        raise ConversionError(f"the tokenizer has {tok_facts['vocab_size']} tokens but config.json vocab_size is "
-                              f"{vocab}: ids past the embedding")
+        raise ConversionError(f"the tokenizer has token id {tok_facts['vocab_size'] - 1} but config.json "
+                              f"vocab_size is {vocab}: ids past the embedding")
     tie = cfg.get("tie_word_embeddings", False)
     if not isinstance(tie, bool):
         raise ConversionError(f"config.json: tie_word_embeddings must be true or false, found {tie!r}")

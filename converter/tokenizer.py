@@ -109,7 +109,9 @@ def normalize_tokenizer(folder: Path) -> tuple[dict, list[str], dict]:
     """Build the PACKED.md §4 tokenizer object from a HF model folder.
 
     Returns (tokenizer dict, names of the source files used, facts for the model config:
-    ``bos_token_id``/``eos_token_id`` (ids of bos_token/eos_token or None) and ``vocab_size`` incl. added tokens).
+    ``bos_token_id``/``eos_token_id`` (ids of bos_token/eos_token or None) and ``vocab_size``, the embedding rows
+    its ids need: the largest id, added tokens included, plus one, which a vocabulary with gaps makes more than
+    its count of tokens).
     """
     folder = Path(folder)
     used: list[str] = []
@@ -183,4 +185,4 @@ def normalize_tokenizer(folder: Path) -> tuple[dict, list[str], dict]:
         "add_eos_token": add_eos,
     }
     return out, used, {"bos_token_id": bos_id, "eos_token_id": eos_id,
-                       "vocab_size": tok.get_vocab_size(with_added_tokens=True)}
+                       "vocab_size": max(tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1}

@@ -460,7 +460,7 @@ def test_plain_llama_refused(llama_bitnet_ckpt, onebitllm_ckpt, tmp_path):
     ({"rope_theta": -1.0}, r"rope_theta must be a positive number, found -1.0"),
     ({"rope_theta": "1e4"}, r"rope_theta must be a positive number, found '1e4'"),
     ({"rms_norm_eps": 0}, r"rms_norm_eps must be a positive number, found 0"),
-    ({"vocab_size": 10}, r"the tokenizer has \d+ tokens but config.json vocab_size is 10"),
+    ({"vocab_size": 10}, r"the tokenizer has token id \d+ but config.json vocab_size is 10"),
     ({"tie_word_embeddings": "yes"}, "tie_word_embeddings must be true or false, found 'yes'"),
     ({"bos_token_id": "0"}, "bos_token_id must be an integer, found '0'"),
     ({"eos_token_id": [1, "2"]}, r"config.json: eos_token_id must be an integer or a list of integers"),
@@ -483,6 +483,20 @@ def test_architecture_that_contradicts_the_tensors_is_refused(fixture, architect
     src = copy_ckpt(request.getfixturevalue(fixture), tmp_path)
     edit_json(src / "config.json", architectures=architectures, _del_model_type=None)
     with pytest.raises(ConversionError, match=message):
+        convert(src, tmp_path)
+
+
+def test_a_token_id_past_the_embedding_is_refused(llama_bitnet_ckpt, tmp_path):
+    # the bound is the largest id, not the count of tokens: one id moved past vocab_size (a gap below it) once
+    # converted, and the runtime then refused the file (runtime/loader.py)
+    src = copy_ckpt(llama_bitnet_ckpt, tmp_path)
+    vocab_size = json.loads((src / "config.json").read_text())["vocab_size"]
+    tj = json.loads((src / "tokenizer.json").read_text())
+    vocab = tj["model"]["vocab"]
+    moved = next(w for w, i in vocab.items() if i == len(vocab) - 1)
+    vocab[moved] = vocab_size
+    (src / "tokenizer.json").write_text(json.dumps(tj))
+    with pytest.raises(ConversionError, match=f"the tokenizer has token id {vocab_size} but config.json vocab_size"):
         convert(src, tmp_path)
 
 
