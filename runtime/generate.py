@@ -71,7 +71,8 @@ def decode_one_token(net: Transformer, token: torch.Tensor, pos: int) -> torch.T
 def fit_context(prompt_ids: list[int], max_new_tokens: int, context: int, truncate: bool,
                 keep: int = 0) -> tuple[list[int], int]:  # fmt: skip
     """Check that prompt + max_new_tokens fits in ``context``; with ``truncate`` drop the oldest prompt tokens
-    after the first ``keep`` (a BOS, which the model was trained to see first, as llama.cpp's n_keep keeps it).
+    after the first ``keep`` (a BOS, which the model was trained to see first, as llama.cpp's n_keep keeps it),
+    unless they would be all that is left: then the prompt's last tokens.
 
     Returns (prompt ids to use, number of dropped tokens).
     """
@@ -82,7 +83,9 @@ def fit_context(prompt_ids: list[int], max_new_tokens: int, context: int, trunca
     need = len(prompt_ids) + max_new_tokens
     if need <= context:
         return prompt_ids, 0
-    if not truncate or max_new_tokens + keep >= context:
+    if max_new_tokens + keep >= context:  # the kept tokens would be the whole prompt: keep its end instead
+        keep = 0
+    if not truncate or max_new_tokens >= context:
         raise ContextOverflowError(
             f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) = {need} exceeds the context "
             f"of {context} tokens; shorten the prompt, lower max_new_tokens"

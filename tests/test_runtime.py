@@ -785,6 +785,9 @@ def test_context_overflow_and_truncation(ms_model):
     assert len(ids) == 8 and ms_model.last_stats.truncated_tokens == len(long_prompt) + 8 - 256
     # the oldest tokens go, but not the BOS the model was trained to see first: the same tokens as the cut prompt
     assert fit_context([9, 1, 2, 3, 4], 2, 5, True, keep=1) == ([9, 3, 4], 2)
+    # room for one prompt token: the last, not the BOS alone (and a BOS that fits the room stays)
+    assert fit_context([9, 1, 2, 3, 4], 4, 5, True, keep=1) == ([4], 4)
+    assert fit_context([9, 1, 2, 3, 4], 3, 5, True, keep=1) == ([9, 4], 3)
     bos = ms_model.config.bos_token_id
     assert long_prompt[0] == bos
     cut = [bos] + long_prompt[1 + len(long_prompt) + 8 - 256:]
