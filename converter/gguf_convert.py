@@ -49,7 +49,6 @@ import numpy as np
 import torch
 
 from bitnet158.converter import converter_version, refuse_source_as_output
-from bitnet158.converter.hf import all_finite
 from bitnet158.formats import gguf as gguf_fmt
 from bitnet158.formats.packed import PackedFile, PackedWriter, TensorSpec, create_temp_beside, fsync_dir
 from bitnet158.formats.source import SourceError, fetch_from_hub
@@ -375,9 +374,10 @@ def _float_tensor(src: PackedFile, name: str, gname: str, ggml_type: int) -> _Pl
         t32, out32 = t.float(), out.float()
         if not torch.equal(out32, t32):  # an overflow is inexact too: checked only then, in one pass each
             type_name = gguf.GGMLQuantizationType(ggml_type).name
-            if not all_finite(out32) and all_finite(t32):
-                raise GGUFConversionError(f"{name}: {int((~torch.isfinite(out32)).sum())} values are beyond "
-                                          f"{type_name}'s range and would be written as inf")
+            over = torch.isinf(out32).logical_and_(torch.isfinite(t32))  # finite values that the cast made inf
+            if over.any():
+                raise GGUFConversionError(f"{name}: {int(over.sum())} values are beyond {type_name}'s range and "
+                                          "would be written as inf")  # fmt: skip
             bad = int((out32 != t32).sum())
             logger.warning("%s: %d of %d values are not exact in %s (stored rounded)", gname, bad, t.numel(), type_name)
         # raw little-endian bytes (numpy has no bfloat16)
@@ -474,7 +474,8 @@ def _add_metadata(w: gguf.GGUFWriter, cfg: dict, tok: dict, prov: dict, qtype: s
         if cfg[key] >= 2**32:  # positive (the packed reader checks), GGUF holds them as uint32
             raise GGUFConversionError(f"config {key} {cfg[key]} does not fit GGUF's uint32")
     for key in ("rms_norm_eps", "rope_theta"):
-        if not abs(cfg[key]) <= float(np.finfo(np.float32).max):  # GGUF holds them as float32
+        # GGUF holds them as float32, where a value past its range is inf and one below its smallest is 0
+        if not abs(cfg[key]) <= float(np.finfo(np.float32).max) or np.float32(cfg[key]) == 0 != cfg[key]:
             raise GGUFConversionError(f"config {key} {cfg[key]} does not fit GGUF's float32")
     w.add_name(Path(str(prov.get("source") or "model")).name or "model")
     w.add_vocab_size(cfg["vocab_size"])

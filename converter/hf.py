@@ -561,7 +561,7 @@ class HFSource:
     def _ternarize(self, name: str, w: torch.Tensor):
         if not torch.is_floating_point(w):
             raise ConversionError(f"{name}: expected a float latent weight, found {w.dtype}")
-        if not all_finite(w):
+        if not _all_finite(w):
             raise ConversionError(f"{name}: the latent weight holds inf or NaN")
         # A c · t tensor has one non-zero magnitude: two different ones among the first 4096 values rule it out
         # cheaply (real latent weights), before the exact full check.
@@ -724,7 +724,7 @@ def _build_source(folder, source, commit, cfg, gen, weights: _WeightFiles) -> HF
 # ---------------------------------------------------------------------------------------------------------------
 # Conversion
 # ---------------------------------------------------------------------------------------------------------------
-def all_finite(x: torch.Tensor) -> bool:
+def _all_finite(x: torch.Tensor) -> bool:
     """min and max are NaN if any element is NaN (torch reductions propagate it), inf if any is ±inf.
 
     One reduction pass and no temporaries: torch.isfinite on a 2B-4T bf16 embedding takes seconds and 330 MB.
@@ -792,7 +792,7 @@ def convert_hf(src: str, out: str, *, revision: str | None = None, dtype: str = 
                     n_tensors += 2
                 else:
                     x = load().to(torch_dtype).contiguous()
-                    if not all_finite(x):
+                    if not _all_finite(x):
                         raise ConversionError(f"{name}: not finite after conversion to {dtype} "
                                               "(out of range? try --dtype f32 or bf16)")
                     writer.write(name, x)

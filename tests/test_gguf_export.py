@@ -433,8 +433,12 @@ def test_metadata_and_values_gguf_cannot_hold(tmp_path, tiny, caplog):
     for i, (edit, config, message) in enumerate((
         (None, {"max_position_embeddings": 2**32}, "config max_position_embeddings 4294967296 does not fit GGUF's uint32"),
         (None, {"rope_theta": 1e39}, "config rope_theta 1e.39 does not fit GGUF's float32"),
-        # bf16 holds 1e5, I2_S's F16 embedding does not
+        (None, {"rms_norm_eps": 1e-50}, "config rms_norm_eps 1e-50 does not fit GGUF's float32"),  # would be 0
+        # bf16 holds 1e5, I2_S's F16 embedding does not; an inf already there does not hide them
         (lambda sp, t: (sp, t.index_fill(0, torch.tensor([5]), 1e5)) if sp.name == "embed.weight" else (sp, t), None,
+         "embed.weight: 256 values are beyond F16's range and would be written as inf"),
+        (lambda sp, t: (sp, t.index_fill(0, torch.tensor([5]), 1e5).index_fill(0, torch.tensor([6]), float("inf")))
+         if sp.name == "embed.weight" else (sp, t), None,
          "embed.weight: 256 values are beyond F16's range and would be written as inf"),
     )):
         bad = tmp_path / f"bad{i}.bin"
