@@ -48,7 +48,7 @@ from bitnet158.converter.tokenizer import (
     normalize_tokenizer,
 )
 from bitnet158.formats import ternary
-from bitnet158.formats.packed import PackedWriter, TensorSpec, model_tensors
+from bitnet158.formats.packed import PackedWriter, TensorSpec, model_tensors, output_folder_error
 from bitnet158.formats.source import HUB_ID
 
 log = logging.getLogger(__name__)
@@ -761,8 +761,8 @@ def convert_hf(src: str, out: str, *, revision: str | None = None, dtype: str = 
     out_path = Path(out)
     if out_path.is_dir():
         raise ConversionError(f"{out} is a folder; give a file name")
-    if not out_path.absolute().parent.is_dir():
-        raise ConversionError(f"{out}: the folder {out_path.absolute().parent} does not exist")
+    if (error := output_folder_error(out_path)) is not None:
+        raise ConversionError(f"{out}: {error.strerror}")
     if out_path.exists() and not force:
         raise ConversionError(f"{out} exists; pass --force to overwrite it")
     start = time.perf_counter()

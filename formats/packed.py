@@ -563,13 +563,25 @@ class PackedWriter:
             self.abort()
 
 
+def output_folder_error(path: str | os.PathLike) -> OSError | None:
+    """The error to raise for output ``path`` when its folder is missing or is not a folder, else None: said of
+    the output, not of the temp file that could not be made beside it."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(directory):
+        return None
+    if os.path.exists(directory):
+        return NotADirectoryError(errno.ENOTDIR, f"{directory} is not a folder", os.fspath(path))
+    return FileNotFoundError(errno.ENOENT, f"the folder {directory} does not exist", os.fspath(path))
+
+
 def create_temp_beside(path: str | os.PathLike) -> tuple[int, str]:
     """A new temp file beside ``path`` for an output written whole and renamed over ``path`` at the end: (a
     write-only fd, its path ``.NAME.XXXXXXXX.tmp``). Created with mode 0666 less the umask, so the renamed file
     gets the permissions of any new file (tempfile.mkstemp's 0600 would stick to it)."""
+    error = output_folder_error(path)
+    if error is not None:
+        raise error
     directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):  # said of the output, not of the temp file that could not be made
-        raise FileNotFoundError(errno.ENOENT, f"the folder {directory} does not exist", os.fspath(path))
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
     return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
 

@@ -711,6 +711,8 @@ def test_cli_convert_and_inspect(ms_packed_bitlinear, tmp_path):
     assert r.exit_code == 1 and "error:" in r.output and not (tmp_path / "x.bnp").exists()
     r = runner.invoke(main, ["hf-to-packed", str(ms_packed_bitlinear.path), "-o", str(tmp_path / "no" / "x.bnp")])
     assert r.exit_code == 1 and "does not exist" in r.output
+    r = runner.invoke(main, ["hf-to-packed", str(ms_packed_bitlinear.path), "-o", str(out / "x.bnp")])
+    assert r.exit_code == 1 and r.output.strip().endswith(f"{out} is not a folder")  # a file, where the folder goes
 
 
 # --- the hub path, offline --------------------------------------------------------------------------------------

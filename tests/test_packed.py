@@ -542,6 +542,9 @@ def test_writer_names_a_missing_output_folder(tmp_path):
     # not the temp file it could not create beside the output
     with pytest.raises(FileNotFoundError, match=f"the folder {tmp_path / 'no'} does not exist: '.*m.bnp'"):
         writer(tmp_path / "no" / "m.bnp")
+    (tmp_path / "file").write_bytes(b"")  # a file where the folder should be
+    with pytest.raises(NotADirectoryError, match=f"{tmp_path / 'file'} is not a folder: '.*m.bnp'"):
+        writer(tmp_path / "file" / "m.bnp")
 
 
 def test_writer_leaves_nothing_on_exception(tmp_path):
