@@ -256,6 +256,9 @@ def main(
         why = "not for --perplexity, which scores a text and generates nothing" if ppl_file else "only for --perplexity"
         click.echo(f"error: {flags}: {why}", err=True)
         sys.exit(2)
+    if interactive and "truncate" in given:
+        click.echo("error: --truncate: not for an interactive chat, which drops its oldest turns itself", err=True)
+        sys.exit(2)
     if threads:
         torch.set_num_threads(threads)
     keep_compile_cache()

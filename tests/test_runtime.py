@@ -905,6 +905,7 @@ def test_cli_refuses_options_the_job_does_not_use(ms_file, tmp_path):
     for args, message in (
         (["--prompt", "Hi", "--ctx", "32", "--stride", "8"], "--ctx, --stride: only for --perplexity"),
         (["--chat", "--ctx", "32"], "--ctx: only for --perplexity"),
+        (["--chat", "--truncate"], "--truncate: not for an interactive chat, which drops its oldest turns itself"),
         (["--perplexity", str(text), "--temperature", "0.5", "-n", "3", "--chat"],
          "--chat, --max-new-tokens, --temperature: not for --perplexity, which scores a text and generates nothing"),
     ):
