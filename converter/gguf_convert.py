@@ -505,11 +505,20 @@ def _add_metadata(w: gguf.GGUFWriter, cfg: dict, tok: dict, prov: dict, qtype: s
     w.add_token_types(meta.token_types)
     if meta.merges:
         w.add_token_merges(meta.merges)
-    if cfg.get("bos_token_id") is not None:
-        w.add_bos_token_id(int(cfg["bos_token_id"]))
+    ids = {t: i for i, t in reversed(list(enumerate(meta.tokens)))}  # a token's text -> its (first) id
+    bos = cfg.get("bos_token_id")
+    if bos is None:  # the tokenizer's own BOS, which the reader needs where the tokenizer adds it
+        bos = ids.get(tok.get("bos_token"))
+    if bos is not None:
+        w.add_bos_token_id(int(bos))
+    elif tok.get("add_bos_token"):
+        raise GGUFConversionError("the tokenizer adds a BOS, but the file names no BOS token (config bos_token_id, "
+                                  "tokenizer bos_token): its GGUF could not say which")  # fmt: skip
     # our config lists every stop id (2B-4T: <|end_of_text|>, <|eot_id|>); llama.cpp, and our reader, stop on eos,
-    # eot and eom, and GGUF has no key for more
+    # eot and eom, and GGUF has no key for more. The tokenizer's EOS goes first, as eos: its text is the eos_token
+    # that a chat template writes after the GGUF is read back
     eos = list(cfg.get("eos_token_id") or [])
+    eos.sort(key=lambda i: i != ids.get(tok.get("eos_token")))
     for token_id, add in zip(eos, (w.add_eos_token_id, w.add_eot_token_id, w.add_eom_token_id)):
         add(int(token_id))
     if len(eos) > 3:

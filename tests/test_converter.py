@@ -486,6 +486,19 @@ def test_architecture_that_contradicts_the_tensors_is_refused(fixture, architect
         convert(src, tmp_path)
 
 
+def test_a_null_bos_id_is_the_tokenizers(llama_bitnet_ckpt, tmp_path):
+    # "bos_token_id": null in config.json reads as absent (as transformers reads it): the tokenizer's BOS id, which
+    # its post-processor adds, not None (a GGUF export of such a file could not say which token it adds)
+    from bitnet158.formats.packed import PackedFile
+
+    want = convert(copy_ckpt(llama_bitnet_ckpt, tmp_path / "a"), tmp_path / "a")
+    src = copy_ckpt(llama_bitnet_ckpt, tmp_path / "b")
+    edit_json(src / "config.json", bos_token_id=None)
+    (src / "generation_config.json").unlink(missing_ok=True)  # nor a generation_config to take it from
+    with PackedFile(want) as a, PackedFile(convert(src, tmp_path / "b")) as b:
+        assert a.config["bos_token_id"] is not None and b.config["bos_token_id"] == a.config["bos_token_id"]
+
+
 def test_a_token_id_past_the_embedding_is_refused(llama_bitnet_ckpt, tmp_path):
     # the bound is the largest id, not the count of tokens: one id moved past vocab_size (a gap below it) once
     # converted, and the runtime then refused the file (runtime/loader.py)

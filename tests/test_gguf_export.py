@@ -457,6 +457,29 @@ def test_metadata_and_values_gguf_cannot_hold(tmp_path, tiny, caplog):
             assert pf.config["eos_token_id"] == back
 
 
+def test_bos_and_eos_tokens_survive_the_round_trip(tmp_path, tiny):
+    """The tokenizer's EOS is written as eos, whatever the config's order of stop ids: its text comes back as the
+    eos_token that a chat template writes. A config without a BOS id writes the tokenizer's BOS, which the reader
+    needs where the tokenizer adds one; with neither, a tokenizer that adds a BOS is refused."""
+    src = tmp_path / "m.bin"
+    make_packed(src, act="silu")
+    for i, (config, tokenizer, bos, eos) in enumerate((
+        ({"eos_token_id": [5, 1]}, {}, 0, [1, 5]),  # "</s>" is id 1
+        ({"bos_token_id": None}, {"add_bos_token": True}, 0, [1]),  # "<s>" is id 0
+    )):
+        edited, back = tmp_path / f"e{i}.bin", tmp_path / f"b{i}.bin"
+        tiny.rewrite_packed(src, edited, config=config, tokenizer=tokenizer)
+        gc.packed_to_gguf(edited, tmp_path / f"e{i}.gguf", qtype="tq2_0")
+        gc.gguf_to_packed(tmp_path / f"e{i}.gguf", back)
+        with PackedFile(back) as pf:
+            assert (pf.config["bos_token_id"], pf.config["eos_token_id"]) == (bos, eos)
+            assert (pf.tokenizer["bos_token"], pf.tokenizer["eos_token"]) == ("<s>", "</s>")
+    tiny.rewrite_packed(src, tmp_path / "nobos.bin", config={"bos_token_id": None},
+                        tokenizer={"add_bos_token": True, "bos_token": None})  # fmt: skip
+    with pytest.raises(gc.GGUFConversionError, match="the tokenizer adds a BOS, but the file names no BOS token"):
+        gc.packed_to_gguf(tmp_path / "nobos.bin", tmp_path / "nobos.gguf", qtype="tq2_0")
+
+
 def _edited_tokenizer(edit) -> dict:
     tok = _tokenizer()
     tj = json.loads(tok["tokenizer_json"])
