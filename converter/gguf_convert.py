@@ -255,9 +255,11 @@ def tokenizer_metadata(tokenizer: dict, vocab_size: int) -> TokenizerMetadata:
     for i in range(vocab_size):
         tok = pieces.get(i)
         if tok is None:
-            # ids the embedding has but the tokenizer never emits (padding rows); Microsoft's converter does the same
+            # ids the embedding has but the tokenizer never emits (padding rows), named as llama.cpp's converter
+            # names them. UNUSED, as it types them: a USER_DEFINED one (Microsoft's converter) is an added token in
+            # llama.cpp and our reader, so the text "[PAD310]" would become that untrained id
             tokens.append(f"[PAD{i}]")
-            types.append(_USER_DEFINED if kind == "gpt2" else _UNUSED)
+            types.append(_UNUSED)
             score_list.append(-1000.0 if kind == "llama" else 0.0)
             continue
         tokens.append(tok)

@@ -214,7 +214,7 @@ def test_i2s_export_layout_metadata_and_independent_decode(tmp_path):
     tj = json.loads(_tokenizer()["tokenizer_json"])
     assert kv["tokenizer.ggml.tokens"][5] == {v: k for k, v in tj["model"]["vocab"].items()}[5]
     assert kv["tokenizer.ggml.token_type"][0] == 3 and kv["tokenizer.ggml.token_type"][5] == 1  # <s> CONTROL
-    assert kv["tokenizer.ggml.tokens"][319] == "[PAD319]"
+    assert kv["tokenizer.ggml.tokens"][319] == "[PAD319]" and kv["tokenizer.ggml.token_type"][319] == 5  # UNUSED
     merge = tj["model"]["merges"][0]  # a pair (tokenizers ≥ 0.20) or "a b"
     assert kv["tokenizer.ggml.merges"][0] == (" ".join(merge) if isinstance(merge, list) else merge)
     assert "tokenizer.chat_template" in kv
@@ -388,7 +388,7 @@ def _assert_same_ternary(a: Path, b: Path) -> None:
         va = json.loads(pa.tokenizer["tokenizer_json"])["model"]["vocab"]
         vb = json.loads(pb.tokenizer["tokenizer_json"])["model"]["vocab"]
         assert {k: v for k, v in vb.items() if not k.startswith("[PAD")} == va
-        text = "hello world, the lazy fox</s>"
+        text = "hello world, the lazy fox</s> [PAD319]"  # a spare row's name is text, not that row's id
         ta_, tb_ = (Tokenizer.from_str(p.tokenizer["tokenizer_json"]) for p in (pa, pb))
         assert ta_.encode(text).ids == tb_.encode(text).ids
         assert pb.tokenizer["chat_template"] == pa.tokenizer["chat_template"]
