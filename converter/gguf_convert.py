@@ -283,6 +283,13 @@ def tokenizer_metadata(tokenizer: dict, vocab_size: int) -> TokenizerMetadata:
             for d in _walk([tj.get("normalizer"), tj.get("pre_tokenizer")])
         )
         add_space_prefix = prepend
+        metaspaces = [d for d in _walk(tj.get("pre_tokenizer")) if d.get("type") == "Metaspace"]
+        if any(d.get("prepend_scheme") == "first" for d in metaspaces):
+            # no GGUF key says "first": llama.cpp's add_space_prefix prepends to every piece of text between special
+            # tokens, and to a text that starts with a space
+            logger.warning("the tokenizer prepends '▁' once, at the start of the text (Metaspace prepend_scheme "
+                           "first); GGUF's llama tokenizer (llama.cpp, and this package's reader) also prepends one "
+                           "after each special token and before a leading space, so such text tokenizes differently")
     return TokenizerMetadata(kind, pre, tokens, score_list, types, merges if kind == "gpt2" else [], add_space_prefix)
 
 
