@@ -847,7 +847,16 @@ LLAMA3_SPLIT_REGEX = (
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 _LLAMA3_PRE = ("llama-bpe", "llama3", "llama-v3", "falcon3")
-_GPT2_PRE = ("gpt-2", "gpt2", "default")
+_GPT2_PRE = ("gpt-2", "gpt2")
+# llama.cpp's "default" split (llama-vocab.cpp, LLAMA_VOCAB_PRE_TYPE_DEFAULT, also what it takes for a file without
+# tokenizer.ggml.pre): each regex splits the pieces the one before it left, matches and the text between them
+# apart, as a sequence of tokenizers' isolated Splits does (the same ids as llama-cpp-python on 200 random texts)
+DEFAULT_SPLIT_REGEXES = (
+    r"[\p{P}\$\+<=>\^~\|]+",
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)",
+    r"\p{N}+",
+    r"[0-9][0-9][0-9]",
+)
 LLAMA3_VOCAB_SIZE = 128256
 
 # llama.cpp token types (gguf.TokenType)
@@ -1207,9 +1216,10 @@ def build_tokenizer(metadata: dict, chat_template: str | None = None) -> dict:
 
     - ``gpt2``: byte-level BPE from tokens + merges. The split regex comes from ``tokenizer.ggml.pre``:
       llama-bpe/llama3 -> the Llama-3 regex (and ``ignore_merges``, as Llama-3's tokenizer.json and
-      llama.cpp do); gpt-2/default -> the GPT-2 regex. Microsoft's 2B-4T file has no ``pre`` key: a
-      128256-token vocabulary with ``<|begin_of_text|>`` is taken to be llama-bpe (the Llama-3 tokenizer);
-      any other file without the key gets the GPT-2 regex.
+      llama.cpp do); gpt-2 -> the GPT-2 regex; default -> llama.cpp's four default regexes. Microsoft's 2B-4T
+      file has no ``pre`` key: a 128256-token vocabulary with ``<|begin_of_text|>`` is taken to be llama-bpe (the
+      Llama-3 tokenizer, where llama.cpp would take default); any other file without the key gets default, as
+      in llama.cpp.
     - ``llama``: SentencePiece-style tokens/scores/types -> BPE with byte fallback and merges derived from
       the scores (as transformers' GGUF loader does), with llama.cpp's space handling: a "▁" prefix
       (``add_space_prefix``, default true) and spaces written as "▁".
@@ -1272,18 +1282,22 @@ def build_tokenizer(metadata: dict, chat_template: str | None = None) -> dict:
             logger.info("no tokenizer.ggml.pre; a %d-token vocabulary with <|begin_of_text|>: using the Llama-3 "
                         "pre-tokenizer", n)
             pre = "llama-bpe"
+        if pre is None:
+            logger.info("no tokenizer.ggml.pre: splitting as llama.cpp does then, with its 'default' regexes")
+            pre = "default"
         llama3 = pre in _LLAMA3_PRE
-        if not llama3 and pre not in (None,) + _GPT2_PRE:
+        if not llama3 and pre not in (*_GPT2_PRE, "default"):
             raise GGUFFormatError(f"unsupported tokenizer.ggml.pre {pre!r}; supported: "
-                                  f"{', '.join(_LLAMA3_PRE + _GPT2_PRE)}")
+                                  f"{', '.join(_LLAMA3_PRE + _GPT2_PRE)}, default")
         tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=llama3))
-        if llama3:
+        if pre in _GPT2_PRE:
+            tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        else:  # a split, then ByteLevel's byte mapping alone
+            regexes = [LLAMA3_SPLIT_REGEX] if llama3 else DEFAULT_SPLIT_REGEXES
             tok.pre_tokenizer = pre_tokenizers.Sequence([
-                pre_tokenizers.Split(Regex(LLAMA3_SPLIT_REGEX), behavior="isolated", invert=False),
+                *(pre_tokenizers.Split(Regex(r), behavior="isolated", invert=False) for r in regexes),
                 pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
             ])
-        else:
-            tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         tok.decoder = decoders.ByteLevel()
         add_bos = get(Keys.Tokenizer.ADD_BOS, (bool,), llama3)
     elif kind == "llama":

@@ -574,6 +574,50 @@ def test_gpt2_tokenizer_matches_source(tmp_path, llama3):
         assert td["chat_template"] == "{{ messages[0]['content'] }}"
 
 
+@pytest.mark.parametrize("pre", ["default", None])
+def test_default_split_without_a_pre_name(tmp_path, pre):
+    # "default", or no tokenizer.ggml.pre outside Microsoft's Llama-3 vocabulary: llama.cpp's four default regexes,
+    # each splitting what the one before left (punctuation alone, "'s" then split at its "'", digits by threes)
+    from tokenizers import Tokenizer
+
+    path = tmp_path / "m.gguf"
+    write_model(path, tok_kv=gpt2_vocab_kv(train_bpe(False)), pre=pre)
+    with G.GGUFSource(path) as src:
+        tok = Tokenizer.from_str(src.tokenizer["tokenizer_json"])
+    pieces = [p for p, _ in tok.pre_tokenizer.pre_tokenize_str("It's 12345 ok?! a+b")]
+    assert pieces == ["It", "'", "s", "Ġ", "123", "45", "Ġok", "?!", "Ġa", "+", "b"]
+
+
+@pytest.mark.parametrize("pre", ["llama-bpe", "gpt-2", "default", None])
+def test_gguf_tokenizer_splits_as_llama_cpp(tmp_path, pre):
+    # our reader against llama.cpp itself (llama-cpp-python's tokenizer, vocab only) on one GGUF per pre name,
+    # with a vocabulary whose merges cross the splits' boundaries (the demo model's, trained on English text)
+    import random
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from tokenizers import Tokenizer
+
+    src_tok = Tokenizer.from_file(str(Path(__file__).parents[1] / "examples" / "tiny-bitnet" / "tokenizer.json"))
+    vocab = src_tok.get_vocab()
+    tokens = sorted(vocab, key=vocab.get)
+    merges = json.loads(src_tok.to_str())["model"]["merges"]
+    kv = {"tokens": tokens, "types": [3 if t.startswith("<|") and t.endswith("|>") else 1 for t in tokens],
+          "merges": [m if isinstance(m, str) else " ".join(m) for m in merges],
+          "bos": vocab["<|begin_of_text|>"], "eos": vocab["<|end_of_text|>"]}  # fmt: skip
+    path = tmp_path / "m.gguf"
+    write_model(path, tok_kv=kv, pre=pre, arch="bitnet", qtype="tq2_0")  # an architecture upstream llama.cpp has
+    with G.GGUFSource(path) as src:
+        ours = Tokenizer.from_str(src.tokenizer["tokenizer_json"])
+    theirs = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    rng = random.Random(0)
+    chars = "ab cd'.,!?$+<=>^~|0123456789\n\t ÜΩ—🙂'sllTHE"
+    texts = PROBES + ["It's 2024... price: 12345 dollars, ok?! $5+3=8 <tag> don't we'll I'm"]
+    texts += ["".join(rng.choice(chars) for _ in range(120)) for _ in range(50)]
+    for text in texts:
+        want = theirs.tokenize(text.encode(), add_bos=False, special=False)
+        assert ours.encode(text, add_special_tokens=False).ids == want, text
+
+
 def test_2b4t_defaults_without_pre_or_template(tmp_path):
     """Microsoft's file: no tokenizer.ggml.pre, no chat template, a 128256-token Llama-3 vocab."""
     from tokenizers import Tokenizer
