@@ -205,7 +205,7 @@ def tokenizer_metadata(tokenizer: dict, vocab_size: int) -> TokenizerMetadata:
         tj = json.loads(tokenizer["tokenizer_json"])
         model = tj["model"]
         mtype = model["type"]
-    except (KeyError, TypeError, json.JSONDecodeError) as e:
+    except (KeyError, TypeError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested too deep
         raise GGUFConversionError(f"the packed file's tokenizer_json is not a tokenizers serialization: {e}") from e
 
     if mtype != "BPE":

@@ -167,7 +167,7 @@ class _WeightFiles:
     def _from_index(self, index: Path) -> None:
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
             raise ConversionError(f"{index.name}: cannot read its weight_map ({e})") from e
         if not isinstance(weight_map, dict):
             raise ConversionError(f"{index.name}: weight_map is not an object")
@@ -199,7 +199,7 @@ class _WeightFiles:
         if first.endswith(".json"):
             try:
                 shards = sorted(set(json.loads((self.folder / first).read_text(encoding="utf-8"))["weight_map"].values()))
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
                 raise ConversionError(f"{first}: cannot read its weight_map ({e})") from e
             self.files.append(first)
         else:
@@ -306,7 +306,7 @@ def _sha256_files(folder: Path, names: list[str], progress: bool) -> dict[str, s
 def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: nested too deep
         raise ConversionError(f"{path.name}: cannot read it as JSON ({e})") from e
     if not isinstance(data, dict):
         raise ConversionError(f"{path.name}: expected a JSON object")

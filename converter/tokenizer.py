@@ -40,7 +40,7 @@ class TokenizerError(ValueError):
 def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested too deep
         raise TokenizerError(f"{path.name}: cannot read it as JSON ({e})") from e
     if not isinstance(data, dict):
         raise TokenizerError(f"{path.name}: expected a JSON object, found {type(data).__name__}")

@@ -913,7 +913,7 @@ def tokenizer_summary(tok: dict) -> list[str]:
         ids = set(vocab.values()) if isinstance(vocab, dict) else set(range(len(vocab)))
         kind = tj.get("model", {}).get("type", "?")
         lines.append(f"  model: {kind}, vocab size {len(ids | added)} ({len(added)} added tokens)")
-    except (ValueError, TypeError, AttributeError) as e:
+    except (ValueError, TypeError, AttributeError, RecursionError) as e:  # RecursionError: JSON nested too deep
         lines.append(f"  tokenizer_json: unreadable ({e})")
     lines.append(
         f"  bos_token: {tok['bos_token']!r} (add_bos_token {tok['add_bos_token']}), "

@@ -326,6 +326,9 @@ def test_tokenizer_config_not_an_object_and_ctrl_c(tiny, tmp_path, monkeypatch):
     (ckpt.path / "tokenizer_config.json").write_text("[1]")
     with pytest.raises(ConversionError, match=r"tokenizer_config.json: expected a JSON object, found list"):
         convert(ckpt, tmp_path)
+    (ckpt.path / "tokenizer_config.json").write_text("[" * 100_000 + "]" * 100_000)  # nested past Python's stack
+    with pytest.raises(ConversionError, match=r"tokenizer_config.json: cannot read it as JSON \(maximum recursion"):
+        convert(ckpt, tmp_path)
     (ckpt.path / "tokenizer_config.json").write_text(good)
 
     class Interrupted:  # Ctrl-C while tokenizer.json loads is the user's, not a bad tokenizer
@@ -524,6 +527,9 @@ def test_bad_bitnet_configs_and_unreadable_sources_are_refused(ms_packed_auto, t
         convert(src, tmp_path)
     (src / "config.json").write_text(json.dumps([cfg]))
     with pytest.raises(ConversionError, match=r"config.json: expected a JSON object"):
+        convert(src, tmp_path)
+    (src / "config.json").write_text("[" * 100_000 + "]" * 100_000)  # nested past Python's stack: not a traceback
+    with pytest.raises(ConversionError, match=r"config.json: cannot read it as JSON \(maximum recursion"):
         convert(src, tmp_path)
     with pytest.raises(ConversionError, match=r"is a file; give the model folder"):
         convert(src / "config.json", tmp_path)

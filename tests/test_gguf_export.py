@@ -530,6 +530,16 @@ def test_tokenizers_gguf_cannot_hold_are_refused(edit, message):
         gc.tokenizer_metadata(_edited_tokenizer(edit), 320)
 
 
+def test_a_tokenizer_nested_too_deep_is_one_error():
+    # JSON nested past Python's stack: packed-to-gguf's error and inspect's line, not a RecursionError traceback
+    from bitnet158.formats.packed import tokenizer_summary
+
+    deep = {**_tokenizer(), "tokenizer_json": "[" * 100_000 + "]" * 100_000}
+    with pytest.raises(gc.GGUFConversionError, match="tokenizer_json is not a tokenizers serialization: maximum"):
+        gc.tokenizer_metadata(deep, 320)
+    assert tokenizer_summary(deep)[0].startswith("  tokenizer_json: unreadable (maximum recursion depth")
+
+
 def test_tokenizer_pre_names():
     # the splits GGUF can name: the Llama-3 split alone is llama-bpe, a plain ByteLevel gpt-2
     llama3 = _edited_tokenizer(lambda tj: tj.update(pre_tokenizer={
