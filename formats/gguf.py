@@ -910,6 +910,14 @@ class GGUFSource:
             raise GGUFFormatError(f"{self.path}: metadata key {key!r} has an unexpected type {type(v).__name__}")
         return v
 
+    def _positive(self, key: str, kinds, default=...):
+        # a length, or a constant that the network divides or exponentiates by: finite and > 0, or the file is
+        # refused naming its key (not later, by the runtime's config check, naming a config field)
+        v = self._meta(key, kinds, default)
+        if not math.isfinite(v) or v <= 0:
+            raise GGUFFormatError(f"{self.path}: metadata key {key!r} = {v} must be a positive number")
+        return v
+
     def _map_names(self, arch: str, n_layers: int) -> None:
         """GGUF tensor names -> canonical names (PACKED.md §2.2); every tensor is used or refused."""
         self._gguf_name: dict[str, str] = {}
@@ -1016,8 +1024,12 @@ class GGUFSource:
                                   "rotary embeddings are not supported")
         rope_scaling = None
         st = self._meta(K(Keys.Rope.SCALING_TYPE), (str,), None)
-        factor = self._meta(K(Keys.Rope.SCALING_FACTOR), (float, int), None)
-        if st not in (None, "none") and not (st == "linear" and factor in (None, 1.0)):
+        # llama.cpp reads a factor of 0 as none (rope_freq_scale_train = 1)
+        factor = self._meta(K(Keys.Rope.SCALING_FACTOR), (float, int), 0.0) or 1.0
+        if not math.isfinite(factor) or factor < 0:
+            raise GGUFFormatError(f"{self.path}: metadata key {K(Keys.Rope.SCALING_FACTOR)!r} = {factor} must be a "
+                                  "positive number")  # fmt: skip
+        if st not in (None, "none") and not (st == "linear" and factor == 1.0):
             if st != "linear":
                 raise GGUFFormatError(f"{self.path}: unsupported rope scaling type {st!r}")
             rope_scaling = {"rope_type": "linear", "factor": float(factor)}
@@ -1033,12 +1045,12 @@ class GGUFSource:
             "num_key_value_heads": kv_heads,
             "head_dim": head_dim,
             "vocab_size": vocab,
-            "max_position_embeddings": self._meta(K(Keys.LLM.CONTEXT_LENGTH), (int,)),
-            "rope_theta": float(self._meta(K(Keys.Rope.FREQ_BASE), (float, int), 10000.0)),
+            "max_position_embeddings": self._positive(K(Keys.LLM.CONTEXT_LENGTH), (int,)),
+            "rope_theta": float(self._positive(K(Keys.Rope.FREQ_BASE), (float, int), 10000.0)),
             # bitnet.cpp and upstream llama.cpp both run these archs with NeoX rope on unpermuted q/k
             "rope_style": "neox",
             "rope_scaling": rope_scaling,
-            "rms_norm_eps": float(self._meta(K(Keys.Attention.LAYERNORM_RMS_EPS), (float,))),
+            "rms_norm_eps": float(self._positive(K(Keys.Attention.LAYERNORM_RMS_EPS), (float,))),
             "hidden_act": act,
             "sub_norms": sub_norms,
             "tie_word_embeddings": tied,

@@ -879,6 +879,15 @@ def test_source_refuses_mistyped_or_inconsistent_metadata(tmp_path):
     vocab = b"bitnet-b1.58.vocab_size" + struct.pack("<I", 4)
     with pytest.raises(G.GGUFFormatError, match=f"vocab_size = {rows + 1} but token_embd.weight has {rows} rows"):
         G.GGUFSource(patched(vocab, struct.pack("<I", rows + 1)))
+    # lengths and constants past their range, refused naming the GGUF key (not, later, a config field)
+    a = "bitnet-b1.58"
+    for key, fmt, value in ((f"{a}.context_length", "<I", 0),
+                            (f"{a}.attention.layer_norm_rms_epsilon", "<f", float("nan")),
+                            (f"{a}.attention.layer_norm_rms_epsilon", "<f", -1.0),
+                            (f"{a}.rope.freq_base", "<f", float("inf")), (f"{a}.rope.freq_base", "<f", -5.0)):  # fmt: skip
+        gguf_type = struct.pack("<I", 6 if fmt == "<f" else 4)  # FLOAT32 or UINT32: the value follows
+        with pytest.raises(G.GGUFFormatError, match=f"'{key}' = {value} must be a positive number"):
+            G.GGUFSource(patched(key.encode() + gguf_type, struct.pack(fmt, value)))
     bos = b"tokenizer.ggml.bos_token_id" + struct.pack("<I", 4)
     with pytest.raises(G.GGUFFormatError, match=f"bos_token_id = {rows} is outside the vocabulary of {rows}"):
         G.GGUFSource(patched(bos, struct.pack("<I", rows)))
