@@ -884,7 +884,8 @@ def test_source_refuses_mistyped_or_inconsistent_metadata(tmp_path):
     for key, fmt, value in ((f"{a}.context_length", "<I", 0),
                             (f"{a}.attention.layer_norm_rms_epsilon", "<f", float("nan")),
                             (f"{a}.attention.layer_norm_rms_epsilon", "<f", -1.0),
-                            (f"{a}.rope.freq_base", "<f", float("inf")), (f"{a}.rope.freq_base", "<f", -5.0)):  # fmt: skip
+                            (f"{a}.rope.freq_base", "<f", float("inf")),
+                            (f"{a}.rope.freq_base", "<f", -5.0)):  # fmt: skip
         gguf_type = struct.pack("<I", 6 if fmt == "<f" else 4)  # FLOAT32 or UINT32: the value follows
         with pytest.raises(G.GGUFFormatError, match=f"'{key}' = {value} must be a positive number"):
             G.GGUFSource(patched(key.encode() + gguf_type, struct.pack(fmt, value)))
