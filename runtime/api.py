@@ -147,7 +147,9 @@ class BitNetModel:
     def chat_reply_tokens(self, max_new_tokens: int | None = None) -> int:
         """The reply length a chat turn allows: ``max_new_tokens``, or by default DEFAULT_MAX_NEW_TOKENS and at
         most half the context."""
-        return max_new_tokens or min(DEFAULT_MAX_NEW_TOKENS, self.config.max_position_embeddings // 2)
+        if max_new_tokens is not None:  # 0 is refused by generate_ids, not read as the default
+            return max_new_tokens
+        return min(DEFAULT_MAX_NEW_TOKENS, self.config.max_position_embeddings // 2)
 
     def fit_chat(self, messages: Sequence[dict], max_new_tokens: int | None = None, slack: int = 0) -> list[dict]:
         """``messages`` without as many of the oldest turns (after a leading system message) as it takes for the

@@ -1029,4 +1029,5 @@ class GraphDecoder:
         finally:
             _sync(self.fast.device)
             stats.decode_s = time.perf_counter() - t1
+            stats.decode_steps = made - 1
             self._ctx_prompt, self._ctx_fed = list(prompt_ids), made - 1

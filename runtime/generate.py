@@ -31,6 +31,7 @@ class GenerationStats:
     prompt_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens whose keys/values the cache kept from the last generation (not run)
     generated_tokens: int = 0
+    decode_steps: int = 0  # decode steps run: the tokens after the first, with a stop id's and the run-ahead's
     prefill_s: float = 0.0
     decode_s: float = 0.0
     warmup_s: float = 0.0  # a fast path's compiling before its first prefill (GraphDecoder.warm_up), in neither rate
@@ -46,8 +47,9 @@ class GenerationStats:
 
     @property
     def decode_tok_s(self) -> float:
-        # the first generated token comes out of the prefill; the decode loop makes the others
-        n = self.generated_tokens - 1
+        # decode steps a second: the first token comes out of the prefill, each step makes one more (one that
+        # turns out a stop id, or past it, counts: decode_s timed it)
+        n = self.decode_steps
         return n / self.decode_s if n > 0 and self.decode_s > 0 else float("nan")
 
 
@@ -132,6 +134,7 @@ def generate_tokens(
                 break
             seen = torch.cat([seen, nxt])
             logits = decode_one_token(net, nxt.view(1, 1), pos)
+            stats.decode_steps += 1
             pos += 1
             nxt = sampler(logits, seen)
             tok = int(nxt)

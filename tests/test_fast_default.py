@@ -140,6 +140,7 @@ def test_fast_model_logits_generation_and_stops(tiny_file, ref_model):
     stats = GenerationStats()
     got = list(model.generate_ids(PROMPT, N_NEW, stop_ids=(stop,), stats=stats))
     assert got == want[:cut] and stats.stop_reason == "eos" and stats.generated_tokens == cut
+    assert stats.decode_steps >= cut  # the stop id's step and the run-ahead's, all of them timed
     # a stop string: the text stops before it, as on the reference path
     text = "".join(ref_model.generate("Hello", N_NEW))
     stop_text = text[len(text) // 2 :][:2]

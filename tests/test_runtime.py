@@ -424,9 +424,12 @@ def test_generate_stops_at_eos_and_stop_string(ms_model):
     assert not set(full_ids) & set(ms_model.config.eos_token_id)
     assert text == tok.decode(full_ids, skip_special_tokens=True)
     assert ms_model.last_stats.generated_tokens == 24 and ms_model.last_stats.stop_reason == "length"
+    assert ms_model.last_stats.decode_steps == 23  # the first token comes out of the prefill
     # EOS: pretend the 5th generated token is an end-of-sequence id
     ids = list(ms_model.generate_ids(tok.encode(prompt), 24, stop_ids=(full_ids[4],)))
     assert ids == full_ids[: full_ids.index(full_ids[4])]
+    # the rate counts the step that made the stop id, which decode_s timed: one step per id, the first's too
+    assert ms_model.last_stats.decode_steps == len(ids) and ms_model.last_stats.stop_reason == "eos"
     # a stop string from the middle of the text: everything before it, and not the stop string itself
     plain = tok.decode(full_ids, skip_special_tokens=True)
     stop = plain[len(plain) // 2 : len(plain) // 2 + 3]
@@ -956,6 +959,8 @@ def test_text_that_is_not_utf8(ms_file, monkeypatch):
 
 
 def test_fit_chat_drops_the_oldest_turns(ms_model):
+    with pytest.raises(ValueError, match="max_new_tokens must be an int >= 1, got 0"):  # not the default's 128
+        list(ms_model.chat([{"role": "user", "content": "hi"}], max_new_tokens=0))
     system = {"role": "system", "content": "Be brief."}
     conv = [system]
     for i in range(30):
