@@ -109,17 +109,30 @@ class BitNetModel:
         if self._decoder is not None:
             self._decoder.forget()
 
+    def _token_ids(self, token_ids, what: str) -> torch.Tensor:
+        # int64 [n] of a 1-D sequence of integer ids, each in the vocabulary (an id past the embedding would fail
+        # mid-run, on CUDA as a device assert); a batch, floats or bools are refused, not flattened or truncated
+        try:
+            ids = torch.as_tensor(token_ids)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"{what}: token ids must be a 1-D sequence of integers ({e})") from None
+        numeric = ids.dtype != torch.bool and not ids.is_floating_point() and not ids.is_complex()
+        if ids.dim() != 1 or not numeric and ids.numel():  # ([] is float32: an empty list has no dtype to refuse)
+            raise ValueError(f"{what}: token ids must be a 1-D sequence of integers, got {ids.dtype} "
+                             f"{tuple(ids.shape)}")  # fmt: skip
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
+            raise ValueError(f"{what}: token ids must be in [0, {self.config.vocab_size})")
+        return ids.long()
+
     @torch.inference_mode()
     def logits(self, token_ids) -> torch.Tensor:
         """fp32 logits [len(token_ids), vocab] for a 1-D list or tensor of ids; no BOS added, no sampling."""
-        ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
+        ids = self._token_ids(token_ids, "logits")
         n = ids.numel()
         if n == 0:
             raise ValueError("logits: token_ids is empty")
         if n > self.config.max_position_embeddings:
             raise ContextOverflowError(f"{n} tokens exceed the model context of {self.config.max_position_embeddings}")
-        if int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size:
-            raise ValueError(f"logits: token ids must be in [0, {self.config.vocab_size})")
         with self._on_device():
             self.net.setup_cache(1, n)
             self._forget_cache()
@@ -233,6 +246,7 @@ class BitNetModel:
         """
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                 repetition_penalty=repetition_penalty, seed=seed)  # fmt: skip
+        prompt_ids = self._token_ids(prompt_ids, "generate_ids").tolist()
         ctx = self.config.max_position_embeddings
         if max_new_tokens is None:  # no room left: what truncating the prompt makes room for, half the context
             room = ctx - len(prompt_ids)

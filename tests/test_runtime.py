@@ -808,8 +808,15 @@ def test_context_overflow_and_truncation(ms_model):
     with pytest.raises(ValueError, match="a system message needs chat=True"):
         next(ms_model.generate("hi", system="Be brief."))
     for bad in (-1, ms_model.config.vocab_size):  # an id past the embedding must not index out of it
-        with pytest.raises(ValueError, match=rf"token ids must be in \[0, {ms_model.config.vocab_size}\)"):
-            ms_model.logits([1, bad])
+        for call in (ms_model.logits, lambda ids: ms_model.generate_ids(ids, 3)):  # refused before any run
+            with pytest.raises(ValueError, match=rf"token ids must be in \[0, {ms_model.config.vocab_size}\)"):
+                call([1, bad])
+    # a batch is not flattened into one sequence, nor floats truncated, nor text taken
+    for bad, why in (([[0, 5], [0, 7]], r"torch.int64 \(2, 2\)"), ([0, 5.7], r"torch.float32 \(2,\)"),
+                     (torch.tensor([True]), r"torch.bool"), (["a"], r"\(")):  # fmt: skip
+        for call in (ms_model.logits, lambda ids: ms_model.generate_ids(ids, 3)):
+            with pytest.raises(ValueError, match=r"token ids must be a 1-D sequence of integers.*" + why):
+                call(bad)
     with pytest.raises(ValueError, match="the prompt is empty: nothing to condition on"):
         next(ms_model.generate_ids([], 4))
 
