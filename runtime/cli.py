@@ -259,6 +259,11 @@ def main(
     if interactive and "truncate" in given:
         click.echo("error: --truncate: not for an interactive chat, which drops its oldest turns itself", err=True)
         sys.exit(2)
+    greedy_unused = [n for n in ("top_k", "top_p", "min_p", "seed") if n in given] if temperature == 0 else []
+    if greedy_unused and ppl_file is None:
+        flags = ", ".join("--" + n.replace("_", "-") for n in greedy_unused)
+        click.echo(f"error: {flags}: only for sampling (--temperature > 0); at 0 the output is greedy", err=True)
+        sys.exit(2)
     if threads:
         torch.set_num_threads(threads)
     keep_compile_cache()

@@ -916,6 +916,10 @@ def test_cli_refuses_options_the_job_does_not_use(ms_file, tmp_path):
         (["--prompt", "Hi", "--ctx", "32", "--stride", "8"], "--ctx, --stride: only for --perplexity"),
         (["--chat", "--ctx", "32"], "--ctx: only for --perplexity"),
         (["--chat", "--truncate"], "--truncate: not for an interactive chat, which drops its oldest turns itself"),
+        (["--prompt", "Hi", "--top-k", "40", "--seed", "5"],
+         "--top-k, --seed: only for sampling (--temperature > 0); at 0 the output is greedy"),
+        (["--prompt", "Hi", "--top-p", "0.5", "--min-p", "0.1", "--temperature", "0"],
+         "--top-p, --min-p: only for sampling (--temperature > 0); at 0 the output is greedy"),
         (["--perplexity", str(text), "--temperature", "0.5", "-n", "3", "--chat"],
          "--chat, --max-new-tokens, --temperature: not for --perplexity, which scores a text and generates nothing"),
     ):
