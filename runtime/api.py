@@ -46,6 +46,8 @@ class BitNetModel:
         self.fast = fast
         self._decoder: GraphDecoder | None = None
         self.last_stats: GenerationStats | None = None
+        # calls that (re)write the one KV cache: a generation that another has followed cannot go on (_on_device_each)
+        self._cache_writes = 0
 
     @property
     def device(self) -> torch.device:
@@ -70,11 +72,16 @@ class BitNetModel:
         # otherwise run its kernels on cuda:0 with cuda:1's pointers
         return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
 
-    def _on_device_each(self, tokens: Iterator[int]) -> Iterator[int]:
+    def _on_device_each(self, tokens: Iterator[int], write: int) -> Iterator[int]:
         # a generation, each step between two ids on the model's device, and the caller's code between them on
-        # the caller's (another model's generation may run there)
+        # the caller's (another model's generation may run there). ``write``: its _cache_writes; once another call
+        # has written the KV cache, this one's next step would attend to that call's keys and values instead
         try:
             while True:
+                if self._cache_writes != write:
+                    raise RuntimeError("this generation cannot go on: a later generate, chat, logits or perplexity "
+                                       "call on the model has rewritten its KV cache (finish or close a generation "
+                                       "before starting another)")  # fmt: skip
                 with self._on_device():
                     tok = next(tokens, None)
                 if tok is None:
@@ -133,6 +140,7 @@ class BitNetModel:
             raise ValueError("logits: token_ids is empty")
         if n > self.config.max_position_embeddings:
             raise ContextOverflowError(f"{n} tokens exceed the model context of {self.config.max_position_embeddings}")
+        self._cache_writes += 1
         with self._on_device():
             self.net.setup_cache(1, n)
             self._forget_cache()
@@ -257,6 +265,7 @@ class BitNetModel:
         stats.truncated_tokens = dropped
         self.last_stats = stats
         stops = tuple(self.config.eos_token_id) if stop_ids is None else tuple(stop_ids)
+        self._cache_writes += 1
         if self.fast is not None:  # the graph decoder: every step and its sampling on the device
             with self._on_device():
                 dec = self._graph_decoder(len(ids) + max_new_tokens, grow=reuse_cache)
@@ -268,7 +277,7 @@ class BitNetModel:
         else:
             stats.path = self.backend
             tokens = generate_tokens(self.net, ids, max_new_tokens, Sampler(params, self.device), stops, stats)
-        return self._on_device_each(tokens)
+        return self._on_device_each(tokens, self._cache_writes)
 
     def generate(
         self,
@@ -318,6 +327,7 @@ class BitNetModel:
         ids = self.tokenizer.encode(text, add_special_tokens=True)
         ctx = self.config.max_position_embeddings if ctx is None else ctx  # 0 is refused (window_plan), not a default
         stride = max(1, ctx // 2) if stride is None else stride
+        self._cache_writes += 1
         self._forget_cache()
         with self._on_device():
             return _perplexity(self.net, ids, ctx, stride, progress=progress, forward=self._forward)

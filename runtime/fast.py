@@ -699,6 +699,7 @@ class GraphDecoder:
         # what the cache holds after the last generation (context()): its prompt, then _fed ids of _out
         self._ctx_prompt: list[int] = []
         self._ctx_fed = 0
+        self._writes = 0  # forget() calls: a generation records its context only if none came after its start
 
     def context(self) -> list[int]:
         """The ids whose keys and values the cache holds at positions 0.. after the last clean generation: its
@@ -716,6 +717,7 @@ class GraphDecoder:
     def forget(self) -> None:
         """Something else wrote into the cache (a full forward, a perplexity run): reuse nothing of it."""
         self._ctx_prompt, self._ctx_fed = [], 0
+        self._writes += 1
 
     @staticmethod
     def sampling_key(
@@ -993,6 +995,7 @@ class GraphDecoder:
         # the CPU step, which writes inside it, makes the decoder forget it
         start = _common_prefix(self.context(), prompt_ids, n_prompt - 1) if reuse else 0
         self.forget()  # the cache is being rewritten; set again when this generation ends cleanly
+        writes = self._writes
         stats.cached_tokens = start
         if seed is not None:  # after the warm-up, whose steps draw random numbers too
             torch.manual_seed(seed)  # seeds the CUDA generator too, which graph replays draw from
@@ -1030,4 +1033,5 @@ class GraphDecoder:
             _sync(self.fast.device)
             stats.decode_s = time.perf_counter() - t1
             stats.decode_steps = made - 1
-            self._ctx_prompt, self._ctx_fed = list(prompt_ids), made - 1
+            if self._writes == writes:  # not when closed after a later generation or forward rewrote the cache
+                self._ctx_prompt, self._ctx_fed = list(prompt_ids), made - 1

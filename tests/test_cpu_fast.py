@@ -257,6 +257,21 @@ def test_generation_reuses_the_cache(compiled, files):
     # without reuse_cache the whole prompt runs
     list(fast.generate_ids(longer, 8, stop_ids=(), stats=stats))
     assert stats.cached_tokens == 0
+    # a generation left open while another runs: it cannot go on (it would attend to the other's keys), and
+    # closing it, or its failed step, does not record its own context over the other's, which the next turn reuses
+    other = [5, 9, *PROMPT]
+    for end in ("next", "close"):
+        left = fast.generate_ids(PROMPT, 8, **kw)
+        next(left)
+        reply = list(fast.generate_ids(other, 8, **kw))
+        if end == "next":
+            with pytest.raises(RuntimeError, match="this generation cannot go on: a later generate, chat, logits"):
+                next(left)
+        else:
+            left.close()
+        turn = other + reply + [4]
+        assert list(fast.generate_ids(turn, 4, stats=stats, **kw)) == list(ref.generate_ids(turn, 4, stop_ids=()))
+        assert stats.cached_tokens == len(other) + 7
 
 
 # --- the int8 head ------------------------------------------------------------------------------------------------

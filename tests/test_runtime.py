@@ -1049,6 +1049,19 @@ def test_the_model_runs_on_its_own_device(ms_file, monkeypatch):
     assert closed == [1] and depth[0] == 0
 
 
+def test_an_open_generation_cannot_go_on_after_another_call(ms_model):
+    # one KV cache: after another generation, logits() or perplexity() has written it, an open generation's next
+    # step would attend to their keys and values (the reference path had decoded on, from the other prompt's)
+    for other in (lambda: list(ms_model.generate_ids([3, 4, 5], 4)), lambda: ms_model.logits([3, 4]),
+                  lambda: ms_model.perplexity("the quick brown fox", ctx=4)):  # fmt: skip
+        tokens = ms_model.generate_ids([6, 7, 8], 6, stop_ids=())
+        next(tokens)
+        other()
+        with pytest.raises(RuntimeError, match="this generation cannot go on"):
+            next(tokens)
+    assert len(list(ms_model.generate_ids([6, 7, 8], 6, stop_ids=()))) == 6  # a new one runs
+
+
 def test_activation_override(ms_file, ms_latent_pair):
     """load(activation=...) runs the file with another activation: the config says so, and the logits equal
     transformers' model run with that activation (so the override really reaches the MLP)."""
