@@ -56,7 +56,7 @@ def _read_message() -> str | None:
             return None
     click.echo("> ", nl=False, err=True)
     line = sys.stdin.readline()
-    return line.rstrip("\n") if line else None
+    return line.rstrip("\r\n") if line else None  # a CRLF file's \r is not part of the message
 
 
 def _chat_loop(model, system: str | None, max_new_tokens: int | None, sampling: dict, quiet: bool) -> None:

@@ -908,6 +908,18 @@ def test_cli_interactive_chat(ms_file):
     assert r.exit_code == 2 and "--system needs --chat" in r.output
 
 
+def test_chat_lines_from_a_crlf_file(monkeypatch):
+    # piped stdin keeps a CRLF file's "\r" (no newline translation there, unlike click's test runner): it is not
+    # part of the message, nor does it hide a /exit
+    import io
+    import sys
+
+    from bitnet158.runtime import cli
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\r\n/exit\r\n", newline=""))
+    assert [cli._read_message(), cli._read_message(), cli._read_message()] == ["Hello", "/exit", None]
+
+
 def test_cli_refuses_options_the_job_does_not_use(ms_file, tmp_path):
     # an option the job would ignore is one usage error, not silently dropped
     text = tmp_path / "t.txt"
