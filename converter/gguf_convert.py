@@ -169,7 +169,8 @@ def _gpt2_pre(tj: dict, added: dict) -> str:
         from tokenizers import Tokenizer
 
         bare = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
-                "pre_tokenizer": None, "post_processor": None, "decoder": None, "model": {**model, "ignore_merges": False}}
+                "pre_tokenizer": None, "post_processor": None, "decoder": None,
+                "model": {**model, "ignore_merges": False}}
         plain = Tokenizer.from_str(json.dumps(bare))  # the BPE model alone, merging every word
         words = [w for w, i in model["vocab"].items() if i not in added]
         split = next((w for w, e in zip(words, plain.encode_batch(words, add_special_tokens=False))

@@ -467,8 +467,8 @@ def _model_config(cfg: dict, family: str, gen: dict, tok_facts: dict) -> dict:
         raise ConversionError(f"config.json: tie_word_embeddings must be true or false, found {tie!r}")
 
     # config.json's, else the tokenizer's, else generation_config's; a null is absent
-    bos = next((v for v in (cfg.get("bos_token_id"), tok_facts["bos_token_id"], gen.get("bos_token_id")) if v is not None),
-               None)  # fmt: skip
+    candidates = (cfg.get("bos_token_id"), tok_facts["bos_token_id"], gen.get("bos_token_id"))
+    bos = next((v for v in candidates if v is not None), None)
     if bos is not None and (isinstance(bos, bool) or not isinstance(bos, int)):
         raise ConversionError(f"config.json: bos_token_id must be an integer, found {bos!r}")
     # Every id that ends generation: the model config's, generation_config's (often a list: 2B-4T's chat turns

@@ -510,7 +510,8 @@ _BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": T
      r"pre-tokenizer \['Digits', 'ByteLevel'\] that splits by no regex"),
     (lambda tj: tj["pre_tokenizer"].update(add_prefix_space=True), "adds a prefix space"),
     (lambda tj: tj.update(normalizer={"type": "Lowercase"}), r"has a normalizer \(Lowercase\)"),
-    (lambda tj: tj["model"].update(dropout=0.1, end_of_word_suffix="</w>"), "BPE model sets dropout, end_of_word_suffix"),
+    (lambda tj: tj["model"].update(dropout=0.1, end_of_word_suffix="</w>"),
+     "BPE model sets dropout, end_of_word_suffix"),
     (lambda tj: tj["added_tokens"][1].update(lstrip=True), "matches added token '</s>' with lstrip"),
     # ignore_merges (GGUF's gpt-2 never ignores them) where the merges do not make a token of the vocabulary whole
     (lambda tj: (tj["model"].update(ignore_merges=True), tj["model"]["vocab"].update({"zq": 310})),

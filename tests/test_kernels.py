@@ -1082,14 +1082,16 @@ def test_search_tiles_descends_site_by_site(monkeypatch, tmp_path, caplog):
     assert len(stepped) == 3  # {qkv}, {qkv, o}, {qkv, o, gate_up}
     assert dec.search_tiles(configs=configs, pack_warps=warps) is pick and len(timed) == 20
     kept = tmp_path / "cache" / "bitnet158" / "gemv_tiles.json"
-    assert list(json.loads(kept.read_text()).values()) == [{**{s: list(c) for s, c in pick.items()}, "pack": fast.pack_pick, "pos": 39}]
+    first = {**{s: list(c) for s, c in pick.items()}, "pack": fast.pack_pick, "pos": 39}  # timed at slot 39
+    assert list(json.loads(kept.read_text()).values()) == [first]
 
     monkeypatch.setattr("bitnet158.runtime.fast.SEARCH_POS", 150)  # below the tiny model's context (256)
 
     def searched(model, prefetch="off", attention="split", pack_warps=warps, slots=200, **kw) -> int:
         # how many steps a search on a fresh FastModel of ``model`` timed, in a decoder of ``slots`` positions
         n = len(timed)
-        d = GraphDecoder(FastModel(model, backend="triton", prefetch=prefetch, attention=attention), slots, use_graph=False)
+        fm = FastModel(model, backend="triton", prefetch=prefetch, attention=attention)
+        d = GraphDecoder(fm, slots, use_graph=False)
         d.use_graph = True
         assert d.search_tiles(configs=configs, pack_warps=pack_warps, **kw) == pick
         assert d.fast.pack_pick == {s: fast.pack_pick[s] for s in SITES if not (s == "o" and attention == "folded")}
