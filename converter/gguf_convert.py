@@ -527,8 +527,8 @@ def _add_metadata(w: gguf.GGUFWriter, cfg: dict, tok: dict, prov: dict, qtype: s
     # our config lists every stop id (2B-4T: <|end_of_text|>, <|eot_id|>); llama.cpp, and our reader, stop on eos,
     # eot and eom, and GGUF has no key for more. The tokenizer's EOS goes first, as eos: its text is the eos_token
     # that a chat template writes after the GGUF is read back
-    eos = list(cfg.get("eos_token_id") or [])
-    eos.sort(key=lambda i: i != ids.get(tok.get("eos_token")))
+    eos_id = ids.get(tok.get("eos_token"))
+    eos = sorted(cfg.get("eos_token_id") or [], key=lambda i: i != eos_id)  # stable: the others keep their order
     for token_id, add in zip(eos, (w.add_eos_token_id, w.add_eot_token_id, w.add_eom_token_id)):
         add(int(token_id))
     if len(eos) > 3:

@@ -910,10 +910,13 @@ class GGUFSource:
             raise GGUFFormatError(f"{self.path}: metadata key {key!r} has an unexpected type {type(v).__name__}")
         return v
 
-    def _positive(self, key: str, kinds, default=...):
+    def _positive(self, key: str, kinds, default=..., zero=None):
         # a length, or a constant that the network divides or exponentiates by: finite and > 0, or the file is
-        # refused naming its key (not later, by the runtime's config check, naming a config field)
+        # refused naming its key (not later, by the runtime's config check, naming a config field). ``zero``: what
+        # a 0 reads as, where llama.cpp gives it a meaning
         v = self._meta(key, kinds, default)
+        if v == 0 and zero is not None:
+            return zero
         if not math.isfinite(v) or v <= 0:
             raise GGUFFormatError(f"{self.path}: metadata key {key!r} = {v} must be a positive number")
         return v
@@ -1025,10 +1028,7 @@ class GGUFSource:
         rope_scaling = None
         st = self._meta(K(Keys.Rope.SCALING_TYPE), (str,), None)
         # llama.cpp reads a factor of 0 as none (rope_freq_scale_train = 1)
-        factor = self._meta(K(Keys.Rope.SCALING_FACTOR), (float, int), 0.0) or 1.0
-        if not math.isfinite(factor) or factor < 0:
-            raise GGUFFormatError(f"{self.path}: metadata key {K(Keys.Rope.SCALING_FACTOR)!r} = {factor} must be a "
-                                  "positive number")  # fmt: skip
+        factor = self._positive(K(Keys.Rope.SCALING_FACTOR), (float, int), 1.0, zero=1.0)
         if st not in (None, "none") and not (st == "linear" and factor == 1.0):
             if st != "linear":
                 raise GGUFFormatError(f"{self.path}: unsupported rope scaling type {st!r}")

@@ -498,6 +498,12 @@ def test_rope_scaling_linear_is_read_and_others_refused(tmp_path):
     write_model(path, rope_scaling=("yarn", 4.0))
     with pytest.raises(G.GGUFFormatError, match="unsupported rope scaling type 'yarn'"):
         G.GGUFSource(path)
+    write_model(path, rope_scaling=("linear", 0.0))  # llama.cpp: a factor of 0 is no scaling
+    with G.GGUFSource(path) as src:
+        assert src.config["rope_scaling"] is None
+    write_model(path, rope_scaling=("linear", -2.0))
+    with pytest.raises(G.GGUFFormatError, match="rope.scaling.factor' = -2.0 must be a positive number"):
+        G.GGUFSource(path)
 
 
 def test_lying_block_count_is_refused_at_once(tmp_path):
