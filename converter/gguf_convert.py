@@ -133,8 +133,9 @@ def _gpt2_pre(tj: dict, added: dict) -> str:
         raise GGUFConversionError(f"the tokenizer {why}; GGUF's gpt2 tokenizer has no way to say so, and its GGUF "
                                   "would tokenize text differently")  # fmt: skip
 
-    if tj.get("normalizer"):
-        refuse(f"has a normalizer ({', '.join(sorted({d.get('type', '?') for d in _walk(tj['normalizer'])}))})")
+    normalizers = sorted({d["type"] for d in _walk(tj.get("normalizer")) if "type" in d} - {"Sequence"})
+    if normalizers:  # (an empty Sequence normalizes nothing)
+        refuse(f"has a normalizer ({', '.join(normalizers)})")
     pre_tok = tj.get("pre_tokenizer")
     if any(d.get("type") == "ByteLevel" and d.get("add_prefix_space") for d in _walk(pre_tok)):
         refuse("adds a prefix space (ByteLevel add_prefix_space)")

@@ -547,6 +547,8 @@ def test_tokenizer_pre_names():
         "type": "Sequence", "pretokenizers": [_split(gguf_fmt.LLAMA3_SPLIT_REGEX), _BYTE_LEVEL]}))
     assert gc.tokenizer_metadata(llama3, 320).pre == "llama-bpe"
     assert gc.tokenizer_metadata(_tokenizer(), 320).pre == "gpt-2"
+    empty = _edited_tokenizer(lambda tj: tj.update(normalizer={"type": "Sequence", "normalizers": []}))
+    assert gc.tokenizer_metadata(empty, 320).pre == "gpt-2"  # a normalizer that changes nothing
     # ignore_merges either way where every token of the vocabulary is its own merges' result (a trained BPE): the
     # same ids. The demo model's Llama-3 split says false; llama-bpe's readers ignore merges
     for pre, ignore in (("llama-bpe", False), ("gpt-2", True)):
