@@ -858,6 +858,13 @@ DEFAULT_SPLIT_REGEXES = (
     r"[0-9][0-9][0-9]",
 )
 LLAMA3_VOCAB_SIZE = 128256
+# llama.cpp's ids for a SentencePiece ("llama") vocabulary that names none (llama_vocab::load): <unk> <s> </s>
+_SPM_DEFAULT_IDS = {Keys.Tokenizer.UNK_ID: 0, Keys.Tokenizer.BOS_ID: 1, Keys.Tokenizer.EOS_ID: 2}
+
+
+def _default_id(metadata: dict, key: str) -> int | None:
+    """The id a special token key stands for where a file lacks it, as llama.cpp reads it."""
+    return _SPM_DEFAULT_IDS.get(key) if metadata.get(Keys.Tokenizer.MODEL) == "llama" else None
 
 # llama.cpp token types (gguf.TokenType)
 _TOKEN_NORMAL, _TOKEN_UNKNOWN, _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 1, 2, 3, 4  # (5 unused, 6 byte: not read)
@@ -1026,14 +1033,16 @@ class GGUFSource:
             raise GGUFFormatError(f"{a}rope.dimension_count = {n_rot}, but heads have {head_dim} dims: partial "
                                   "rotary embeddings are not supported")
         rope_scaling = None
-        st = self._meta(K(Keys.Rope.SCALING_TYPE), (str,), None)
-        # llama.cpp reads a factor of 0 as none (rope_freq_scale_train = 1)
-        factor = self._positive(K(Keys.Rope.SCALING_FACTOR), (float, int), 1.0, zero=1.0)
-        if st not in (None, "none") and not (st == "linear" and factor == 1.0):
+        # as llama.cpp reads them: the type defaults to linear, the factor falls back to the old key
+        # rope.scale_linear, and a factor of 0 is none (rope_freq_scale_train = 1)
+        st = self._meta(K(Keys.Rope.SCALING_TYPE), (str,), "linear")
+        factor_key = K(Keys.Rope.SCALING_FACTOR) if K(Keys.Rope.SCALING_FACTOR) in f.metadata else a + "rope.scale_linear"
+        factor = self._positive(factor_key, (float, int), 1.0, zero=1.0)
+        if st != "none" and not (st == "linear" and factor == 1.0):
             if st != "linear":
                 raise GGUFFormatError(f"{self.path}: unsupported rope scaling type {st!r}")
             rope_scaling = {"rope_type": "linear", "factor": float(factor)}
-        bos = self._meta(Keys.Tokenizer.BOS_ID, (int,), None)
+        bos = self._meta(Keys.Tokenizer.BOS_ID, (int,), _default_id(f.metadata, Keys.Tokenizer.BOS_ID))
         if bos is not None and not 0 <= bos < vocab:
             raise GGUFFormatError(f"tokenizer.ggml.bos_token_id = {bos} is outside the vocabulary of {vocab}")
         self.config = {
@@ -1061,7 +1070,7 @@ class GGUFSource:
     def _eos_ids(self) -> list[int]:
         ids = []
         for key in (Keys.Tokenizer.EOS_ID, Keys.Tokenizer.EOT_ID, Keys.Tokenizer.EOM_ID):
-            v = self._meta(key, (int,), None)
+            v = self._meta(key, (int,), _default_id(self._file.metadata, key))
             if v is not None and not 0 <= v < self._file.tensors["token_embd.weight"].shape[0]:
                 raise GGUFFormatError(f"{key} = {v} is outside the vocabulary")
             if v is not None and v not in ids:
@@ -1260,7 +1269,7 @@ def build_tokenizer(metadata: dict, chat_template: str | None = None) -> dict:
     types = types.astype(np.int64) if types is not None else np.full(n, _TOKEN_NORMAL)
 
     def token_id(key):
-        v = get(key, (int,))
+        v = get(key, (int,), _default_id(metadata, key))
         if v is not None and not 0 <= v < n:
             raise GGUFFormatError(f"{key} = {v} is not a token id (vocabulary of {n})")
         return v

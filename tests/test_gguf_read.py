@@ -317,9 +317,10 @@ def write_model(path: Path, *, arch="bitnet-b1.58", qtype="i2_s", tok_kv=None, t
         w.add_float32(f"{a}.rope.freq_base", freq_base)
     if rope_dims is not None:
         w.add_rope_dimension_count(rope_dims)
-    if rope_scaling is not None:
-        w.add_string(f"{a}.rope.scaling.type", rope_scaling[0])
-        w.add_float32(f"{a}.rope.scaling.factor", rope_scaling[1])
+    if rope_scaling is not None:  # (type or None, factor[, the factor's key])
+        if rope_scaling[0] is not None:
+            w.add_string(f"{a}.rope.scaling.type", rope_scaling[0])
+        w.add_float32(f"{a}.{rope_scaling[2] if len(rope_scaling) > 2 else 'rope.scaling.factor'}", rope_scaling[1])
     w.add_uint32(f"{a}.vocab_size", vocab)
     w.add_tokenizer_model(tok_kv.get("model", "gpt2"))
     if pre is not None:
@@ -330,8 +331,10 @@ def write_model(path: Path, *, arch="bitnet-b1.58", qtype="i2_s", tok_kv=None, t
         w.add_token_merges(tok_kv["merges"])
     if "scores" in tok_kv:
         w.add_token_scores(tok_kv["scores"])
-    w.add_bos_token_id(tok_kv["bos"])
-    w.add_eos_token_id(tok_kv["eos"])
+    if tok_kv.get("bos") is not None:
+        w.add_bos_token_id(tok_kv["bos"])
+    if tok_kv.get("eos") is not None:
+        w.add_eos_token_id(tok_kv["eos"])
     if add_bos is not None:
         w.add_add_bos_token(add_bos)
     if chat_template is not None:
@@ -498,6 +501,14 @@ def test_rope_scaling_linear_is_read_and_others_refused(tmp_path):
     write_model(path, rope_scaling=("yarn", 4.0))
     with pytest.raises(G.GGUFFormatError, match="unsupported rope scaling type 'yarn'"):
         G.GGUFSource(path)
+    # as llama.cpp reads them: no type is linear, and the factor may stand under the old key rope.scale_linear
+    for scaling in ((None, 4.0), ("linear", 4.0, "rope.scale_linear"), (None, 4.0, "rope.scale_linear")):
+        write_model(path, rope_scaling=scaling)
+        with G.GGUFSource(path) as src:
+            assert src.config["rope_scaling"] == {"rope_type": "linear", "factor": 4.0}, scaling
+    write_model(path, rope_scaling=("none", 4.0))
+    with G.GGUFSource(path) as src:
+        assert src.config["rope_scaling"] is None
     write_model(path, rope_scaling=("linear", 0.0))  # llama.cpp: a factor of 0 is no scaling
     with G.GGUFSource(path) as src:
         assert src.config["rope_scaling"] is None
@@ -700,6 +711,12 @@ def test_llama_sentencepiece_tokenizer_matches_sentencepiece(tmp_path):
         assert tok.encode("x<special>y", add_special_tokens=False).ids == sp.encode("x") + [special] + sp.encode("y")
         assert td["add_bos_token"] is True and tok.encode("Hello").ids[0] == 1
         assert tok.encode("<special>", add_special_tokens=False).ids == [tokens.index("<special>")]
+    # without bos/eos ids: llama.cpp's SentencePiece ids, <s> 1 and </s> 2 (the file was refused)
+    write_model(path, arch="bitnet", qtype="tq2_0", tok_kv={**kv, "bos": None, "eos": None})
+    with G.GGUFSource(path) as src:
+        assert (src.config["bos_token_id"], src.config["eos_token_id"]) == (1, [2])
+        assert (src.tokenizer["bos_token"], src.tokenizer["eos_token"]) == ("<s>", "</s>")
+        assert Tokenizer.from_str(src.tokenizer["tokenizer_json"]).encode("Hello").ids[0] == 1
 
 
 # ------------------------------------------------------------------------------------------------
