@@ -256,7 +256,7 @@ def tokenizer_metadata(tokenizer: dict, vocab_size: int) -> TokenizerMetadata:
     tokens, types, score_list = [], [], []
     for i in range(vocab_size):
         tok = pieces.get(i)
-        if tok is None:
+        if tok is None or tok == f"[PAD{i}]" and i not in added:  # (or such a row read back from a GGUF)
             # ids the embedding has but the tokenizer never emits (padding rows), named as llama.cpp's converter
             # names them. UNUSED, as it types them: a USER_DEFINED one (Microsoft's converter) is an added token in
             # llama.cpp and our reader, so the text "[PAD310]" would become that untrained id
@@ -488,7 +488,8 @@ def _add_metadata(w: gguf.GGUFWriter, cfg: dict, tok: dict, prov: dict, qtype: s
         # GGUF holds them as float32, where a value past its range is inf and one below its smallest is 0
         if not abs(cfg[key]) <= float(np.finfo(np.float32).max) or np.float32(cfg[key]) == 0 != cfg[key]:
             raise GGUFConversionError(f"config {key} {cfg[key]} does not fit GGUF's float32")
-    w.add_name(Path(str(prov.get("source") or "model")).name or "model")
+    # the name an imported GGUF had, else the source's (a hub id's model, a folder's or file's name)
+    w.add_name(prov.get("name") or Path(str(prov.get("source") or "model")).name or "model")
     w.add_vocab_size(cfg["vocab_size"])
     w.add_context_length(cfg["max_position_embeddings"])
     w.add_embedding_length(cfg["hidden_size"])
@@ -661,6 +662,8 @@ def gguf_to_packed(src: str | os.PathLike, out_path: str | os.PathLike, *, activ
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "gguf_architecture": src.arch,
         }
+        if isinstance(src.metadata.get(gguf.Keys.General.NAME), str):  # for a re-export (_add_metadata)
+            prov["name"] = src.metadata[gguf.Keys.General.NAME]
         names = [s.name for s in specs]
         if progress:
             from tqdm import tqdm

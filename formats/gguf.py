@@ -1087,9 +1087,9 @@ class GGUFSource:
 
     def _chat_template(self) -> str | None:
         tmpl = self._meta(Keys.Tokenizer.CHAT_TEMPLATE, (str,), None)
-        if tmpl is None and self.arch in ARCH_2B4T:
+        if tmpl is None and self.arch in ARCH_2B4T:  # Microsoft's file: its Llama-3 vocabulary, and no template
             tokens = self._file.metadata.get(Keys.Tokenizer.LIST)
-            if isinstance(tokens, list) and "<|eot_id|>" in tokens:
+            if isinstance(tokens, list) and len(tokens) == LLAMA3_VOCAB_SIZE and "<|eot_id|>" in tokens:
                 return BITNET_2B4T_CHAT_TEMPLATE
         return tmpl
 

@@ -419,8 +419,10 @@ def test_round_trip_bit_exact(tmp_path, qtype, act, scales, rows):
     # and once more: the re-imported file exports to the same GGUF tensors, shapes, types and bytes
     g2 = tmp_path / "m2.gguf"
     gc.packed_to_gguf(back, g2, qtype=qtype)
-    _, t1 = parse_gguf(g)
-    _, t2 = parse_gguf(g2)
+    kv1, t1 = parse_gguf(g)
+    kv2, t2 = parse_gguf(g2)
+    # ... and the same metadata: the name the first export wrote, not the re-imported file's name
+    assert kv1 == kv2 and kv1["general.name"] == "m.bin"
     start1, start2 = min(o for *_, o in t1.values()), min(o for *_, o in t2.values())
     assert {n: (d, t, o - start1) for n, (d, t, o) in t1.items()} == {n: (d, t, o - start2) for n, (d, t, o) in t2.items()}
     assert g.read_bytes()[start1:] == g2.read_bytes()[start2:]

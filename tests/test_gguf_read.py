@@ -635,6 +635,15 @@ def test_gguf_tokenizer_splits_as_llama_cpp(tmp_path, pre):
         assert ours.encode(text, add_special_tokens=False).ids == want, text
 
 
+def test_no_2b4t_template_for_another_vocabulary(tmp_path):
+    # the 2B-4T chat template stands in for Microsoft's missing one only where the vocabulary is that file's
+    # (Llama-3's 128256 tokens): another relu² model without a template has none, as it had before its export
+    path = tmp_path / "m.gguf"
+    write_model(path, tok_kv=gpt2_vocab_kv(train_bpe(True)))
+    with G.GGUFSource(path) as src:
+        assert "<|eot_id|>" in src.metadata["tokenizer.ggml.tokens"] and src.tokenizer["chat_template"] is None
+
+
 def test_2b4t_defaults_without_pre_or_template(tmp_path):
     """Microsoft's file: no tokenizer.ggml.pre, no chat template, a 128256-token Llama-3 vocab."""
     from tokenizers import Tokenizer
