@@ -100,8 +100,9 @@ def compare_models(a, b, text: str, *, gen_tokens: int = 16, max_tokens: int | N
 
     Compares at most ``max_tokens`` tokens, and no more than both contexts hold with the ``gen_tokens`` greedy ones.
     Raises CompareError when the vocab sizes differ. A tokenizer mismatch (B's ids differ from A's) is reported
-    in the result and logged, and both still run on A's ids. ``trace``: also compare every linear's input over
-    the first tokens (compare/trace.py); its verdict "differ" is a violation.
+    in the result and logged, and both still run on A's ids; with a threshold or ``trace`` it is a violation (B
+    would not see these ids from this text). ``trace``: also compare every linear's input over the first tokens
+    (compare/trace.py); its verdicts "differ" and "inconclusive" are violations.
     """
     va, vb = int(a.config.vocab_size), int(b.config.vocab_size)
     if va != vb:
@@ -109,9 +110,9 @@ def compare_models(a, b, text: str, *, gen_tokens: int = 16, max_tokens: int | N
     ids = list(a.tokenizer.encode(text))
     ids_b = list(b.tokenizer.encode(text))
     mismatch = ids != ids_b
+    differ = f"B's tokenizer gives other ids for this text ({len(ids_b)} tokens against A's {len(ids)})"
     if mismatch:
-        logger.warning("B's tokenizer gives different ids for this text (%d vs %d tokens); using A's ids for both",
-                       len(ids), len(ids_b))
+        logger.warning("%s; using A's ids for both", differ)
     # the text, and then each greedy step's text and continuation, must fit both models' context
     ctx = min(int(m.config.max_position_embeddings) for m in (a, b))
     room = ctx - max(gen_tokens - 1, 0)
@@ -133,7 +134,7 @@ def compare_models(a, b, text: str, *, gen_tokens: int = 16, max_tokens: int | N
         if gen_tokens > 0:
             ga, gb = greedy(a, ids, gen_tokens), greedy(b, ids, gen_tokens)
             first = next((i for i, (x, y) in enumerate(zip(ga, gb)) if x != y), None)
-            div = Divergence(gen_tokens, first, ga, gb, a.tokenizer.decode(ga), a.tokenizer.decode(gb))
+            div = Divergence(gen_tokens, first, ga, gb, a.tokenizer.decode(ga), b.tokenizer.decode(gb))
 
     res = CompareResult(
         n_tokens=len(ids),
@@ -147,6 +148,8 @@ def compare_models(a, b, text: str, *, gen_tokens: int = 16, max_tokens: int | N
         tokenizer_mismatch=mismatch,
         divergence=div,
     )
+    if mismatch and (trace or any(t is not None for t in (max_kl, min_top1, max_ppl_diff))):
+        res.violations.append(f"{differ}; both ran on A's")
     if max_kl is not None and not res.mean_kl <= max_kl:
         res.violations.append(f"mean KL {res.mean_kl:.6g} > --max-kl {max_kl:g}")
     if min_top1 is not None and not res.top1_agreement >= min_top1:
@@ -161,7 +164,7 @@ def compare_models(a, b, text: str, *, gen_tokens: int = 16, max_tokens: int | N
         from bitnet158.compare.trace import trace as trace_linears
 
         res.trace = trace_linears(a, b, ids).to_dict()
-        if res.trace["verdict"] == "differ":
+        if res.trace["verdict"] in ("differ", "inconclusive"):
             res.violations.append(f"trace: {res.trace['summary']}")
     return res
 

@@ -34,7 +34,8 @@ TRACE_TOKENS = 64  # the first tokens only: every linear's input is kept, [token
 @dataclass
 class Trace:
     """``verdict``: "agree" (no input rounds differently), "rounding" (every difference follows from a rounding
-    flip), or "differ" (an input that no flip has reached differs beyond TOLERANCE, at ``differ_at``)."""
+    flip), "differ" (an input that no flip has reached differs beyond TOLERANCE, at ``differ_at``), or
+    "inconclusive" (a flip at the first linear left no later input to check: the verdict would rest on nothing)."""
 
     verdict: str
     tokens: int
@@ -55,6 +56,10 @@ class Trace:
                  f"reached them ({self.checked} of {self.linears} linears × {self.tokens} positions)")
         if self.verdict == "agree":
             return f"agree: {agree}; no flip"
+        if self.verdict == "inconclusive":
+            return (f"INCONCLUSIVE: a rounding flip at {self.first_flip} left no later linear's input to check "
+                    f"({self.checked} of {self.linears} linears × {self.tokens} positions); compare f32 files "
+                    "(bitnet-convert hf-to-packed --dtype f32), or a text whose first tokens round alike")
         return f"rounding: {agree}; the first flip at {self.first_flip}"
 
 
@@ -101,7 +106,8 @@ def walk(names: list[str], xs_a: list[torch.Tensor], xs_b: list[torch.Tensor]) -
         if flipped.numel() and int(flipped[0]) < clean:
             clean = int(flipped[0])
             first_flip = first_flip or f"{name}, position {clean}"
-    return Trace("agree" if first_flip is None else "rounding", tokens, len(names), worst, checked, first_flip)
+    verdict = "agree" if first_flip is None else "rounding" if checked > tokens else "inconclusive"
+    return Trace(verdict, tokens, len(names), worst, checked, first_flip)
 
 
 def trace(a, b, ids: list[int]) -> Trace:

@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from bitnet158.compare.cli import EXIT_THRESHOLD, main
 from bitnet158.compare.core import CompareError, compare_models, logit_stats, perplexity_from_logits
 from bitnet158.converter.hf import convert_hf
+from bitnet158.formats.packed import PackedFile
 from bitnet158.runtime import load
 
 PROMPT = "Hello world! The quick brown fox jumps over the lazy dog."
@@ -135,6 +136,28 @@ def test_vocab_mismatch_and_no_tokens_refused(packed):
         compare_models(model, model, PROMPT, max_tokens=0)
     res = compare_models(model, model, PROMPT, max_tokens=1, max_ppl_diff=0.5, gen_tokens=0)
     assert res.ppl_a is None and res.violations == ["--max-ppl-diff needs a text of two tokens or more"]
+
+
+def test_a_tokenizer_that_differs_fails_a_threshold(packed, tmp_path, tiny):
+    # B's tokenizer swaps two tokens' ids: the logits on A's ids agree exactly, but B would not see those ids
+    # from this text. With a threshold (or --trace) that is a violation; B's greedy ids are shown as B's
+    # tokenizer prints them
+    model = load(packed, device="cpu")
+    tj = json.loads(model.tokenizer._tok.to_str())
+    vocab = tj["model"]["vocab"]
+    ids = model.tokenizer.encode(PROMPT, add_special_tokens=False)
+    x, y = (next(w for w, i in vocab.items() if i == t) for t in sorted(set(ids))[:2])
+    vocab[x], vocab[y] = vocab[y], vocab[x]
+    swapped = tmp_path / "swapped.bin"
+    with PackedFile(packed) as pf:
+        tiny.rewrite_packed(packed, swapped, tokenizer={**pf.tokenizer, "tokenizer_json": json.dumps(tj)})
+    other = load(swapped, device="cpu")
+    res = compare_models(model, other, PROMPT, gen_tokens=4)
+    assert res.tokenizer_mismatch and res.mean_kl == 0 and res.violations == []  # reported, no threshold
+    res = compare_models(model, other, PROMPT, gen_tokens=4, max_kl=1.0)
+    assert res.violations == [f"B's tokenizer gives other ids for this text ({len(ids) + 1} tokens against A's "
+                              f"{len(ids) + 1}); both ran on A's"]  # fmt: skip
+    assert res.divergence.text_b == other.tokenizer.decode(res.divergence.ids_b)
 
 
 def test_text_is_cut_to_the_context(packed):
@@ -348,6 +371,12 @@ def test_trace_walk_on_made_up_inputs():
     (a0, b0), (a1, b1) = tie_at(2), tie_at(0)
     t = walk(names3, [a0, a1, later], [b0, b1, later + 30])
     assert t.verdict == "rounding" and t.first_flip == "layers.0.attn.q_proj, position 2" and t.checked == 5, t
+    # a flip at position 0 of the first linear leaves no later input to check: not "rounding", which would rest
+    # on nothing (a broken file's trace passed so), but inconclusive, a violation in compare_models
+    a0, b0 = tie_at(0)
+    t = walk(names3, [a0, later, later], [b0, later + 30, later - 30])
+    assert t.verdict == "inconclusive" and t.checked == 3, t
+    assert t.describe().startswith("INCONCLUSIVE: a rounding flip at layers.0.attn.q_proj, position 0 left no later")
     with pytest.raises(CompareError, match="A ran 1 of 2, B ran 2"):
         walk(names, [base], [base, later])
     with pytest.raises(CompareError, match=r"layers.0.attn.o_proj takes \(3, 4\) in A, \(3, 3\) in B"):
