@@ -35,7 +35,12 @@ def main() -> None:
     print(f"{args.model}, {models['reuse'].device}, path {models['reuse'].backend}")
     print("| turn | prompt tokens | run (reuse) | prefill s, reuse | prefill s, no reuse | same reply |")
     print("|---|---|---|---|---|---|")
+    ctx = models["reuse"].config.max_position_embeddings
     for turn in range(1, args.turns + 1):
+        if len(conv["reuse"]) + args.user + args.reply > ctx:  # the next turn would not fit the context
+            print(f"(stopped before turn {turn}: {len(conv['reuse'])} + {args.user} + {args.reply} tokens exceed the "
+                  f"model's context of {ctx})")
+            break
         user = torch.randint(100, vocab, (args.user,), generator=gen).tolist()
         row = {}
         for name, model in models.items():

@@ -226,17 +226,19 @@ def test_device_checks_cli_calls_parse(tmp_path, monkeypatch):
 def test_bench_gpu_runs_on_a_file(bench, tmp_path, monkeypatch):
     """bench_gpu.py --file, as the device script runs it on the demo model, from its arguments to its table: the
     stages that take minutes in the interpreter (the correctness check, the int8 head's effect, the variants)
-    stubbed, so that a slip in the code between them (a renamed attribute once stopped the whole run) fails here."""
+    stubbed, so that a slip in the code between them (a renamed attribute once stopped the whole run) fails here.
+    The full-size run's prompt and tokens (512 + 256) are fitted to the demo model's context of 256."""
     from bitnet158.converter.hf import convert_hf
 
     convert_hf(str(ROOT / "examples" / "tiny-bitnet"), str(tmp_path / "tiny.bin"), progress=False)
-    text = []
+    text, sizes = [], []
     monkeypatch.setattr(bench, "check_correctness", lambda *a, **k: bench.RESULTS.update(correct=True))
     monkeypatch.setattr(bench, "int8_head_effect", lambda fast, prompt, text_ids: text.append(text_ids))
-    monkeypatch.setattr(bench, "run_variants", lambda *a, **k: None)
+    monkeypatch.setattr(bench, "run_variants", lambda fast, prompt, args, t0: sizes.append((len(prompt), args.tokens)))
     monkeypatch.setattr(sys, "argv", ["bench_gpu.py", "--smoke", "--file", str(tmp_path / "tiny.bin"), "--no-micro",
-                                      "--prompt-len", "16", "--tokens", "8", "--runs", "1", "--variants", "default",
+                                      "--prompt-len", "512", "--tokens", "256", "--runs", "1", "--variants", "default",
                                       "--json", str(tmp_path / "bench.json")])  # fmt: skip
     assert bench.main() == 0
     assert len(text) == 1 and len(text[0]) > 100  # the demo's tokenizer takes the built-in text
+    assert sizes == [(128, 128)]
     assert (tmp_path / "bench.json").is_file()
