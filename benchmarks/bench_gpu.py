@@ -995,7 +995,8 @@ def bench_model(path: Path, label: str, args, random: bool, t_start: float) -> N
     ctx = model.config.max_position_embeddings
     if args.prompt_len + args.tokens > ctx:  # a file of a shorter context (the demo model's 256): fit the run to it
         tokens = min(args.tokens, ctx // 2)
-        say(f"the model's context is {ctx}: prompt {args.prompt_len} → {ctx - tokens}, tokens {args.tokens} → {tokens}")
+        say(f"the model's context is {ctx}: prompt {args.prompt_len} → {ctx - tokens}, "
+            f"tokens {args.tokens} → {tokens}")
         args.prompt_len, args.tokens = ctx - tokens, tokens
     b = bytes_per_token(model.net, "bf16", 0)
     b8 = bytes_per_token(model.net, "int8", 0)

@@ -1036,7 +1036,8 @@ class GGUFSource:
         # as llama.cpp reads them: the type defaults to linear, the factor falls back to the old key
         # rope.scale_linear, and a factor of 0 is none (rope_freq_scale_train = 1)
         st = self._meta(K(Keys.Rope.SCALING_TYPE), (str,), "linear")
-        factor_key = K(Keys.Rope.SCALING_FACTOR) if K(Keys.Rope.SCALING_FACTOR) in f.metadata else a + "rope.scale_linear"
+        factor_key = K(Keys.Rope.SCALING_FACTOR)
+        factor_key = factor_key if factor_key in f.metadata else a + "rope.scale_linear"
         factor = self._positive(factor_key, (float, int), 1.0, zero=1.0)
         if st != "none" and not (st == "linear" and factor == 1.0):
             if st != "linear":
