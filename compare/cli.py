@@ -50,8 +50,8 @@ DEFAULT_PROMPT = "The capital of France is Paris. The capital of Germany is"
               help="What runs B (--engine-a).")
 @click.option("--trace", is_flag=True,
               help=f"Also compare every ternary linear's input over the first {TRACE_TOKENS} tokens, to tell int8 "
-                   "rounding flips from a real difference, which fails (exit 3), as does a trace that can check "
-                   "nothing past the first linear; our side then runs its reference path in fp32.")
+                   "rounding flips from a real difference, which fails (exit 3), as does a trace that leaves a "
+                   "linear unchecked; our side then runs its reference path in fp32.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 @click.option("-v", "--verbose", is_flag=True, help="Log progress to stderr.")
 def main(a, b, prompt, text_file, device, max_kl, min_top1, max_ppl_diff, gen_tokens, max_tokens, activation_a,

@@ -35,7 +35,8 @@ TRACE_TOKENS = 64  # the first tokens only: every linear's input is kept, [token
 class Trace:
     """``verdict``: "agree" (no input rounds differently), "rounding" (every difference follows from a rounding
     flip), "differ" (an input that no flip has reached differs beyond TOLERANCE, at ``differ_at``), or
-    "inconclusive" (a flip at the first linear left no later input to check: the verdict would rest on nothing)."""
+    "inconclusive" (flips reached position 0 before linear ``blind``, so no input of it or of any later linear
+    could be checked: a wrong layer there would pass)."""
 
     verdict: str
     tokens: int
@@ -44,6 +45,7 @@ class Trace:
     checked: int  # how many (linear, position) inputs no flip had reached: what the verdict rests on
     first_flip: str | None = None  # "LINEAR, position P": the first input that rounds differently
     differ_at: str | None = None
+    blind: str | None = None  # the first linear that no position of could be checked (inconclusive)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "summary": self.describe()}
@@ -57,9 +59,10 @@ class Trace:
         if self.verdict == "agree":
             return f"agree: {agree}; no flip"
         if self.verdict == "inconclusive":
-            return (f"INCONCLUSIVE: a rounding flip at {self.first_flip} left no later linear's input to check "
-                    f"({self.checked} of {self.linears} linears × {self.tokens} positions); compare f32 files "
-                    "(bitnet-convert hf-to-packed --dtype f32), or a text whose first tokens round alike")
+            return (f"INCONCLUSIVE: rounding flips (the first at {self.first_flip}) reached position 0 before "
+                    f"{self.blind}, which no input of, nor of any later linear, could be checked ({self.checked} of "
+                    f"{self.linears} linears × {self.tokens} positions); compare f32 files (bitnet-convert "
+                    "hf-to-packed --dtype f32), or a text whose first tokens round alike")
         return f"rounding: {agree}; the first flip at {self.first_flip}"
 
 
@@ -90,7 +93,7 @@ def walk(names: list[str], xs_a: list[torch.Tensor], xs_b: list[torch.Tensor]) -
                            f"B ran {len(xs_b)}")
     tokens = xs_a[0].shape[0] if xs_a else 0
     clean = tokens  # positions < clean: no rounding flip has reached them
-    first_flip, worst, checked = None, 0.0, 0
+    first_flip, worst, checked, blind = None, 0.0, 0, None
     for name, xa, xb in zip(names, xs_a, xs_b):
         if xa.shape != xb.shape:
             raise CompareError(f"the trace needs the same linears on both sides: {name} takes {tuple(xa.shape)} "
@@ -102,12 +105,14 @@ def walk(names: list[str], xs_a: list[torch.Tensor], xs_b: list[torch.Tensor]) -
             if rel[p] > TOLERANCE:
                 return Trace("differ", tokens, len(names), float(rel[p]), checked, first_flip, f"{name}, position {p}")
             checked += clean
+        elif blind is None:
+            blind = name
         flipped = (quantize_activations(xa)[0] != quantize_activations(xb)[0]).any(-1).nonzero()  # [n, 1]
         if flipped.numel() and int(flipped[0]) < clean:
             clean = int(flipped[0])
             first_flip = first_flip or f"{name}, position {clean}"
-    verdict = "agree" if first_flip is None else "rounding" if checked > tokens else "inconclusive"
-    return Trace(verdict, tokens, len(names), worst, checked, first_flip)
+    verdict = "agree" if first_flip is None else "rounding" if blind is None else "inconclusive"
+    return Trace(verdict, tokens, len(names), worst, checked, first_flip, blind=blind)
 
 
 def trace(a, b, ids: list[int]) -> Trace:

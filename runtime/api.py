@@ -19,6 +19,7 @@ from bitnet158.runtime.generate import (
     stream_text,
 )
 from bitnet158.runtime.model import Transformer
+from bitnet158.runtime.perplexity import check_windows
 from bitnet158.runtime.perplexity import perplexity as _perplexity
 from bitnet158.runtime.sampling import Sampler, SamplingParams
 from bitnet158.runtime.tokenizer import Tokenizer
@@ -265,7 +266,6 @@ class BitNetModel:
         stats.truncated_tokens = dropped
         self.last_stats = stats
         stops = tuple(self.config.eos_token_id) if stop_ids is None else tuple(stop_ids)
-        self._cache_writes += 1
         if self.fast is not None:  # the graph decoder: every step and its sampling on the device
             with self._on_device():
                 dec = self._graph_decoder(len(ids) + max_new_tokens, grow=reuse_cache)
@@ -277,6 +277,7 @@ class BitNetModel:
         else:
             stats.path = self.backend
             tokens = generate_tokens(self.net, ids, max_new_tokens, Sampler(params, self.device), stops, stats)
+        self._cache_writes += 1  # only now, once nothing can refuse the call
         return self._on_device_each(tokens, self._cache_writes)
 
     def generate(
@@ -327,6 +328,7 @@ class BitNetModel:
         ids = self.tokenizer.encode(text, add_special_tokens=True)
         ctx = self.config.max_position_embeddings if ctx is None else ctx  # 0 is refused (window_plan), not a default
         stride = max(1, ctx // 2) if stride is None else stride
+        check_windows(len(ids), ctx, stride, self.config.max_position_embeddings)  # a refused call writes nothing
         self._cache_writes += 1
         self._forget_cache()
         with self._on_device():

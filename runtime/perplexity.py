@@ -46,6 +46,13 @@ def window_plan(n: int, ctx: int, stride: int) -> list[tuple[int, int, int]]:
         b += stride
 
 
+def check_windows(n: int, ctx: int, stride: int, context: int) -> list[tuple[int, int, int]]:
+    """window_plan for a model of ``context`` positions: its PerplexityError, before anything runs."""
+    if ctx > context:
+        raise PerplexityError(f"ctx={ctx} exceeds the model context {context}")
+    return window_plan(n, ctx, stride)
+
+
 @torch.inference_mode()
 def perplexity(
     net: Transformer, ids: list[int], ctx: int, stride: int, progress: bool = False, forward=None
@@ -54,9 +61,7 @@ def perplexity(
 
     ``forward(tokens [1, T], start_pos) -> fp32 logits [1, T, V]`` replaces ``net``'s own (the fast path's)."""
     forward = forward or net
-    if ctx > net.config.max_position_embeddings:
-        raise PerplexityError(f"ctx={ctx} exceeds the model context {net.config.max_position_embeddings}")
-    plan = window_plan(len(ids), ctx, stride)
+    plan = check_windows(len(ids), ctx, stride, net.config.max_position_embeddings)
     net.setup_cache(1, min(ctx, len(ids)))
     tokens = torch.tensor(ids, dtype=torch.long, device=net.device)
     nll, count = 0.0, 0

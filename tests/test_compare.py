@@ -368,15 +368,20 @@ def test_trace_walk_on_made_up_inputs():
     (a0, b0), (a1, b1) = tie_at(1), tie_at(2)
     t = walk(names3, [a0, a1, later], [b0, b1, later_b])  # later_b: far apart at rows 1-2, which the first flip reached
     assert t.verdict == "rounding" and t.first_flip == "layers.0.attn.q_proj, position 1", t
+    # a flip at position 0 leaves no input of any later linear to check: not "rounding", which would rest on none
+    # of them (a broken file's trace passed so), but inconclusive, a violation in compare_models; at the last
+    # linear it leaves nothing unchecked
     (a0, b0), (a1, b1) = tie_at(2), tie_at(0)
     t = walk(names3, [a0, a1, later], [b0, b1, later + 30])
-    assert t.verdict == "rounding" and t.first_flip == "layers.0.attn.q_proj, position 2" and t.checked == 5, t
-    # a flip at position 0 of the first linear leaves no later input to check: not "rounding", which would rest
-    # on nothing (a broken file's trace passed so), but inconclusive, a violation in compare_models
+    assert t.verdict == "inconclusive" and t.first_flip == "layers.0.attn.q_proj, position 2" and t.checked == 5, t
+    assert t.blind == "layers.0.mlp.gate_proj"
     a0, b0 = tie_at(0)
     t = walk(names3, [a0, later, later], [b0, later + 30, later - 30])
-    assert t.verdict == "inconclusive" and t.checked == 3, t
-    assert t.describe().startswith("INCONCLUSIVE: a rounding flip at layers.0.attn.q_proj, position 0 left no later")
+    assert t.verdict == "inconclusive" and t.checked == 3 and t.blind == "layers.0.attn.o_proj", t
+    assert t.describe().startswith("INCONCLUSIVE: rounding flips (the first at layers.0.attn.q_proj, position 0) "
+                                   "reached position 0 before layers.0.attn.o_proj, which no input of")
+    t = walk(names3, [base, later, a0], [base.clone(), later.clone(), b0])
+    assert t.verdict == "rounding" and t.blind is None and t.checked == 9, t
     with pytest.raises(CompareError, match="A ran 1 of 2, B ran 2"):
         walk(names, [base], [base, later])
     with pytest.raises(CompareError, match=r"layers.0.attn.o_proj takes \(3, 4\) in A, \(3, 3\) in B"):

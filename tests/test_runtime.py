@@ -1072,6 +1072,14 @@ def test_an_open_generation_cannot_go_on_after_another_call(ms_model):
         with pytest.raises(RuntimeError, match="this generation cannot go on"):
             next(tokens)
     assert len(list(ms_model.generate_ids([6, 7, 8], 6, stop_ids=()))) == 6  # a new one runs
+    # a refused call writes nothing: the open generation goes on
+    tokens = ms_model.generate_ids([6, 7, 8], 6, stop_ids=())
+    first = next(tokens)
+    for refused in (lambda: ms_model.perplexity("the quick brown fox", ctx=0), lambda: ms_model.logits([]),
+                    lambda: ms_model.generate_ids([6, 7, 8], 10_000)):  # fmt: skip
+        with pytest.raises(ValueError):
+            refused()
+    assert [first, *tokens] == list(ms_model.generate_ids([6, 7, 8], 6, stop_ids=()))
 
 
 def test_activation_override(ms_file, ms_latent_pair):
