@@ -251,18 +251,15 @@ def main(
     source = click.get_current_context().get_parameter_source
     given = [n for n in ("ctx", "stride", *_GENERATION_OPTIONS) if source(n) is ParameterSource.COMMANDLINE]
     unused = [n for n in given if (n in _GENERATION_OPTIONS) == (ppl_file is not None)]
+    why = "not for --perplexity, which scores a text and generates nothing" if ppl_file else "only for --perplexity"
+    if not unused and interactive and "truncate" in given:
+        unused, why = ["truncate"], "not for an interactive chat, which drops its oldest turns itself"
+    if not unused and temperature == 0:
+        unused = [n for n in ("top_k", "top_p", "min_p", "seed") if n in given]
+        why = "only for sampling (--temperature > 0); at 0 the output is greedy"
     if unused:
         flags = ", ".join("--" + n.replace("_", "-") for n in unused)
-        why = "not for --perplexity, which scores a text and generates nothing" if ppl_file else "only for --perplexity"
         click.echo(f"error: {flags}: {why}", err=True)
-        sys.exit(2)
-    if interactive and "truncate" in given:
-        click.echo("error: --truncate: not for an interactive chat, which drops its oldest turns itself", err=True)
-        sys.exit(2)
-    greedy_unused = [n for n in ("top_k", "top_p", "min_p", "seed") if n in given] if temperature == 0 else []
-    if greedy_unused and ppl_file is None:
-        flags = ", ".join("--" + n.replace("_", "-") for n in greedy_unused)
-        click.echo(f"error: {flags}: only for sampling (--temperature > 0); at 0 the output is greedy", err=True)
         sys.exit(2)
     if threads:
         torch.set_num_threads(threads)
