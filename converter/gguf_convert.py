@@ -517,10 +517,12 @@ def _add_metadata(w: gguf.GGUFWriter, cfg: dict, tok: dict, prov: dict, qtype: s
     w.add_token_types(meta.token_types)
     if meta.merges:
         w.add_token_merges(meta.merges)
-    ids = {t: i for i, t in reversed(list(enumerate(meta.tokens)))}  # a token's text -> its (first) id
+    def first_id(text: str | None) -> int | None:  # a token's (first) id by its text
+        return next((i for i, t in enumerate(meta.tokens) if t == text), None) if text is not None else None
+
     bos = cfg.get("bos_token_id")
     if bos is None:  # the tokenizer's own BOS, which the reader needs where the tokenizer adds it
-        bos = ids.get(tok.get("bos_token"))
+        bos = first_id(tok.get("bos_token"))
     if bos is not None:
         w.add_bos_token_id(int(bos))
     elif tok.get("add_bos_token"):
@@ -529,7 +531,7 @@ def _add_metadata(w: gguf.GGUFWriter, cfg: dict, tok: dict, prov: dict, qtype: s
     # our config lists every stop id (2B-4T: <|end_of_text|>, <|eot_id|>); llama.cpp, and our reader, stop on eos,
     # eot and eom, and GGUF has no key for more. The tokenizer's EOS goes first, as eos: its text is the eos_token
     # that a chat template writes after the GGUF is read back
-    eos_id = ids.get(tok.get("eos_token"))
+    eos_id = first_id(tok.get("eos_token"))
     eos = sorted(cfg.get("eos_token_id") or [], key=lambda i: i != eos_id)  # stable: the others keep their order
     for token_id, add in zip(eos, (w.add_eos_token_id, w.add_eot_token_id, w.add_eom_token_id)):
         add(int(token_id))
