@@ -194,9 +194,8 @@ def build_model(
                     "unpacked", fast or backend)
         cache_unpacked = False
     tokenizer = Tokenizer(source.tokenizer, config.eos_token_id)
-    top_id = tokenizer.max_id  # (builds the vocabulary's dict: once)
-    if top_id >= config.vocab_size:  # such an id would index past the embedding mid-generation
-        raise LoadError(f"the tokenizer has token id {top_id}, past the embedding's {config.vocab_size} rows")
+    if tokenizer.max_id >= config.vocab_size:  # such an id would index past the embedding mid-generation
+        raise LoadError(f"the tokenizer has token id {tokenizer.max_id}, past the embedding's {config.vocab_size} rows")
     _check_tensors(source, config)
 
     def floats(name: str) -> torch.Tensor:

@@ -104,9 +104,10 @@ class Tokenizer:
         self.eos_token: str | None = tok.get("eos_token")
         self.eos_token_ids: tuple[int, ...] = tuple(eos_token_ids)
 
-    @property
+    @cached_property
     def max_id(self) -> int:
-        """The largest id the tokenizer can produce (its added tokens included)."""
+        """The largest id the tokenizer can produce (its added tokens included); the vocabulary's dict is built
+        once (2B-4T: 128k entries)."""
         return max(self._tok.get_vocab(with_added_tokens=True).values(), default=-1)
 
     def token_to_id(self, token: str) -> int | None:
