@@ -528,16 +528,18 @@ def _add_metadata(w: gguf.GGUFWriter, cfg: dict, tok: dict, prov: dict, qtype: s
     elif tok.get("add_bos_token"):
         raise GGUFConversionError("the tokenizer adds a BOS, but the file names no BOS token (config bos_token_id, "
                                   "tokenizer bos_token): its GGUF could not say which")  # fmt: skip
-    # our config lists every stop id (2B-4T: <|end_of_text|>, <|eot_id|>); llama.cpp, and our reader, stop on eos,
-    # eot and eom, and GGUF has no key for more. The tokenizer's EOS goes first, as eos: its text is the eos_token
-    # that a chat template writes after the GGUF is read back
+    # our config lists every stop id (2B-4T: <|end_of_text|>, <|eot_id|>); GGUF has keys for three (eos, eot, eom),
+    # and llama.cpp, like our reader, also stops on the tokens whose text it knows (LLAMA_CPP_EOG_TEXTS). The
+    # tokenizer's EOS goes first, as eos: its text is the eos_token that a chat template writes after the GGUF is
+    # read back; then the ids that only a key can name
     eos_id = first_id(tok.get("eos_token"))
-    eos = sorted(cfg.get("eos_token_id") or [], key=lambda i: i != eos_id)  # stable: the others keep their order
+    by_text = set(gguf_fmt.llama_cpp_eog_ids(meta.tokens))
+    eos = sorted(cfg.get("eos_token_id") or [], key=lambda i: (i != eos_id, i in by_text))  # stable
     for token_id, add in zip(eos, (w.add_eos_token_id, w.add_eot_token_id, w.add_eom_token_id)):
         add(int(token_id))
-    if len(eos) > 3:
-        logger.warning("stop ids %s are not written: GGUF holds three (eos, eot, eom); llama.cpp may still stop on "
-                       "them by their text", eos[3:])
+    lost = [i for i in eos[3:] if i not in by_text]
+    if lost:
+        logger.warning("stop ids %s are not written: GGUF holds three (eos, eot, eom)", lost)
     if tok.get("add_eos_token"):
         w.add_add_eos_token(True)
     if meta.add_space_prefix is not None:

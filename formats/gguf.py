@@ -828,6 +828,26 @@ _LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "
 # upstream's optional per-tensor multipliers: blk.N.<linear>.scale, F32 [1]
 _SCALE_SUFFIX = ".scale"
 
+# Token texts on which llama.cpp ends generation in any GGUF, whatever its keys say (llama-vocab.cpp, as
+# llama-cpp-python 0.3.36 vendors it; older releases know fewer). It also finds FIM tokens by text: not mirrored.
+LLAMA_CPP_EOG_TEXTS = frozenset({
+    "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>", "<end_of_turn>",
+    "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]", "<|end_of_text|>",
+    "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>",
+})
+
+
+def llama_cpp_eog_ids(tokens: list) -> list[int]:
+    """The ids of ``tokens`` (the GGUF token list) that llama.cpp ends generation on by their text alone."""
+    ids = {t: i for i, t in enumerate(tokens) if t in LLAMA_CPP_EOG_TEXTS}
+    # its two exceptions: <|end|> continues a gpt-oss (or solar-open) turn, </s> is text to Gemma-4
+    if ("<|call|>" in ids or "<|calls|>" in ids) and ("<|return|>" in ids or "<|flush|>" in ids):
+        ids.pop("<|end|>", None)
+    if "<|tool_response>" in ids:
+        ids.pop("</s>", None)
+    return sorted(ids.values())
+
+
 # Microsoft's 2B-4T GGUF carries no chat template. This is the one of the HF repo (the ``chat_template`` of
 # microsoft/bitnet-b1.58-2B-4T tokenizer_config.json, as quoted verbatim by other projects); it renders
 # "User: {msg}<|eot_id|>Assistant: " like bitnet.cpp's built-in "bitnet" template. BOS is not in the
@@ -1076,14 +1096,11 @@ class GGUFSource:
                 raise GGUFFormatError(f"{key} = {v} is outside the vocabulary")
             if v is not None and v not in ids:
                 ids.append(v)
+        # and, as llama.cpp, on the tokens whose text it knows as an end of generation: Microsoft's 2B-4T file
+        # lists <|eot_id|>, which ends its chat turns, as neither eos nor eot
         tokens = self._file.metadata.get(Keys.Tokenizer.LIST)
-        # chat turns that end with <|eot_id|> (Llama-3 vocabularies, the 2B-4T template) stop there too, even
-        # where the GGUF lists it as neither eos nor eot (Microsoft's 2B-4T file)
-        tmpl = self._chat_template()
-        if isinstance(tokens, list) and tmpl is not None and "<|eot_id|>" in tmpl and "<|eot_id|>" in tokens:
-            eot = tokens.index("<|eot_id|>")
-            if eot not in ids:
-                ids.append(eot)
+        if isinstance(tokens, list):
+            ids += [i for i in llama_cpp_eog_ids(tokens) if i not in ids]
         return ids
 
     def _chat_template(self) -> str | None:

@@ -635,6 +635,29 @@ def test_gguf_tokenizer_splits_as_llama_cpp(tmp_path, pre):
         assert ours.encode(text, add_special_tokens=False).ids == want, text
 
 
+def test_gguf_stop_ids_are_llama_cpps(tmp_path):
+    # a generation ends where llama.cpp's does: on the eos/eot/eom keys, and on every token whose text llama.cpp
+    # knows as an end of generation, keyed or not (the trained vocabulary has <|eot_id|>, a text of that list)
+    llama_cpp = pytest.importorskip("llama_cpp")
+    kv = gpt2_vocab_kv(train_bpe(False))
+    n = len(kv["tokens"])
+    texts = sorted(G.LLAMA_CPP_EOG_TEXTS - {"<|eot_id|>"})
+    for drop, kept in (((), 17), (("<|return|>", "<|flush|>"), 16), (("<|tool_response>",), 17)):
+        # with all of them, llama.cpp drops <|end|> (gpt-oss's <|return|>, <|call|>) and </s> (<|tool_response>)
+        kv = gpt2_vocab_kv(train_bpe(False))
+        n = len(kv["tokens"])
+        kv["tokens"] += [t for t in texts if t not in drop] + ["<|start|>", "<|user|>", "<s>"]  # three that end nothing
+        kv["types"] += [3] * (len(kv["tokens"]) - n)
+        path = tmp_path / f"m{kept}{len(drop)}.gguf"
+        write_model(path, tok_kv=kv, arch="bitnet", qtype="tq2_0")
+        with G.GGUFSource(path) as src:
+            ours = src.config["eos_token_id"]
+        llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)  # kept: the vocab is its memory
+        vocab = llama_cpp.llama_model_get_vocab(llm.model)
+        theirs = [i for i in range(len(kv["tokens"])) if llama_cpp.llama_vocab_is_eog(vocab, i)]
+        assert ours[0] == kv["eos"] and sorted(ours) == theirs and len(theirs) == kept + 2, drop
+
+
 def test_no_2b4t_template_for_another_vocabulary(tmp_path):
     # the 2B-4T chat template stands in for Microsoft's missing one only where the vocabulary is that file's
     # (Llama-3's 128256 tokens): another relu² model without a template has none, as it had before its export
