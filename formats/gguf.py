@@ -830,22 +830,27 @@ _SCALE_SUFFIX = ".scale"
 
 # Token texts on which llama.cpp ends generation in any GGUF, whatever its keys say (llama-vocab.cpp, as
 # llama-cpp-python 0.3.36 vendors it; older releases know fewer). It also finds FIM tokens by text: not mirrored.
-LLAMA_CPP_EOG_TEXTS = frozenset({
+LLAMA_CPP_EOG_TEXTS = (
     "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>", "<end_of_turn>",
     "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]", "<|end_of_text|>",
     "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>",
-})
+)
 
 
 def llama_cpp_eog_ids(tokens: list) -> list[int]:
-    """The ids of ``tokens`` (the GGUF token list) that llama.cpp ends generation on by their text alone."""
-    ids = {t: i for i, t in enumerate(tokens) if t in LLAMA_CPP_EOG_TEXTS}
+    """The ids of ``tokens`` (the GGUF token list) that llama.cpp ends generation on by their text alone, in the
+    order of LLAMA_CPP_EOG_TEXTS (so an export keys <|eot_id|> as eot, and <|eom_id|> as eom, as Llama-3 does)."""
+    found = {}
+    for i, t in enumerate(tokens):
+        if t in LLAMA_CPP_EOG_TEXTS and t not in found:
+            found[t] = i
+    ids = {t: found[t] for t in LLAMA_CPP_EOG_TEXTS if t in found}
     # its two exceptions: <|end|> continues a gpt-oss (or solar-open) turn, </s> is text to Gemma-4
     if ("<|call|>" in ids or "<|calls|>" in ids) and ("<|return|>" in ids or "<|flush|>" in ids):
         ids.pop("<|end|>", None)
     if "<|tool_response>" in ids:
         ids.pop("</s>", None)
-    return sorted(ids.values())
+    return list(ids.values())
 
 
 # Microsoft's 2B-4T GGUF carries no chat template. This is the one of the HF repo (the ``chat_template`` of

@@ -641,12 +641,13 @@ def test_gguf_stop_ids_are_llama_cpps(tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp")
     kv = gpt2_vocab_kv(train_bpe(False))
     n = len(kv["tokens"])
-    texts = sorted(G.LLAMA_CPP_EOG_TEXTS - {"<|eot_id|>"})
+    texts = [t for t in G.LLAMA_CPP_EOG_TEXTS if t != "<|eot_id|>"]
     for drop, kept in (((), 17), (("<|return|>", "<|flush|>"), 16), (("<|tool_response>",), 17)):
         # with all of them, llama.cpp drops <|end|> (gpt-oss's <|return|>, <|call|>) and </s> (<|tool_response>)
         kv = gpt2_vocab_kv(train_bpe(False))
         n = len(kv["tokens"])
-        kv["tokens"] += [t for t in texts if t not in drop] + ["<|start|>", "<|user|>", "<s>"]  # three that end nothing
+        # in reverse: the stop ids come in the list's order (<|eot_id|> before <|eom_id|>), not by id
+        kv["tokens"] += [t for t in reversed(texts) if t not in drop] + ["<|start|>", "<|user|>", "<s>"]  # 3 non-stops
         kv["types"] += [3] * (len(kv["tokens"]) - n)
         path = tmp_path / f"m{kept}{len(drop)}.gguf"
         write_model(path, tok_kv=kv, arch="bitnet", qtype="tq2_0")
@@ -656,6 +657,7 @@ def test_gguf_stop_ids_are_llama_cpps(tmp_path):
         vocab = llama_cpp.llama_model_get_vocab(llm.model)
         theirs = [i for i in range(len(kv["tokens"])) if llama_cpp.llama_vocab_is_eog(vocab, i)]
         assert ours[0] == kv["eos"] and sorted(ours) == theirs and len(theirs) == kept + 2, drop
+        assert ours[1:] == sorted(ours[1:], key=lambda i: G.LLAMA_CPP_EOG_TEXTS.index(kv["tokens"][i]))
 
 
 def test_no_2b4t_template_for_another_vocabulary(tmp_path):
@@ -677,6 +679,7 @@ def test_2b4t_defaults_without_pre_or_template(tmp_path):
     # pad to Llama-3's size with reserved specials, and name bos like Llama-3
     kv["tokens"] = kv["tokens"] + [f"<|reserved_special_token_{i}|>" for i in range(G.LLAMA3_VOCAB_SIZE - n0 - 1)]
     kv["tokens"].append("<|begin_of_text|>")
+    kv["tokens"][n0] = "<|eom_id|>"  # a stop by its text alone
     kv["types"] = kv["types"] + [3] * (G.LLAMA3_VOCAB_SIZE - n0)
     kv["bos"] = G.LLAMA3_VOCAB_SIZE - 1
     path = tmp_path / "m.gguf"
@@ -685,7 +688,7 @@ def test_2b4t_defaults_without_pre_or_template(tmp_path):
         td = src.tokenizer
         assert td["chat_template"] == G.BITNET_2B4T_CHAT_TEMPLATE
         eot = kv["tokens"].index("<|eot_id|>")
-        assert src.config["eos_token_id"] == [kv["eos"], eot]
+        assert src.config["eos_token_id"] == [kv["eos"], eot, n0]  # llama.cpp's stops; eot before eom
         tok = Tokenizer.from_str(td["tokenizer_json"])
         for text in PROBES:
             assert tok.encode(text, add_special_tokens=False).ids == src_tok.encode(text, add_special_tokens=False).ids
