@@ -12,6 +12,7 @@ without the known sandbox escapes, as transformers requires) and no attribute st
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from functools import cached_property
 
@@ -113,6 +114,9 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tok.id_to_token(token_id)
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``; ``add_special_tokens`` applies the post-processor (BOS as the HF tokenizer)."""
         if not isinstance(text, str):
@@ -175,6 +179,10 @@ class Tokenizer:
         return StreamDecoder(self, prompt_ids, skip_special_tokens)
 
 
+# a byte-fallback token (SentencePiece's <0xXX>) of a UTF-8 continuation byte, 0x80-0xBF: not a character's start
+_CONTINUATION_BYTE = re.compile(r"<0x[89AB][0-9A-F]>")
+
+
 class StreamDecoder:
     """Turns a stream of token ids into text pieces, emitting text only once it is stable.
 
@@ -182,6 +190,12 @@ class StreamDecoder:
     to U+FFFD until its last byte arrives, and SentencePiece-style decoders drop the leading space of the first
     token of a sequence. So, like vLLM's detokenizer, we decode a short window that starts a few tokens back
     (``prefix``) and emit what the new tokens added to it, holding back while the text ends in U+FFFD.
+
+    The first window must not start inside a character that SentencePiece spelled as byte-fallback tokens
+    (``<0xF0><0x9F><0x8D><0x95>`` for 🍕): the ByteFallback decoder decodes each run of byte tokens as one, so a
+    run cut at its start, and every new byte token that joins it (``<0x0A>`` for a newline), would come out as
+    U+FFFD. So it starts at the character's first byte. Later windows start where emitted text ended: on a
+    character boundary.
     """
 
     _CONTEXT = 6  # tokens of already-emitted text kept in front of the window
@@ -189,7 +203,11 @@ class StreamDecoder:
     def __init__(self, tokenizer: Tokenizer, prompt_ids=(), skip_special_tokens: bool = True):
         self._tok = tokenizer
         self._skip = skip_special_tokens
-        self._ids: list[int] = list(prompt_ids)[-self._CONTEXT :]
+        prompt_ids = list(prompt_ids)
+        start = max(0, len(prompt_ids) - self._CONTEXT)
+        while start > 0 and _CONTINUATION_BYTE.fullmatch(tokenizer.id_to_token(prompt_ids[start]) or ""):
+            start -= 1
+        self._ids: list[int] = prompt_ids[start:]
         self._prefix = 0  # window start
         self._read = len(self._ids)  # tokens before this index are already emitted
 

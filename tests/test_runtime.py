@@ -457,6 +457,15 @@ def test_streaming_detokenizer_multibyte(ms_model, onebitllm_pair):
         assert "".join(pieces) == tok.decode(prompt + ids)[len(tok.decode(prompt)) :]
         assert "".join(pieces).startswith(" naïve")
         assert not any("\ufffd" in p for p in pieces)
+    # a prompt that ends in characters spelled as byte-fallback tokens: the first window must start at a character
+    # (a window cut inside 🍕's <0xF0><0x9F><0x8D><0x95> turned the reply's <0x0A> into U+FFFD)
+    tok = sp_model.tokenizer
+    for prompt_text, reply in (("I love pizza 🍕🍕", "\nYes 🍕"), ("Party 🎉🎉", "🎉 ok")):
+        prompt = tok.encode(prompt_text)
+        ids = tok.encode(prompt_text + reply)[len(prompt) :]
+        assert tok.id_to_token(prompt[-6]).startswith("<0x")  # the window's natural start is inside a character
+        dec = tok.stream(prompt)
+        assert "".join([dec.push(i) for i in ids] + [dec.flush()]) == reply
     # byte-level BPE splits an emoji across tokens: some pushes must hold back
     ids = ms_model.tokenizer.encode("🙂", add_special_tokens=False)
     assert len(ids) > 1
