@@ -1,24 +1,24 @@
 """Normalize a Hugging Face tokenizer to the packed format's tokenizer object (PACKED.md §4).
 
-Every source ends as one `tokenizers` serialization (tokenizer.json) whose post-processor inserts BOS/EOS
-exactly as transformers' ``AutoTokenizer.encode()`` does, plus the chat template and the special-token strings.
-
-- A ``tokenizer.json`` is read with the `tokenizers` library, and what transformers (v5 ``TokenizersBackend``)
-  layers on top of it is replayed from ``tokenizer_config.json``: the named special tokens are registered as
-  special added tokens (so their text maps to one id). Its post-processor is kept as it is: transformers v5
-  drops ``add_bos_token``/``add_eos_token`` from the config whenever a tokenizer.json exists (v4's
-  LlamaTokenizerFast rebuilt the post-processor from them; a mismatch is logged as a warning).
-- A SentencePiece-only source (``tokenizer.model``, no tokenizer.json) is converted once by transformers' own
-  slow→fast conversion, which needs the optional extra ``bitnet158[sentencepiece]``.
+The source folder's tokenizer is loaded by transformers' own ``AutoTokenizer`` (never remote code), the oracle
+that users compare against: what it layers on tokenizer.json from tokenizer_config.json, special_tokens_map.json
+and added_tokens.json (special tokens registered as added tokens, a ``LlamaTokenizer``'s pre-tokenizer rebuilt
+from ``legacy``/``add_prefix_space``, BOS/EOS insertion), and a SentencePiece-only ``tokenizer.model`` converted
+by its slow→fast conversion (the optional extra ``bitnet158[sentencepiece]``), all end in its backend
+``tokenizers`` serialization. That is stored, with the chat template transformers picks and the special-token
+strings it hands to a template, so that the runtime tokenizes and renders chats as transformers does.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
+import os
+import tempfile
 from pathlib import Path
 
-from tokenizers import AddedToken, Tokenizer
+from tokenizers import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,7 @@ TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
+    "added_tokens.json",
     "tokenizer.model",
     "chat_template.jinja",
     "chat_template.json",
@@ -35,6 +36,25 @@ TOKENIZER_FILES = (
 
 class TokenizerError(ValueError):
     """The source's tokenizer is missing or cannot be normalized."""
+
+
+def _tokenizer_files(folder: Path) -> list[str]:
+    """The tokenizer files of ``folder`` that transformers reads, as names relative to it (tokenizer.model only
+    without a tokenizer.json, which wins), each checked to be readable: a bad one is named here, not reported
+    by transformers as some exception deep in its loading."""
+    names = [name for name in TOKENIZER_FILES if (folder / name).is_file()]
+    if "tokenizer.json" in names and "tokenizer.model" in names:
+        names.remove("tokenizer.model")
+    names += sorted(f"additional_chat_templates/{p.name}" for p in folder.glob("additional_chat_templates/*.jinja"))
+    for name in names:
+        if name.endswith(".json") and name != "tokenizer.json":  # tokenizer.json: the tokenizers library's to check
+            _read_json(folder / name)
+        elif name.endswith(".jinja"):
+            try:
+                (folder / name).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise TokenizerError(f"{name}: cannot read it as UTF-8 text ({e})") from e
+    return names
 
 
 def _read_json(path: Path) -> dict:
@@ -47,62 +67,55 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _token_str(value) -> str | None:
-    """A special token as transformers serializes it: a string, or an AddedToken dict with "content"."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return value
-    if isinstance(value, dict) and isinstance(value.get("content"), str):
-        return value["content"]
-    raise TokenizerError(f"tokenizer_config.json: cannot read special token {value!r}")
+def _auto_tokenizer(folder: Path, names: list[str]):
+    """transformers' AutoTokenizer for ``folder``, local files only, no remote code.
 
-
-def _chat_template(folder: Path, tcfg: dict) -> str | None:
-    """The chat template: chat_template.jinja, then chat_template.json, then tokenizer_config.json.
-
-    Newer transformers save the template in its own file and load it in preference to the config entry.
-    A list of named templates keeps the one named "default" (what transformers uses without a name).
-    """
-    if (folder / "chat_template.jinja").is_file():
-        try:
-            return (folder / "chat_template.jinja").read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise TokenizerError(f"chat_template.jinja: cannot read it as UTF-8 text ({e})") from e
-    value = None
-    if (folder / "chat_template.json").is_file():
-        value = _read_json(folder / "chat_template.json").get("chat_template")
-    if value is None:
-        value = tcfg.get("chat_template")
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
-        if isinstance(named.get("default"), str):
-            return named["default"]
-        raise TokenizerError(f"chat_template: a list of templates without a 'default' one ({sorted(map(str, named))})")
-    raise TokenizerError(f"chat_template: expected a string, found {type(value).__name__}")
-
-
-def _from_sentencepiece(folder: Path) -> Tokenizer:
-    """Convert tokenizer.model with transformers' slow→fast conversion (the oracle users compare against)."""
-    import importlib.util
-
+    It loads from a folder of links to the tokenizer files ``names`` and a config.json with only the ``model_type``, which
+    chooses the tokenizer class where tokenizer_config.json names none: transformers would otherwise also
+    validate the whole config.json, and report a bad value there as a tokenizer failure before our own checks."""
     try:
         from transformers import AutoTokenizer
-
-        if importlib.util.find_spec("sentencepiece") is None:  # transformers needs it for the conversion
-            raise ImportError("sentencepiece")
     except ImportError as e:
-        raise TokenizerError(
-            "this source has only a SentencePiece tokenizer.model; converting it needs transformers and "
-            "sentencepiece: pip install 'bitnet158[sentencepiece]'"
-        ) from e
+        raise TokenizerError("converting a Hugging Face tokenizer needs transformers: pip install transformers") from e
+    if "tokenizer.json" not in names and importlib.util.find_spec("sentencepiece") is None:
+        raise TokenizerError("this source has only a SentencePiece tokenizer.model; converting it needs "
+                             "sentencepiece: pip install 'bitnet158[sentencepiece]'")
+    model_type = None
+    if (folder / "config.json").is_file():
+        try:
+            model_type = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError, AttributeError):
+            pass  # the converter's own config checks say what is wrong with it
     try:
-        hf = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
-    except Exception as e:  # transformers raises many types here; report them as one problem
-        raise TokenizerError(f"tokenizer.model: transformers could not load it ({type(e).__name__}: {e})") from e
-    return Tokenizer.from_str(hf.backend_tokenizer.to_str())
+        with tempfile.TemporaryDirectory(prefix="bitnet158-tokenizer-") as tmp:
+            for name in names:
+                (Path(tmp) / name).parent.mkdir(exist_ok=True)
+                os.symlink((folder / name).resolve(), Path(tmp) / name)
+            if isinstance(model_type, str):
+                (Path(tmp) / "config.json").write_text(json.dumps({"model_type": model_type}), encoding="utf-8")
+            return AutoTokenizer.from_pretrained(tmp, trust_remote_code=False, local_files_only=True)
+    except BaseException as e:  # many exception types, or a Rust panic (a BaseException) from a broken tokenizer.json
+        if not isinstance(e, Exception) and type(e).__module__ != "pyo3_runtime":
+            raise
+        raise TokenizerError(f"transformers could not load the tokenizer ({type(e).__name__}: {e})") from e
+
+
+def _chat_template(folder: Path, hf) -> str | None:
+    """The template transformers applies without a name: its ``chat_template`` (chat_template.jinja first, then
+    tokenizer_config.json's), the "default" one of several named ones; a processor's chat_template.json only where
+    the tokenizer has none."""
+    tmpl = hf.chat_template
+    if isinstance(tmpl, dict):
+        if not isinstance(tmpl.get("default"), str):
+            log.warning("the chat templates %s have no 'default', which transformers needs a name for: none is "
+                        "stored", sorted(map(str, tmpl)))
+            return None
+        return tmpl["default"]
+    if tmpl is None and (folder / "chat_template.json").is_file():
+        tmpl = _read_json(folder / "chat_template.json").get("chat_template")
+    if tmpl is not None and not isinstance(tmpl, str):
+        raise TokenizerError(f"chat_template: expected a string, found {type(tmpl).__name__}")
+    return tmpl
 
 
 def normalize_tokenizer(folder: Path) -> tuple[dict, list[str], dict]:
@@ -114,75 +127,39 @@ def normalize_tokenizer(folder: Path) -> tuple[dict, list[str], dict]:
     its count of tokens).
     """
     folder = Path(folder)
-    used: list[str] = []
-    tcfg: dict = {}
-    if (folder / "tokenizer_config.json").is_file():
-        tcfg = _read_json(folder / "tokenizer_config.json")
-        used.append("tokenizer_config.json")
-    special_map: dict = {}
-    if (folder / "special_tokens_map.json").is_file():
-        special_map = _read_json(folder / "special_tokens_map.json")
-        used.append("special_tokens_map.json")
-
-    if (folder / "tokenizer.json").is_file():
-        try:
-            tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-            # some inconsistent files load, then panic on first use (a post-processor naming a token that the
-            # vocabulary lacks): used once here, such a file is refused before anything is written
-            tok.decode(tok.encode("a 1", add_special_tokens=True).ids)
-        except BaseException as e:  # tokenizers raises a bare Exception, or a Rust panic (a BaseException)
-            if not isinstance(e, Exception) and type(e).__module__ != "pyo3_runtime":
-                raise
-            raise TokenizerError(f"tokenizer.json: cannot load or use it ({e})") from e
-        used.append("tokenizer.json")
-        from_sp = False
-    elif (folder / "tokenizer.model").is_file():
-        tok = _from_sentencepiece(folder)
-        used.append("tokenizer.model")
-        from_sp = True
-    else:
+    if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer.model").is_file():
         raise TokenizerError(f"{folder}: no tokenizer.json or tokenizer.model")
+    used = _tokenizer_files(folder)
+    hf = _auto_tokenizer(folder, used)
+    try:
+        tok = Tokenizer.from_str(hf.backend_tokenizer.to_str())
+        # some inconsistent files load, then panic on first use (a post-processor naming a token that the
+        # vocabulary lacks): used once here, such a file is refused before anything is written
+        tok.decode(tok.encode("a 1", add_special_tokens=True).ids)
+    except BaseException as e:  # tokenizers raises a bare Exception, or a Rust panic (a BaseException)
+        if not isinstance(e, Exception) and type(e).__module__ != "pyo3_runtime":
+            raise
+        source = "tokenizer.json" if "tokenizer.json" in used else "tokenizer.model"
+        raise TokenizerError(f"{source}: cannot load or use it ({e})") from e
 
-    def special(key: str) -> str | None:
-        return _token_str(tcfg[key] if key in tcfg else special_map.get(key))
-
-    bos, eos = special("bos_token"), special("eos_token")
-
-    if not from_sp:
-        # transformers registers every named special token that is not already an added token as a special
-        # added token (taking its vocab id, or a new id when absent), so e.g. "</s>" in text becomes one id.
-        named = [special(k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")]
-        extra = tcfg.get("additional_special_tokens") or tcfg.get("extra_special_tokens") or []
-        if isinstance(extra, list):
-            named += [_token_str(t) for t in extra]
-        added = {t.content for t in tok.get_added_tokens_decoder().values()}
-        todo = [AddedToken(s, special=True, normalized=False) for s in dict.fromkeys(named)
-                if s is not None and s not in added]
-        if todo:
-            log.info("registering special tokens as added tokens: %s", [t.content for t in todo])
-            tok.add_special_tokens(todo)
+    # the named special tokens that are set (bos_token ... mask_token, and a model's own, e.g. image_token): what
+    # transformers hands to a chat template
+    special = {k: v for k, v in hf.special_tokens_map.items() if isinstance(v, str)}
+    bos, eos = special.get("bos_token"), special.get("eos_token")
     bos_id = tok.token_to_id(bos) if bos is not None else None
     eos_id = tok.token_to_id(eos) if eos is not None else None
     # What the post-processor does, for display: the ids it puts around an empty input.
     ids = tok.encode("", add_special_tokens=True).ids
     add_bos = bos_id is not None and len(ids) > 0 and ids[0] == bos_id
     add_eos = eos_id is not None and len(ids) > 0 and ids[-1] == eos_id and not (add_bos and len(ids) == 1)
-    for key, does in (("add_bos_token", add_bos), ("add_eos_token", add_eos)):
-        if key in tcfg and bool(tcfg[key]) != does:
-            log.warning("tokenizer_config.json sets %s=%s but the tokenizer.json post-processor %s; keeping the "
-                        "post-processor, as transformers v5 does", key, tcfg[key], "does" if does else "does not")
-
-    chat = _chat_template(folder, tcfg)
-    for name in ("chat_template.jinja", "chat_template.json"):
-        if (folder / name).is_file():
-            used.append(name)
     out = {
         "tokenizer_json": tok.to_str(),
-        "chat_template": chat,
+        "chat_template": _chat_template(folder, hf),
         "bos_token": bos,
         "eos_token": eos,
         "add_bos_token": add_bos,
         "add_eos_token": add_eos,
+        "special_tokens": special,
     }
     return out, used, {"bos_token_id": bos_id, "eos_token_id": eos_id,
                        "vocab_size": max(tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1}

@@ -232,6 +232,9 @@ _PROVENANCE_FIELDS = {
 def _check_meta(config: Any, tokenizer: Any, provenance: Any, err, where: str) -> None:
     _check_fields(config, f"{where}config", _CONFIG_FIELDS, err)
     _check_fields(tokenizer, f"{where}tokenizer", _TOKENIZER_FIELDS, err)
+    special = tokenizer.get("special_tokens", {})  # optional (files before it lack it)
+    if not isinstance(special, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in special.items()):
+        raise err(f"{where}tokenizer.special_tokens must be an object of strings, got {special!r:.80}")
     _check_fields(provenance, f"{where}provenance", _PROVENANCE_FIELDS, err)
 
 

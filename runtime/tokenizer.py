@@ -103,6 +103,12 @@ class Tokenizer:
         self.chat_template: str | None = tok.get("chat_template")
         self.bos_token: str | None = tok.get("bos_token")
         self.eos_token: str | None = tok.get("eos_token")
+        # the special-token strings a chat template sees: those the converter took from transformers (unk_token,
+        # pad_token, ...), else the two every file has; one that is not set stays undefined, as in transformers
+        named = tok.get("special_tokens")
+        if not isinstance(named, dict):
+            named = {"bos_token": self.bos_token, "eos_token": self.eos_token}
+        self.special_tokens: dict[str, str] = {k: v for k, v in named.items() if isinstance(v, str)}
         self.eos_token_ids: tuple[int, ...] = tuple(eos_token_ids)
 
     @cached_property
@@ -162,21 +168,30 @@ class Tokenizer:
         """Render ``messages`` ([{"role", "content"}]) with the file's chat template, as transformers does."""
         if not self.chat_template:
             raise TokenizerError("this model file carries no chat template")
+        if not all(isinstance(m, dict) for m in messages):
+            raise TokenizerError("chat messages must be dicts ({'role': ..., 'content': ...})")
+        # as transformers: keys whose value is None dropped (templates test for a missing key, and print "None"),
+        # a message's reasoning under each name that templates read
+        messages = [_alias_reasoning({k: v for k, v in m.items() if v is not None}) for m in messages]
         try:
-            return self._template.render(
-                messages=messages,
-                tools=None,
-                documents=None,
-                add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token or "",
-                eos_token=self.eos_token or "",
-            )
+            return self._template.render(messages=messages, tools=None, documents=None,
+                                         add_generation_prompt=add_generation_prompt, **self.special_tokens)  # fmt: skip
         except jinja2.TemplateError as e:
             raise TokenizerError(f"chat template: {e}") from e
 
     def stream(self, prompt_ids: list[int] = (), skip_special_tokens: bool = True) -> "StreamDecoder":
         """An incremental detokenizer for tokens that follow ``prompt_ids``."""
         return StreamDecoder(self, prompt_ids, skip_special_tokens)
+
+
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+def _alias_reasoning(message: dict) -> dict:
+    # transformers' _alias_reasoning_fields: the first reasoning field set, also as "thinking" (gpt-oss templates)
+    # and "reasoning_content"
+    reasoning = next((message[k] for k in _REASONING_FIELDS if message.get(k) is not None), None)
+    return message if reasoning is None else {"thinking": reasoning, **message, "reasoning_content": reasoning}
 
 
 # a byte-fallback token (SentencePiece's <0xXX>) of a UTF-8 continuation byte, 0x80-0xBF: not a character's start

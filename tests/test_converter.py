@@ -319,8 +319,6 @@ def test_tokenizer_that_panics_is_refused(tiny, tmp_path):
 
 
 def test_tokenizer_config_not_an_object_and_ctrl_c(tiny, tmp_path, monkeypatch):
-    from bitnet158.converter import tokenizer as tokenizer_module
-
     ckpt = tiny.onebitllm(tmp_path / "src", tokenizer="bpe")
     good = (ckpt.path / "tokenizer_config.json").read_text()
     (ckpt.path / "tokenizer_config.json").write_text("[1]")
@@ -331,12 +329,12 @@ def test_tokenizer_config_not_an_object_and_ctrl_c(tiny, tmp_path, monkeypatch):
         convert(ckpt, tmp_path)
     (ckpt.path / "tokenizer_config.json").write_text(good)
 
-    class Interrupted:  # Ctrl-C while tokenizer.json loads is the user's, not a bad tokenizer
-        @staticmethod
-        def from_file(path):
-            raise KeyboardInterrupt
+    import transformers
 
-    monkeypatch.setattr(tokenizer_module, "Tokenizer", Interrupted)
+    def interrupted(*args, **kwargs):  # Ctrl-C while transformers loads the tokenizer is the user's, not a bad file
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", interrupted)
     with pytest.raises(KeyboardInterrupt):
         convert(ckpt, tmp_path)
     assert not list(tmp_path.glob("out.bnp*")) and not list(tmp_path.glob(".out.bnp*"))
