@@ -49,6 +49,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import inspect
 import logging
 import os
 from types import SimpleNamespace
@@ -175,17 +176,35 @@ def _head(x, norm_w, eps: float, head_w):
     return (head_w.float() * _realize(_rms(x, norm_w, eps).float())).sum(-1)  # the norm once, not once per row
 
 
+# Graphs each compiled function may keep. Each set of shapes (and dtypes) compiles its own: the layer one per model
+# (two with position 0's), the head one, the GEMV four (q/k/v, o, gate/up, down). Dynamo's default limit, 8 per
+# function and process, would stop the 3rd model a process loads at its GEMVs, and fullgraph=True makes that an
+# error, not a fallback.
+RECOMPILE_LIMIT = 64
+
+
+def _has_dynamic_sources() -> bool:
+    return hasattr(getattr(torch.compiler, "config", None), "dynamic_sources")
+
+
 @functools.cache
 def kernels() -> SimpleNamespace:
     """The compiled functions ``layer``, ``head`` and ``bitlinear``, wrapped on first use (after
     ``unavailable_reason()`` said yes); each compiles at its first call for each new set of shapes."""
     # fp contraction: the GEMV's multiply-adds become FMAs (exact on these integers); the norms may round differently
-    opts = {"cpp.enable_floating_point_contract_flag": "fast"}
-    static = functools.partial(torch.compile, dynamic=False, fullgraph=True, options=opts)
+    kw = dict(fullgraph=True, options={"cpp.enable_floating_point_contract_flag": "fast"})
+    if "recompile_limit" in inspect.signature(torch.compile).parameters:
+        kw["recompile_limit"] = RECOMPILE_LIMIT
+    else:  # an older torch has only the process-wide limit: raise it (never lower it)
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, RECOMPILE_LIMIT)
+    # Every shape and int static: one graph per model's shapes, and the head counts stay ints (SDPA's enable_gqa
+    # must be a bool). Automatic dynamic shapes would instead make whatever differs from an earlier model's call
+    # symbolic. The layer's position and cache length become symbolic under symbolic_position(), which overrides
+    # dynamic=False; a torch without that setting keeps automatic dynamic shapes for them (a compile at step 2).
     return SimpleNamespace(
-        layer=torch.compile(_layer, fullgraph=True, options=opts),  # pos symbolic under symbolic_position()
-        head=static(_head),
-        bitlinear=static(_bitlinear),
+        layer=torch.compile(_layer, dynamic=False if _has_dynamic_sources() else None, **kw),
+        head=torch.compile(_head, dynamic=False, **kw),
+        bitlinear=torch.compile(_bitlinear, dynamic=False, **kw),
     )
 
 
@@ -195,13 +214,20 @@ def symbolic_position():
     again on when the next step or the next generation changes them. torch.compile reads the setting only when it
     compiles."""
     # dynamic=True would make every int symbolic, the head counts too, and SDPA refuses a symbolic enable_gqa
-    config = getattr(torch.compiler, "config", None)
-    if not hasattr(config, "dynamic_sources"):  # a torch before the setting: compile again at the second step
+    if not _has_dynamic_sources():  # a torch before the setting: compile again at the second step
         return contextlib.nullcontext()
-    return config.patch(dynamic_sources="L['pos'],L['cache_k']:2,L['cache_v']:2")
+    return torch.compiler.config.patch(dynamic_sources="L['pos'],L['cache_k']:2,L['cache_v']:2")
 
 
-_vec_state = {"ok": False, "failed": False}  # kernels().bitlinear ran / failed to compile in this process
+# The compiled GEMV's shape keys (_gemv_key) that ran / failed to compile in this process. Per key, not per
+# process: a model loaded later brings new shapes, whose compile may fail after others' succeeded.
+_vec_state: dict[str, set] = {"ok": set(), "failed": set()}
+
+
+def _gemv_key(x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> tuple:
+    # what kernels().bitlinear compiles a graph for (its shapes are static)
+    return x2.dtype, packed.shape, scale.shape
+
 
 # From this many rows (a prompt) bitlinear_rows takes over from the reference's four narrow matmuls: whole 2B-4T
 # prompts run 1.2-1.35× faster at 512 tokens and 1.5× at 1,024, and the two are within noise from 16 to 256
@@ -236,15 +262,18 @@ def bitlinear_cpu(x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, k
     int32 on the 2-bit planes)."""
     if x2.shape[0] >= PREFILL_ROWS:
         return bitlinear_rows(x2, packed, scale, k)
-    if x2.shape[0] == 1 and k <= MAX_K and not _vec_state["failed"]:
+    key = _gemv_key(x2, packed, scale) if x2.shape[0] == 1 and k <= MAX_K else None
+    if key is not None and key not in _vec_state["failed"]:
         try:
             y = kernels().bitlinear(x2[0], packed, scale)[None]
         except Exception as e:
-            if _vec_state["ok"]:
-                raise
-            log.warning("the compiled CPU GEMV failed (%s: %s); using the reference arithmetic", type(e).__name__, e)
-            _vec_state["failed"] = True
+            if key in _vec_state["ok"]:
+                raise  # it compiled and ran at these shapes: this failure (out of memory, a bug) is not compiling's
+            # compiling these shapes failed: the reference arithmetic from now on for them, said once a process
+            level = logging.DEBUG if _vec_state["failed"] else logging.WARNING
+            log.log(level, "the compiled CPU GEMV failed (%s: %s); using the reference arithmetic", type(e).__name__, e)
+            _vec_state["failed"].add(key)
         else:
-            _vec_state["ok"] = True
+            _vec_state["ok"].add(key)
             return y
     return reference_bitlinear(x2, packed, scale, k)

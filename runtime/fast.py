@@ -197,6 +197,7 @@ class FastModel:
             self.qkv.append(fuse_bitlinears([a.q_proj, a.k_proj, a.v_proj]))
             self.gate_up.append(fuse_bitlinears([m.gate_proj, m.up_proj]))
         self._cpu_compiled = False  # runtime/cpu.py's functions ran once (compiled) on this model
+        self._cpu_any_pos = False  # a step at a position >= 2 compiled the layer for every position (warm_up)
         self._cpu_weights: list | None = None  # per layer cpu.LayerWeights, made at the first CPU step
         self.set_backend(backend)
         self.head = "bf16"
@@ -510,7 +511,7 @@ class FastModel:
         Position 2: torch.compile specialises an int of 0 (in some versions 1 too) even under
         cpu.symbolic_position(), and would compile again at the next step. The slot it writes is safe: a prompt over
         it rewrites it, and otherwise the decode step at that position writes it before any step reads it."""
-        if self.backend != "cpu" or self._cpu_compiled or self.net.max_seq < 3:
+        if self.backend != "cpu" or self._cpu_any_pos or self.net.max_seq < 3:
             return False
         self.logits(torch.zeros((1, 1), dtype=torch.long, device=self.device), 2)
         return True
@@ -527,13 +528,16 @@ class FastModel:
         # [D]: a new tensor, not a view of the embedding (under inference mode a view of it is a normal tensor, the
         # layers' outputs are inference tensors, and torch.compile would compile the first layer apart)
         x = net.embed_tokens(tokens[0])[0]
-        # the first step compiles with pos symbolic: one compile for every position (the setting costs ~0.1 ms a
-        # step, so later steps go without it)
-        with cpu.symbolic_position() if not self._cpu_compiled else contextlib.nullcontext():
+        # the first step at a position >= 2 compiles with pos symbolic: one compile for every position (the setting
+        # costs ~0.1 ms a step, so later steps go without it). Until then (a one-token prompt at position 0 compiles
+        # a graph for 0 alone) steps keep it: the layer's shapes are static, so a step without it would compile
+        # again at every position.
+        with cpu.symbolic_position() if not self._cpu_any_pos else contextlib.nullcontext():
             for layer, w in zip(net.layers, self._cpu_weights):
                 a = layer.attn
                 x = layer_fn(x, cos, sin, pos, a.cache.k, a.cache.v, w, layer.mlp_norm.eps, layer.mlp.relu2,
                              (a.n_heads, a.n_kv, a.head_dim))  # fmt: skip
+        self._cpu_any_pos = self._cpu_any_pos or pos >= 2
         return x
 
     def _cpu_layer_weights(self, i: int):

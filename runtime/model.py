@@ -101,10 +101,12 @@ def attend(q, k, v, cos, sin, pos, mask, cache_k, cache_v, n_heads: int, n_kv: i
     # A prompt from position 0 (L = T) has the plain causal mask: is_causal applies it without reading a mask, and
     # the CPU flash kernel then skips the masked half (2× at 2,048 tokens), the same values.
     causal = mask is not None and isinstance(pos, int) and pos == 0
-    # Query head h reads kv head h // (H / Hkv), as transformers' repeat_kv does.
+    # Query head h reads kv head h // (H / Hkv), as transformers' repeat_kv does. A bool by a branch: should
+    # torch.compile make the head counts symbolic, n_kv != n_heads is a SymBool, which SDPA refuses; a branch on it
+    # specialises (a guard) and leaves a bool
+    gqa = True if n_kv != n_heads else False
     y = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=None if causal else mask, is_causal=causal, scale=head_dim**-0.5,
-        enable_gqa=n_kv != n_heads,
+        q, k, v, attn_mask=None if causal else mask, is_causal=causal, scale=head_dim**-0.5, enable_gqa=gqa,
     )  # [B, H, T, Dh]
     return y.transpose(1, 2).reshape(b, t, n_heads * head_dim)  # [B, T, H·Dh]
 

@@ -110,9 +110,9 @@ def test_gemv_beyond_max_k_uses_the_reference_arithmetic(compiled, monkeypatch):
     k = cpu.MAX_K + 4  # fp32 sums could round beyond MAX_K, so the int32 reference arithmetic runs instead
     t = torch.randint(-1, 2, (3, k), dtype=torch.int8)
     ref = BitLinear(pack_t2(t), torch.ones(1), k)
-    monkeypatch.setattr(cpu, "kernels", None)  # calling the compiled functions would fail,
-    monkeypatch.setattr(cpu, "_vec_state", {"ok": True, "failed": False})  # and not fall back: the failure raises
     x = torch.randn(1, k)
+    monkeypatch.setattr(cpu, "kernels", None)  # calling the compiled functions would fail, and not fall back: as if
+    monkeypatch.setattr(cpu, "_vec_state", {"ok": {cpu._gemv_key(x, ref.packed, ref.scale)}, "failed": set()})  # ran
     assert torch.equal(cpu.bitlinear_cpu(x, ref.packed, ref.scale, k), ref(x))
     with pytest.raises(ValueError, match=f"the compiled CPU GEMV is exact only for K <= {cpu.MAX_K}, got {k}"):
         cpu._bitlinear(x[0], ref.packed, ref.scale)  # what tracing it at that width would say
@@ -164,6 +164,48 @@ def test_decode_compiles_the_layer_once(compiled, files):
     model.fast.logits(torch.tensor([[3]]), 1)  # position 1, the first step after a one-token prompt
     graphs = torch._dynamo.eval_frame._debug_get_cache_entry_list(cpu._layer.__code__)
     assert len(graphs) == 1
+
+
+def test_a_step_at_position_0_first_still_compiles_the_layer_once_for_all_positions(compiled, files):
+    # a one-token prompt runs the compiled step at position 0, which torch.compile specialises (a graph for 0
+    # alone); the decode steps after it still compile the layer once with the position symbolic, not once for each
+    # position (its shapes are static)
+    torch._dynamo.reset()
+    model = load(files["microsoft"], device="cpu", compile_cpu=True)
+    ref = load(files["microsoft"], device="cpu", reference=True)
+    for m in (model, ref):
+        m.net.setup_cache(1, 4)
+    with torch.inference_mode():
+        a, b = model.fast.logits(torch.tensor([[3]]), 0)[0, -1], ref.net(torch.tensor([[3]]), 0)[0, -1]
+    assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+    assert list(model.generate_ids(PROMPT, 8, stop_ids=())) == list(ref.generate_ids(PROMPT, 8, stop_ids=()))
+    assert len(torch._dynamo.eval_frame._debug_get_cache_entry_list(cpu._layer.__code__)) == 2
+
+
+def test_models_of_other_shapes_in_one_process(compiled, files, tiny, tmp_path, monkeypatch, caplog):
+    # one process, three models of other sizes (with and without GQA, a width not a multiple of 4): each set of
+    # shapes compiles its own static graphs, so the head counts stay ints (SDPA wants enable_gqa a bool, not a
+    # SymBool), no function runs into Dynamo's recompile limit (8 per function by default: the one-row GEMVs
+    # compile 4-5 shapes a model), and nothing falls back to the reference path or raises
+    torch._dynamo.reset()
+    sizes = {"HIDDEN": [90, 48], "INTERMEDIATE": [77, 64], "HEADS": [5, 2], "KV_HEADS": [1, 2]}
+    paths = [files["microsoft"]]  # hidden 64, 4/2 heads
+    for i in range(2):
+        for name, values in sizes.items():  # conftest's tiny sizes are its module constants
+            monkeypatch.setitem(tiny.microsoft_latent.__globals__, name, values[i])
+        paths.append(str(tmp_path / f"m{i}.bin"))
+        convert_hf(str(tiny.microsoft_latent(tmp_path / f"m{i}", seed=i + 1).path), paths[-1], dtype="f32",
+                   progress=False)
+    layers = [0]
+    for path in paths:
+        fast, ref = load(path, device="cpu", compile_cpu=True), load(path, device="cpu", reference=True)
+        with caplog.at_level(logging.WARNING):
+            # a one-token forward of the plain network: every BitLinear through the one-row compiled GEMV
+            assert torch.allclose(fast.logits(PROMPT[:1]), ref.logits(PROMPT[:1]), rtol=0, atol=1e-5)
+            assert list(fast.generate_ids(PROMPT, 4, stop_ids=())) == list(ref.generate_ids(PROMPT, 4, stop_ids=()))
+        assert fast.backend == "cpu" and not caplog.text
+        layers.append(len(torch._dynamo.eval_frame._debug_get_cache_entry_list(cpu._layer.__code__)))
+    assert all(b - a == 1 for a, b in zip(layers, layers[1:]))  # one graph of the layer for each model
 
 
 def test_symbolic_position_on_a_torch_without_the_setting(monkeypatch):
@@ -371,7 +413,7 @@ def test_compile_failure_falls_back_to_reference(files, monkeypatch, caplog):
     assert got == list(ref.generate_ids(PROMPT, 8, stop_ids=()))
 
 
-def test_failure_after_compiling_propagates(compiled, files, monkeypatch):
+def test_failure_after_compiling_propagates(compiled, files, monkeypatch, caplog):
     # the fallback above is for a path that never ran: once the compiled code has run, a later failure (out of
     # memory, a bug) is raised, not hidden behind a silent switch to the reference path
     def broken(*args):
@@ -386,9 +428,18 @@ def test_failure_after_compiling_propagates(compiled, files, monkeypatch):
         list(fast.generate_ids(PROMPT, 3, stop_ids=()))
     assert fast.backend != "reference"
     x, packed, scale = torch.randn(1, 64), pack_t2(torch.ones(8, 64, dtype=torch.int8)), torch.ones(1)
-    monkeypatch.setattr(cpu, "_vec_state", {"ok": True, "failed": False})  # the compiled GEMV has run before
+    ran = {"ok": {cpu._gemv_key(x, packed, scale)}, "failed": set()}
+    monkeypatch.setattr(cpu, "_vec_state", ran)  # the compiled GEMV has run at these shapes
     with pytest.raises(RuntimeError, match="out of memory"):
         cpu.bitlinear_cpu(x, packed, scale, 64)
+    # at shapes it has not run (another model's): a failure to compile them, so the reference arithmetic, said once
+    other = BitLinear(pack_t2(torch.randint(-1, 2, (8, 36), dtype=torch.int8)), scale, 36)
+    x = torch.randn(1, 36)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):
+            assert torch.equal(cpu.bitlinear_cpu(x, other.packed, other.scale, 36), other(x))
+    assert caplog.text.count("the compiled CPU GEMV failed (RuntimeError: out of memory)") == 1
+    assert cpu._gemv_key(x, other.packed, other.scale) in ran["failed"]
 
 
 @pytest.mark.parametrize("flag, path", [("--compile", "cpu + device sampling"), ("--reference", "reference")])
