@@ -57,6 +57,9 @@ FAMILIES = ("bitnet", "1bitllm", "llama-bitnet")
 FLOAT_DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
 # rope_scaling types the runtime implements; the dict is stored as transformers writes it.
 SUPPORTED_ROPE_SCALING = ("llama3", "linear")
+# runtime/config.py's bound on positions (converter and runtime never import each other): checked here so that a
+# converted file is never refused when loaded
+_MAX_POSITIONS = 1 << 22
 
 # Files fetched from the hub: config, weights (safetensors, single or sharded) and the tokenizer.
 _META_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES)
@@ -322,6 +325,15 @@ def _int(cfg: dict, key: str, default=None) -> int:
     return v
 
 
+def _kv_default_note(cfg: dict, family: str, kv_heads: int) -> str:
+    """For errors a defaulted num_key_value_heads causes: names the field and where its value came from."""
+    if cfg.get("num_key_value_heads") is not None:
+        return ""
+    cls = "BitNetConfig" if family == "bitnet" else "LlamaConfig"
+    how = "is null" if "num_key_value_heads" in cfg else "is absent"
+    return f" (config.json's num_key_value_heads {how}: {kv_heads} is what transformers' {cls} then takes)"
+
+
 def _detect_family(cfg: dict, names: set[str]) -> str:
     archs = cfg.get("architectures") or []
     if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
@@ -360,46 +372,61 @@ def _detect_family(cfg: dict, names: set[str]) -> str:
     return family
 
 
-def _rope(cfg: dict, family: str) -> tuple[float, dict | None]:
-    """rope_theta and rope_scaling from either transformers spelling.
+def _rope(cfg: dict, family: str, max_positions: int) -> tuple[float, dict | None]:
+    """rope_theta and rope_scaling, resolved exactly as transformers 5 resolves them.
 
-    v4: top-level ``rope_theta`` and ``rope_scaling`` ({"type"|"rope_type": ..., ...}).
-    v5: ``rope_parameters`` = {"rope_type": ..., "rope_theta": ..., scaling keys}.
-    The stored rope_scaling is the v4-style dict with "rope_type" (and without rope_theta), or null.
+    modeling_rope_utils.convert_rope_params_to_dict: a non-empty legacy ``rope_scaling`` replaces
+    ``rope_parameters`` whole (``rope_scaling or rope_parameters``); the dict's own ``rope_theta`` wins, else the
+    top-level key (even a null one), else the config class's ``default_theta``. standardize_rope_params: the type is
+    ``rope_type``, else the v4 ``type``; a llama3 rope takes a top-level ``original_max_position_embeddings`` over the
+    dict's (the llama3 rope computation standardizes again once config.json's extra keys are attributes), else the
+    dict's, else ``max_position_embeddings``.
+    The stored rope_scaling is the v4-style dict with "rope_type" (and without rope_theta), or null; every value the
+    runtime (runtime/config.py) requires is checked here, so a written file is never refused when loaded.
     """
-    params = cfg.get("rope_parameters")
-    if params is not None and not isinstance(params, dict):
-        raise ConversionError("config.json: rope_parameters must be an object")
-    params = params or {}
-    theta = cfg.get("rope_theta", params.get("rope_theta"))
-    if theta is None:
-        theta = 500000.0 if family == "bitnet" else 10000.0   # the transformers class defaults
+    for key in ("rope_scaling", "rope_parameters"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], dict):
+            raise ConversionError(f"config.json: {key} must be an object or null")
+    params = dict(cfg.get("rope_scaling") or cfg.get("rope_parameters") or {})
+    default_theta = 500000.0 if family == "bitnet" else 10000.0  # BitNetConfig / LlamaConfig.default_theta
+    theta = params["rope_theta"] if "rope_theta" in params else cfg.get("rope_theta", default_theta)
+    if "rope_theta" not in params and "rope_theta" not in cfg:
         log.info("config.json has no rope_theta; using the %s default %s", family, theta)
-    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not (math.isfinite(theta) and theta > 0):
         raise ConversionError(f"config.json: rope_theta must be a positive number, found {theta!r}")
     # transformers' default rope rotates int(head_dim · partial_rotary_factor) dims of each head: another model
-    partial = cfg.get("partial_rotary_factor", params.get("partial_rotary_factor", 1.0))
+    partial = params["partial_rotary_factor"] if "partial_rotary_factor" in params else \
+        cfg.get("partial_rotary_factor", 1.0)
     if isinstance(partial, bool) or partial != 1.0:
         raise ConversionError(f"config.json: partial_rotary_factor {partial!r}: rotary embeddings over part of each "
                               "head are not supported")
-    scaling = cfg.get("rope_scaling")
-    if scaling is None and params:
-        scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "partial_rotary_factor")}
-    if scaling is not None:
-        if not isinstance(scaling, dict):
-            raise ConversionError("config.json: rope_scaling must be an object or null")
-        kind = scaling.get("rope_type", scaling.get("type"))
-        extra = sorted(set(scaling) - {"rope_type", "type"})
-        if kind in (None, "default") and extra:
-            raise ConversionError(f"config.json: rope type {kind or 'default'!r} with the parameters {extra} is not "
-                                  "supported")
-        if kind in (None, "default"):
-            scaling = None
-        elif kind in SUPPORTED_ROPE_SCALING:
-            scaling = {"rope_type": kind, **{k: v for k, v in scaling.items() if k not in ("type", "rope_type")}}
-        else:
-            raise ConversionError(f"config.json: rope scaling type {kind!r} is not supported (supported: none, "
-                                  f"{', '.join(SUPPORTED_ROPE_SCALING)})")
+    kind = params["rope_type"] if "rope_type" in params else params.get("type", "default")
+    extra = sorted(set(params) - {"rope_type", "type", "rope_theta", "partial_rotary_factor"})
+    if kind == "default":
+        if extra:
+            raise ConversionError(f"config.json: rope type 'default' with the parameters {extra} is not supported")
+        return float(theta), None
+    if kind not in SUPPORTED_ROPE_SCALING:
+        raise ConversionError(f"config.json: rope scaling type {kind!r} is not supported (supported: none, "
+                              f"{', '.join(SUPPORTED_ROPE_SCALING)})")
+    scaling = {"rope_type": kind, **{k: params[k] for k in extra}}
+    if kind == "llama3":
+        if "original_max_position_embeddings" in cfg:
+            scaling["original_max_position_embeddings"] = cfg["original_max_position_embeddings"]
+        scaling.setdefault("original_max_position_embeddings", max_positions)
+    # what runtime/config.py's _rope_scaling requires of the stored dict
+    required = ["factor"] + (["low_freq_factor", "high_freq_factor"] if kind == "llama3" else [])
+    for key in required:
+        v = scaling.get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+            raise ConversionError(f"config.json: the {kind} rope's {key} must be a positive number, found {v!r}")
+    if kind == "llama3":
+        orig = scaling["original_max_position_embeddings"]
+        if isinstance(orig, bool) or not isinstance(orig, int) or not 0 < orig <= _MAX_POSITIONS:
+            raise ConversionError(f"config.json: the llama3 rope's original_max_position_embeddings must be an "
+                                  f"integer in [1, {_MAX_POSITIONS}], found {orig!r}")
+        if not scaling["high_freq_factor"] > scaling["low_freq_factor"]:
+            raise ConversionError("config.json: the llama3 rope's high_freq_factor must exceed its low_freq_factor")
     return float(theta), scaling
 
 
@@ -428,10 +455,6 @@ def _model_config(cfg: dict, family: str, gen: dict, tok_facts: dict) -> dict:
         if qc.get("use_rms_norm"):
             raise ConversionError("config.json: quantization_config.use_rms_norm is true (an RMSNorm inside every "
                                   "BitLinear); format v1 does not support it")
-        for m in qc.get("modules_to_not_convert") or []:
-            if m != "lm_head" and not str(m).startswith("lm_head"):
-                raise ConversionError(f"config.json: quantization_config.modules_to_not_convert lists {m!r}; only "
-                                      "the lm_head may stay unquantized in format v1")
     for key in ("attention_bias", "mlp_bias"):
         if cfg.get(key):
             raise ConversionError(f"config.json: {key} is true; BitNet linears have no bias and format v1 has none")
@@ -445,16 +468,22 @@ def _model_config(cfg: dict, family: str, gen: dict, tok_facts: dict) -> dict:
 
     hidden = _int(cfg, "hidden_size")
     heads = _int(cfg, "num_attention_heads")
-    kv_heads = _int(cfg, "num_key_value_heads", heads)
+    # Each config class's own default: BitNetConfig's field defaults to 5 (2B-4T's) when the key is absent and only
+    # a null means num_attention_heads; LlamaConfig takes num_attention_heads for both.
+    kv_default = 5 if family == "bitnet" and "num_key_value_heads" not in cfg else heads
+    kv_heads = _int(cfg, "num_key_value_heads", kv_default)
     if heads % kv_heads:
         raise ConversionError(f"config.json: num_attention_heads {heads} is not a multiple of "
-                              f"num_key_value_heads {kv_heads}")
+                              f"num_key_value_heads {kv_heads}{_kv_default_note(cfg, family, kv_heads)}")
     if cfg.get("head_dim") is None and hidden % heads:
         raise ConversionError(f"config.json: hidden_size {hidden} is not a multiple of num_attention_heads {heads}")
     head_dim = _int(cfg, "head_dim", hidden // heads)
     if head_dim % 2:
         raise ConversionError(f"config.json: head_dim {head_dim} is odd; rotate-half rope needs an even one")
-    theta, scaling = _rope(cfg, family)
+    max_positions = _int(cfg, "max_position_embeddings", 2048)  # both config classes' default
+    if max_positions > _MAX_POSITIONS:
+        raise ConversionError(f"config.json: max_position_embeddings {max_positions} is over {_MAX_POSITIONS}")
+    theta, scaling = _rope(cfg, family, max_positions)
     eps = cfg.get("rms_norm_eps", 1e-5 if family == "bitnet" else 1e-6)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
         raise ConversionError(f"config.json: rms_norm_eps must be a positive number, found {eps!r}")
@@ -493,7 +522,7 @@ def _model_config(cfg: dict, family: str, gen: dict, tok_facts: dict) -> dict:
         "num_key_value_heads": kv_heads,
         "head_dim": head_dim,
         "vocab_size": vocab,
-        "max_position_embeddings": _int(cfg, "max_position_embeddings", 2048),
+        "max_position_embeddings": max_positions,
         "rope_theta": theta,
         "rope_style": "neox",
         "rope_scaling": scaling,
@@ -629,6 +658,52 @@ def load_hf_source(src: str, revision: str | None = None, allow_pickle: bool = F
         raise
 
 
+# transformers' quantizers_utils.should_convert_module (5.x): an entry matches a module name from its start up to a
+# module boundary, as a regex with the same boundary, or as a suffix of the name.
+_MODULE_BOUNDARY = r"(?:(?<=\.)|(?=\.|$))"
+
+
+def _not_converted(module: str, patterns: list[str]) -> bool:
+    return any(re.match(rf"(?:{p}){_MODULE_BOUNDARY}", module) or module.endswith(p) for p in patterns)
+
+
+def _check_modules_to_not_convert(qc: dict | None, family: str, n_layers: int) -> None:
+    """Refuses a quantization_config.modules_to_not_convert under which transformers would not run the model we write.
+
+    transformers replaces every nn.Linear by a BitLinear unless an entry matches its module name; with the list null
+    or absent it skips what get_keys_to_not_convert finds (the output embedding, tied weights, the last parameter:
+    lm_head, never a layer linear). Format v1 has ternary layer linears and a float head only, so an explicit list
+    must match lm_head and no layer linear.
+    """
+    patterns = (qc or {}).get("modules_to_not_convert")
+    if patterns is None:
+        return
+    key = "config.json: quantization_config.modules_to_not_convert"
+    if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+        raise ConversionError(f"{key} must be a list of module names, found {patterns!r}")
+    linears = [t[: -len(".weight")].format(i=i) for t, _, kind in NAME_MAPS[family] if kind == "linear"
+               for i in range(n_layers)]
+    try:
+        kept = [m for m in linears if _not_converted(m, patterns)]
+        head_kept = _not_converted("lm_head", patterns)
+    except re.error as e:
+        raise ConversionError(f"{key} {patterns!r}: not valid regular expressions ({e})") from e
+    if kept or not head_kept:
+        found = f"keeps {', '.join(kept[:3])}{', ...' if len(kept) > 3 else ''} unquantized" if kept else \
+            "ternarizes lm_head"
+        raise ConversionError(f"{key} {patterns!r}: transformers then {found}; format v1 needs every layer linear "
+                              "ternary and lm_head float (list lm_head and no layer linear, or leave it null)")
+
+
+def _same_tensor(weights: _WeightFiles, a: str, b: str) -> bool:
+    """torch.equal, as transformers compares two stored tied weights (in a common dtype)."""
+    if weights.shape(a) != weights.shape(b):
+        return False
+    x, y = weights.get(a), weights.get(b)
+    dtype = torch.promote_types(x.dtype, y.dtype)
+    return torch.equal(x.to(dtype), y.to(dtype))
+
+
 def _build_source(folder, source, commit, cfg, gen, weights: _WeightFiles) -> HFSource:
     names = set(weights.names())
     family = _detect_family(cfg, names)
@@ -641,6 +716,15 @@ def _build_source(folder, source, commit, cfg, gen, weights: _WeightFiles) -> HF
         held = {m[1] for n in names if (m := re.match(r"model\.layers\.(\d+)\.", n))}
         raise ConversionError(f"config.json: num_hidden_layers is {config['num_hidden_layers']}, but the checkpoint "
                               f"holds tensors of {len(held)} layers")
+    _check_modules_to_not_convert(cfg.get("quantization_config"), family, config["num_hidden_layers"])
+    head, embed = "lm_head.weight", "model.embed_tokens.weight"
+    if config["tie_word_embeddings"] and {head, embed} <= names and not _same_tensor(weights, head, embed):
+        # transformers 5 ties the head to the embedding only when the checkpoint stores no other one
+        # (PreTrainedModel.tie_weights: both stored and not equal -> a warning and no tie): it runs the stored head,
+        # so that is kept, as an untied head. (Both are read only for a tied checkpoint that stores a head.)
+        log.warning("tie_word_embeddings is true but the stored lm_head.weight differs from the embedding; keeping "
+                    "it as an untied head, as transformers does")
+        config["tie_word_embeddings"] = False
     expected = {n: ("linear" if ternary_ else "float", shape) for n, (shape, ternary_) in model_tensors(config).items()}
     qc = cfg.get("quantization_config") or {}
     # transformers' default linear_class is "bitlinear" (weight_scale divides).
@@ -663,13 +747,17 @@ def _build_source(folder, source, commit, cfg, gen, weights: _WeightFiles) -> HF
             if canon not in expected:
                 # Only the untied head can be absent from the plan: a tied checkpoint may still store it.
                 if hf_name in names:
-                    skipped[hf_name] = "tie_word_embeddings is true: the head is embed.weight"
+                    skipped[hf_name] = ("tie_word_embeddings is true and it equals the embedding: the head is "
+                                        "embed.weight")
                 continue
             if hf_name not in names:
                 raise ConversionError(f"tensor {hf_name} (for {canon}) is missing from the checkpoint")
             shape, dtype = weights.shape(hf_name), weights.dtype(hf_name)
             want = expected[canon][1]
             consumed.add(hf_name)
+            # k/v widths come from num_key_value_heads: name it when it was defaulted
+            kv_note = _kv_default_note(cfg, family, config["num_key_value_heads"]) if re.search(
+                r"\.[kv]_proj\.weight$", hf_name) else ""
             if kind == "float":
                 if dtype not in ("BF16", "F16", "F32", "BFLOAT16", "FLOAT16", "FLOAT32", "F64", "FLOAT64"):
                     raise ConversionError(f"{hf_name}: expected a float tensor, found {dtype}")
@@ -682,7 +770,7 @@ def _build_source(folder, source, commit, cfg, gen, weights: _WeightFiles) -> HF
                 out_f, in_f = want
                 if out_f % 4 or shape != (out_f // 4, in_f):
                     raise ConversionError(f"{hf_name}: packed shape {shape}, expected {(out_f // 4, in_f)} "
-                                          f"(uint8 [out/4, in] for {want})")
+                                          f"(uint8 [out/4, in] for {want}){kv_note}")
                 if scale_name not in names:
                     raise ConversionError(f"{hf_name} is packed (uint8) but {scale_name} is missing")
                 if not qc:
@@ -693,7 +781,7 @@ def _build_source(folder, source, commit, cfg, gen, weights: _WeightFiles) -> HF
                 forms.add("packed")
             else:
                 if shape != want:
-                    raise ConversionError(f"{hf_name}: shape {shape}, expected {want} from config.json")
+                    raise ConversionError(f"{hf_name}: shape {shape}, expected {want} from config.json{kv_note}")
                 if scale_name in names:
                     raise ConversionError(f"{hf_name} is a float weight but {scale_name} exists: a float weight "
                                           "with an offline scale is not a form this converter knows")

@@ -458,8 +458,22 @@ def test_plain_llama_refused(llama_bitnet_ckpt, onebitllm_ckpt, tmp_path):
      "hidden_size 64 is not a multiple of num_attention_heads 3"),
     ({"head_dim": 15}, "head_dim 15 is odd"),
     ({"rope_parameters": 5, "_del_rope_theta": None}, "rope_parameters must be an object"),
-    ({"rope_theta": -1.0}, r"rope_theta must be a positive number, found -1.0"),
-    ({"rope_theta": "1e4"}, r"rope_theta must be a positive number, found '1e4'"),
+    # (the fixture's rope_parameters holds its own rope_theta, which transformers takes over the top-level one)
+    ({"rope_theta": -1.0, "_del_rope_parameters": None}, r"rope_theta must be a positive number, found -1.0"),
+    ({"rope_theta": "1e4", "_del_rope_parameters": None}, r"rope_theta must be a positive number, found '1e4'"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": None}}, r"rope_theta must be a positive number"),
+    ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0}},
+     "the llama3 rope's high_freq_factor must exceed its low_freq_factor"),
+    ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0}},
+     r"the llama3 rope's high_freq_factor must be a positive number, found None"),
+    ({"original_max_position_embeddings": 0.5, "rope_parameters": {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}},
+     r"original_max_position_embeddings must be an integer in \[1, 4194304\], found 0.5"),
+    ({"rope_scaling": {"rope_type": "linear"}}, r"the linear rope's factor must be a positive number, found None"),
+    ({"quantization_config": {"quant_method": "bitnet", "modules_to_not_convert": "lm_head"}},
+     r"modules_to_not_convert must be a list of module names, found 'lm_head'"),
+    ({"quantization_config": {"quant_method": "bitnet", "modules_to_not_convert": ["lm_head", "(q"]}},
+     r"modules_to_not_convert \['lm_head', '\(q'\]: not valid regular expressions"),
     ({"rms_norm_eps": 0}, r"rms_norm_eps must be a positive number, found 0"),
     ({"vocab_size": 10}, r"the tokenizer has token id \d+ but config.json vocab_size is 10"),
     ({"tie_word_embeddings": "yes"}, "tie_word_embeddings must be true or false, found 'yes'"),
@@ -599,6 +613,121 @@ def test_missing_config_keys_take_transformers_defaults(fixture, request, tmp_pa
     kv_width = ref.num_attention_heads * ref.hidden_size // ref.num_attention_heads
     with pytest.raises(ConversionError, match=rf"k_proj.weight: .*\({kv_width}, {ref.hidden_size}\)"):
         load_hf_source(str(src))
+
+
+# --- config.json read as transformers 5 reads it ------------------------------------------------------------------
+@pytest.mark.parametrize("skip,format_v1", [
+    (None, True), (["lm_head"], True), (["lm_head", "model.norm"], True),
+    (["head"], True),  # a suffix of "lm_head"
+    ([], False), (["lm_headx"], False),
+    (["lm_head.weight"], False),  # names are module names: this one matches nothing, so the head is ternarized
+    (["lm_head|model.layers.0.mlp.down_proj"], False),  # a regex
+    (["lm_head", "up_proj"], False), (["lm_head", "model.layers.1"], False), (["lm_head", ""], False),
+])
+def test_modules_to_not_convert_is_read_as_transformers_reads_it(ms_latent, tmp_path, skip, format_v1):
+    """transformers matches each entry against the module names (should_convert_module: a prefix up to a module
+    boundary, a regex, or a suffix) and a null list means its own (lm_head). A config converts exactly when
+    transformers then ternarizes every layer linear and keeps lm_head float: the only model format v1 holds."""
+    from transformers import BitNetForCausalLM
+    from transformers.integrations.bitnet import AutoBitLinear
+
+    src = copy_ckpt(ms_latent, tmp_path)
+    edit_json(src / "config.json",
+              quantization_config={**ms_latent.config["quantization_config"], "modules_to_not_convert": skip})
+    model = BitNetForCausalLM.from_pretrained(str(src))
+    linears = [m for n, m in model.named_modules() if n.startswith("model.layers.") and isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 7 * model.config.num_hidden_layers
+    assert (all(isinstance(m, AutoBitLinear) for m in linears) and type(model.lm_head) is torch.nn.Linear) == format_v1
+    if format_v1:
+        convert(src, tmp_path)
+    else:
+        with pytest.raises(ConversionError, match=r"modules_to_not_convert .*: transformers then (keeps|ternarizes)"):
+            convert(src, tmp_path)
+
+
+def test_a_tied_config_with_a_different_stored_head_keeps_that_head(tiny, ms_latent, tmp_path):
+    """transformers 5 ties lm_head to the embedding only when the checkpoint does not store another one: a stored head
+    that differs is the one it runs (kept here as an untied head); one equal to the embedding stays tied."""
+    from transformers import BitNetForCausalLM
+
+    differs = tiny.microsoft_latent(tmp_path / "differs", tie=False).path
+    edit_json(differs / "config.json", tie_word_embeddings=True)
+    equal = copy_ckpt(ms_latent, tmp_path / "equal")
+    _add_tensor(equal, "lm_head.weight", load_file(str(equal / "model.safetensors"))["model.embed_tokens.weight"])
+    for src, tied in ((differs, False), (equal, True)):
+        ref = BitNetForCausalLM.from_pretrained(str(src), dtype=torch.float32)
+        assert (ref.lm_head.weight.data_ptr() == ref.model.embed_tokens.weight.data_ptr()) == tied
+        with PackedFile(convert(src, tmp_path, f"{tied}.bnp")) as pf:
+            assert pf.config["tie_word_embeddings"] is tied and ("lm_head.weight" in pf.tensors) is not tied
+            head = pf.torch("embed.weight" if tied else "lm_head.weight")
+            assert torch.equal(head.float(), ref.lm_head.weight), tied
+
+
+_LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_theta": 1234.0},
+    # the dict's own rope_theta wins over the top-level one; without one, the top-level one
+    {"rope_theta": 500000.0, "rope_parameters": {"rope_type": "default", "rope_theta": 100.0}},
+    {"rope_theta": 777.0, "rope_parameters": {"rope_type": "default"}},
+    # a legacy rope_scaling replaces rope_parameters whole (its rope_theta too: the class default then) ...
+    {"rope_scaling": {"type": "linear", "factor": 4.0}, "rope_parameters": {"rope_type": "default", "rope_theta": 1e3}},
+    # ... and may carry its own rope_theta; an empty one does not count
+    {"rope_theta": 5.0, "rope_scaling": {"type": "linear", "factor": 4.0, "rope_theta": 99.0}},
+    {"rope_scaling": {}, "rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000.0}},
+    # llama3: a top-level original_max_position_embeddings wins over the dict's; with neither, max_position_embeddings
+    {"original_max_position_embeddings": 16,
+     "rope_parameters": {**_LLAMA3, "original_max_position_embeddings": 128, "rope_theta": 1000.0}},
+    {"rope_parameters": {**_LLAMA3, "rope_theta": 1000.0}},
+    {"original_max_position_embeddings": 16, "rope_scaling": _LLAMA3},
+])
+@pytest.mark.parametrize("fixture", ["ms_latent", "llama_bitnet_ckpt"])  # BitNetConfig, LlamaConfig
+def test_rope_is_resolved_as_transformers_resolves_it(fixture, rope, request, tmp_path):
+    """Our rope frequencies (from the config we write, as the runtime reads it) are transformers' own."""
+    from bitnet158.runtime.config import ModelConfig
+    from bitnet158.runtime.model import rope_inv_freq
+    from transformers import AutoConfig
+    from transformers.models.bitnet.modeling_bitnet import BitNetRotaryEmbedding
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    src = copy_ckpt(request.getfixturevalue(fixture), tmp_path)
+    edit_json(src / "config.json", _del_rope_theta=None, _del_rope_parameters=None, _del_rope_scaling=None, **rope)
+    ref = AutoConfig.from_pretrained(str(src))
+    rotary = (BitNetRotaryEmbedding if ref.model_type == "bitnet" else LlamaRotaryEmbedding)(ref)
+    with load_hf_source(str(src)) as hf:
+        config = ModelConfig.from_dict(hf.config)  # the runtime loads what is written
+    assert config.rope_theta == ref.rope_parameters["rope_theta"]
+    torch.testing.assert_close(rope_inv_freq(config), rotary.inv_freq, rtol=0, atol=0)
+
+
+def test_an_absent_num_key_value_heads_is_the_config_class_default(ms_latent, llama_bitnet_ckpt, tmp_path):
+    """BitNetConfig's num_key_value_heads is 5 when config.json has none (num_attention_heads only for a null);
+    LlamaConfig's is num_attention_heads. Where the default contradicts the checkpoint, the error names it."""
+    from transformers import AutoConfig, BitNetConfig, BitNetForCausalLM
+
+    src = copy_ckpt(ms_latent, tmp_path / "ten_heads")  # its tokenizer and quantization_config
+    cfg = json.loads((src / "config.json").read_text())
+    torch.manual_seed(0)
+    model = BitNetForCausalLM(BitNetConfig(
+        vocab_size=cfg["vocab_size"], hidden_size=80, intermediate_size=160, num_hidden_layers=2,
+        num_attention_heads=10, num_key_value_heads=5, max_position_embeddings=256,
+        bos_token_id=cfg["bos_token_id"], eos_token_id=cfg["eos_token_id"], tie_word_embeddings=True))
+    model.to(torch.bfloat16).save_pretrained(str(src))
+    edit_json(src / "config.json", quantization_config=cfg["quantization_config"], _del_num_key_value_heads=None)
+    assert AutoConfig.from_pretrained(str(src)).num_key_value_heads == 5
+    with PackedFile(convert(src, tmp_path)) as pf:
+        assert pf.config["num_key_value_heads"] == 5
+    for ckpt, default, message in (
+            (ms_latent, 5, "num_attention_heads 4 is not a multiple of num_key_value_heads 5"),
+            (llama_bitnet_ckpt, 4, r"k_proj.weight: packed shape .*")):
+        src = copy_ckpt(ckpt, tmp_path / ckpt.family)
+        edit_json(src / "config.json", _del_num_key_value_heads=None)
+        ref = AutoConfig.from_pretrained(str(src))
+        assert ref.num_key_value_heads == default
+        with pytest.raises(ConversionError, match=rf"{message} \(config.json's num_key_value_heads is absent: "
+                                                  rf"{default} is what transformers' {type(ref).__name__} then takes"):
+            load_hf_source(str(src))
 
 
 def test_sharded_safetensors(ms_latent, tmp_path):
