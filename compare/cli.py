@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -67,7 +68,7 @@ def main(a, b, prompt, text_file, device, max_kl, min_top1, max_ppl_diff, gen_to
     if max_ppl_diff is not None and not max_ppl_diff >= 0.0:
         raise click.UsageError("--max-ppl-diff is a fraction, 0 or more")
     if text_file:
-        text = read_text(lambda: Path(text_file).read_text(encoding="utf-8"), text_file)
+        text = read_text(Path(text_file).read_bytes, text_file)
     else:
         text = DEFAULT_PROMPT if prompt is None else prompt  # an empty --prompt is its own text (BOS alone)
     keep_compile_cache()  # the runtime's compiled CPU step, as bitnet-run keeps it
@@ -82,11 +83,22 @@ def main(a, b, prompt, text_file, device, max_kl, min_top1, max_ppl_diff, gen_to
     if as_json:
         out = res.to_dict()
         out["a"], out["b"], out["engine_a"], out["engine_b"] = a, b, engine_a, engine_b
-        click.echo(json.dumps(out))
+        # strict JSON: a non-finite figure (a model whose logits overflow) is null, not NaN or Infinity
+        click.echo(json.dumps(_finite(out), allow_nan=False))
     else:
         click.echo(format_table(res, _named(a, engine_a), _named(b, engine_b)))
     if res.violations:
         sys.exit(EXIT_THRESHOLD)
+
+
+def _finite(v):
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    return v
 
 
 def _named(spec: str, engine: str) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from bitnet158.formats.source import HUB_ID
+from bitnet158.formats.source import is_hub_repo
 
 logger = logging.getLogger(__name__)
 
@@ -236,7 +236,7 @@ def open_model(path: str, *, device: str | None = None, activation: str | None =
         yield load_transformers(path, resolve_device(device))
         return
     p = Path(path)
-    if p.is_dir() or (not p.exists() and HUB_ID.match(path)):
+    if p.is_dir() or (not p.exists() and is_hub_repo(path)):
         from bitnet158.converter.hf import convert_hf
 
         with tempfile.TemporaryDirectory(prefix="bitnet-compare-") as tmp:

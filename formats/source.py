@@ -13,11 +13,16 @@ from pathlib import Path
 
 from bitnet158.formats.packed import MAGIC, PackedFile
 
-__all__ = ["open_source", "fetch_from_hub", "SourceError", "GGUF_MAGIC", "HUB_ID"]
+__all__ = ["open_source", "fetch_from_hub", "SourceError", "GGUF_MAGIC", "HUB_ID", "is_hub_repo"]
 
 GGUF_MAGIC = b"GGUF"
 _FILE_SUFFIX = re.compile(r"\.(bin|bnp|gguf)$")  # names of model files, not of repositories
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")  # a Hugging Face hub id, org/name
+
+
+def is_hub_repo(spec: str) -> bool:
+    """``spec`` reads as a hub repository, org/name, and not as a model file's path (org/name.gguf, .bin)."""
+    return bool(HUB_ID.match(spec)) and not _FILE_SUFFIX.search(spec)
 
 
 class SourceError(ValueError):
@@ -49,12 +54,13 @@ def fetch_from_hub(spec: str) -> tuple[str, str, str | None]:
     parts = spec.split("/")
     repo = "/".join(parts[:2])
     # a missing local file rather than a repository: no org/name shape, or org/name.bin, org/name.gguf
-    if len(parts) < 2 or "" in parts or not HUB_ID.match(repo) or (len(parts) == 2 and _FILE_SUFFIX.search(spec)):
+    if len(parts) < 2 or "" in parts or not HUB_ID.match(repo) or (len(parts) == 2 and not is_hub_repo(spec)):
         raise SourceError(f"cannot read {spec}: No such file or directory")
     from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 
     def unreadable(e: Exception) -> SourceError:  # huggingface_hub's many errors (offline, missing, gated): one line
-        return SourceError(f"cannot read {spec}: no such file, nor from the hub ({type(e).__name__}: {e})")
+        return SourceError(f"cannot read {spec}: no such file, nor from the hub ({type(e).__name__}: "
+                           f"{' '.join(str(e).split())})")
 
     def download(name: str) -> tuple[str, str, str | None]:
         got = Path(hf_hub_download(repo, name))  # .../snapshots/<commit>/<name>
@@ -64,13 +70,13 @@ def fetch_from_hub(spec: str) -> tuple[str, str, str | None]:
     try:
         if len(parts) > 2:
             return download("/".join(parts[2:]))
+        # a repository in the local cache is listed from there: without a network the hub's listing retries for
+        # half a minute, and a hub that does not answer would hang it
         try:
+            snap = snapshot_download(repo, local_files_only=True)  # the folder of what is cached: no download
+        except Exception:  # noqa: BLE001 - not cached: the hub lists it
             names = HfApi().list_repo_files(repo)
-        except Exception as listing:  # noqa: BLE001 - offline or no network: what the local cache holds
-            try:
-                snap = snapshot_download(repo, local_files_only=True)  # the folder of what is cached: no download
-            except Exception:  # noqa: BLE001 - not cached either: the listing's error says more
-                raise listing from None
+        else:
             names = [os.path.relpath(os.path.join(d, f), snap) for d, _, fs in os.walk(snap) for f in fs]
     except Exception as e:  # noqa: BLE001 - any of them: one line (unreadable)
         raise unreadable(e) from e

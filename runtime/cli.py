@@ -113,10 +113,11 @@ _GENERATION_OPTIONS = ("chat", "max_new_tokens", "temperature", "top_k", "top_p"
 
 
 def read_text(read, name: str) -> str:
-    """``read()``: a text file's contents, or one error line (exit 1) naming ``name`` when it is not UTF-8
+    """``read()``: a text file's bytes, as its own characters (a CRLF stays CRLF, as llama.cpp reads it: text mode
+    would score or continue another text), or one error line (exit 1) naming ``name`` when they are not UTF-8
     (bitnet-run's prompt and perplexity files, bitnet-compare's --text)."""
     try:
-        return read()
+        return read().decode("utf-8")
     except UnicodeDecodeError as e:
         click.echo(f"error: {name} is not UTF-8 text (byte {e.start}: {e.reason})", err=True)
         sys.exit(1)
@@ -128,7 +129,7 @@ def read_text(read, name: str) -> str:
 @click.option(
     "--prompt-file",
     "-f",
-    type=click.File("r", encoding="utf-8"),
+    type=click.File("rb"),
     help="Read the prompt from this file ('-': standard input) instead of --prompt.",
 )
 @click.option(
@@ -239,7 +240,7 @@ def main(
         if prompt is not None:
             click.echo("error: give --prompt or --prompt-file, not both", err=True)
             sys.exit(2)
-        prompt = read_text(prompt_file.read, prompt_file.name)
+        prompt = read_text(prompt_file.read, getattr(prompt_file, "name", "<stdin>"))  # (a binary stdin may have none)
     interactive = chat and prompt is None and ppl_file is None
     if (prompt is None) == (ppl_file is None) and not interactive:
         click.echo("error: give exactly one of --prompt (or -f) or --perplexity (or --chat alone, to chat)", err=True)
@@ -266,7 +267,7 @@ def main(
     keep_compile_cache()
     try:
         if ppl_file is not None:  # read first: a missing or non-UTF-8 text fails before the model loads
-            with open(ppl_file, encoding="utf-8") as f:
+            with open(ppl_file, "rb") as f:
                 text = read_text(f.read, ppl_file)
         t0 = time.perf_counter()
         model = load(

@@ -16,6 +16,7 @@ The returned count is the number of scored tokens.
 from __future__ import annotations
 
 import math
+import numbers
 import sys
 
 import torch
@@ -32,6 +33,9 @@ def window_plan(n: int, ctx: int, stride: int) -> list[tuple[int, int, int]]:
     """(begin, end, first scored position) per window, for n tokens; see the module docstring."""
     if n < 2:
         raise PerplexityError(f"the text has {n} token(s); perplexity needs at least 2")
+    for name, v in (("ctx", ctx), ("stride", stride)):
+        if not isinstance(v, numbers.Integral) or isinstance(v, bool):  # 16.0 would fail inside, cache half-made
+            raise PerplexityError(f"{name} must be an int, got {v!r}")
     if ctx < 2:
         raise PerplexityError(f"ctx must be >= 2, got {ctx}")
     if not 1 <= stride <= ctx:
@@ -48,9 +52,10 @@ def window_plan(n: int, ctx: int, stride: int) -> list[tuple[int, int, int]]:
 
 def check_windows(n: int, ctx: int, stride: int, context: int) -> list[tuple[int, int, int]]:
     """window_plan for a model of ``context`` positions: its PerplexityError, before anything runs."""
+    plan = window_plan(n, ctx, stride)
     if ctx > context:
         raise PerplexityError(f"ctx={ctx} exceeds the model context {context}")
-    return window_plan(n, ctx, stride)
+    return plan
 
 
 @torch.inference_mode()

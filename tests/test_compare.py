@@ -99,6 +99,21 @@ def test_hub_id_converted_in_memory(tiny, packed, ms_packed_auto, tmp_path, monk
     assert json.loads(r.stdout)["max_abs_logit_diff"] == 0.0
     r = _run("tiny-org/not-cached", packed, "--prompt", PROMPT)
     assert r.exit_code == 1 and "tiny-org/not-cached" in r.output and "Traceback" not in r.output
+    # a missing local model file is not a repository id, whatever its shape: never sent to the hub
+    for missing in ("models/x.gguf", "models/x.bin"):
+        r = _run(packed, missing, "--prompt", PROMPT)
+        assert r.exit_code == 1 and f"cannot read {missing}: No such file or directory" in r.output, r.output
+
+
+def test_json_is_strict_when_the_logits_overflow(packed, tmp_path, tiny):
+    # a model whose final norm holds an inf: its figures are null in the JSON, never NaN or Infinity
+    bad = tmp_path / "inf.bin"
+    tiny.rewrite_packed(packed, bad, lambda sp, t: (sp, t.index_fill(0, torch.tensor([0]), float("inf")))
+                        if sp.name == "norm.weight" else (sp, t))  # fmt: skip
+    r = _run(packed, bad, "--prompt", PROMPT, "--json", "--gen-tokens", "0")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout, parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
+    assert out["mean_kl"] is None and out["ppl_a"] > 1
 
 
 def test_activation_override_changes_logits(packed):

@@ -20,10 +20,10 @@ os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 from bitnet158.compare.reference import cast_float32  # noqa: E402
 from bitnet158.converter.hf import convert_hf  # noqa: E402
+from bitnet158.formats.config import ConfigError, ModelConfig  # noqa: E402
 from bitnet158.runtime import load  # noqa: E402
 from bitnet158.runtime.bitlinear import BitLinear, quantize_activations  # noqa: E402
 from bitnet158.runtime.cli import main as cli_main  # noqa: E402
-from bitnet158.runtime.config import ConfigError, ModelConfig  # noqa: E402
 from bitnet158.runtime.generate import ContextOverflowError, fit_context  # noqa: E402
 from bitnet158.runtime.loader import DeviceError, LoadError, build_model, resolve_device  # noqa: E402
 from bitnet158.runtime.fast import GraphDecoder, sample_on_device  # noqa: E402
@@ -834,6 +834,13 @@ def test_context_overflow_and_truncation(ms_model):
     for kw, message in (({"ctx": 0}, "ctx must be >= 2, got 0"), ({"stride": 0}, r"stride must be in \[1, ctx=256\]")):
         with pytest.raises(PerplexityError, match=message):  # not the default in disguise
             ms_model.perplexity(TEXT, **kw)
+    # a window size that is not an int is refused before the cache is touched: an open generation goes on
+    gen = ms_model.generate_ids(ms_model.tokenizer.encode("Hello"), 4)
+    first = next(gen)
+    for kw, message in (({"ctx": 16.0}, "ctx must be an int, got 16.0"), ({"stride": True}, "stride must be an int")):
+        with pytest.raises(PerplexityError, match=message):
+            ms_model.perplexity(TEXT, **kw)
+    assert [first, *gen] == list(ms_model.generate_ids(ms_model.tokenizer.encode("Hello"), 4))
     net = ms_model.net
     with pytest.raises(ValueError, match="a cache of 257 positions exceeds the model context 256"):
         net.setup_cache(1, 257)
@@ -857,6 +864,12 @@ def test_cli_generate_and_perplexity(ms_file, tmp_path):
     assert r.exit_code == 0, r.output
     ppl, n = model.perplexity(TEXT, ctx=32, stride=16)
     assert r.output.strip() == f"perplexity: {ppl:.4f} over {n} tokens"
+    # the file's own characters: a CRLF file is another text, as llama.cpp reads it (text mode made it LF)
+    crlf = TEXT.replace(". ", ".\r\n") + "\r\n"
+    text.write_bytes(crlf.encode())
+    r = runner.invoke(cli_main, [ms_file, "--perplexity", str(text), "--ctx", "32", "--stride", "16", "--quiet"])
+    ppl, n = model.perplexity(crlf, ctx=32, stride=16)
+    assert r.exit_code == 0 and r.output.strip() == f"perplexity: {ppl:.4f} over {n} tokens", r.output
 
 
 def test_cli_keeps_the_compile_cache(ms_file, tmp_path, monkeypatch):
