@@ -11,6 +11,7 @@ without the known sandbox escapes, as transformers requires) and no attribute st
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from datetime import datetime
@@ -55,6 +56,79 @@ class _Generation(jinja2.ext.Extension):
     @staticmethod
     def _body(caller):
         return caller()
+
+
+# The most characters, items or digits one operation of a chat template may make: a rendered chat is a few KB,
+# and a template from the file must not hang or allocate gigabytes ('a' * 2000000000, 9 ** 99999999,
+# 'a'|center(2000000000), '%2000000000s' % 'a', '{:>2000000000}'.format('a'))
+_TEMPLATE_MAX_SIZE = 1 << 20
+
+
+def _check_ints(*values) -> None:
+    if any(isinstance(v, int) and abs(v) > _TEMPLATE_MAX_SIZE for v in values):
+        raise jinja2.exceptions.SecurityError("a chat template asked for too large a size")
+
+
+def _check_format(fmt: str, *args) -> None:
+    # a width or precision written in the format, or given to a "*"
+    _check_ints(*(int(d) for d in re.findall(r"\d{7,}", fmt)), *(args if "*" in fmt else ()))
+
+
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    """Jinja's immutable sandbox, with what can make a huge value bounded by _TEMPLATE_MAX_SIZE, as the Jinja docs'
+    sandbox example bounds its operators: ``*`` and ``**`` by their result's size, ``%`` and str.format by the widths
+    in the format, str methods (ljust, center, zfill, ...) and filters (center, indent, ...) by their int
+    arguments."""
+
+    intercepted_binops = frozenset({"*", "**", "%"})
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.filters = {name: _bounded(f) for name, f in self.filters.items()}
+
+    def call_binop(self, context, operator, left, right):
+        if operator == "**" and isinstance(left, int) and isinstance(right, int) and right > 0:
+            _check_ints(abs(left).bit_length() * right // 4)  # about its number of digits
+        elif operator == "*":
+            for seq, times in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(times, int):
+                    _check_ints(len(seq) * times)
+        elif operator == "%" and isinstance(left, str):
+            _check_format(left, *(right if isinstance(right, tuple) else (right,)))
+        return super().call_binop(context, operator, left, right)
+
+    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - jinja2's own signature
+        if isinstance(getattr(__obj, "__self__", None), str):  # a str method: ljust(n), center(n), zfill(n), ...
+            _check_ints(*args, *kwargs.values())
+        return super().call(__context, __obj, *args, **kwargs)
+
+    def wrap_str_format(self, value):  # the sandbox's str.format / format_map, fetched as an attribute
+        fmt = super().wrap_str_format(value)
+        if fmt is None:
+            return None
+        _check_format(value.__self__)
+        nested = re.search(r"\{[^{}]*\{", value.__self__)  # a width from the arguments: "{:>{w}}"
+
+        def bounded(*args, **kwargs):
+            if nested:
+                _check_ints(*args, *kwargs.values(), *(a for m in args if isinstance(m, dict) for a in m.values()))
+            return fmt(*args, **kwargs)
+
+        return bounded
+
+
+def _bounded(f):
+    # a filter whose int arguments (not its value) are bounded; the format filter's value is its format
+    skip = 1 if jinja2.utils._PassArg.from_obj(f) is None else 2  # the value, after a context or environment
+
+    @functools.wraps(f)  # keeps jinja2's pass_context / pass_environment mark
+    def bounded(*args, **kwargs):
+        _check_ints(*args[skip:], *kwargs.values())
+        if f.__name__ == "do_format" and isinstance(args[skip - 1], str):
+            _check_format(args[skip - 1], *args[skip:])
+        return f(*args, **kwargs)
+
+    return bounded
 
 
 class _TemplateDict:
@@ -153,9 +227,7 @@ class Tokenizer:
 
     @cached_property
     def _template(self) -> jinja2.Template:
-        env = ImmutableSandboxedEnvironment(
-            trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, jinja2.ext.loopcontrols]
-        )
+        env = _BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, jinja2.ext.loopcontrols])
         env.filters["tojson"] = _tojson
         env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now, dict=_TemplateDict(),
                            namespace=_Namespace)  # fmt: skip
@@ -178,6 +250,8 @@ class Tokenizer:
                                          add_generation_prompt=add_generation_prompt, **self.special_tokens)  # fmt: skip
         except jinja2.TemplateError as e:
             raise TokenizerError(f"chat template: {e}") from e
+        except Exception as e:  # the template's own arithmetic or types ({{ 1/0 }}): code from the file, one error
+            raise TokenizerError(f"chat template: {type(e).__name__}: {e}") from e
 
     def stream(self, prompt_ids: list[int] = (), skip_special_tokens: bool = True) -> "StreamDecoder":
         """An incremental detokenizer for tokens that follow ``prompt_ids``."""

@@ -133,3 +133,40 @@ def test_template_sees_what_transformers_hands_it(tmp_path):
     # a file written before special_tokens existed: the two strings every file has
     old = {k: v for k, v in tok.items() if k != "special_tokens"}
     assert Tokenizer(old).apply_chat_template(msgs).startswith("[unk=][pad=]<system>")
+
+
+@pytest.mark.parametrize("template", [
+    "{{ 1/0 }}", "{{ messages + 1 }}",                                     # the template's own errors
+    "{{ 9**99999999 }}", "{{ ('a' * 2000000000)|length }}",                # a hang, 2 GB
+    "{{ 'a'.ljust(2000000000) }}", "{{ 'a'|center(1000*1000*1000) }}", "{{ 'a'|indent(2000000000, true) }}",
+    "{{ '%2000000000s' % 'a' }}", "{{ '%*s' % (2000000000, 'a') }}", "{{ '%2000000000s'|format('a') }}",
+    "{{ '{:>2000000000}'.format('a') }}", "{{ '{:>{w}}'.format('a', w=2000000000) }}",
+    "{{ '{a:>{w}}'.format_map({'a': 1, 'w': 2000000000}) }}",
+])  # fmt: skip
+def test_a_hostile_template_is_one_error(template):
+    # a chat template is code from the file: its failures are one TokenizerError, and nothing it asks for may
+    # hang or allocate gigabytes
+    import resource
+
+    from bitnet158.runtime.tokenizer import TokenizerError
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    tok = Tokenizer({"tokenizer_json": (DEMO / "tokenizer.json").read_text(), "chat_template": template,
+                     "bos_token": None, "eos_token": None})  # fmt: skip
+    with pytest.raises(TokenizerError, match="chat template: "):
+        tok.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB
+
+
+def test_bounded_templates_render_as_jinja_does():
+    # the bounds leave ordinary arithmetic, widths and large numbers as values alone
+    import jinja2
+
+    tmpl = ("{{ 'ab' * 3 }}{{ 2**10 }}{{ [1]*3 }}{{ 'x'.ljust(5) }}{{ '%d' % 1700000000 }}{{ '%5s'|format('a') }}"
+            "{{ 'a'|center(5) }}{{ 1700000000|string }}{{ '{:>3}'.format('b') }}{{ '{:>{w}}'.format('c', w=4) }}"
+            "{{ '{a}'.format_map({'a': 7}) }}{{ messages[0]['content'] }}")  # fmt: skip
+    tok = Tokenizer({"tokenizer_json": (DEMO / "tokenizer.json").read_text(), "chat_template": tmpl,
+                     "bos_token": None, "eos_token": None})  # fmt: skip
+    msgs = [{"role": "user", "content": "hi"}]
+    want = jinja2.sandbox.ImmutableSandboxedEnvironment().from_string(tmpl).render(messages=msgs)
+    assert tok.apply_chat_template(msgs) == want == "ababab1024[1, 1, 1]x    1700000000    a  a  1700000000  b   c7hi"
