@@ -247,7 +247,7 @@ class Tokenizer:
         messages = [_alias_reasoning({k: v for k, v in m.items() if v is not None}) for m in messages]
         try:
             return self._template.render(messages=messages, tools=None, documents=None,
-                                         add_generation_prompt=add_generation_prompt, **self.special_tokens)  # fmt: skip
+                                         add_generation_prompt=add_generation_prompt, **self.special_tokens)
         except jinja2.TemplateError as e:
             raise TokenizerError(f"chat template: {e}") from e
         except Exception as e:  # the template's own arithmetic or types ({{ 1/0 }}): code from the file, one error
