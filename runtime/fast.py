@@ -102,7 +102,7 @@ import torch.nn.functional as F
 from bitnet158.runtime.bitlinear import BitLinear, get_backend, int8_head_logits, quantize_head, register_backend
 from bitnet158.runtime.generate import GenerationStats, _sync
 from bitnet158.runtime.model import Transformer
-from bitnet158.runtime.sampling import SamplingError, SamplingParams, filter_logits
+from bitnet158.runtime.sampling import SamplingError, SamplingParams, check_finite, filter_logits
 
 log = logging.getLogger(__name__)
 
@@ -754,6 +754,8 @@ class GraphDecoder:
         # the next id (int64 [1]) from fp32 logits [V] by sampling mode key, on the device; with the repetition
         # penalty, the id joins the ids seen
         greedy, top_k, use_top_p, use_min_p, use_penalty = key
+        if logits.device.type == "cpu":  # as the Sampler checks; on CUDA it would be a host sync a token, in a graph
+            check_finite(logits)
         if use_penalty:
             logits = penalize_on_device(logits, self._seen, self._penalty)
         if greedy:

@@ -17,6 +17,10 @@ class SamplingError(ValueError):
     """An out-of-range sampling parameter."""
 
 
+class NonFiniteLogitsError(ValueError):
+    """The model computed logits that are inf or NaN (non-finite weights in the file)."""
+
+
 # the seeds torch's generators take (manual_seed: a 64-bit value, signed or not)
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 TEMPERATURE_MIN = 1e-6  # a smaller positive one is greedy in all but ties
@@ -133,6 +137,13 @@ def filter_logits(
     return logits
 
 
+def check_finite(logits: torch.Tensor) -> None:
+    """NonFiniteLogitsError unless every logit is finite: else argmax picks a NaN's id, multinomial fails inside."""
+    if not bool(torch.isfinite(logits).all()):
+        raise NonFiniteLogitsError("the model's logits are not finite (inf or NaN): the file holds weights that "
+                                   "are not finite, or that overflow")
+
+
 class Sampler:
     """Picks the next token from fp32 logits [V]; holds the seeded generator, so one Sampler = one stream."""
 
@@ -149,6 +160,7 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
         """logits fp32 [V], seen int64 [n] (prompt + generated ids) → next id, int64 tensor [1]."""
         p = self.params
+        check_finite(logits)
         logits = apply_repetition_penalty(logits, seen, p.repetition_penalty)
         if p.temperature == 0:
             return logits.argmax(-1, keepdim=True)

@@ -56,6 +56,19 @@ def files(tiny, tmp_path_factory) -> dict[str, str]:
     return out
 
 
+def test_non_finite_logits_are_one_error(files, tmp_path, tiny, compiled):
+    # the compiled step's pick checks the logits as the reference path's Sampler does
+    from bitnet158.runtime.sampling import NonFiniteLogitsError
+
+    bad = tmp_path / "nan.bin"
+    tiny.rewrite_packed(files["microsoft"], bad, lambda sp, t: (sp, torch.full_like(t, float("nan")))
+                        if sp.name == "norm.weight" else (sp, t))  # fmt: skip
+    model = load(str(bad), device="cpu", compile_cpu=True)
+    for temperature in (0.0, 0.8):
+        with pytest.raises(NonFiniteLogitsError):
+            list(model.generate_ids(model.tokenizer.encode("Hello"), 4, temperature=temperature))
+
+
 # --- the prefill GEMM -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("m", [cpu.PREFILL_ROWS, 97])
 @pytest.mark.parametrize("k", [64, 37])  # 37: padding columns in the last byte

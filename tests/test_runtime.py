@@ -872,6 +872,17 @@ def test_cli_generate_and_perplexity(ms_file, tmp_path):
     assert r.exit_code == 0 and r.output.strip() == f"perplexity: {ppl:.4f} over {n} tokens", r.output
 
 
+def test_non_finite_weights_are_one_error(ms_file, tmp_path, tiny):
+    # a NaN in the final norm: greedy emitted the NaN's id, sampling failed inside torch.multinomial (the compiled
+    # CPU path: tests/test_cpu_fast.py)
+    bad = tmp_path / "nan.bin"
+    tiny.rewrite_packed(ms_file, bad, lambda sp, t: (sp, torch.full_like(t, float("nan")))
+                        if sp.name == "norm.weight" else (sp, t))  # fmt: skip
+    for extra in ([], ["--temperature", "0.8"]):
+        r = CliRunner().invoke(cli_main, [str(bad), "-p", "Hello", "-n", "4", "--device", "cpu", "-q", *extra])
+        assert r.exit_code == 1 and r.output.startswith("error: the model's logits are not finite"), r.output
+
+
 def test_cli_keeps_the_compile_cache(ms_file, tmp_path, monkeypatch):
     # torch.compile's cache goes to $XDG_CACHE_HOME/bitnet158/torchinductor unless TORCHINDUCTOR_CACHE_DIR is set
     # or that folder cannot be made
