@@ -50,7 +50,8 @@ import torch
 
 from bitnet158.converter import converter_version, refuse_source_as_output
 from bitnet158.formats import gguf as gguf_fmt
-from bitnet158.formats.packed import PackedFile, PackedWriter, TensorSpec, create_temp_beside, fsync_dir
+from bitnet158.formats.packed import (PackedFile, PackedWriter, TensorSpec, create_temp_beside, fsync_dir,
+                                      model_tensors)
 from bitnet158.formats.source import SourceError, fetch_from_hub
 
 logger = logging.getLogger(__name__)
@@ -275,7 +276,15 @@ def tokenizer_metadata(tokenizer: dict, vocab_size: int) -> TokenizerMetadata:
             types.append(_NORMAL)
         score_list.append(scores.get(i, 0.0))
 
-    pre = _gpt2_pre(tj, added) if kind == "gpt2" else None
+    try:
+        pre = _gpt2_pre(tj, added) if kind == "gpt2" else None
+    except GGUFConversionError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        # a normalizer or pre-tokenizer of the wrong shape (a list as a type, a number as the steps, a pattern
+        # that is not an object): one error, not a traceback
+        raise GGUFConversionError(f"the packed file's tokenizer_json has a malformed normalizer, pre_tokenizer or "
+                                  f"model ({type(e).__name__}: {e})") from e
 
     add_space_prefix = None
     if kind == "llama":
@@ -335,6 +344,32 @@ def _check_exportable(config: dict, qtype: str) -> str:
             "but this model has a separate lm_head.weight"
         )
     return "bitnet"
+
+
+def _check_tensors(src: PackedFile) -> None:
+    """Check the tensor table against the config before anything is written, as the runtime loader does: a config
+    that lies (more layers than stored, a vocab_size that is not the embedding's rows) would otherwise fail half way
+    with a KeyError, or size the GGUF's tokenizer arrays by a header field."""
+    cfg, present = src.config, src.tensors
+    if cfg["num_hidden_layers"] > len(present):  # a layer is 9 tensors or more: a lying count must not size the check
+        raise GGUFConversionError(f"config num_hidden_layers is {cfg['num_hidden_layers']}, but the file holds "
+                                  f"{len(present)} tensors")  # fmt: skip
+    expected = model_tensors(cfg)
+    for name, (shape, ternary) in expected.items():
+        info = present.get(name)
+        if info is None:
+            raise GGUFConversionError(f"tensor {name!r} is missing; the packed file does not match its config")
+        if tuple(info.shape) != shape:
+            why = f" (vocab_size {cfg['vocab_size']})" if name in ("embed.weight", "lm_head.weight") else ""
+            raise GGUFConversionError(f"tensor {name!r} has shape {list(info.shape)}, but the config implies "
+                                      f"{list(shape)}{why}")  # fmt: skip
+        if (info.dtype == "t2") != ternary:
+            raise GGUFConversionError(f"tensor {name!r} has dtype {info.dtype}, expected "
+                                      f"{'ternary (t2)' if ternary else 'a float tensor'}")  # fmt: skip
+    scales = {info.scale for info in present.values() if info.dtype == "t2"}
+    unknown = [n for n in present if n not in expected and n not in scales]
+    if unknown:  # it would be left out of the GGUF without a word
+        raise GGUFConversionError(f"unexpected tensor {unknown[0]!r} for a model of this config")
 
 
 def _check_rows(name: str, shape: tuple[int, ...], qtype: str) -> None:
@@ -489,7 +524,8 @@ def _add_metadata(w: gguf.GGUFWriter, cfg: dict, tok: dict, prov: dict, qtype: s
         if not abs(cfg[key]) <= float(np.finfo(np.float32).max) or np.float32(cfg[key]) == 0 != cfg[key]:
             raise GGUFConversionError(f"config {key} {cfg[key]} does not fit GGUF's float32")
     # the name an imported GGUF had, else the source's (a hub id's model, a folder's or file's name)
-    w.add_name(prov.get("name") or Path(str(prov.get("source") or "model")).name or "model")
+    name = prov.get("name")  # a str in files we write; the header is not checked for it
+    w.add_name(name if isinstance(name, str) and name else Path(str(prov.get("source") or "model")).name or "model")
     w.add_vocab_size(cfg["vocab_size"])
     w.add_context_length(cfg["max_position_embeddings"])
     w.add_embedding_length(cfg["hidden_size"])
@@ -549,6 +585,22 @@ def _add_metadata(w: gguf.GGUFWriter, cfg: dict, tok: dict, prov: dict, qtype: s
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
+def _reserve(path: str, size: int) -> None:
+    """Allocate the whole file up front, as PackedWriter._reserve does (a method there, so not reusable here): a
+    full disk then fails now with ENOSPC, not as numpy's short write half way through, whose OSError has no errno
+    ("N requested and M written") and would not be reported as a full disk."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # cannot preallocate: write as it comes
+            raise
+    except AttributeError:  # no posix_fallocate on this platform
+        pass
+    finally:
+        os.close(fd)
+
+
 def packed_to_gguf(src_path: str | os.PathLike, out_path: str | os.PathLike, *, qtype: str = "i2_s",
                    force: bool = False, progress: bool = False) -> dict:
     """Export a packed file to GGUF with ternary type ``qtype`` (``i2_s``, ``tq2_0`` or ``tq1_0``).
@@ -560,12 +612,13 @@ def packed_to_gguf(src_path: str | os.PathLike, out_path: str | os.PathLike, *, 
     if qtype not in EXPORT_TYPES:
         raise GGUFConversionError(f"unknown GGUF type {qtype!r}; choose one of {', '.join(EXPORT_TYPES)}")
     out_path = Path(out_path)
-    if out_path.exists() and not force:
+    if os.path.lexists(out_path) and not force:  # lexists: a dangling symlink is an existing output too
         raise GGUFConversionError(f"{out_path} exists; pass --force to overwrite it")
     refuse_source_as_output(out_path, [src_path], GGUFConversionError)
 
     with PackedFile(src_path) as src:
         cfg, tok, prov = src.config, src.tokenizer, src.provenance
+        _check_tensors(src)
         arch = _check_exportable(cfg, qtype)
         planned = _plan(src, qtype)
 
@@ -580,7 +633,11 @@ def packed_to_gguf(src_path: str | os.PathLike, out_path: str | os.PathLike, *, 
                 w.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.ggml_type)
             w.write_header_to_file()
             w.write_kv_data_to_file()
-            w.write_ti_data_to_file()
+            w.write_ti_data_to_file()  # (flushed: the file now holds the header)
+            # the file's final size: the header padded, then each tensor padded (as write_tensor_data pads)
+            size = w.ggml_pad(os.path.getsize(tmp), w.data_alignment)
+            size += sum(w.ggml_pad(p.nbytes, w.data_alignment) for p in planned)
+            _reserve(tmp, size)
             bar = None
             if progress:
                 from tqdm import tqdm
@@ -596,8 +653,12 @@ def packed_to_gguf(src_path: str | os.PathLike, out_path: str | os.PathLike, *, 
             if bar is not None:
                 bar.close()
             w.close()
+            if os.path.getsize(tmp) != size:  # the reservation must not leave bytes past the GGUF's end
+                raise GGUFConversionError(f"internal error: wrote {os.path.getsize(tmp)} bytes, reserved {size}")
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
+            if not force and os.path.lexists(out_path):  # appeared while we were writing
+                raise GGUFConversionError(f"{out_path} exists; pass --force to overwrite it")
             os.replace(tmp, out_path)
             fsync_dir(str(out_path.parent.resolve()))
         except BaseException as e:
@@ -636,7 +697,7 @@ def gguf_to_packed(src: str | os.PathLike, out_path: str | os.PathLike, *, activ
     Returns a summary dict.
     """
     out_path = Path(out_path)
-    if out_path.exists() and not force:  # before any download
+    if os.path.lexists(out_path) and not force:  # before any download; a dangling symlink exists too
         raise GGUFConversionError(f"{out_path} exists; pass --force to overwrite it")
     try:
         src_path, source, revision = fetch_from_hub(os.fspath(src))

@@ -892,7 +892,7 @@ def _default_id(metadata: dict, key: str) -> int | None:
     return _SPM_DEFAULT_IDS.get(key) if metadata.get(Keys.Tokenizer.MODEL) == "llama" else None
 
 # llama.cpp token types (gguf.TokenType)
-_TOKEN_NORMAL, _TOKEN_UNKNOWN, _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 1, 2, 3, 4  # (5 unused, 6 byte: not read)
+_TOKEN_NORMAL, _TOKEN_UNKNOWN, _TOKEN_CONTROL, _TOKEN_USER_DEFINED, _TOKEN_UNUSED = 1, 2, 3, 4, 5  # (6 byte: not read)
 
 
 @dataclass(frozen=True)
@@ -1242,8 +1242,20 @@ def _spm_merges(tokens: list[str], scores: np.ndarray) -> list[tuple[str, str]]:
     vocab = {}
     for i, tok in enumerate(tokens):
         vocab.setdefault(tok, i)
+    # Splitting a piece costs its length squared (every split, each slice copied): one 400k-character token took
+    # minutes. SentencePiece learns pieces of at most 512 characters (max_sentencepiece_length's limit), so only a
+    # token added to the file by other means is longer: it gets no merges (llama.cpp would merge text into it). A
+    # control or user-defined token is matched whole, without merges, anyway
+    max_piece = 512
+    long = [tok for tok in vocab if len(tok) > max_piece]
+    if long:
+        logger.warning("%d tokens are longer than %d characters (the first starts %r); text is never merged into "
+                       "them (a control or user-defined one is still matched whole)", len(long), max_piece,
+                       long[0][:20])  # fmt: skip
     merges = []
     for piece, score in zip(tokens, scores.tolist()):
+        if len(piece) > max_piece:
+            continue
         local = []
         for k in range(1, len(piece)):
             left, right = piece[:k], piece[k:]
@@ -1333,7 +1345,11 @@ def build_tokenizer(metadata: dict, chat_template: str | None = None) -> dict:
         if not llama3 and pre not in (*_GPT2_PRE, "default"):
             raise GGUFFormatError(f"unsupported tokenizer.ggml.pre {pre!r}; supported: "
                                   f"{', '.join(_LLAMA3_PRE + _GPT2_PRE)}, default")
-        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=llama3))
+        # UNUSED tokens (llama-quantize's and our [PADn] rows) decode to nothing in llama.cpp: left out of the
+        # model's vocabulary, their ids decode to nothing here too (a merge that needs one keeps it)
+        in_merges = {t for a, b in merges for t in (a, b, a + b)}
+        bpe_vocab = {t: i for t, i in vocab.items() if types[i] != _TOKEN_UNUSED or t in in_merges}
+        tok = Tokenizer(models.BPE(vocab=bpe_vocab, merges=merges, ignore_merges=llama3))
         if pre in _GPT2_PRE:
             tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         else:  # a split, then ByteLevel's byte mapping alone

@@ -367,6 +367,98 @@ def test_export_disk_full_leaves_nothing(tmp_path, monkeypatch, where):
     assert info.value.errno == errno.ENOSPC and os.listdir(out.parent) == []
 
 
+def test_export_reserves_the_file_so_a_full_disk_is_enospc(tmp_path, monkeypatch):
+    """numpy's write on a full disk fails with an OSError without errno ("N requested and M written"): the export
+    reserves the file's whole size before any tensor is written, so a full disk is the ENOSPC message."""
+    src = tmp_path / "m.bin"
+    make_packed(src, act="silu")
+    fine = tmp_path / "fine.gguf"
+    sizes = []
+    real = os.posix_fallocate
+    monkeypatch.setattr(os, "posix_fallocate", lambda fd, offset, size: (sizes.append(size), real(fd, offset, size)))
+    gc.packed_to_gguf(src, fine, qtype="tq2_0")
+    assert sizes == [fine.stat().st_size]  # the GGUF's exact size, not more
+
+    def full(fd, offset, size):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def short_write(self, tensor, *args, **kwargs):  # what numpy's tofile raises on a full disk
+        raise OSError(f"{tensor.nbytes} requested and 0 written")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", short_write)
+    out = tmp_path / "out" / "m.gguf"
+    out.parent.mkdir()
+    with pytest.raises(OSError, match=r"no space left on the device while writing .*m\.gguf .*nothing was") as info:
+        gc.packed_to_gguf(src, out, qtype="tq2_0")
+    assert info.value.errno == errno.ENOSPC and os.listdir(out.parent) == []
+
+
+def test_an_existing_output_is_never_replaced_without_force(tmp_path, monkeypatch):
+    src, late = tmp_path / "m.bin", tmp_path / "late.gguf"
+    make_packed(src, act="silu")
+    real_close = gguf.GGUFWriter.close
+
+    def close(self):  # the output appears while the export writes
+        real_close(self)
+        late.write_bytes(b"keep")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(gguf.GGUFWriter, "close", close)
+        with pytest.raises(gc.GGUFConversionError, match="exists; pass --force"):
+            gc.packed_to_gguf(src, late, qtype="tq2_0")
+        assert late.read_bytes() == b"keep" and not list(tmp_path.glob(".*.tmp"))
+        gc.packed_to_gguf(src, late, qtype="tq2_0", force=True)  # --force replaces it
+    assert late.read_bytes()[:4] == b"GGUF"
+    # a dangling symlink exists too; refused before the source is read (missing.bin is not there)
+    for fn, source in ((gc.packed_to_gguf, tmp_path / "missing.bin"), (gc.gguf_to_packed, late)):
+        dangling = tmp_path / f"dangling_{fn.__name__}"
+        dangling.symlink_to(tmp_path / "nowhere")
+        with pytest.raises(gc.GGUFConversionError, match="exists; pass --force"):
+            fn(source, dangling)
+        assert dangling.is_symlink() and not (tmp_path / "nowhere").exists()
+
+
+def test_a_config_that_does_not_match_the_tensors_is_refused(tmp_path, tiny):
+    """The config is checked against the tensor table before anything is written: a missing layer is not a
+    KeyError half way, a vocab_size beyond the embedding's rows does not size the GGUF's token arrays."""
+    src = tmp_path / "m.bin"
+    make_packed(src, act="silu")  # 2 layers, vocab 320, hidden 256, intermediate 512
+    extra = (TensorSpec("layers.0.extra.weight", "bf16", (4,)), torch.ones(4, dtype=torch.bfloat16))
+    for i, (edit, config, more, message) in enumerate((
+        (lambda sp, t: None if sp.name.startswith("layers.1.") else (sp, t), None, (),
+         r"tensor 'layers.1.attn_norm.weight' is missing; the packed file does not match its config"),
+        (None, {"num_hidden_layers": 100}, (), "config num_hidden_layers is 100, but the file holds 38 tensors"),
+        (None, {"vocab_size": 100_000}, (),
+         r"'embed.weight' has shape \[320, 256\], but the config implies \[100000, 256\] \(vocab_size 100000\)"),
+        (None, {"intermediate_size": 256}, (),
+         r"'layers.0.mlp.gate_proj.weight' has shape \[512, 256\], but the config implies \[256, 256\]"),
+        (None, None, [extra], "unexpected tensor 'layers.0.extra.weight' for a model of this config"),
+    )):
+        bad = tmp_path / f"bad{i}.bin"
+        tiny.rewrite_packed(src, bad, edit, extra=more, config=config)
+        with pytest.raises(gc.GGUFConversionError, match=message):
+            gc.packed_to_gguf(bad, tmp_path / "x.gguf", qtype="tq2_0")
+        assert not (tmp_path / "x.gguf").exists() and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_provenance_name_that_is_not_a_string_is_not_written(tmp_path):
+    """general.name is the imported GGUF's name where the packed file has one (a string), else the source's."""
+    src = tmp_path / "m.bin"
+    make_packed(src, act="silu")
+    for i, name in enumerate((5, ["a"], "named")):
+        edited, out = tmp_path / f"p{i}.bin", tmp_path / f"p{i}.gguf"
+        with PackedFile(src) as pf:
+            specs = [TensorSpec(t.name, t.dtype, tuple(t.shape), t.scale, t.scale_granularity)
+                     for t in pf.tensors.values()]
+            with PackedWriter(edited, config=pf.config, tokenizer=pf.tokenizer,
+                              provenance={**pf.provenance, "name": name}, tensors=specs) as w:
+                for sp in specs:
+                    w.write(sp.name, pf.torch(sp.name))
+        gc.packed_to_gguf(edited, out, qtype="tq2_0")
+        assert parse_gguf(out)[0]["general.name"] == ("named" if name == "named" else "m.bin")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # round trips through GGUFSource
 
@@ -529,6 +621,12 @@ _BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": T
     (lambda tj: tj["model"].pop("vocab"), r"malformed vocab, added_tokens or merges \(KeyError: 'vocab'\)"),
     (lambda tj: tj["model"]["merges"].insert(0, [1, 2]), r"malformed .*TypeError"),
     (lambda tj: tj["added_tokens"][0].update(id="x"), r"malformed .*ValueError"),
+    # a normalizer or pre-tokenizer of the wrong shape: one error, not a traceback
+    (lambda tj: tj.update(normalizer={"type": ["x"]}), r"malformed normalizer, pre_tokenizer or model \(TypeError"),
+    (lambda tj: tj.update(normalizer={"type": "Sequence", "normalizers": [{"type": "NFC"}, {"type": 5}]}),
+     r"malformed normalizer, pre_tokenizer or model \(TypeError"),
+    (lambda tj: tj.update(pre_tokenizer={"type": "Sequence", "pretokenizers": 5}), r"malformed .*\(TypeError"),
+    (lambda tj: tj.update(pre_tokenizer={"type": "Split", "pattern": "x"}), r"malformed .*\(AttributeError"),
 ])
 def test_tokenizers_gguf_cannot_hold_are_refused(edit, message):
     """A tokenizer that GGUF's metadata cannot describe (so that its GGUF would tokenize text differently), or a
@@ -726,6 +824,17 @@ def test_gguf_to_packed_from_the_hub(tiny, tmp_path, monkeypatch):
     (readme := tmp_path / "readme").mkdir()
     (readme / "README.md").write_text("no model here")
     tiny.offline_hub_cache(readme, "tiny-org/readme", "4" * 40, tmp_path, monkeypatch)
+    # a cached repository is listed from the cache: the hub's listing retries for half a minute without a network,
+    # and hangs on a hub that does not answer
+    import huggingface_hub
+
+    listed = []
+
+    def listing(self, repo, *args, **kwargs):
+        listed.append(repo)
+        raise OSError("no network\n  (a second line)")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", listing)
     runner = CliRunner()
     for spec in ("tiny-org/one", "tiny-org/one/ggml-model-i2_s.gguf", "tiny-org/two/b.gguf"):
         out = tmp_path / f"{spec.replace('/', '_')}.bin"
@@ -745,6 +854,7 @@ def test_gguf_to_packed_from_the_hub(tiny, tmp_path, monkeypatch):
     ):
         r = runner.invoke(main, ["gguf-to-packed", spec, "-o", str(tmp_path / "x.bin")])
         assert r.exit_code == 1 and r.output.startswith(f"error: {message}") and len(r.output.splitlines()) == 1, r.output
+    assert listed == ["tiny-org/none"]  # the only repository not in the cache
     # the runtime and bitnet-compare read the same specs
     from bitnet158.compare.cli import main as compare_main
     from bitnet158.runtime import load

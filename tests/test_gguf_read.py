@@ -635,6 +635,28 @@ def test_gguf_tokenizer_splits_as_llama_cpp(tmp_path, pre):
         assert ours.encode(text, add_special_tokens=False).ids == want, text
 
 
+def test_unused_tokens_decode_to_nothing_as_in_llama_cpp(tmp_path):
+    # UNUSED rows (llama-quantize's padding, our [PADn]) are no text: llama.cpp decodes them to nothing, and text
+    # that spells one is not that id
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from tokenizers import Tokenizer
+
+    kv = gpt2_vocab_kv(train_bpe(False))
+    n = len(kv["tokens"])
+    kv["tokens"] += ["[PAD0]", "[PAD1]"]
+    kv["types"] += [5, 5]
+    path = tmp_path / "m.gguf"
+    write_model(path, tok_kv=kv, arch="bitnet", qtype="tq2_0")
+    with G.GGUFSource(path) as src:
+        ours = Tokenizer.from_str(src.tokenizer["tokenizer_json"])
+    theirs = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    the = ours.encode("the", add_special_tokens=False).ids
+    ids = [n, *the, n + 1]
+    assert ours.decode(ids) == theirs.detokenize(ids).decode() == "the"
+    assert n not in ours.encode("[PAD0]", add_special_tokens=False).ids
+    assert ours.encode("[PAD0]", add_special_tokens=False).ids == theirs.tokenize(b"[PAD0]", add_bos=False)
+
+
 def test_gguf_stop_ids_are_llama_cpps(tmp_path):
     # a generation ends where llama.cpp's does: on the eos/eot/eom keys, and on every token whose text llama.cpp
     # knows as an end of generation, keyed or not (the trained vocabulary has <|eot_id|>, a text of that list)
@@ -752,6 +774,18 @@ def test_llama_sentencepiece_tokenizer_matches_sentencepiece(tmp_path):
         assert (src.config["bos_token_id"], src.config["eos_token_id"]) == (1, [2])
         assert (src.tokenizer["bos_token"], src.tokenizer["eos_token"]) == ("<s>", "</s>")
         assert Tokenizer.from_str(src.tokenizer["tokenizer_json"]).encode("Hello").ids[0] == 1
+
+
+def test_spm_merges_leave_out_tokens_longer_than_a_sentencepiece_piece(caplog):
+    """Splitting a token costs its length squared (one 400k-character token took minutes to read): a token longer
+    than SentencePiece's longest learned piece (512 characters) gets no merges, with a warning; the others keep theirs,
+    in the same order."""
+    tokens = ["a", "b", "ab", "a" * 256, "a" * 512, "a" * 513, "é" * 5000]
+    scores = -np.arange(len(tokens), dtype=np.float32)
+    with caplog.at_level("WARNING", logger=G.__name__):
+        merges = G._spm_merges(tokens, scores)
+    assert merges == [("a", "b"), ("a" * 256, "a" * 256)]  # "a" * 513 = "a" + "a" * 512 is not a merge
+    assert "2 tokens are longer than 512 characters" in caplog.text
 
 
 # ------------------------------------------------------------------------------------------------
