@@ -32,6 +32,7 @@ import logging
 import math
 import os
 import re
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ from bitnet158.converter.tokenizer import (
     normalize_tokenizer,
 )
 from bitnet158.formats import ternary
+from bitnet158.formats.config import ConfigError, ModelConfig
 from bitnet158.formats.packed import PackedWriter, TensorSpec, model_tensors, output_folder_error
 from bitnet158.formats.source import HUB_ID
 
@@ -57,9 +59,6 @@ FAMILIES = ("bitnet", "1bitllm", "llama-bitnet")
 FLOAT_DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
 # rope_scaling types the runtime implements; the dict is stored as transformers writes it.
 SUPPORTED_ROPE_SCALING = ("llama3", "linear")
-# runtime/config.py's bound on positions (converter and runtime never import each other): checked here so that a
-# converted file is never refused when loaded
-_MAX_POSITIONS = 1 << 22
 
 # Files fetched from the hub: config, weights (safetensors, single or sharded) and the tokenizer.
 _META_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES)
@@ -167,13 +166,23 @@ class _WeightFiles:
                     "with torch.load(weights_only=True)).")
             self._from_pickle(bins[0])
 
-    def _from_index(self, index: Path) -> None:
+    @staticmethod
+    def _weight_map(index: Path) -> dict[str, str]:
+        """An index file's weight_map: tensor name -> weight file name, both strings (a number or a list as the
+        file name once reached sorted() and the path joins as a TypeError)."""
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
             raise ConversionError(f"{index.name}: cannot read its weight_map ({e})") from e
         if not isinstance(weight_map, dict):
             raise ConversionError(f"{index.name}: weight_map is not an object")
+        bad = next(((k, v) for k, v in weight_map.items() if not isinstance(v, str)), None)
+        if bad is not None:
+            raise ConversionError(f"{index.name}: weight_map maps {bad[0]} to {bad[1]!r:.80}, not a file name")
+        return weight_map
+
+    def _from_index(self, index: Path) -> None:
+        weight_map = self._weight_map(index)
         self.files.append(index.name)
         for shard in sorted(set(weight_map.values())):
             self._add_safetensors(shard)
@@ -200,10 +209,7 @@ class _WeightFiles:
 
     def _from_pickle(self, first: str) -> None:
         if first.endswith(".json"):
-            try:
-                shards = sorted(set(json.loads((self.folder / first).read_text(encoding="utf-8"))["weight_map"].values()))
-            except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
-                raise ConversionError(f"{first}: cannot read its weight_map ({e})") from e
+            shards = sorted(set(self._weight_map(self.folder / first).values()))
             self.files.append(first)
         else:
             shards = [first]
@@ -274,13 +280,39 @@ def _resolve(src: str, revision: str | None, allow_pickle: bool) -> tuple[Path, 
         try:
             return Path(snapshot_download(src, revision=revision, allow_patterns=list(patterns)))
         except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
-            raise ConversionError(f"{src}: cannot fetch it from the hub ({type(e).__name__}: {e})") from e
+            # huggingface_hub's messages span lines (a hint, a URL): one line, as every error of the converter
+            raise ConversionError(f"{src}: cannot fetch it from the hub ({type(e).__name__}: "
+                                  f"{' '.join(str(e).split())})") from e
 
-    folder = fetch(_META_FILES + _SAFETENSORS_PATTERNS)
-    has_safetensors = any((folder / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json"))
-    if allow_pickle and not has_safetensors:
-        # Only now the pickle: a repo with safetensors never needs it.
-        folder = fetch(_META_FILES + _PICKLE_PATTERNS)
+    def cached(patterns, weights: tuple[str, str]) -> Path | None:
+        """The cached snapshot if it holds a whole model, with no network call (huggingface_hub's online path
+        resolves the revision first: with no network it retried for ~25 s, and a hub that never answers hung it
+        even for a cached repo). A revision that is not cached (or a partial snapshot: a config.json fetched by
+        AutoConfig alone) is then fetched."""
+        try:
+            folder = Path(snapshot_download(src, revision=revision, allow_patterns=list(patterns),
+                                            local_files_only=True))
+        except (LocalEntryNotFoundError, OSError, ValueError):  # IncompleteSnapshotError is a LocalEntryNotFoundError
+            return None
+        index, single = (folder / w for w in weights)
+        try:  # where huggingface_hub has no cached file list to check the snapshot against
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()) if index.is_file() \
+                else {single.name}
+            whole = all(isinstance(f, str) and (folder / f).is_file() for f in shards)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+            whole = False
+        tokenizer = any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
+        return folder if whole and tokenizer and (folder / "config.json").is_file() else None
+
+    safetensors = ("model.safetensors.index.json", "model.safetensors")
+    folder = cached(_META_FILES + _SAFETENSORS_PATTERNS, safetensors)
+    if folder is None and allow_pickle:
+        folder = cached(_META_FILES + _PICKLE_PATTERNS, ("pytorch_model.bin.index.json", "pytorch_model.bin"))
+    if folder is None:
+        folder = fetch(_META_FILES + _SAFETENSORS_PATTERNS)
+        if allow_pickle and not any((folder / f).is_file() for f in safetensors):
+            # Only now the pickle: a repo with safetensors never needs it.
+            folder = fetch(_META_FILES + _PICKLE_PATTERNS)
     # The snapshot folder is named by the commit hash it holds.
     commit = folder.name if re.fullmatch(r"[0-9a-f]{40}", folder.name) else revision
     return folder, src, commit
@@ -323,6 +355,14 @@ def _int(cfg: dict, key: str, default=None) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
         raise ConversionError(f"config.json: {key} must be a positive integer, found {v!r}")
     return v
+
+
+def _positive_number(v) -> bool:
+    """A finite number > 0. A JSON integer can be past the float range (10**400, valid JSON): math.isfinite and
+    float() raise OverflowError on it, so it is compared as an int."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    return 0 < v <= sys.float_info.max if isinstance(v, int) else math.isfinite(v) and v > 0
 
 
 def _kv_default_note(cfg: dict, family: str, kv_heads: int) -> str:
@@ -381,8 +421,8 @@ def _rope(cfg: dict, family: str, max_positions: int) -> tuple[float, dict | Non
     ``rope_type``, else the v4 ``type``; a llama3 rope takes a top-level ``original_max_position_embeddings`` over the
     dict's (the llama3 rope computation standardizes again once config.json's extra keys are attributes), else the
     dict's, else ``max_position_embeddings``.
-    The stored rope_scaling is the v4-style dict with "rope_type" (and without rope_theta), or null; every value the
-    runtime (runtime/config.py) requires is checked here, so a written file is never refused when loaded.
+    The stored rope_scaling is the v4-style dict with "rope_type" (and without rope_theta), or null; what the
+    runtime requires of it (factors, bounds) is checked with the whole config, by formats/config.py.
     """
     for key in ("rope_scaling", "rope_parameters"):
         if cfg.get(key) is not None and not isinstance(cfg[key], dict):
@@ -392,8 +432,8 @@ def _rope(cfg: dict, family: str, max_positions: int) -> tuple[float, dict | Non
     theta = params["rope_theta"] if "rope_theta" in params else cfg.get("rope_theta", default_theta)
     if "rope_theta" not in params and "rope_theta" not in cfg:
         log.info("config.json has no rope_theta; using the %s default %s", family, theta)
-    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not (math.isfinite(theta) and theta > 0):
-        raise ConversionError(f"config.json: rope_theta must be a positive number, found {theta!r}")
+    if not _positive_number(theta):
+        raise ConversionError(f"config.json: rope_theta must be a positive number, found {theta!r:.40}")
     # transformers' default rope rotates int(head_dim · partial_rotary_factor) dims of each head: another model
     partial = params["partial_rotary_factor"] if "partial_rotary_factor" in params else \
         cfg.get("partial_rotary_factor", 1.0)
@@ -414,19 +454,6 @@ def _rope(cfg: dict, family: str, max_positions: int) -> tuple[float, dict | Non
         if "original_max_position_embeddings" in cfg:
             scaling["original_max_position_embeddings"] = cfg["original_max_position_embeddings"]
         scaling.setdefault("original_max_position_embeddings", max_positions)
-    # what runtime/config.py's _rope_scaling requires of the stored dict
-    required = ["factor"] + (["low_freq_factor", "high_freq_factor"] if kind == "llama3" else [])
-    for key in required:
-        v = scaling.get(key)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
-            raise ConversionError(f"config.json: the {kind} rope's {key} must be a positive number, found {v!r}")
-    if kind == "llama3":
-        orig = scaling["original_max_position_embeddings"]
-        if isinstance(orig, bool) or not isinstance(orig, int) or not 0 < orig <= _MAX_POSITIONS:
-            raise ConversionError(f"config.json: the llama3 rope's original_max_position_embeddings must be an "
-                                  f"integer in [1, {_MAX_POSITIONS}], found {orig!r}")
-        if not scaling["high_freq_factor"] > scaling["low_freq_factor"]:
-            raise ConversionError("config.json: the llama3 rope's high_freq_factor must exceed its low_freq_factor")
     return float(theta), scaling
 
 
@@ -481,12 +508,10 @@ def _model_config(cfg: dict, family: str, gen: dict, tok_facts: dict) -> dict:
     if head_dim % 2:
         raise ConversionError(f"config.json: head_dim {head_dim} is odd; rotate-half rope needs an even one")
     max_positions = _int(cfg, "max_position_embeddings", 2048)  # both config classes' default
-    if max_positions > _MAX_POSITIONS:
-        raise ConversionError(f"config.json: max_position_embeddings {max_positions} is over {_MAX_POSITIONS}")
     theta, scaling = _rope(cfg, family, max_positions)
     eps = cfg.get("rms_norm_eps", 1e-5 if family == "bitnet" else 1e-6)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-        raise ConversionError(f"config.json: rms_norm_eps must be a positive number, found {eps!r}")
+    if not _positive_number(eps):
+        raise ConversionError(f"config.json: rms_norm_eps must be a positive number, found {eps!r:.40}")
     vocab = _int(cfg, "vocab_size")
     if tok_facts["vocab_size"] > vocab:
         raise ConversionError(f"the tokenizer has token id {tok_facts['vocab_size'] - 1} but config.json "
@@ -513,7 +538,7 @@ def _model_config(cfg: dict, family: str, gen: dict, tok_facts: dict) -> dict:
     if not eos:
         log.warning("no eos_token_id in config.json, generation_config.json or the tokenizer")
 
-    return {
+    config = {
         "family": family,
         "hidden_size": hidden,
         "intermediate_size": _int(cfg, "intermediate_size"),
@@ -533,6 +558,13 @@ def _model_config(cfg: dict, family: str, gen: dict, tok_facts: dict) -> dict:
         "bos_token_id": bos,
         "eos_token_id": eos,
     }
+    # The runtime's validation (formats/config.py: bounds, the rope_scaling it implements), here before any weight
+    # is read; PackedWriter checks again what any writer writes.
+    try:
+        ModelConfig.from_dict(config)
+    except ConfigError as e:
+        raise ConversionError(f"config.json: {str(e).removeprefix('model config: ')}") from e
+    return config
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -588,8 +620,11 @@ class HFSource:
         return ternary.pack_t2(t), scale
 
     def _ternarize(self, name: str, w: torch.Tensor):
-        if not torch.is_floating_point(w):
-            raise ConversionError(f"{name}: expected a float latent weight, found {w.dtype}")
+        # float8 is a float dtype but torch's reductions (aminmax, abs().mean()) do not implement it: refused, as no
+        # BitNet checkpoint stores its latents so (the 1-byte floats are float8 variants)
+        if not torch.is_floating_point(w) or w.dtype.itemsize == 1:
+            raise ConversionError(f"{name}: expected a float latent weight, found {w.dtype} (supported: bf16, f16, "
+                                  "f32, f64)")
         if not _all_finite(w):
             raise ConversionError(f"{name}: the latent weight holds inf or NaN")
         # A c · t tensor has one non-zero magnitude: two different ones among the first 4096 values rule it out
@@ -695,6 +730,36 @@ def _check_modules_to_not_convert(qc: dict | None, family: str, n_layers: int) -
                               "ternary and lm_head float (list lm_head and no layer linear, or leave it null)")
 
 
+def _drop_added_tokens_past(tokenizer: dict, facts: dict, rows) -> tuple[dict, dict]:
+    """The tokenizer without the added tokens whose ids are past the embedding's ``rows`` (and facts to match).
+
+    transformers appends a named special token the vocabulary lacks (tokenizer_config.json's pad_token "<pad>") at
+    id len(vocab), past the embedding: it loads such a model, whose embedding has no row for the token. The runtime
+    refuses a tokenizer with an id past its embedding (it would index past it mid-generation), so such tokens (only
+    ones that exist solely as added tokens, never BOS/EOS) are dropped, with a warning, and the model converts.
+    """
+    if isinstance(rows, bool) or not isinstance(rows, int) or facts["vocab_size"] <= rows:
+        return tokenizer, facts  # (a bad vocab_size is _model_config's to report)
+    from tokenizers import Tokenizer
+
+    data = json.loads(tokenizer["tokenizer_json"])
+    model_ids = set(Tokenizer.from_str(tokenizer["tokenizer_json"]).get_vocab(with_added_tokens=False).values())
+    keep = (facts["bos_token_id"], facts["eos_token_id"])
+    dropped = [t for t in data.get("added_tokens", []) if t["id"] >= rows and t["id"] not in model_ids
+               and t["id"] not in keep]
+    if not dropped:
+        return tokenizer, facts
+    data["added_tokens"] = [t for t in data["added_tokens"] if t not in dropped]
+    tok = Tokenizer.from_str(json.dumps(data))
+    names = [t["content"] for t in dropped]
+    log.warning("dropping the tokenizer's added token(s) %s: id(s) %s are past the embedding's %d rows (transformers "
+                "appends a special token the vocabulary lacks there; the model has no row for it)",
+                ", ".join(names), ", ".join(str(t["id"]) for t in dropped), rows)
+    special = {k: v for k, v in tokenizer.get("special_tokens", {}).items() if v not in names}
+    return ({**tokenizer, "tokenizer_json": tok.to_str(), "special_tokens": special},
+            {**facts, "vocab_size": max(tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1})
+
+
 def _same_tensor(weights: _WeightFiles, a: str, b: str) -> bool:
     """torch.equal, as transformers compares two stored tied weights (in a common dtype)."""
     if weights.shape(a) != weights.shape(b):
@@ -711,6 +776,7 @@ def _build_source(folder, source, commit, cfg, gen, weights: _WeightFiles) -> HF
         tokenizer, tok_files, tok_facts = normalize_tokenizer(folder)
     except TokenizerError as e:
         raise ConversionError(str(e)) from e
+    tokenizer, tok_facts = _drop_added_tokens_past(tokenizer, tok_facts, cfg.get("vocab_size"))
     config = _model_config(cfg, family, gen, tok_facts)
     if config["num_hidden_layers"] > len(names):  # a layer is 9 tensors or more: a lying count must not size the plan
         held = {m[1] for n in names if (m := re.match(r"model\.layers\.(\d+)\.", n))}

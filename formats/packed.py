@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from bitnet158.formats.config import ConfigError, ModelConfig
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -167,7 +169,9 @@ def _is_int(v: Any) -> bool:
 
 
 def _is_number(v: Any) -> bool:
-    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+    if _is_int(v):  # a JSON integer can be past the float range (10**400), where math.isfinite would overflow
+        return abs(v) <= sys.float_info.max
+    return isinstance(v, float) and math.isfinite(v)
 
 
 def _check_fields(obj: Any, where: str, fields: dict[str, tuple[str, Any]], err) -> None:
@@ -331,7 +335,8 @@ class PackedWriter:
 
     Args:
         path: the file to create; refused if it exists unless ``overwrite=True``.
-        config, tokenizer, provenance: the header objects of PACKED.md §3-5 (checked here, as a reader would).
+        config, tokenizer, provenance: the header objects of PACKED.md §3-5 (checked here, as a reader would;
+            the config also as the runtime checks it, formats/config.py).
         tensors: every tensor of the file, in file order; each t2 spec names its f32 scale spec.
     """
 
@@ -359,6 +364,12 @@ class PackedWriter:
             raise PackedFormatError(f"config/tokenizer/provenance are not JSON-serializable: {e}") from e
         self._config, self._tokenizer, self._provenance = meta
         _check_meta(self._config, self._tokenizer, self._provenance, PackedFormatError, "")
+        # The runtime's own validation of the config (bounds, rope_scaling, token ids): every writer (hf-to-packed,
+        # gguf-to-packed, random models) then cannot write a file that the runtime refuses to load.
+        try:
+            ModelConfig.from_dict(self._config)
+        except ConfigError as e:
+            raise PackedFormatError(str(e)) from e
 
         if not tensors:
             raise PackedFormatError("the tensor table is empty")

@@ -7,8 +7,8 @@ for piece in model.generate("Hello", max_new_tokens=32):
 ppl, n = model.perplexity(open("wiki.txt").read(), ctx=512)
 """
 
+from bitnet158.formats.config import ModelConfig
 from bitnet158.runtime.api import BitNetModel
-from bitnet158.runtime.config import ModelConfig
 from bitnet158.runtime.loader import load
 
 __all__ = ["BitNetModel", "ModelConfig", "load"]

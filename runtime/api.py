@@ -8,8 +8,8 @@ from typing import Iterator, Sequence
 
 import torch
 
+from bitnet158.formats.config import ModelConfig
 from bitnet158.runtime.bitlinear import BitLinear
-from bitnet158.runtime.config import ModelConfig
 from bitnet158.runtime.fast import FastModel, GraphDecoder
 from bitnet158.runtime.generate import (
     ContextOverflowError,

@@ -15,10 +15,10 @@ from dataclasses import asdict
 
 import torch
 
+from bitnet158.formats.config import ModelConfig
 from bitnet158.formats.packed import model_tensors
 from bitnet158.runtime.api import BitNetModel
 from bitnet158.runtime.bitlinear import BitLinear, get_backend
-from bitnet158.runtime.config import ModelConfig
 from bitnet158.runtime.fast import HEADS, FastModel
 from bitnet158.runtime.model import MLP, Attention, Block, RMSNorm, Transformer
 from bitnet158.runtime.tokenizer import Tokenizer

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bitnet158.formats.config import ModelConfig
 from bitnet158.runtime.bitlinear import BitLinear
-from bitnet158.runtime.config import ModelConfig
 
 
 class RMSNorm(nn.Module):

@@ -463,13 +463,18 @@ def test_plain_llama_refused(llama_bitnet_ckpt, onebitllm_ckpt, tmp_path):
     ({"rope_theta": "1e4", "_del_rope_parameters": None}, r"rope_theta must be a positive number, found '1e4'"),
     ({"rope_parameters": {"rope_type": "default", "rope_theta": None}}, r"rope_theta must be a positive number"),
     ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0}},
-     "the llama3 rope's high_freq_factor must exceed its low_freq_factor"),
+     "config.json: rope_scaling high_freq_factor must exceed low_freq_factor"),
     ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0}},
-     r"the llama3 rope's high_freq_factor must be a positive number, found None"),
+     r"config.json: missing key 'rope_scaling.high_freq_factor'"),
     ({"original_max_position_embeddings": 0.5, "rope_parameters": {
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}},
-     r"original_max_position_embeddings must be an integer in \[1, 4194304\], found 0.5"),
-    ({"rope_scaling": {"rope_type": "linear"}}, r"the linear rope's factor must be a positive number, found None"),
+     r"config.json: rope_scaling.original_max_position_embeddings must be int, got 0.5"),
+    ({"rope_scaling": {"rope_type": "linear"}}, r"config.json: missing key 'rope_scaling.factor'"),
+    # a JSON integer past the float range (valid JSON) once raised OverflowError
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 10**400}}, r"rope_theta must be a positive number"),
+    ({"rms_norm_eps": 10**400}, r"rms_norm_eps must be a positive number"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": 10**400}},
+     r"config.json: rope_scaling.factor=inf must be a finite number > 0"),
     ({"quantization_config": {"quant_method": "bitnet", "modules_to_not_convert": "lm_head"}},
      r"modules_to_not_convert must be a list of module names, found 'lm_head'"),
     ({"quantization_config": {"quant_method": "bitnet", "modules_to_not_convert": ["lm_head", "(q"]}},
@@ -685,7 +690,7 @@ _LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_f
 @pytest.mark.parametrize("fixture", ["ms_latent", "llama_bitnet_ckpt"])  # BitNetConfig, LlamaConfig
 def test_rope_is_resolved_as_transformers_resolves_it(fixture, rope, request, tmp_path):
     """Our rope frequencies (from the config we write, as the runtime reads it) are transformers' own."""
-    from bitnet158.runtime.config import ModelConfig
+    from bitnet158.formats.config import ModelConfig
     from bitnet158.runtime.model import rope_inv_freq
     from transformers import AutoConfig
     from transformers.models.bitnet.modeling_bitnet import BitNetRotaryEmbedding
@@ -1050,3 +1055,127 @@ def test_random_model_command(tmp_path):
         with pytest.raises(RandomModelError, match=message):
             write_random_model(tmp_path / "y.bin", config, progress=False, **kw)
     assert not (tmp_path / "y.bin").exists()
+
+
+# --- configs the runtime refuses, hostile inputs, the hub cache first, added tokens past the embedding ------------
+@pytest.mark.parametrize("change,message", [
+    ({"max_position_embeddings": (1 << 22) + 1}, r"max_position_embeddings=4194305 is outside \[1, 4194304\]"),
+    ({"original_max_position_embeddings": 1 << 23, "rope_parameters": {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}},
+     r"rope_scaling.original_max_position_embeddings=8388608 is outside \[1, 4194304\]"),
+])
+def test_a_config_the_runtime_refuses_is_refused_at_conversion(llama_bitnet_ckpt, tmp_path, change, message):
+    # the converter checks the config it writes with the runtime's own validation (formats/config.py): a
+    # ConversionError naming the field, before any weight is read, and no file
+    src = copy_ckpt(llama_bitnet_ckpt, tmp_path)
+    edit_json(src / "config.json", **change)
+    with pytest.raises(ConversionError, match=rf"^config.json: {message}"):
+        convert(src, tmp_path)
+    assert not (tmp_path / "out.bnp").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name != "src"]  # no temp file either
+
+
+@pytest.mark.parametrize("weight_map,message", [
+    ({"model.embed_tokens.weight": 5}, "maps model.embed_tokens.weight to 5, not a file name"),
+    ({"model.embed_tokens.weight": ["model.safetensors"]}, r"maps \S+ to \['model.safetensors'\], not a file name"),
+    ({"model.embed_tokens.weight": "model.safetensors", "x": 5}, "maps x to 5, not a file name"),
+])
+@pytest.mark.parametrize("pickled", [False, True])
+def test_an_index_whose_file_names_are_not_strings_is_refused(onebitllm_ckpt, tmp_path, weight_map, message, pickled):
+    # once a TypeError traceback (sorted() over mixed types, a path joined with a list)
+    src = copy_ckpt(onebitllm_ckpt, tmp_path)
+    index = "pytorch_model.bin.index.json" if pickled else "model.safetensors.index.json"
+    if pickled:
+        (src / "model.safetensors").unlink()
+    (src / index).write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(ConversionError, match=rf"^{re.escape(index)}: weight_map {message}"):
+        convert(src, tmp_path, allow_pickle=pickled)
+    assert not (tmp_path / "out.bnp").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_a_float8_latent_is_refused(ms_latent, tmp_path, dtype):
+    # torch.aminmax (the finiteness check) has no float8 kernel: once a NotImplementedError traceback
+    src = copy_ckpt(ms_latent, tmp_path)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    state = load_file(str(src / "model.safetensors"))
+    _add_tensor(src, q, state[q].to(dtype))
+    with pytest.raises(ConversionError, match=rf"q_proj.weight: expected a float latent weight, found {dtype}"):
+        convert(src, tmp_path)
+    assert not (tmp_path / "out.bnp").exists()
+
+
+def test_a_hub_error_is_one_line(tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def snapshot_download(*a, **kw):
+        raise LocalEntryNotFoundError("Got: ConnectError\nAn error happened while trying to locate the files.\n\n"
+                                      "Please check your internet connection.")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    with pytest.raises(ConversionError) as e:
+        convert("tiny-org/unreachable", tmp_path)
+    assert str(e.value) == ("tiny-org/unreachable: cannot fetch it from the hub (LocalEntryNotFoundError: Got: "
+                            "ConnectError An error happened while trying to locate the files. Please check your "
+                            "internet connection.)")
+
+
+def test_a_cached_hub_repo_resolves_from_the_cache_first(tiny, ms_packed_auto, tmp_path, monkeypatch):
+    # with the hub online, a cached repo makes no network call (huggingface_hub's online path resolves the revision
+    # first: ~25 s of retries without a network, forever against a hub that never answers); a revision that is not
+    # cached, or a snapshot that is not a whole model (a config.json alone), still goes to the hub
+    import huggingface_hub.constants as hc
+    from huggingface_hub import HfApi
+
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    tiny.offline_hub_cache(ms_packed_auto.path, "tiny-org/tiny-bitnet", sha, tmp_path, monkeypatch)
+    only_config = tmp_path / "only_config"
+    only_config.mkdir()
+    shutil.copy(ms_packed_auto.path / "config.json", only_config)
+    tiny.offline_hub_cache(only_config, "tiny-org/config-only", sha, tmp_path / "c", monkeypatch)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))  # both repos in one cache
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    shutil.move(tmp_path / "c" / "hub" / "models--tiny-org--config-only", tmp_path / "hub")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", False)
+
+    class Network(Exception):
+        pass
+
+    def online(self, repo_id, *a, revision=None, **kw):
+        raise Network(f"{repo_id}@{revision}")
+
+    monkeypatch.setattr(HfApi, "repo_info", online)
+    monkeypatch.setattr(HfApi, "list_repo_tree", online)
+    for revision in (None, sha):
+        with PackedFile(convert("tiny-org/tiny-bitnet", tmp_path, f"{revision}.bnp", revision=revision)) as pf:
+            assert pf.provenance["revision"] == sha
+    with pytest.raises(Network, match="tiny-org/tiny-bitnet@v2"):
+        convert("tiny-org/tiny-bitnet", tmp_path, revision="v2")
+    with pytest.raises(Network, match="tiny-org/config-only@main"):
+        convert("tiny-org/config-only", tmp_path)
+
+
+def test_an_added_special_token_past_the_embedding_is_dropped(llama_bitnet_ckpt, tmp_path, caplog):
+    # a named special token the vocabulary lacks (pad_token "<pad>"): transformers appends it at id vocab_size, past
+    # the embedding, and loads the model; the converter once refused it. It is dropped from the stored tokenizer with
+    # one warning, and the runtime loads the file (it refuses a tokenizer with an id past its embedding).
+    from bitnet158.runtime import load
+    from transformers import AutoTokenizer
+
+    src = copy_ckpt(llama_bitnet_ckpt, tmp_path)
+    edit_json(src / "tokenizer_config.json", pad_token="<pad>")
+    vocab = json.loads((src / "config.json").read_text())["vocab_size"]
+    assert AutoTokenizer.from_pretrained(str(src)).pad_token_id == vocab
+    with caplog.at_level("WARNING", logger="bitnet158.converter.hf"):
+        out = convert(src, tmp_path)
+    warnings = [r.getMessage() for r in caplog.records if "past the embedding" in r.getMessage()]
+    assert len(warnings) == 1 and "<pad>" in warnings[0] and str(vocab) in warnings[0], warnings
+    with PackedFile(out) as pf:
+        tok = json.loads(pf.tokenizer["tokenizer_json"])
+        assert "<pad>" not in {t["content"] for t in tok["added_tokens"]}
+        assert "pad_token" not in pf.tokenizer["special_tokens"]
+        _roundtrip(src, pf, ["Hello world", "</s> inside"])
+    model = load(str(out), device="cpu")
+    assert max(model.tokenizer.encode("Hello <pad>")) < vocab

@@ -739,6 +739,22 @@ def test_writer_rejects_bad_metadata(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("change,message", [
+    ({"num_hidden_layers": 2000}, r"num_hidden_layers=2000 is outside \[1, 1024\]"),
+    ({"max_position_embeddings": (1 << 22) + 1}, r"max_position_embeddings=4194305 is outside"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "unsupported rope_scaling type 'yarn'"),
+    ({"eos_token_id": [6]}, r"eos_token_id 6 is not a token id below vocab_size=6"),
+    ({"rope_theta": 10**400}, "rope_theta"),  # past the float range: once an OverflowError
+])
+def test_writer_refuses_a_config_the_runtime_refuses(tmp_path, change, message):
+    # every writer (hf-to-packed, gguf-to-packed, random models) goes through PackedWriter: it checks the config as
+    # the runtime loads it (formats/config.py), so no writer leaves a file that the runtime then refuses
+    with pytest.raises(PackedFormatError, match=message):
+        PackedWriter(tmp_path / "m.bnp", config={**CONFIG, **change}, tokenizer=TOKENIZER, provenance=PROVENANCE,
+                     tensors=SMALL_SPECS)
+    assert os.listdir(tmp_path) == []
+
+
 def test_writer_large_header_offsets_settle(tmp_path):
     # A long tokenizer and many tensors: the offsets' digits grow the header; the reserved length must hold.
     specs = [TensorSpec(f"t{i}", "f32", (3,)) for i in range(300)]

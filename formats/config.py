@@ -1,7 +1,9 @@
-"""Model configuration read from a weight source's header (formats/PACKED.md §3).
+"""The packed format's model config (formats/PACKED.md §3): its validation and the ModelConfig it yields.
 
 The header is untrusted input: every field is type- and range-checked here, before any of it sizes an
-allocation (the KV cache, the rope tables, the modules).
+allocation (the KV cache, the rope tables, the modules). It lives in ``formats`` (no model code) so that the one
+check serves both sides: the runtime validates what it loads, and every writer (PackedWriter, so hf-to-packed,
+gguf-to-packed and random models) validates what it writes, so a written file is never refused when loaded.
 """
 
 from __future__ import annotations
@@ -27,15 +29,16 @@ class ConfigError(ValueError):
     """The model config in a weight file is missing a field, has a wrong type or an impossible value."""
 
 
-def _field(d: dict, key: str, kind: type | tuple[type, ...]) -> Any:
+def _field(d: dict, key: str, kind: type | tuple[type, ...], where: str = "") -> Any:
+    """d[key] checked against kind; ``where`` prefixes the key in messages (``rope_scaling.``)."""
     if key not in d:
-        raise ConfigError(f"model config: missing key {key!r}")
+        raise ConfigError(f"model config: missing key {where + key!r}")
     value = d[key]
     # bool is a subclass of int: never accept True/False where a number is expected.
     if isinstance(value, bool) and kind is not bool:
-        raise ConfigError(f"model config: {key} must be {_kind_name(kind)}, got {value!r}")
+        raise ConfigError(f"model config: {where}{key} must be {_kind_name(kind)}, got {value!r}")
     if not isinstance(value, kind):
-        raise ConfigError(f"model config: {key} must be {_kind_name(kind)}, got {value!r}")
+        raise ConfigError(f"model config: {where}{key} must be {_kind_name(kind)}, got {value!r}")
     return value
 
 
@@ -44,17 +47,21 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
     return " or ".join(k.__name__ for k in kinds)
 
 
-def _int_in(d: dict, key: str, lo: int, hi: int) -> int:
-    value = _field(d, key, int)
+def _int_in(d: dict, key: str, lo: int, hi: int, where: str = "") -> int:
+    value = _field(d, key, int, where)
     if not lo <= value <= hi:
-        raise ConfigError(f"model config: {key}={value} is outside [{lo}, {hi}]")
+        raise ConfigError(f"model config: {where}{key}={value} is outside [{lo}, {hi}]")
     return value
 
 
-def _positive_float(d: dict, key: str) -> float:
-    value = float(_field(d, key, (int, float)))
+def _positive_float(d: dict, key: str, where: str = "") -> float:
+    raw = _field(d, key, (int, float), where)
+    try:
+        value = float(raw)
+    except OverflowError:  # a JSON integer past the float range (10**400): no usable number either
+        value = math.inf if raw > 0 else -math.inf
     if not (math.isfinite(value) and value > 0):
-        raise ConfigError(f"model config: {key}={value} must be a finite number > 0")
+        raise ConfigError(f"model config: {where}{key}={value} must be a finite number > 0")
     return value
 
 
@@ -154,11 +161,13 @@ def _rope_scaling(rs: dict | None) -> dict | None:
         )
     if rope_type == "default":
         return None
-    out: dict = {"rope_type": rope_type, "factor": _positive_float(rs, "factor")}
+    where = "rope_scaling."
+    out: dict = {"rope_type": rope_type, "factor": _positive_float(rs, "factor", where)}
     if rope_type == "llama3":
-        out["low_freq_factor"] = _positive_float(rs, "low_freq_factor")
-        out["high_freq_factor"] = _positive_float(rs, "high_freq_factor")
-        out["original_max_position_embeddings"] = _int_in(rs, "original_max_position_embeddings", 1, _MAX_POSITIONS)
+        out["low_freq_factor"] = _positive_float(rs, "low_freq_factor", where)
+        out["high_freq_factor"] = _positive_float(rs, "high_freq_factor", where)
+        out["original_max_position_embeddings"] = _int_in(rs, "original_max_position_embeddings", 1, _MAX_POSITIONS,
+                                                          where)
         if out["high_freq_factor"] <= out["low_freq_factor"]:
             raise ConfigError("model config: rope_scaling high_freq_factor must exceed low_freq_factor")
     return out
