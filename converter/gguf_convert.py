@@ -51,7 +51,7 @@ import torch
 from bitnet158.converter import converter_version, refuse_source_as_output
 from bitnet158.formats import gguf as gguf_fmt
 from bitnet158.formats.packed import (PackedFile, PackedWriter, TensorSpec, create_temp_beside, fsync_dir,
-                                      model_tensors)
+                                      tensor_table_error)
 from bitnet158.formats.source import SourceError, fetch_from_hub
 
 logger = logging.getLogger(__name__)
@@ -346,32 +346,6 @@ def _check_exportable(config: dict, qtype: str) -> str:
     return "bitnet"
 
 
-def _check_tensors(src: PackedFile) -> None:
-    """Check the tensor table against the config before anything is written, as the runtime loader does: a config
-    that lies (more layers than stored, a vocab_size that is not the embedding's rows) would otherwise fail half way
-    with a KeyError, or size the GGUF's tokenizer arrays by a header field."""
-    cfg, present = src.config, src.tensors
-    if cfg["num_hidden_layers"] > len(present):  # a layer is 9 tensors or more: a lying count must not size the check
-        raise GGUFConversionError(f"config num_hidden_layers is {cfg['num_hidden_layers']}, but the file holds "
-                                  f"{len(present)} tensors")  # fmt: skip
-    expected = model_tensors(cfg)
-    for name, (shape, ternary) in expected.items():
-        info = present.get(name)
-        if info is None:
-            raise GGUFConversionError(f"tensor {name!r} is missing; the packed file does not match its config")
-        if tuple(info.shape) != shape:
-            why = f" (vocab_size {cfg['vocab_size']})" if name in ("embed.weight", "lm_head.weight") else ""
-            raise GGUFConversionError(f"tensor {name!r} has shape {list(info.shape)}, but the config implies "
-                                      f"{list(shape)}{why}")  # fmt: skip
-        if (info.dtype == "t2") != ternary:
-            raise GGUFConversionError(f"tensor {name!r} has dtype {info.dtype}, expected "
-                                      f"{'ternary (t2)' if ternary else 'a float tensor'}")  # fmt: skip
-    scales = {info.scale for info in present.values() if info.dtype == "t2"}
-    unknown = [n for n in present if n not in expected and n not in scales]
-    if unknown:  # it would be left out of the GGUF without a word
-        raise GGUFConversionError(f"unexpected tensor {unknown[0]!r} for a model of this config")
-
-
 def _check_rows(name: str, shape: tuple[int, ...], qtype: str) -> None:
     if qtype in ("tq1_0", "tq2_0") and shape[1] % TQ_ROW_MULTIPLE:
         raise GGUFConversionError(
@@ -618,7 +592,9 @@ def packed_to_gguf(src_path: str | os.PathLike, out_path: str | os.PathLike, *, 
 
     with PackedFile(src_path) as src:
         cfg, tok, prov = src.config, src.tokenizer, src.provenance
-        _check_tensors(src)
+        why = tensor_table_error(cfg, src.tensors)  # a lying layer count or vocab_size: before anything is written
+        if why is not None:
+            raise GGUFConversionError(why)
         arch = _check_exportable(cfg, qtype)
         planned = _plan(src, qtype)
 

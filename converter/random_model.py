@@ -26,6 +26,9 @@ from pathlib import Path
 
 import torch
 from bitnet158.converter import converter_version
+# MAX_LAYERS, MAX_VOCAB: the largest a random model may be, what the runtime loads, checked before the tensor table
+# is built (a billion layers took minutes of Python before failing)
+from bitnet158.formats.config import MAX_LAYERS, MAX_VOCAB
 from bitnet158.formats.packed import PackedWriter, TensorSpec, model_tensors
 from bitnet158.formats.ternary import pack_t2
 
@@ -57,10 +60,6 @@ class RandomModelError(ValueError):
 # the byte tokenizer's few merges: GGUF needs at least one (tokenizer.ggml.merges, for llama.cpp and our reader)
 MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n")]
 MIN_VOCAB = 3 + 256 + len(MERGES)  # <unk> <s> </s>, the 256 bytes, one token a merge
-# the largest a random model may be: what the runtime loads (formats/config.py, which PackedWriter checks too), and
-# a bound on the tensor table built before any check of the file's size (a billion layers took minutes of Python
-# before failing)
-MAX_LAYERS, MAX_VOCAB = 1024, 1 << 22
 
 
 def byte_tokenizer() -> dict:

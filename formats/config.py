@@ -19,9 +19,9 @@ ROPE_TYPES = ("default", "linear", "llama3")
 # Sanity bounds for header fields. They are far above any real BitNet model and far below what would let a
 # lying header make us allocate absurd amounts of memory.
 _MAX_DIM = 1 << 17  # hidden / intermediate / head sizes
-_MAX_LAYERS = 1024
+MAX_LAYERS = 1024
 _MAX_HEADS = 4096
-_MAX_VOCAB = 1 << 22
+MAX_VOCAB = 1 << 22
 _MAX_POSITIONS = 1 << 22
 
 
@@ -119,7 +119,7 @@ class ModelConfig:
         head_dim = _int_in(d, "head_dim", 2, _MAX_DIM)
         if head_dim % 2:
             raise ConfigError(f"model config: head_dim={head_dim} must be even for rotate-half rope")
-        vocab = _int_in(d, "vocab_size", 1, _MAX_VOCAB)
+        vocab = _int_in(d, "vocab_size", 1, MAX_VOCAB)
         bos = d.get("bos_token_id")
         if bos is not None and (isinstance(bos, bool) or not isinstance(bos, int) or not 0 <= bos < vocab):
             raise ConfigError(f"model config: bos_token_id={bos!r} is not a token id below vocab_size={vocab}")
@@ -132,7 +132,7 @@ class ModelConfig:
             family=family,
             hidden_size=_int_in(d, "hidden_size", 1, _MAX_DIM),
             intermediate_size=_int_in(d, "intermediate_size", 1, _MAX_DIM * 4),
-            num_hidden_layers=_int_in(d, "num_hidden_layers", 1, _MAX_LAYERS),
+            num_hidden_layers=_int_in(d, "num_hidden_layers", 1, MAX_LAYERS),
             num_attention_heads=heads,
             num_key_value_heads=kv_heads,
             head_dim=head_dim,

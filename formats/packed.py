@@ -50,6 +50,7 @@ __all__ = [
     "PackedFile",
     "describe",
     "model_tensors",
+    "tensor_table_error",
     "tensor_nbytes",
 ]
 
@@ -129,6 +130,31 @@ def model_tensors(config: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...],
     if not config["tie_word_embeddings"]:
         out["lm_head.weight"] = ((v, d), False)
     return out
+
+
+def tensor_table_error(config: Mapping[str, Any], tensors: Mapping[str, Any]) -> str | None:
+    """Why ``tensors`` (name → info with ``.shape`` and ``.dtype``: a packed file's or a GGUFSource's) are not the
+    tensors of a model of ``config``, or None: one missing, one unexpected (beside the ternary ones' scales), or one
+    of another shape or kind. The runtime loader and packed-to-gguf check a file with it before using it."""
+    if config["num_hidden_layers"] > len(tensors):  # a layer is 9 tensors or more: a lying count must not size this
+        return f"the config says {config['num_hidden_layers']} layers, but the file holds {len(tensors)} tensors"
+    expected = model_tensors(config)
+    missing = [n for n in expected if n not in tensors]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        return f"tensor {missing[0]!r} is missing{more}; the file does not match its config"
+    scales = {n + "_scale" for n, (_, ternary) in expected.items() if ternary}
+    unknown = [n for n in tensors if n not in expected and n not in scales]
+    if unknown:
+        return f"unexpected tensor {unknown[0]!r} for a {config['family']} model with this config"
+    for name, (shape, ternary) in expected.items():
+        info = tensors[name]
+        if tuple(info.shape) != shape:
+            why = f" (vocab_size {config['vocab_size']})" if name in ("embed.weight", "lm_head.weight") else ""
+            return f"tensor {name!r} has shape {tuple(info.shape)}, the config implies {shape}{why}"
+        if (info.dtype == "t2") != ternary and info.dtype in ("t2", *_ITEMSIZE):  # (a GGUF's quantized floats too)
+            return f"tensor {name!r} has dtype {info.dtype}, expected {'ternary' if ternary else 'a float tensor'}"
+    return None
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from dataclasses import asdict
 import torch
 
 from bitnet158.formats.config import ModelConfig
-from bitnet158.formats.packed import model_tensors
+from bitnet158.formats.packed import model_tensors, tensor_table_error
 from bitnet158.runtime.api import BitNetModel
 from bitnet158.runtime.bitlinear import BitLinear, get_backend
 from bitnet158.runtime.fast import HEADS, FastModel
@@ -83,23 +83,9 @@ def resolve_dtype(
 
 
 def _check_tensors(source, config: ModelConfig) -> None:
-    expected = model_tensors(asdict(config))
-    present = source.tensors
-    missing = [n for n in expected if n not in present]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise LoadError(f"tensor {missing[0]!r} is missing{more}; the file does not match its config")
-    scales = {n + "_scale" for n, (_, tern) in expected.items() if tern}
-    unknown = [n for n in present if n not in expected and n not in scales]
-    if unknown:
-        raise LoadError(f"unexpected tensor {unknown[0]!r} for a {config.family} model with this config")
-    for name, (shape, ternary) in expected.items():
-        info = present[name]
-        if tuple(info.shape) != shape:
-            raise LoadError(f"tensor {name!r} has shape {tuple(info.shape)}, the config implies {shape}")
-        if (info.dtype == "t2") != ternary and info.dtype in ("t2", "bf16", "f16", "f32"):
-            want = "ternary" if ternary else "a float tensor"
-            raise LoadError(f"tensor {name!r} has dtype {info.dtype}, expected {want}")
+    why = tensor_table_error(asdict(config), source.tensors)
+    if why is not None:
+        raise LoadError(why)
 
 
 # Below this many ternary weights the CPU default stays on the reference path: compiling costs a few seconds per

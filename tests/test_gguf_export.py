@@ -428,13 +428,13 @@ def test_a_config_that_does_not_match_the_tensors_is_refused(tmp_path, tiny):
     extra = (TensorSpec("layers.0.extra.weight", "bf16", (4,)), torch.ones(4, dtype=torch.bfloat16))
     for i, (edit, config, more, message) in enumerate((
         (lambda sp, t: None if sp.name.startswith("layers.1.") else (sp, t), None, (),
-         r"tensor 'layers.1.attn_norm.weight' is missing; the packed file does not match its config"),
-        (None, {"num_hidden_layers": 100}, (), "config num_hidden_layers is 100, but the file holds 38 tensors"),
+         r"tensor 'layers.1.attn_norm.weight' is missing \(and 10 more\); the file does not match its config"),
+        (None, {"num_hidden_layers": 100}, (), "the config says 100 layers, but the file holds 38 tensors"),
         (None, {"vocab_size": 100_000}, (),
-         r"'embed.weight' has shape \[320, 256\], but the config implies \[100000, 256\] \(vocab_size 100000\)"),
+         r"'embed.weight' has shape \(320, 256\), the config implies \(100000, 256\) \(vocab_size 100000\)"),
         (None, {"intermediate_size": 256}, (),
-         r"'layers.0.mlp.gate_proj.weight' has shape \[512, 256\], but the config implies \[256, 256\]"),
-        (None, None, [extra], "unexpected tensor 'layers.0.extra.weight' for a model of this config"),
+         r"'layers.0.mlp.gate_proj.weight' has shape \(512, 256\), the config implies \(256, 256\)"),
+        (None, None, [extra], "unexpected tensor 'layers.0.extra.weight' for a 1bitllm model with this config"),
     )):
         bad = tmp_path / f"bad{i}.bin"
         tiny.rewrite_packed(src, bad, edit, extra=more, config=config)
