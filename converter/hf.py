@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from bitnet158.converter import converter_version, refuse_source_as_output
 from bitnet158.converter.tokenizer import (
-    TOKENIZER_FILES,
+    TOKENIZER_PATTERNS,
     TokenizerError,
     normalize_tokenizer,
 )
@@ -61,7 +61,7 @@ FLOAT_DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float
 SUPPORTED_ROPE_SCALING = ("llama3", "linear")
 
 # Files fetched from the hub: config, weights (safetensors, single or sharded) and the tokenizer.
-_META_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES)
+_META_FILES = ("config.json", "generation_config.json", *TOKENIZER_PATTERNS)
 _SAFETENSORS_PATTERNS = ("model.safetensors", "model-*.safetensors", "model.safetensors.index.json")
 _PICKLE_PATTERNS = ("pytorch_model.bin", "pytorch_model-*.bin", "pytorch_model.bin.index.json")
 

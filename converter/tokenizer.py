@@ -22,7 +22,8 @@ from tokenizers import Tokenizer
 
 log = logging.getLogger(__name__)
 
-# Files a tokenizer may live in; the converter downloads exactly these from the hub.
+# Files a tokenizer may live in (and transformers' folder of named chat templates, which the hub download also
+# fetches: TOKENIZER_PATTERNS).
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -32,6 +33,7 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
+TOKENIZER_PATTERNS = (*TOKENIZER_FILES, "additional_chat_templates/*.jinja")
 
 
 class TokenizerError(ValueError):
@@ -70,9 +72,10 @@ def _read_json(path: Path) -> dict:
 def _auto_tokenizer(folder: Path, names: list[str]):
     """transformers' AutoTokenizer for ``folder``, local files only, no remote code.
 
-    It loads from a folder of links to the tokenizer files ``names`` and a config.json with only the ``model_type``, which
-    chooses the tokenizer class where tokenizer_config.json names none: transformers would otherwise also
-    validate the whole config.json, and report a bad value there as a tokenizer failure before our own checks."""
+    It loads from a folder of links to the tokenizer files ``names`` and a config.json with only ``model_type`` and
+    ``tokenizer_class``, which choose the tokenizer class where tokenizer_config.json names none: transformers
+    would also validate the whole config.json, and report a bad value there as a tokenizer failure before our own
+    checks."""
     try:
         from transformers import AutoTokenizer
     except ImportError as e:
@@ -80,19 +83,22 @@ def _auto_tokenizer(folder: Path, names: list[str]):
     if "tokenizer.json" not in names and importlib.util.find_spec("sentencepiece") is None:
         raise TokenizerError("this source has only a SentencePiece tokenizer.model; converting it needs "
                              "sentencepiece: pip install 'bitnet158[sentencepiece]'")
-    model_type = None
+    model_config = {}
     if (folder / "config.json").is_file():
         try:
-            model_type = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError, AttributeError):
-            pass  # the converter's own config checks say what is wrong with it
+            cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            cfg = {}  # the converter's own config checks say what is wrong with it
+        # what AutoTokenizer reads from config.json where tokenizer_config.json names no class
+        model_config = {k: cfg[k] for k in ("model_type", "tokenizer_class") if isinstance(cfg, dict)
+                        and isinstance(cfg.get(k), str)}  # fmt: skip
     try:
         with tempfile.TemporaryDirectory(prefix="bitnet158-tokenizer-") as tmp:
             for name in names:
                 (Path(tmp) / name).parent.mkdir(exist_ok=True)
                 os.symlink((folder / name).resolve(), Path(tmp) / name)
-            if isinstance(model_type, str):
-                (Path(tmp) / "config.json").write_text(json.dumps({"model_type": model_type}), encoding="utf-8")
+            if "model_type" in model_config:
+                (Path(tmp) / "config.json").write_text(json.dumps(model_config), encoding="utf-8")
             return AutoTokenizer.from_pretrained(tmp, trust_remote_code=False, local_files_only=True)
     except BaseException as e:  # many exception types, or a Rust panic (a BaseException) from a broken tokenizer.json
         if not isinstance(e, Exception) and type(e).__module__ != "pyo3_runtime":

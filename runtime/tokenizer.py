@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import string
 from datetime import datetime
 from functools import cached_property
 
@@ -58,10 +59,12 @@ class _Generation(jinja2.ext.Extension):
         return caller()
 
 
-# The most characters, items or digits one operation of a chat template may make: a rendered chat is a few KB,
-# and a template from the file must not hang or allocate gigabytes ('a' * 2000000000, 9 ** 99999999,
+# The most characters, items or digits one operation of a chat template may make: a rendered chat is a few KB, and
+# a template from the file must not hang or allocate gigabytes in one step ('a' * 2000000000, 9 ** 99999999,
 # 'a'|center(2000000000), '%2000000000s' % 'a', '{:>2000000000}'.format('a'))
 _TEMPLATE_MAX_SIZE = 1 << 20
+# a %-format's width and precision: "%-10.3f", "%(name)5s", "%*d"
+_PERCENT_SPEC = re.compile(r"%(?:\([^)]*\))?[-+ #0]*(\d+|\*)?(?:\.(\d+|\*))?")
 
 
 def _check_ints(*values) -> None:
@@ -69,18 +72,27 @@ def _check_ints(*values) -> None:
         raise jinja2.exceptions.SecurityError("a chat template asked for too large a size")
 
 
-def _check_format(fmt: str, *args) -> None:
-    # a width or precision written in the format, or given to a "*"
-    _check_ints(*(int(d) for d in re.findall(r"\d{7,}", fmt)), *(args if "*" in fmt else ()))
+def _check_format(fmt: str, args, braces: bool) -> None:
+    # the widths and precisions a format writes, and its arguments where it takes one from them ("%*s", "{:{w}}")
+    if braces:
+        try:
+            specs = [spec for _, field, spec, _ in string.Formatter().parse(fmt) if field is not None and spec]
+        except ValueError:  # malformed: str.format raises it itself
+            return
+        sizes, takes = [n for spec in specs for n in re.findall(r"\d+", spec)], any("{" in x for x in specs)
+    else:
+        found = _PERCENT_SPEC.findall(fmt)
+        sizes, takes = [n for pair in found for n in pair if n.isdigit()], any("*" in pair for pair in found)
+    _check_ints(*map(int, sizes), *(args if takes else ()))
 
 
 class _BoundedSandbox(ImmutableSandboxedEnvironment):
-    """Jinja's immutable sandbox, with what can make a huge value bounded by _TEMPLATE_MAX_SIZE, as the Jinja docs'
-    sandbox example bounds its operators: ``*`` and ``**`` by their result's size, ``%`` and str.format by the widths
-    in the format, str methods (ljust, center, zfill, ...) and filters (center, indent, ...) by their int
-    arguments."""
+    """Jinja's immutable sandbox, with each operation that can make a huge value bounded by _TEMPLATE_MAX_SIZE, as
+    the Jinja docs' sandbox example bounds its operators: ``*``, ``**`` and ``+`` by their result's size, ``%`` and
+    str.format by their widths, str methods (ljust, center, zfill, ...) and filters (center, indent, tojson, ...)
+    by their int arguments. A template that builds something huge over many steps (a loop, ``~``) is not stopped."""
 
-    intercepted_binops = frozenset({"*", "**", "%"})
+    intercepted_binops = frozenset({"*", "**", "+", "%"})
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -89,12 +101,16 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
     def call_binop(self, context, operator, left, right):
         if operator == "**" and isinstance(left, int) and isinstance(right, int) and right > 0:
             _check_ints(abs(left).bit_length() * right // 4)  # about its number of digits
+        elif operator == "*" and isinstance(left, int) and isinstance(right, int):
+            _check_ints((abs(left).bit_length() + abs(right).bit_length()) // 4)
         elif operator == "*":
             for seq, times in ((left, right), (right, left)):
                 if isinstance(seq, (str, list, tuple)) and isinstance(times, int):
                     _check_ints(len(seq) * times)
+        elif operator == "+" and isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)):
+            _check_ints(len(left) + len(right))
         elif operator == "%" and isinstance(left, str):
-            _check_format(left, *(right if isinstance(right, tuple) else (right,)))
+            _check_format(left, right if isinstance(right, tuple) else (right,), braces=False)
         return super().call_binop(context, operator, left, right)
 
     def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - jinja2's own signature
@@ -106,12 +122,10 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
         fmt = super().wrap_str_format(value)
         if fmt is None:
             return None
-        _check_format(value.__self__)
-        nested = re.search(r"\{[^{}]*\{", value.__self__)  # a width from the arguments: "{:>{w}}"
 
         def bounded(*args, **kwargs):
-            if nested:
-                _check_ints(*args, *kwargs.values(), *(a for m in args if isinstance(m, dict) for a in m.values()))
+            given = [*args, *kwargs.values(), *(v for a in args if isinstance(a, dict) for v in a.values())]
+            _check_format(value.__self__, given, braces=True)
             return fmt(*args, **kwargs)
 
         return bounded
@@ -125,7 +139,7 @@ def _bounded(f):
     def bounded(*args, **kwargs):
         _check_ints(*args[skip:], *kwargs.values())
         if f.__name__ == "do_format" and isinstance(args[skip - 1], str):
-            _check_format(args[skip - 1], *args[skip:])
+            _check_format(args[skip - 1], args[skip:], braces=False)
         return f(*args, **kwargs)
 
     return bounded
@@ -228,7 +242,7 @@ class Tokenizer:
     @cached_property
     def _template(self) -> jinja2.Template:
         env = _BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, jinja2.ext.loopcontrols])
-        env.filters["tojson"] = _tojson
+        env.filters["tojson"] = _bounded(_tojson)  # (its indent)
         env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now, dict=_TemplateDict(),
                            namespace=_Namespace)  # fmt: skip
         try:

@@ -827,14 +827,20 @@ def test_gguf_to_packed_from_the_hub(tiny, tmp_path, monkeypatch):
     (readme := tmp_path / "readme").mkdir()
     (readme / "README.md").write_text("no model here")
     tiny.offline_hub_cache(readme, "tiny-org/readme", "4" * 40, tmp_path, monkeypatch)
-    # a cached repository is listed from the cache: the hub's listing retries for half a minute without a network,
-    # and hangs on a hub that does not answer
+    # a cached repository's one GGUF needs no listing: the hub's retries for half a minute without a network, and
+    # hangs on a hub that does not answer. A cache that holds only part of a repository (a config.json) does not
+    # stand in for the hub's listing
     import huggingface_hub
 
+    (part := tmp_path / "part").mkdir()
+    (part / "config.json").write_text("{}")
+    tiny.offline_hub_cache(part, "tiny-org/part", "5" * 40, tmp_path, monkeypatch)
     listed = []
 
     def listing(self, repo, *args, **kwargs):
         listed.append(repo)
+        if repo == "tiny-org/part":
+            return ["config.json", "model.gguf"]
         raise OSError("no network\n  (a second line)")
 
     monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", listing)
@@ -854,10 +860,11 @@ def test_gguf_to_packed_from_the_hub(tiny, tmp_path, monkeypatch):
         ("tiny-org/readme", "tiny-org/readme holds no GGUF file; name the model file as tiny-org/readme/FILE"),
         ("no-such-file.gguf", "cannot read no-such-file.gguf: No such file or directory"),
         ("models/x.gguf", "cannot read models/x.gguf: No such file or directory"),  # a path, not a repository
+        ("tiny-org/part", "cannot read tiny-org/part: no such file, nor from the hub"),  # model.gguf: not cached
     ):
         r = runner.invoke(main, ["gguf-to-packed", spec, "-o", str(tmp_path / "x.bin")])
         assert r.exit_code == 1 and r.output.startswith(f"error: {message}") and len(r.output.splitlines()) == 1, r.output
-    assert listed == ["tiny-org/none"]  # the only repository not in the cache
+    assert listed == ["tiny-org/two", "tiny-org/none", "tiny-org/readme", "tiny-org/part"]  # not one cached GGUF
     # the runtime and bitnet-compare read the same specs
     from bitnet158.compare.cli import main as compare_main
     from bitnet158.runtime import load

@@ -66,10 +66,12 @@ def test_special_tokens_as_transformers(tmp_path, case):
         assert tok["eos_token"] == "<|eot_id|>"
 
 
-@pytest.mark.parametrize("legacy, prefix", [(False, True), (False, False), (True, True)])
-def test_llama_tokenizer_class_rebuilds_its_pre_tokenizer(tmp_path, legacy, prefix):
+@pytest.mark.parametrize("legacy, prefix, class_in", [(False, True, "tokenizer_config"), (False, False, "config"),
+                                                     (True, True, "tokenizer_config")])  # fmt: skip
+def test_llama_tokenizer_class_rebuilds_its_pre_tokenizer(tmp_path, legacy, prefix, class_in):
     # transformers v5's LlamaTokenizer rebuilds the Metaspace pre-tokenizer and decoder from legacy and
-    # add_prefix_space, whatever tokenizer.json says: a SentencePiece-style vocabulary tokenizes as it does
+    # add_prefix_space, whatever tokenizer.json says: a SentencePiece-style vocabulary tokenizes as it does. The
+    # class may be named by config.json where tokenizer_config.json names none
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -83,6 +85,9 @@ def test_llama_tokenizer_class_rebuilds_its_pre_tokenizer(tmp_path, legacy, pref
     d = tmp_path / "llama"
     d.mkdir()
     sp.save(str(d / "tokenizer.json"))
+    if class_in == "config":
+        cfg = {"model_type": "bitnet", "tokenizer_class": tcfg.pop("tokenizer_class")}
+        (d / "config.json").write_text(json.dumps(cfg))
     (d / "tokenizer_config.json").write_text(json.dumps(tcfg))
     tok, _, hf = ours_and_theirs(d)
     ours = Tokenizer(tok)
@@ -141,7 +146,9 @@ def test_template_sees_what_transformers_hands_it(tmp_path):
     "{{ 'a'.ljust(2000000000) }}", "{{ 'a'|center(1000*1000*1000) }}", "{{ 'a'|indent(2000000000, true) }}",
     "{{ '%2000000000s' % 'a' }}", "{{ '%*s' % (2000000000, 'a') }}", "{{ '%2000000000s'|format('a') }}",
     "{{ '{:>2000000000}'.format('a') }}", "{{ '{:>{w}}'.format('a', w=2000000000) }}",
-    "{{ '{a:>{w}}'.format_map({'a': 1, 'w': 2000000000}) }}",
+    "{{ '{a:>{w}}'.format_map({'a': 1, 'w': 2000000000}) }}", "{{ [1, 2]|tojson(indent=300000000) }}",
+    "{% set ns = namespace(x=3) %}{% for i in range(30) %}{% set ns.x = ns.x * ns.x %}{% endfor %}",
+    "{% set ns = namespace(a='a' * 1000) %}{% for i in range(30) %}{% set ns.a = ns.a + ns.a %}{% endfor %}",
 ])  # fmt: skip
 def test_a_hostile_template_is_one_error(template):
     # a chat template is code from the file: its failures are one TokenizerError, and nothing it asks for may
@@ -164,9 +171,13 @@ def test_bounded_templates_render_as_jinja_does():
 
     tmpl = ("{{ 'ab' * 3 }}{{ 2**10 }}{{ [1]*3 }}{{ 'x'.ljust(5) }}{{ '%d' % 1700000000 }}{{ '%5s'|format('a') }}"
             "{{ 'a'|center(5) }}{{ 1700000000|string }}{{ '{:>3}'.format('b') }}{{ '{:>{w}}'.format('c', w=4) }}"
-            "{{ '{a}'.format_map({'a': 7}) }}{{ messages[0]['content'] }}")  # fmt: skip
+            "{{ '{a}'.format_map({'a': 7}) }}{{ messages[0]['content'] }}"
+            "{{ '|cutoff 20240401, %s' % 'x' }}{{ '|id 1234567: {}'.format('x') }}{{ '|**%s**' % 4000000 }}"
+            "{{ '|{{\"budget\": {}}}'.format(4000000) }}{{ '|%%%d' % 5 }}")  # fmt: skip
     tok = Tokenizer({"tokenizer_json": (DEMO / "tokenizer.json").read_text(), "chat_template": tmpl,
                      "bos_token": None, "eos_token": None})  # fmt: skip
     msgs = [{"role": "user", "content": "hi"}]
     want = jinja2.sandbox.ImmutableSandboxedEnvironment().from_string(tmpl).render(messages=msgs)
-    assert tok.apply_chat_template(msgs) == want == "ababab1024[1, 1, 1]x    1700000000    a  a  1700000000  b   c7hi"
+    assert tok.apply_chat_template(msgs) == want
+    assert want == ("ababab1024[1, 1, 1]x    1700000000    a  a  1700000000  b   c7hi|cutoff 20240401, x"
+                    '|id 1234567: x|**4000000**|{"budget": 4000000}|%5')
