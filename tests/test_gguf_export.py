@@ -349,7 +349,7 @@ def test_refusals(tmp_path):
         assert src.read_bytes() == before
 
 
-@pytest.mark.parametrize("where", ["write", "fsync"])
+@pytest.mark.parametrize("where", ["write", "fsync", "reserve"])
 def test_export_disk_full_leaves_nothing(tmp_path, monkeypatch, where):
     src = tmp_path / "m.bin"
     make_packed(src, act="relu2")
@@ -357,10 +357,16 @@ def test_export_disk_full_leaves_nothing(tmp_path, monkeypatch, where):
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    def short_write(self, tensor, *args, **kwargs):  # what numpy's tofile raises on a full disk: no errno
+        raise OSError(f"{tensor.nbytes} requested and 0 written")
+
     if where == "write":
         monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", full)
-    else:
+    elif where == "fsync":
         monkeypatch.setattr(os, "fsync", full)
+    else:  # the file is reserved first, so a full disk is ENOSPC before numpy's short write
+        monkeypatch.setattr(os, "posix_fallocate", full)
+        monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", short_write)
     out = tmp_path / "out" / "m.gguf"
     out.parent.mkdir()
     with pytest.raises(OSError, match=r"no space left on the device while writing .*m\.gguf .*nothing was written") as info:
@@ -368,9 +374,7 @@ def test_export_disk_full_leaves_nothing(tmp_path, monkeypatch, where):
     assert info.value.errno == errno.ENOSPC and os.listdir(out.parent) == []
 
 
-def test_export_reserves_the_file_so_a_full_disk_is_enospc(tmp_path, monkeypatch):
-    """numpy's write on a full disk fails with an OSError without errno ("N requested and M written"): the export
-    reserves the file's whole size before any tensor is written, so a full disk is the ENOSPC message."""
+def test_export_reserves_exactly_the_gguf_size(tmp_path, monkeypatch):
     src = tmp_path / "m.bin"
     make_packed(src, act="silu")
     fine = tmp_path / "fine.gguf"
@@ -379,20 +383,6 @@ def test_export_reserves_the_file_so_a_full_disk_is_enospc(tmp_path, monkeypatch
     monkeypatch.setattr(os, "posix_fallocate", lambda fd, offset, size: (sizes.append(size), real(fd, offset, size)))
     gc.packed_to_gguf(src, fine, qtype="tq2_0")
     assert sizes == [fine.stat().st_size]  # the GGUF's exact size, not more
-
-    def full(fd, offset, size):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    def short_write(self, tensor, *args, **kwargs):  # what numpy's tofile raises on a full disk
-        raise OSError(f"{tensor.nbytes} requested and 0 written")
-
-    monkeypatch.setattr(os, "posix_fallocate", full)
-    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", short_write)
-    out = tmp_path / "out" / "m.gguf"
-    out.parent.mkdir()
-    with pytest.raises(OSError, match=r"no space left on the device while writing .*m\.gguf .*nothing was") as info:
-        gc.packed_to_gguf(src, out, qtype="tq2_0")
-    assert info.value.errno == errno.ENOSPC and os.listdir(out.parent) == []
 
 
 def test_an_existing_output_is_never_replaced_without_force(tmp_path, monkeypatch):
