@@ -754,7 +754,7 @@ class GraphDecoder:
         # the next id (int64 [1]) from fp32 logits [V] by sampling mode key, on the device; with the repetition
         # penalty, the id joins the ids seen
         greedy, top_k, use_top_p, use_min_p, use_penalty = key
-        if logits.device.type == "cpu":  # as the Sampler checks; on CUDA it would be a host sync a token, in a graph
+        if self.fast.backend == "cpu":  # as the Sampler checks; on CUDA it would be a host sync a token, in a graph
             check_finite(logits)
         if use_penalty:
             logits = penalize_on_device(logits, self._seen, self._penalty)
