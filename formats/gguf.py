@@ -829,7 +829,13 @@ _LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "
 _SCALE_SUFFIX = ".scale"
 
 # Token texts on which llama.cpp ends generation in any GGUF, whatever its keys say (llama-vocab.cpp, as
-# llama-cpp-python 0.3.36 vendors it; older releases know fewer). It also finds FIM tokens by text: not mirrored.
+# llama-cpp-python 0.3.36 vendors it; older releases know fewer). It also ends on the FIM pad, repo and file
+# separator tokens, each the one token of these texts (where no tokenizer.ggml.fim_*_token_id key names one).
+_FIM_EOG_TEXTS = (
+    ("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"),
+    ("<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"),
+    ("<|file_sep|>",),
+)
 LLAMA_CPP_EOG_TEXTS = (
     "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>", "<end_of_turn>",
     "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]", "<|end_of_text|>",
@@ -839,12 +845,18 @@ LLAMA_CPP_EOG_TEXTS = (
 
 def llama_cpp_eog_ids(tokens: list) -> list[int]:
     """The ids of ``tokens`` (the GGUF token list) that llama.cpp ends generation on by their text alone, in the
-    order of LLAMA_CPP_EOG_TEXTS (so an export keys <|eot_id|> as eot, and <|eom_id|> as eom, as Llama-3 does)."""
+    order of LLAMA_CPP_EOG_TEXTS (so an export keys <|eot_id|> as eot, and <|eom_id|> as eom, as Llama-3 does),
+    then the FIM ones."""
+    texts = {*LLAMA_CPP_EOG_TEXTS, *(t for kind in _FIM_EOG_TEXTS for t in kind)}
     found = {}
     for i, t in enumerate(tokens):
-        if t in LLAMA_CPP_EOG_TEXTS and t not in found:
+        if t in texts and t not in found:
             found[t] = i
     ids = {t: found[t] for t in LLAMA_CPP_EOG_TEXTS if t in found}
+    for kind in _FIM_EOG_TEXTS:  # llama.cpp takes one of a kind (its hash map's first): here the lowest id
+        fim = min((found[t] for t in kind if t in found), default=None)
+        if fim is not None:
+            ids[tokens[fim]] = fim
     # its two exceptions: <|end|> continues a gpt-oss (or solar-open) turn, </s> is text to Gemma-4
     if ("<|call|>" in ids or "<|calls|>" in ids) and ("<|return|>" in ids or "<|flush|>" in ids):
         ids.pop("<|end|>", None)
