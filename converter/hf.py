@@ -284,35 +284,11 @@ def _resolve(src: str, revision: str | None, allow_pickle: bool) -> tuple[Path, 
             raise ConversionError(f"{src}: cannot fetch it from the hub ({type(e).__name__}: "
                                   f"{' '.join(str(e).split())})") from e
 
-    def cached(patterns, weights: tuple[str, str]) -> Path | None:
-        """The cached snapshot if it holds a whole model, with no network call (huggingface_hub's online path
-        resolves the revision first: with no network it retried for ~25 s, and a hub that never answers hung it
-        even for a cached repo). A revision that is not cached (or a partial snapshot: a config.json fetched by
-        AutoConfig alone) is then fetched."""
-        try:
-            folder = Path(snapshot_download(src, revision=revision, allow_patterns=list(patterns),
-                                            local_files_only=True))
-        except (LocalEntryNotFoundError, OSError, ValueError):  # IncompleteSnapshotError is a LocalEntryNotFoundError
-            return None
-        index, single = (folder / w for w in weights)
-        try:  # where huggingface_hub has no cached file list to check the snapshot against
-            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()) if index.is_file() \
-                else {single.name}
-            whole = all(isinstance(f, str) and (folder / f).is_file() for f in shards)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
-            whole = False
-        tokenizer = any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
-        return folder if whole and tokenizer and (folder / "config.json").is_file() else None
-
     safetensors = ("model.safetensors.index.json", "model.safetensors")
-    folder = cached(_META_FILES + _SAFETENSORS_PATTERNS, safetensors)
-    if folder is None and allow_pickle:
-        folder = cached(_META_FILES + _PICKLE_PATTERNS, ("pytorch_model.bin.index.json", "pytorch_model.bin"))
-    if folder is None:
-        folder = fetch(_META_FILES + _SAFETENSORS_PATTERNS)
-        if allow_pickle and not any((folder / f).is_file() for f in safetensors):
-            # Only now the pickle: a repo with safetensors never needs it.
-            folder = fetch(_META_FILES + _PICKLE_PATTERNS)
+    folder = fetch(_META_FILES + _SAFETENSORS_PATTERNS)
+    if allow_pickle and not any((folder / f).is_file() for f in safetensors):
+        # Only now the pickle: a repo with safetensors never needs it.
+        folder = fetch(_META_FILES + _PICKLE_PATTERNS)
     # The snapshot folder is named by the commit hash it holds.
     commit = folder.name if re.fullmatch(r"[0-9a-f]{40}", folder.name) else revision
     return folder, src, commit

@@ -70,24 +70,14 @@ def fetch_from_hub(spec: str) -> tuple[str, str, str | None]:
     try:
         if len(parts) > 2:
             return download("/".join(parts[2:]))
-        cached = None  # what the local cache holds of the repository (no download)
-        try:
-            snap = snapshot_download(repo, local_files_only=True)
-            cached = [os.path.relpath(os.path.join(d, f), snap) for d, _, fs in os.walk(snap) for f in fs]
-        except Exception:  # noqa: BLE001 - none of it
-            pass
-        # a cache that holds the repository's one GGUF answers at once: without a network the hub's listing retries
-        # for half a minute, and a hub that does not answer would hang it. Else the hub lists the repository (the
-        # cache may hold only part of it), and where it cannot, the cache does
-        if cached is not None and sum(n.endswith(".gguf") for n in cached) == 1:
-            names = cached
-        else:
+        try:  # the hub lists the repository: a cache may hold only part of it
+            names = HfApi().list_repo_files(repo)
+        except Exception as listing:  # noqa: BLE001 - offline or no network: what the local cache holds
             try:
-                names = HfApi().list_repo_files(repo)
-            except Exception:  # noqa: BLE001 - offline or no network
-                if cached is None:
-                    raise
-                names = cached
+                snap = snapshot_download(repo, local_files_only=True)  # the folder of what is cached: no download
+            except Exception:  # noqa: BLE001 - not cached either: the listing's error says more
+                raise listing from None
+            names = [os.path.relpath(os.path.join(d, f), snap) for d, _, fs in os.walk(snap) for f in fs]
     except Exception as e:  # noqa: BLE001 - any of them: one line (unreadable)
         raise unreadable(e) from e
     ggufs = sorted(n for n in names if n.endswith(".gguf"))

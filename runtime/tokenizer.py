@@ -64,7 +64,7 @@ class _Generation(jinja2.ext.Extension):
 # 'a'|center(2000000000), '%2000000000s' % 'a', '{:>2000000000}'.format('a'))
 _TEMPLATE_MAX_SIZE = 1 << 20
 # a %-format's width and precision: "%-10.3f", "%(name)5s", "%*d"
-_PERCENT_SPEC = re.compile(r"%(?:\([^)]*\))?[-+ #0]*(\d+|\*)?(?:\.(\d+|\*))?")
+_PERCENT_SPEC = re.compile(r"%(\([^)]*\))?[-+ #0]*(\d+|\*)?(?:\.(\d+|\*))?([a-zA-Z%])")
 
 
 def _check_ints(*values) -> None:
@@ -72,27 +72,48 @@ def _check_ints(*values) -> None:
         raise jinja2.exceptions.SecurityError("a chat template asked for too large a size")
 
 
-def _check_format(fmt: str, args, braces: bool) -> None:
-    # the widths and precisions a format writes, and its arguments where it takes one from them ("%*s", "{:{w}}")
+def _check_format(fmt: str, args=(), kwargs=None, braces: bool = False) -> None:
+    # the widths and precisions a format writes, and the arguments it takes them from ("%*s", "{:{w}}"); the values
+    # it only prints are not sizes
+    sizes, taken = [], []
     if braces:
         try:
-            specs = [spec for _, field, spec, _ in string.Formatter().parse(fmt) if field is not None and spec]
+            for _, field, spec, _ in string.Formatter().parse(fmt):
+                if field is None or not spec:
+                    continue
+                sizes += re.findall(r"\d+", re.sub(r"\{[^{}]*\}", "", spec))
+                for _, inner, _, _ in string.Formatter().parse(spec):  # nested fields: "{:>{w}}", "{:>{0}}", "{:{}}"
+                    if inner == "":
+                        taken += args  # auto-numbered: which one is not worth tracking
+                    elif inner is not None and inner.isdigit():
+                        taken.append(args[int(inner)] if int(inner) < len(args) else None)
+                    elif inner is not None:
+                        taken.append((kwargs or {}).get(re.split(r"[.\[]", inner)[0]))
         except ValueError:  # malformed: str.format raises it itself
             return
-        sizes, takes = [n for spec in specs for n in re.findall(r"\d+", spec)], any("{" in x for x in specs)
     else:
-        found = _PERCENT_SPEC.findall(fmt)
-        sizes, takes = [n for pair in found for n in pair if n.isdigit()], any("*" in pair for pair in found)
-    _check_ints(*map(int, sizes), *(args if takes else ()))
+        i = 0
+        for key, width, precision, conversion in _PERCENT_SPEC.findall(fmt):
+            if conversion == "%":
+                continue
+            for n in (width, precision):
+                if n == "*":
+                    taken.append(args[i] if i < len(args) else None)
+                    i += 1
+                elif n:
+                    sizes.append(n)
+            i += not key  # the value itself, unless taken from a mapping by its key
+    _check_ints(*map(int, sizes), *taken)
 
 
 class _BoundedSandbox(ImmutableSandboxedEnvironment):
     """Jinja's immutable sandbox, with each operation that can make a huge value bounded by _TEMPLATE_MAX_SIZE, as
-    the Jinja docs' sandbox example bounds its operators: ``*``, ``**`` and ``+`` by their result's size, ``%`` and
+    the Jinja docs' sandbox example bounds its operators: ``*`` and ``**`` by their result's size, ``%`` and
     str.format by their widths, str methods (ljust, center, zfill, ...) and filters (center, indent, tojson, ...)
-    by their int arguments. A template that builds something huge over many steps (a loop, ``~``) is not stopped."""
+    by their int arguments. A template that builds something huge over many steps (a loop, ``+``, ``~``) is not
+    stopped: those grow a value by what already exists (a long prompt renders, however long)."""
 
-    intercepted_binops = frozenset({"*", "**", "+", "%"})
+    intercepted_binops = frozenset({"*", "**", "%"})
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -107,10 +128,8 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
             for seq, times in ((left, right), (right, left)):
                 if isinstance(seq, (str, list, tuple)) and isinstance(times, int):
                     _check_ints(len(seq) * times)
-        elif operator == "+" and isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)):
-            _check_ints(len(left) + len(right))
         elif operator == "%" and isinstance(left, str):
-            _check_format(left, right if isinstance(right, tuple) else (right,), braces=False)
+            _check_format(left, right if isinstance(right, tuple) else (right,))
         return super().call_binop(context, operator, left, right)
 
     def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - jinja2's own signature
@@ -124,8 +143,10 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
             return None
 
         def bounded(*args, **kwargs):
-            given = [*args, *kwargs.values(), *(v for a in args if isinstance(a, dict) for v in a.values())]
-            _check_format(value.__self__, given, braces=True)
+            if value.__name__ == "format_map":  # its one argument is the mapping of the names
+                _check_format(value.__self__, (), args[0] if args and isinstance(args[0], dict) else {}, braces=True)
+            else:
+                _check_format(value.__self__, args, kwargs, braces=True)
             return fmt(*args, **kwargs)
 
         return bounded
@@ -139,7 +160,7 @@ def _bounded(f):
     def bounded(*args, **kwargs):
         _check_ints(*args[skip:], *kwargs.values())
         if f.__name__ == "do_format" and isinstance(args[skip - 1], str):
-            _check_format(args[skip - 1], args[skip:], braces=False)
+            _check_format(args[skip - 1], args[skip:], kwargs)
         return f(*args, **kwargs)
 
     return bounded

@@ -817,9 +817,8 @@ def test_gguf_to_packed_from_the_hub(tiny, tmp_path, monkeypatch):
     (readme := tmp_path / "readme").mkdir()
     (readme / "README.md").write_text("no model here")
     tiny.offline_hub_cache(readme, "tiny-org/readme", "4" * 40, tmp_path, monkeypatch)
-    # a cached repository's one GGUF needs no listing: the hub's retries for half a minute without a network, and
-    # hangs on a hub that does not answer. A cache that holds only part of a repository (a config.json) does not
-    # stand in for the hub's listing
+    # the hub lists a repository (a cache may hold only part of it: here a config.json, where the hub has a GGUF);
+    # where it cannot, the cache does
     import huggingface_hub
 
     (part := tmp_path / "part").mkdir()
@@ -854,7 +853,7 @@ def test_gguf_to_packed_from_the_hub(tiny, tmp_path, monkeypatch):
     ):
         r = runner.invoke(main, ["gguf-to-packed", spec, "-o", str(tmp_path / "x.bin")])
         assert r.exit_code == 1 and r.output.startswith(f"error: {message}") and len(r.output.splitlines()) == 1, r.output
-    assert listed == ["tiny-org/two", "tiny-org/none", "tiny-org/readme", "tiny-org/part"]  # not one cached GGUF
+    assert listed == ["tiny-org/one", "tiny-org/two", "tiny-org/none", "tiny-org/readme", "tiny-org/part"]
     # the runtime and bitnet-compare read the same specs
     from bitnet158.compare.cli import main as compare_main
     from bitnet158.runtime import load

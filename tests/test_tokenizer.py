@@ -148,7 +148,6 @@ def test_template_sees_what_transformers_hands_it(tmp_path):
     "{{ '{:>2000000000}'.format('a') }}", "{{ '{:>{w}}'.format('a', w=2000000000) }}",
     "{{ '{a:>{w}}'.format_map({'a': 1, 'w': 2000000000}) }}", "{{ [1, 2]|tojson(indent=300000000) }}",
     "{% set ns = namespace(x=3) %}{% for i in range(30) %}{% set ns.x = ns.x * ns.x %}{% endfor %}",
-    "{% set ns = namespace(a='a' * 1000) %}{% for i in range(30) %}{% set ns.a = ns.a + ns.a %}{% endfor %}",
 ])  # fmt: skip
 def test_a_hostile_template_is_one_error(template):
     # a chat template is code from the file: its failures are one TokenizerError, and nothing it asks for may
@@ -173,11 +172,14 @@ def test_bounded_templates_render_as_jinja_does():
             "{{ 'a'|center(5) }}{{ 1700000000|string }}{{ '{:>3}'.format('b') }}{{ '{:>{w}}'.format('c', w=4) }}"
             "{{ '{a}'.format_map({'a': 7}) }}{{ messages[0]['content'] }}"
             "{{ '|cutoff 20240401, %s' % 'x' }}{{ '|id 1234567: {}'.format('x') }}{{ '|**%s**' % 4000000 }}"
-            "{{ '|{{\"budget\": {}}}'.format(4000000) }}{{ '|%%%d' % 5 }}")  # fmt: skip
+            "{{ '|{{\"budget\": {}}}'.format(4000000) }}{{ '|%%%d' % 5 }}"
+            "{{ '|%*d tokens, id %d' % (6, 12, 1700000000) }}"
+            "{{ '|{:>{w}} {n}'.format('a', w=4, n=1700000000) }}{{ (('x' * 1000000) + ('y' * 200000))|length }}")
     tok = Tokenizer({"tokenizer_json": (DEMO / "tokenizer.json").read_text(), "chat_template": tmpl,
                      "bos_token": None, "eos_token": None})  # fmt: skip
     msgs = [{"role": "user", "content": "hi"}]
     want = jinja2.sandbox.ImmutableSandboxedEnvironment().from_string(tmpl).render(messages=msgs)
     assert tok.apply_chat_template(msgs) == want
     assert want == ("ababab1024[1, 1, 1]x    1700000000    a  a  1700000000  b   c7hi|cutoff 20240401, x"
-                    '|id 1234567: x|**4000000**|{"budget": 4000000}|%5')
+                    '|id 1234567: x|**4000000**|{"budget": 4000000}|%5|    12 tokens, id 1700000000|   a 1700000000'
+                    "1200000")
