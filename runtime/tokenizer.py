@@ -63,6 +63,9 @@ class _Generation(jinja2.ext.Extension):
 # a template from the file must not hang or allocate gigabytes in one step ('a' * 2000000000, 9 ** 99999999,
 # 'a'|center(2000000000), '%2000000000s' % 'a', '{:>2000000000}'.format('a'))
 _TEMPLATE_MAX_SIZE = 1 << 20
+# the str methods and filters whose int arguments size their result (a default(1700000000) is only a value)
+_SIZING_METHODS = frozenset({"ljust", "rjust", "center", "zfill", "expandtabs"})
+_SIZING_FILTERS = frozenset({"center", "indent", "wordwrap", "truncate", "format", "tojson"})
 # a %-format's width and precision: "%-10.3f", "%(name)5s", "%*d"
 _PERCENT_SPEC = re.compile(r"%(\([^)]*\))?[-+ #0]*(\d+|\*)?(?:\.(\d+|\*))?([a-zA-Z%])")
 
@@ -109,7 +112,7 @@ def _check_format(fmt: str, args=(), kwargs=None, braces: bool = False) -> None:
 class _BoundedSandbox(ImmutableSandboxedEnvironment):
     """Jinja's immutable sandbox, with each operation that can make a huge value bounded by _TEMPLATE_MAX_SIZE, as
     the Jinja docs' sandbox example bounds its operators: ``*`` and ``**`` by their result's size, ``%`` and
-    str.format by their widths, str methods (ljust, center, zfill, ...) and filters (center, indent, tojson, ...)
+    str.format by their widths, the str methods and filters that pad or indent (ljust, center, indent, tojson, ...)
     by their int arguments. A template that builds something huge over many steps (a loop, ``+``, ``~``) is not
     stopped: those grow a value by what already exists (a long prompt renders, however long)."""
 
@@ -117,7 +120,7 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.filters = {name: _bounded(f) for name, f in self.filters.items()}
+        self.filters = {name: _bounded(f) if name in _SIZING_FILTERS else f for name, f in self.filters.items()}
 
     def call_binop(self, context, operator, left, right):
         if operator == "**" and isinstance(left, int) and isinstance(right, int) and right > 0:
@@ -133,7 +136,7 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
         return super().call_binop(context, operator, left, right)
 
     def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - jinja2's own signature
-        if isinstance(getattr(__obj, "__self__", None), str):  # a str method: ljust(n), center(n), zfill(n), ...
+        if isinstance(getattr(__obj, "__self__", None), str) and getattr(__obj, "__name__", None) in _SIZING_METHODS:
             _check_ints(*args, *kwargs.values())
         return super().call(__context, __obj, *args, **kwargs)
 

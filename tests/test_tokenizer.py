@@ -174,7 +174,8 @@ def test_bounded_templates_render_as_jinja_does():
             "{{ '|cutoff 20240401, %s' % 'x' }}{{ '|id 1234567: {}'.format('x') }}{{ '|**%s**' % 4000000 }}"
             "{{ '|{{\"budget\": {}}}'.format(4000000) }}{{ '|%%%d' % 5 }}"
             "{{ '|%*d tokens, id %d' % (6, 12, 1700000000) }}"
-            "{{ '|{:>{w}} {n}'.format('a', w=4, n=1700000000) }}{{ (('x' * 1000000) + ('y' * 200000))|length }}")
+            "{{ '|{:>{w}} {n}'.format('a', w=4, n=1700000000) }}{{ (('x' * 1000000) + ('y' * 200000))|length }}"
+            "{{ '|' ~ (unset|default(1700000000)) }}{{ '|' ~ 'abc'.count('a', 0, 1700000000) }}")
     tok = Tokenizer({"tokenizer_json": (DEMO / "tokenizer.json").read_text(), "chat_template": tmpl,
                      "bos_token": None, "eos_token": None})  # fmt: skip
     msgs = [{"role": "user", "content": "hi"}]
@@ -182,4 +183,4 @@ def test_bounded_templates_render_as_jinja_does():
     assert tok.apply_chat_template(msgs) == want
     assert want == ("ababab1024[1, 1, 1]x    1700000000    a  a  1700000000  b   c7hi|cutoff 20240401, x"
                     '|id 1234567: x|**4000000**|{"budget": 4000000}|%5|    12 tokens, id 1700000000|   a 1700000000'
-                    "1200000")
+                    "1200000|1700000000|1")
