@@ -32,7 +32,6 @@ import logging
 import math
 import os
 import re
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -46,10 +45,11 @@ from bitnet158.converter import converter_version, refuse_source_as_output
 from bitnet158.converter.tokenizer import (
     TOKENIZER_PATTERNS,
     TokenizerError,
+    embedding_rows,
     normalize_tokenizer,
 )
 from bitnet158.formats import ternary
-from bitnet158.formats.config import ConfigError, ModelConfig
+from bitnet158.formats.config import ConfigError, ModelConfig, as_float
 from bitnet158.formats.packed import PackedWriter, TensorSpec, model_tensors, output_folder_error
 from bitnet158.formats.source import HUB_ID
 
@@ -334,11 +334,8 @@ def _int(cfg: dict, key: str, default=None) -> int:
 
 
 def _positive_number(v) -> bool:
-    """A finite number > 0. A JSON integer can be past the float range (10**400, valid JSON): math.isfinite and
-    float() raise OverflowError on it, so it is compared as an int."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return False
-    return 0 < v <= sys.float_info.max if isinstance(v, int) else math.isfinite(v) and v > 0
+    """A finite number > 0 (a JSON integer past the float range, 10**400, is none: formats/config.py's as_float)."""
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(as_float(v)) and v > 0
 
 
 def _kv_default_note(cfg: dict, family: str, kv_heads: int) -> str:
@@ -733,7 +730,7 @@ def _drop_added_tokens_past(tokenizer: dict, facts: dict, rows) -> tuple[dict, d
                 ", ".join(names), ", ".join(str(t["id"]) for t in dropped), rows)
     special = {k: v for k, v in tokenizer.get("special_tokens", {}).items() if v not in names}
     return ({**tokenizer, "tokenizer_json": tok.to_str(), "special_tokens": special},
-            {**facts, "vocab_size": max(tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1})
+            {**facts, "vocab_size": embedding_rows(tok)})
 
 
 def _same_tensor(weights: _WeightFiles, a: str, b: str) -> bool:

@@ -40,6 +40,12 @@ class TokenizerError(ValueError):
     """The source's tokenizer is missing or cannot be normalized."""
 
 
+def embedding_rows(tok: Tokenizer) -> int:
+    """The embedding rows ``tok``'s ids need: its largest id, added tokens included, plus one (more than its count of
+    tokens where the vocabulary has gaps)."""
+    return max(tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
+
+
 def _tokenizer_files(folder: Path) -> list[str]:
     """The tokenizer files of ``folder`` that transformers reads, as names relative to it (tokenizer.model only
     without a tokenizer.json, which wins), each checked to be readable: a bad one is named here, not reported
@@ -168,4 +174,4 @@ def normalize_tokenizer(folder: Path) -> tuple[dict, list[str], dict]:
         "special_tokens": special,
     }
     return out, used, {"bos_token_id": bos_id, "eos_token_id": eos_id,
-                       "vocab_size": max(tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1}
+                       "vocab_size": embedding_rows(tok)}

@@ -54,12 +54,17 @@ def _int_in(d: dict, key: str, lo: int, hi: int, where: str = "") -> int:
     return value
 
 
-def _positive_float(d: dict, key: str, where: str = "") -> float:
-    raw = _field(d, key, (int, float), where)
+def as_float(v: int | float) -> float:
+    """float(v), with a JSON integer past the float range (10**400, valid JSON) as ±inf where float() and
+    math.isfinite raise OverflowError: every check of a header number goes through it."""
     try:
-        value = float(raw)
-    except OverflowError:  # a JSON integer past the float range (10**400): no usable number either
-        value = math.inf if raw > 0 else -math.inf
+        return float(v)
+    except OverflowError:
+        return math.inf if v > 0 else -math.inf
+
+
+def _positive_float(d: dict, key: str, where: str = "") -> float:
+    value = as_float(_field(d, key, (int, float), where))
     if not (math.isfinite(value) and value > 0):
         raise ConfigError(f"model config: {where}{key}={value} must be a finite number > 0")
     return value

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from bitnet158.formats.config import ConfigError, ModelConfig
+from bitnet158.formats.config import ConfigError, ModelConfig, as_float
 
 logger = logging.getLogger(__name__)
 
@@ -195,9 +195,7 @@ def _is_int(v: Any) -> bool:
 
 
 def _is_number(v: Any) -> bool:
-    if _is_int(v):  # a JSON integer can be past the float range (10**400), where math.isfinite would overflow
-        return abs(v) <= sys.float_info.max
-    return isinstance(v, float) and math.isfinite(v)
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(as_float(v))
 
 
 def _check_fields(obj: Any, where: str, fields: dict[str, tuple[str, Any]], err) -> None:
